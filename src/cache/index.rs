@@ -1,0 +1,227 @@
+//! The index: small records mapping a stage key to what its run produced, each stage's run
+//! history (for `status` diffs and `gc --keep-last`), and the stat → digest memo.
+//!
+//! sled 0.34 is pinned and unmaintained, so everything goes through [`Index`]; records stay
+//! small (big bytes, tree manifests and key manifests included, live in the object store).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
+
+use sdpipe_stages::api::OutputKind;
+use serde::{Deserialize, Serialize};
+
+use crate::hash::{Digest, FileStat};
+
+/// What one output of a finished stage is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputRecord {
+    /// Declared relative path inside the stage's directory.
+    pub path: String,
+    pub kind: OutputKind,
+    /// File: its content digest. Dir: the digest of its tree manifest (itself an object).
+    pub digest: Digest,
+    pub size: u64,
+    pub files: u64,
+}
+
+/// A finished stage, written last when it commits: present means complete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub key: Digest,
+    pub stage: String,
+    pub kind: String,
+    /// Object holding the canonical key manifest.
+    pub manifest: Digest,
+    pub outputs: BTreeMap<String, OutputRecord>,
+    /// Object holding the stage's stdout/stderr.
+    pub log: Option<Digest>,
+    /// Unix seconds.
+    pub started_at: u64,
+    pub duration_ms: u64,
+    pub threads: usize,
+    pub sdpipe_version: String,
+}
+
+/// One run of a stage identity (pipeline path + stage name), newest last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub key: Digest,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+/// A stage's identity across runs and its history, plus where its pipeline lives (only used by
+/// `gc` to notice deleted pipelines, never in a key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct History {
+    pub pipeline_file: String,
+    pub entries: Vec<HistoryEntry>,
+}
+
+/// How many past keys each stage identity remembers.
+pub const HISTORY_LEN: usize = 16;
+
+pub trait Index {
+    fn record(&self, key: &Digest) -> io::Result<Option<Record>>;
+    /// Write a record and append it to `identity`'s history, atomically.
+    fn commit(&self, record: &Record, identity: &str, pipeline_file: &str) -> io::Result<()>;
+    fn remove_record(&self, key: &Digest) -> io::Result<()>;
+    fn records(&self) -> io::Result<Vec<Record>>;
+    fn history(&self, identity: &str) -> io::Result<History>;
+    fn histories(&self) -> io::Result<Vec<(String, History)>>;
+    fn set_history(&self, identity: &str, history: &History) -> io::Result<()>;
+    fn memo_get(&self, stats: &[FileStat]) -> io::Result<Vec<Option<Digest>>>;
+    fn memo_put(&self, entries: &[(FileStat, Digest)]) -> io::Result<()>;
+    fn size_on_disk(&self) -> io::Result<u64>;
+}
+
+/// The sled-backed index. Open it only while holding the cache's index lock.
+pub struct SledIndex {
+    db: sled::Db,
+    records: sled::Tree,
+    history: sled::Tree,
+    memo: sled::Tree,
+}
+
+fn db_err(e: sled::Error) -> io::Error {
+    match e {
+        sled::Error::Io(e) => e,
+        other => io::Error::other(format!("cache index: {other}")),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("corrupt index entry: {e}"),
+        )
+    })
+}
+
+impl SledIndex {
+    pub fn open(dir: &Path) -> io::Result<SledIndex> {
+        // No background flusher: the index is opened for short sessions and flushed explicitly
+        // on every write, and a flusher thread would delay releasing sled's own file lock.
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .open()
+            .map_err(db_err)?;
+        Ok(SledIndex {
+            records: db.open_tree("records").map_err(db_err)?,
+            history: db.open_tree("history").map_err(db_err)?,
+            memo: db.open_tree("stat-memo").map_err(db_err)?,
+            db,
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.db.flush().map(|_| ()).map_err(db_err)
+    }
+}
+
+impl Index for SledIndex {
+    fn record(&self, key: &Digest) -> io::Result<Option<Record>> {
+        match self.records.get(key.0).map_err(db_err)? {
+            None => Ok(None),
+            // An undecodable record is treated as absent: the stage reruns and overwrites it.
+            Some(bytes) => Ok(decode(&bytes).ok()),
+        }
+    }
+
+    fn commit(&self, record: &Record, identity: &str, pipeline_file: &str) -> io::Result<()> {
+        use sled::Transactional;
+        let mut history = self.history(identity)?;
+        history.pipeline_file = pipeline_file.to_string();
+        history.entries.retain(|e| e.key != record.key);
+        history.entries.push(HistoryEntry {
+            key: record.key,
+            at: record.started_at,
+        });
+        let excess = history.entries.len().saturating_sub(HISTORY_LEN);
+        history.entries.drain(..excess);
+        let record_bytes = serde_json::to_vec(record)?;
+        let history_bytes = serde_json::to_vec(&history)?;
+        (&self.records, &self.history)
+            .transaction(|(records, hist)| {
+                records.insert(&record.key.0, record_bytes.as_slice())?;
+                hist.insert(identity.as_bytes(), history_bytes.as_slice())?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| io::Error::other(format!("cache index transaction: {e:?}")))?;
+        self.flush()
+    }
+
+    fn remove_record(&self, key: &Digest) -> io::Result<()> {
+        self.records.remove(key.0).map_err(db_err)?;
+        self.flush()
+    }
+
+    fn records(&self) -> io::Result<Vec<Record>> {
+        let mut out = Vec::new();
+        for item in self.records.iter() {
+            let (_, v) = item.map_err(db_err)?;
+            if let Ok(r) = decode(&v) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn history(&self, identity: &str) -> io::Result<History> {
+        match self.history.get(identity.as_bytes()).map_err(db_err)? {
+            Some(bytes) => Ok(decode(&bytes).unwrap_or_default()),
+            None => Ok(History::default()),
+        }
+    }
+
+    fn histories(&self) -> io::Result<Vec<(String, History)>> {
+        let mut out = Vec::new();
+        for item in self.history.iter() {
+            let (k, v) = item.map_err(db_err)?;
+            out.push((
+                String::from_utf8_lossy(&k).into_owned(),
+                decode(&v).unwrap_or_default(),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn set_history(&self, identity: &str, history: &History) -> io::Result<()> {
+        if history.entries.is_empty() {
+            self.history.remove(identity.as_bytes()).map_err(db_err)?;
+        } else {
+            self.history
+                .insert(identity.as_bytes(), serde_json::to_vec(history)?)
+                .map_err(db_err)?;
+        }
+        self.flush()
+    }
+
+    fn memo_get(&self, stats: &[FileStat]) -> io::Result<Vec<Option<Digest>>> {
+        stats
+            .iter()
+            .map(|s| {
+                Ok(self.memo.get(s.key()).map_err(db_err)?.and_then(|v| {
+                    let bytes: [u8; 32] = v.as_ref().try_into().ok()?;
+                    Some(Digest(bytes))
+                }))
+            })
+            .collect()
+    }
+
+    fn memo_put(&self, entries: &[(FileStat, Digest)]) -> io::Result<()> {
+        let mut batch = sled::Batch::default();
+        for (stat, digest) in entries {
+            batch.insert(&stat.key()[..], &digest.0[..]);
+        }
+        self.memo.apply_batch(batch).map_err(db_err)?;
+        self.flush()
+    }
+
+    fn size_on_disk(&self) -> io::Result<u64> {
+        self.db.size_on_disk().map_err(db_err)
+    }
+}

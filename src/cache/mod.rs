@@ -1,0 +1,216 @@
+//! The cache directory: object store, index, locks, scratch space and resumable state.
+//!
+//! ```text
+//! cache/
+//!   objects/ab/cdef…   content-addressed, read-only files (outputs, trees, manifests, logs)
+//!   index/             sled: key → record, stage history, stat memo
+//!   index.lock         held while the index is open (short sessions)
+//!   maintenance.lock   shared by runs, exclusive for gc and verify
+//!   locks/<key>.lock   held while a process computes that key
+//!   tmp/<name>/        scratch for running stages (removed when its owner is gone)
+//!   state/<key>/       checkpoints a stage keeps across interruptions
+//!   logs/<key>.log     log of a running or failed stage
+//! ```
+
+pub mod index;
+pub mod store;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::hash::{Digest, DigestMemo, FileStat};
+use crate::lock::FileLock;
+pub use index::{HistoryEntry, Index, OutputRecord, Record, SledIndex};
+pub use store::{LocalStore, ObjectStore};
+
+pub struct Cache {
+    root: PathBuf,
+    store: LocalStore,
+    /// Serialises index sessions between this process's threads; the file lock does the same
+    /// between processes (sled itself refuses a second opener instead of waiting).
+    session: Mutex<()>,
+}
+
+/// A stage's private working directory, deleted on drop.
+pub struct Scratch {
+    pub dir: PathBuf,
+    _lock: FileLock,
+    lock_path: PathBuf,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = make_writable_recursive(&self.dir);
+        let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_file(&self.lock_path);
+    }
+}
+
+impl Cache {
+    /// Open (creating if needed) the cache at `root`, and sweep scratch left by dead processes.
+    pub fn open(root: &Path) -> io::Result<Cache> {
+        for sub in ["objects", "locks", "tmp", "state", "logs"] {
+            fs::create_dir_all(root.join(sub)).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot create cache dir {}: {e}", root.join(sub).display()),
+                )
+            })?;
+        }
+        let cache = Cache {
+            store: LocalStore::new(root.join("objects"))?,
+            root: root.to_path_buf(),
+            session: Mutex::new(()),
+        };
+        cache.sweep_scratch();
+        Ok(cache)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn store(&self) -> &LocalStore {
+        &self.store
+    }
+
+    /// Run `f` with the index open; waits (saying so) while another process holds it.
+    pub fn with_index<T>(&self, f: impl FnOnce(&SledIndex) -> io::Result<T>) -> io::Result<T> {
+        let _guard = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let lock_path = self.root.join("index.lock");
+        let _lock = FileLock::acquire(&lock_path, |pid| {
+            let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+            tracing::warn!(
+                "waiting for another sdpipe process{who} to release the cache index {}",
+                lock_path.display()
+            );
+        })?;
+        let index = SledIndex::open(&self.root.join("index"))?;
+        f(&index)
+    }
+
+    /// Hold the lock that says "this process is computing `key`". `on_wait` is called if
+    /// another process holds it; this call then blocks until that process finishes.
+    pub fn lock_key(
+        &self,
+        key: &Digest,
+        on_wait: impl FnOnce(Option<u32>),
+    ) -> io::Result<FileLock> {
+        FileLock::acquire(
+            &self
+                .root
+                .join("locks")
+                .join(format!("{}.lock", key.to_hex())),
+            on_wait,
+        )
+    }
+
+    /// A fresh scratch directory, owned (locked) by this process until dropped.
+    pub fn scratch(&self, tag: &str) -> io::Result<Scratch> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let tmp = self.root.join("tmp");
+        let lock_path = tmp.join(format!("{name}.lock"));
+        let lock = FileLock::try_acquire(&lock_path)?
+            .ok_or_else(|| io::Error::other(format!("scratch {name} is unexpectedly in use")))?;
+        let dir = tmp.join(&name);
+        fs::create_dir_all(&dir)?;
+        Ok(Scratch {
+            dir,
+            _lock: lock,
+            lock_path,
+        })
+    }
+
+    /// Remove scratch directories whose owning process is gone (its lock is free).
+    fn sweep_scratch(&self) {
+        let tmp = self.root.join("tmp");
+        let Ok(entries) = fs::read_dir(&tmp) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "lock") {
+                continue;
+            }
+            let lock_path = path.with_extension("lock");
+            if let Ok(Some(_lock)) = FileLock::try_acquire(&lock_path) {
+                tracing::debug!("removing abandoned scratch {}", path.display());
+                let _ = make_writable_recursive(&path);
+                let _ = fs::remove_dir_all(&path);
+                let _ = fs::remove_file(&lock_path);
+            }
+        }
+    }
+
+    /// Held shared by every run for its whole duration and exclusively by `gc` and `cache
+    /// verify`, so maintenance never deletes objects a run has stored but not yet recorded.
+    pub fn maintenance_lock(&self, exclusive: bool) -> io::Result<FileLock> {
+        let path = self.root.join("maintenance.lock");
+        if exclusive {
+            FileLock::acquire(&path, |pid| {
+                let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                tracing::warn!(
+                    "waiting for running sdpipe processes{who} to finish before maintenance"
+                );
+            })
+        } else {
+            FileLock::acquire_shared(&path, || {
+                tracing::warn!("waiting for cache maintenance (gc/verify) to finish")
+            })
+        }
+    }
+
+    /// Checkpoint space for one key, kept until the stage succeeds.
+    pub fn state_dir(&self, key: &Digest) -> PathBuf {
+        self.root.join("state").join(key.to_hex())
+    }
+
+    /// Where a running (or failed) stage's log is written.
+    pub fn log_path(&self, key: &Digest) -> PathBuf {
+        self.root.join("logs").join(format!("{}.log", key.to_hex()))
+    }
+
+    pub fn memo(&self) -> IndexMemo<'_> {
+        IndexMemo(self)
+    }
+}
+
+/// The stat memo, stored in the index. Failures only cost a rehash, so they are logged, not
+/// raised.
+pub struct IndexMemo<'a>(&'a Cache);
+
+impl DigestMemo for IndexMemo<'_> {
+    fn get_many(&self, stats: &[FileStat]) -> Vec<Option<Digest>> {
+        self.0
+            .with_index(|i| i.memo_get(stats))
+            .unwrap_or_else(|e| {
+                tracing::warn!("stat memo unavailable ({e}); rehashing");
+                vec![None; stats.len()]
+            })
+    }
+    fn put_many(&self, entries: &[(FileStat, Digest)]) {
+        if let Err(e) = self.0.with_index(|i| i.memo_put(entries)) {
+            tracing::warn!("could not update the stat memo: {e}");
+        }
+    }
+}
+
+/// Read-only files (hardlinks of objects) would block deleting a scratch tree's directories'
+/// contents on some filesystems; make directories writable first.
+pub fn make_writable_recursive(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if entry.file_type().is_dir() {
+            let _ = fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o755));
+        }
+    }
+    Ok(())
+}

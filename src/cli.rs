@@ -1,0 +1,743 @@
+//! The `sdpipe` command line: argument parsing, wiring the engine together, and printing.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use sdpipe_stages::api::{CancelToken, Registry};
+
+use crate::cache::{Cache, Index, ObjectStore};
+use crate::dag::Dag;
+use crate::executor::LocalExecutor;
+use crate::maintenance;
+use crate::project::Project;
+use crate::scheduler::{Engine, RunOptions};
+use crate::spec::overrides::Override;
+use crate::spec::{Pipeline, SpecErrors};
+use crate::summary::{State, Summary};
+
+/// Exit codes: stable, documented in the README.
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// A stage failed (or `cache verify` found corruption).
+    pub const FAILED: i32 = 1;
+    /// The pipeline or the command line is invalid; nothing ran.
+    pub const INVALID: i32 = 2;
+    pub const INTERRUPTED: i32 = 130;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "sdpipe",
+    version,
+    about = "Declarative, cached, reproducible Stable Diffusion finetuning pipelines"
+)]
+struct Cli {
+    /// Cache directory (default: `cache/` in the project root).
+    #[arg(long, global = true, env = "SDPIPE_CACHE")]
+    cache_dir: Option<PathBuf>,
+    /// More log output on stderr (repeat for more); `SDPIPE_LOG` takes a tracing filter.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct PipelineArgs {
+    /// The pipeline file.
+    pipeline: PathBuf,
+    /// Override a parameter: `stage.param=value` or `vars.name=value` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<Override>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run what is stale, reuse what is cached.
+    Run {
+        #[command(flatten)]
+        p: PipelineArgs,
+        /// Only these stages (and what they need).
+        stages: Vec<String>,
+        /// Thread budget for stages running at once (default: the number of cores).
+        #[arg(short, long)]
+        jobs: Option<usize>,
+        /// Run this stage even if cached (repeatable).
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Run every stage even if cached.
+        #[arg(long)]
+        force_all: bool,
+        /// Print one JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per stage: cached, or will run and why.
+    Status {
+        #[command(flatten)]
+        p: PipelineArgs,
+        stages: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stage graph.
+    Dag {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+        format: DagFormat,
+    },
+    /// Where a stage's outputs are, its key, timings and log.
+    Show {
+        #[command(flatten)]
+        p: PipelineArgs,
+        stage: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop cache entries no pipeline's recent runs reference.
+    Gc {
+        /// Report what would be removed without removing it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Results to keep per stage (most recent first).
+        #[arg(long, default_value_t = 1)]
+        keep_last: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect or check the cache.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+    /// Built-in stage kinds and their parameters.
+    Stages {
+        /// Only this kind.
+        kind: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Sizes and counts.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rehash every object; evict corrupt ones and the records that need them.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DagFormat {
+    Text,
+    Dot,
+    Mermaid,
+}
+
+/// Parse arguments, run, and return the exit code.
+pub fn main() -> i32 {
+    // Die quietly on a closed pipe (`sdpipe status --json | head`) like other Unix tools.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                exit::INVALID
+            } else {
+                exit::OK
+            };
+        }
+    };
+    init_tracing(cli.verbose);
+    let registry = sdpipe_stages::builtin();
+    match run_command(cli, &registry) {
+        Ok(code) => code,
+        Err(CliError::Spec(errors, json)) => {
+            if json {
+                print_json(&spec_error_json(&errors));
+            }
+            for e in errors.0 {
+                eprintln!("{:?}", miette::Report::new(e));
+            }
+            exit::INVALID
+        }
+        Err(CliError::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            exit::INVALID
+        }
+        Err(CliError::Io(msg)) => {
+            eprintln!("error: {msg}");
+            exit::FAILED
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_env("SDPIPE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+enum CliError {
+    /// Invalid pipeline (with whether `--json` was asked for).
+    Spec(SpecErrors, bool),
+    Usage(String),
+    Io(String),
+}
+
+fn spec_error_json(errors: &SpecErrors) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = errors
+        .0
+        .iter()
+        .map(|e| {
+            let loc = e.location();
+            serde_json::json!({
+                "message": e.message,
+                "help": e.help,
+                "file": loc.as_ref().map(|l| l.0.clone()),
+                "line": loc.as_ref().map(|l| l.1),
+                "column": loc.as_ref().map(|l| l.2),
+            })
+        })
+        .collect();
+    serde_json::json!({"schema": crate::summary::SUMMARY_SCHEMA, "ok": false, "errors": list})
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("summaries serialise")
+    );
+}
+
+fn io_err(context: &str) -> impl Fn(std::io::Error) -> CliError + '_ {
+    move |e| CliError::Io(format!("{context}: {e}"))
+}
+
+struct Loaded {
+    pipeline: Pipeline,
+    project: Project,
+    cache: Cache,
+}
+
+fn load(
+    p: &PipelineArgs,
+    cache_dir: Option<&Path>,
+    registry: &Registry,
+    json: bool,
+) -> Result<Loaded, CliError> {
+    let pipeline =
+        Pipeline::load(&p.pipeline, registry, &p.set).map_err(|e| CliError::Spec(e, json))?;
+    let project = Project::locate(&pipeline.file, cache_dir);
+    let cache = Cache::open(&project.cache_dir).map_err(io_err("cannot open the cache"))?;
+    Ok(Loaded {
+        pipeline,
+        project,
+        cache,
+    })
+}
+
+fn check_stage_names(pipeline: &Pipeline, names: &[String], json: bool) -> Result<(), CliError> {
+    for name in names {
+        if !pipeline.stages.contains_key(name) {
+            let e = crate::spec::SpecError::unlocated(format!(
+                "no stage named `{name}` in {}",
+                pipeline.source.name()
+            ))
+            .suggest(name, pipeline.stages.keys().map(String::as_str));
+            return Err(CliError::Spec(e.into(), json));
+        }
+    }
+    Ok(())
+}
+
+/// A cache directory for commands that take no pipeline: `--cache-dir`, `SDPIPE_CACHE`, or
+/// `cache/` in the project around the current directory.
+fn standalone_cache(cache_dir: Option<&Path>) -> Result<Cache, CliError> {
+    let dir = match cache_dir {
+        Some(d) => d.to_path_buf(),
+        None => {
+            let cwd = std::env::current_dir().map_err(io_err("current directory"))?;
+            Project::locate(&cwd.join("pipeline.yaml"), None).cache_dir
+        }
+    };
+    if !dir.join("index").exists() {
+        return Err(CliError::Usage(format!(
+            "no sdpipe cache at {} (use --cache-dir or SDPIPE_CACHE)",
+            dir.display()
+        )));
+    }
+    Cache::open(&dir).map_err(io_err("cannot open the cache"))
+}
+
+fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
+    let cache_dir = cli.cache_dir.as_deref();
+    match cli.command {
+        Command::Run {
+            p,
+            stages,
+            jobs,
+            force,
+            force_all,
+            json,
+        } => {
+            let l = load(&p, cache_dir, registry, json)?;
+            check_stage_names(&l.pipeline, &stages, json)?;
+            check_stage_names(&l.pipeline, &force, json)?;
+            let _maintenance = l
+                .cache
+                .maintenance_lock(false)
+                .map_err(io_err("cache lock"))?;
+            let cancel = install_interrupt_handler();
+            let force: HashSet<String> = if force_all {
+                l.pipeline.stages.keys().cloned().collect()
+            } else {
+                force.into_iter().collect()
+            };
+            let jobs = jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let engine = Engine {
+                pipeline: &l.pipeline,
+                project: &l.project,
+                cache: &l.cache,
+                executor: &LocalExecutor,
+                cancel: cancel.clone(),
+            };
+            let summary = engine.run(&RunOptions {
+                jobs,
+                force,
+                targets: stages,
+                quiet: json,
+            });
+            if json {
+                print_json(&summary);
+            } else {
+                print_run(&summary, &l.project);
+            }
+            Ok(if summary.interrupted {
+                exit::INTERRUPTED
+            } else if summary.ok {
+                exit::OK
+            } else {
+                exit::FAILED
+            })
+        }
+        Command::Status { p, stages, json } => {
+            let l = load(&p, cache_dir, registry, json)?;
+            check_stage_names(&l.pipeline, &stages, json)?;
+            let engine = Engine {
+                pipeline: &l.pipeline,
+                project: &l.project,
+                cache: &l.cache,
+                executor: &LocalExecutor,
+                cancel: CancelToken::new(),
+            };
+            let summary = engine.status(&stages);
+            if json {
+                print_json(&summary);
+            } else {
+                print_status(&summary);
+            }
+            Ok(if summary.ok { exit::OK } else { exit::FAILED })
+        }
+        Command::Dag { p, format } => {
+            let pipeline = Pipeline::load(&p.pipeline, registry, &p.set)
+                .map_err(|e| CliError::Spec(e, false))?;
+            let dag = Dag::build(&pipeline);
+            match format {
+                DagFormat::Dot => print!("{}", dag.to_dot(&pipeline)),
+                DagFormat::Mermaid => print!("{}", dag.to_mermaid(&pipeline)),
+                DagFormat::Text => {
+                    for name in dag.topo_order() {
+                        let stage = &pipeline.stages[&name];
+                        let ups = dag.upstream(&name);
+                        let from = if ups.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  ← {}", ups.join(", "))
+                        };
+                        println!("{name} ({}){from}", stage.action.kind_name());
+                    }
+                }
+            }
+            Ok(exit::OK)
+        }
+        Command::Show { p, stage, json } => {
+            let l = load(&p, cache_dir, registry, json)?;
+            check_stage_names(&l.pipeline, std::slice::from_ref(&stage), json)?;
+            show(&l, &stage, json)
+        }
+        Command::Gc {
+            dry_run,
+            keep_last,
+            json,
+        } => {
+            let cache = standalone_cache(cache_dir)?;
+            let _lock = cache.maintenance_lock(true).map_err(io_err("cache lock"))?;
+            let report = maintenance::gc(&cache, keep_last, dry_run).map_err(io_err("gc"))?;
+            if json {
+                print_json(&report);
+            } else {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                println!(
+                    "{verb} {} records and {} objects ({}), kept {} records",
+                    report.records_removed,
+                    report.objects_removed,
+                    human_bytes(report.bytes_freed),
+                    report.records_kept
+                );
+            }
+            Ok(exit::OK)
+        }
+        Command::Cache { action } => {
+            let cache = standalone_cache(cache_dir)?;
+            match action {
+                CacheAction::Stats { json } => {
+                    let stats = maintenance::stats(&cache).map_err(io_err("stats"))?;
+                    if json {
+                        print_json(&stats);
+                    } else {
+                        println!("cache:    {}", cache.root().display());
+                        println!(
+                            "objects:  {} ({})",
+                            stats.objects,
+                            human_bytes(stats.object_bytes)
+                        );
+                        println!(
+                            "records:  {} results of {} stages",
+                            stats.records, stats.stages_tracked
+                        );
+                        println!("index:    {}", human_bytes(stats.index_bytes));
+                    }
+                    Ok(exit::OK)
+                }
+                CacheAction::Verify { json } => {
+                    let _lock = cache.maintenance_lock(true).map_err(io_err("cache lock"))?;
+                    let report = maintenance::verify(&cache).map_err(io_err("verify"))?;
+                    if json {
+                        print_json(&report);
+                    } else {
+                        println!("checked {} objects", report.objects_checked);
+                        for d in &report.corrupt_objects {
+                            println!("corrupt object removed: {d}");
+                        }
+                        for r in &report.records_evicted {
+                            println!("record evicted: {r}");
+                        }
+                        if report.corrupt_objects.is_empty() && report.records_evicted.is_empty() {
+                            println!("all objects intact");
+                        }
+                    }
+                    Ok(
+                        if report.corrupt_objects.is_empty() && report.records_evicted.is_empty() {
+                            exit::OK
+                        } else {
+                            exit::FAILED
+                        },
+                    )
+                }
+            }
+        }
+        Command::Stages { kind, json } => print_stages(registry, kind.as_deref(), json),
+    }
+}
+
+/// First Ctrl-C: cancel running stages and stop cleanly (nothing half-done is recorded).
+/// Second: exit at once.
+fn install_interrupt_handler() -> CancelToken {
+    static PRESSES: AtomicUsize = AtomicUsize::new(0);
+    let cancel = CancelToken::new();
+    let token = cancel.clone();
+    let _ = ctrlc::set_handler(move || {
+        if PRESSES.fetch_add(1, Ordering::SeqCst) == 0 {
+            eprintln!("\ninterrupted: stopping running stages (press Ctrl-C again to exit now)");
+            token.cancel();
+        } else {
+            std::process::exit(exit::INTERRUPTED);
+        }
+    });
+    cancel
+}
+
+fn seconds(ms: Option<u64>) -> String {
+    ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+        .unwrap_or_default()
+}
+
+fn state_word(state: State) -> &'static str {
+    match state {
+        State::Ran => "ran",
+        State::Cached => "cached",
+        State::Skipped => "skipped",
+        State::Failed => "FAILED",
+        State::WillRun => "will run",
+    }
+}
+
+fn print_run(summary: &Summary, project: &Project) {
+    let width = summary
+        .stages
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    for s in &summary.stages {
+        let why = s
+            .reasons
+            .iter()
+            .map(|r| r.message.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let why = if s.state == State::Ran {
+            why
+        } else {
+            String::new()
+        };
+        println!(
+            "{:width$}  {:8} {:>7}  {}",
+            s.name,
+            state_word(s.state),
+            seconds(s.duration_ms),
+            why
+        );
+    }
+    println!(
+        "{} ran, {} cached, {} failed, {} skipped in {}",
+        summary.count(State::Ran),
+        summary.count(State::Cached),
+        summary.count(State::Failed),
+        summary.count(State::Skipped),
+        seconds(Some(summary.duration_ms))
+    );
+    for s in summary.stages.iter().filter(|s| s.state == State::Failed) {
+        println!(
+            "\nstage `{}` failed: {}",
+            s.name,
+            s.error.as_deref().unwrap_or("unknown error")
+        );
+        if let Some(log) = &s.log {
+            println!("  log: {log}");
+        }
+    }
+    if summary.interrupted {
+        println!("interrupted: finished stages are cached; run again to resume");
+    } else if summary.count(State::Ran) + summary.count(State::Cached) > 0 {
+        println!("outputs: {}", project.runs_dir.display());
+    }
+}
+
+fn print_status(summary: &Summary) {
+    let width = summary
+        .stages
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    for s in &summary.stages {
+        let detail = match (&s.error, s.state) {
+            (Some(e), _) => format!("error: {e}"),
+            (None, State::WillRun) => s
+                .reasons
+                .iter()
+                .map(|r| r.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+            _ => String::new(),
+        };
+        println!("{:width$}  {:8}  {detail}", s.name, state_word(s.state));
+    }
+}
+
+fn show(l: &Loaded, stage: &str, json: bool) -> Result<i32, CliError> {
+    let engine = Engine {
+        pipeline: &l.pipeline,
+        project: &l.project,
+        cache: &l.cache,
+        executor: &LocalExecutor,
+        cancel: CancelToken::new(),
+    };
+    let summary = engine.status(&[stage.to_string()]);
+    let s = summary
+        .stages
+        .into_iter()
+        .find(|s| s.name == stage)
+        .expect("selected stage is reported");
+    let record = match s.key.as_deref().and_then(crate::hash::Digest::from_hex) {
+        Some(key) => l
+            .cache
+            .with_index(|i| i.record(&key))
+            .map_err(io_err("cache index"))?,
+        None => None,
+    };
+    let store = l.cache.store();
+    let value = serde_json::json!({
+        "stage": s.name,
+        "kind": s.kind,
+        "state": s.state,
+        "key": s.key,
+        "reasons": s.reasons,
+        "run_dir": l.project.runs_dir.join(stage).display().to_string(),
+        "record": record.as_ref().map(|r| serde_json::json!({
+            "started_at": r.started_at,
+            "duration_ms": r.duration_ms,
+            "threads": r.threads,
+            "outputs": r.outputs.iter().map(|(n, o)| (n.clone(), serde_json::json!({
+                "path": l.project.runs_dir.join(stage).join(&o.path).display().to_string(),
+                "object": store.path(&o.digest).display().to_string(),
+                "kind": o.kind,
+                "digest": o.digest,
+                "size": o.size,
+                "files": o.files,
+            }))).collect::<serde_json::Map<_, _>>(),
+            "log": r.log.map(|d| store.path(&d).display().to_string()),
+            "manifest": store.path(&r.manifest).display().to_string(),
+        })),
+    });
+    if json {
+        print_json(&value);
+        return Ok(exit::OK);
+    }
+    println!("stage:    {} ({})", s.name, s.kind);
+    println!("state:    {}", state_word(s.state));
+    println!(
+        "key:      {}",
+        s.key
+            .as_deref()
+            .unwrap_or("(not computable yet: an upstream stage will run)")
+    );
+    for r in &s.reasons {
+        println!("why:      {}", r.message);
+    }
+    match record {
+        Some(r) => {
+            println!(
+                "ran:      {} for {}",
+                r.started_at,
+                seconds(Some(r.duration_ms))
+            );
+            for (name, o) in &r.outputs {
+                println!(
+                    "output:   {name} → {}",
+                    l.project.runs_dir.join(stage).join(&o.path).display()
+                );
+                println!(
+                    "          {:?}, {} files, {}, object {}",
+                    o.kind,
+                    o.files,
+                    human_bytes(o.size),
+                    store.path(&o.digest).display()
+                );
+            }
+            if let Some(d) = r.log {
+                println!("log:      {}", store.path(&d).display());
+            }
+            println!("manifest: {}", store.path(&r.manifest).display());
+        }
+        None => println!("no cached result for the current inputs"),
+    }
+    Ok(exit::OK)
+}
+
+fn print_stages(registry: &Registry, only: Option<&str>, json: bool) -> Result<i32, CliError> {
+    if let Some(name) = only {
+        if registry.get(name).is_none() {
+            let names: Vec<&str> = registry.names().collect();
+            let hint = crate::spec::error::did_you_mean(name, names.iter().copied())
+                .map(|n| format!(" (did you mean `{n}`?)"))
+                .unwrap_or_default();
+            return Err(CliError::Usage(format!(
+                "no built-in kind `{name}`{hint}; `shell` stages use `run:`"
+            )));
+        }
+    }
+    let kinds: Vec<_> = registry
+        .iter()
+        .filter(|k| only.is_none_or(|n| k.name() == n))
+        .collect();
+    if json {
+        let list: Vec<serde_json::Value> = kinds
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "name": k.name(),
+                    "version": k.version(),
+                    "doc": k.doc(),
+                    "params": k.params().iter().map(|p| serde_json::json!({
+                        "name": p.name, "type": p.ty.describe(), "default": p.default,
+                        "required": p.default.is_none(), "doc": p.doc,
+                    })).collect::<Vec<_>>(),
+                    "outputs": k.outputs().iter().map(|o| serde_json::json!({
+                        "name": o.name, "path": o.path, "kind": o.kind, "doc": o.doc,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        print_json(&list);
+        return Ok(exit::OK);
+    }
+    if only.is_none() {
+        println!("shell (built into the engine)\n  A command run with `run:`; see README.md for `deps`, `inputs`, `outs`, `params`, `env`.\n");
+    }
+    for k in kinds {
+        println!("{} (version {})\n  {}", k.name(), k.version(), k.doc());
+        println!("  parameters:");
+        for p in k.params() {
+            let default = match &p.default {
+                None => "required".to_string(),
+                Some(v) => format!("default {v}"),
+            };
+            println!(
+                "    {:20} {} ({default})\n    {:20} {}",
+                p.name,
+                p.ty.describe(),
+                "",
+                p.doc
+            );
+        }
+        println!("  outputs:");
+        for o in k.outputs() {
+            println!("    {:20} {} {:?}: {}", o.name, o.path, o.kind, o.doc);
+        }
+        println!();
+    }
+    Ok(exit::OK)
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,157 @@
+//! The stage graph: edges come from input bindings (`images: download.images`).
+
+use std::collections::HashMap;
+use std::fmt::Write;
+
+use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::spec::Pipeline;
+
+/// Stage names as nodes; an edge `a → b` labelled with the binding means b reads a's output.
+pub struct Dag {
+    pub graph: DiGraph<String, String>,
+    index: HashMap<String, NodeIndex>,
+}
+
+impl Dag {
+    pub fn build(pipeline: &Pipeline) -> Dag {
+        let mut graph = DiGraph::new();
+        let mut index = HashMap::new();
+        for name in pipeline.stages.keys() {
+            index.insert(name.clone(), graph.add_node(name.clone()));
+        }
+        for (name, stage) in &pipeline.stages {
+            for (input, binding) in &stage.inputs {
+                if let Some(&from) = index.get(&binding.stage) {
+                    graph.add_edge(from, index[name], format!("{} → {input}", binding.output));
+                }
+            }
+        }
+        Dag { graph, index }
+    }
+
+    /// Stages in an order where every stage follows its inputs; ties keep file order.
+    pub fn topo_order(&self) -> Vec<String> {
+        // Validation rejected cycles, so the sort cannot fail for a loaded pipeline.
+        toposort(&self.graph, None)
+            .map(|nodes| nodes.into_iter().map(|n| self.graph[n].clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn upstream(&self, stage: &str) -> Vec<String> {
+        self.neighbors(stage, petgraph::Direction::Incoming)
+    }
+
+    pub fn downstream(&self, stage: &str) -> Vec<String> {
+        self.neighbors(stage, petgraph::Direction::Outgoing)
+    }
+
+    fn neighbors(&self, stage: &str, dir: petgraph::Direction) -> Vec<String> {
+        let Some(&n) = self.index.get(stage) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = self
+            .graph
+            .neighbors_directed(n, dir)
+            .map(|m| self.graph[m].clone())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Graphviz `dot` text.
+    pub fn to_dot(&self, pipeline: &Pipeline) -> String {
+        let mut s =
+            String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
+        for n in self.graph.node_indices() {
+            let name = &self.graph[n];
+            let kind = pipeline.stages[name].action.kind_name();
+            let _ = writeln!(s, "  \"{name}\" [label=\"{name}\\n({kind})\"];");
+        }
+        for e in self.graph.edge_indices() {
+            let (a, b) = self.graph.edge_endpoints(e).unwrap();
+            let _ = writeln!(
+                s,
+                "  \"{}\" -> \"{}\" [label=\"{}\"];",
+                self.graph[a], self.graph[b], self.graph[e]
+            );
+        }
+        s.push_str("}\n");
+        s
+    }
+
+    /// Mermaid flowchart text (renders on GitHub).
+    pub fn to_mermaid(&self, pipeline: &Pipeline) -> String {
+        let mut s = String::from("flowchart LR\n");
+        for n in self.graph.node_indices() {
+            let name = &self.graph[n];
+            let kind = pipeline.stages[name].action.kind_name();
+            let _ = writeln!(s, "  {}[\"{name}<br/>({kind})\"]", mermaid_id(name));
+        }
+        for e in self.graph.edge_indices() {
+            let (a, b) = self.graph.edge_endpoints(e).unwrap();
+            let _ = writeln!(
+                s,
+                "  {} -->|\"{}\"| {}",
+                mermaid_id(&self.graph[a]),
+                self.graph[e],
+                mermaid_id(&self.graph[b])
+            );
+        }
+        s
+    }
+}
+
+/// Mermaid node ids must be plain words; stage names may contain `-`.
+fn mermaid_id(name: &str) -> String {
+    format!("s_{}", name.replace('-', "_h_"))
+}
+
+/// Every cycle (strongly connected component with more than one stage, or a self-loop), each
+/// listed in the order a reader follows the edges, starting at the stage defined first.
+pub fn cycles(pipeline: &Pipeline) -> Vec<Vec<String>> {
+    let dag = Dag::build(pipeline);
+    let order: HashMap<&String, usize> = pipeline
+        .stages
+        .keys()
+        .enumerate()
+        .map(|(i, k)| (k, i))
+        .collect();
+    let mut out = Vec::new();
+    for scc in tarjan_scc(&dag.graph) {
+        let is_cycle = scc.len() > 1 || dag.graph.contains_edge(scc[0], scc[0]);
+        if !is_cycle {
+            continue;
+        }
+        // Walk the cycle from its first-defined stage, following edges inside the component.
+        let members: std::collections::HashSet<NodeIndex> = scc.iter().copied().collect();
+        let start = *scc.iter().min_by_key(|n| order[&dag.graph[**n]]).unwrap();
+        let mut walk = vec![start];
+        let mut current = start;
+        while walk.len() < scc.len() {
+            let next = dag
+                .graph
+                .neighbors(current)
+                .filter(|n| members.contains(n) && !walk.contains(n))
+                .min_by_key(|n| order[&dag.graph[*n]]);
+            match next {
+                Some(n) => {
+                    walk.push(n);
+                    current = n;
+                }
+                None => break,
+            }
+        }
+        // Components that are not a simple ring still list every member.
+        for n in &scc {
+            if !walk.contains(n) {
+                walk.push(*n);
+            }
+        }
+        out.push(walk.into_iter().map(|n| dag.graph[n].clone()).collect());
+    }
+    out.sort();
+    out
+}

@@ -1,0 +1,179 @@
+//! Computing a stage's key manifest from its definition, its upstream results and the current
+//! content of its dependencies, and explaining how it differs from the last run's.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use crate::cache::{Cache, Index, ObjectStore, Record};
+use crate::hash::{self, Digest, DigestMemo, Hashed};
+use crate::key::{self, DepDigest, KeyManifest, Reason, KEY_SCHEMA};
+use crate::materialize;
+use crate::spec::{Action, Pipeline, Stage};
+
+/// A stage whose key is known.
+pub struct Fingerprint {
+    pub manifest: KeyManifest,
+    pub key: Digest,
+    /// Dependency name → absolute paths (for `${deps.x}` and `SDPIPE_DEP_X`).
+    pub dep_paths: BTreeMap<String, Vec<PathBuf>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FingerprintError {
+    #[error("dependency `{name}` ({path}): {source}")]
+    Dep {
+        name: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("input `{0}` has no result from its upstream stage")]
+    MissingInput(String),
+    #[error("{0}")]
+    Kind(String),
+}
+
+/// Hash everything `stage` depends on. `upstream` holds the records of finished upstream stages.
+pub fn fingerprint(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    upstream: &HashMap<String, Record>,
+    memo: &dyn DigestMemo,
+) -> Result<Fingerprint, FingerprintError> {
+    let mut inputs = BTreeMap::new();
+    for (name, binding) in &stage.inputs {
+        let digest = upstream
+            .get(&binding.stage)
+            .and_then(|r| r.outputs.get(&binding.output))
+            .map(|o| o.digest)
+            .ok_or_else(|| FingerprintError::MissingInput(name.clone()))?;
+        inputs.insert(name.clone(), digest);
+    }
+
+    let mut deps = BTreeMap::new();
+    let mut dep_paths = BTreeMap::new();
+    for (name, dep) in &stage.deps {
+        let hashed =
+            hash::hash_path(&pipeline.dir, &dep.pattern, dep.is_glob, memo).map_err(|source| {
+                FingerprintError::Dep {
+                    name: name.clone(),
+                    path: dep.pattern.clone(),
+                    source,
+                }
+            })?;
+        let paths = match (&hashed, dep.is_glob) {
+            (Hashed::Tree(tree), true) => tree
+                .entries
+                .iter()
+                .map(|e| pipeline.dir.join(&e.path))
+                .collect(),
+            _ => vec![pipeline.dir.join(&dep.pattern)],
+        };
+        deps.insert(
+            name.clone(),
+            DepDigest {
+                path: dep.pattern.clone(),
+                digest: hashed.digest(),
+            },
+        );
+        dep_paths.insert(name.clone(), paths);
+    }
+
+    let (command, env) = match &stage.action {
+        Action::Shell { command, env } => {
+            let env = env
+                .iter()
+                .map(|v| (v.clone(), std::env::var(v).ok()))
+                .collect();
+            (Some(command.clone()), env)
+        }
+        Action::Builtin(kind) => {
+            // Content the kind resolves itself (model weights in a hub cache): its bytes are in
+            // the key, its location is not.
+            let external = kind
+                .external_deps(&stage.params)
+                .map_err(|e| FingerprintError::Kind(e.to_string()))?;
+            for (name, path) in external {
+                let hashed = hash::hash_path(&path, ".", false, memo).map_err(|source| {
+                    FingerprintError::Dep {
+                        name: name.clone(),
+                        path: path.display().to_string(),
+                        source,
+                    }
+                })?;
+                let label = format!("<{name}>");
+                deps.insert(
+                    label.clone(),
+                    DepDigest {
+                        path: label.clone(),
+                        digest: hashed.digest(),
+                    },
+                );
+                dep_paths.insert(label, vec![path]);
+            }
+            (None, BTreeMap::new())
+        }
+    };
+
+    let manifest = KeyManifest {
+        schema: KEY_SCHEMA,
+        kind: stage.action.kind_name().to_string(),
+        kind_version: stage.action.kind_version(),
+        params: stage.params.clone(),
+        inputs,
+        deps,
+        command,
+        env,
+        outputs: stage
+            .outputs
+            .iter()
+            .map(|o| (o.name.clone(), o.path.clone()))
+            .collect(),
+    };
+    let key = manifest.key();
+    Ok(Fingerprint {
+        manifest,
+        key,
+        dep_paths,
+    })
+}
+
+/// A record for `key` whose objects are all present.
+pub fn usable_record(
+    cache: &Cache,
+    index: &dyn Index,
+    key: &Digest,
+) -> std::io::Result<Option<Record>> {
+    let Some(record) = index.record(key)? else {
+        return Ok(None);
+    };
+    let complete = record
+        .outputs
+        .values()
+        .all(|o| materialize::is_complete(cache.store(), o));
+    Ok(complete.then_some(record))
+}
+
+/// Why `manifest` has no usable result: a diff against the stage's previous run.
+pub fn explain(
+    cache: &Cache,
+    index: &dyn Index,
+    identity: &str,
+    manifest: &KeyManifest,
+) -> std::io::Result<Vec<Reason>> {
+    let history = index.history(identity)?;
+    let Some(last) = history.entries.last() else {
+        return Ok(vec![Reason::NewStage]);
+    };
+    let previous = index
+        .record(&last.key)?
+        .and_then(|r| std::fs::read(cache.store().path(&r.manifest)).ok())
+        .and_then(|bytes| serde_json::from_slice::<KeyManifest>(&bytes).ok());
+    Ok(match previous {
+        Some(previous) => key::diff(&previous, manifest),
+        // The last run's record was collected or evicted: nothing left to compare with.
+        None if last.key == manifest.key() => vec![Reason::ResultMissing],
+        None => vec![Reason::Other {
+            detail: "previous run's record is gone; inputs not comparable".into(),
+        }],
+    })
+}

@@ -1,0 +1,24 @@
+//! sdpipe: declarative, cached, reproducible pipelines for Stable Diffusion finetuning
+//! experiments.
+//!
+//! The engine knows nothing of machine learning: a pipeline file ([`spec`]) becomes a graph of
+//! stages ([`dag`]); each stage's key is a digest of everything it depends on ([`key`],
+//! [`fingerprint`], [`hash`]); results live in a content-addressed cache ([`cache`]); the
+//! [`scheduler`] runs stale stages through an [`executor`] and commits their outputs. Stage kinds
+//! come from the `sdpipe-stages` crate through its `api` module.
+
+pub mod cache;
+pub mod cli;
+pub mod dag;
+pub mod executor;
+pub mod fingerprint;
+pub mod hash;
+pub mod key;
+pub mod lock;
+pub mod maintenance;
+pub mod materialize;
+pub mod project;
+pub mod scheduler;
+pub mod spec;
+pub mod summary;
+pub mod ui;

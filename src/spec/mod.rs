@@ -1,0 +1,185 @@
+//! The pipeline file: its model (this module), parsing ([`yaml`]), validation into the model
+//! ([`validate`]), command-line overrides ([`overrides`]) and command templates ([`template`]).
+//!
+//! Everything that can be checked without running a stage is checked here, so a bad pipeline
+//! fails before anything runs, with every error located at `file:line:column`.
+
+pub mod error;
+pub mod overrides;
+pub mod source;
+pub mod template;
+pub mod validate;
+pub mod yaml;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+use sdpipe_stages::api::{OutputKind, Registry, StageKind};
+use serde_json::Value as Json;
+
+pub use error::{SpecError, SpecErrors};
+pub use source::{SourceFile, Span};
+
+/// A validated pipeline.
+pub struct Pipeline {
+    /// Absolute path of the pipeline file.
+    pub file: PathBuf,
+    /// Its directory: relative paths in the file resolve against it.
+    pub dir: PathBuf,
+    /// The file stem, naming the run directory.
+    pub name: String,
+    pub source: Arc<SourceFile>,
+    pub vars: BTreeMap<String, Json>,
+    /// Stages in file order.
+    pub stages: IndexMap<String, Stage>,
+}
+
+/// What a stage does.
+#[derive(Clone)]
+pub enum Action {
+    /// A shell command (templated), and the host environment variables whose values it may read
+    /// (passed through and part of the key).
+    Shell { command: String, env: Vec<String> },
+    /// A built-in kind from the registry.
+    Builtin(Arc<dyn StageKind>),
+}
+
+impl Action {
+    pub fn kind_name(&self) -> &str {
+        match self {
+            Action::Shell { .. } => "shell",
+            Action::Builtin(kind) => kind.name(),
+        }
+    }
+    pub fn kind_version(&self) -> u32 {
+        match self {
+            Action::Shell { .. } => SHELL_KIND_VERSION,
+            Action::Builtin(kind) => kind.version(),
+        }
+    }
+}
+
+/// Bumped when the way shell stages run changes what they produce.
+pub const SHELL_KIND_VERSION: u32 = 1;
+
+/// A binding to an upstream stage's output: `stage.output`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputRef {
+    pub stage: String,
+    pub output: String,
+}
+
+impl std::fmt::Display for InputRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.stage, self.output)
+    }
+}
+
+/// A file, directory or glob in the project that a stage reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dep {
+    /// As written, relative to the pipeline's directory (this, not an absolute path, goes in
+    /// the key so moving the project keeps its cache).
+    pub pattern: String,
+    pub is_glob: bool,
+}
+
+impl Dep {
+    pub fn new(pattern: &str) -> Self {
+        Dep {
+            pattern: pattern.to_string(),
+            is_glob: is_glob(pattern),
+        }
+    }
+}
+
+pub fn is_glob(pattern: &str) -> bool {
+    pattern.contains(['*', '?', '[', '{'])
+}
+
+/// One declared output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub name: String,
+    /// Relative path inside the stage's output directory.
+    pub path: String,
+    /// Known for built-in kinds; inferred from what a shell command wrote.
+    pub kind: Option<OutputKind>,
+}
+
+/// A validated stage.
+#[derive(Clone)]
+pub struct Stage {
+    pub name: String,
+    pub action: Action,
+    /// Fully resolved parameters, defaults included (canonical JSON).
+    pub params: BTreeMap<String, Json>,
+    /// Input name → upstream output.
+    pub inputs: BTreeMap<String, InputRef>,
+    /// Dependency name → project path or glob.
+    pub deps: BTreeMap<String, Dep>,
+    pub outputs: Vec<Output>,
+    /// Threads the stage will use (scheduler slots).
+    pub threads: usize,
+    /// Where the stage is defined (its name in the file).
+    pub span: Span,
+}
+
+impl Stage {
+    pub fn output(&self, name: &str) -> Option<&Output> {
+        self.outputs.iter().find(|o| o.name == name)
+    }
+    pub fn upstream(&self) -> impl Iterator<Item = &str> {
+        self.inputs.values().map(|i| i.stage.as_str())
+    }
+}
+
+impl Pipeline {
+    /// Read, parse and validate a pipeline file with `overrides` (`--set`) applied.
+    pub fn load(
+        path: &Path,
+        registry: &Registry,
+        overrides: &[overrides::Override],
+    ) -> Result<Pipeline, SpecErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            SpecError::unlocated(format!("cannot read pipeline {}: {e}", path.display()))
+        })?;
+        let file = std::path::absolute(path)
+            .map_err(|e| SpecError::unlocated(format!("cannot resolve {}: {e}", path.display())))?;
+        Self::from_source(&file, path.display().to_string(), text, registry, overrides)
+    }
+
+    /// Validate pipeline text as if it were the file at `file` (shown as `display_name`).
+    pub fn from_source(
+        file: &Path,
+        display_name: String,
+        text: String,
+        registry: &Registry,
+        overrides: &[overrides::Override],
+    ) -> Result<Pipeline, SpecErrors> {
+        let source = Arc::new(SourceFile::new(display_name, text));
+        let doc = yaml::parse(source.clone())
+            .map_err(|e| SpecError::at(&source, e.span, e.message).label("syntax error"))?;
+        validate::validate(file, doc, registry, overrides)
+    }
+
+    /// Stage names that (transitively) feed `targets`, the targets included, in file order.
+    pub fn with_upstream(&self, targets: &[String]) -> Vec<String> {
+        let mut wanted: std::collections::BTreeSet<String> = Default::default();
+        let mut stack: Vec<String> = targets.to_vec();
+        while let Some(name) = stack.pop() {
+            if let Some(stage) = self.stages.get(&name) {
+                if wanted.insert(name.clone()) {
+                    stack.extend(stage.upstream().map(str::to_string));
+                }
+            }
+        }
+        self.stages
+            .keys()
+            .filter(|k| wanted.contains(*k))
+            .cloned()
+            .collect()
+    }
+}

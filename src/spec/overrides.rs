@@ -1,0 +1,160 @@
+//! `--set stage.param=value` and `--set vars.name=value`: command-line overrides applied to the
+//! parsed document before validation, so an override is validated exactly like the file.
+
+use serde_yaml_ng::{Mapping, Value};
+
+use super::error::{SpecError, SpecErrors};
+use super::yaml;
+
+/// One `--set` argument.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// Dotted path after the stage (or `vars`): `["train", "lr"]`.
+    pub path: Vec<String>,
+    pub value: Value,
+    /// As the user typed it, for messages.
+    pub raw: String,
+}
+
+impl std::str::FromStr for Override {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (lhs, rhs) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}` is not KEY=VALUE (e.g. train.lr=3e-5)"))?;
+        let path: Vec<String> = lhs.split('.').map(str::to_string).collect();
+        if path.len() < 2 || path.iter().any(String::is_empty) {
+            return Err(format!(
+                "`{lhs}` is not a dotted path like stage.param or vars.name"
+            ));
+        }
+        let value = yaml::parse_scalar(rhs).map_err(|e| format!("value of `{lhs}`: {e}"))?;
+        Ok(Override {
+            path,
+            value,
+            raw: s.to_string(),
+        })
+    }
+}
+
+/// Apply overrides to the document root.
+pub fn apply(root: &mut Value, overrides: &[Override]) -> Result<(), SpecErrors> {
+    let mut errors = Vec::new();
+    for o in overrides {
+        if let Err(e) = apply_one(root, o) {
+            errors.push(e);
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(SpecErrors(errors))
+    }
+}
+
+fn apply_one(root: &mut Value, o: &Override) -> Result<(), SpecError> {
+    let Value::Mapping(top) = root else {
+        return Err(SpecError::unlocated("the pipeline is not a mapping"));
+    };
+    let (head, rest) = (&o.path[0], &o.path[1..]);
+    let target = if head == "vars" {
+        entry_map(top, "vars")
+    } else {
+        let stages = match top.get_mut("stages") {
+            Some(Value::Mapping(m)) => m,
+            _ => return Err(SpecError::unlocated("the pipeline has no `stages` mapping")),
+        };
+        let names: Vec<String> = stages
+            .keys()
+            .filter_map(|k| k.as_str().map(str::to_string))
+            .collect();
+        let Some(Value::Mapping(stage)) = stages.get_mut(head.as_str()) else {
+            return Err(
+                SpecError::unlocated(format!("--set {}: no stage named `{head}`", o.raw))
+                    .suggest(head, names.iter().map(String::as_str)),
+            );
+        };
+        // Built-in kinds take parameters under `with`, shell stages under `params`.
+        let section = if stage.contains_key("uses") {
+            "with"
+        } else {
+            "params"
+        };
+        entry_map(stage, section)
+    };
+    let Some(target) = target else {
+        return Err(SpecError::unlocated(format!(
+            "--set {}: `{head}` is not a mapping",
+            o.raw
+        )));
+    };
+    set_path(target, rest, o.value.clone())
+        .map_err(|e| SpecError::unlocated(format!("--set {}: {e}", o.raw)))
+}
+
+/// The mapping under `key`, created when absent; `None` when something else is there.
+fn entry_map<'a>(map: &'a mut Mapping, key: &str) -> Option<&'a mut Mapping> {
+    let slot = map
+        .entry(Value::from(key))
+        .or_insert_with(|| Value::Mapping(Mapping::new()));
+    if slot.is_null() {
+        *slot = Value::Mapping(Mapping::new());
+    }
+    slot.as_mapping_mut()
+}
+
+fn set_path(map: &mut Mapping, path: &[String], value: Value) -> Result<(), String> {
+    match path {
+        [] => Err("empty path".into()),
+        [last] => {
+            map.insert(Value::from(last.as_str()), value);
+            Ok(())
+        }
+        [first, rest @ ..] => {
+            let next =
+                entry_map(map, first).ok_or_else(|| format!("`{first}` is not a mapping"))?;
+            set_path(next, rest, value)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_typed_like_yaml() {
+        let o: Override = "train.lr=3e-5".parse().unwrap();
+        assert_eq!(o.path, vec!["train", "lr"]);
+        assert!(o.value.as_f64().is_some());
+        let o: Override = "a.name=hello world".parse().unwrap();
+        assert_eq!(o.value.as_str(), Some("hello world"));
+    }
+
+    #[test]
+    fn malformed_overrides_are_rejected() {
+        assert!("train".parse::<Override>().is_err());
+        assert!("train=3".parse::<Override>().is_err());
+        assert!(".lr=3".parse::<Override>().is_err());
+    }
+
+    #[test]
+    fn override_targets_with_for_builtin_and_params_for_shell() {
+        let mut doc: Value =
+            serde_yaml_ng::from_str("stages:\n  a: {uses: k}\n  b: {run: x}\n").unwrap();
+        apply(
+            &mut doc,
+            &["a.x=1".parse().unwrap(), "b.y=2".parse().unwrap()],
+        )
+        .unwrap();
+        assert_eq!(doc["stages"]["a"]["with"]["x"], Value::from(1));
+        assert_eq!(doc["stages"]["b"]["params"]["y"], Value::from(2));
+    }
+
+    #[test]
+    fn override_of_unknown_stage_suggests_a_name() {
+        let mut doc: Value = serde_yaml_ng::from_str("stages:\n  train: {run: x}\n").unwrap();
+        let err = apply(&mut doc, &["trian.lr=1".parse().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("did you mean `train`"), "{err}");
+    }
+}

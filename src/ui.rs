@@ -1,0 +1,101 @@
+//! What a person sees while a pipeline runs: progress bars on a terminal, plain lines otherwise.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sdpipe_stages::api::Progress;
+
+pub struct Ui {
+    multi: MultiProgress,
+    overall: ProgressBar,
+    interactive: bool,
+    quiet: bool,
+}
+
+impl Ui {
+    /// `quiet` silences per-stage lines (used with `--json`); errors still reach stderr.
+    pub fn new(total: u64, quiet: bool) -> Ui {
+        let interactive = !quiet && std::io::stderr().is_terminal();
+        let target = if interactive {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        let multi = MultiProgress::with_draw_target(target);
+        let overall = multi.add(ProgressBar::new(total));
+        overall.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} stages {msg}",
+            )
+            .expect("valid template"),
+        );
+        if interactive {
+            overall.enable_steady_tick(Duration::from_millis(120));
+        }
+        Ui {
+            multi,
+            overall,
+            interactive,
+            quiet,
+        }
+    }
+
+    /// A line above the bars (or on stderr).
+    pub fn line(&self, text: &str) {
+        if self.quiet {
+            return;
+        }
+        if self.interactive {
+            self.multi.println(text).ok();
+        } else {
+            eprintln!("{text}");
+        }
+    }
+
+    pub fn stage_bar(&self, stage: &str) -> StageBar {
+        let bar = self.multi.add(ProgressBar::new_spinner());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "  {spinner} {prefix:.bold} {wide_msg} {pos}/{len} {per_sec}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_prefix(stage.to_string());
+        if self.interactive {
+            bar.enable_steady_tick(Duration::from_millis(120));
+        }
+        StageBar { bar }
+    }
+
+    pub fn finish_stage(&self, bar: StageBar) {
+        bar.bar.finish_and_clear();
+        self.multi.remove(&bar.bar);
+        self.overall.inc(1);
+    }
+
+    pub fn skip_stage(&self) {
+        self.overall.inc(1);
+    }
+
+    pub fn finish(&self) {
+        self.overall.finish_and_clear();
+    }
+}
+
+/// One running stage's bar; the stage reports through [`Progress`].
+pub struct StageBar {
+    bar: ProgressBar,
+}
+
+impl Progress for StageBar {
+    fn set_total(&self, total: u64) {
+        self.bar.set_length(total);
+    }
+    fn advance(&self, n: u64, message: &str) {
+        self.bar.inc(n);
+        if !message.is_empty() {
+            self.bar.set_message(message.to_string());
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The contract between sdpipe's engine and a stage kind.
+//!
+//! A kind declares its typed parameters (some of which are *inputs*: bindings to an upstream
+//! stage's output) and the outputs it writes, and implements [`StageKind::run`], which reads its
+//! inputs from paths, writes its outputs under a fresh directory and returns. That is all a kind
+//! sees: it knows nothing of keys, caches or scheduling, so the same kind can run locally or,
+//! later, on a cluster executor.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+/// The type of one parameter, used to validate and canonicalise the pipeline's values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamType {
+    /// Any string.
+    String,
+    /// A signed integer, optionally bounded (inclusive).
+    Int {
+        min: Option<i64>,
+        max: Option<i64>,
+    },
+    /// A float; integers are accepted and widened, so `1e-5` and `0.00001` give one key.
+    Float {
+        min: Option<f64>,
+        max: Option<f64>,
+    },
+    Bool,
+    /// One of a fixed set of strings.
+    Enum(&'static [&'static str]),
+    /// A list whose items all have the given type.
+    List(Box<ParamType>),
+    /// A binding `stage.output` to an upstream output; the kind receives its path.
+    Input,
+    /// A file or directory in the project, relative to the pipeline file; its content is hashed
+    /// into the key and the kind receives its absolute path.
+    Path,
+    /// Free-form JSON (nested maps): canonicalised, never interpreted by the engine.
+    Any,
+}
+
+impl ParamType {
+    /// A short human description, used in `sdpipe stages` and in type errors.
+    pub fn describe(&self) -> String {
+        match self {
+            ParamType::String => "string".into(),
+            ParamType::Int { min, max } => match (min, max) {
+                (Some(a), Some(b)) => format!("integer in {a}..={b}"),
+                (Some(a), None) => format!("integer >= {a}"),
+                (None, Some(b)) => format!("integer <= {b}"),
+                (None, None) => "integer".into(),
+            },
+            ParamType::Float { min, max } => match (min, max) {
+                (Some(a), Some(b)) => format!("number in {a}..={b}"),
+                (Some(a), None) => format!("number >= {a}"),
+                (None, Some(b)) => format!("number <= {b}"),
+                (None, None) => "number".into(),
+            },
+            ParamType::Bool => "boolean".into(),
+            ParamType::Enum(values) => format!("one of {}", values.join(", ")),
+            ParamType::List(item) => format!("list of {}", item.describe()),
+            ParamType::Input => "upstream output `stage.output`".into(),
+            ParamType::Path => "path (file or directory)".into(),
+            ParamType::Any => "any value".into(),
+        }
+    }
+}
+
+/// One documented, typed parameter of a kind.
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub ty: ParamType,
+    /// `None` means the parameter is required.
+    pub default: Option<Value>,
+    pub doc: &'static str,
+}
+
+impl ParamSpec {
+    pub fn required(name: &'static str, ty: ParamType, doc: &'static str) -> Self {
+        ParamSpec {
+            name,
+            ty,
+            default: None,
+            doc,
+        }
+    }
+    pub fn optional(name: &'static str, ty: ParamType, default: Value, doc: &'static str) -> Self {
+        ParamSpec {
+            name,
+            ty,
+            default: Some(default),
+            doc,
+        }
+    }
+}
+
+/// Whether an output is a single file or a directory tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputKind {
+    File,
+    Dir,
+}
+
+/// One output a kind writes, at `path` relative to the stage's output directory.
+#[derive(Debug, Clone)]
+pub struct OutputSpec {
+    pub name: &'static str,
+    pub path: &'static str,
+    pub kind: OutputKind,
+    pub doc: &'static str,
+}
+
+/// Resolved, validated parameters (defaults filled in), keyed by parameter name.
+pub type Params = BTreeMap<String, Value>;
+
+/// Errors a stage reports. The engine adds the stage name and log location for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("invalid parameter `{param}`: {message}")]
+    InvalidParam { param: String, message: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl StageError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+    pub fn failed(message: impl Into<String>) -> Self {
+        StageError::Failed(message.into())
+    }
+}
+
+/// Cooperative cancellation: set on Ctrl-C; long stages poll it between units of work.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    /// `Err(Cancelled)` once cancellation was requested: `ctx.cancel.check()?` in loops.
+    pub fn check(&self) -> Result<(), StageError> {
+        if self.is_cancelled() {
+            Err(StageError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Progress of a long stage, shown by the engine (a bar, a log line): the stage only reports.
+pub trait Progress: Send + Sync {
+    /// Set the total number of units of work (images, steps).
+    fn set_total(&self, total: u64);
+    /// Advance by `n` units, with an optional short message (e.g. the current loss).
+    fn advance(&self, n: u64, message: &str);
+}
+
+/// A progress sink that ignores everything (tests, non-interactive use).
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn set_total(&self, _total: u64) {}
+    fn advance(&self, _n: u64, _message: &str) {}
+}
+
+/// Everything a running stage may touch.
+pub struct StageContext<'a> {
+    /// The stage's name in the pipeline, for messages.
+    pub stage: &'a str,
+    pub params: &'a Params,
+    /// Input parameter name → path of the bound upstream output (read-only).
+    pub inputs: &'a BTreeMap<String, PathBuf>,
+    /// Path parameter name → absolute path in the project (read-only).
+    pub paths: &'a BTreeMap<String, PathBuf>,
+    /// Fresh, empty directory; every declared output must be written at its `path` under it.
+    pub out_dir: &'a Path,
+    /// A directory that survives an interrupted run of this exact stage invocation (same inputs
+    /// and parameters), for checkpoints to resume from. Removed once the stage has succeeded.
+    pub state_dir: &'a Path,
+    /// The number of threads the stage was granted; it must not use more.
+    pub threads: usize,
+    /// The stage's log (kept with its result).
+    pub log: &'a mut (dyn Write + Send),
+    pub progress: &'a dyn Progress,
+    pub cancel: &'a CancelToken,
+}
+
+impl StageContext<'_> {
+    pub fn input(&self, name: &str) -> Result<&Path, StageError> {
+        self.inputs
+            .get(name)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| StageError::failed(format!("input `{name}` is not bound")))
+    }
+    /// Where the declared output `name` (with the given relative path) is written.
+    pub fn output_path(&self, relative: &str) -> PathBuf {
+        self.out_dir.join(relative)
+    }
+    /// A typed parameter, deserialised from its canonical JSON value.
+    pub fn param<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, StageError> {
+        let value = self.params.get(name).cloned().unwrap_or(Value::Null);
+        serde_json::from_value(value).map_err(|e| StageError::InvalidParam {
+            param: name.to_string(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// A built-in stage kind.
+pub trait StageKind: Send + Sync {
+    /// The name used in `uses:`.
+    fn name(&self) -> &'static str;
+    /// Bumped whenever the kind's output for the same inputs may change: part of every key.
+    fn version(&self) -> u32;
+    /// One paragraph for `sdpipe stages`.
+    fn doc(&self) -> &'static str;
+    fn params(&self) -> Vec<ParamSpec>;
+    fn outputs(&self) -> Vec<OutputSpec>;
+    /// How many threads the stage wants, given its parameters (the scheduler may grant fewer
+    /// when the machine has fewer cores, never more).
+    fn threads(&self, _params: &Params) -> usize {
+        1
+    }
+    /// Extra content the result depends on that is not a parameter or input, such as model
+    /// weights resolved from a hub cache: name → path whose content the engine hashes into the key.
+    fn external_deps(&self, _params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+        Ok(BTreeMap::new())
+    }
+    /// Do the work.
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError>;
+}
+
+/// The set of kinds a binary knows, looked up by name.
+#[derive(Default)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn StageKind>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn register(&mut self, kind: Arc<dyn StageKind>) {
+        self.kinds.insert(kind.name(), kind);
+    }
+    pub fn get(&self, name: &str) -> Option<Arc<dyn StageKind>> {
+        self.kinds.get(name).cloned()
+    }
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.kinds.keys().copied()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn StageKind>> {
+        self.kinds.values()
+    }
+}

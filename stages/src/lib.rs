@@ -1,0 +1,21 @@
+//! sdpipe's built-in stage kinds and the API they implement.
+//!
+//! [`api`] is the whole contract with the engine; every other module is one kind (or the
+//! machinery one kind needs) and knows nothing of caching or scheduling.
+
+pub mod api;
+pub mod synthetic;
+
+use std::sync::Arc;
+
+pub use api::{Registry, StageKind};
+
+/// Every built-in kind, as the `sdpipe` binary registers them.
+pub fn builtin() -> Registry {
+    let mut registry = Registry::new();
+    let kinds: Vec<Arc<dyn StageKind>> = vec![Arc::new(synthetic::Synthetic)];
+    for kind in kinds {
+        registry.register(kind);
+    }
+    registry
+}
