@@ -1,9 +1,9 @@
 //! The stage graph: edges come from input bindings (`images: download.images`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 
-use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::spec::Pipeline;
@@ -33,10 +33,38 @@ impl Dag {
 
     /// Stages in an order where every stage follows its inputs; ties keep file order.
     pub fn topo_order(&self) -> Vec<String> {
-        // Validation rejected cycles, so the sort cannot fail for a loaded pipeline.
-        toposort(&self.graph, None)
-            .map(|nodes| nodes.into_iter().map(|n| self.graph[n].clone()).collect())
-            .unwrap_or_default()
+        // Kahn's algorithm, always taking the ready stage defined first (node indices follow
+        // file order), so output and summaries read in the order the file is written.
+        let mut indegree: Vec<usize> = self
+            .graph
+            .node_indices()
+            .map(|n| {
+                self.graph
+                    .neighbors_directed(n, petgraph::Direction::Incoming)
+                    .count()
+            })
+            .collect();
+        let mut ready: BTreeSet<NodeIndex> = self
+            .graph
+            .node_indices()
+            .filter(|n| indegree[n.index()] == 0)
+            .collect();
+        let mut out = Vec::with_capacity(indegree.len());
+        while let Some(n) = ready.pop_first() {
+            out.push(self.graph[n].clone());
+            for m in self
+                .graph
+                .neighbors_directed(n, petgraph::Direction::Outgoing)
+            {
+                indegree[m.index()] -= 1;
+                if indegree[m.index()] == 0 {
+                    ready.insert(m);
+                }
+            }
+        }
+        // Validation rejected cycles, so every stage is placed.
+        debug_assert_eq!(out.len(), self.graph.node_count());
+        out
     }
 
     pub fn upstream(&self, stage: &str) -> Vec<String> {

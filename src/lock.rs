@@ -6,6 +6,7 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// An exclusive lock, held until dropped.
 pub struct FileLock {
@@ -14,22 +15,34 @@ pub struct FileLock {
 }
 
 impl FileLock {
-    /// Take the lock, calling `on_wait` once (with the holder's pid, if known) when another
-    /// process holds it, then blocking until it is released.
-    pub fn acquire(path: &Path, on_wait: impl FnOnce(Option<u32>)) -> io::Result<FileLock> {
+    /// Take the lock, blocking until it is free. If another process still holds it after
+    /// `patience`, `on_wait` is called once (with the holder's pid, if known) so the user learns
+    /// why nothing happens; shorter waits stay silent.
+    pub fn acquire(
+        path: &Path,
+        patience: Duration,
+        on_wait: impl FnOnce(Option<u32>),
+    ) -> io::Result<FileLock> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(path)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                on_wait(read_pid(&mut file));
-                file.lock()?;
+        let deadline = Instant::now() + patience;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    on_wait(read_pid(&mut file));
+                    file.lock()?;
+                    break;
+                }
+                Err(TryLockError::Error(e)) => return Err(e),
             }
-            Err(TryLockError::Error(e)) => return Err(e),
         }
         let mut lock = FileLock {
             file,
@@ -39,9 +52,8 @@ impl FileLock {
         Ok(lock)
     }
 
-    /// Take the lock shared (many holders at once, none exclusive), waiting like [`acquire`].
-    ///
-    /// [`acquire`]: FileLock::acquire
+    /// Take the lock shared (many holders at once, none exclusive); `on_wait` is called if an
+    /// exclusive holder makes this wait.
     pub fn acquire_shared(path: &Path, on_wait: impl FnOnce()) -> io::Result<FileLock> {
         let file = OpenOptions::new()
             .read(true)

@@ -19,6 +19,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use crate::hash::{Digest, DigestMemo, FileStat};
 use crate::lock::FileLock;
@@ -80,7 +81,7 @@ impl Cache {
     pub fn with_index<T>(&self, f: impl FnOnce(&SledIndex) -> io::Result<T>) -> io::Result<T> {
         let _guard = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let lock_path = self.root.join("index.lock");
-        let _lock = FileLock::acquire(&lock_path, |pid| {
+        let _lock = FileLock::acquire(&lock_path, Duration::from_secs(2), |pid| {
             let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
             tracing::warn!(
                 "waiting for another sdpipe process{who} to release the cache index {}",
@@ -98,13 +99,11 @@ impl Cache {
         key: &Digest,
         on_wait: impl FnOnce(Option<u32>),
     ) -> io::Result<FileLock> {
-        FileLock::acquire(
-            &self
-                .root
-                .join("locks")
-                .join(format!("{}.lock", key.to_hex())),
-            on_wait,
-        )
+        let path = self
+            .root
+            .join("locks")
+            .join(format!("{}.lock", key.to_hex()));
+        FileLock::acquire(&path, Duration::ZERO, on_wait)
     }
 
     /// A fresh scratch directory, owned (locked) by this process until dropped.
@@ -155,7 +154,7 @@ impl Cache {
     pub fn maintenance_lock(&self, exclusive: bool) -> io::Result<FileLock> {
         let path = self.root.join("maintenance.lock");
         if exclusive {
-            FileLock::acquire(&path, |pid| {
+            FileLock::acquire(&path, Duration::ZERO, |pid| {
                 let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
                 tracing::warn!(
                     "waiting for running sdpipe processes{who} to finish before maintenance"

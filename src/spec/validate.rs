@@ -405,9 +405,10 @@ impl<'a> Validator<'a> {
                             continue;
                         }
                         if let Some(v) = self.to_json(value, &p) {
-                            if let Some(v) = self.interpolate(v, &p, vars) {
-                                stage.params.insert(pname, v);
-                            }
+                            // On a bad `${vars.x}` keep the raw value: the error is reported
+                            // once, not again as an unknown `${params.name}`.
+                            let v = self.interpolate(v.clone(), &p, vars).unwrap_or(v);
+                            stage.params.insert(pname, v);
                         }
                     }
                 }
