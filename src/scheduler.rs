@@ -302,6 +302,10 @@ impl Engine<'_> {
         summary.reasons = reasons.into_iter().map(ReasonOut::from).collect();
         summary.duration_ms = duration_ms;
         summary.waited = waited;
+        // The log of the run that produced this result.
+        summary.log = record
+            .log
+            .map(|d| self.cache.store().path(&d).display().to_string());
         match self.materialize(stage, &record) {
             Ok(paths) => summary.outputs = paths,
             Err(e) => tracing::warn!(

@@ -28,7 +28,12 @@ impl std::str::FromStr for Override {
                 "`{lhs}` is not a dotted path like stage.param or vars.name"
             ));
         }
-        let value = yaml::parse_scalar(rhs).map_err(|e| format!("value of `{lhs}`: {e}"))?;
+        // Typed like YAML (`3e-5` is a number, `true` a boolean); text that is not a YAML value
+        // on its own (`?`, `a: b`) is taken as the plain string the user typed.
+        let value = match yaml::parse_scalar(rhs) {
+            Ok(Value::Mapping(_)) | Err(_) => Value::String(rhs.to_string()),
+            Ok(v) => v,
+        };
         Ok(Override {
             path,
             value,
@@ -129,6 +134,10 @@ mod tests {
         assert!(o.value.as_f64().is_some());
         let o: Override = "a.name=hello world".parse().unwrap();
         assert_eq!(o.value.as_str(), Some("hello world"));
+        let o: Override = "a.name=?".parse().unwrap();
+        assert_eq!(o.value.as_str(), Some("?"));
+        let o: Override = "a.name=k: v".parse().unwrap();
+        assert_eq!(o.value.as_str(), Some("k: v"));
     }
 
     #[test]
