@@ -400,9 +400,7 @@ impl Engine<'_> {
             }
         }
 
-        let outputs = self
-            .store_outputs(stage, &out_dir)
-            .map_err(|e| with_log(e))?;
+        let outputs = self.store_outputs(stage, &out_dir).map_err(&with_log)?;
         let store = self.cache.store();
         let manifest = store
             .put_bytes(&fp.manifest.canonical_bytes())

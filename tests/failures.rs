@@ -239,3 +239,29 @@ fn materialised_outputs_are_read_only() {
     let meta = std::fs::metadata(p.path().join("runs/pipeline/source/out.txt")).unwrap();
     assert!(meta.permissions().readonly());
 }
+
+/// Two independent stages that each note whether the other was running at the same time.
+fn overlap_pipeline(threads: usize) -> String {
+    let stage = |me: &str, other: &str| {
+        format!(
+            "  {me}:\n    run: touch $SDPIPE_PROJECT/{me}.running; sleep 1; if [ -e $SDPIPE_PROJECT/{other}.running ]; then touch $SDPIPE_PROJECT/overlap; fi; sleep 0.2; rm $SDPIPE_PROJECT/{me}.running; echo > o\n    outs: [o]\n    threads: {threads}\n"
+        )
+    };
+    format!("stages:\n{}{}", stage("a", "b"), stage("b", "a"))
+}
+
+#[test]
+fn independent_stages_run_in_parallel() {
+    let p = Project::new();
+    p.write("p.yaml", &overlap_pipeline(1));
+    p.run_ok("p.yaml", &["--jobs", "2"]);
+    assert!(p.path().join("overlap").exists());
+}
+
+#[test]
+fn declared_threads_keep_stages_from_oversubscribing_the_budget() {
+    let p = Project::new();
+    p.write("p.yaml", &overlap_pipeline(2));
+    p.run_ok("p.yaml", &["--jobs", "2"]);
+    assert!(!p.path().join("overlap").exists());
+}

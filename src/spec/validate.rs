@@ -174,7 +174,7 @@ impl<'a> Validator<'a> {
     }
 
     /// A YAML value as canonical JSON: finite numbers, string keys, no tags.
-    fn to_json(&mut self, value: &Yaml, path: &[Seg]) -> Option<Json> {
+    fn yaml_to_json(&mut self, value: &Yaml, path: &[Seg]) -> Option<Json> {
         Some(match value {
             Yaml::Null => Json::Null,
             Yaml::Bool(b) => Json::Bool(*b),
@@ -200,7 +200,7 @@ impl<'a> Validator<'a> {
                 for (i, item) in items.iter().enumerate() {
                     let mut p = path.to_vec();
                     p.push(Seg::Index(i));
-                    out.push(self.to_json(item, &p)?);
+                    out.push(self.yaml_to_json(item, &p)?);
                 }
                 Json::Array(out)
             }
@@ -209,7 +209,7 @@ impl<'a> Validator<'a> {
                 for (k, v) in self.mapping(value, path, "value", None) {
                     let mut p = path.to_vec();
                     p.push(key(&k));
-                    out.insert(k, self.to_json(v, &p)?);
+                    out.insert(k, self.yaml_to_json(v, &p)?);
                 }
                 Json::Object(out)
             }
@@ -233,7 +233,7 @@ impl<'a> Validator<'a> {
                 "vars" => {
                     for (name, value) in self.mapping(v, &[key("vars")], "`vars`", None) {
                         let path = [key("vars"), key(&name)];
-                        if let Some(json) = self.to_json(value, &path) {
+                        if let Some(json) = self.yaml_to_json(value, &path) {
                             vars.insert(name, json);
                         }
                     }
@@ -404,7 +404,7 @@ impl<'a> Validator<'a> {
                             self.err_key(&p, format!("param name `{pname}` may only use letters, digits, `_` and `-`"));
                             continue;
                         }
-                        if let Some(v) = self.to_json(value, &p) {
+                        if let Some(v) = self.yaml_to_json(value, &p) {
                             // On a bad `${vars.x}` keep the raw value: the error is reported
                             // once, not again as an unknown `${params.name}`.
                             let v = self.interpolate(v.clone(), &p, vars).unwrap_or(v);
@@ -714,7 +714,7 @@ impl<'a> Validator<'a> {
             p.push(key(spec.name));
             let value = match given.get(spec.name) {
                 Some(raw) => match self
-                    .to_json(raw, &p)
+                    .yaml_to_json(raw, &p)
                     .and_then(|v| self.interpolate(v, &p, vars))
                 {
                     Some(v) => v,
