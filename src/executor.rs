@@ -28,6 +28,8 @@ pub struct Job<'a> {
     pub project_dir: &'a Path,
     pub out_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// The kind's shared download cache (see `StageContext::downloads`).
+    pub downloads_dir: PathBuf,
     pub log: File,
     pub threads: usize,
     pub cancel: &'a CancelToken,
@@ -77,6 +79,7 @@ impl Executor for LocalExecutor {
                     paths: &paths,
                     out_dir: &job.out_dir,
                     state_dir: &job.state_dir,
+                    downloads: &job.downloads_dir,
                     threads: job.threads,
                     log: &mut log,
                     progress: job.progress,

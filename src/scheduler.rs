@@ -371,6 +371,10 @@ impl Engine<'_> {
             project_dir: &self.pipeline.dir,
             out_dir: out_dir.clone(),
             state_dir: state_dir.clone(),
+            downloads_dir: self
+                .cache
+                .downloads_dir(stage.action.kind_name())
+                .map_err(|e| plain(e.to_string()))?,
             log,
             threads,
             cancel: &self.cancel,

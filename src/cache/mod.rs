@@ -9,6 +9,7 @@
 //!   locks/<key>.lock   held while a process computes that key
 //!   tmp/<name>/        scratch for running stages (removed when its owner is gone)
 //!   state/<key>/       checkpoints a stage keeps across interruptions
+//!   downloads/<kind>/  what a kind fetched from the network, keyed by URL, shared across keys
 //!   logs/<key>.log     log of a running or failed stage
 //! ```
 
@@ -170,6 +171,13 @@ impl Cache {
     /// Checkpoint space for one key, kept until the stage succeeds.
     pub fn state_dir(&self, key: &Digest) -> PathBuf {
         self.root.join("state").join(key.to_hex())
+    }
+
+    /// The download cache shared by every stage of one kind (created on demand).
+    pub fn downloads_dir(&self, kind: &str) -> io::Result<PathBuf> {
+        let dir = self.root.join("downloads").join(kind);
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
     }
 
     /// Where a running (or failed) stage's log is written.

@@ -742,6 +742,8 @@ impl<'a> Validator<'a> {
             match &spec.ty {
                 ParamType::Input => match value {
                     Json::String(text) => pending_inputs.push((spec.name.to_string(), (text, p))),
+                    // An optional input (default null) left unbound.
+                    Json::Null if spec.default == Some(Json::Null) => {}
                     other => {
                         self.err_value(
                             &p,

@@ -201,6 +201,11 @@ pub struct StageContext<'a> {
     /// A directory that survives an interrupted run of this exact stage invocation (same inputs
     /// and parameters), for checkpoints to resume from. Removed once the stage has succeeded.
     pub state_dir: &'a Path,
+    /// A directory shared by every run of this kind, for content fetched from the network and
+    /// keyed by what was fetched (its URL), like a browser's or pip's download cache: a changed
+    /// selection or an interrupted run refetches nothing already here. Stages sharing it may
+    /// run at once, so entries are written under a temporary name and renamed into place.
+    pub downloads: &'a Path,
     /// The number of threads the stage was granted; it must not use more.
     pub threads: usize,
     /// The stage's log (kept with its result).

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod synthetic;
+pub mod testing;
 
 use std::sync::Arc;
 

@@ -250,48 +250,21 @@ mod tests {
     use super::render::PixelShape;
     use super::scene::{Relation, Shape, PALETTE};
     use super::*;
-    use crate::api::{CancelToken, NoProgress, Params};
+    use crate::api::{CancelToken, Params};
+    use crate::testing::{self, Harness};
 
-    /// The kind's defaults, overridden by `overrides`.
     fn params(overrides: &[(&str, Value)]) -> Params {
-        let mut params: Params = Synthetic
-            .params()
-            .into_iter()
-            .map(|spec| {
-                (
-                    spec.name.to_string(),
-                    spec.default.expect("every param has a default"),
-                )
-            })
-            .collect();
-        for (name, value) in overrides {
-            params.insert(name.to_string(), value.clone());
-        }
-        params
+        testing::params(&Synthetic, overrides)
     }
 
     fn run_with(
         params: &Params,
         cancel: &CancelToken,
     ) -> (tempfile::TempDir, Result<(), StageError>) {
-        let out = tempfile::tempdir().unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let empty = BTreeMap::new();
-        let mut log = Vec::new();
-        let mut ctx = StageContext {
-            stage: "data",
-            params,
-            inputs: &empty,
-            paths: &empty,
-            out_dir: out.path(),
-            state_dir: state.path(),
-            threads: 1,
-            log: &mut log,
-            progress: &NoProgress,
-            cancel,
-        };
-        let result = Synthetic.run(&mut ctx);
-        (out, result)
+        let mut harness = Harness::new();
+        harness.cancel = cancel.clone();
+        let result = harness.run(&Synthetic, params);
+        (harness.out, result)
     }
 
     /// Runs the stage with the given overrides and returns its output directory.

@@ -1,0 +1,92 @@
+//! Running a kind outside the engine, for tests: temporary directories for its output, state
+//! and downloads, defaults filled in from its schema. Not used by sdpipe itself.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::api::{CancelToken, NoProgress, Params, StageContext, StageError, StageKind};
+
+/// The kind's defaults (required parameters left out), overridden by `overrides`.
+pub fn params(kind: &dyn StageKind, overrides: &[(&str, Value)]) -> Params {
+    let mut params: Params = kind
+        .params()
+        .into_iter()
+        .filter_map(|spec| Some((spec.name.to_string(), spec.default?)))
+        .collect();
+    for (name, value) in overrides {
+        params.insert(name.to_string(), value.clone());
+    }
+    params
+}
+
+/// Temporary directories and bindings for one or more runs of a kind.
+pub struct Harness {
+    pub out: tempfile::TempDir,
+    pub state: tempfile::TempDir,
+    pub downloads: tempfile::TempDir,
+    pub inputs: BTreeMap<String, PathBuf>,
+    pub paths: BTreeMap<String, PathBuf>,
+    pub cancel: CancelToken,
+    pub threads: usize,
+    /// Everything the stage wrote to its log.
+    pub log: Vec<u8>,
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        Harness {
+            out: tempfile::tempdir().expect("tempdir"),
+            state: tempfile::tempdir().expect("tempdir"),
+            downloads: tempfile::tempdir().expect("tempdir"),
+            inputs: BTreeMap::new(),
+            paths: BTreeMap::new(),
+            cancel: CancelToken::new(),
+            threads: 1,
+            log: Vec::new(),
+        }
+    }
+
+    pub fn input(mut self, name: &str, path: impl Into<PathBuf>) -> Self {
+        self.inputs.insert(name.to_string(), path.into());
+        self
+    }
+
+    pub fn path(mut self, name: &str, path: impl Into<PathBuf>) -> Self {
+        self.paths.insert(name.to_string(), path.into());
+        self
+    }
+
+    /// Run the kind once into `self.out` (which must be empty for a faithful run).
+    pub fn run(&mut self, kind: &dyn StageKind, params: &Params) -> Result<(), StageError> {
+        let mut ctx = StageContext {
+            stage: "test",
+            params,
+            inputs: &self.inputs,
+            paths: &self.paths,
+            out_dir: self.out.path(),
+            state_dir: self.state.path(),
+            downloads: self.downloads.path(),
+            threads: self.threads,
+            log: &mut self.log,
+            progress: &NoProgress,
+            cancel: &self.cancel,
+        };
+        kind.run(&mut ctx)
+    }
+
+    pub fn out_dir(&self) -> &Path {
+        self.out.path()
+    }
+
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&self.log).into_owned()
+    }
+}
