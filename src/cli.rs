@@ -151,11 +151,7 @@ pub fn main() -> i32 {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                exit::INVALID
-            } else {
-                exit::OK
-            };
+            return if e.use_stderr() { exit::INVALID } else { exit::OK };
         }
     };
     init_tracing(cli.verbose);
@@ -223,10 +219,7 @@ fn spec_error_json(errors: &SpecErrors) -> serde_json::Value {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("summaries serialise")
-    );
+    println!("{}", serde_json::to_string_pretty(value).expect("summaries serialise"));
 }
 
 fn io_err(context: &str) -> impl Fn(std::io::Error) -> CliError + '_ {
@@ -249,11 +242,7 @@ fn load(
         Pipeline::load(&p.pipeline, registry, &p.set).map_err(|e| CliError::Spec(e, json))?;
     let project = Project::locate(&pipeline.file, cache_dir);
     let cache = Cache::open(&project.cache_dir).map_err(io_err("cannot open the cache"))?;
-    Ok(Loaded {
-        pipeline,
-        project,
-        cache,
-    })
+    Ok(Loaded { pipeline, project, cache })
 }
 
 fn check_stage_names(pipeline: &Pipeline, names: &[String], json: bool) -> Result<(), CliError> {
@@ -292,21 +281,11 @@ fn standalone_cache(cache_dir: Option<&Path>) -> Result<Cache, CliError> {
 fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
     let cache_dir = cli.cache_dir.as_deref();
     match cli.command {
-        Command::Run {
-            p,
-            stages,
-            jobs,
-            force,
-            force_all,
-            json,
-        } => {
+        Command::Run { p, stages, jobs, force, force_all, json } => {
             let l = load(&p, cache_dir, registry, json)?;
             check_stage_names(&l.pipeline, &stages, json)?;
             check_stage_names(&l.pipeline, &force, json)?;
-            let _maintenance = l
-                .cache
-                .maintenance_lock(false)
-                .map_err(io_err("cache lock"))?;
+            let _maintenance = l.cache.maintenance_lock(false).map_err(io_err("cache lock"))?;
             let cancel = install_interrupt_handler();
             let force: HashSet<String> = if force_all {
                 l.pipeline.stages.keys().cloned().collect()
@@ -314,9 +293,7 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                 force.into_iter().collect()
             };
             let jobs = jobs.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
             });
             let engine = Engine {
                 pipeline: &l.pipeline,
@@ -325,12 +302,7 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                 executor: &LocalExecutor,
                 cancel: cancel.clone(),
             };
-            let summary = engine.run(&RunOptions {
-                jobs,
-                force,
-                targets: stages,
-                quiet: json,
-            });
+            let summary = engine.run(&RunOptions { jobs, force, targets: stages, quiet: json });
             if json {
                 print_json(&summary);
             } else {
@@ -389,11 +361,7 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
             check_stage_names(&l.pipeline, std::slice::from_ref(&stage), json)?;
             show(&l, &stage, json)
         }
-        Command::Gc {
-            dry_run,
-            keep_last,
-            json,
-        } => {
+        Command::Gc { dry_run, keep_last, json } => {
             let cache = standalone_cache(cache_dir)?;
             let _lock = cache.maintenance_lock(true).map_err(io_err("cache lock"))?;
             let report = maintenance::gc(&cache, keep_last, dry_run).map_err(io_err("gc"))?;
@@ -450,13 +418,11 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                             println!("all objects intact");
                         }
                     }
-                    Ok(
-                        if report.corrupt_objects.is_empty() && report.records_evicted.is_empty() {
-                            exit::OK
-                        } else {
-                            exit::FAILED
-                        },
-                    )
+                    Ok(if report.corrupt_objects.is_empty() && report.records_evicted.is_empty() {
+                        exit::OK
+                    } else {
+                        exit::FAILED
+                    })
                 }
             }
         }
@@ -482,8 +448,7 @@ fn install_interrupt_handler() -> CancelToken {
 }
 
 fn seconds(ms: Option<u64>) -> String {
-    ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
-        .unwrap_or_default()
+    ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0)).unwrap_or_default()
 }
 
 fn state_word(state: State) -> &'static str {
@@ -497,25 +462,10 @@ fn state_word(state: State) -> &'static str {
 }
 
 fn print_run(summary: &Summary, project: &Project) {
-    let width = summary
-        .stages
-        .iter()
-        .map(|s| s.name.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
+    let width = summary.stages.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
     for s in &summary.stages {
-        let why = s
-            .reasons
-            .iter()
-            .map(|r| r.message.as_str())
-            .collect::<Vec<_>>()
-            .join("; ");
-        let why = if s.state == State::Ran {
-            why
-        } else {
-            String::new()
-        };
+        let why = s.reasons.iter().map(|r| r.message.as_str()).collect::<Vec<_>>().join("; ");
+        let why = if s.state == State::Ran { why } else { String::new() };
         println!(
             "{:width$}  {:8} {:>7}  {}",
             s.name,
@@ -533,11 +483,7 @@ fn print_run(summary: &Summary, project: &Project) {
         seconds(Some(summary.duration_ms))
     );
     for s in summary.stages.iter().filter(|s| s.state == State::Failed) {
-        println!(
-            "\nstage `{}` failed: {}",
-            s.name,
-            s.error.as_deref().unwrap_or("unknown error")
-        );
+        println!("\nstage `{}` failed: {}", s.name, s.error.as_deref().unwrap_or("unknown error"));
         if let Some(log) = &s.log {
             println!("  log: {log}");
         }
@@ -550,22 +496,13 @@ fn print_run(summary: &Summary, project: &Project) {
 }
 
 fn print_status(summary: &Summary) {
-    let width = summary
-        .stages
-        .iter()
-        .map(|s| s.name.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
+    let width = summary.stages.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
     for s in &summary.stages {
         let detail = match (&s.error, s.state) {
             (Some(e), _) => format!("error: {e}"),
-            (None, State::WillRun) => s
-                .reasons
-                .iter()
-                .map(|r| r.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; "),
+            (None, State::WillRun) => {
+                s.reasons.iter().map(|r| r.message.as_str()).collect::<Vec<_>>().join("; ")
+            }
             _ => String::new(),
         };
         println!("{:width$}  {:8}  {detail}", s.name, state_word(s.state));
@@ -581,16 +518,10 @@ fn show(l: &Loaded, stage: &str, json: bool) -> Result<i32, CliError> {
         cancel: CancelToken::new(),
     };
     let summary = engine.status(&[stage.to_string()]);
-    let s = summary
-        .stages
-        .into_iter()
-        .find(|s| s.name == stage)
-        .expect("selected stage is reported");
+    let s =
+        summary.stages.into_iter().find(|s| s.name == stage).expect("selected stage is reported");
     let record = match s.key.as_deref().and_then(crate::hash::Digest::from_hex) {
-        Some(key) => l
-            .cache
-            .with_index(|i| i.record(&key))
-            .map_err(io_err("cache index"))?,
+        Some(key) => l.cache.with_index(|i| i.record(&key)).map_err(io_err("cache index"))?,
         None => None,
     };
     let store = l.cache.store();
@@ -625,20 +556,14 @@ fn show(l: &Loaded, stage: &str, json: bool) -> Result<i32, CliError> {
     println!("state:    {}", state_word(s.state));
     println!(
         "key:      {}",
-        s.key
-            .as_deref()
-            .unwrap_or("(not computable yet: an upstream stage will run)")
+        s.key.as_deref().unwrap_or("(not computable yet: an upstream stage will run)")
     );
     for r in &s.reasons {
         println!("why:      {}", r.message);
     }
     match record {
         Some(r) => {
-            println!(
-                "ran:      {} for {}",
-                r.started_at,
-                seconds(Some(r.duration_ms))
-            );
+            println!("ran:      {} for {}", r.started_at, seconds(Some(r.duration_ms)));
             for (name, o) in &r.outputs {
                 println!(
                     "output:   {name} → {}",
@@ -674,10 +599,7 @@ fn print_stages(registry: &Registry, only: Option<&str>, json: bool) -> Result<i
             )));
         }
     }
-    let kinds: Vec<_> = registry
-        .iter()
-        .filter(|k| only.is_none_or(|n| k.name() == n))
-        .collect();
+    let kinds: Vec<_> = registry.iter().filter(|k| only.is_none_or(|n| k.name() == n)).collect();
     if json {
         let list: Vec<serde_json::Value> = kinds
             .iter()
@@ -710,13 +632,7 @@ fn print_stages(registry: &Registry, only: Option<&str>, json: bool) -> Result<i
                 None => "required".to_string(),
                 Some(v) => format!("default {v}"),
             };
-            println!(
-                "    {:20} {} ({default})\n    {:20} {}",
-                p.name,
-                p.ty.describe(),
-                "",
-                p.doc
-            );
+            println!("    {:20} {} ({default})\n    {:20} {}", p.name, p.ty.describe(), "", p.doc);
         }
         println!("  outputs:");
         for o in k.outputs() {

@@ -38,24 +38,14 @@ impl Dag {
         let mut indegree: Vec<usize> = self
             .graph
             .node_indices()
-            .map(|n| {
-                self.graph
-                    .neighbors_directed(n, petgraph::Direction::Incoming)
-                    .count()
-            })
+            .map(|n| self.graph.neighbors_directed(n, petgraph::Direction::Incoming).count())
             .collect();
-        let mut ready: BTreeSet<NodeIndex> = self
-            .graph
-            .node_indices()
-            .filter(|n| indegree[n.index()] == 0)
-            .collect();
+        let mut ready: BTreeSet<NodeIndex> =
+            self.graph.node_indices().filter(|n| indegree[n.index()] == 0).collect();
         let mut out = Vec::with_capacity(indegree.len());
         while let Some(n) = ready.pop_first() {
             out.push(self.graph[n].clone());
-            for m in self
-                .graph
-                .neighbors_directed(n, petgraph::Direction::Outgoing)
-            {
+            for m in self.graph.neighbors_directed(n, petgraph::Direction::Outgoing) {
                 indegree[m.index()] -= 1;
                 if indegree[m.index()] == 0 {
                     ready.insert(m);
@@ -79,11 +69,8 @@ impl Dag {
         let Some(&n) = self.index.get(stage) else {
             return Vec::new();
         };
-        let mut out: Vec<String> = self
-            .graph
-            .neighbors_directed(n, dir)
-            .map(|m| self.graph[m].clone())
-            .collect();
+        let mut out: Vec<String> =
+            self.graph.neighbors_directed(n, dir).map(|m| self.graph[m].clone()).collect();
         out.sort();
         out.dedup();
         out
@@ -141,12 +128,8 @@ fn mermaid_id(name: &str) -> String {
 /// listed in the order a reader follows the edges, starting at the stage defined first.
 pub fn cycles(pipeline: &Pipeline) -> Vec<Vec<String>> {
     let dag = Dag::build(pipeline);
-    let order: HashMap<&String, usize> = pipeline
-        .stages
-        .keys()
-        .enumerate()
-        .map(|(i, k)| (k, i))
-        .collect();
+    let order: HashMap<&String, usize> =
+        pipeline.stages.keys().enumerate().map(|(i, k)| (k, i)).collect();
     let mut out = Vec::new();
     for scc in tarjan_scc(&dag.graph) {
         let is_cycle = scc.len() > 1 || dag.graph.contains_edge(scc[0], scc[0]);

@@ -115,21 +115,13 @@ impl Executor for LocalExecutor {
 /// Environment variable suffix for a name: `my-param` → `MY_PARAM`.
 fn env_name(name: &str) -> String {
     name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
         .collect()
 }
 
 fn quote_paths(paths: &[PathBuf]) -> Result<String, String> {
-    let words: Result<Vec<String>, String> = paths
-        .iter()
-        .map(|p| template::quote_word(&p.to_string_lossy()))
-        .collect();
+    let words: Result<Vec<String>, String> =
+        paths.iter().map(|p| template::quote_word(&p.to_string_lossy())).collect();
     Ok(words?.join(" "))
 }
 
@@ -141,9 +133,9 @@ pub fn render_command(command: &str, job: &Job<'_>) -> Result<String, String> {
             Namespace::Params => template::quote_value(job.params.get(name).ok_or_else(missing)?),
             Namespace::Vars => template::quote_value(job.vars.get(name).ok_or_else(missing)?),
             Namespace::Deps => quote_paths(job.deps.get(name).ok_or_else(missing)?),
-            Namespace::Inputs => quote_paths(std::slice::from_ref(
-                job.inputs.get(name).ok_or_else(missing)?,
-            )),
+            Namespace::Inputs => {
+                quote_paths(std::slice::from_ref(job.inputs.get(name).ok_or_else(missing)?))
+            }
             Namespace::Outs => {
                 let out = job.stage.output(name).ok_or_else(missing)?;
                 template::quote_word(&job.out_dir.join(&out.path).to_string_lossy())
@@ -175,26 +167,17 @@ fn run_shell(command: &str, job: Job<'_>) -> Result<(), ExecError> {
         .env("OMP_NUM_THREADS", job.threads.to_string())
         .env("RAYON_NUM_THREADS", job.threads.to_string());
     for (name, value) in job.params {
-        cmd.env(
-            format!("SDPIPE_PARAM_{}", env_name(name)),
-            template::plain_text(value),
-        );
+        cmd.env(format!("SDPIPE_PARAM_{}", env_name(name)), template::plain_text(value));
     }
     for (name, path) in &job.inputs {
         cmd.env(format!("SDPIPE_IN_{}", env_name(name)), path);
     }
     for (name, paths) in &job.deps {
-        let joined: Vec<String> = paths
-            .iter()
-            .map(|p| p.to_string_lossy().into_owned())
-            .collect();
+        let joined: Vec<String> = paths.iter().map(|p| p.to_string_lossy().into_owned()).collect();
         cmd.env(format!("SDPIPE_DEP_{}", env_name(name)), joined.join("\n"));
     }
     for out in &job.stage.outputs {
-        cmd.env(
-            format!("SDPIPE_OUT_{}", env_name(&out.name)),
-            job.out_dir.join(&out.path),
-        );
+        cmd.env(format!("SDPIPE_OUT_{}", env_name(&out.name)), job.out_dir.join(&out.path));
     }
     let log_err = job.log.try_clone().map_err(ExecError::Spawn)?;
     cmd.stdin(Stdio::null()).stdout(job.log).stderr(log_err);

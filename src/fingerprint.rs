@@ -21,11 +21,7 @@ pub struct Fingerprint {
 #[derive(Debug, thiserror::Error)]
 pub enum FingerprintError {
     #[error("dependency `{name}` ({path}): {source}")]
-    Dep {
-        name: String,
-        path: String,
-        source: std::io::Error,
-    },
+    Dep { name: String, path: String, source: std::io::Error },
     #[error("input `{0}` has no result from its upstream stage")]
     MissingInput(String),
     #[error("{0}")]
@@ -54,36 +50,21 @@ pub fn fingerprint(
     for (name, dep) in &stage.deps {
         let hashed =
             hash::hash_path(&pipeline.dir, &dep.pattern, dep.is_glob, memo).map_err(|source| {
-                FingerprintError::Dep {
-                    name: name.clone(),
-                    path: dep.pattern.clone(),
-                    source,
-                }
+                FingerprintError::Dep { name: name.clone(), path: dep.pattern.clone(), source }
             })?;
         let paths = match (&hashed, dep.is_glob) {
-            (Hashed::Tree(tree), true) => tree
-                .entries
-                .iter()
-                .map(|e| pipeline.dir.join(&e.path))
-                .collect(),
+            (Hashed::Tree(tree), true) => {
+                tree.entries.iter().map(|e| pipeline.dir.join(&e.path)).collect()
+            }
             _ => vec![pipeline.dir.join(&dep.pattern)],
         };
-        deps.insert(
-            name.clone(),
-            DepDigest {
-                path: dep.pattern.clone(),
-                digest: hashed.digest(),
-            },
-        );
+        deps.insert(name.clone(), DepDigest { path: dep.pattern.clone(), digest: hashed.digest() });
         dep_paths.insert(name.clone(), paths);
     }
 
     let (command, env) = match &stage.action {
         Action::Shell { command, env } => {
-            let env = env
-                .iter()
-                .map(|v| (v.clone(), std::env::var(v).ok()))
-                .collect();
+            let env = env.iter().map(|v| (v.clone(), std::env::var(v).ok())).collect();
             (Some(command.clone()), env)
         }
         Action::Builtin(kind) => {
@@ -103,10 +84,7 @@ pub fn fingerprint(
                 let label = format!("<{name}>");
                 deps.insert(
                     label.clone(),
-                    DepDigest {
-                        path: label.clone(),
-                        digest: hashed.digest(),
-                    },
+                    DepDigest { path: label.clone(), digest: hashed.digest() },
                 );
                 dep_paths.insert(label, vec![path]);
             }
@@ -123,18 +101,10 @@ pub fn fingerprint(
         deps,
         command,
         env,
-        outputs: stage
-            .outputs
-            .iter()
-            .map(|o| (o.name.clone(), o.path.clone()))
-            .collect(),
+        outputs: stage.outputs.iter().map(|o| (o.name.clone(), o.path.clone())).collect(),
     };
     let key = manifest.key();
-    Ok(Fingerprint {
-        manifest,
-        key,
-        dep_paths,
-    })
+    Ok(Fingerprint { manifest, key, dep_paths })
 }
 
 /// A record for `key` whose objects are all present.
@@ -146,10 +116,7 @@ pub fn usable_record(
     let Some(record) = index.record(key)? else {
         return Ok(None);
     };
-    let complete = record
-        .outputs
-        .values()
-        .all(|o| materialize::is_complete(cache.store(), o));
+    let complete = record.outputs.values().all(|o| materialize::is_complete(cache.store(), o));
     Ok(complete.then_some(record))
 }
 

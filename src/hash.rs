@@ -178,9 +178,7 @@ pub fn hash_entries(files: &[FileEntry], memo: &dyn DigestMemo) -> io::Result<Tr
         .zip(known.par_iter())
         .map(|(f, known)| match known {
             Some(d) => Ok((*d, false)),
-            None => hash_file(&f.abs)
-                .map(|d| (d, true))
-                .map_err(|e| annotate(e, &f.abs)),
+            None => hash_file(&f.abs).map(|d| (d, true)).map_err(|e| annotate(e, &f.abs)),
         })
         .collect::<io::Result<_>>()?;
     let fresh: Vec<(FileStat, Digest)> = stats
@@ -246,10 +244,7 @@ pub fn walk_files(dir: &Path) -> io::Result<Vec<FileEntry>> {
 
 fn rel_path(base: &Path, path: &Path) -> String {
     let rel = path.strip_prefix(base).unwrap_or(path);
-    rel.components()
-        .map(|c| c.as_os_str().to_string_lossy())
-        .collect::<Vec<_>>()
-        .join("/")
+    rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
 }
 
 /// The files matching a glob, relative to `base`, sorted. The walk starts at the pattern's
@@ -260,27 +255,18 @@ pub fn expand_glob(base: &Path, pattern: &str) -> io::Result<Vec<FileEntry>> {
         .build()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
         .compile_matcher();
-    let literal: Vec<&str> = pattern
-        .split('/')
-        .take_while(|c| !crate::spec::is_glob(c))
-        .collect();
+    let literal: Vec<&str> = pattern.split('/').take_while(|c| !crate::spec::is_glob(c)).collect();
     let root = base.join(literal.join("/"));
     if !root.is_dir() {
         return Ok(Vec::new());
     }
     let mut out = Vec::new();
-    for entry in walkdir::WalkDir::new(&root)
-        .follow_links(true)
-        .sort_by_file_name()
-    {
+    for entry in walkdir::WalkDir::new(&root).follow_links(true).sort_by_file_name() {
         let entry = entry.map_err(io::Error::other)?;
         if entry.file_type().is_file() {
             let rel = rel_path(base, entry.path());
             if glob.is_match(&rel) {
-                out.push(FileEntry {
-                    rel,
-                    abs: entry.path().to_path_buf(),
-                });
+                out.push(FileEntry { rel, abs: entry.path().to_path_buf() });
             }
         }
     }
@@ -324,10 +310,7 @@ pub fn hash_path(
     if meta.is_dir() {
         hash_entries(&walk_files(&abs)?, memo).map(Hashed::Tree)
     } else {
-        let file = FileEntry {
-            rel: String::new(),
-            abs,
-        };
+        let file = FileEntry { rel: String::new(), abs };
         let tree = hash_entries(std::slice::from_ref(&file), memo)?;
         Ok(Hashed::File(tree.entries[0].digest))
     }
@@ -379,15 +362,9 @@ mod tests {
             fs::write(d.join("2.txt"), b"two").unwrap();
         }
         let ha = hash_path(a.path(), ".", false, &NoMemo).unwrap().digest();
-        assert_eq!(
-            ha,
-            hash_path(b.path(), ".", false, &NoMemo).unwrap().digest()
-        );
+        assert_eq!(ha, hash_path(b.path(), ".", false, &NoMemo).unwrap().digest());
         fs::rename(b.path().join("2.txt"), b.path().join("3.txt")).unwrap();
-        assert_ne!(
-            ha,
-            hash_path(b.path(), ".", false, &NoMemo).unwrap().digest()
-        );
+        assert_ne!(ha, hash_path(b.path(), ".", false, &NoMemo).unwrap().digest());
     }
 
     #[test]
@@ -398,11 +375,7 @@ mod tests {
         fs::write(d.path().join("data/sub/b.csv"), b"2").unwrap();
         fs::write(d.path().join("data/c.txt"), b"3").unwrap();
         let names = |p: &str| -> Vec<String> {
-            expand_glob(d.path(), p)
-                .unwrap()
-                .into_iter()
-                .map(|f| f.rel)
-                .collect()
+            expand_glob(d.path(), p).unwrap().into_iter().map(|f| f.rel).collect()
         };
         assert_eq!(names("data/*.csv"), vec!["data/a.csv"]);
         assert_eq!(names("data/**/*.csv"), vec!["data/a.csv", "data/sub/b.csv"]);
@@ -419,20 +392,12 @@ mod tests {
         // Just written: too recent to trust its timestamp.
         assert!(memo.map.lock().unwrap().is_empty());
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
-        fs::File::options()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        fs::File::options().write(true).open(&p).unwrap().set_modified(old).unwrap();
         hash_path(d.path(), "f", false, &memo).unwrap();
         assert_eq!(memo.map.lock().unwrap().len(), 1);
         // A memoised digest is served without reading the file.
         let stat = FileStat::of(&fs::metadata(&p).unwrap());
         memo.map.lock().unwrap().insert(stat, Digest([7; 32]));
-        assert_eq!(
-            hash_path(d.path(), "f", false, &memo).unwrap().digest(),
-            Digest([7; 32])
-        );
+        assert_eq!(hash_path(d.path(), "f", false, &memo).unwrap().digest(), Digest([7; 32]));
     }
 }

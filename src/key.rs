@@ -113,7 +113,21 @@ pub enum Reason {
     InputChanged {
         name: String,
     },
+    InputAdded {
+        name: String,
+    },
+    InputRemoved {
+        name: String,
+    },
     DepChanged {
+        name: String,
+        path: String,
+    },
+    DepAdded {
+        name: String,
+        path: String,
+    },
+    DepRemoved {
         name: String,
         path: String,
     },
@@ -164,6 +178,10 @@ impl std::fmt::Display for Reason {
                 write!(f, "param {name} changed {} → {}", show(from), show(to))
             }
             Reason::InputChanged { name } => write!(f, "input {name} changed"),
+            Reason::InputAdded { name } => write!(f, "input {name} added"),
+            Reason::InputRemoved { name } => write!(f, "input {name} removed"),
+            Reason::DepAdded { path, .. } => write!(f, "dep {path} added"),
+            Reason::DepRemoved { path, .. } => write!(f, "dep {path} removed"),
             Reason::DepChanged { name, path } if name == path => write!(f, "dep {path} changed"),
             Reason::DepChanged { name, path } => write!(f, "dep {name} ({path}) changed"),
             Reason::CommandChanged => write!(f, "command changed"),
@@ -180,39 +198,34 @@ impl std::fmt::Display for Reason {
 pub fn diff(old: &KeyManifest, new: &KeyManifest) -> Vec<Reason> {
     let mut out = Vec::new();
     if old.kind != new.kind {
-        out.push(Reason::KindChanged {
-            from: old.kind.clone(),
-            to: new.kind.clone(),
-        });
+        out.push(Reason::KindChanged { from: old.kind.clone(), to: new.kind.clone() });
     } else if old.kind_version != new.kind_version {
-        out.push(Reason::KindVersionChanged {
-            from: old.kind_version,
-            to: new.kind_version,
-        });
+        out.push(Reason::KindVersionChanged { from: old.kind_version, to: new.kind_version });
     }
     for name in union(&old.params, &new.params) {
         let (a, b) = (old.params.get(name), new.params.get(name));
         if a != b {
-            out.push(Reason::ParamChanged {
-                name: name.clone(),
-                from: a.cloned(),
-                to: b.cloned(),
-            });
+            out.push(Reason::ParamChanged { name: name.clone(), from: a.cloned(), to: b.cloned() });
         }
     }
     for name in union(&old.inputs, &new.inputs) {
-        if old.inputs.get(name) != new.inputs.get(name) {
-            out.push(Reason::InputChanged { name: name.clone() });
+        let name = name.clone();
+        match (old.inputs.get(&name), new.inputs.get(&name)) {
+            (None, Some(_)) => out.push(Reason::InputAdded { name }),
+            (Some(_), None) => out.push(Reason::InputRemoved { name }),
+            (a, b) if a != b => out.push(Reason::InputChanged { name }),
+            _ => {}
         }
     }
     for name in union(&old.deps, &new.deps) {
-        let (a, b) = (old.deps.get(name), new.deps.get(name));
-        if a != b {
-            let path = b.or(a).map(|d| d.path.clone()).unwrap_or_default();
-            out.push(Reason::DepChanged {
-                name: name.clone(),
-                path,
-            });
+        let name = name.clone();
+        match (old.deps.get(&name), new.deps.get(&name)) {
+            (None, Some(d)) => out.push(Reason::DepAdded { name, path: d.path.clone() }),
+            (Some(d), None) => out.push(Reason::DepRemoved { name, path: d.path.clone() }),
+            (Some(a), Some(b)) if a != b => {
+                out.push(Reason::DepChanged { name, path: b.path.clone() })
+            }
+            _ => {}
         }
     }
     if old.command != new.command {
@@ -231,7 +244,7 @@ pub fn diff(old: &KeyManifest, new: &KeyManifest) -> Vec<Reason> {
             Reason::ResultMissing
         } else {
             Reason::Other {
-                detail: format!("key schema changed {} → {}", old.schema, new.schema),
+                detail: format!("key schema changed {} → {}", old.schema, new.schema)
             }
         });
     }
@@ -267,10 +280,7 @@ mod tests {
     #[test]
     fn canonical_encoding_sorts_nested_keys() {
         let mut out = Vec::new();
-        write_canonical(
-            &json!({"b": {"z": 1, "a": [2, {"y": 0, "x": 1}]}, "a": null}),
-            &mut out,
-        );
+        write_canonical(&json!({"b": {"z": 1, "a": [2, {"y": 0, "x": 1}]}, "a": null}), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"a":null,"b":{"a":[2,{"x":1,"y":0}],"z":1}}"#
@@ -294,6 +304,16 @@ mod tests {
         let reasons = diff(&a, &b);
         assert_eq!(reasons.len(), 1);
         assert_eq!(reasons[0].to_string(), "param lr changed 1e-5 → 3e-5");
+    }
+
+    #[test]
+    fn added_and_removed_inputs_are_named_as_such() {
+        let mut a = manifest();
+        a.inputs.insert("old".into(), Digest([1; 32]));
+        let mut b = manifest();
+        b.inputs.insert("new".into(), Digest([2; 32]));
+        let messages: Vec<String> = diff(&a, &b).iter().map(ToString::to_string).collect();
+        assert_eq!(messages, vec!["input new added", "input old removed"]);
     }
 
     #[test]

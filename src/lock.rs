@@ -23,12 +23,8 @@ impl FileLock {
         patience: Duration,
         on_wait: impl FnOnce(Option<u32>),
     ) -> io::Result<FileLock> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let mut file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let deadline = Instant::now() + patience;
         loop {
             match file.try_lock() {
@@ -44,10 +40,7 @@ impl FileLock {
                 Err(TryLockError::Error(e)) => return Err(e),
             }
         }
-        let mut lock = FileLock {
-            file,
-            path: path.to_path_buf(),
-        };
+        let mut lock = FileLock { file, path: path.to_path_buf() };
         lock.write_pid()?;
         Ok(lock)
     }
@@ -55,12 +48,8 @@ impl FileLock {
     /// Take the lock shared (many holders at once, none exclusive); `on_wait` is called if an
     /// exclusive holder makes this wait.
     pub fn acquire_shared(path: &Path, on_wait: impl FnOnce()) -> io::Result<FileLock> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         match file.try_lock_shared() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -69,26 +58,16 @@ impl FileLock {
             }
             Err(TryLockError::Error(e)) => return Err(e),
         }
-        Ok(FileLock {
-            file,
-            path: path.to_path_buf(),
-        })
+        Ok(FileLock { file, path: path.to_path_buf() })
     }
 
     /// Take the lock only if it is free.
     pub fn try_acquire(path: &Path) -> io::Result<Option<FileLock>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         match file.try_lock() {
             Ok(()) => {
-                let mut lock = FileLock {
-                    file,
-                    path: path.to_path_buf(),
-                };
+                let mut lock = FileLock { file, path: path.to_path_buf() };
                 lock.write_pid()?;
                 Ok(Some(lock))
             }

@@ -43,10 +43,7 @@ pub struct GcReport {
 /// Keep, for every stage of every pipeline file that still exists, its `keep_last` most recent
 /// results; drop every other record and every object no kept record references.
 pub fn gc(cache: &Cache, keep_last: usize, dry_run: bool) -> io::Result<GcReport> {
-    let mut report = GcReport {
-        dry_run,
-        ..Default::default()
-    };
+    let mut report = GcReport { dry_run, ..Default::default() };
     let keep: HashSet<Digest> = cache.with_index(|index| {
         let mut keep = HashSet::new();
         for (identity, mut history) in index.histories()? {
@@ -139,11 +136,7 @@ pub struct Stats {
 pub fn stats(cache: &Cache) -> io::Result<Stats> {
     let objects = cache.store().list()?;
     let (records, stages_tracked, index_bytes) = cache.with_index(|index| {
-        Ok((
-            index.records()?.len(),
-            index.histories()?.len(),
-            index.size_on_disk()?,
-        ))
+        Ok((index.records()?.len(), index.histories()?.len(), index.size_on_disk()?))
     })?;
     Ok(Stats {
         objects: objects.len(),

@@ -30,14 +30,10 @@ impl Project {
             .unwrap_or(pipeline_file)
             .to_string_lossy()
             .into_owned();
-        let name = pipeline_file
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name =
+            pipeline_file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         Project {
-            cache_dir: cache_override
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| root.join("cache")),
+            cache_dir: cache_override.map(Path::to_path_buf).unwrap_or_else(|| root.join("cache")),
             runs_dir: root.join("runs").join(name),
             root,
             pipeline_rel,

@@ -49,10 +49,7 @@ struct Finished {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl Engine<'_> {
@@ -69,11 +66,8 @@ impl Engine<'_> {
         let started = Instant::now();
         let dag = Dag::build(self.pipeline);
         let selected: HashSet<String> = self.selected(&opts.targets).into_iter().collect();
-        let order: Vec<String> = dag
-            .topo_order()
-            .into_iter()
-            .filter(|s| selected.contains(s))
-            .collect();
+        let order: Vec<String> =
+            dag.topo_order().into_iter().filter(|s| selected.contains(s)).collect();
         let ui = Ui::new(order.len() as u64, opts.quiet);
         let jobs = opts.jobs.max(1);
 
@@ -99,11 +93,9 @@ impl Engine<'_> {
                                 matches!(f.summary.state, State::Failed | State::Skipped)
                             })
                         });
-                        if let Some(up) = blocked.or(if self.cancel.is_cancelled() {
-                            Some(&"")
-                        } else {
-                            None
-                        }) {
+                        if let Some(up) =
+                            blocked.or(if self.cancel.is_cancelled() { Some(&"") } else { None })
+                        {
                             let mut s =
                                 StageSummary::new(&name, stage.action.kind_name(), State::Skipped);
                             s.error = Some(if up.is_empty() {
@@ -112,13 +104,7 @@ impl Engine<'_> {
                                 format!("upstream stage `{up}` did not succeed")
                             });
                             ui.skip_stage();
-                            done.insert(
-                                name.clone(),
-                                Finished {
-                                    summary: s,
-                                    record: None,
-                                },
-                            );
+                            done.insert(name.clone(), Finished { summary: s, record: None });
                             pending.remove(i);
                             progressed = true;
                             continue;
@@ -159,14 +145,9 @@ impl Engine<'_> {
         });
         ui.finish();
 
-        let stages: Vec<StageSummary> = order
-            .iter()
-            .filter_map(|n| done.remove(n))
-            .map(|f| f.summary)
-            .collect();
-        let ok = stages
-            .iter()
-            .all(|s| matches!(s.state, State::Ran | State::Cached));
+        let stages: Vec<StageSummary> =
+            order.iter().filter_map(|n| done.remove(n)).map(|f| f.summary).collect();
+        let ok = stages.iter().all(|s| matches!(s.state, State::Ran | State::Cached));
         Summary {
             schema: SUMMARY_SCHEMA,
             command: "run",
@@ -194,10 +175,7 @@ impl Engine<'_> {
             s.key = key;
             s.error = Some(error);
             s.log = log.map(|p| p.display().to_string());
-            Finished {
-                summary: s,
-                record: None,
-            }
+            Finished { summary: s, record: None }
         };
         let identity = self.project.identity(&stage.name);
         let memo = self.cache.memo();
@@ -303,20 +281,14 @@ impl Engine<'_> {
         summary.duration_ms = duration_ms;
         summary.waited = waited;
         // The log of the run that produced this result.
-        summary.log = record
-            .log
-            .map(|d| self.cache.store().path(&d).display().to_string());
+        summary.log = record.log.map(|d| self.cache.store().path(&d).display().to_string());
         match self.materialize(stage, &record) {
             Ok(paths) => summary.outputs = paths,
-            Err(e) => tracing::warn!(
-                "could not materialise {} into the run directory: {e}",
-                stage.name
-            ),
+            Err(e) => {
+                tracing::warn!("could not materialise {} into the run directory: {e}", stage.name)
+            }
         }
-        Finished {
-            summary,
-            record: Some(record),
-        }
+        Finished { summary, record: Some(record) }
     }
 
     /// Run the stage in scratch and commit its outputs.
@@ -330,10 +302,7 @@ impl Engine<'_> {
         identity: &str,
     ) -> Result<Record, Failure> {
         let log_path = self.cache.log_path(&fp.key);
-        let plain = |e: String| Failure {
-            message: e,
-            log: None,
-        };
+        let plain = |e: String| Failure { message: e, log: None };
         let scratch = self
             .cache
             .scratch(&fp.key.short())
@@ -448,10 +417,7 @@ impl Engine<'_> {
         for out in &stage.outputs {
             let path = out_dir.join(&out.path);
             let meta = fs::symlink_metadata(&path).map_err(|_| {
-                format!(
-                    "declared output `{}` ({}) was not produced",
-                    out.name, out.path
-                )
+                format!("declared output `{}` ({}) was not produced", out.name, out.path)
             })?;
             let actual = if meta.is_dir() {
                 OutputKind::Dir
@@ -500,9 +466,7 @@ impl Engine<'_> {
                             store.put_file(&f.abs, &e.digest)
                         })
                         .map_err(|e| format!("storing output `{}`: {e}", out.name))?;
-                    let digest = store
-                        .put_bytes(&tree.to_bytes())
-                        .map_err(|e| e.to_string())?;
+                    let digest = store.put_bytes(&tree.to_bytes()).map_err(|e| e.to_string())?;
                     OutputRecord {
                         path: out.path.clone(),
                         kind: actual,
@@ -520,11 +484,8 @@ impl Engine<'_> {
     /// Place a stage's outputs in `runs/<pipeline>/<stage>/`.
     fn materialize(&self, stage: &Stage, record: &Record) -> io::Result<BTreeMap<String, String>> {
         let dir = self.project.runs_dir.join(&stage.name);
-        let outputs: Vec<(String, &OutputRecord)> = record
-            .outputs
-            .values()
-            .map(|o| (o.path.clone(), o))
-            .collect();
+        let outputs: Vec<(String, &OutputRecord)> =
+            record.outputs.values().map(|o| (o.path.clone(), o)).collect();
         materialize::replace_dir(self.cache.store(), &dir, &outputs)?;
         Ok(record
             .outputs
@@ -538,29 +499,20 @@ impl Engine<'_> {
         let started = Instant::now();
         let dag = Dag::build(self.pipeline);
         let selected: HashSet<String> = self.selected(targets).into_iter().collect();
-        let order: Vec<String> = dag
-            .topo_order()
-            .into_iter()
-            .filter(|s| selected.contains(s))
-            .collect();
+        let order: Vec<String> =
+            dag.topo_order().into_iter().filter(|s| selected.contains(s)).collect();
         let memo = self.cache.memo();
         let mut records: HashMap<String, Record> = HashMap::new();
         let mut stages = Vec::new();
         for name in &order {
             let stage = &self.pipeline.stages[name];
             let mut s = StageSummary::new(name, stage.action.kind_name(), State::WillRun);
-            let pending: Vec<&str> = stage
-                .upstream()
-                .filter(|u| !records.contains_key(*u))
-                .collect();
+            let pending: Vec<&str> =
+                stage.upstream().filter(|u| !records.contains_key(*u)).collect();
             if !pending.is_empty() {
                 s.reasons = pending
                     .iter()
-                    .map(|u| {
-                        ReasonOut::from(Reason::UpstreamWillRun {
-                            stage: u.to_string(),
-                        })
-                    })
+                    .map(|u| ReasonOut::from(Reason::UpstreamWillRun { stage: u.to_string() }))
                     .collect();
                 stages.push(s);
                 continue;

@@ -32,10 +32,7 @@ pub struct ReasonOut {
 
 impl From<Reason> for ReasonOut {
     fn from(reason: Reason) -> Self {
-        ReasonOut {
-            message: reason.to_string(),
-            reason,
-        }
+        ReasonOut { message: reason.to_string(), reason }
     }
 }
 

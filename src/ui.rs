@@ -17,11 +17,8 @@ impl Ui {
     /// `quiet` silences per-stage lines (used with `--json`); errors still reach stderr.
     pub fn new(total: u64, quiet: bool) -> Ui {
         let interactive = !quiet && std::io::stderr().is_terminal();
-        let target = if interactive {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
+        let target =
+            if interactive { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
         let multi = MultiProgress::with_draw_target(target);
         let overall = multi.add(ProgressBar::new(total));
         overall.set_style(
@@ -33,12 +30,7 @@ impl Ui {
         if interactive {
             overall.enable_steady_tick(Duration::from_millis(120));
         }
-        Ui {
-            multi,
-            overall,
-            interactive,
-            quiet,
-        }
+        Ui { multi, overall, interactive, quiet }
     }
 
     /// A line above the bars (or on stderr).

@@ -28,12 +28,7 @@ fn touching_a_dep_without_changing_content_reruns_nothing() {
     p.run_ok("pipeline.yaml", &[]);
     let input = p.path().join("data/input.txt");
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
-    std::fs::File::options()
-        .write(true)
-        .open(&input)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
+    std::fs::File::options().write(true).open(&input).unwrap().set_modified(later).unwrap();
     let s = p.run_ok("pipeline.yaml", &[]);
     assert_eq!(in_state(&s, "ran"), Vec::<String>::new(), "{s:#}");
 }
@@ -45,10 +40,7 @@ fn editing_a_dep_reruns_its_stage_and_names_the_dep() {
     p.write("data/input.txt", "changed\n");
     let s = p.run_ok("pipeline.yaml", &[]);
     assert_eq!(in_state(&s, "ran"), vec!["source", "upper", "count"]);
-    assert_eq!(
-        reasons(&s, "source"),
-        vec!["dep input (data/input.txt) changed"]
-    );
+    assert_eq!(reasons(&s, "source"), vec!["dep input (data/input.txt) changed"]);
     assert_eq!(reasons(&s, "upper"), vec!["input text changed"]);
 }
 
@@ -122,10 +114,7 @@ fn forced_stage_reruns_with_reason_forced() {
 fn changing_the_command_reruns_with_reason() {
     let p = chain_project();
     p.run_ok("pipeline.yaml", &[]);
-    p.write(
-        "pipeline.yaml",
-        &CHAIN.replace("echo independent", "echo independent!"),
-    );
+    p.write("pipeline.yaml", &CHAIN.replace("echo independent", "echo independent!"));
     let s = p.run_ok("pipeline.yaml", &[]);
     assert_eq!(in_state(&s, "ran"), vec!["other"]);
     assert_eq!(reasons(&s, "other"), vec!["command changed"]);
@@ -139,12 +128,8 @@ fn allowlisted_env_var_is_part_of_the_key() {
         "stages:\n  e:\n    run: echo \"$MODE\" > m.txt\n    env: [MODE]\n    outs: [m.txt]\n",
     );
     let run = |mode: &str| {
-        let out = p
-            .cmd()
-            .args(["run", "pipeline.yaml", "--json"])
-            .env("MODE", mode)
-            .output()
-            .unwrap();
+        let out =
+            p.cmd().args(["run", "pipeline.yaml", "--json"]).env("MODE", mode).output().unwrap();
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     run("a");
@@ -160,11 +145,7 @@ fn moving_the_project_keeps_its_cache() {
     p.run_ok("pipeline.yaml", &[]);
     let moved = tempfile::tempdir().unwrap();
     let status = std::process::Command::new("cp")
-        .args([
-            "-a",
-            &format!("{}/.", p.path().display()),
-            &moved.path().display().to_string(),
-        ])
+        .args(["-a", &format!("{}/.", p.path().display()), &moved.path().display().to_string()])
         .status()
         .unwrap();
     assert!(status.success());

@@ -10,10 +10,7 @@ fn dag_prints_mermaid_with_labelled_edges() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("flowchart LR\n"), "{text}");
-    assert!(
-        text.contains("s_source -->|\"text → text\"| s_upper"),
-        "{text}"
-    );
+    assert!(text.contains("s_source -->|\"text → text\"| s_upper"), "{text}");
 }
 
 #[test]
@@ -47,22 +44,15 @@ fn stages_documents_builtin_kinds_and_their_params() {
     let p = Project::new();
     let (v, code) = p.json(&["stages", "--json"]);
     assert_eq!(code, 0);
-    let synthetic = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["name"] == "synthetic")
-        .expect("synthetic kind");
+    let synthetic =
+        v.as_array().unwrap().iter().find(|k| k["name"] == "synthetic").expect("synthetic kind");
     let params: Vec<&str> = synthetic["params"]
         .as_array()
         .unwrap()
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert!(
-        params.contains(&"count") && params.contains(&"seed"),
-        "{params:?}"
-    );
+    assert!(params.contains(&"count") && params.contains(&"seed"), "{params:?}");
     assert!(synthetic["params"]
         .as_array()
         .unwrap()
@@ -89,9 +79,7 @@ stages:
     let s = p.run_ok("p.yaml", &[]);
     assert_eq!(in_state(&s, "ran"), vec!["data", "captions"]);
     assert_eq!(
-        p.read("runs/p/captions/n.txt")
-            .split_whitespace()
-            .collect::<Vec<_>>(),
+        p.read("runs/p/captions/n.txt").split_whitespace().collect::<Vec<_>>(),
         vec!["3", "3"]
     );
     // A larger count changes the key of `data` and, through its outputs, of `captions`.
@@ -106,10 +94,7 @@ fn gc_keeps_the_latest_result_and_drops_the_rest() {
     p.run_ok("pipeline.yaml", &[]);
     p.run_ok("pipeline.yaml", &["--set", "upper.suffix=2"]);
     let (dry, _) = p.json(&["gc", "--dry-run", "--json"]);
-    assert_eq!(
-        dry["records_removed"], 2,
-        "the old upper and count results: {dry:#}"
-    );
+    assert_eq!(dry["records_removed"], 2, "the old upper and count results: {dry:#}");
     let (v, code) = p.json(&["gc", "--json"]);
     assert_eq!(code, 0);
     assert_eq!(v["records_removed"], 2);
@@ -145,10 +130,7 @@ fn verify_evicts_a_corrupt_object_and_the_next_run_recomputes() {
     let p = chain_project();
     p.run_ok("pipeline.yaml", &[]);
     let (show, _) = p.json(&["show", "pipeline.yaml", "upper", "--json"]);
-    let object = show["record"]["outputs"]["text"]["object"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let object = show["record"]["outputs"]["text"]["object"].as_str().unwrap().to_string();
     // Flip a byte in the stored object (it is read-only, as it should be).
     let mut perms = std::fs::metadata(&object).unwrap().permissions();
     #[allow(clippy::permissions_set_readonly_false)]
@@ -161,25 +143,13 @@ fn verify_evicts_a_corrupt_object_and_the_next_run_recomputes() {
     let (v, code) = p.json(&["cache", "verify", "--json"]);
     assert_eq!(code, 1, "corruption is reported with a non-zero exit");
     assert_eq!(v["corrupt_objects"].as_array().unwrap().len(), 1);
-    assert!(
-        v["records_evicted"][0]
-            .as_str()
-            .unwrap()
-            .starts_with("upper"),
-        "{v:#}"
-    );
+    assert!(v["records_evicted"][0].as_str().unwrap().starts_with("upper"), "{v:#}");
     let s = p.run_ok("pipeline.yaml", &[]);
     assert_eq!(state_of(&s, "upper"), "ran");
-    assert_eq!(
-        reasons(&s, "upper"),
-        vec!["previous result is no longer in the cache"]
-    );
+    assert_eq!(reasons(&s, "upper"), vec!["previous result is no longer in the cache"]);
     assert_eq!(p.read("runs/pipeline/upper/up.txt"), "HELLO PIPELINE\n!\n");
     let (v, code) = p.json(&["cache", "verify", "--json"]);
-    assert_eq!(
-        (code, v["corrupt_objects"].as_array().unwrap().len()),
-        (0, 0)
-    );
+    assert_eq!((code, v["corrupt_objects"].as_array().unwrap().len()), (0, 0));
 }
 
 #[test]
@@ -187,19 +157,10 @@ fn a_missing_object_is_recomputed_not_served() {
     let p = chain_project();
     p.run_ok("pipeline.yaml", &[]);
     let (show, _) = p.json(&["show", "pipeline.yaml", "source", "--json"]);
-    std::fs::remove_file(
-        show["record"]["outputs"]["text"]["object"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    std::fs::remove_file(show["record"]["outputs"]["text"]["object"].as_str().unwrap()).unwrap();
     let s = p.run_ok("pipeline.yaml", &[]);
     assert_eq!(state_of(&s, "source"), "ran");
-    assert_eq!(
-        state_of(&s, "upper"),
-        "cached",
-        "same bytes again: downstream stays cached"
-    );
+    assert_eq!(state_of(&s, "upper"), "cached", "same bytes again: downstream stays cached");
 }
 
 #[test]
@@ -210,10 +171,7 @@ fn cache_stats_counts_records_and_objects() {
     assert_eq!(code, 0);
     assert_eq!(v["records"], 4);
     assert_eq!(v["stages_tracked"], 4);
-    assert!(
-        v["objects"].as_u64().unwrap() >= 8,
-        "outputs, manifests and logs: {v:#}"
-    );
+    assert!(v["objects"].as_u64().unwrap() >= 8, "outputs, manifests and logs: {v:#}");
 }
 
 #[test]

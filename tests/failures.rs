@@ -41,14 +41,9 @@ stages:
     let bad = stage_of(&s, "bad");
     let error = bad["error"].as_str().unwrap();
     assert!(error.contains("exited with status 3"), "{error}");
-    assert!(
-        error.contains("about to fail"),
-        "the log tail is shown: {error}"
-    );
+    assert!(error.contains("about to fail"), "the log tail is shown: {error}");
     let log = bad["log"].as_str().unwrap();
-    assert!(std::fs::read_to_string(log)
-        .unwrap()
-        .contains("about to fail"));
+    assert!(std::fs::read_to_string(log).unwrap().contains("about to fail"));
 }
 
 #[test]
@@ -76,10 +71,7 @@ fn missing_declared_output_fails_the_stage() {
     );
     let (s, code) = p.run_json("pipeline.yaml", &[]);
     assert_eq!(code, 1);
-    assert!(stage_of(&s, "s")["error"]
-        .as_str()
-        .unwrap()
-        .contains("was not produced"));
+    assert!(stage_of(&s, "s")["error"].as_str().unwrap().contains("was not produced"));
 }
 
 #[test]
@@ -95,23 +87,14 @@ fn stage_killed_mid_run_leaves_no_record_and_reruns() {
     child.wait().unwrap();
     std::fs::remove_file(p.path().join("started")).unwrap();
     let (s, _) = p.status_json("pipeline.yaml", &[]);
-    assert_eq!(
-        state_of(&s, "slow"),
-        "will_run",
-        "a killed stage must not be recorded: {s:#}"
-    );
+    assert_eq!(state_of(&s, "slow"), "will_run", "a killed stage must not be recorded: {s:#}");
     // The orphaned command died with sdpipe (it would otherwise still be sleeping).
-    p.write(
-        "pipeline.yaml",
-        &p.read("pipeline.yaml").replace("sleep 30", "true"),
-    );
+    p.write("pipeline.yaml", &p.read("pipeline.yaml").replace("sleep 30", "true"));
     let s = p.run_ok("pipeline.yaml", &[]);
     assert_eq!(state_of(&s, "slow"), "ran");
     assert_eq!(p.read("runs/pipeline/slow/out.txt"), "partial\ndone\n");
     // Abandoned scratch from the killed run was swept.
-    let leftovers: Vec<_> = std::fs::read_dir(p.path().join("cache/tmp"))
-        .unwrap()
-        .collect();
+    let leftovers: Vec<_> = std::fs::read_dir(p.path().join("cache/tmp")).unwrap().collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
@@ -132,10 +115,7 @@ fn interrupt_stops_the_stage_records_nothing_and_exits_130() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let t0 = Instant::now();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        t0.elapsed() < Duration::from_secs(10),
-        "Ctrl-C must stop the child promptly"
-    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "Ctrl-C must stop the child promptly");
     assert_eq!(out.status.code(), Some(130));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["interrupted"], true);
@@ -154,10 +134,7 @@ fn dep_edited_during_the_run_is_not_recorded() {
     let (s, code) = p.run_json("pipeline.yaml", &[]);
     assert_eq!(code, 1);
     assert!(
-        stage_of(&s, "s")["error"]
-            .as_str()
-            .unwrap()
-            .contains("changed while the stage ran"),
+        stage_of(&s, "s")["error"].as_str().unwrap().contains("changed while the stage ran"),
         "{s:#}"
     );
 }
@@ -187,17 +164,8 @@ stages:
     };
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-    assert!(
-        a.status.success() && b.status.success(),
-        "{}\n{}",
-        stderr(&a),
-        stderr(&b)
-    );
-    assert_eq!(
-        p.read("executions"),
-        "run\n",
-        "the slow stage ran exactly once"
-    );
+    assert!(a.status.success() && b.status.success(), "{}\n{}", stderr(&a), stderr(&b));
+    assert_eq!(p.read("executions"), "run\n", "the slow stage ran exactly once");
     let sa: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
     let sb: serde_json::Value = serde_json::from_slice(&b.stdout).unwrap();
     let states = [state_of(&sa, "slow"), state_of(&sb, "slow")];
@@ -206,11 +174,7 @@ stages:
         "{states:?}"
     );
     // The one that waited says so.
-    let waiter = if state_of(&sa, "slow") == "cached" {
-        &sa
-    } else {
-        &sb
-    };
+    let waiter = if state_of(&sa, "slow") == "cached" { &sa } else { &sb };
     assert_eq!(stage_of(waiter, "slow")["waited"], true);
     assert_eq!(p.read("runs/pipeline/next/n"), "result\nresult\n");
 }
@@ -223,10 +187,7 @@ fn params_cannot_inject_shell_commands() {
         "stages:\n  s:\n    run: echo ${params.msg} > o\n    params: {msg: \"x; touch pwned; $(touch pwned2) `touch pwned3`\"}\n    outs: [o]\n",
     );
     p.run_ok("pipeline.yaml", &[]);
-    assert_eq!(
-        p.read("runs/pipeline/s/o"),
-        "x; touch pwned; $(touch pwned2) `touch pwned3`\n"
-    );
+    assert_eq!(p.read("runs/pipeline/s/o"), "x; touch pwned; $(touch pwned2) `touch pwned3`\n");
     for f in ["pwned", "pwned2", "pwned3"] {
         assert!(!p.path().join("cache/tmp").join(f).exists() && !p.path().join(f).exists());
     }

@@ -38,10 +38,7 @@ fn unknown_upstream_stage_suggests_the_near_name() {
     );
     let e = one_error(&p, "p.yaml");
     assert_eq!(e["message"], "no stage named `trian` (in `trian.m`)");
-    assert_eq!(
-        (e["line"].as_u64(), e["column"].as_u64()),
-        (Some(7), Some(17))
-    );
+    assert_eq!((e["line"].as_u64(), e["column"].as_u64()), (Some(7), Some(17)));
     assert_eq!(e["help"], "did you mean `train`?");
 }
 
@@ -72,45 +69,24 @@ fn cycle_names_every_stage_on_it() {
 #[test]
 fn self_reference_is_rejected() {
     let p = Project::new();
-    p.write(
-        "p.yaml",
-        "stages:\n  a:\n    run: echo\n    inputs: {x: a.o}\n    outs: [o]\n",
-    );
+    p.write("p.yaml", "stages:\n  a:\n    run: echo\n    inputs: {x: a.o}\n    outs: [o]\n");
     let e = one_error(&p, "p.yaml");
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap()
-            .contains("cannot take its own output"),
-        "{e}"
-    );
+    assert!(e["message"].as_str().unwrap().contains("cannot take its own output"), "{e}");
 }
 
 #[test]
 fn wrong_param_type_for_a_builtin_kind_is_located() {
     let p = Project::new();
-    p.write(
-        "p.yaml",
-        "stages:\n  data:\n    uses: synthetic\n    with:\n      count: many\n",
-    );
+    p.write("p.yaml", "stages:\n  data:\n    uses: synthetic\n    with:\n      count: many\n");
     let e = one_error(&p, "p.yaml");
-    assert_eq!(
-        e["message"],
-        "parameter `count`: expected an integer, found string \"many\""
-    );
-    assert_eq!(
-        (e["line"].as_u64(), e["column"].as_u64()),
-        (Some(5), Some(14))
-    );
+    assert_eq!(e["message"], "parameter `count`: expected an integer, found string \"many\"");
+    assert_eq!((e["line"].as_u64(), e["column"].as_u64()), (Some(5), Some(14)));
 }
 
 #[test]
 fn enum_param_typo_gets_a_suggestion() {
     let p = Project::new();
-    p.write(
-        "p.yaml",
-        "stages:\n  data:\n    uses: synthetic\n    with: {style: textued}\n",
-    );
+    p.write("p.yaml", "stages:\n  data:\n    uses: synthetic\n    with: {style: textued}\n");
     let e = one_error(&p, "p.yaml");
     assert_eq!(e["help"], "did you mean `textured`?");
 }
@@ -127,10 +103,7 @@ fn unknown_kind_suggests_a_builtin() {
 #[test]
 fn unknown_param_of_a_builtin_kind_suggests_one() {
     let p = Project::new();
-    p.write(
-        "p.yaml",
-        "stages:\n  data:\n    uses: synthetic\n    with: {cont: 3}\n",
-    );
+    p.write("p.yaml", "stages:\n  data:\n    uses: synthetic\n    with: {cont: 3}\n");
     let e = one_error(&p, "p.yaml");
     assert_eq!(e["message"], "kind `synthetic` has no parameter `cont`");
     assert_eq!(e["help"], "did you mean `count`?");
@@ -145,14 +118,8 @@ fn missing_dependency_file_fails_before_anything_runs() {
     );
     let (v, code) = p.run_json("p.yaml", &[]);
     assert_eq!(code, 2);
-    assert_eq!(
-        v["errors"][0]["message"],
-        "dependency `data/missing.csv` does not exist"
-    );
-    assert!(
-        !p.path().join("ran").exists(),
-        "nothing may run when the pipeline is invalid"
-    );
+    assert_eq!(v["errors"][0]["message"], "dependency `data/missing.csv` does not exist");
+    assert!(!p.path().join("ran").exists(), "nothing may run when the pipeline is invalid");
 }
 
 #[test]
@@ -187,11 +154,7 @@ fn override_of_a_missing_stage_is_an_error() {
     let p = chain_project();
     let out = p.sdpipe(&["run", "pipeline.yaml", "--set", "uper.suffix=x"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("did you mean `upper`?"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("did you mean `upper`?"), "{}", stderr(&out));
 }
 
 #[test]
@@ -208,9 +171,6 @@ fn human_errors_show_the_source_line() {
 #[test]
 fn output_paths_may_not_escape_the_stage_directory() {
     let p = Project::new();
-    p.write(
-        "p.yaml",
-        "stages:\n  a:\n    run: echo\n    outs: [../evil, /etc/passwd]\n",
-    );
+    p.write("p.yaml", "stages:\n  a:\n    run: echo\n    outs: [../evil, /etc/passwd]\n");
     assert_eq!(errors(&p, "p.yaml").len(), 2);
 }

@@ -6,13 +6,7 @@ use sdpipe::spec::Pipeline;
 fn check(text: String) {
     let registry = sdpipe_stages::builtin();
     let dir = std::env::temp_dir();
-    let _ = Pipeline::from_source(
-        &dir.join("fuzz.yaml"),
-        "fuzz.yaml".into(),
-        text,
-        &registry,
-        &[],
-    );
+    let _ = Pipeline::from_source(&dir.join("fuzz.yaml"), "fuzz.yaml".into(), text, &registry, &[]);
 }
 
 const BASE: &str = "vars: {n: 3}\nstages:\n  data:\n    uses: synthetic\n    with: {count: \"${vars.n}\"}\n  s:\n    run: cat ${inputs.p} > o\n    inputs: {p: data.photos}\n    params: {x: [1, {a: b}]}\n    outs: [o]\n";

@@ -93,10 +93,7 @@ fn db_err(e: sled::Error) -> io::Error {
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
     serde_json::from_slice(bytes).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("corrupt index entry: {e}"),
-        )
+        io::Error::new(io::ErrorKind::InvalidData, format!("corrupt index entry: {e}"))
     })
 }
 
@@ -104,11 +101,7 @@ impl SledIndex {
     pub fn open(dir: &Path) -> io::Result<SledIndex> {
         // No background flusher: the index is opened for short sessions and flushed explicitly
         // on every write, and a flusher thread would delay releasing sled's own file lock.
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .open()
-            .map_err(db_err)?;
+        let db = sled::Config::new().path(dir).flush_every_ms(None).open().map_err(db_err)?;
         Ok(SledIndex {
             records: db.open_tree("records").map_err(db_err)?,
             history: db.open_tree("history").map_err(db_err)?,
@@ -136,10 +129,7 @@ impl Index for SledIndex {
         let mut history = self.history(identity)?;
         history.pipeline_file = pipeline_file.to_string();
         history.entries.retain(|e| e.key != record.key);
-        history.entries.push(HistoryEntry {
-            key: record.key,
-            at: record.started_at,
-        });
+        history.entries.push(HistoryEntry { key: record.key, at: record.started_at });
         let excess = history.entries.len().saturating_sub(HISTORY_LEN);
         history.entries.drain(..excess);
         let record_bytes = serde_json::to_vec(record)?;
@@ -181,10 +171,7 @@ impl Index for SledIndex {
         let mut out = Vec::new();
         for item in self.history.iter() {
             let (k, v) = item.map_err(db_err)?;
-            out.push((
-                String::from_utf8_lossy(&k).into_owned(),
-                decode(&v).unwrap_or_default(),
-            ));
+            out.push((String::from_utf8_lossy(&k).into_owned(), decode(&v).unwrap_or_default()));
         }
         Ok(out)
     }

@@ -100,10 +100,7 @@ impl Cache {
         key: &Digest,
         on_wait: impl FnOnce(Option<u32>),
     ) -> io::Result<FileLock> {
-        let path = self
-            .root
-            .join("locks")
-            .join(format!("{}.lock", key.to_hex()));
+        let path = self.root.join("locks").join(format!("{}.lock", key.to_hex()));
         FileLock::acquire(&path, Duration::ZERO, on_wait)
     }
 
@@ -111,22 +108,14 @@ impl Cache {
     pub fn scratch(&self, tag: &str) -> io::Result<Scratch> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
-        let name = format!(
-            "{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
         let tmp = self.root.join("tmp");
         let lock_path = tmp.join(format!("{name}.lock"));
         let lock = FileLock::try_acquire(&lock_path)?
             .ok_or_else(|| io::Error::other(format!("scratch {name} is unexpectedly in use")))?;
         let dir = tmp.join(&name);
         fs::create_dir_all(&dir)?;
-        Ok(Scratch {
-            dir,
-            _lock: lock,
-            lock_path,
-        })
+        Ok(Scratch { dir, _lock: lock, lock_path })
     }
 
     /// Remove scratch directories whose owning process is gone (its lock is free).
@@ -196,12 +185,10 @@ pub struct IndexMemo<'a>(&'a Cache);
 
 impl DigestMemo for IndexMemo<'_> {
     fn get_many(&self, stats: &[FileStat]) -> Vec<Option<Digest>> {
-        self.0
-            .with_index(|i| i.memo_get(stats))
-            .unwrap_or_else(|e| {
-                tracing::warn!("stat memo unavailable ({e}); rehashing");
-                vec![None; stats.len()]
-            })
+        self.0.with_index(|i| i.memo_get(stats)).unwrap_or_else(|e| {
+            tracing::warn!("stat memo unavailable ({e}); rehashing");
+            vec![None; stats.len()]
+        })
     }
     fn put_many(&self, entries: &[(FileStat, Digest)]) {
         if let Err(e) = self.0.with_index(|i| i.memo_put(entries)) {

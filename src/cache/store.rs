@@ -138,10 +138,7 @@ mod tests {
         let d = store.put_bytes(b"abc").unwrap();
         assert_eq!(d, Digest::of_bytes(b"abc"));
         assert_eq!(fs::read(store.path(&d)).unwrap(), b"abc");
-        assert!(fs::metadata(store.path(&d))
-            .unwrap()
-            .permissions()
-            .readonly());
+        assert!(fs::metadata(store.path(&d)).unwrap().permissions().readonly());
         assert!(verify_object(&store, &d).unwrap());
     }
 

@@ -88,10 +88,7 @@ pub struct Dep {
 
 impl Dep {
     pub fn new(pattern: &str) -> Self {
-        Dep {
-            pattern: pattern.to_string(),
-            is_glob: is_glob(pattern),
-        }
+        Dep { pattern: pattern.to_string(), is_glob: is_glob(pattern) }
     }
 }
 
@@ -176,10 +173,6 @@ impl Pipeline {
                 }
             }
         }
-        self.stages
-            .keys()
-            .filter(|k| wanted.contains(*k))
-            .cloned()
-            .collect()
+        self.stages.keys().filter(|k| wanted.contains(*k)).cloned().collect()
     }
 }

@@ -24,9 +24,7 @@ impl std::str::FromStr for Override {
             .ok_or_else(|| format!("`{s}` is not KEY=VALUE (e.g. train.lr=3e-5)"))?;
         let path: Vec<String> = lhs.split('.').map(str::to_string).collect();
         if path.len() < 2 || path.iter().any(String::is_empty) {
-            return Err(format!(
-                "`{lhs}` is not a dotted path like stage.param or vars.name"
-            ));
+            return Err(format!("`{lhs}` is not a dotted path like stage.param or vars.name"));
         }
         // Typed like YAML (`3e-5` is a number, `true` a boolean); text that is not a YAML value
         // on its own (`?`, `a: b`) is taken as the plain string the user typed.
@@ -34,11 +32,7 @@ impl std::str::FromStr for Override {
             Ok(Value::Mapping(_)) | Err(_) => Value::String(rhs.to_string()),
             Ok(v) => v,
         };
-        Ok(Override {
-            path,
-            value,
-            raw: s.to_string(),
-        })
+        Ok(Override { path, value, raw: s.to_string() })
     }
 }
 
@@ -69,29 +63,18 @@ fn apply_one(root: &mut Value, o: &Override) -> Result<(), SpecError> {
             Some(Value::Mapping(m)) => m,
             _ => return Err(SpecError::unlocated("the pipeline has no `stages` mapping")),
         };
-        let names: Vec<String> = stages
-            .keys()
-            .filter_map(|k| k.as_str().map(str::to_string))
-            .collect();
+        let names: Vec<String> =
+            stages.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
         let Some(Value::Mapping(stage)) = stages.get_mut(head.as_str()) else {
-            return Err(
-                SpecError::unlocated(format!("--set {}: no stage named `{head}`", o.raw))
-                    .suggest(head, names.iter().map(String::as_str)),
-            );
+            return Err(SpecError::unlocated(format!("--set {}: no stage named `{head}`", o.raw))
+                .suggest(head, names.iter().map(String::as_str)));
         };
         // Built-in kinds take parameters under `with`, shell stages under `params`.
-        let section = if stage.contains_key("uses") {
-            "with"
-        } else {
-            "params"
-        };
+        let section = if stage.contains_key("uses") { "with" } else { "params" };
         entry_map(stage, section)
     };
     let Some(target) = target else {
-        return Err(SpecError::unlocated(format!(
-            "--set {}: `{head}` is not a mapping",
-            o.raw
-        )));
+        return Err(SpecError::unlocated(format!("--set {}: `{head}` is not a mapping", o.raw)));
     };
     set_path(target, rest, o.value.clone())
         .map_err(|e| SpecError::unlocated(format!("--set {}: {e}", o.raw)))
@@ -99,9 +82,7 @@ fn apply_one(root: &mut Value, o: &Override) -> Result<(), SpecError> {
 
 /// The mapping under `key`, created when absent; `None` when something else is there.
 fn entry_map<'a>(map: &'a mut Mapping, key: &str) -> Option<&'a mut Mapping> {
-    let slot = map
-        .entry(Value::from(key))
-        .or_insert_with(|| Value::Mapping(Mapping::new()));
+    let slot = map.entry(Value::from(key)).or_insert_with(|| Value::Mapping(Mapping::new()));
     if slot.is_null() {
         *slot = Value::Mapping(Mapping::new());
     }
@@ -151,11 +132,7 @@ mod tests {
     fn override_targets_with_for_builtin_and_params_for_shell() {
         let mut doc: Value =
             serde_yaml_ng::from_str("stages:\n  a: {uses: k}\n  b: {run: x}\n").unwrap();
-        apply(
-            &mut doc,
-            &["a.x=1".parse().unwrap(), "b.y=2".parse().unwrap()],
-        )
-        .unwrap();
+        apply(&mut doc, &["a.x=1".parse().unwrap(), "b.y=2".parse().unwrap()]).unwrap();
         assert_eq!(doc["stages"]["a"]["with"]["x"], Value::from(1));
         assert_eq!(doc["stages"]["b"]["params"]["y"], Value::from(2));
     }

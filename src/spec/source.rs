@@ -17,14 +17,9 @@ pub struct SourceFile {
 
 impl SourceFile {
     pub fn new(name: impl Into<String>, text: String) -> Self {
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
-        SourceFile {
-            name: name.into(),
-            text,
-            line_starts,
-        }
+        let line_starts =
+            std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        SourceFile { name: name.into(), text, line_starts }
     }
 
     pub fn name(&self) -> &str {
@@ -38,18 +33,12 @@ impl SourceFile {
     /// The span starting at a 1-based line and 1-based column counted in characters.
     pub fn span_at(&self, line: usize, column: usize, len_chars: usize) -> Span {
         let Some(&start) = self.line_starts.get(line.saturating_sub(1)) else {
-            return Span {
-                offset: self.text.len(),
-                len: 0,
-            };
+            return Span { offset: self.text.len(), len: 0 };
         };
         let rest = &self.text[start..];
         let mut chars = rest.char_indices().skip(column.saturating_sub(1));
         let Some((from, _)) = chars.next() else {
-            return Span {
-                offset: self.text.len(),
-                len: 0,
-            };
+            return Span { offset: self.text.len(), len: 0 };
         };
         let to = rest[from..]
             .char_indices()
@@ -57,22 +46,14 @@ impl SourceFile {
             .nth(len_chars)
             .map(|(i, _)| from + i)
             .unwrap_or_else(|| from + rest[from..].find('\n').unwrap_or(rest.len() - from));
-        Span {
-            offset: start + from,
-            len: to - from,
-        }
+        Span { offset: start + from, len: to - from }
     }
 
     /// The 1-based line and column of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
         let line = self.line_starts.partition_point(|&s| s <= offset).max(1);
         let start = self.line_starts[line - 1];
-        let col = self
-            .text
-            .get(start..offset)
-            .map(|s| s.chars().count())
-            .unwrap_or(0)
-            + 1;
+        let col = self.text.get(start..offset).map(|s| s.chars().count()).unwrap_or(0) + 1;
         (line, col)
     }
 }

@@ -145,10 +145,7 @@ mod tests {
         let refs = references("echo ${params.lr} ${HOME} $${params.x} ${outs.model}");
         assert_eq!(
             refs,
-            vec![
-                (Namespace::Params, "lr".to_string()),
-                (Namespace::Outs, "model".to_string())
-            ]
+            vec![(Namespace::Params, "lr".to_string()), (Namespace::Outs, "model".to_string())]
         );
     }
 
@@ -168,9 +165,6 @@ mod tests {
 
     #[test]
     fn unterminated_placeholder_is_left_alone() {
-        assert_eq!(
-            parse("echo ${params.x"),
-            vec![Piece::Literal("echo ${params.x".into())]
-        );
+        assert_eq!(parse("echo ${params.x"), vec![Piece::Literal("echo ${params.x".into())]);
     }
 }

@@ -16,9 +16,8 @@ use super::yaml::{Document, Seg};
 use super::{Action, Dep, InputRef, Output, Pipeline, SourceFile, Stage};
 
 const TOP_KEYS: &[&str] = &["vars", "stages"];
-const STAGE_KEYS: &[&str] = &[
-    "uses", "with", "run", "deps", "inputs", "outs", "params", "env", "threads", "desc",
-];
+const STAGE_KEYS: &[&str] =
+    &["uses", "with", "run", "deps", "inputs", "outs", "params", "env", "threads", "desc"];
 
 /// Validate `doc` (the file at `file`) against the registry's kinds.
 pub fn validate(
@@ -29,23 +28,14 @@ pub fn validate(
 ) -> Result<Pipeline, SpecErrors> {
     overrides::apply(&mut doc.value, overrides)?;
     // YAML merge keys (`<<: *defaults`) are resolved before anything looks at the values.
-    doc.value
-        .apply_merge()
-        .map_err(|e| SpecError::unlocated(format!("merge keys: {e}")))?;
+    doc.value.apply_merge().map_err(|e| SpecError::unlocated(format!("merge keys: {e}")))?;
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut v = Validator {
-        doc: &doc,
-        errors: Vec::new(),
-        dir: &dir,
-    };
+    let mut v = Validator { doc: &doc, errors: Vec::new(), dir: &dir };
     let (vars, stages) = v.pipeline(registry);
     let errors = v.errors;
     let pipeline = Pipeline {
         file: file.to_path_buf(),
-        name: file
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        name: file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         dir,
         source: doc.source.clone(),
         vars,
@@ -99,9 +89,7 @@ fn json_type_name(v: &Json) -> &'static str {
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 impl<'a> Validator<'a> {
@@ -111,15 +99,13 @@ impl<'a> Validator<'a> {
 
     fn err_value(&mut self, path: &[Seg], message: impl Into<String>) -> &mut SpecError {
         let span = self.doc.locator.value(path);
-        self.errors
-            .push(SpecError::at(self.source(), span, message));
+        self.errors.push(SpecError::at(self.source(), span, message));
         self.errors.last_mut().unwrap()
     }
 
     fn err_key(&mut self, path: &[Seg], message: impl Into<String>) -> &mut SpecError {
         let span = self.doc.locator.key(path);
-        self.errors
-            .push(SpecError::at(self.source(), span, message));
+        self.errors.push(SpecError::at(self.source(), span, message));
         self.errors.last_mut().unwrap()
     }
 
@@ -147,10 +133,7 @@ impl<'a> Validator<'a> {
             if let Some(allowed) = allowed {
                 if !allowed.contains(&k) {
                     let e = self.err_key(&p, format!("unknown key `{k}` in {what}"));
-                    *e = e
-                        .clone()
-                        .label("unknown key")
-                        .suggest(k, allowed.iter().copied());
+                    *e = e.clone().label("unknown key").suggest(k, allowed.iter().copied());
                     if e.help.is_none() {
                         e.help = Some(format!("expected one of: {}", allowed.join(", ")));
                     }
@@ -304,10 +287,7 @@ impl<'a> Validator<'a> {
         let span = self.doc.locator.key(path);
         let mut stage = Stage {
             name: name.to_string(),
-            action: Action::Shell {
-                command: String::new(),
-                env: Vec::new(),
-            },
+            action: Action::Shell { command: String::new(), env: Vec::new() },
             params: BTreeMap::new(),
             inputs: BTreeMap::new(),
             deps: BTreeMap::new(),
@@ -321,11 +301,8 @@ impl<'a> Validator<'a> {
 
         match (fields.get("uses"), fields.get("run")) {
             (Some(_), Some(_)) => {
-                self.err_key(
-                    &at("run"),
-                    format!("stage `{name}` has both `uses` and `run`"),
-                )
-                .help = Some(
+                self.err_key(&at("run"), format!("stage `{name}` has both `uses` and `run`"))
+                    .help = Some(
                     "a stage is either a built-in kind (`uses`) or a shell command (`run`)".into(),
                 );
                 return None;
@@ -353,10 +330,7 @@ impl<'a> Validator<'a> {
                 let Some(kind) = registry.get(&kind_name) else {
                     let e =
                         self.err_value(&at("uses"), format!("unknown stage kind `{kind_name}`"));
-                    *e = e
-                        .clone()
-                        .label("unknown kind")
-                        .suggest(&kind_name, registry.names());
+                    *e = e.clone().label("unknown kind").suggest(&kind_name, registry.names());
                     if e.help.is_none() {
                         let names: Vec<_> = registry.names().collect();
                         e.help = Some(format!("built-in kinds: {}", names.join(", ")));
@@ -434,19 +408,11 @@ impl<'a> Validator<'a> {
                             self.err_value(&p, format!("output path `{opath}` {msg}"));
                             continue;
                         }
-                        if stage
-                            .outputs
-                            .iter()
-                            .any(|o| o.name == oname || o.path == opath)
-                        {
+                        if stage.outputs.iter().any(|o| o.name == oname || o.path == opath) {
                             self.err_value(&p, format!("output `{oname}` is declared twice"));
                             continue;
                         }
-                        stage.outputs.push(Output {
-                            name: oname,
-                            path: opath,
-                            kind: None,
-                        });
+                        stage.outputs.push(Output { name: oname, path: opath, kind: None });
                     }
                 }
                 let mut env = Vec::new();
@@ -563,8 +529,8 @@ impl<'a> Validator<'a> {
         } else if self.dir.join(pattern).exists() {
             true
         } else {
-            self.err_value(path, format!("dependency `{pattern}` does not exist"))
-                .label = "missing file".into();
+            self.err_value(path, format!("dependency `{pattern}` does not exist")).label =
+                "missing file".into();
             false
         }
     }
@@ -592,10 +558,7 @@ impl<'a> Validator<'a> {
                     path,
                     format!("`${{{ns}.{name}}}`: the stage has no {ns} entry `{name}`"),
                 );
-                *e = e
-                    .clone()
-                    .label("unknown reference")
-                    .suggest(&name, known.iter().copied());
+                *e = e.clone().label("unknown reference").suggest(&name, known.iter().copied());
             }
         }
     }
@@ -610,11 +573,7 @@ impl<'a> Validator<'a> {
         match value {
             Json::String(s) => {
                 let pieces = template::parse(&s);
-                if let [template::Piece::Ref {
-                    ns: Namespace::Vars,
-                    name,
-                }] = pieces.as_slice()
-                {
+                if let [template::Piece::Ref { ns: Namespace::Vars, name }] = pieces.as_slice() {
                     return self.lookup_var(name, path, vars).cloned();
                 }
                 let mut bad = false;
@@ -683,29 +642,21 @@ impl<'a> Validator<'a> {
         pending_inputs: &mut Vec<(String, (String, Vec<Seg>))>,
     ) {
         let specs = kind.params();
-        let given: BTreeMap<String, &Yaml> = self
-            .mapping(with, path, "`with`", None)
-            .into_iter()
-            .collect();
+        let given: BTreeMap<String, &Yaml> =
+            self.mapping(with, path, "`with`", None).into_iter().collect();
         for name in given.keys() {
             if !specs.iter().any(|s| s.name == name) {
                 let mut p = path.to_vec();
                 p.push(key(name));
-                let e = self.err_key(
-                    &p,
-                    format!("kind `{}` has no parameter `{name}`", kind.name()),
-                );
+                let e =
+                    self.err_key(&p, format!("kind `{}` has no parameter `{name}`", kind.name()));
                 *e = e
                     .clone()
                     .label("unknown parameter")
                     .suggest(name, specs.iter().map(|s| s.name));
                 if e.help.is_none() {
                     let names: Vec<_> = specs.iter().map(|s| s.name).collect();
-                    e.help = Some(format!(
-                        "parameters of `{}`: {}",
-                        kind.name(),
-                        names.join(", ")
-                    ));
+                    e.help = Some(format!("parameters of `{}`: {}", kind.name(), names.join(", ")));
                 }
             }
         }
@@ -713,13 +664,12 @@ impl<'a> Validator<'a> {
             let mut p = path.to_vec();
             p.push(key(spec.name));
             let value = match given.get(spec.name) {
-                Some(raw) => match self
-                    .yaml_to_json(raw, &p)
-                    .and_then(|v| self.interpolate(v, &p, vars))
-                {
-                    Some(v) => v,
-                    None => continue,
-                },
+                Some(raw) => {
+                    match self.yaml_to_json(raw, &p).and_then(|v| self.interpolate(v, &p, vars)) {
+                        Some(v) => v,
+                        None => continue,
+                    }
+                }
                 None => match &spec.default {
                     Some(default) => default.clone(),
                     None => {
@@ -760,10 +710,7 @@ impl<'a> Validator<'a> {
                         if self.check_dep(&text, &p) {
                             stage.deps.insert(
                                 spec.name.to_string(),
-                                Dep {
-                                    pattern: text,
-                                    is_glob: false,
-                                },
+                                Dep { pattern: text, is_glob: false },
                             );
                         }
                     }
@@ -830,23 +777,14 @@ impl<'a> Validator<'a> {
         };
         if stage.output(output).is_none() {
             let names: Vec<&str> = stage.outputs.iter().map(|o| o.name.as_str()).collect();
-            let e = self.err_value(
-                path,
-                format!("stage `{stage_name}` has no output `{output}`"),
-            );
-            *e = e
-                .clone()
-                .label("unknown output")
-                .suggest(output, names.iter().copied());
+            let e = self.err_value(path, format!("stage `{stage_name}` has no output `{output}`"));
+            *e = e.clone().label("unknown output").suggest(output, names.iter().copied());
             if e.help.is_none() {
                 e.help = Some(format!("outputs of `{stage_name}`: {}", names.join(", ")));
             }
             return None;
         }
-        Some(InputRef {
-            stage: stage_name.to_string(),
-            output: output.to_string(),
-        })
+        Some(InputRef { stage: stage_name.to_string(), output: output.to_string() })
     }
 }
 
@@ -885,10 +823,7 @@ pub fn check_type(ty: &ParamType, value: Json) -> Result<Json, String> {
         }
         ParamType::Enum(options) => match &value {
             Json::String(s) if options.contains(&s.as_str()) => Ok(value),
-            _ => Err(format!(
-                "expected one of {}, found {value}",
-                options.join(", ")
-            )),
+            _ => Err(format!("expected one of {}, found {value}", options.join(", "))),
         },
         ParamType::List(item) => match value {
             Json::Array(items) => items
@@ -913,9 +848,7 @@ fn relative_path_problem(path: &str) -> Option<&'static str> {
     if p.is_absolute() {
         return Some("must be relative to the stage's output directory");
     }
-    if p.components()
-        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-    {
+    if p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
         return Some("must not contain `..`");
     }
     None

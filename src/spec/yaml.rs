@@ -41,10 +41,7 @@ impl Locator {
 
     /// The span of the mapping key that introduces `path` (falls back to the value's span).
     pub fn key(&self, path: &[Seg]) -> Span {
-        self.keys
-            .get(path)
-            .copied()
-            .unwrap_or_else(|| self.value(path))
+        self.keys.get(path).copied().unwrap_or_else(|| self.value(path))
     }
 
     /// A block mapping's own start mark points past its first key, so ancestors are located
@@ -53,10 +50,7 @@ impl Locator {
         (0..path.len())
             .rev()
             .find_map(|n| {
-                self.keys
-                    .get(&path[..n])
-                    .or_else(|| self.values.get(&path[..n]))
-                    .copied()
+                self.keys.get(&path[..n]).or_else(|| self.values.get(&path[..n])).copied()
             })
             .unwrap_or_default()
     }
@@ -79,25 +73,15 @@ pub struct SyntaxError {
 /// Parse a document; on a syntax error return it located.
 pub fn parse(source: Arc<SourceFile>) -> Result<Document, SyntaxError> {
     let value: Value = serde_yaml_ng::from_str(source.text()).map_err(|e| {
-        let span = e
-            .location()
-            .map(|l| source.span_at(l.line(), l.column(), 1))
-            .unwrap_or_default();
+        let span =
+            e.location().map(|l| source.span_at(l.line(), l.column(), 1)).unwrap_or_default();
         // serde_yaml_ng appends " at line X column Y"; the location is shown separately.
         let message = e.to_string();
-        let message = message
-            .split(" at line ")
-            .next()
-            .unwrap_or(&message)
-            .to_string();
+        let message = message.split(" at line ").next().unwrap_or(&message).to_string();
         SyntaxError { message, span }
     })?;
     let locator = locate(&source);
-    Ok(Document {
-        value,
-        locator,
-        source,
-    })
+    Ok(Document { value, locator, source })
 }
 
 /// Parse a single YAML scalar given on the command line (`--set lr=3e-5`), with the same typing
@@ -109,25 +93,15 @@ pub fn parse_scalar(text: &str) -> Result<Value, String> {
 /// Record the start of every node. A failure here is ignored: serde_yaml_ng accepted the
 /// document, and positions are only a courtesy for messages.
 fn locate(source: &SourceFile) -> Locator {
-    let mut builder = LocatorBuilder {
-        source,
-        stack: Vec::new(),
-        out: Locator::default(),
-    };
+    let mut builder = LocatorBuilder { source, stack: Vec::new(), out: Locator::default() };
     let mut parser = Parser::new_from_str(source.text());
     let _ = parser.load(&mut builder, false);
     builder.out
 }
 
 enum Frame {
-    Map {
-        path: YamlPath,
-        pending_key: Option<String>,
-    },
-    Seq {
-        path: YamlPath,
-        next: usize,
-    },
+    Map { path: YamlPath, pending_key: Option<String> },
+    Seq { path: YamlPath, next: usize },
 }
 
 struct LocatorBuilder<'a> {
@@ -198,10 +172,7 @@ impl MarkedEventReceiver for LocatorBuilder<'_> {
                 };
                 self.out.values.insert(path.clone(), span);
                 self.stack.push(if is_map {
-                    Frame::Map {
-                        path,
-                        pending_key: None,
-                    }
+                    Frame::Map { path, pending_key: None }
                 } else {
                     Frame::Seq { path, next: 0 }
                 });
@@ -225,11 +196,7 @@ mod tests {
     #[test]
     fn locator_finds_nested_values_and_keys() {
         let d = doc("stages:\n  a:\n    run: echo hi\n    outs: [x, y]\n");
-        let path = vec![
-            Seg::Key("stages".into()),
-            Seg::Key("a".into()),
-            Seg::Key("run".into()),
-        ];
+        let path = vec![Seg::Key("stages".into()), Seg::Key("a".into()), Seg::Key("run".into())];
         let (line, col) = d.source.line_col(d.locator.value(&path).offset);
         assert_eq!((line, col), (3, 10));
         let (line, col) = d.source.line_col(d.locator.key(&path).offset);
@@ -243,22 +210,14 @@ mod tests {
     #[test]
     fn unknown_path_falls_back_to_nearest_ancestor() {
         let d = doc("stages:\n  a:\n    run: x\n");
-        let missing = vec![
-            Seg::Key("stages".into()),
-            Seg::Key("a".into()),
-            Seg::Key("zzz".into()),
-        ];
+        let missing = vec![Seg::Key("stages".into()), Seg::Key("a".into()), Seg::Key("zzz".into())];
         assert_eq!(d.source.line_col(d.locator.value(&missing).offset), (2, 3));
     }
 
     #[test]
     fn syntax_errors_are_located() {
-        let err = parse(Arc::new(SourceFile::new(
-            "p.yaml",
-            "a: [1, 2\nb: 3\n".into(),
-        )))
-        .err()
-        .unwrap();
+        let err =
+            parse(Arc::new(SourceFile::new("p.yaml", "a: [1, 2\nb: 3\n".into()))).err().unwrap();
         assert!(err.span.offset > 0, "{err:?}");
     }
 }

@@ -82,20 +82,10 @@ pub struct ParamSpec {
 
 impl ParamSpec {
     pub fn required(name: &'static str, ty: ParamType, doc: &'static str) -> Self {
-        ParamSpec {
-            name,
-            ty,
-            default: None,
-            doc,
-        }
+        ParamSpec { name, ty, default: None, doc }
     }
     pub fn optional(name: &'static str, ty: ParamType, default: Value, doc: &'static str) -> Self {
-        ParamSpec {
-            name,
-            ty,
-            default: Some(default),
-            doc,
-        }
+        ParamSpec { name, ty, default: Some(default), doc }
     }
 }
 
@@ -138,10 +128,7 @@ pub enum StageError {
 
 impl StageError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        StageError::Io {
-            context: context.into(),
-            source,
-        }
+        StageError::Io { context: context.into(), source }
     }
     pub fn failed(message: impl Into<String>) -> Self {
         StageError::Failed(message.into())

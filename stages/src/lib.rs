@@ -4,6 +4,7 @@
 //! machinery one kind needs) and knows nothing of caching or scheduling.
 
 pub mod api;
+pub mod imagefolder;
 pub mod synthetic;
 pub mod testing;
 
@@ -14,7 +15,8 @@ pub use api::{Registry, StageKind};
 /// Every built-in kind, as the `sdpipe` binary registers them.
 pub fn builtin() -> Registry {
     let mut registry = Registry::new();
-    let kinds: Vec<Arc<dyn StageKind>> = vec![Arc::new(synthetic::Synthetic)];
+    let kinds: Vec<Arc<dyn StageKind>> =
+        vec![Arc::new(synthetic::Synthetic), Arc::new(imagefolder::ImageFolder)];
     for kind in kinds {
         registry.register(kind);
     }

@@ -51,23 +51,12 @@ impl StageKind for Synthetic {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let int = |min: i64, max: Option<i64>| ParamType::Int {
-            min: Some(min),
-            max,
-        };
+        let int = |min: i64, max: Option<i64>| ParamType::Int { min: Some(min), max };
         vec![
-            ParamSpec::optional(
-                "count",
-                int(1, None),
-                json!(16),
-                "Number of images to generate.",
-            ),
+            ParamSpec::optional("count", int(1, None), json!(16), "Number of images to generate."),
             ParamSpec::optional(
                 "seed",
-                ParamType::Int {
-                    min: None,
-                    max: None,
-                },
+                ParamType::Int { min: None, max: None },
                 json!(0),
                 "Seed of the scenes; image i depends only on the seed, i and `shapes`, so a \
                  larger `count` extends a smaller one.",
@@ -92,12 +81,7 @@ impl StageKind for Synthetic {
                 "Shapes per image; with two or more, the caption relates the others to one anchor \
                  shape (\"... and a green triangle below the blue square\").",
             ),
-            ParamSpec::optional(
-                "quality",
-                int(1, Some(100)),
-                json!(95),
-                "JPEG quality, 1 to 100.",
-            ),
+            ParamSpec::optional("quality", int(1, Some(100)), json!(95), "JPEG quality, 1 to 100."),
         ]
     }
 
@@ -192,11 +176,7 @@ struct PhotoRecord<'a> {
 /// can be merged without collisions. Only `[A-Za-z0-9_-]`: a negative seed is written `sm5`.
 fn image_id(style: Style, seed: i64, index: u64) -> String {
     let sign = if seed < 0 { "m" } else { "" };
-    format!(
-        "syn-{}-s{sign}{}-{index:05}",
-        style.name(),
-        seed.unsigned_abs()
-    )
+    format!("syn-{}-s{sign}{}-{index:05}", style.name(), seed.unsigned_abs())
 }
 
 /// The parameters, typed and checked again here: the engine validates against [`ParamSpec`],
@@ -283,10 +263,7 @@ mod tests {
     }
 
     fn captions(out: &Path) -> Vec<String> {
-        records(out)
-            .iter()
-            .map(|r| r["ai_description"].as_str().unwrap().to_string())
-            .collect()
+        records(out).iter().map(|r| r["ai_description"].as_str().unwrap().to_string()).collect()
     }
 
     /// Every file under `dir`, by relative path, with its bytes.
@@ -310,26 +287,14 @@ mod tests {
     }
 
     fn nearest_palette_colour(c: [f64; 3]) -> &'static str {
-        let distance = |p: [u8; 3]| {
-            (0..3)
-                .map(|k| (c[k] - f64::from(p[k])).powi(2))
-                .sum::<f64>()
-        };
-        PALETTE
-            .iter()
-            .min_by(|a, b| distance(a.rgb).total_cmp(&distance(b.rgb)))
-            .unwrap()
-            .name
+        let distance = |p: [u8; 3]| (0..3).map(|k| (c[k] - f64::from(p[k])).powi(2)).sum::<f64>();
+        PALETTE.iter().min_by(|a, b| distance(a.rgb).total_cmp(&distance(b.rgb))).unwrap().name
     }
 
     #[test]
     fn same_params_give_byte_identical_outputs() {
         for style in Style::NAMES {
-            let overrides = [
-                ("style", json!(style)),
-                ("count", json!(6)),
-                ("shapes", json!(3)),
-            ];
+            let overrides = [("style", json!(style)), ("count", json!(6)), ("shapes", json!(3))];
             let (a, b) = (run(&overrides), run(&overrides));
             let (a, b) = (tree(a.path()), tree(b.path()));
             assert_eq!(a.len(), 7, "six images and photos.jsonl");
@@ -365,24 +330,13 @@ mod tests {
 
     #[test]
     fn images_decode_at_requested_resolution() {
-        let out = run(&[
-            ("resolution", json!(48)),
-            ("count", json!(3)),
-            ("style", json!("textured")),
-        ]);
+        let out =
+            run(&[("resolution", json!(48)), ("count", json!(3)), ("style", json!("textured"))]);
         for record in records(out.path()) {
             let path = out.path().join(record["file_name"].as_str().unwrap());
             let image = image::open(&path).unwrap();
-            assert_eq!(
-                (image.width(), image.height()),
-                (48, 48),
-                "{}",
-                path.display()
-            );
-            assert_eq!(
-                (record["width"].clone(), record["height"].clone()),
-                (json!(48), json!(48))
-            );
+            assert_eq!((image.width(), image.height()), (48, 48), "{}", path.display());
+            assert_eq!((record["width"].clone(), record["height"].clone()), (json!(48), json!(48)));
         }
     }
 
@@ -390,29 +344,14 @@ mod tests {
     fn records_use_the_download_layout() {
         let out = run(&[("count", json!(3))]);
         for record in records(out.path()) {
-            let keys: Vec<&str> = record
-                .as_object()
-                .unwrap()
-                .keys()
-                .map(String::as_str)
-                .collect();
-            let mut expected = [
-                "id",
-                "file_name",
-                "url",
-                "attribution",
-                "width",
-                "height",
-                "ai_description",
-            ];
+            let keys: Vec<&str> = record.as_object().unwrap().keys().map(String::as_str).collect();
+            let mut expected =
+                ["id", "file_name", "url", "attribution", "width", "height", "ai_description"];
             expected.sort();
             assert_eq!(keys, expected);
             let id = record["id"].as_str().unwrap();
             assert_eq!(record["file_name"], json!(format!("images/{id}.jpg")));
-            assert!(out
-                .path()
-                .join(record["file_name"].as_str().unwrap())
-                .is_file());
+            assert!(out.path().join(record["file_name"].as_str().unwrap()).is_file());
             assert_eq!(record["url"], Value::Null);
             assert_eq!(record["attribution"], json!("sdpipe synthetic"));
         }
@@ -424,9 +363,7 @@ mod tests {
         assert_eq!(image_id(Style::Textured, 42, 12), "syn-textured-s42-00012");
         assert_eq!(image_id(Style::Flat, -5, 0), "syn-flat-sm5-00000");
         let extreme = image_id(Style::Flat, i64::MIN, u64::MAX);
-        assert!(extreme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+        assert!(extreme.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
     }
 
     #[test]
@@ -447,25 +384,14 @@ mod tests {
         let check_clause = |scene: &Scene, clause: &str| {
             let find = |phrase: &str| {
                 let noun = phrase.split_once(' ').unwrap().1;
-                scene
-                    .shapes
-                    .iter()
-                    .find(|s| s.noun() == noun)
-                    .unwrap_or_else(|| panic!("{noun}"))
+                scene.shapes.iter().find(|s| s.noun() == noun).unwrap_or_else(|| panic!("{noun}"))
             };
-            let (relation, (a, b)) = [
-                Relation::Above,
-                Relation::Below,
-                Relation::LeftOf,
-                Relation::RightOf,
-            ]
-            .iter()
-            .find_map(|r| Some((*r, clause.split_once(&format!(" {} ", r.phrase()))?)))
-            .unwrap_or_else(|| panic!("no relation in `{clause}`"));
-            assert!(
-                holds(find(a), relation, find(b)),
-                "`{clause}` is false: {scene:?}"
-            );
+            let (relation, (a, b)) =
+                [Relation::Above, Relation::Below, Relation::LeftOf, Relation::RightOf]
+                    .iter()
+                    .find_map(|r| Some((*r, clause.split_once(&format!(" {} ", r.phrase()))?)))
+                    .unwrap_or_else(|| panic!("no relation in `{clause}`"));
+            assert!(holds(find(a), relation, find(b)), "`{clause}` is false: {scene:?}");
         };
         for seed in 0..60 {
             for shape_count in [2, 3] {
@@ -493,11 +419,7 @@ mod tests {
             colours.dedup();
             assert_eq!(colours.len(), 4, "{caption}");
             for shape in &scene.shapes {
-                assert!(
-                    caption.contains(&shape.noun()),
-                    "{caption} lacks {}",
-                    shape.noun()
-                );
+                assert!(caption.contains(&shape.noun()), "{caption} lacks {}", shape.noun());
             }
             assert!(!caption.contains("a orange"), "{caption}");
         }
@@ -510,11 +432,8 @@ mod tests {
             for seed in 0..30 {
                 let scene = Scene::generate(seed, 0, 3);
                 let image = render(&scene, style, res);
-                let bodies: Vec<PixelShape> = scene
-                    .shapes
-                    .iter()
-                    .map(|s| PixelShape::new(s, res))
-                    .collect();
+                let bodies: Vec<PixelShape> =
+                    scene.shapes.iter().map(|s| PixelShape::new(s, res)).collect();
                 // Interior pixels, away from anti-aliased edges, and background pixels away
                 // from every shape (and most of its shadow).
                 let inside = |body: &PixelShape, x: f64, y: f64| {
@@ -563,29 +482,17 @@ mod tests {
         // Flat images are a handful of solid colours; textured ones vary almost everywhere.
         for index in 0..4 {
             let scene = Scene::generate(0, index, 2);
-            let (flat, textured) = (
-                render(&scene, Style::Flat, 64),
-                render(&scene, Style::Textured, 64),
-            );
+            let (flat, textured) =
+                (render(&scene, Style::Flat, 64), render(&scene, Style::Textured, 64));
             let plain = |image: &image::RgbImage| {
-                image
-                    .pixels()
-                    .filter(|p| p.0 == scene.background.rgb)
-                    .count()
+                image.pixels().filter(|p| p.0 == scene.background.rgb).count()
             };
             let distinct = |image: &image::RgbImage| {
-                image
-                    .pixels()
-                    .map(|p| p.0)
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .len()
+                image.pixels().map(|p| p.0).collect::<std::collections::BTreeSet<_>>().len()
             };
             let total = 64 * 64;
             assert!(plain(&flat) * 2 > total, "flat image {index} is not solid");
-            assert!(
-                plain(&textured) * 20 < total,
-                "textured image {index} is mostly solid"
-            );
+            assert!(plain(&textured) * 20 < total, "textured image {index} is mostly solid");
             assert!(
                 distinct(&textured) > 10 * distinct(&flat),
                 "image {index}: {} textured colours vs {} flat",
@@ -605,11 +512,9 @@ mod tests {
 
     #[test]
     fn out_of_range_params_are_rejected() {
-        for (name, value) in [
-            ("style", json!("oil")),
-            ("shapes", json!(4)),
-            ("resolution", json!(8)),
-        ] {
+        for (name, value) in
+            [("style", json!("oil")), ("shapes", json!(4)), ("resolution", json!(8))]
+        {
             let (_out, result) = run_with(&params(&[(name, value)]), &CancelToken::new());
             match result {
                 Err(StageError::InvalidParam { param, .. }) => assert_eq!(param, name),

@@ -36,9 +36,7 @@ impl Project {
 
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(assert_cmd::cargo::cargo_bin!("sdpipe"));
-        c.current_dir(self.path())
-            .env_remove("SDPIPE_CACHE")
-            .env("NO_COLOR", "1");
+        c.current_dir(self.path()).env_remove("SDPIPE_CACHE").env("NO_COLOR", "1");
         c
     }
 
@@ -87,19 +85,13 @@ pub fn states(summary: &Value) -> Vec<(String, String)> {
         .expect("stages")
         .iter()
         .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_string(),
-                s["state"].as_str().unwrap().to_string(),
-            )
+            (s["name"].as_str().unwrap().to_string(), s["state"].as_str().unwrap().to_string())
         })
         .collect()
 }
 
 pub fn state_of(summary: &Value, stage: &str) -> String {
-    stage_of(summary, stage)["state"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    stage_of(summary, stage)["state"].as_str().unwrap().to_string()
 }
 
 pub fn stage_of<'a>(summary: &'a Value, stage: &str) -> &'a Value {
@@ -113,11 +105,7 @@ pub fn stage_of<'a>(summary: &'a Value, stage: &str) -> &'a Value {
 
 /// The names of stages in `state`.
 pub fn in_state(summary: &Value, state: &str) -> Vec<String> {
-    states(summary)
-        .into_iter()
-        .filter(|(_, s)| s == state)
-        .map(|(n, _)| n)
-        .collect()
+    states(summary).into_iter().filter(|(_, s)| s == state).map(|(n, _)| n).collect()
 }
 
 pub fn reasons(summary: &Value, stage: &str) -> Vec<String> {

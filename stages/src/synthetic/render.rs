@@ -32,10 +32,7 @@ pub(crate) fn render(scene: &Scene, style: Style, resolution: u32) -> RgbImage {
 fn paint_textured(canvas: &mut Canvas, scene: &Scene) {
     let res = canvas.size as f64;
     let light = Light::new(scene.light, res);
-    let noise = Noise {
-        seed: scene.noise_seed,
-        cell: (res / 6.0).max(1.0),
-    };
+    let noise = Noise { seed: scene.noise_seed, cell: (res / 6.0).max(1.0) };
 
     // Background: brighter near the lamp, with a mottled, paper-like texture. The warm spill is
     // added rather than multiplied so that dark backgrounds show the lighting too; both stay
@@ -140,11 +137,7 @@ struct Light {
 
 impl Light {
     fn new((x, y): (f64, f64), res: f64) -> Light {
-        Light {
-            x: x * res,
-            y: y * res,
-            z: 0.6 * res,
-        }
+        Light { x: x * res, y: y * res, z: 0.6 * res }
     }
 
     fn distance(&self, x: f64, y: f64) -> f64 {
@@ -221,10 +214,7 @@ struct Canvas {
 
 impl Canvas {
     fn new(size: u32) -> Canvas {
-        Canvas {
-            size,
-            pixels: vec![[0.0; 3]; (size as usize) * (size as usize)],
-        }
+        Canvas { size, pixels: vec![[0.0; 3]; (size as usize) * (size as usize)] }
     }
 
     /// Sets every pixel from its centre's coordinates.
@@ -290,12 +280,7 @@ impl Canvas {
                     }
                 }
                 if inside > 0 {
-                    apply(
-                        &mut self.pixels[py * size + px],
-                        inside as f64 / samples,
-                        x,
-                        y,
-                    );
+                    apply(&mut self.pixels[py * size + px], inside as f64 / samples, x, y);
                 }
             }
         }

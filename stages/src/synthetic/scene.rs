@@ -53,38 +53,14 @@ pub(crate) struct Colour {
 
 /// Far enough apart that shading and JPEG never make one read as another.
 pub(crate) const PALETTE: [Colour; 8] = [
-    Colour {
-        name: "red",
-        rgb: [215, 35, 35],
-    },
-    Colour {
-        name: "orange",
-        rgb: [245, 135, 20],
-    },
-    Colour {
-        name: "yellow",
-        rgb: [245, 215, 30],
-    },
-    Colour {
-        name: "green",
-        rgb: [40, 160, 60],
-    },
-    Colour {
-        name: "blue",
-        rgb: [35, 75, 215],
-    },
-    Colour {
-        name: "purple",
-        rgb: [135, 55, 175],
-    },
-    Colour {
-        name: "white",
-        rgb: [245, 245, 245],
-    },
-    Colour {
-        name: "black",
-        rgb: [25, 25, 25],
-    },
+    Colour { name: "red", rgb: [215, 35, 35] },
+    Colour { name: "orange", rgb: [245, 135, 20] },
+    Colour { name: "yellow", rgb: [245, 215, 30] },
+    Colour { name: "green", rgb: [40, 160, 60] },
+    Colour { name: "blue", rgb: [35, 75, 215] },
+    Colour { name: "purple", rgb: [135, 55, 175] },
+    Colour { name: "white", rgb: [245, 245, 245] },
+    Colour { name: "black", rgb: [25, 25, 25] },
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,25 +204,14 @@ impl Scene {
                 let slack = (cell - size) / 2.0 * JITTER;
                 let cx = (col as f64 + 0.5) * cell + draw.range(-slack, slack);
                 let cy = (row as f64 + 0.5) * cell + draw.range(-slack, slack);
-                Shape {
-                    kind,
-                    colour,
-                    cx,
-                    cy,
-                    size,
-                }
+                Shape { kind, colour, cx, cy, size }
             })
             .collect();
 
         // Drawn for every style, so the flat and textured scenes of one seed stay identical.
         let light = (draw.range(-0.25, 1.25), draw.range(-0.5, -0.05));
         let noise_seed = draw.next_u64();
-        Scene {
-            background,
-            shapes,
-            light,
-            noise_seed,
-        }
+        Scene { background, shapes, light, noise_seed }
     }
 
     /// The exact caption, e.g. "a red circle above a blue square on a yellow background":
@@ -281,11 +246,7 @@ impl Scene {
 
 /// "a red circle", "an orange square".
 fn indefinite(noun: &str) -> String {
-    let article = if noun.starts_with(['a', 'e', 'i', 'o', 'u']) {
-        "an"
-    } else {
-        "a"
-    };
+    let article = if noun.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
     format!("{article} {noun}")
 }
 
