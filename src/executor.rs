@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sdpipe_stages::api::{CancelToken, Params, Progress, StageContext, StageError};
+use sdpipe_stages::api::{CancelToken, GatheredInput, Params, Progress, StageContext, StageError};
 use serde_json::Value as Json;
 
 use crate::spec::template::{self, Namespace};
@@ -22,6 +22,8 @@ pub struct Job<'a> {
     pub params: &'a Params,
     /// Input name → path of its read-only view in scratch.
     pub inputs: BTreeMap<String, PathBuf>,
+    /// The stage's provenance for kinds that want it (`Null` otherwise).
+    pub provenance: Json,
     /// Dependency name → absolute paths (one for files and directories, the matches for globs).
     pub deps: BTreeMap<String, Vec<PathBuf>>,
     /// The project directory (the pipeline's directory), offered to shell commands.
@@ -72,10 +74,26 @@ impl Executor for LocalExecutor {
                     .iter()
                     .filter_map(|(k, v)| Some((k.clone(), v.first()?.clone())))
                     .collect();
+                // A gathered input reaches the kind once per point, not under `input@label`.
+                let mut inputs = job.inputs.clone();
+                let mut gathered: BTreeMap<String, Vec<GatheredInput>> = BTreeMap::new();
+                for (name, bindings) in &job.stage.gathered {
+                    let points = bindings
+                        .iter()
+                        .filter_map(|b| {
+                            Some(GatheredInput {
+                                label: b.label.clone(),
+                                values: b.values.clone(),
+                                path: inputs.remove(&b.input)?,
+                            })
+                        })
+                        .collect();
+                    gathered.insert(name.clone(), points);
+                }
                 let mut ctx = StageContext {
                     stage: &job.stage.name,
                     params: job.params,
-                    inputs: &job.inputs,
+                    inputs: &inputs,
                     paths: &paths,
                     out_dir: &job.out_dir,
                     state_dir: &job.state_dir,
@@ -84,6 +102,8 @@ impl Executor for LocalExecutor {
                     log: &mut log,
                     progress: job.progress,
                     cancel: job.cancel,
+                    gathered: &gathered,
+                    provenance: &job.provenance,
                 };
                 // Keep the kind's thread pools within the granted threads.
                 let pool = rayon::ThreadPoolBuilder::new()

@@ -9,6 +9,7 @@ use crate::hash::{self, Digest, DigestMemo, Hashed};
 use crate::key::{self, DepDigest, KeyManifest, Reason, KEY_SCHEMA};
 use crate::materialize;
 use crate::spec::{Action, Pipeline, Stage};
+use serde_json::Value as Json;
 
 /// A stage whose key is known.
 pub struct Fingerprint {
@@ -16,6 +17,8 @@ pub struct Fingerprint {
     pub key: Digest,
     /// Dependency name → absolute paths (for `${deps.x}` and `SDPIPE_DEP_X`).
     pub dep_paths: BTreeMap<String, Vec<PathBuf>>,
+    /// What the result derives from, for kinds that show it (`Null` for the others).
+    pub provenance: Json,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +31,8 @@ pub enum FingerprintError {
     Kind(String),
 }
 
-/// Hash everything `stage` depends on. `upstream` holds the records of finished upstream stages.
+/// Hash everything `stage` depends on. `upstream` holds the records of its finished upstream
+/// stages (all ancestors, for provenance).
 pub fn fingerprint(
     pipeline: &Pipeline,
     stage: &Stage,
@@ -92,6 +96,18 @@ pub fn fingerprint(
         }
     };
 
+    let provenance = match &stage.action {
+        Action::Builtin(kind) if kind.wants_provenance() => {
+            let provenance = provenance(pipeline, stage, upstream);
+            // In the key: a report never shows another run's keys.
+            let label = "<provenance>".to_string();
+            let bytes = serde_json::to_vec(&provenance).unwrap_or_default();
+            deps.insert(label.clone(), DepDigest { path: label, digest: Digest::of_bytes(&bytes) });
+            provenance
+        }
+        _ => Json::Null,
+    };
+
     let manifest = KeyManifest {
         schema: KEY_SCHEMA,
         kind: stage.action.kind_name().to_string(),
@@ -104,7 +120,30 @@ pub fn fingerprint(
         outputs: stage.outputs.iter().map(|o| (o.name.clone(), o.path.clone())).collect(),
     };
     let key = manifest.key();
-    Ok(Fingerprint { manifest, key, dep_paths })
+    Ok(Fingerprint { manifest, key, dep_paths, provenance })
+}
+
+/// Every ancestor of `stage` with a result, in pipeline order: what it is, its parameters, its
+/// key and how long its result took to compute.
+fn provenance(pipeline: &Pipeline, stage: &Stage, upstream: &HashMap<String, Record>) -> Json {
+    let ancestors = pipeline.with_upstream(std::slice::from_ref(&stage.name));
+    let stages: Vec<Json> = ancestors
+        .iter()
+        .filter(|name| **name != stage.name)
+        .filter_map(|name| {
+            let (s, record) = (pipeline.stages.get(name)?, upstream.get(name)?);
+            Some(serde_json::json!({
+                "name": name,
+                "kind": s.action.kind_name(),
+                "version": s.action.kind_version(),
+                "params": s.params,
+                "key": record.key.to_hex(),
+                "seconds": record.duration_ms as f64 / 1000.0,
+                "point": s.point.as_ref().map(|p| p.label.clone()).unwrap_or_default(),
+            }))
+        })
+        .collect();
+    serde_json::json!({ "stages": stages })
 }
 
 /// A record for `key` whose objects are all present.

@@ -148,12 +148,18 @@ pub enum Reason {
     },
 }
 
-/// A value as a person wrote it: learning rates read `1e-5`, not `0.00001`.
 fn show(v: &Option<Json>) -> String {
     match v {
         None => "(unset)".into(),
-        Some(Json::String(s)) => s.clone(),
-        Some(Json::Number(n)) if n.is_f64() => {
+        Some(v) => show_json(v),
+    }
+}
+
+/// A value as a person wrote it: learning rates read `1e-5`, not `0.00001`.
+pub fn show_json(v: &Json) -> String {
+    match v {
+        Json::String(s) => s.clone(),
+        Json::Number(n) if n.is_f64() => {
             let f = n.as_f64().unwrap_or_default();
             if f != 0.0 && (f.abs() < 1e-3 || f.abs() >= 1e7) {
                 format!("{f:e}")
@@ -161,7 +167,7 @@ fn show(v: &Option<Json>) -> String {
                 n.to_string()
             }
         }
-        Some(other) => other.to_string(),
+        other => other.to_string(),
     }
 }
 

@@ -61,6 +61,20 @@ impl Engine<'_> {
         }
     }
 
+    /// The records of every stage `name` (transitively) depends on that has one.
+    fn ancestor_records(
+        &self,
+        name: &str,
+        records: &HashMap<String, Record>,
+    ) -> HashMap<String, Record> {
+        self.pipeline
+            .with_upstream(&[name.to_string()])
+            .into_iter()
+            .filter(|s| s != name)
+            .filter_map(|s| records.get(&s).map(|r| (s, r.clone())))
+            .collect()
+    }
+
     /// Execute the pipeline.
     pub fn run(&self, opts: &RunOptions) -> Summary {
         let started = Instant::now();
@@ -115,10 +129,7 @@ impl Engine<'_> {
                         if ready && (used + need <= jobs || running.is_empty()) {
                             pending.remove(i);
                             running.insert(name.clone(), need);
-                            let upstream: HashMap<String, Record> = ups
-                                .iter()
-                                .filter_map(|u| records.get(*u).map(|r| (u.to_string(), r.clone())))
-                                .collect();
+                            let upstream = self.ancestor_records(&name, &records);
                             let tx = tx.clone();
                             let force = opts.force.contains(&name);
                             let ui = &ui;
@@ -336,6 +347,7 @@ impl Engine<'_> {
             vars: &self.pipeline.vars,
             params: &stage.params,
             inputs,
+            provenance: fp.provenance.clone(),
             deps: fp.dep_paths.clone(),
             project_dir: &self.pipeline.dir,
             out_dir: out_dir.clone(),
@@ -517,10 +529,7 @@ impl Engine<'_> {
                 stages.push(s);
                 continue;
             }
-            let upstream: HashMap<String, Record> = stage
-                .upstream()
-                .filter_map(|u| records.get(u).map(|r| (u.to_string(), r.clone())))
-                .collect();
+            let upstream = self.ancestor_records(name, &records);
             match fingerprint::fingerprint(self.pipeline, stage, &upstream, &memo) {
                 Err(e) => s.error = Some(e.to_string()),
                 Ok(fp) => {

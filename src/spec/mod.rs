@@ -7,6 +7,7 @@
 pub mod error;
 pub mod overrides;
 pub mod source;
+pub mod sweep;
 pub mod template;
 pub mod validate;
 pub mod yaml;
@@ -122,6 +123,32 @@ pub struct Stage {
     pub threads: usize,
     /// Where the stage is defined (its name in the file).
     pub span: Span,
+    /// `gather: true`: in a sweep, receive every point's instance of a swept input.
+    pub gather: bool,
+    /// For a gathering stage in a sweep: input name → one binding per point (each an entry of
+    /// `inputs` under the name `input@label`).
+    pub gathered: BTreeMap<String, Vec<GatherBinding>>,
+    /// The sweep point this instance belongs to (`None` outside a sweep or when the stage is
+    /// the same at every point).
+    pub point: Option<StagePoint>,
+}
+
+/// Which sweep point a stage instance computes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StagePoint {
+    /// The swept values that reach the stage, e.g. `learning_rate=3e-05`.
+    pub label: String,
+    /// `stage.param` → value.
+    pub values: BTreeMap<String, Json>,
+}
+
+/// One point's binding of a gathered input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatherBinding {
+    pub label: String,
+    pub values: BTreeMap<String, Json>,
+    /// The entry of `Stage::inputs` holding the binding.
+    pub input: String,
 }
 
 impl Stage {
@@ -129,7 +156,10 @@ impl Stage {
         self.outputs.iter().find(|o| o.name == name)
     }
     pub fn upstream(&self) -> impl Iterator<Item = &str> {
-        self.inputs.values().map(|i| i.stage.as_str())
+        let mut names: Vec<&str> = self.inputs.values().map(|i| i.stage.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names.into_iter()
     }
 }
 
@@ -157,9 +187,42 @@ impl Pipeline {
         overrides: &[overrides::Override],
     ) -> Result<Pipeline, SpecErrors> {
         let source = Arc::new(SourceFile::new(display_name, text));
-        let doc = yaml::parse(source.clone())
-            .map_err(|e| SpecError::at(&source, e.span, e.message).label("syntax error"))?;
-        validate::validate(file, doc, registry, overrides)
+        let parse = || {
+            yaml::parse(source.clone())
+                .map_err(|e| SpecError::at(&source, e.span, e.message).label("syntax error"))
+        };
+        let doc = parse()?;
+        let file_points = sweep::parse(&doc)?;
+        let cli_axes: Vec<sweep::Axis> = overrides
+            .iter()
+            .filter(|o| !o.values.is_empty())
+            .map(|o| sweep::Axis { target: o.path.join("."), values: o.values.clone() })
+            .collect();
+        // The pipeline as written (first values of command-line axes): its errors are reported
+        // once, not once per point.
+        let base = validate::validate(file, doc, registry, overrides)?;
+        if file_points.is_none() && cli_axes.is_empty() {
+            return Ok(base);
+        }
+        let points = sweep::with_cli_axes(file_points, &cli_axes);
+        let mut variants = Vec::with_capacity(points.len());
+        let mut errors = Vec::new();
+        for point in &points {
+            let mut point_overrides: Vec<_> =
+                overrides.iter().filter(|o| o.values.is_empty()).cloned().collect();
+            point_overrides.extend(point.overrides());
+            match validate::validate(file, parse()?, registry, &point_overrides) {
+                Ok(p) => variants.push(p),
+                Err(SpecErrors(es)) => errors.extend(es.into_iter().map(|mut e| {
+                    e.message = format!("sweep point {}: {}", point.describe(), e.message);
+                    e
+                })),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(SpecErrors(errors));
+        }
+        sweep::merge(base, &points, variants)
     }
 
     /// Stage names that (transitively) feed `targets`, the targets included, in file order.

@@ -12,6 +12,9 @@ pub struct Override {
     /// Dotted path after the stage (or `vars`): `["train", "lr"]`.
     pub path: Vec<String>,
     pub value: Value,
+    /// `--set k=v1,v2`: every value, making the parameter a sweep axis (then `value` is the
+    /// first). Empty for a single value.
+    pub values: Vec<Value>,
     /// As the user typed it, for messages.
     pub raw: String,
 }
@@ -26,14 +29,43 @@ impl std::str::FromStr for Override {
         if path.len() < 2 || path.iter().any(String::is_empty) {
             return Err(format!("`{lhs}` is not a dotted path like stage.param or vars.name"));
         }
-        // Typed like YAML (`3e-5` is a number, `true` a boolean); text that is not a YAML value
-        // on its own (`?`, `a: b`) is taken as the plain string the user typed.
-        let value = match yaml::parse_scalar(rhs) {
-            Ok(Value::Mapping(_)) | Err(_) => Value::String(rhs.to_string()),
-            Ok(v) => v,
-        };
-        Ok(Override { path, value, raw: s.to_string() })
+        let parts = split_top_level(rhs);
+        let values: Vec<Value> =
+            if parts.len() > 1 { parts.iter().map(|p| scalar(p.trim())).collect() } else { vec![] };
+        let value = values.first().cloned().unwrap_or_else(|| scalar(rhs));
+        Ok(Override { path, value, values, raw: s.to_string() })
     }
+}
+
+/// Typed like YAML (`3e-5` is a number, `true` a boolean); text that is not a YAML value on its
+/// own (`?`, `a: b`) is taken as the plain string the user typed.
+fn scalar(text: &str) -> Value {
+    match yaml::parse_scalar(text) {
+        Ok(Value::Mapping(_)) | Err(_) => Value::String(text.to_string()),
+        Ok(v) => v,
+    }
+}
+
+/// Split on commas outside brackets and quotes: `1e-5,3e-5` is two values, `[1,2]` and
+/// `"a,b"` are one.
+fn split_top_level(text: &str) -> Vec<&str> {
+    let (mut depth, mut quote, mut start, mut parts) = (0i32, None, 0, Vec::new());
+    for (i, c) in text.char_indices() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '[' | '{') => depth += 1,
+            (None, ']' | '}') => depth -= 1,
+            (None, ',') if depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
 }
 
 /// Apply overrides to the document root.
@@ -119,6 +151,17 @@ mod tests {
         assert_eq!(o.value.as_str(), Some("?"));
         let o: Override = "a.name=k: v".parse().unwrap();
         assert_eq!(o.value.as_str(), Some("k: v"));
+    }
+
+    #[test]
+    fn comma_separated_values_make_a_sweep_axis() {
+        let o: Override = "train.lr=1e-5,3e-5".parse().unwrap();
+        assert_eq!(o.values.len(), 2);
+        assert!(o.values.iter().all(|v| v.as_f64().is_some()));
+        let o: Override = "a.b=[1,2]".parse().unwrap();
+        assert!(o.values.is_empty(), "a flow list is one value");
+        let o: Override = "a.b=\"x,y\"".parse().unwrap();
+        assert_eq!(o.value.as_str(), Some("x,y"));
     }
 
     #[test]

@@ -15,9 +15,10 @@ use super::template::{self, Namespace};
 use super::yaml::{Document, Seg};
 use super::{Action, Dep, InputRef, Output, Pipeline, SourceFile, Stage};
 
-const TOP_KEYS: &[&str] = &["vars", "stages"];
-const STAGE_KEYS: &[&str] =
-    &["uses", "with", "run", "deps", "inputs", "outs", "params", "env", "threads", "desc"];
+const TOP_KEYS: &[&str] = &["vars", "stages", "sweep"];
+const STAGE_KEYS: &[&str] = &[
+    "uses", "with", "run", "deps", "inputs", "outs", "params", "env", "threads", "desc", "gather",
+];
 
 /// Validate `doc` (the file at `file`) against the registry's kinds.
 pub fn validate(
@@ -222,6 +223,8 @@ impl<'a> Validator<'a> {
                     }
                 }
                 "stages" => raw_stages = Some(v),
+                // Checked and expanded by `sweep`.
+                "sweep" => {}
                 _ => unreachable!("filtered by mapping()"),
             }
         }
@@ -294,6 +297,9 @@ impl<'a> Validator<'a> {
             outputs: Vec::new(),
             threads: 1,
             span,
+            gather: false,
+            gathered: BTreeMap::new(),
+            point: None,
         };
         let mut pending_inputs = Vec::new();
         let builtin_only = ["with"];
@@ -453,6 +459,17 @@ impl<'a> Validator<'a> {
                         &at("threads"),
                         "`threads` must be an integer between 1 and 1024",
                     );
+                }
+            }
+        }
+        if let Some(gather) = fields.get("gather") {
+            match (gather.as_bool(), &stage.action) {
+                (Some(_), Action::Shell { .. }) => {
+                    self.err_key(&at("gather"), "`gather` is for built-in kinds (a report)");
+                }
+                (Some(g), _) => stage.gather = g,
+                (None, _) => {
+                    self.err_value(&at("gather"), "`gather` must be true or false");
                 }
             }
         }

@@ -199,6 +199,24 @@ pub struct StageContext<'a> {
     pub log: &'a mut (dyn Write + Send),
     pub progress: &'a dyn Progress,
     pub cancel: &'a CancelToken,
+    /// For a stage marked `gather: true` downstream of a sweep: input name → one binding per
+    /// sweep point that reaches it. Empty otherwise. [`StageContext::input_points`] reads both.
+    pub gathered: &'a BTreeMap<String, Vec<GatheredInput>>,
+    /// What this stage's result derives from, for kinds whose [`StageKind::wants_provenance`] is
+    /// true (`Null` for the others): `{"stages": [{"name", "kind", "version", "params", "key",
+    /// "seconds", "cached"}...]}` over every upstream stage, in pipeline order. It is part of the
+    /// stage's key, so a report never shows another run's provenance.
+    pub provenance: &'a Value,
+}
+
+/// One sweep point's binding of a gathered input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatheredInput {
+    /// The point's label, e.g. `learning_rate=3e-05` (empty outside a sweep).
+    pub label: String,
+    /// The swept parameters of that point (`stage.param` → value).
+    pub values: BTreeMap<String, Value>,
+    pub path: PathBuf,
 }
 
 impl StageContext<'_> {
@@ -207,6 +225,22 @@ impl StageContext<'_> {
             .get(name)
             .map(PathBuf::as_path)
             .ok_or_else(|| StageError::failed(format!("input `{name}` is not bound")))
+    }
+    /// Every binding of input `name`: one per sweep point for a gathered input, else the single
+    /// bound path with an empty label; empty when the (optional) input is unbound.
+    pub fn input_points(&self, name: &str) -> Vec<GatheredInput> {
+        if let Some(points) = self.gathered.get(name) {
+            return points.clone();
+        }
+        self.inputs
+            .get(name)
+            .map(|path| GatheredInput {
+                label: String::new(),
+                values: BTreeMap::new(),
+                path: path.clone(),
+            })
+            .into_iter()
+            .collect()
     }
     /// Where the declared output `name` (with the given relative path) is written.
     pub fn output_path(&self, relative: &str) -> PathBuf {
@@ -241,6 +275,10 @@ pub trait StageKind: Send + Sync {
     /// weights resolved from a hub cache: name → path whose content the engine hashes into the key.
     fn external_deps(&self, _params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
         Ok(BTreeMap::new())
+    }
+    /// Whether the kind reads [`StageContext::provenance`] (the report does).
+    fn wants_provenance(&self) -> bool {
+        false
     }
     /// Do the work.
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError>;

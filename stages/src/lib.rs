@@ -7,6 +7,7 @@ pub mod api;
 pub mod imagefolder;
 pub mod synthetic;
 pub mod testing;
+pub mod unsplash;
 
 use std::sync::Arc;
 
@@ -15,8 +16,11 @@ pub use api::{Registry, StageKind};
 /// Every built-in kind, as the `sdpipe` binary registers them.
 pub fn builtin() -> Registry {
     let mut registry = Registry::new();
-    let kinds: Vec<Arc<dyn StageKind>> =
-        vec![Arc::new(synthetic::Synthetic), Arc::new(imagefolder::ImageFolder)];
+    let kinds: Vec<Arc<dyn StageKind>> = vec![
+        Arc::new(synthetic::Synthetic),
+        Arc::new(imagefolder::ImageFolder),
+        Arc::new(unsplash::UnsplashLite),
+    ];
     for kind in kinds {
         registry.register(kind);
     }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::api::{CancelToken, NoProgress, Params, StageContext, StageError, StageKind};
+use crate::api::{
+    CancelToken, GatheredInput, NoProgress, Params, StageContext, StageError, StageKind,
+};
 
 /// The kind's defaults (required parameters left out), overridden by `overrides`.
 pub fn params(kind: &dyn StageKind, overrides: &[(&str, Value)]) -> Params {
@@ -30,6 +32,8 @@ pub struct Harness {
     pub paths: BTreeMap<String, PathBuf>,
     pub cancel: CancelToken,
     pub threads: usize,
+    pub gathered: BTreeMap<String, Vec<GatheredInput>>,
+    pub provenance: Value,
     /// Everything the stage wrote to its log.
     pub log: Vec<u8>,
 }
@@ -50,12 +54,25 @@ impl Harness {
             paths: BTreeMap::new(),
             cancel: CancelToken::new(),
             threads: 1,
+            gathered: BTreeMap::new(),
+            provenance: Value::Null,
             log: Vec::new(),
         }
     }
 
     pub fn input(mut self, name: &str, path: impl Into<PathBuf>) -> Self {
         self.inputs.insert(name.to_string(), path.into());
+        self
+    }
+
+    /// Bind a gathered input: one path per sweep point `(label, values, path)`.
+    pub fn gathered(mut self, name: &str, points: Vec<GatheredInput>) -> Self {
+        self.gathered.insert(name.to_string(), points);
+        self
+    }
+
+    pub fn provenance(mut self, provenance: Value) -> Self {
+        self.provenance = provenance;
         self
     }
 
@@ -78,6 +95,8 @@ impl Harness {
             log: &mut self.log,
             progress: &NoProgress,
             cancel: &self.cancel,
+            gathered: &self.gathered,
+            provenance: &self.provenance,
         };
         kind.run(&mut ctx)
     }
