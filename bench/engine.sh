@@ -193,6 +193,7 @@ git=$(git --version | awk '{print $3}')
 python=$(python3 --version | awk '{print $2}')
 files=$BENCH_FILES
 bytes=$DATA_BYTES
+load=$(cut -d' ' -f1-3 /proc/loadavg) (1/5/15-minute load average when the report was written: other work on the machine inflates wall times; CPU-time ratios are less affected)
 EOF
 )
 python3 - "$J" "$BENCH_OUT" <<'PY'
@@ -201,7 +202,7 @@ jdir, out = sys.argv[1], sys.argv[2]
 facts = dict(l.split("=", 1) for l in os.environ["BENCH_FACTS"].splitlines())
 
 def load(name):
-    with open(os.path.join(jdir, name)) as f:
+    with open(os.path.join(jdir, name + ".json")) as f:
         return json.load(f)["results"]
 
 rows = []
@@ -211,6 +212,13 @@ res = {r["command"]: r for _, r in rows}
 
 def ms(r):
     return f"{r['mean'] * 1e3:.1f} ± {r['stddev'] * 1e3:.1f}"
+
+def cpu(r):
+    """User + system CPU seconds of one run (mean): less sensitive than wall time to other load."""
+    return r["user"] + r["system"]
+
+def cpu_ratio(a, b):
+    return cpu(a) / cpu(b)
 
 def ratio(a, b):
     """a/b with first-order error propagation from both standard deviations."""
@@ -247,12 +255,12 @@ w("## Results")
 w("")
 w(f"{facts['files']} files, {mib:.0f} MiB. Mean ± standard deviation of wall-clock time (hyperfine).")
 w("")
-w("| scenario | command | mean ± σ (ms) | min (ms) | runs | throughput |")
-w("|---|---|---:|---:|---:|---:|")
+w("| scenario | command | mean ± σ (ms) | min (ms) | CPU user+sys (ms) | runs | throughput |")
+w("|---|---|---:|---:|---:|---:|---:|")
 scen = {"noop": "no-op rerun", "cold": "cold run"}
 for name, r in rows:
     w(f"| {scen[name.split('_')[0]]} | {r['command']} | {ms(r)} | {r['min'] * 1e3:.1f} | "
-      f"{len(r['times'])} | {gibs(r) if name.startswith('cold') else ''} |")
+      f"{cpu(r) * 1e3:.0f} | {len(r['times'])} | {gibs(r) if name.startswith('cold') else ''} |")
 w("")
 w("| ratio | value | goal | met |")
 w("|---|---:|---:|:---:|")
@@ -263,6 +271,8 @@ w(f"| cold: `sdpipe run` ÷ fastest b3sum ({b3_best['command']}) | **{cold_x:.2f
 w(f"| cold: `sdpipe run` ÷ plain `b3sum` (1 process) | {cold_plain_x:.2f} ± {cold_plain_e:.2f} | ≤ 1.10 | "
   f"{'yes' if cold_plain_x <= 1.10 else 'no'} |")
 w(f"| cold, hashing only: `sdpipe status` ÷ fastest b3sum | {hash_x:.2f} ± {hash_e:.2f} | (diagnostic) | |")
+w(f"| no-op, CPU time: `dvc repro` ÷ `sdpipe run` | {cpu_ratio(dvc_noop, sd_noop):.1f}× | (diagnostic) | |")
+w(f"| cold, CPU time: `sdpipe run` ÷ fastest b3sum | {cpu_ratio(sd_cold, b3_best):.2f} | (diagnostic) | |")
 w(f"| cold: `dvc repro` ÷ `sdpipe run` | {dvc_cold_x:.1f}× ± {dvc_cold_e:.1f} | (extra) | |")
 w("")
 w("## What is measured")
@@ -298,7 +308,7 @@ w("  anything, shown as a diagnostic. b3sum and sdpipe both use BLAKE3; dvc uses
 w("")
 w("## Machine and versions")
 w("")
-for k in ["date", "command", "nproc", "cpu", "memory", "kernel", "filesystem", "sdpipe", "dvc",
+for k in ["date", "command", "load", "nproc", "cpu", "memory", "kernel", "filesystem", "sdpipe", "dvc",
           "b3sum", "hyperfine", "git", "python"]:
     w(f"* {k}: `{facts[k]}`")
 w("")

@@ -155,7 +155,7 @@ pub fn main() -> i32 {
         }
     };
     init_tracing(cli.verbose);
-    let registry = sdpipe_stages::builtin();
+    let registry = crate::kinds::builtin();
     match run_command(cli, &registry) {
         Ok(code) => code,
         Err(CliError::Spec(errors, json)) => {
@@ -414,11 +414,17 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                         for r in &report.records_evicted {
                             println!("record evicted: {r}");
                         }
+                        if let Some(aside) = &report.damaged_index_moved_to {
+                            println!("damaged index moved to {aside}; a fresh one replaces it");
+                        }
                         if report.corrupt_objects.is_empty() && report.records_evicted.is_empty() {
                             println!("all objects intact");
                         }
                     }
-                    Ok(if report.corrupt_objects.is_empty() && report.records_evicted.is_empty() {
+                    Ok(if report.corrupt_objects.is_empty()
+                        && report.records_evicted.is_empty()
+                        && report.damaged_index_moved_to.is_none()
+                    {
                         exit::OK
                     } else {
                         exit::FAILED
@@ -492,6 +498,11 @@ fn print_run(summary: &Summary, project: &Project) {
         println!("interrupted: finished stages are cached; run again to resume");
     } else if summary.count(State::Ran) + summary.count(State::Cached) > 0 {
         println!("outputs: {}", project.runs_dir.display());
+        for s in &summary.stages {
+            if let Some(headline) = &s.headline {
+                println!("{}: {headline}", s.name);
+            }
+        }
     }
 }
 

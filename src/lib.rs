@@ -14,6 +14,7 @@ pub mod executor;
 pub mod fingerprint;
 pub mod hash;
 pub mod key;
+pub mod kinds;
 pub mod lock;
 pub mod maintenance;
 pub mod materialize;

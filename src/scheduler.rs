@@ -19,7 +19,7 @@ use crate::hash::{self, NoMemo};
 use crate::key::Reason;
 use crate::materialize;
 use crate::project::Project;
-use crate::spec::{Pipeline, Stage};
+use crate::spec::{Action, Pipeline, Stage};
 use crate::summary::{ReasonOut, StageSummary, State, Summary, SUMMARY_SCHEMA};
 use crate::ui::Ui;
 
@@ -294,7 +294,14 @@ impl Engine<'_> {
         // The log of the run that produced this result.
         summary.log = record.log.map(|d| self.cache.store().path(&d).display().to_string());
         match self.materialize(stage, &record) {
-            Ok(paths) => summary.outputs = paths,
+            Ok(paths) => {
+                summary.outputs = paths;
+                if let Action::Builtin(kind) = &stage.action {
+                    summary.headline = kind.headline().map(|rel| {
+                        self.project.runs_dir.join(&stage.name).join(rel).display().to_string()
+                    });
+                }
+            }
             Err(e) => {
                 tracing::warn!("could not materialise {} into the run directory: {e}", stage.name)
             }
@@ -361,7 +368,17 @@ impl Engine<'_> {
             cancel: &self.cancel,
             progress: bar,
         };
-        match self.executor.execute(job) {
+        let views = view_stats(&in_dir);
+        let result = self.executor.execute(job);
+        // Input views are hardlinks of stored objects. Read-only bits do not stop root, so a
+        // command that writes into an input damages the cached result of the stage upstream:
+        // find it, evict the damaged objects, and refuse the stage's result.
+        if view_stats(&in_dir) != views {
+            if let Some(message) = self.evict_damaged_inputs(stage, upstream) {
+                return Err(with_log(message));
+            }
+        }
+        match result {
             Ok(()) => {}
             Err(ExecError::Cancelled) => return Err(with_log("interrupted".into())),
             Err(e) => return Err(with_log(e.to_string())),
@@ -416,6 +433,44 @@ impl Engine<'_> {
         let _ = fs::remove_file(&log_path);
         let _ = materialize::remove_tree(&state_dir);
         Ok(record)
+    }
+
+    /// Rehash the objects behind `stage`'s inputs; remove the damaged ones (so their stages
+    /// recompute) and say which inputs were written to.
+    fn evict_damaged_inputs(
+        &self,
+        stage: &Stage,
+        upstream: &HashMap<String, Record>,
+    ) -> Option<String> {
+        let store = self.cache.store();
+        let mut damaged = Vec::new();
+        for (name, binding) in &stage.inputs {
+            let output = &upstream[&binding.stage].outputs[&binding.output];
+            let mut objects = vec![output.digest];
+            if output.kind == OutputKind::Dir {
+                if let Ok(tree) = materialize::load_tree(store, output) {
+                    objects.extend(tree.entries.iter().map(|e| e.digest));
+                }
+            }
+            let bad: Vec<_> = objects
+                .into_iter()
+                .filter(|d| !crate::cache::store::verify_object(store, d).unwrap_or(false))
+                .collect();
+            if !bad.is_empty() {
+                for d in &bad {
+                    let _ = store.remove(d);
+                }
+                damaged.push(format!("`{name}` (from {binding})"));
+            }
+        }
+        (!damaged.is_empty()).then(|| {
+            format!(
+                "the command wrote into its input {}: inputs are read-only views of cached \
+                 results, so this damaged them; the damaged objects were removed and the \
+                 upstream stage will recompute on the next run (write new files instead)",
+                damaged.join(", ")
+            )
+        })
     }
 
     /// Hash each declared output and move its files into the object store.
@@ -574,6 +629,21 @@ impl Engine<'_> {
             stages,
         }
     }
+}
+
+/// (inode, size, mtime) of every file under an input directory: a write through a hardlink
+/// changes the shared inode's size or mtime.
+fn view_stats(dir: &std::path::Path) -> BTreeMap<PathBuf, (u64, u64, i128)> {
+    use std::os::unix::fs::MetadataExt;
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let m = e.path().symlink_metadata().ok()?;
+            let mtime = m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
+            Some((e.path().to_path_buf(), (m.ino(), m.len(), mtime)))
+        })
+        .collect()
 }
 
 struct Failure {

@@ -53,6 +53,10 @@ pub struct StageSummary {
     pub error: Option<String>,
     /// Whether this process waited for another sdpipe process computing the same key.
     pub waited: bool,
+    /// The file a person opens after the run (a report), materialised; only for kinds that
+    /// have one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headline: Option<String>,
 }
 
 impl StageSummary {
@@ -68,6 +72,7 @@ impl StageSummary {
             log: None,
             error: None,
             waited: false,
+            headline: None,
         }
     }
 }

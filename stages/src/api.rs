@@ -276,6 +276,11 @@ pub trait StageKind: Send + Sync {
     fn external_deps(&self, _params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
         Ok(BTreeMap::new())
     }
+    /// A file among the outputs that a person opens after the run (the report's
+    /// `report/README.md`): `sdpipe run` prints where it was materialised.
+    fn headline(&self) -> Option<&'static str> {
+        None
+    }
     /// Whether the kind reads [`StageContext::provenance`] (the report does).
     fn wants_provenance(&self) -> bool {
         false

@@ -1,0 +1,14 @@
+//! The stage kinds the `sdpipe` binary knows: the data kinds of `sdpipe-stages` plus one crate
+//! per ML area. The engine itself only ever sees the [`Registry`].
+
+use sdpipe_stages::api::Registry;
+
+/// Every built-in kind.
+pub fn builtin() -> Registry {
+    let mut registry = sdpipe_stages::builtin();
+    let crates = [sdpipe_report::kinds()];
+    for kind in crates.into_iter().flatten() {
+        registry.register(kind);
+    }
+    registry
+}

@@ -1,0 +1,391 @@
+//! Reading the upstream outputs a report is made from, checked against their data contracts
+//! (see the sdpipe docs on formats): imagefolder metadata, sample images and `samples.jsonl`,
+//! `metrics.json` of `fid` and `lpips`, `per_image.jsonl`, and `train_log.jsonl`.
+//!
+//! Each reader takes the input's name so that an error says which binding and which file is
+//! wrong. Inputs are accepted either as the file itself (how the engine hands over a file
+//! output) or as a directory holding it under its contract name.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::error::ReportError;
+
+/// One test image with its caption, from the imagefolder's `<split>/metadata.jsonl`.
+#[derive(Debug, Clone)]
+pub struct TestItem {
+    pub id: String,
+    pub caption: String,
+    pub image: PathBuf,
+}
+
+/// One line of a `sample` stage's `samples.jsonl`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SampleRecord {
+    pub id: String,
+    pub file_name: String,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub k: Option<u64>,
+}
+
+/// A model's generated images: one image per id (the first draw, `k = 0`, when there are more).
+#[derive(Debug, Clone, Default)]
+pub struct Samples {
+    /// id → image file.
+    pub images: BTreeMap<String, PathBuf>,
+    /// Every record of `samples.jsonl`, when it was available, sorted by (id, k).
+    pub records: Option<Vec<SampleRecord>>,
+}
+
+impl Samples {
+    /// The image shown for `id`: its first draw. Without `samples.jsonl`, an image named
+    /// `<id>.png`, else `<id>_0.png` (how the sample stage names draws when there are several).
+    pub fn image(&self, id: &str) -> Option<&PathBuf> {
+        self.images.get(id).or_else(|| match self.records {
+            Some(_) => None,
+            None => self.images.get(&format!("{id}_0")),
+        })
+    }
+
+    /// The record of the image shown for `id`.
+    pub fn record(&self, id: &str) -> Option<&SampleRecord> {
+        self.records.as_ref()?.iter().find(|r| r.id == id)
+    }
+}
+
+/// An `fid` stage's `metrics.json`.
+#[derive(Debug, Clone)]
+pub struct FidMetrics {
+    pub fid: f64,
+    pub kid_mean: Option<f64>,
+    pub kid_std: Option<f64>,
+    pub n_real: u64,
+    pub n_fake: u64,
+    pub weights: Option<String>,
+    /// The whole file, for `report.json`.
+    pub raw: Map<String, Value>,
+}
+
+/// An `lpips` stage's `metrics.json`, with its `per_image.jsonl` when available.
+#[derive(Debug, Clone)]
+pub struct LpipsMetrics {
+    pub lpips: f64,
+    pub n: u64,
+    pub weights: Option<String>,
+    pub raw: Map<String, Value>,
+    /// Fake image stem (= id) → LPIPS to its ground truth.
+    pub per_image: Option<BTreeMap<String, f64>>,
+}
+
+/// One line of `train_log.jsonl`. A diverged step's loss is serialised as `null`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TrainStep {
+    pub step: u64,
+    #[serde(default)]
+    pub loss: Option<f64>,
+    #[serde(default)]
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub grad_norm: Option<f64>,
+    #[serde(default)]
+    pub seconds: Option<f64>,
+}
+
+/// `path` itself when it is a file, else `path/name`.
+fn file_in(path: &Path, name: &str) -> PathBuf {
+    if path.is_dir() {
+        path.join(name)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+fn read_text(input: &str, path: &Path, hint: &str) -> Result<String, ReportError> {
+    if !path.exists() {
+        return Err(ReportError::Missing {
+            input: input.into(),
+            path: path.to_path_buf(),
+            hint: hint.into(),
+        });
+    }
+    fs::read_to_string(path)
+        .map_err(|source| ReportError::Read { path: path.to_path_buf(), source })
+}
+
+fn read_jsonl<T: serde::de::DeserializeOwned>(
+    input: &str,
+    path: &Path,
+    expected: &'static str,
+) -> Result<Vec<T>, ReportError> {
+    let text = read_text(input, path, &format!("expected {expected}"))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| ReportError::Malformed {
+                input: input.into(),
+                path: path.to_path_buf(),
+                expected,
+                message: format!("line {}: {e}", i + 1),
+            })
+        })
+        .collect()
+}
+
+/// The last path component only, so a metadata line cannot point outside its folder.
+fn safe_name(name: &str) -> Option<&str> {
+    let base = Path::new(name).file_name()?.to_str()?;
+    (!base.starts_with('.')).then_some(base)
+}
+
+fn stem(name: &str) -> String {
+    Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The test split of an imagefolder dataset (`<dataset>/<split>/metadata.jsonl`), sorted by id.
+pub fn read_test_items(dataset: &Path, split: &str) -> Result<Vec<TestItem>, ReportError> {
+    #[derive(Deserialize)]
+    struct Line {
+        file_name: String,
+        text: String,
+    }
+    const EXPECTED: &str = "imagefolder metadata.jsonl ({\"file_name\", \"text\"} lines)";
+    let dir = dataset.join(split);
+    let path = dir.join("metadata.jsonl");
+    if !path.exists() {
+        return Err(ReportError::Missing {
+            input: "dataset".into(),
+            path,
+            hint: format!(
+                "bind an imagefolder stage's `dataset` output, and check that the `split` \
+                 parameter (`{split}`) names one of its splits"
+            ),
+        });
+    }
+    let lines: Vec<Line> = read_jsonl("dataset", &path, EXPECTED)?;
+    let mut items = Vec::with_capacity(lines.len());
+    for line in lines {
+        let Some(name) = safe_name(&line.file_name) else {
+            return Err(ReportError::Malformed {
+                input: "dataset".into(),
+                path,
+                expected: EXPECTED,
+                message: format!("`file_name` {:?} is not a file name", line.file_name),
+            });
+        };
+        items.push(TestItem { id: stem(name), caption: line.text, image: dir.join(name) });
+    }
+    items.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(items)
+}
+
+fn is_image(path: &Path) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg" | "webp"))
+}
+
+/// A sample stage's images. `path` is its `images/` output (or a folder holding `images/` and
+/// `samples.jsonl`); `records` is its `samples.jsonl` output, when bound.
+pub fn read_samples(
+    input: &str,
+    path: &Path,
+    records: Option<(&str, &Path)>,
+) -> Result<Samples, ReportError> {
+    const EXPECTED: &str =
+        "samples.jsonl ({\"id\", \"file_name\", \"prompt\", \"seed\", \"k\"} lines)";
+    let (images_dir, records) = if path.join("images").is_dir() {
+        let beside = path.join("samples.jsonl");
+        let records = records.map(|(i, p)| (i.to_string(), p.to_path_buf()));
+        (path.join("images"), records.or_else(|| beside.exists().then(|| (input.into(), beside))))
+    } else {
+        (path.to_path_buf(), records.map(|(i, p)| (i.to_string(), p.to_path_buf())))
+    };
+    if !images_dir.is_dir() {
+        return Err(ReportError::Missing {
+            input: input.into(),
+            path: images_dir,
+            hint: "expected a sample stage's `images` folder".into(),
+        });
+    }
+    let mut files: Vec<PathBuf> = fs::read_dir(&images_dir)
+        .map_err(|source| ReportError::Read { path: images_dir.clone(), source })?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_image(p))
+        .collect();
+    files.sort();
+
+    let Some((records_input, records_path)) = records else {
+        // Without the records, an image's id is its file stem; with several draws per prompt
+        // (`<id>_<k>.png`) the ids cannot be told apart from stems, so the exact stem wins.
+        let images = files.into_iter().map(|p| (stem(&p.to_string_lossy()), p)).collect();
+        return Ok(Samples { images, records: None });
+    };
+    let records_file = file_in(&records_path, "samples.jsonl");
+    let mut records: Vec<SampleRecord> = read_jsonl(&records_input, &records_file, EXPECTED)?;
+    records.sort_by(|a, b| (&a.id, a.k).cmp(&(&b.id, b.k)));
+    let mut images = BTreeMap::new();
+    for r in &records {
+        let image = safe_name(&r.file_name).map(|n| images_dir.join(n));
+        match image {
+            Some(image) if image.is_file() => {
+                images.entry(r.id.clone()).or_insert(image);
+            }
+            _ => {
+                return Err(ReportError::Malformed {
+                    input: records_input,
+                    path: records_file,
+                    expected: EXPECTED,
+                    message: format!(
+                        "it lists `{}` for id `{}`, which is not in {}",
+                        r.file_name,
+                        r.id,
+                        images_dir.display()
+                    ),
+                })
+            }
+        }
+    }
+    Ok(Samples { images, records: Some(records) })
+}
+
+/// Parses a `metrics.json` object and checks its `metric` field.
+fn read_metrics_object(
+    input: &str,
+    path: &Path,
+    metric: &str,
+    expected: &'static str,
+) -> Result<Map<String, Value>, ReportError> {
+    let file = file_in(path, "metrics.json");
+    let text =
+        read_text(input, &file, &format!("expected the `metrics.json` of a `{metric}` stage"))?;
+    let malformed = |message: String| ReportError::Malformed {
+        input: input.into(),
+        path: file.clone(),
+        expected,
+        message,
+    };
+    let value: Value =
+        serde_json::from_str(&text).map_err(|e| malformed(format!("not JSON: {e}")))?;
+    let Value::Object(map) = value else {
+        return Err(malformed("not a JSON object".into()));
+    };
+    match map.get("metric").and_then(Value::as_str) {
+        Some(m) if m == metric => Ok(map),
+        Some(other) => Err(malformed(format!(
+            "its `metric` is {other:?}, not {metric:?}: bind the `{metric}` stage's output here"
+        ))),
+        None => Err(malformed("the `metric` field is missing".into())),
+    }
+}
+
+fn field_f64(map: &Map<String, Value>, name: &str) -> Result<Option<f64>, String> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("`{name}` is {v}, not a number")),
+    }
+}
+
+fn field_u64(map: &Map<String, Value>, name: &str) -> Result<u64, String> {
+    map.get(name)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("`{name}` is missing or not a non-negative integer"))
+}
+
+fn required(value: Option<f64>, name: &str) -> Result<f64, String> {
+    value.ok_or_else(|| format!("`{name}` is missing or null"))
+}
+
+/// An `fid` stage's `metrics.json` (`path` is the file or a folder holding it).
+pub fn read_fid(input: &str, path: &Path) -> Result<FidMetrics, ReportError> {
+    const EXPECTED: &str = "fid metrics.json";
+    let raw = read_metrics_object(input, path, "fid", EXPECTED)?;
+    let parse = || -> Result<FidMetrics, String> {
+        Ok(FidMetrics {
+            fid: required(field_f64(&raw, "fid")?, "fid")?,
+            kid_mean: field_f64(&raw, "kid_mean")?,
+            kid_std: field_f64(&raw, "kid_std")?,
+            n_real: field_u64(&raw, "n_real")?,
+            n_fake: field_u64(&raw, "n_fake")?,
+            weights: raw.get("weights").and_then(Value::as_str).map(str::to_string),
+            raw: raw.clone(),
+        })
+    };
+    parse().map_err(|message| ReportError::Malformed {
+        input: input.into(),
+        path: file_in(path, "metrics.json"),
+        expected: EXPECTED,
+        message,
+    })
+}
+
+/// An `lpips` stage's `metrics.json`, and its `per_image.jsonl` from `per_image` (the bound
+/// output) or, when `path` is a folder, from beside the metrics.
+pub fn read_lpips(
+    input: &str,
+    path: &Path,
+    per_image: Option<(&str, &Path)>,
+) -> Result<LpipsMetrics, ReportError> {
+    const EXPECTED: &str = "lpips metrics.json";
+    const EXPECTED_PER_IMAGE: &str =
+        "lpips per_image.jsonl ({\"id\", \"real\", \"fake\", \"lpips\"} lines)";
+    let raw = read_metrics_object(input, path, "lpips", EXPECTED)?;
+    let malformed = |message: String| ReportError::Malformed {
+        input: input.into(),
+        path: file_in(path, "metrics.json"),
+        expected: EXPECTED,
+        message,
+    };
+    let lpips = field_f64(&raw, "lpips").and_then(|v| required(v, "lpips")).map_err(malformed)?;
+    let n = field_u64(&raw, "n").map_err(malformed)?;
+    let weights = raw.get("weights").and_then(Value::as_str).map(str::to_string);
+
+    let per_image_file = match per_image {
+        Some((i, p)) => Some((i.to_string(), file_in(p, "per_image.jsonl"))),
+        None if path.is_dir() && path.join("per_image.jsonl").exists() => {
+            Some((input.to_string(), path.join("per_image.jsonl")))
+        }
+        None => None,
+    };
+    let per_image = match per_image_file {
+        None => None,
+        Some((pi_input, file)) => {
+            #[derive(Deserialize)]
+            struct Line {
+                id: String,
+                #[serde(default)]
+                fake: Option<String>,
+                lpips: f64,
+            }
+            let lines: Vec<Line> = read_jsonl(&pi_input, &file, EXPECTED_PER_IMAGE)?;
+            let mut map = BTreeMap::new();
+            for line in lines {
+                // Keyed by the fake image's stem when given (it is what the qualitative table
+                // shows), which is the id itself for one draw per prompt.
+                map.insert(line.id.clone(), line.lpips);
+                if let Some(fake) = line.fake.as_deref().and_then(safe_name) {
+                    map.entry(stem(fake)).or_insert(line.lpips);
+                }
+            }
+            Some(map)
+        }
+    };
+    Ok(LpipsMetrics { lpips, n, weights, raw, per_image })
+}
+
+/// A train stage's `train_log.jsonl`, sorted by step.
+pub fn read_train_log(input: &str, path: &Path) -> Result<Vec<TrainStep>, ReportError> {
+    const EXPECTED: &str =
+        "train_log.jsonl ({\"step\", \"loss\", \"lr\", \"grad_norm\", \"seconds\"} lines)";
+    let file = file_in(path, "train_log.jsonl");
+    let mut steps: Vec<TrainStep> = read_jsonl(input, &file, EXPECTED)?;
+    steps.sort_by_key(|s| s.step);
+    Ok(steps)
+}

@@ -1,0 +1,233 @@
+//! The `report` stage kind: the experiment's write-up as a generated markdown report.
+//!
+//! From whatever a pipeline binds — the test split, the original model's samples and metrics,
+//! each finetuned variant's samples, metrics and training log (one per sweep point when
+//! gathered), and the engine's provenance — it writes `report/README.md` (renders on GitHub),
+//! `report/images/` (downscaled copies of the images it shows), `report/loss.svg` and
+//! `report/report.json` (the same numbers, machine-readable). Every figure comes from the
+//! inputs; nothing is timestamped and everything is sorted, so the same inputs give the same
+//! bytes.
+//!
+//! Modules: [`inputs`] reads the upstream files, [`models`] joins them into the compared
+//! models, and each section has its own module: [`metrics_table`], [`qualitative`], [`loss`],
+//! [`provenance`], [`caveats`].
+
+pub mod caveats;
+pub mod error;
+pub mod format;
+pub mod inputs;
+pub mod loss;
+pub mod metrics_table;
+pub mod models;
+pub mod provenance;
+pub mod qualitative;
+pub mod section;
+pub mod thumbs;
+
+use std::fs;
+use std::sync::Arc;
+
+use sdpipe_stages::api::{
+    OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
+};
+use serde_json::{json, Map, Value};
+
+pub use error::ReportError;
+use models::Model;
+use section::Section;
+
+/// The kinds this crate provides.
+pub fn kinds() -> Vec<Arc<dyn StageKind>> {
+    vec![Arc::new(Report)]
+}
+
+pub struct Report;
+
+/// The output folder.
+pub const REPORT: &str = "report";
+
+impl StageKind for Report {
+    fn name(&self) -> &'static str {
+        "report"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn doc(&self) -> &'static str {
+        "Writes the experiment's report: `report/README.md` with a metrics table (FID, KID, \
+         LPIPS of the original model and of each finetuned variant, with the change from the \
+         original), a qualitative table (caption | ground truth | each model's sample with its \
+         LPIPS), the training-loss plot `loss.svg` with a table of steps, losses and time, the \
+         provenance of every variant (each stage's parameters, cache key and compute time) and \
+         caveats worked out from the inputs; plus `report.json` with the same numbers and \
+         downscaled copies of the images under `images/`. Every input is optional and its \
+         section is left out when unbound; mark the stage `gather: true` to get one row or \
+         column per sweep point."
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let input = |name, doc| ParamSpec::optional(name, ParamType::Input, Value::Null, doc);
+        vec![
+            ParamSpec::optional(
+                "title",
+                ParamType::String,
+                json!("Finetuning report"),
+                "The report's heading.",
+            ),
+            ParamSpec::optional(
+                "split",
+                ParamType::String,
+                json!("test"),
+                "The split of `dataset` whose images are the ground truth.",
+            ),
+            ParamSpec::optional(
+                "max_rows",
+                ParamType::Int { min: Some(0), max: None },
+                json!(10),
+                "Rows of the qualitative table (test images in id order); 0 leaves it out.",
+            ),
+            ParamSpec::optional(
+                "thumb_size",
+                ParamType::Int { min: Some(16), max: Some(4096) },
+                json!(256),
+                "Images copied into the report are downscaled to fit this many pixels a side.",
+            ),
+            input("dataset", "An imagefolder stage's `dataset` (ground truth and captions)."),
+            input("base_samples", "The original model's sample `images`."),
+            input("base_samples_jsonl", "The original model's `samples.jsonl` (seeds, prompts)."),
+            input("base_fid", "The original model's fid `metrics` (metrics.json)."),
+            input("base_lpips", "The original model's lpips `metrics` (metrics.json)."),
+            input("base_lpips_per_image", "The original model's lpips `per_image` output."),
+            input("samples", "Each variant's sample `images` (gathered over a sweep)."),
+            input("samples_jsonl", "Each variant's `samples.jsonl` (gathered)."),
+            input("fid", "Each variant's fid `metrics` (gathered)."),
+            input("lpips", "Each variant's lpips `metrics` (gathered)."),
+            input("lpips_per_image", "Each variant's lpips `per_image` output (gathered)."),
+            input("train_log", "Each variant's train stage `train_log` (gathered)."),
+        ]
+    }
+
+    fn outputs(&self) -> Vec<OutputSpec> {
+        vec![OutputSpec {
+            name: "report",
+            path: REPORT,
+            kind: OutputKind::Dir,
+            doc: "`README.md`, `report.json`, `loss.svg` and `images/`.",
+        }]
+    }
+
+    fn wants_provenance(&self) -> bool {
+        true
+    }
+
+    fn headline(&self) -> Option<&'static str> {
+        Some("report/README.md")
+    }
+
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+        let title: String = ctx.param("title")?;
+        let split: String = ctx.param("split")?;
+        let max_rows: usize = ctx.param("max_rows")?;
+        let thumb_size: u32 = ctx.param("thumb_size")?;
+        let report = ctx.output_path(REPORT);
+        fs::create_dir_all(&report).map_err(|e| StageError::io("creating report/", e))?;
+
+        let models = models::gather(ctx)?;
+        let items = match ctx.inputs.get("dataset") {
+            Some(dataset) => Some(inputs::read_test_items(dataset, &split)?),
+            None => None,
+        };
+        ctx.cancel.check()?;
+
+        let mut sections: Vec<Section> = Vec::new();
+        sections.extend(metrics_table::build(&models));
+        let options = qualitative::Options { report: &report, max_rows, thumb_size };
+        sections.extend(qualitative::build(items.as_deref(), &models, &options)?);
+        ctx.cancel.check()?;
+        sections.extend(loss::build(&models, &report)?);
+        sections.extend(provenance::build(ctx.provenance, &models));
+        let notes = sections.iter_mut().flat_map(|s| std::mem::take(&mut s.notes)).collect();
+        sections.extend(caveats::build(&models, ctx.provenance, notes));
+
+        let readme = readme(&title, &split, items.as_deref().map(<[_]>::len), &models, &sections);
+        write(&report.join("README.md"), readme.as_bytes())?;
+        let mut json = Map::new();
+        json.insert("title".into(), json!(title));
+        json.insert("split".into(), json!(split));
+        json.insert("models".into(), json!(models.iter().map(summary).collect::<Vec<_>>()));
+        for s in &sections {
+            json.insert(s.key(), s.json.clone());
+        }
+        let text = serde_json::to_string_pretty(&Value::Object(json)).expect("JSON serialises");
+        write(&report.join("report.json"), format!("{text}\n").as_bytes())?;
+        writeln!(
+            ctx.log,
+            "report: {} model(s), sections: {}",
+            models.len(),
+            sections.iter().map(|s| s.title).collect::<Vec<_>>().join(", ")
+        )
+        .map_err(|e| StageError::io("writing the log", e))?;
+        Ok(())
+    }
+}
+
+fn write(path: &std::path::Path, bytes: &[u8]) -> Result<(), StageError> {
+    fs::write(path, bytes)
+        .map_err(|source| ReportError::Write { path: path.to_path_buf(), source }.into())
+}
+
+fn summary(m: &Model) -> Value {
+    json!({
+        "name": m.name,
+        "label": m.label,
+        "values": m.values,
+        "original": m.is_original,
+        "images_dir": if m.samples.is_some() { Some(format!("images/{}", m.slug)) } else { None },
+    })
+}
+
+fn readme(
+    title: &str,
+    split: &str,
+    test_images: Option<usize>,
+    models: &[Model],
+    sections: &[Section],
+) -> String {
+    let mut out = format!("# {}\n\n", format::cell(title));
+    let variants: Vec<&Model> = models.iter().filter(|m| !m.is_original).collect();
+    let has_original = models.iter().any(|m| m.is_original);
+    let mut intro = Vec::new();
+    if !variants.is_empty() || has_original {
+        let names = variants.iter().map(|m| format::code(&m.name)).collect::<Vec<_>>().join(", ");
+        intro.push(match (has_original, variants.len()) {
+            (true, 0) => "The original model".to_string(),
+            (true, 1) => format!("The original model against the finetuned variant {names}"),
+            (true, n) => format!("The original model against {n} finetuned variants: {names}"),
+            (false, 1) => format!("The finetuned variant {names}"),
+            (false, n) => format!("{n} finetuned variants: {names}"),
+        });
+    }
+    if let Some(n) = test_images {
+        intro.push(format!("evaluated on the {} split ({n} images)", format::code(split)));
+    }
+    if !intro.is_empty() {
+        out.push_str(&format!("{}.\n\n", intro.join(", ")));
+    }
+    if sections.is_empty() {
+        out.push_str("No inputs were bound, so there is nothing to report.\n");
+        return out;
+    }
+    out.push_str(
+        "Generated by sdpipe's `report` stage from its inputs alone; [`report.json`](report.json) \
+         holds the same numbers.\n\n",
+    );
+    for s in sections {
+        out.push_str(&format!("- [{}](#{})\n", s.title, s.anchor()));
+    }
+    for s in sections {
+        out.push_str(&format!("\n## {}\n\n{}", s.title, s.markdown));
+    }
+    out
+}

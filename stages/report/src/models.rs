@@ -1,0 +1,209 @@
+//! The models a report compares: the original (the `base_*` inputs) and one finetuned variant
+//! per sweep point (the gathered per-variant inputs, joined by their point label).
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use sdpipe_stages::api::{GatheredInput, StageContext};
+use serde_json::Value;
+
+use crate::error::ReportError;
+use crate::format;
+use crate::inputs::{self, FidMetrics, LpipsMetrics, Samples, TrainStep};
+
+/// One compared model and everything read about it.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// How the report names it: `original`, the sweep label, or `finetuned` outside a sweep.
+    pub name: String,
+    /// The sweep point's label (empty for the original and outside a sweep).
+    pub label: String,
+    /// The swept values of its point (`stage.param` → value).
+    pub values: BTreeMap<String, Value>,
+    /// Its folder under `images/`.
+    pub slug: String,
+    pub is_original: bool,
+    pub samples: Option<Samples>,
+    pub fid: Option<FidMetrics>,
+    pub lpips: Option<LpipsMetrics>,
+    pub train_log: Option<Vec<TrainStep>>,
+}
+
+/// The input names read for the original and for each variant.
+pub struct InputNames {
+    pub samples: &'static str,
+    pub samples_jsonl: &'static str,
+    pub fid: &'static str,
+    pub lpips: &'static str,
+    pub lpips_per_image: &'static str,
+    pub train_log: Option<&'static str>,
+}
+
+pub const BASE: InputNames = InputNames {
+    samples: "base_samples",
+    samples_jsonl: "base_samples_jsonl",
+    fid: "base_fid",
+    lpips: "base_lpips",
+    lpips_per_image: "base_lpips_per_image",
+    train_log: None,
+};
+
+pub const VARIANT: InputNames = InputNames {
+    samples: "samples",
+    samples_jsonl: "samples_jsonl",
+    fid: "fid",
+    lpips: "lpips",
+    lpips_per_image: "lpips_per_image",
+    train_log: Some("train_log"),
+};
+
+/// Where one model's inputs are bound.
+#[derive(Debug, Default)]
+struct Bound {
+    values: BTreeMap<String, Value>,
+    paths: BTreeMap<&'static str, PathBuf>,
+}
+
+impl Bound {
+    fn read(&self, names: &InputNames, point: &str) -> Result<Loaded, ReportError> {
+        let name = |n: &str| if point.is_empty() { n.to_string() } else { format!("{n}@{point}") };
+        let get = |n: &'static str| self.paths.get(n).map(|p| (name(n), p.as_path()));
+        let samples = match get(names.samples) {
+            Some((input, path)) => {
+                let records = get(names.samples_jsonl);
+                let records = records.as_ref().map(|(i, p)| (i.as_str(), *p));
+                Some(inputs::read_samples(&input, path, records)?)
+            }
+            None => None,
+        };
+        let fid = match get(names.fid) {
+            Some((input, path)) => Some(inputs::read_fid(&input, path)?),
+            None => None,
+        };
+        let lpips = match get(names.lpips) {
+            Some((input, path)) => {
+                let per_image = get(names.lpips_per_image);
+                let per_image = per_image.as_ref().map(|(i, p)| (i.as_str(), *p));
+                Some(inputs::read_lpips(&input, path, per_image)?)
+            }
+            None => None,
+        };
+        let train_log = match names.train_log.and_then(get) {
+            Some((input, path)) => Some(inputs::read_train_log(&input, path)?),
+            None => None,
+        };
+        Ok(Loaded { samples, fid, lpips, train_log })
+    }
+}
+
+struct Loaded {
+    samples: Option<Samples>,
+    fid: Option<FidMetrics>,
+    lpips: Option<LpipsMetrics>,
+    train_log: Option<Vec<TrainStep>>,
+}
+
+impl Loaded {
+    fn is_empty(&self) -> bool {
+        self.samples.is_none()
+            && self.fid.is_none()
+            && self.lpips.is_none()
+            && self.train_log.is_none()
+    }
+}
+
+fn names_of(names: &InputNames) -> Vec<&'static str> {
+    let mut all =
+        vec![names.samples, names.samples_jsonl, names.fid, names.lpips, names.lpips_per_image];
+    all.extend(names.train_log);
+    all
+}
+
+/// Orders sweep points by their values, numbers numerically (so `1e-05` comes before `3e-05`
+/// and `0.0001`), then by label.
+fn compare_points(a: &(String, Bound), b: &(String, Bound)) -> Ordering {
+    let (va, vb) = (&a.1.values, &b.1.values);
+    for ((ka, xa), (kb, xb)) in va.iter().zip(vb.iter()) {
+        let by = ka.cmp(kb).then_with(|| match (xa.as_f64(), xb.as_f64()) {
+            (Some(x), Some(y)) => x.total_cmp(&y),
+            _ => xa.to_string().cmp(&xb.to_string()),
+        });
+        if by != Ordering::Equal {
+            return by;
+        }
+    }
+    va.len().cmp(&vb.len()).then_with(|| a.0.cmp(&b.0))
+}
+
+/// The original (when any `base_*` input is bound) followed by the variants in sweep order.
+pub fn gather(ctx: &StageContext<'_>) -> Result<Vec<Model>, ReportError> {
+    let mut models = Vec::new();
+    let mut taken: BTreeSet<String> = ["ground_truth".to_string()].into();
+
+    let mut base = Bound::default();
+    for name in names_of(&BASE) {
+        if let Some(path) = ctx.inputs.get(name) {
+            base.paths.insert(name, path.clone());
+        }
+    }
+    let loaded = base.read(&BASE, "")?;
+    if !loaded.is_empty() {
+        taken.insert("original".into());
+        models.push(model(
+            "original",
+            String::new(),
+            BTreeMap::new(),
+            "original".into(),
+            true,
+            loaded,
+        ));
+    }
+
+    let mut points: BTreeMap<String, Bound> = BTreeMap::new();
+    for name in names_of(&VARIANT) {
+        for GatheredInput { label, values, path } in ctx.input_points(name) {
+            let bound = points.entry(label).or_default();
+            if bound.values.is_empty() {
+                bound.values = values;
+            }
+            bound.paths.insert(name, path);
+        }
+    }
+    let mut points: Vec<(String, Bound)> = points.into_iter().collect();
+    points.sort_by(compare_points);
+    for (label, bound) in points {
+        let loaded = bound.read(&VARIANT, &label)?;
+        let name = if label.is_empty() { "finetuned".to_string() } else { label.clone() };
+        let mut slug = format::slug(&name);
+        let mut n = 2;
+        while taken.contains(&slug) {
+            slug = format!("{}-{n}", format::slug(&name));
+            n += 1;
+        }
+        taken.insert(slug.clone());
+        models.push(model(&name, label, bound.values, slug, false, loaded));
+    }
+    Ok(models)
+}
+
+fn model(
+    name: &str,
+    label: String,
+    values: BTreeMap<String, Value>,
+    slug: String,
+    is_original: bool,
+    loaded: Loaded,
+) -> Model {
+    Model {
+        name: name.to_string(),
+        label,
+        values,
+        slug,
+        is_original,
+        samples: loaded.samples,
+        fid: loaded.fid,
+        lpips: loaded.lpips,
+        train_log: loaded.train_log,
+    }
+}

@@ -1,0 +1,519 @@
+//! The `report` kind, run on small inputs written in the formats of the stages it reads.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use image::{Rgb, RgbImage};
+use sdpipe_report::loss::palette;
+use sdpipe_report::Report;
+use sdpipe_stages::api::GatheredInput;
+use sdpipe_stages::testing::{self, Harness};
+use serde_json::{json, Value};
+
+/// Upstream outputs of one experiment: a test split of three photos, the original model, and
+/// two learning-rate variants (listed in reverse order, to check that the report sorts them).
+struct Experiment {
+    dir: tempfile::TempDir,
+}
+
+const IDS: [&str; 3] = ["photo-a", "photo-b", "photo-c"];
+const POINTS: [(&str, f64); 2] = [("learning_rate=0.0001", 1e-4), ("learning_rate=3e-05", 3e-5)];
+
+fn image(w: u32, h: u32, seed: u8) -> RgbImage {
+    RgbImage::from_fn(w, h, |x, y| Rgb([seed.wrapping_mul(40), (x * 7) as u8, (y * 5) as u8]))
+}
+
+fn write_jsonl(path: &Path, lines: &[Value]) {
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    fs::write(path, text).unwrap();
+}
+
+impl Experiment {
+    fn new() -> Experiment {
+        let e = Experiment { dir: tempfile::tempdir().unwrap() };
+        let test = e.path("dataset/test");
+        fs::create_dir_all(&test).unwrap();
+        let mut metadata = Vec::new();
+        for (i, id) in IDS.iter().enumerate() {
+            image(64, 48, i as u8).save(test.join(format!("{id}.jpg"))).unwrap();
+            metadata.push(
+                json!({"file_name": format!("{id}.jpg"), "text": format!("a photo | of {id}")}),
+            );
+        }
+        write_jsonl(&test.join("metadata.jsonl"), &metadata);
+        e.model("base", 0, 120.0, 0.020, 0.60);
+        e.model("v1", 1, 100.0, 0.012, 0.55); // learning_rate=0.0001
+        e.model("v2", 2, 130.0, 0.023, 0.50); // learning_rate=3e-05
+        for (name, losses) in [("v1", [0.9, 0.7, 0.5, 0.4]), ("v2", [0.8, 0.8, 0.6, 0.3])] {
+            let log: Vec<Value> = losses
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    json!({"step": i + 1, "loss": l, "lr": 1e-4, "grad_norm": 1.0, "seconds": 0.5 * (i + 1) as f64})
+                })
+                .collect();
+            write_jsonl(&e.path(&format!("{name}/train_log.jsonl")), &log);
+        }
+        e
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// A model's sample images, samples.jsonl, fid and lpips outputs under `<name>/`.
+    fn model(&self, name: &str, shade: u8, fid: f64, kid: f64, lpips: f64) {
+        let images = self.path(&format!("{name}/images"));
+        fs::create_dir_all(&images).unwrap();
+        let mut samples = Vec::new();
+        let mut per_image = Vec::new();
+        for (i, id) in IDS.iter().enumerate() {
+            image(32, 32, shade + 3 * i as u8).save(images.join(format!("{id}.png"))).unwrap();
+            samples.push(json!({"id": id, "file_name": format!("{id}.png"), "prompt": format!("a photo | of {id}"), "seed": 7 + i, "k": 0}));
+            per_image.push(json!({"id": id, "real": format!("{id}.jpg"), "fake": format!("{id}.png"), "lpips": lpips + 0.01 * i as f64}));
+        }
+        write_jsonl(&self.path(&format!("{name}/samples.jsonl")), &samples);
+        write_jsonl(&self.path(&format!("{name}/per_image.jsonl")), &per_image);
+        let random = "random (deterministic stand-in, seed 0: NOT the published weights)";
+        let fid = json!({"metric": "fid", "fid": fid, "kid_mean": kid, "kid_std": 0.004,
+            "n_real": 3, "n_fake": 3, "weights": random, "resize": "bilinear"});
+        fs::write(self.path(&format!("{name}/fid.json")), fid.to_string()).unwrap();
+        let lp = json!({"metric": "lpips", "lpips": lpips + 0.01, "n": 3, "net": "alex",
+            "version": "0.1", "weights": random});
+        fs::write(self.path(&format!("{name}/lpips.json")), lp.to_string()).unwrap();
+    }
+
+    fn gathered(&self, file: &str) -> Vec<GatheredInput> {
+        POINTS
+            .iter()
+            .zip(["v1", "v2"])
+            .map(|((label, lr), dir)| GatheredInput {
+                label: label.to_string(),
+                values: BTreeMap::from([("finetune.learning_rate".to_string(), json!(lr))]),
+                path: self.path(&format!("{dir}/{file}")),
+            })
+            .collect()
+    }
+
+    fn provenance(&self) -> Value {
+        let stage =
+            |name: &str, kind: &str, key: char, seconds: f64, point: &str, params: Value| {
+                json!({"name": name, "kind": kind, "version": 1, "params": params,
+                   "key": key.to_string().repeat(64), "seconds": seconds, "point": point})
+            };
+        let sample = json!({"scheduler": "pndm", "steps": 50, "guidance_scale": 7.5, "seed": 7,
+                            "n_per_prompt": 1, "split": "test"});
+        json!({"stages": [
+            stage("data", "synthetic", 'a', 1.5, "", json!({"count": 12})),
+            stage("sample_base", "sample", 'b', 20.0, "", sample),
+            stage("finetune@learning_rate=0.0001", "train", 'c', 100.0, "learning_rate=0.0001",
+                  json!({"learning_rate": 1e-4, "max_train_steps": 4})),
+            stage("finetune@learning_rate=3e-05", "train", 'd', 110.0, "learning_rate=3e-05",
+                  json!({"learning_rate": 3e-5, "max_train_steps": 4})),
+        ]})
+    }
+
+    /// A harness with every input bound.
+    fn harness(&self) -> Harness {
+        Harness::new()
+            .input("dataset", self.path("dataset"))
+            .input("base_samples", self.path("base/images"))
+            .input("base_samples_jsonl", self.path("base/samples.jsonl"))
+            .input("base_fid", self.path("base/fid.json"))
+            .input("base_lpips", self.path("base/lpips.json"))
+            .input("base_lpips_per_image", self.path("base/per_image.jsonl"))
+            .gathered("samples", self.gathered("images"))
+            .gathered("samples_jsonl", self.gathered("samples.jsonl"))
+            .gathered("fid", self.gathered("fid.json"))
+            .gathered("lpips", self.gathered("lpips.json"))
+            .gathered("lpips_per_image", self.gathered("per_image.jsonl"))
+            .gathered("train_log", self.gathered("train_log.jsonl"))
+            .provenance(self.provenance())
+    }
+}
+
+fn run(mut h: Harness, overrides: &[(&str, Value)]) -> Harness {
+    h.run(&Report, &testing::params(&Report, overrides)).unwrap();
+    h
+}
+
+fn readme(h: &Harness) -> String {
+    fs::read_to_string(h.out_dir().join("report/README.md")).unwrap()
+}
+
+fn report_json(h: &Harness) -> Value {
+    serde_json::from_slice(&fs::read(h.out_dir().join("report/report.json")).unwrap()).unwrap()
+}
+
+/// The README's lines between `## title` and the next `## ` heading.
+fn section(readme: &str, title: &str) -> String {
+    let start = readme.find(&format!("\n## {title}\n")).unwrap_or_else(|| panic!("no {title}"));
+    let rest = &readme[start + 1..];
+    let end = rest[3..].find("\n## ").map(|i| i + 4).unwrap_or(rest.len());
+    rest[..end].to_string()
+}
+
+fn table_rows(section: &str) -> Vec<String> {
+    section.lines().filter(|l| l.starts_with('|')).skip(2).map(str::to_string).collect()
+}
+
+#[test]
+fn metrics_table_has_values_and_deltas_against_the_original() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[]);
+    let json = report_json(&h);
+    let rows = json["metrics"].as_array().unwrap();
+    assert_eq!(rows[0]["model"], "original");
+    // learning_rate=0.0001: FID 100 vs 120, KID 0.012 vs 0.020, LPIPS 0.56 vs 0.61.
+    let v = rows.iter().find(|r| r["label"] == "learning_rate=0.0001").unwrap();
+    let d = &v["delta_vs_original"];
+    assert!((d["fid"].as_f64().unwrap() - -20.0).abs() < 1e-12);
+    assert!((d["kid_mean"].as_f64().unwrap() - -0.008).abs() < 1e-12);
+    assert!((d["lpips"].as_f64().unwrap() - -0.05).abs() < 1e-12);
+
+    let table = section(&readme(&h), "Metrics");
+    let rows = table_rows(&table);
+    let row = rows.iter().find(|r| r.contains("`learning_rate=0.0001`")).unwrap();
+    assert!(row.contains("**100.0**"), "best FID is bold: {row}");
+    assert!(row.contains("-20.00 (-16.7%) ▼ better"), "{row}");
+    assert!(row.contains("0.01200 ± 0.004000"), "{row}");
+    assert!(row.contains("-0.008000 (-40.0%) ▼ better"), "{row}");
+    assert!(!row.contains("within"), "|ΔKID| 0.008 > std 0.004: {row}");
+    let worse = rows.iter().find(|r| r.contains("`learning_rate=3e-05`")).unwrap();
+    assert!(worse.contains("+10.00 (+8.3%) ▲ worse"), "{worse}");
+    assert!(worse.contains("+0.003000 (+15.0%) ▲ worse (within ±std)"), "{worse}");
+    assert!(rows[0].contains("**original**") && rows[0].contains("120.0"), "{}", rows[0]);
+}
+
+#[test]
+fn gathered_variants_are_rows_and_columns_in_sweep_order() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[]);
+    let text = readme(&h);
+    // 3e-05 < 0.0001: numeric order of the swept value, not the labels' string order.
+    let metrics = table_rows(&section(&text, "Metrics"));
+    assert_eq!(metrics.len(), 3);
+    assert!(metrics[1].contains("`learning_rate=3e-05`"), "{}", metrics[1]);
+    assert!(metrics[2].contains("`learning_rate=0.0001`"), "{}", metrics[2]);
+    let qualitative = section(&text, "Qualitative comparison");
+    let header = qualitative.lines().find(|l| l.starts_with('|')).unwrap();
+    assert_eq!(
+        header,
+        "| Caption | Ground truth | Original | `learning_rate=3e-05` | `learning_rate=0.0001` |"
+    );
+    let json = report_json(&h);
+    let models: Vec<&str> =
+        json["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(models, ["original", "learning_rate=3e-05", "learning_rate=0.0001"]);
+}
+
+fn url_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn links(markdown: &str) -> Vec<String> {
+    markdown
+        .split("](")
+        .skip(1)
+        .map(|rest| url_decode(&rest[..rest.find(')').unwrap()]))
+        .filter(|l| !l.starts_with('#'))
+        .collect()
+}
+
+#[test]
+fn qualitative_rows_link_to_images_in_the_report() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[]);
+    let qualitative = section(&readme(&h), "Qualitative comparison");
+    let rows = table_rows(&qualitative);
+    assert_eq!(rows.len(), IDS.len());
+    for (row, id) in rows.iter().zip(IDS) {
+        assert!(row.starts_with(&format!("| a photo \\| of {id} |")), "{row}");
+        let row_links = links(row);
+        assert_eq!(row_links.len(), 4, "ground truth + 3 models: {row}");
+        for link in row_links {
+            assert!(h.out_dir().join("report").join(&link).is_file(), "{link} missing");
+        }
+    }
+    // Per-image LPIPS of learning_rate=3e-05 (v2: 0.50 + 0.01 i) under its samples.
+    assert!(rows[1].contains("![learning\\_rate=3e-05 photo-b](images/learning_rate_3e-05/photo-b.png)<br>LPIPS 0.5100"), "{}", rows[1]);
+    for link in links(&readme(&h)) {
+        assert!(h.out_dir().join("report").join(&link).exists(), "{link} missing");
+    }
+}
+
+#[test]
+fn images_are_downscaled_copies() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[("thumb_size", json!(16))]);
+    let gt = image::open(h.out_dir().join("report/images/ground_truth/photo-a.jpg")).unwrap();
+    assert_eq!((gt.width(), gt.height()), (16, 12), "64x48 fits in 16x16 keeping its aspect");
+    let sample = image::open(h.out_dir().join("report/images/original/photo-a.png")).unwrap();
+    assert_eq!((sample.width(), sample.height()), (16, 16));
+    // Never upscaled.
+    let h = run(e.harness(), &[("thumb_size", json!(256))]);
+    let sample = image::open(h.out_dir().join("report/images/original/photo-a.png")).unwrap();
+    assert_eq!((sample.width(), sample.height()), (32, 32));
+}
+
+#[test]
+fn max_rows_limits_the_qualitative_table() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[("max_rows", json!(2))]);
+    let qualitative = section(&readme(&h), "Qualitative comparison");
+    assert_eq!(table_rows(&qualitative).len(), 2);
+    assert!(qualitative.starts_with("## Qualitative comparison\n\n2 of 3 test images"));
+    assert!(!h.out_dir().join("report/images/original/photo-c.png").exists());
+}
+
+#[test]
+fn loss_svg_is_valid_svg_with_one_bold_path_per_variant() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[]);
+    let svg = fs::read_to_string(h.out_dir().join("report/loss.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("well-formed XML");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let polylines: Vec<_> =
+        doc.descendants().filter(|n| n.tag_name().name() == "polyline").collect();
+    for i in 0..2 {
+        let c = palette(i);
+        let colour = format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2);
+        let bold = polylines
+            .iter()
+            .filter(|n| {
+                n.attribute("stroke").is_some_and(|s| s.eq_ignore_ascii_case(&colour))
+                    && n.attribute("stroke-width") == Some("2")
+            })
+            .count();
+        assert_eq!(bold, 1, "variant {i} ({colour})");
+    }
+    let texts: String = doc.descendants().filter_map(|n| n.text()).collect();
+    assert!(texts.contains("learning_rate=3e-05") && texts.contains("Training loss"));
+    let text = readme(&h);
+    let training = section(&text, "Training loss");
+    assert!(training.contains("![Training loss per step](loss.svg)"));
+    let rows = table_rows(&training);
+    // v1 (learning_rate=0.0001): 4 steps, 0.9 → 0.4, elapsed seconds 2.0.
+    assert_eq!(
+        rows[1],
+        "| `learning_rate=0.0001` | 4 | 0.9000 | 0.4000 | 0.4000 (last 1) | 2.000 |"
+    );
+}
+
+#[test]
+fn provenance_lists_keys_parameters_and_seconds_per_variant() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[]);
+    let provenance = section(&readme(&h), "Provenance");
+    assert!(provenance.contains("### Shared stages (every variant)"));
+    assert!(provenance.contains("### Variant `learning_rate=3e-05`"));
+    assert!(provenance
+        .contains("| `finetune@learning_rate=3e-05` | `train` v1 | `dddddddddddd` | 110.0 |"));
+    assert!(provenance.contains(&format!("key `{}`", "d".repeat(64))));
+    assert!(provenance.contains("| `learning_rate` | `0.00003` |"));
+    assert!(provenance.contains("| **total** | | | **21.50** |"), "shared: 1.5 + 20");
+    assert!(provenance.contains("131.5 s of compute for this variant end to end"));
+    // Variant groups follow the report's variant order.
+    let a = provenance.find("### Variant `learning_rate=3e-05`").unwrap();
+    let b = provenance.find("### Variant `learning_rate=0.0001`").unwrap();
+    assert!(a < b);
+    assert_eq!(report_json(&h)["provenance"]["points"]["learning_rate=3e-05"]["seconds"], 110.0);
+}
+
+#[test]
+fn caveats_state_n_random_weights_and_sampling() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[]);
+    let caveats = section(&readme(&h), "Caveats");
+    assert!(caveats.contains("N = 3 images per side (3 real / 3 generated)"), "{caveats}");
+    assert!(caveats.contains("The FID/KID (Inception) network ran with random stand-in weights"));
+    assert!(caveats.contains("The LPIPS network ran with random stand-in weights"));
+    assert!(caveats.contains("scheduler = `pndm`, steps = 50, guidance_scale = 7.5"), "{caveats}");
+    assert!(caveats.contains("same seed for each caption (seeds 7–9"), "{caveats}");
+    assert!(caveats.contains("Each caption was sampled once"));
+}
+
+#[test]
+fn published_weights_are_not_called_random() {
+    let e = Experiment::new();
+    for name in ["base", "v1", "v2"] {
+        let path = e.path(&format!("{name}/fid.json"));
+        let mut v: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        v["weights"] = json!("/weights/pt_inception-2015-12-05.safetensors");
+        fs::write(&path, v.to_string()).unwrap();
+    }
+    let h = run(e.harness(), &[]);
+    let caveats = section(&readme(&h), "Caveats");
+    assert!(!caveats.contains("FID/KID (Inception) network ran with random"), "{caveats}");
+    assert!(caveats.contains("LPIPS network ran with random"));
+}
+
+#[test]
+fn missing_optional_inputs_leave_their_sections_out() {
+    let e = Experiment::new();
+    let h = run(Harness::new().gathered("fid", e.gathered("fid.json")), &[]);
+    let text = readme(&h);
+    assert!(text.contains("\n## Metrics\n"));
+    for absent in ["Qualitative comparison", "Training loss", "Provenance"] {
+        assert!(!text.contains(&format!("## {absent}")), "{absent}");
+    }
+    assert!(!h.out_dir().join("report/loss.svg").exists());
+    assert!(!h.out_dir().join("report/images").exists());
+    let metrics = section(&text, "Metrics");
+    assert!(!metrics.contains("Δ"), "no original, no deltas");
+    assert!(section(&text, "Caveats").contains("No metrics of the original model were bound"));
+
+    let h = run(Harness::new(), &[]);
+    assert!(readme(&h).contains("No inputs were bound"));
+}
+
+#[test]
+fn a_single_unswept_variant_is_called_finetuned() {
+    let e = Experiment::new();
+    let h = run(
+        Harness::new()
+            .input("base_fid", e.path("base/fid.json"))
+            .input("fid", e.path("v1/fid.json"))
+            .input("train_log", e.path("v1/train_log.jsonl")),
+        &[],
+    );
+    let text = readme(&h);
+    assert!(text.contains("The original model against the finetuned variant `finetuned`"));
+    assert!(table_rows(&section(&text, "Metrics"))[1].contains("-20.00 (-16.7%) ▼ better"));
+}
+
+#[test]
+fn malformed_metrics_json_is_an_error_naming_the_file() {
+    let e = Experiment::new();
+    fs::write(e.path("v2/fid.json"), "{\"metric\": \"fid\", \"fid\": ").unwrap();
+    let mut h = e.harness();
+    let err = h.run(&Report, &testing::params(&Report, &[])).unwrap_err().to_string();
+    assert!(err.contains("fid@learning_rate=3e-05"), "{err}");
+    assert!(err.contains(&e.path("v2/fid.json").display().to_string()), "{err}");
+    assert!(err.contains("not JSON"), "{err}");
+}
+
+#[test]
+fn metrics_of_the_wrong_stage_are_an_error_saying_what_to_bind() {
+    let e = Experiment::new();
+    let mut h = Harness::new().input("base_fid", e.path("base/lpips.json"));
+    let err = h.run(&Report, &testing::params(&Report, &[])).unwrap_err().to_string();
+    assert!(err.contains("input `base_fid`"), "{err}");
+    assert!(err.contains("its `metric` is \"lpips\", not \"fid\""), "{err}");
+}
+
+#[test]
+fn a_metrics_file_without_its_numbers_is_an_error() {
+    let e = Experiment::new();
+    fs::write(e.path("base/fid.json"), "{\"metric\": \"fid\", \"fid\": \"high\"}").unwrap();
+    let mut h = Harness::new().input("base_fid", e.path("base/fid.json"));
+    let err = h.run(&Report, &testing::params(&Report, &[])).unwrap_err().to_string();
+    assert!(err.contains("`fid` is \"high\", not a number"), "{err}");
+}
+
+#[test]
+fn a_missing_split_is_an_error_naming_the_parameter() {
+    let e = Experiment::new();
+    let mut h = Harness::new().input("dataset", e.path("dataset"));
+    let err = h
+        .run(&Report, &testing::params(&Report, &[("split", json!("validation"))]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("validation/metadata.jsonl not found"), "{err}");
+    assert!(err.contains("`split` parameter"), "{err}");
+}
+
+fn files(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().display().to_string();
+                out.insert(rel, fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn same_inputs_give_the_same_bytes() {
+    let e = Experiment::new();
+    let first = run(e.harness(), &[]);
+    let second = run(e.harness(), &[]);
+    let (a, b) = (files(first.out_dir()), files(second.out_dir()));
+    assert!(a.len() > 10, "{:?}", a.keys());
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, bytes) in &a {
+        assert!(bytes == &b[name], "{name} differs");
+    }
+}
+
+#[test]
+fn readme_snapshot() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[("title", json!("Demo report"))]);
+    insta::assert_snapshot!(readme(&h));
+}
+
+#[test]
+fn several_draws_per_caption_show_the_first_draw() {
+    let e = Experiment::new();
+    let draws = e.path("draws");
+    fs::create_dir_all(draws.join("images")).unwrap();
+    let mut records = Vec::new();
+    for id in IDS {
+        for k in 0..2u8 {
+            let name = format!("{id}_{k}.png");
+            image(8, 8, 50 * k).save(draws.join("images").join(&name)).unwrap();
+            records.push(json!({"id": id, "file_name": name, "prompt": id, "seed": k, "k": k}));
+        }
+    }
+    write_jsonl(&draws.join("samples.jsonl"), &records);
+    let h = run(
+        Harness::new()
+            .input("dataset", e.path("dataset"))
+            .input("base_samples", draws.join("images"))
+            .input("base_samples_jsonl", draws.join("samples.jsonl"))
+            // Without its records, a variant's `<id>_0.png` is still found as `<id>`'s image.
+            .input("samples", draws.join("images")),
+        &[],
+    );
+    let first_draw = image::open(draws.join("images/photo-a_0.png")).unwrap().to_rgb8();
+    for dir in ["original", "finetuned"] {
+        let shown = image::open(h.out_dir().join(format!("report/images/{dir}/photo-a.png")));
+        assert_eq!(shown.unwrap().to_rgb8(), first_draw, "{dir}");
+    }
+    let caveats = section(&readme(&h), "Caveats");
+    assert!(caveats.contains("Captions were sampled 2 times per model"), "{caveats}");
+}
+
+#[test]
+#[ignore = "writes the example report to $REPORT_DUMP for a person to look at"]
+fn dump_example_report() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[]);
+    let dest = PathBuf::from(std::env::var("REPORT_DUMP").expect("set REPORT_DUMP"));
+    for (rel, bytes) in files(&h.out_dir().join("report")) {
+        let path = dest.join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, bytes).unwrap();
+    }
+}
