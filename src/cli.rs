@@ -421,14 +421,10 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                             println!("all objects intact");
                         }
                     }
-                    Ok(if report.corrupt_objects.is_empty()
+                    let intact = report.corrupt_objects.is_empty()
                         && report.records_evicted.is_empty()
-                        && report.damaged_index_moved_to.is_none()
-                    {
-                        exit::OK
-                    } else {
-                        exit::FAILED
-                    })
+                        && report.damaged_index_moved_to.is_none();
+                    Ok(if intact { exit::OK } else { exit::FAILED })
                 }
             }
         }

@@ -6,7 +6,13 @@ use sdpipe_stages::api::Registry;
 /// Every built-in kind.
 pub fn builtin() -> Registry {
     let mut registry = sdpipe_stages::builtin();
-    let crates = [sdpipe_report::kinds()];
+    let crates = [
+        sdpipe_caption::kinds(),
+        sdpipe_diffusion::kinds(),
+        sdpipe_train::kinds(),
+        sdpipe_metrics::kinds(),
+        sdpipe_report::kinds(),
+    ];
     for kind in crates.into_iter().flatten() {
         registry.register(kind);
     }

@@ -71,6 +71,10 @@ pub fn gc(cache: &Cache, keep_last: usize, dry_run: bool) -> io::Result<GcReport
             }
         }
     }
+    // Partial objects of killed runs (never renamed into place) are garbage too.
+    let (temps, temp_bytes) = cache.store().remove_stray_temps(dry_run)?;
+    report.objects_removed += temps;
+    report.bytes_freed += temp_bytes;
     for (digest, size) in cache.store().list()? {
         if !live.contains(&digest) {
             report.objects_removed += 1;
@@ -88,6 +92,9 @@ pub struct VerifyReport {
     pub objects_checked: usize,
     pub corrupt_objects: Vec<String>,
     pub records_evicted: Vec<String>,
+    /// The index was damaged and moved here (a fresh one replaces it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damaged_index_moved_to: Option<String>,
 }
 
 /// Rehash every object; remove the ones whose bytes no longer match their name, then evict
@@ -121,6 +128,7 @@ pub fn verify(cache: &Cache) -> io::Result<VerifyReport> {
         objects_checked: objects.len(),
         corrupt_objects: corrupt.iter().map(Digest::to_hex).collect(),
         records_evicted: evicted.into_iter().collect(),
+        damaged_index_moved_to: cache.damaged_index().map(|p| p.display().to_string()),
     })
 }
 

@@ -80,6 +80,7 @@ pub fn replace_dir(
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let staging = parent.join(format!(".{name}.new-{}", std::process::id()));
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    remove_abandoned(&parent, &name);
     remove_tree(&staging)?;
     fs::create_dir_all(&staging)?;
     for (rel, output) in outputs {
@@ -91,6 +92,31 @@ pub fn replace_dir(
     }
     fs::rename(&staging, dir)?;
     remove_tree(&old)
+}
+
+/// Remove the staging and retired copies (`.<name>.new-<pid>`, `.<name>.old-<pid>`) that a
+/// process killed mid-swap left beside `<name>`. A live process's are left alone: it may be
+/// swapping right now. (A dead process's pid reused by another process only delays cleanup.)
+fn remove_abandoned(parent: &Path, name: &str) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    let (new, old) = (format!(".{name}.new-"), format!(".{name}.old-"));
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let pid = file.strip_prefix(&new).or_else(|| file.strip_prefix(&old));
+        if let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()) {
+            if pid != std::process::id() as i32 && !process_alive(pid) {
+                let _ = remove_tree(&entry.path());
+            }
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // Signal 0 checks existence only; EPERM means it exists but belongs to another user.
+    let exists = unsafe { libc::kill(pid, 0) } == 0;
+    exists || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Delete a tree that may hold read-only files.

@@ -16,6 +16,24 @@ pub struct Project {
     pub pipeline_rel: String,
 }
 
+/// The directory under `runs/` for a pipeline file: its stem, unless that is not a plain
+/// directory name. `...yaml` has the stem `..`, and `runs/..` is the project root, where
+/// replacing a stage's run directory would delete a project directory of the same name (a stage
+/// `src` would replace `src/`); such files use their whole file name instead.
+fn run_dir_name(pipeline_file: &Path) -> String {
+    let stem =
+        pipeline_file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    if matches!(stem.as_str(), "" | "." | "..") {
+        let file =
+            pipeline_file.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if !matches!(file.as_str(), "" | "." | "..") {
+            return file;
+        }
+        return "pipeline".to_string();
+    }
+    stem
+}
+
 impl Project {
     /// `cache_override` is `--cache-dir` or `SDPIPE_CACHE`.
     pub fn locate(pipeline_file: &Path, cache_override: Option<&Path>) -> Project {
@@ -30,8 +48,7 @@ impl Project {
             .unwrap_or(pipeline_file)
             .to_string_lossy()
             .into_owned();
-        let name =
-            pipeline_file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = run_dir_name(pipeline_file);
         Project {
             cache_dir: cache_override.map(Path::to_path_buf).unwrap_or_else(|| root.join("cache")),
             runs_dir: root.join("runs").join(name),

@@ -533,7 +533,9 @@ impl Engine<'_> {
                             store.put_file(&f.abs, &e.digest)
                         })
                         .map_err(|e| format!("storing output `{}`: {e}", out.name))?;
-                    let digest = store.put_bytes(&tree.to_bytes()).map_err(|e| e.to_string())?;
+                    let digest = store
+                        .put_bytes(&tree.to_bytes())
+                        .map_err(|e| format!("storing output `{}`: {e}", out.name))?;
                     OutputRecord {
                         path: out.path.clone(),
                         kind: actual,

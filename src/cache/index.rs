@@ -87,6 +87,13 @@ pub struct SledIndex {
 fn db_err(e: sled::Error) -> io::Error {
     match e {
         sled::Error::Io(e) => e,
+        // Its own kind, so the cache can tell a damaged index from a busy or missing one.
+        // sled reports a damaged `conf` file as "unsupported" (a version or buffer-size
+        // mismatch): for a cache that is the same thing, an index it cannot read.
+        damaged @ (sled::Error::Corruption { .. } | sled::Error::Unsupported(_)) => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the cache index is damaged ({damaged})"),
+        ),
         other => io::Error::other(format!("cache index: {other}")),
     }
 }
@@ -99,6 +106,7 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
 
 impl SledIndex {
     pub fn open(dir: &Path) -> io::Result<SledIndex> {
+        remove_unfinished_snapshots(dir);
         // No background flusher: the index is opened for short sessions and flushed explicitly
         // on every write, and a flusher thread would delay releasing sled's own file lock.
         let db = sled::Config::new().path(dir).flush_every_ms(None).open().map_err(db_err)?;
@@ -112,6 +120,23 @@ impl SledIndex {
 
     fn flush(&self) -> io::Result<()> {
         self.db.flush().map(|_| ()).map_err(db_err)
+    }
+}
+
+/// sled 0.34 writes a snapshot to `snap.<lsn>.generating` and renames it when complete, but on
+/// opening takes the newest `snap.*` file, unfinished ones included: after a kill mid-write it
+/// finds an empty snapshot and refuses to open the database ever again (found by the crash
+/// torture test). The index lock is held whenever the index is opened, so an unfinished
+/// snapshot is always a dead writer's, and the finished one before it is still there.
+fn remove_unfinished_snapshots(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 

@@ -33,6 +33,8 @@ pub struct Cache {
     /// Serialises index sessions between this process's threads; the file lock does the same
     /// between processes (sled itself refuses a second opener instead of waiting).
     session: Mutex<()>,
+    /// Set when this process found the index damaged and moved it aside.
+    damaged_index: Mutex<Option<PathBuf>>,
 }
 
 /// A stage's private working directory, deleted on drop.
@@ -65,6 +67,7 @@ impl Cache {
             store: LocalStore::new(root.join("objects"))?,
             root: root.to_path_buf(),
             session: Mutex::new(()),
+            damaged_index: Mutex::new(None),
         };
         cache.sweep_scratch();
         Ok(cache)
@@ -89,8 +92,68 @@ impl Cache {
                 lock_path.display()
             );
         })?;
-        let index = SledIndex::open(&self.root.join("index"))?;
+        let dir = self.root.join("index");
+        if !dir.exists() {
+            self.create_index(&dir)?;
+        }
+        let index = match SledIndex::open(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                self.replace_damaged_index(&dir, e)?
+            }
+            other => other?,
+        };
         f(&index)
+    }
+
+    /// Make a new, empty index appear at `dir` whole. sled writes its `conf` file
+    /// non-atomically when it creates a database, and a kill in that instant leaves an index
+    /// it refuses to open; so it is created under a temporary name and renamed into place.
+    /// Called with the index lock held: any earlier temporary is a killed creator's.
+    fn create_index(&self, dir: &Path) -> io::Result<()> {
+        let tmp = self.root.join(format!("index.new-{}", std::process::id()));
+        if let Ok(entries) = fs::read_dir(&self.root) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with("index.new-") {
+                    let _ = fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        drop(SledIndex::open(&tmp)?);
+        fs::rename(&tmp, dir)
+    }
+
+    /// A damaged index is a lost cache, not a reason to stop working: it is moved aside (for
+    /// inspection) and a fresh one started, so every stage recomputes — objects are
+    /// content-addressed and never trusted through the index alone, so no wrong result can
+    /// come of it. `cache verify` reports it.
+    fn replace_damaged_index(&self, dir: &Path, error: io::Error) -> io::Result<SledIndex> {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let aside = self.root.join(format!("index.damaged-{secs}-{}", std::process::id()));
+        fs::rename(dir, &aside).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{error}; moving it aside to {} failed ({e}): delete {} to start a fresh \
+                     index (results will be recomputed; objects are kept)",
+                    aside.display(),
+                    dir.display()
+                ),
+            )
+        })?;
+        tracing::warn!(
+            "{error}: moved it to {} and started a fresh index; stages will be recomputed",
+            aside.display()
+        );
+        *self.damaged_index.lock().unwrap_or_else(|p| p.into_inner()) = Some(aside);
+        SledIndex::open(dir)
+    }
+
+    /// Where a damaged index found by this process was moved, if one was.
+    pub fn damaged_index(&self) -> Option<PathBuf> {
+        self.damaged_index.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Hold the lock that says "this process is computing `key`". `on_wait` is called if

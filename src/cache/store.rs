@@ -51,6 +51,26 @@ impl LocalStore {
     }
 }
 
+impl LocalStore {
+    /// Temporary files (`.tmp-<pid>-<n>`) of objects whose writer died before renaming them
+    /// into place: never objects, only garbage. Call only while no run can be writing (under
+    /// the exclusive maintenance lock). Removes them unless `dry_run`; returns count and bytes.
+    pub fn remove_stray_temps(&self, dry_run: bool) -> io::Result<(usize, u64)> {
+        let (mut count, mut bytes) = (0, 0);
+        for entry in fs::read_dir(&self.root)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                count += 1;
+                bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if !dry_run {
+                    fs::remove_file(entry.path())?;
+                }
+            }
+        }
+        Ok((count, bytes))
+    }
+}
+
 pub fn set_readonly(path: &Path) -> io::Result<()> {
     let mut perms = fs::metadata(path)?.permissions();
     perms.set_readonly(true);
@@ -76,7 +96,8 @@ impl ObjectStore for LocalStore {
         match fs::rename(src, &tmp) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                fs::copy(src, &tmp)?;
+                // A full disk fails the copy part-way: drop the partial temporary.
+                fs::copy(src, &tmp).inspect_err(|_| drop(fs::remove_file(&tmp)))?;
                 fs::remove_file(src)?;
             }
             Err(e) => return Err(e),
@@ -88,8 +109,9 @@ impl ObjectStore for LocalStore {
         let digest = Digest::of_bytes(bytes);
         if !self.contains(&digest) {
             let tmp = self.tmp_path();
-            fs::write(&tmp, bytes)?;
-            self.install(&tmp, &digest)?;
+            fs::write(&tmp, bytes)
+                .and_then(|()| self.install(&tmp, &digest))
+                .inspect_err(|_| drop(fs::remove_file(&tmp)))?;
         }
         Ok(digest)
     }

@@ -170,8 +170,22 @@ impl Pipeline {
         registry: &Registry,
         overrides: &[overrides::Override],
     ) -> Result<Pipeline, SpecErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let bytes = std::fs::read(path).map_err(|e| {
             SpecError::unlocated(format!("cannot read pipeline {}: {e}", path.display()))
+        })?;
+        // Say where the bad bytes are: "stream did not contain valid UTF-8" alone leaves the
+        // user searching the whole file.
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+            let line_start = valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            let column = String::from_utf8_lossy(&valid[line_start..]).chars().count() + 1;
+            SpecError::unlocated(format!(
+                "{}:{line}:{column}: the pipeline is not UTF-8 text (invalid byte 0x{:02x})",
+                path.display(),
+                e.as_bytes()[valid.len()]
+            ))
+            .help("save the file as UTF-8")
         })?;
         let file = std::path::absolute(path)
             .map_err(|e| SpecError::unlocated(format!("cannot resolve {}: {e}", path.display())))?;

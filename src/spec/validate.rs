@@ -86,6 +86,9 @@ fn json_type_name(v: &Json) -> &'static str {
     }
 }
 
+/// What [`valid_name`] accepts, for messages (a 300-letter name is refused for its length).
+const NAME_RULE: &str = "may only use letters, digits, `_` and `-`, at most 64 of them";
+
 /// Names used as file names and environment variable suffixes.
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -244,10 +247,7 @@ impl<'a> Validator<'a> {
         for (name, raw) in entries {
             let path = vec![key("stages"), key(&name)];
             if !valid_name(&name) {
-                self.err_key(
-                    &path,
-                    format!("stage name `{name}` may only use letters, digits, `_` and `-`"),
-                );
+                self.err_key(&path, format!("stage name `{name}` {NAME_RULE}"));
                 continue;
             }
             if let Some((stage, inputs)) = self.stage(&name, raw, &path, registry, &vars) {
@@ -381,7 +381,7 @@ impl<'a> Validator<'a> {
                         let mut p = at("params");
                         p.push(key(&pname));
                         if !valid_name(&pname) {
-                            self.err_key(&p, format!("param name `{pname}` may only use letters, digits, `_` and `-`"));
+                            self.err_key(&p, format!("param name `{pname}` {NAME_RULE}"));
                             continue;
                         }
                         if let Some(v) = self.yaml_to_json(value, &p) {
@@ -502,10 +502,7 @@ impl<'a> Validator<'a> {
                     let mut p = path.to_vec();
                     p.push(key(&name));
                     if !valid_name(&name) {
-                        self.err_key(
-                            &p,
-                            format!("name `{name}` may only use letters, digits, `_` and `-`"),
-                        );
+                        self.err_key(&p, format!("name `{name}` {NAME_RULE}"));
                         continue;
                     }
                     if let Some(s) = self.string(item, &p, &format!("`{name}` in {what}")) {
@@ -743,6 +740,10 @@ impl<'a> Validator<'a> {
                         );
                     }
                 },
+                // An optional parameter of any type may default to null ("not set").
+                _ if value.is_null() && spec.default == Some(Json::Null) => {
+                    stage.params.insert(spec.name.to_string(), Json::Null);
+                }
                 ty => match check_type(ty, value) {
                     Ok(v) => {
                         stage.params.insert(spec.name.to_string(), v);

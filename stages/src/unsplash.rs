@@ -574,6 +574,21 @@ impl Settings {
     }
 }
 
+/// The TSV reader as the fuzzer (`fuzz/`) and its corpus replay test drive it: one shard's
+/// bytes through the release parser, then every accessor of every row. Returns the number of
+/// photos read, or the error a user would see. Not part of the API.
+#[doc(hidden)]
+pub fn fuzz_read_shard(bytes: &[u8]) -> Result<usize, String> {
+    let shard = release::RawShard { name: "photos.tsv000".into(), bytes: bytes.to_vec() };
+    let release = release::parse_shards(vec![shard]).map_err(|e| e.to_string())?;
+    for photo in &release.photos {
+        let _ = (photo.id(), photo.photographer_name());
+        let _ = (photo.dimension("photo_width"), photo.dimension("photo_height"));
+        let _ = photo.columns().filter(|(_, v)| v.is_some()).count();
+    }
+    Ok(release.photos.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,1 +1,29 @@
-//! (being written)
+//! BLIP image captioning for sdpipe: the `caption` stage kind and the model behind it.
+//!
+//! - [`preprocess`] / [`resize`]: images to pixel tensors exactly as transformers'
+//!   `BlipImageProcessor` (Pillow backend) makes them;
+//! - [`model`]: a BLIP model folder loaded into candle (vision transformer from
+//!   candle-transformers, text decoder from [`decoder`]);
+//! - [`generate`]: transformers' beam search and greedy decoding;
+//! - [`stage`]: the `caption` kind.
+
+pub mod decoder;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod preprocess;
+pub mod resize;
+pub mod stage;
+
+use std::sync::Arc;
+
+use sdpipe_stages::api::StageKind;
+
+pub use error::CaptionError;
+pub use model::{Blip, Decoding, ModelFiles};
+pub use stage::Caption;
+
+/// The stage kinds this crate provides.
+pub fn kinds() -> Vec<Arc<dyn StageKind>> {
+    vec![Arc::new(Caption::default())]
+}

@@ -1,1 +1,31 @@
-//! (being written)
+//! sdpipe-train: finetuning a Stable Diffusion UNet exactly as diffusers' text-to-image script
+//! does, and the `train` stage kind that runs it.
+//!
+//! The pieces are small and separately tested: [`lr`] (learning-rate schedules), [`optim`]
+//! (AdamW and gradient clipping with torch's formulas), [`ema`] (diffusers' EMA of the weights),
+//! [`rng`] (seeded, resumable randomness), [`data`] (dataset, transform, batching),
+//! [`objective`] (noising, targets, loss), [`posterior`] and [`frozen`] (the frozen VAE encoder
+//! and text encoder), [`denoiser`] (what is trained), [`trainer`] (the loop), [`checkpoint`]
+//! (resumable state) and [`kind`] (the `train` stage kind).
+
+pub mod checkpoint;
+pub mod data;
+pub mod denoiser;
+pub mod ema;
+pub mod frozen;
+pub mod kind;
+pub mod lr;
+pub mod objective;
+pub mod optim;
+pub mod posterior;
+pub mod rng;
+pub mod trainer;
+
+use std::sync::Arc;
+
+use sdpipe_stages::StageKind;
+
+/// The stage kinds this crate provides: `train`.
+pub fn kinds() -> Vec<Arc<dyn StageKind>> {
+    vec![Arc::new(kind::Train::default())]
+}

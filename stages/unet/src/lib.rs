@@ -1,1 +1,46 @@
-//! (being written)
+//! A differentiable Stable Diffusion `UNet2DConditionModel` for training.
+//!
+//! candle-transformers ships an SD UNet for inference only: its attention and norms use fused
+//! kernels without a backward. This crate rebuilds the same architecture (diffusers' module
+//! structure and state-dict names, read from `unet/config.json`) from ops that all have a
+//! backward ([`ops`]), keeps its weights in trainable `Var`s loaded from and saved to
+//! `diffusion_pytorch_model.safetensors`, and computes a loss with the parameter gradients,
+//! optionally with gradient checkpointing ([`UNet::loss_and_grads`]).
+//!
+//! ```no_run
+//! # fn main() -> Result<(), sdpipe_unet::UNetError> {
+//! use candle_core::{Device, Tensor};
+//! let device = Device::Cpu;
+//! let unet = sdpipe_unet::UNet::from_pretrained("model/unet".as_ref(), &device)?;
+//! let latents = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &device)?;
+//! let noise = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &device)?;
+//! let t = Tensor::new(&[500u32], &device)?;
+//! let text = Tensor::zeros((1, 77, 768), candle_core::DType::F32, &device)?;
+//! let (loss, grads) = unet.loss_and_grads(&latents, &t, &text, true, |pred| {
+//!     (pred - &noise)?.sqr()?.mean_all()
+//! })?;
+//! # Ok(()) }
+//! ```
+
+mod blocks;
+mod checkpoint;
+pub mod config;
+pub mod error;
+mod layers;
+pub mod memory;
+pub mod ops;
+mod params;
+mod unet;
+
+use std::sync::Arc;
+
+use sdpipe_stages::api::StageKind;
+
+pub use config::{BlockKind, UNetConfig};
+pub use error::UNetError;
+pub use unet::UNet;
+
+/// This crate is a model library for the `train` stage; it defines no stage kind of its own.
+pub fn kinds() -> Vec<Arc<dyn StageKind>> {
+    Vec::new()
+}

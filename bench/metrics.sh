@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Metric network throughput: sdpipe (candle CPU) vs pytorch-fid / lpips (PyTorch CPU), same
+# synthetic 512x512 inputs, batch sizes and thread count. Results: docs/bench/metrics.md.
+# Usage: bench/metrics.sh [threads] [images] [pairs]   (needs python3 with torch, pytorch-fid,
+# lpips, clean-fid installed; not part of the test suite)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS=${1:-2}
+IMAGES=${2:-32}
+PAIRS=${3:-32}
+export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+cargo build --release -q -p sdpipe-metrics --example bench_metrics
+BIN="${CARGO_TARGET_DIR:-target}/release/examples/bench_metrics"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+"$BIN" "$THREADS" "$IMAGES" "$PAIRS"
+python3 bench/metrics.py "$THREADS" "$IMAGES" "$PAIRS" 2>/dev/null

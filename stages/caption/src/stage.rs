@@ -1,0 +1,387 @@
+//! The `caption` stage kind: every image of a folder captioned by BLIP, written as
+//! `captions.jsonl` (`{"id", "text"}` lines in id order) for the `imagefolder` stage.
+//!
+//! The model is resolved by `sdpipe-hub` (local folder, HF cache, hub download) and its files are
+//! the stage's external dependencies, so new weights behind the same name rerun captioning.
+//! Captions already made are appended to the stage's state directory as batches finish, so an
+//! interrupted run of the same stage resumes where it stopped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use sdpipe_hub::{HubConfig, HubError, ResolvedModel, Want};
+use sdpipe_stages::api::{
+    OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError, StageKind,
+};
+use serde_json::{json, Value};
+
+use crate::model::{Blip, Decoding, ModelFiles};
+use crate::preprocess::load_rgb;
+
+const CAPTIONS: &str = "captions.jsonl";
+const PARTIAL: &str = "captions.partial.jsonl";
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp"];
+
+const CONFIG: &str = "config.json";
+const WEIGHTS: &str = "model.safetensors";
+const TOKENIZER: &str = "tokenizer.json";
+/// What the stage reads from the model; the processor configs are optional (defaults apply).
+const WANTS: &[Want<'static>] = &[
+    Want::File(CONFIG),
+    Want::File(WEIGHTS),
+    Want::File(TOKENIZER),
+    Want::Optional("preprocessor_config.json"),
+    Want::Optional("processor_config.json"),
+];
+
+/// The `caption` kind. `hub` overrides the environment's hub settings (tests).
+#[derive(Default)]
+pub struct Caption {
+    pub hub: Option<HubConfig>,
+}
+
+/// The parameters, typed.
+struct Settings {
+    model: String,
+    revision: String,
+    decoding: Decoding,
+    prompt: String,
+    keep_prompt: bool,
+    template: String,
+    batch_size: usize,
+}
+
+impl Settings {
+    fn from(ctx: &StageContext<'_>) -> Result<Settings, StageError> {
+        let decoding: String = ctx.param("decoding")?;
+        let num_beams: usize = ctx.param("num_beams")?;
+        let max_length: usize = ctx.param("max_length")?;
+        let min_length: usize = ctx.param("min_length")?;
+        let template: String = ctx.param("template")?;
+        check_template(&template)?;
+        if min_length > max_length {
+            return Err(StageError::InvalidParam {
+                param: "min_length".into(),
+                message: format!("{min_length} is above max_length ({max_length})"),
+            });
+        }
+        if decoding == "beam" && num_beams < 2 {
+            return Err(StageError::InvalidParam {
+                param: "num_beams".into(),
+                message: "beam search needs at least 2 beams; use `decoding: greedy`".into(),
+            });
+        }
+        let num_beams = if decoding == "greedy" { 1 } else { num_beams };
+        Ok(Settings {
+            model: ctx.param("model")?,
+            revision: ctx.param("revision")?,
+            decoding: Decoding { num_beams, max_length, min_length },
+            prompt: ctx.param("prompt")?,
+            keep_prompt: ctx.param("keep_prompt")?,
+            template,
+            batch_size: ctx.param("batch_size")?,
+        })
+    }
+}
+
+/// A template must use `{caption}` (else every image gets the same text) and nothing else.
+fn check_template(template: &str) -> Result<(), StageError> {
+    let invalid = |message: String| StageError::InvalidParam { param: "template".into(), message };
+    let mut rest = template;
+    let mut has_caption = false;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| invalid(format!("unclosed `{{` in `{template}`")))?;
+        match &rest[open + 1..open + close] {
+            "caption" => has_caption = true,
+            other => {
+                return Err(invalid(format!("unknown placeholder `{{{other}}}`; only {{caption}}")))
+            }
+        }
+        rest = &rest[open + close + 1..];
+    }
+    if !has_caption {
+        return Err(invalid(format!("`{template}` has no {{caption}}")));
+    }
+    Ok(())
+}
+
+impl Caption {
+    fn hub_config(&self) -> HubConfig {
+        self.hub.clone().unwrap_or_else(HubConfig::from_env)
+    }
+
+    fn resolve(&self, model: &str, revision: &str) -> Result<ResolvedModel, StageError> {
+        sdpipe_hub::resolve_with(&self.hub_config(), model, revision, WANTS).map_err(|e| {
+            let note = match &e {
+                HubError::NotFound { .. } if e.to_string().contains(WEIGHTS) => {
+                    "\n  note: sdpipe loads safetensors weights only; a model with only \
+                     pytorch_model.bin must be converted first (transformers: \
+                     `model.save_pretrained(dir, safe_serialization=True)`)"
+                }
+                _ => "",
+            };
+            StageError::failed(format!("{e}{note}"))
+        })
+    }
+}
+
+impl StageKind for Caption {
+    fn name(&self) -> &'static str {
+        "caption"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn doc(&self) -> &'static str {
+        "Captions every image of a folder with BLIP (BlipForConditionalGeneration), as \
+         transformers does it: RGB, Pillow bicubic resize to the model's square size, CLIP \
+         normalisation; beam search (num_beams, max_length, min_length) or greedy decoding; \
+         special tokens skipped. An optional `prompt` conditions the caption (BLIP's conditional \
+         captioning; stripped from the text unless `keep_prompt`), and `template` wraps it (e.g. \
+         `{caption}, in the style of X`). Writes `captions.jsonl` ({\"id\", \"text\"} lines in \
+         id order, id = file stem). The model is a local folder or a hub repository id, \
+         resolved through the HF cache; its files are part of the stage key."
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let int = |min: i64, max: Option<i64>| ParamType::Int { min: Some(min), max };
+        vec![
+            ParamSpec::required(
+                "images",
+                ParamType::Input,
+                "A folder of images (`<id>.jpg`, `.jpeg`, `.png`, `.webp`).",
+            ),
+            ParamSpec::optional(
+                "model",
+                ParamType::String,
+                json!("Salesforce/blip-image-captioning-large"),
+                "Hub repository id or local folder of a BLIP captioning model (safetensors).",
+            ),
+            ParamSpec::optional(
+                "revision",
+                ParamType::String,
+                json!("main"),
+                "Branch, tag or commit of a hub model.",
+            ),
+            ParamSpec::optional(
+                "decoding",
+                ParamType::Enum(&["beam", "greedy"]),
+                json!("beam"),
+                "Beam search (transformers' generate with num_beams) or greedy decoding.",
+            ),
+            ParamSpec::optional("num_beams", int(1, Some(16)), json!(3), "Beams for beam search."),
+            ParamSpec::optional(
+                "max_length",
+                int(2, Some(512)),
+                json!(20),
+                "Longest caption in tokens, counting [DEC] and the prompt (as transformers).",
+            ),
+            ParamSpec::optional(
+                "min_length",
+                int(0, Some(512)),
+                json!(5),
+                "The end token is forbidden until the sequence (with [DEC]) is this long.",
+            ),
+            ParamSpec::optional(
+                "prompt",
+                ParamType::String,
+                json!(""),
+                "Conditional captioning prefix, e.g. `a photography of` (empty: none).",
+            ),
+            ParamSpec::optional(
+                "keep_prompt",
+                ParamType::Bool,
+                json!(false),
+                "Keep the prompt at the start of the caption (transformers' decode keeps it).",
+            ),
+            ParamSpec::optional(
+                "template",
+                ParamType::String,
+                json!("{caption}"),
+                "The text written, with {caption} replaced, e.g. `{caption}, in the style of X`.",
+            ),
+            ParamSpec::optional("batch_size", int(1, Some(256)), json!(4), "Images per batch."),
+            ParamSpec::optional("threads", int(1, Some(256)), json!(4), "CPU threads wanted."),
+        ]
+    }
+
+    fn outputs(&self) -> Vec<OutputSpec> {
+        vec![OutputSpec {
+            name: "captions",
+            path: CAPTIONS,
+            kind: OutputKind::File,
+            doc: "One {\"id\", \"text\"} line per image, in id order.",
+        }]
+    }
+
+    fn threads(&self, params: &Params) -> usize {
+        params.get("threads").and_then(Value::as_u64).unwrap_or(4).max(1) as usize
+    }
+
+    fn external_deps(&self, params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+        let text = |name: &str, default: &str| {
+            params.get(name).and_then(Value::as_str).unwrap_or(default).to_string()
+        };
+        let resolved = self.resolve(
+            &text("model", "Salesforce/blip-image-captioning-large"),
+            &text("revision", "main"),
+        )?;
+        Ok(resolved.files.into_iter().map(|(name, path)| (format!("model/{name}"), path)).collect())
+    }
+
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+        let settings = Settings::from(ctx)?;
+        let images = list_images(ctx.input("images")?)?;
+        let resolved = self.resolve(&settings.model, &settings.revision)?;
+        log(ctx, &format!("model: {}", resolved.describe()))?;
+        let file = |name: &str| resolved.file(name).expect("required files are resolved");
+        let files = ModelFiles {
+            config: file(CONFIG),
+            weights: file(WEIGHTS),
+            tokenizer: file(TOKENIZER),
+            root: &resolved.root,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(ctx.threads.max(1))
+            .build()
+            .map_err(|e| StageError::failed(format!("starting {} threads: {e}", ctx.threads)))?;
+        pool.install(|| caption_all(ctx, &settings, &files, &images))
+    }
+}
+
+fn log(ctx: &mut StageContext<'_>, line: &str) -> Result<(), StageError> {
+    writeln!(ctx.log, "{line}").map_err(|e| StageError::io("writing the log", e))
+}
+
+/// `id → path` of every image in `dir`, sorted by id; other files are ignored.
+fn list_images(dir: &Path) -> Result<BTreeMap<String, PathBuf>, StageError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| StageError::io(format!("listing {}", dir.display()), e))?;
+    let mut images = BTreeMap::new();
+    for entry in entries {
+        let path =
+            entry.map_err(|e| StageError::io(format!("listing {}", dir.display()), e))?.path();
+        let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
+        let Some(stem) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        if stem.starts_with('.') || !ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
+            continue;
+        }
+        if let Some(other) = images.insert(stem.clone(), path.clone()) {
+            return Err(StageError::failed(format!(
+                "two images have the id `{stem}`: {} and {}; ids (file stems) must be unique",
+                other.display(),
+                path.display()
+            )));
+        }
+    }
+    if images.is_empty() {
+        return Err(StageError::failed(format!(
+            "no images (.jpg, .jpeg, .png, .webp) in {}",
+            dir.display()
+        )));
+    }
+    Ok(images)
+}
+
+/// Captions already written by an interrupted run of this same stage (a torn last line is
+/// dropped: it is redone).
+fn read_partial(path: &Path) -> BTreeMap<String, String> {
+    let Ok(text) = std::fs::read_to_string(path) else { return BTreeMap::new() };
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter_map(|v| Some((v["id"].as_str()?.to_string(), v["text"].as_str()?.to_string())))
+        .collect()
+}
+
+fn caption_all(
+    ctx: &mut StageContext<'_>,
+    settings: &Settings,
+    files: &ModelFiles<'_>,
+    images: &BTreeMap<String, PathBuf>,
+) -> Result<(), StageError> {
+    let failed = |e: crate::error::CaptionError| StageError::failed(e.to_string());
+    let model = Blip::load(files).map_err(failed)?;
+    let prompt = model.prompt_ids(&settings.prompt).map_err(failed)?;
+
+    let partial_path = ctx.state_dir.join(PARTIAL);
+    let mut done = read_partial(&partial_path);
+    done.retain(|id, _| images.contains_key(id));
+    if !done.is_empty() {
+        log(
+            ctx,
+            &format!("resuming: {} of {} images already captioned", done.len(), images.len()),
+        )?;
+    }
+    let mut partial = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&partial_path)
+        .map_err(|e| StageError::io(format!("opening {}", partial_path.display()), e))?;
+    ctx.progress.set_total(images.len() as u64);
+    ctx.progress.advance(done.len() as u64, "");
+
+    let todo: Vec<(&String, &PathBuf)> =
+        images.iter().filter(|(id, _)| !done.contains_key(*id)).collect();
+    let started = Instant::now();
+    for batch in todo.chunks(settings.batch_size) {
+        ctx.cancel.check()?;
+        let mut pixels = Vec::with_capacity(batch.len());
+        for (_, path) in batch {
+            let (rgb, w, h) = load_rgb(path).map_err(failed)?;
+            pixels.push(model.processor.pixels(&rgb, w, h));
+        }
+        let embeds = model.encode(&pixels).map_err(failed)?;
+        let generated = model.generate(&embeds, &prompt, &settings.decoding).map_err(failed)?;
+        let mut lines = String::new();
+        let mut last = String::new();
+        for ((id, _), tokens) in batch.iter().zip(generated) {
+            let ids: Vec<u32> = if settings.keep_prompt {
+                prompt.iter().copied().chain(tokens).collect()
+            } else {
+                tokens
+            };
+            let caption = model.decode(&ids).map_err(failed)?;
+            let text = settings.template.replace("{caption}", caption.trim());
+            lines.push_str(&json!({"id": id, "text": text}).to_string());
+            lines.push('\n');
+            done.insert(id.to_string(), text.clone());
+            last = text;
+        }
+        partial
+            .write_all(lines.as_bytes())
+            .and_then(|_| partial.flush())
+            .map_err(|e| StageError::io(format!("writing {}", partial_path.display()), e))?;
+        ctx.progress.advance(batch.len() as u64, &last);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if !todo.is_empty() {
+        log(
+            ctx,
+            &format!(
+                "captioned {} images in {seconds:.1} s ({:.2} images/s, {} threads, batch {})",
+                todo.len(),
+                todo.len() as f64 / seconds,
+                ctx.threads,
+                settings.batch_size
+            ),
+        )?;
+    }
+
+    let ids: BTreeSet<&String> = images.keys().collect();
+    let mut out = String::new();
+    for id in ids {
+        let text = &done[id.as_str()];
+        out.push_str(&json!({"id": id, "text": text}).to_string());
+        out.push('\n');
+    }
+    let path = ctx.output_path(CAPTIONS);
+    std::fs::write(&path, out).map_err(|e| StageError::io(format!("writing {CAPTIONS}"), e))
+}

@@ -1,0 +1,256 @@
+//! CLIP's byte-level BPE tokenizer, as transformers' `CLIPTokenizer` runs it, built with the
+//! `tokenizers` crate from a pipeline's `tokenizer/vocab.json` + `merges.txt`.
+//!
+//! The pieces are transformers' (5.x `CLIPTokenizer`, identical to 4.x `CLIPTokenizerFast`):
+//! normalise (NFC, runs of whitespace → one space, lowercase); split on CLIP's regex
+//! (`<|startoftext|>`, `<|endoftext|>`, English contractions, letter runs, single digits,
+//! other-symbol runs; whitespace dropped); byte-level map; BPE with `</w>` marking each word's
+//! end; `<|startoftext|> … <|endoftext|>`; truncate to `model_max_length` and pad to it with the
+//! pad token. SD1.5 pads with `<|endoftext|>`, SD2 with `!`: the pad token is read from
+//! `tokenizer_config.json`, never assumed.
+//!
+//! transformers 4's *slow* `CLIPTokenizer` cleaned text with `ftfy` (or a BERT-style basic
+//! tokenizer) instead of NFC; the two agree on ordinary prompts and can differ on unusual
+//! Unicode. sdpipe matches the fast one, which is what transformers 5 ships.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormalizerSequence, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::{
+    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, SplitDelimiterBehavior,
+    Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
+
+use crate::error::PipelineError;
+
+/// CLIP's pre-tokenisation pattern (OpenAI's `simple_tokenizer.py`, as transformers uses it).
+pub const CLIP_SPLIT_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+/// A special token as `tokenizer_config.json` declares it (a string or an `AddedToken` object).
+#[derive(Debug, Clone, PartialEq)]
+struct SpecialToken {
+    content: String,
+    normalized: bool,
+    lstrip: bool,
+    rstrip: bool,
+    single_word: bool,
+}
+
+impl SpecialToken {
+    fn parse(value: &Value) -> Option<SpecialToken> {
+        match value {
+            Value::String(s) => Some(SpecialToken {
+                content: s.clone(),
+                normalized: false,
+                lstrip: false,
+                rstrip: false,
+                single_word: false,
+            }),
+            Value::Object(map) => {
+                let flag = |k: &str| map.get(k).and_then(Value::as_bool).unwrap_or(false);
+                Some(SpecialToken {
+                    content: map.get("content")?.as_str()?.to_string(),
+                    normalized: flag("normalized"),
+                    lstrip: flag("lstrip"),
+                    rstrip: flag("rstrip"),
+                    single_word: flag("single_word"),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn plain(content: &str) -> SpecialToken {
+        SpecialToken::parse(&Value::String(content.into())).expect("a string parses")
+    }
+
+    fn added(&self) -> AddedToken {
+        AddedToken::from(self.content.clone(), true)
+            .normalized(self.normalized)
+            .lstrip(self.lstrip)
+            .rstrip(self.rstrip)
+            .single_word(self.single_word)
+    }
+}
+
+/// A ready CLIP tokenizer: `encode` gives exactly `model_max_length` ids per prompt.
+#[derive(Clone)]
+pub struct ClipTokenizer {
+    tokenizer: Tokenizer,
+    max_length: usize,
+    pad_id: u32,
+    bos_id: u32,
+    eos_id: u32,
+}
+
+impl std::fmt::Debug for ClipTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClipTokenizer")
+            .field("max_length", &self.max_length)
+            .field("pad_id", &self.pad_id)
+            .field("bos_id", &self.bos_id)
+            .field("eos_id", &self.eos_id)
+            .finish()
+    }
+}
+
+impl ClipTokenizer {
+    /// Load from a `tokenizer/` folder: `vocab.json`, `merges.txt`, and (optional, but every
+    /// SD1.x pipeline has them) `tokenizer_config.json` and `special_tokens_map.json`.
+    pub fn from_dir(dir: &Path) -> Result<ClipTokenizer, PipelineError> {
+        let vocab = dir.join("vocab.json");
+        let merges = dir.join("merges.txt");
+        for (path, what) in [(&vocab, "the BPE vocabulary"), (&merges, "the BPE merges")] {
+            if !path.is_file() {
+                return Err(PipelineError::Missing {
+                    path: path.to_path_buf(),
+                    hint: format!("{what} of the CLIP tokenizer"),
+                });
+            }
+        }
+        let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
+        let special_map = read_optional_json(&dir.join("special_tokens_map.json"))?;
+        let token = |key: &str, default: &str| -> SpecialToken {
+            [&config, &special_map]
+                .into_iter()
+                .find_map(|source| source.get(key).and_then(SpecialToken::parse))
+                .unwrap_or_else(|| SpecialToken::plain(default))
+        };
+        let bos = token("bos_token", "<|startoftext|>");
+        let eos = token("eos_token", "<|endoftext|>");
+        let unk = token("unk_token", "<|endoftext|>");
+        let pad = token("pad_token", "<|endoftext|>");
+        // transformers' default for CLIP is 77; configs without the key (or with its
+        // "very large" sentinel) get the text encoder's 77 positions.
+        let max_length = config
+            .get("model_max_length")
+            .and_then(Value::as_u64)
+            .filter(|&n| n > 0 && n <= 4096)
+            .unwrap_or(77) as usize;
+
+        let bad = |message: String| PipelineError::Tokenizer { path: dir.to_path_buf(), message };
+        let model = BPE::from_file(&path_str(&vocab)?, &path_str(&merges)?)
+            .unk_token(unk.content.clone())
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix("</w>".into())
+            .fuse_unk(false)
+            .build()
+            .map_err(|e| bad(format!("vocab.json/merges.txt: {e}")))?;
+        let mut tokenizer = Tokenizer::new(model);
+        let whitespace = Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+            " ",
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        tokenizer
+            .with_normalizer(Some(NormalizerSequence::new(vec![
+                NFC.into(),
+                whitespace.into(),
+                Lowercase.into(),
+            ])))
+            .map_err(|e| bad(e.to_string()))?;
+        let split = Split::new(
+            SplitPattern::Regex(CLIP_SPLIT_PATTERN.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, true).into(),
+        ])));
+        tokenizer.with_decoder(Some(ByteLevel::default()));
+
+        // transformers registers the special tokens in this order; the first declaration of a
+        // content wins (SD1.5's pad token is the eos token again).
+        let mut specials: Vec<SpecialToken> = Vec::new();
+        for t in [&bos, &eos, &unk, &pad] {
+            if !specials.iter().any(|s| s.content == t.content) {
+                specials.push(t.clone());
+            }
+        }
+        let added: Vec<AddedToken> = specials.iter().map(SpecialToken::added).collect();
+        tokenizer.add_special_tokens(added).map_err(|e| bad(e.to_string()))?;
+
+        let id = |t: &SpecialToken| {
+            tokenizer
+                .token_to_id(&t.content)
+                .ok_or_else(|| bad(format!("special token {:?} is not in vocab.json", t.content)))
+        };
+        let (bos_id, eos_id, pad_id) = (id(&bos)?, id(&eos)?, id(&pad)?);
+        tokenizer.with_post_processor(Some(
+            RobertaProcessing::new((eos.content.clone(), eos_id), (bos.content.clone(), bos_id))
+                .trim_offsets(false)
+                .add_prefix_space(false),
+        ));
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| bad(e.to_string()))?;
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::Fixed(max_length),
+            direction: PaddingDirection::Right,
+            pad_to_multiple_of: None,
+            pad_id,
+            pad_type_id: 0,
+            pad_token: pad.content.clone(),
+        }));
+        Ok(ClipTokenizer { tokenizer, max_length, pad_id, bos_id, eos_id })
+    }
+
+    /// Token ids of one prompt: BOS, the text's tokens (truncated), EOS, pad to `max_length`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, PipelineError> {
+        let encoding = self.tokenizer.encode(text, true).map_err(|e| PipelineError::Tokenizer {
+            path: PathBuf::from("tokenizer"),
+            message: format!("encoding {text:?}: {e}"),
+        })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The sequence length every encoding has (77 for SD).
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    pub fn bos_id(&self) -> u32 {
+        self.bos_id
+    }
+
+    pub fn eos_id(&self) -> u32 {
+        self.eos_id
+    }
+
+    /// The number of ids the tokenizer can produce (vocabulary plus added tokens).
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+}
+
+fn read_optional_json(path: &Path) -> Result<Value, PipelineError> {
+    if !path.is_file() {
+        return Ok(Value::Null);
+    }
+    crate::config::read_json(path)
+}
+
+fn path_str(path: &Path) -> Result<String, PipelineError> {
+    path.to_str().map(str::to_string).ok_or_else(|| PipelineError::Tokenizer {
+        path: path.to_path_buf(),
+        message: "the path is not valid UTF-8".into(),
+    })
+}

@@ -1,0 +1,42 @@
+//! Errors from reading, loading and writing Stable Diffusion pipeline folders. Each names the
+//! file involved and, where there is one, what to do about it.
+
+use std::path::PathBuf;
+
+use sdpipe_stages::api::StageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{path}: missing; {hint}")]
+    Missing { path: PathBuf, hint: String },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid config: {message}")]
+    BadConfig { path: PathBuf, message: String },
+    #[error("{path}: {message} (sdpipe runs Stable Diffusion 1.x-shaped models)")]
+    Unsupported { path: PathBuf, message: String },
+    #[error("{path}: cannot load the weights: {source}")]
+    Weights {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("{path}: bad tokenizer files: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+}
+
+impl From<PipelineError> for StageError {
+    fn from(e: PipelineError) -> Self {
+        StageError::Failed(e.to_string())
+    }
+}

@@ -1,0 +1,594 @@
+//! A diffusers Stable Diffusion 1.x pipeline folder: its configs, its weight files, and the
+//! candle modules loaded from them.
+//!
+//! The folder is the one `StableDiffusionPipeline.save_pretrained` writes (`model_index.json`,
+//! `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; `safety_checker/` and
+//! `feature_extractor/` are ignored). This module owns the mapping from diffusers' configs to
+//! candle-transformers' module configs, and refuses — naming the key — configs whose
+//! architecture candle's SD1.x modules cannot express, instead of loading a different model.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::clip::text_model::{
+    Activation, ClipTextConfig, ClipTextTransformer,
+};
+use candle_transformers::models::stable_diffusion::unet_2d::{
+    BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
+};
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use serde_json::Value;
+
+use crate::clip_tokenizer::ClipTokenizer;
+use crate::config::{
+    read_json, ModelIndex, SchedulerConfig, TextEncoderConfig, UNetConfig, VaeConfig,
+};
+use crate::error::PipelineError;
+
+pub const MODEL_INDEX: &str = "model_index.json";
+pub const UNET_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+pub const TEXT_ENCODER_WEIGHTS: &str = "model.safetensors";
+/// The tokenizer files sdpipe reads (as SD1.x ships them).
+pub const TOKENIZER_FILES: [&str; 4] =
+    ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"];
+
+/// Every file of a pipeline folder that sampling depends on, relative to its root: what a stage
+/// resolves from a hub and hashes into its key. `special_tokens_map.json` is optional.
+pub fn required_files() -> Vec<&'static str> {
+    vec![
+        MODEL_INDEX,
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/tokenizer_config.json",
+        "scheduler/scheduler_config.json",
+    ]
+}
+
+/// An opened pipeline folder: parsed configs; weights are loaded on demand.
+#[derive(Debug, Clone)]
+pub struct SdPipeline {
+    pub root: PathBuf,
+    pub model_index: ModelIndex,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text_encoder: TextEncoderConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+/// The CLIP text encoder; `encode` returns the last hidden state, what SD conditions on.
+pub struct TextEncoder {
+    model: ClipTextTransformer,
+}
+
+impl TextEncoder {
+    /// `ids`: (batch, 77) u32 token ids → (batch, 77, hidden) embeddings.
+    pub fn encode(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.model.forward_with_mask(ids, usize::MAX)
+    }
+}
+
+impl SdPipeline {
+    /// Open `root` and parse its configs. Fails with the file and the fix when something is
+    /// missing or not an SD1.x pipeline.
+    pub fn open(root: &Path) -> Result<SdPipeline, PipelineError> {
+        if !root.is_dir() {
+            return Err(PipelineError::Missing {
+                path: root.to_path_buf(),
+                hint: "expected a diffusers Stable Diffusion pipeline folder".into(),
+            });
+        }
+        let index_path = root.join(MODEL_INDEX);
+        require(&index_path, "every diffusers pipeline folder has one at its root")?;
+        let model_index = ModelIndex::from_value(read_json::<Value>(&index_path)?)
+            .map_err(|message| PipelineError::BadConfig { path: index_path.clone(), message })?;
+        for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+            if !model_index.has(part) {
+                return Err(PipelineError::Unsupported {
+                    path: index_path.clone(),
+                    message: format!("no `{part}` component"),
+                });
+            }
+        }
+        let config = |dir: &str, file: &str| -> Result<PathBuf, PipelineError> {
+            let path = root.join(dir).join(file);
+            require(&path, &format!("the `{dir}` component's config"))?;
+            Ok(path)
+        };
+        let pipeline = SdPipeline {
+            root: root.to_path_buf(),
+            unet: read_json(&config("unet", "config.json")?)?,
+            vae: read_json(&config("vae", "config.json")?)?,
+            text_encoder: read_json(&config("text_encoder", "config.json")?)?,
+            scheduler: read_json(&config("scheduler", "scheduler_config.json")?)?,
+            model_index,
+        };
+        Ok(pipeline)
+    }
+
+    /// Pixels per latent (8 for SD1.x).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.scale_factor()
+    }
+
+    /// The weight files of a component (`unet`, `vae`, `text_encoder`): one safetensors file,
+    /// or the shards its `.index.json` lists.
+    pub fn weight_files(&self, component: &str) -> Result<Vec<PathBuf>, PipelineError> {
+        let file = if component == "text_encoder" { TEXT_ENCODER_WEIGHTS } else { UNET_WEIGHTS };
+        let dir = self.root.join(component);
+        let single = dir.join(file);
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let index = dir.join(format!("{file}.index.json"));
+        if index.is_file() {
+            let value: Value = read_json(&index)?;
+            let map = value.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
+                PipelineError::BadConfig { path: index.clone(), message: "no `weight_map`".into() }
+            })?;
+            let mut shards: Vec<PathBuf> =
+                map.values().filter_map(Value::as_str).map(|s| dir.join(s)).collect();
+            shards.sort();
+            shards.dedup();
+            for shard in &shards {
+                require(shard, "listed in the shard index")?;
+            }
+            return Ok(shards);
+        }
+        let bin = if component == "text_encoder" {
+            "pytorch_model.bin"
+        } else {
+            "diffusion_pytorch_model.bin"
+        };
+        let hint = if dir.join(bin).is_file() {
+            format!(
+                "only the pickled `{bin}` is there; sdpipe reads safetensors only — re-save the \
+                 pipeline with diffusers' `save_pretrained(..., safe_serialization=True)`"
+            )
+        } else {
+            format!("the `{component}` weights ({file}) are needed")
+        };
+        Err(PipelineError::Missing { path: single, hint })
+    }
+
+    /// Every file sampling reads, keyed by its path relative to the root: a stage's
+    /// `external_deps` when the model comes from outside the pipeline.
+    pub fn dependency_files(&self) -> Result<BTreeMap<String, PathBuf>, PipelineError> {
+        let mut files = BTreeMap::new();
+        let mut add = |path: PathBuf| {
+            let rel = path.strip_prefix(&self.root).unwrap_or(&path).to_string_lossy().to_string();
+            files.insert(rel, path);
+        };
+        add(self.root.join(MODEL_INDEX));
+        for (dir, file) in [
+            ("unet", "config.json"),
+            ("vae", "config.json"),
+            ("text_encoder", "config.json"),
+            ("scheduler", "scheduler_config.json"),
+        ] {
+            add(self.root.join(dir).join(file));
+        }
+        for component in ["unet", "vae", "text_encoder"] {
+            for path in self.weight_files(component)? {
+                add(path);
+            }
+        }
+        for file in TOKENIZER_FILES {
+            let path = self.root.join("tokenizer").join(file);
+            if path.is_file() {
+                add(path);
+            }
+        }
+        Ok(files)
+    }
+
+    /// candle's UNet config for this folder's `unet/config.json`.
+    pub fn candle_unet_config(&self) -> Result<UNet2DConditionModelConfig, PipelineError> {
+        unet_to_candle(&self.unet).map_err(|message| PipelineError::Unsupported {
+            path: self.root.join("unet/config.json"),
+            message,
+        })
+    }
+
+    /// candle's VAE config for this folder's `vae/config.json`.
+    pub fn candle_vae_config(&self) -> Result<AutoEncoderKLConfig, PipelineError> {
+        vae_to_candle(&self.vae).map_err(|message| PipelineError::Unsupported {
+            path: self.root.join("vae/config.json"),
+            message,
+        })
+    }
+
+    /// candle's CLIP text config for this folder's `text_encoder/config.json`.
+    pub fn candle_clip_config(&self) -> Result<ClipTextConfig, PipelineError> {
+        clip_to_candle(&self.text_encoder).map_err(|message| PipelineError::Unsupported {
+            path: self.root.join("text_encoder/config.json"),
+            message,
+        })
+    }
+
+    pub fn load_unet(
+        &self,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<UNet2DConditionModel, PipelineError> {
+        let config = self.candle_unet_config()?;
+        let files = self.weight_files("unet")?;
+        let vb = mmap(&files, dtype, device)?;
+        UNet2DConditionModel::new(vb, self.unet.in_channels, self.unet.out_channels, false, config)
+            .map_err(|source| PipelineError::Weights { path: files[0].clone(), source })
+    }
+
+    pub fn load_vae(&self, device: &Device, dtype: DType) -> Result<AutoEncoderKL, PipelineError> {
+        let config = self.candle_vae_config()?;
+        let files = self.weight_files("vae")?;
+        let vb = mmap(&files, dtype, device)?;
+        AutoEncoderKL::new(vb, self.vae.in_channels, self.vae.out_channels, config)
+            .map_err(|source| PipelineError::Weights { path: files[0].clone(), source })
+    }
+
+    /// The text encoder. Reads both layouts: transformers 4 (and the published SD1.5 files)
+    /// prefix every tensor with `text_model.`, transformers 5 saves without the prefix.
+    pub fn load_text_encoder(
+        &self,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<TextEncoder, PipelineError> {
+        let config = self.candle_clip_config()?;
+        let files = self.weight_files("text_encoder")?;
+        let vb = mmap(&files, dtype, device)?;
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
+        let model = ClipTextTransformer::new(vb, &config)
+            .map_err(|source| PipelineError::Weights { path: files[0].clone(), source })?;
+        Ok(TextEncoder { model })
+    }
+
+    pub fn tokenizer(&self) -> Result<ClipTokenizer, PipelineError> {
+        ClipTokenizer::from_dir(&self.root.join("tokenizer"))
+    }
+}
+
+fn require(path: &Path, what: &str) -> Result<(), PipelineError> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(PipelineError::Missing { path: path.to_path_buf(), hint: what.to_string() })
+    }
+}
+
+fn mmap(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, PipelineError> {
+    // SAFETY: the files are mmapped read-only; sdpipe never writes a pipeline folder it is
+    // reading, and the engine's cached outputs are immutable.
+    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+        .map_err(|source| PipelineError::Weights { path: files[0].clone(), source })
+}
+
+/// Keys of `extra` that change the architecture, with the only value candle's modules support.
+const UNET_FIXED: &[(&str, &str)] = &[
+    ("class_embed_type", "null"),
+    ("addition_embed_type", "null"),
+    ("time_cond_proj_dim", "null"),
+    ("encoder_hid_dim", "null"),
+    ("encoder_hid_dim_type", "null"),
+    ("time_embedding_dim", "null"),
+    ("timestep_post_act", "null"),
+    ("time_embedding_act_fn", "null"),
+    ("num_class_embeds", "null"),
+    ("reverse_transformer_layers_per_block", "null"),
+    ("cross_attention_norm", "null"),
+    ("conv_in_kernel", "3"),
+    ("conv_out_kernel", "3"),
+    ("time_embedding_type", "\"positional\""),
+    ("resnet_time_scale_shift", "\"default\""),
+    ("only_cross_attention", "false"),
+    ("dual_cross_attention", "false"),
+    ("attention_type", "\"default\""),
+    ("resnet_skip_time_act", "false"),
+    ("resnet_out_scale_factor", "1.0"),
+    ("class_embeddings_concat", "false"),
+    ("mid_block_only_cross_attention", "null"),
+];
+
+fn check_fixed(
+    extra: &serde_json::Map<String, Value>,
+    fixed: &[(&str, &str)],
+) -> Result<(), String> {
+    for (key, expected) in fixed {
+        if let Some(value) = extra.get(*key) {
+            let want: Value = serde_json::from_str(expected).expect("valid literal");
+            let same = match (value, &want) {
+                (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+                (a, b) => a == b,
+            };
+            if !same {
+                return Err(format!("`{key}` is {value}; only {expected} is supported"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Map diffusers' UNet config onto candle's, refusing what candle would silently build wrong.
+pub fn unet_to_candle(c: &UNetConfig) -> Result<UNet2DConditionModelConfig, String> {
+    check_fixed(&c.extra, UNET_FIXED)?;
+    let n = c.block_out_channels.len();
+    if n == 0 {
+        return Err("`block_out_channels` is empty".into());
+    }
+    if c.down_block_types.len() != n || c.up_block_types.len() != n {
+        return Err(format!(
+            "{} down and {} up block types for {n} `block_out_channels`",
+            c.down_block_types.len(),
+            c.up_block_types.len()
+        ));
+    }
+    if c.act_fn != "silu" {
+        return Err(format!("`act_fn` is {:?}; only \"silu\" is supported", c.act_fn));
+    }
+    match c.mid_block_type.as_deref() {
+        Some("UNetMidBlock2DCrossAttn") => {}
+        other => return Err(format!("`mid_block_type` {other:?} is not supported")),
+    }
+    let mut blocks = Vec::with_capacity(n);
+    for (i, down) in c.down_block_types.iter().enumerate() {
+        // candle builds the up path as the mirror of the down path; accept only configs that
+        // are that mirror.
+        let (cross, mirror) = match down.as_str() {
+            "CrossAttnDownBlock2D" => (true, "CrossAttnUpBlock2D"),
+            "DownBlock2D" => (false, "UpBlock2D"),
+            other => return Err(format!("down block type {other:?} is not supported")),
+        };
+        if c.up_block_types[n - 1 - i] != mirror {
+            return Err(format!(
+                "up block {} is {:?} but mirrors down block {i} ({down:?}); expected {mirror:?}",
+                n - 1 - i,
+                c.up_block_types[n - 1 - i]
+            ));
+        }
+        let heads = c.heads(i).ok_or_else(|| format!("no attention head count for block {i}"))?;
+        let layers = c
+            .transformer_layers_per_block
+            .get(i)
+            .ok_or_else(|| format!("no `transformer_layers_per_block` for block {i}"))?;
+        blocks.push(BlockConfig {
+            out_channels: c.block_out_channels[i],
+            use_cross_attn: cross.then_some(layers),
+            attention_head_dim: heads,
+        });
+    }
+    Ok(UNet2DConditionModelConfig {
+        center_input_sample: c.center_input_sample,
+        flip_sin_to_cos: c.flip_sin_to_cos,
+        freq_shift: c.freq_shift,
+        blocks,
+        layers_per_block: c.layers_per_block,
+        downsample_padding: c.downsample_padding,
+        mid_block_scale_factor: c.mid_block_scale_factor,
+        norm_num_groups: c.norm_num_groups,
+        norm_eps: c.norm_eps,
+        cross_attention_dim: c.cross_attention_dim,
+        sliced_attention_size: None,
+        use_linear_projection: c.use_linear_projection,
+    })
+}
+
+pub fn vae_to_candle(c: &VaeConfig) -> Result<AutoEncoderKLConfig, String> {
+    if c.block_out_channels.is_empty() {
+        return Err("`block_out_channels` is empty".into());
+    }
+    let n = c.block_out_channels.len();
+    let all = |types: &[String], want: &str| types.is_empty() || types.iter().all(|t| t == want);
+    if !all(&c.down_block_types, "DownEncoderBlock2D") || c.down_block_types.len() > n {
+        return Err(format!("down block types {:?} are not supported", c.down_block_types));
+    }
+    if !all(&c.up_block_types, "UpDecoderBlock2D") || c.up_block_types.len() > n {
+        return Err(format!("up block types {:?} are not supported", c.up_block_types));
+    }
+    if c.act_fn != "silu" {
+        return Err(format!("`act_fn` is {:?}; only \"silu\" is supported", c.act_fn));
+    }
+    if !c.mid_block_add_attention {
+        return Err("`mid_block_add_attention` false is not supported".into());
+    }
+    Ok(AutoEncoderKLConfig {
+        block_out_channels: c.block_out_channels.clone(),
+        layers_per_block: c.layers_per_block,
+        latent_channels: c.latent_channels,
+        norm_num_groups: c.norm_num_groups,
+        use_quant_conv: c.use_quant_conv,
+        use_post_quant_conv: c.use_post_quant_conv,
+    })
+}
+
+pub fn clip_to_candle(c: &TextEncoderConfig) -> Result<ClipTextConfig, String> {
+    if c.hidden_act != "quick_gelu" {
+        return Err(format!(
+            "`hidden_act` is {:?}; only \"quick_gelu\" (SD1.x's CLIP ViT-L/14) is supported",
+            c.hidden_act
+        ));
+    }
+    if (c.layer_norm_eps - 1e-5).abs() > 1e-12 {
+        return Err(format!("`layer_norm_eps` is {}; only 1e-5 is supported", c.layer_norm_eps));
+    }
+    if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+        return Err(format!(
+            "`hidden_size` {} is not a multiple of `num_attention_heads` {}",
+            c.hidden_size, c.num_attention_heads
+        ));
+    }
+    Ok(ClipTextConfig {
+        vocab_size: c.vocab_size,
+        embed_dim: c.hidden_size,
+        activation: Activation::QuickGelu,
+        intermediate_size: c.intermediate_size,
+        max_position_embeddings: c.max_position_embeddings,
+        pad_with: None,
+        num_hidden_layers: c.num_hidden_layers,
+        num_attention_heads: c.num_attention_heads,
+        projection_dim: c.projection_dim,
+    })
+}
+
+/// Copy a pipeline folder's `model_index.json` and every component folder except those named
+/// in `except` (e.g. `&["unet"]` for a trainer that writes its own UNet). Files are hard-linked
+/// when possible (pipeline weights are gigabytes and never modified in place), else copied;
+/// symlinks (as in the Hugging Face cache) are followed, so `to` holds real files.
+pub fn copy_components(from: &Path, to: &Path, except: &[&str]) -> Result<(), PipelineError> {
+    let index = from.join(MODEL_INDEX);
+    require(&index, "every diffusers pipeline folder has one at its root")?;
+    fs::create_dir_all(to).map_err(|source| PipelineError::Write { path: to.into(), source })?;
+    link_or_copy(&index, &to.join(MODEL_INDEX))?;
+    let entries = fs::read_dir(from)
+        .map_err(|source| PipelineError::Read { path: from.to_path_buf(), source })?;
+    let mut dirs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| PipelineError::Read { path: from.into(), source })?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().to_string();
+        if path.is_dir() && !except.contains(&name.as_str()) && !name.starts_with('.') {
+            dirs.push((path, name));
+        }
+    }
+    for (path, name) in dirs {
+        copy_tree(&path, &to.join(name))?;
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<(), PipelineError> {
+    fs::create_dir_all(to).map_err(|source| PipelineError::Write { path: to.into(), source })?;
+    let entries =
+        fs::read_dir(from).map_err(|source| PipelineError::Read { path: from.into(), source })?;
+    for entry in entries {
+        let entry = entry.map_err(|source| PipelineError::Read { path: from.into(), source })?;
+        let path = entry.path();
+        let dest = to.join(entry.file_name());
+        if path.is_dir() {
+            copy_tree(&path, &dest)?;
+        } else {
+            link_or_copy(&path, &dest)?;
+        }
+    }
+    Ok(())
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), PipelineError> {
+    let real = fs::canonicalize(from)
+        .map_err(|source| PipelineError::Read { path: from.to_path_buf(), source })?;
+    if fs::hard_link(&real, to).is_ok() {
+        return Ok(());
+    }
+    fs::copy(&real, to)
+        .map(|_| ())
+        .map_err(|source| PipelineError::Write { path: to.to_path_buf(), source })
+}
+
+/// Write weights as diffusers and transformers do: one safetensors file, metadata
+/// `{"format": "pt"}`, tensors contiguous in their own dtype.
+pub fn write_weights(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), PipelineError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)
+            .map_err(|source| PipelineError::Write { path: parent.to_path_buf(), source })?;
+    }
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), t.contiguous()?)))
+        .collect::<candle_core::Result<_>>()
+        .map_err(|source| PipelineError::Weights { path: path.to_path_buf(), source })?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(
+        contiguous.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(metadata),
+        path,
+    )
+    .map_err(|e| PipelineError::Write {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiny::{write_tiny, TinySpec};
+
+    fn tiny_unet() -> UNetConfig {
+        serde_json::from_value(serde_json::json!({
+            "block_out_channels": [32, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 32,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_sd1_unet_config_maps_onto_candles_blocks() {
+        let config = unet_to_candle(&tiny_unet()).unwrap();
+        assert_eq!(config.blocks.len(), 2);
+        assert_eq!(config.blocks[0].use_cross_attn, Some(1));
+        assert_eq!(config.blocks[1].use_cross_attn, None);
+        assert_eq!(config.blocks[1].attention_head_dim, 8);
+    }
+
+    #[test]
+    fn architecture_keys_candle_cannot_express_are_refused_by_name() {
+        let mut config = tiny_unet();
+        config.extra.insert("class_embed_type".into(), serde_json::json!("timestep"));
+        let err = unet_to_candle(&config).unwrap_err();
+        assert!(err.contains("class_embed_type"), "{err}");
+    }
+
+    #[test]
+    fn up_blocks_that_do_not_mirror_the_down_blocks_are_refused() {
+        let mut config = tiny_unet();
+        config.up_block_types.reverse();
+        let err = unet_to_candle(&config).unwrap_err();
+        assert!(err.contains("mirrors"), "{err}");
+    }
+
+    #[test]
+    fn a_gelu_text_encoder_is_refused() {
+        let mut config: TextEncoderConfig = serde_json::from_str("{}").unwrap();
+        config.hidden_act = "gelu".into();
+        assert!(clip_to_candle(&config).unwrap_err().contains("hidden_act"));
+    }
+
+    #[test]
+    fn copy_components_leaves_out_the_excepted_parts() {
+        let from = tempfile::tempdir().unwrap();
+        write_tiny(from.path(), &TinySpec::default()).unwrap();
+        let to = tempfile::tempdir().unwrap();
+        copy_components(from.path(), to.path(), &["unet"]).unwrap();
+        assert!(to.path().join(MODEL_INDEX).is_file());
+        assert!(to.path().join("vae/diffusion_pytorch_model.safetensors").is_file());
+        assert!(to.path().join("tokenizer/merges.txt").is_file());
+        assert!(!to.path().join("unet").exists());
+    }
+
+    #[test]
+    fn missing_weights_are_named_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), &TinySpec::default()).unwrap();
+        let weights = dir.path().join("vae/diffusion_pytorch_model.safetensors");
+        std::fs::rename(&weights, dir.path().join("vae/diffusion_pytorch_model.bin")).unwrap();
+        let pipeline = SdPipeline::open(dir.path()).unwrap();
+        let err = pipeline.weight_files("vae").unwrap_err().to_string();
+        assert!(err.contains("safe_serialization"), "{err}");
+    }
+}

@@ -1,0 +1,111 @@
+//! Seconds per optimiser step and peak memory of sdpipe's training step on a random UNet (not a
+//! test; see docs/bench/train.md). One configuration per process, so the peak RSS is its own.
+//!
+//! cargo run --release -p sdpipe-train --example train_bench -- <tiny|mid> <plain|checkpointing> \
+//!     <steps> <threads>
+//!
+//! The step is the real one (`Objective::loss_and_grads` + `apply_update`: MSE on ε, backward,
+//! clipping, AdamW, EMA) on random latents and text states; the frozen VAE and text encoder are
+//! left out, as in bench/train_bench.py.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use sdpipe_train::denoiser::Denoiser;
+use sdpipe_train::ema::Ema;
+use sdpipe_train::objective::{NoiseSchedule, Prediction, ScheduleConfig};
+use sdpipe_train::optim::{AdamW, AdamWConfig};
+use sdpipe_train::trainer::{apply_update, Objective};
+use sdpipe_unet::{BlockKind, UNet, UNetConfig};
+
+/// `(config, latent side)`: the tiny test model at 16×16 latents, and a mid-size SD-shaped model
+/// (channels 64/128/256, two resnets per block, cross-attention in the first two) at 32×32.
+fn config(name: &str) -> (UNetConfig, usize) {
+    match name {
+        "tiny" => (UNetConfig::tiny(), 16),
+        "mid" => {
+            use BlockKind::{CrossAttn, Plain};
+            let c = UNetConfig {
+                block_out_channels: vec![64, 128, 256],
+                down_blocks: vec![CrossAttn, CrossAttn, Plain],
+                up_blocks: vec![Plain, CrossAttn, CrossAttn],
+                layers_per_block: vec![2, 2, 2],
+                attention_heads: vec![8, 8, 8],
+                transformer_layers_per_block: vec![1, 1, 1],
+                cross_attention_dim: vec![256, 256, 256],
+                ..UNetConfig::tiny()
+            };
+            (c, 32)
+        }
+        other => panic!("unknown config {other} (tiny, mid)"),
+    }
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    kib / 1024.0
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let name = args.get(1).map(String::as_str).unwrap_or("tiny");
+    let checkpointing = args.get(2).map(String::as_str) == Some("checkpointing");
+    let steps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let threads: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(2);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    pool.install(|| {
+        let (config, side) = config(name);
+        let context_dim = config.cross_attention_dim[0];
+        let device = Device::Cpu;
+        let unet = UNet::random(config, 0, &device).unwrap();
+        let vars: Vec<Var> = Denoiser::parameters(&unet).into_iter().map(|(_, v)| v).collect();
+        let mut adam = AdamW::new(
+            vars.len(),
+            AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 },
+        );
+        let mut ema = Ema::new(&vars).unwrap();
+        let schedule = NoiseSchedule::new(&ScheduleConfig {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: "scaled_linear".into(),
+            trained_betas: None,
+        })
+        .unwrap();
+        let objective = Objective {
+            schedule: &schedule,
+            prediction: Prediction::Epsilon,
+            snr_gamma: None,
+            accumulation: 1,
+            checkpointing,
+        };
+        let latents = Tensor::randn(0f32, 1.0, (1, 4, side, side), &device).unwrap();
+        let noise = Tensor::randn(0f32, 1.0, (1, 4, side, side), &device).unwrap();
+        let context = Tensor::randn(0f32, 1.0, (1, 77, context_dim), &device).unwrap();
+        let mut times = Vec::new();
+        for step in 0..=steps {
+            let started = Instant::now();
+            let t = [(step * 97 % 1000) as u32];
+            let (_, grads) =
+                objective.loss_and_grads(&unet, &latents, &noise, &t, &context).unwrap();
+            apply_update(&vars, grads, 1.0, &mut adam, 1e-5, Some(&mut ema)).unwrap();
+            if step > 0 {
+                times.push(started.elapsed().as_secs_f64()); // the first step is warm-up
+            }
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!(
+            "{{\"impl\": \"sdpipe\", \"config\": \"{name}\", \"params\": {}, \"latent\": {side}, \
+             \"checkpointing\": {checkpointing}, \"threads\": {threads}, \"steps\": {steps}, \
+             \"median_s_per_step\": {:.4}, \"peak_rss_mib\": {:.1}}}",
+            unet.parameter_count(),
+            times[times.len() / 2],
+            peak_rss_mib()
+        );
+    });
+}

@@ -1,0 +1,500 @@
+//! The `train` stage kind: finetunes a Stable Diffusion pipeline's UNet on an imagefolder
+//! dataset with the reference script's flags, and writes the finetuned pipeline folder and the
+//! per-step log.
+//!
+//! The base model is the `pipeline` input when bound (an upstream stage's pipeline folder), else
+//! `model` resolved by sdpipe-hub (local folder → HF cache → hub); in that case its files are the
+//! stage's external dependencies, so other weights behind the same name retrain. A checkpoint is
+//! written every `checkpointing_steps` and when the run is cancelled; a rerun of the same stage
+//! (same key, same state directory) resumes from the latest one and ends with the same weights
+//! as an uninterrupted run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use sdpipe_diffusion::{copy_components, SdPipeline};
+use sdpipe_hub::{HubConfig, Want};
+use sdpipe_stages::api::{
+    OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError, StageKind,
+};
+use serde_json::{json, Value};
+
+use crate::checkpoint;
+use crate::data::{load_train_split, Transform};
+use crate::denoiser::Denoiser;
+use crate::frozen::Frozen;
+use crate::lr::{LrKind, LrSchedule};
+use crate::objective::{NoiseSchedule, Prediction, ScheduleConfig};
+use crate::optim::AdamWConfig;
+use crate::trainer::{TrainConfig, TrainError, Trainer};
+
+const MODEL: &str = "model";
+const LOG: &str = "train_log.jsonl";
+
+/// The `train` kind. `hub` overrides the environment's hub settings and `interrupt_after` stops
+/// the run abruptly after that many optimiser steps without a final checkpoint, as a killed
+/// process would (both for tests).
+#[derive(Default)]
+pub struct Train {
+    pub hub: Option<HubConfig>,
+    pub interrupt_after: Option<u64>,
+}
+
+/// The parameters, typed and checked.
+struct Settings {
+    config: TrainConfig,
+    checkpointing_steps: u64,
+    model: String,
+    revision: String,
+    prediction_override: Option<Prediction>,
+}
+
+fn invalid(param: &str, message: impl Into<String>) -> StageError {
+    StageError::InvalidParam { param: param.into(), message: message.into() }
+}
+
+/// An optional number given as a JSON number or null.
+fn optional_number(ctx: &StageContext<'_>, name: &str) -> Result<Option<f64>, StageError> {
+    match ctx.params.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|f| f.is_finite())
+            .map(Some)
+            .ok_or_else(|| invalid(name, format!("expected a number or null, found {v}"))),
+    }
+}
+
+impl Settings {
+    fn from(ctx: &StageContext<'_>) -> Result<Settings, StageError> {
+        let lr_name: String = ctx.param("lr_scheduler")?;
+        let lr_kind = LrKind::parse(&lr_name)
+            .ok_or_else(|| invalid("lr_scheduler", format!("unknown schedule `{lr_name}`")))?;
+        let max_train_steps: u64 = ctx.param("max_train_steps")?;
+        let max_grad_norm: f64 = ctx.param("max_grad_norm")?;
+        if max_grad_norm <= 0.0 {
+            return Err(invalid(
+                "max_grad_norm",
+                "must be positive (torch would zero every gradient)",
+            ));
+        }
+        let snr_gamma = optional_number(ctx, "snr_gamma")?;
+        if snr_gamma.is_some_and(|g| g <= 0.0) {
+            return Err(invalid("snr_gamma", "must be positive (5.0 is the paper's value)"));
+        }
+        let prediction_override = match ctx.params.get("prediction_type") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(Prediction::parse(s).ok_or_else(|| {
+                invalid("prediction_type", format!("`{s}`: expected epsilon or v_prediction"))
+            })?),
+            Some(other) => {
+                return Err(invalid(
+                    "prediction_type",
+                    format!("expected a string or null, found {other}"),
+                ))
+            }
+        };
+        let seed: i64 = ctx.param("seed")?;
+        let config = TrainConfig {
+            transform: Transform {
+                resolution: ctx.param("resolution")?,
+                center_crop: ctx.param("center_crop")?,
+                random_flip: ctx.param("random_flip")?,
+            },
+            batch_size: ctx.param("train_batch_size")?,
+            accumulation: ctx.param("gradient_accumulation_steps")?,
+            gradient_checkpointing: ctx.param("gradient_checkpointing")?,
+            max_train_steps,
+            lr: LrSchedule {
+                kind: lr_kind,
+                base_lr: ctx.param("learning_rate")?,
+                warmup_steps: ctx.param("lr_warmup_steps")?,
+                training_steps: max_train_steps,
+            },
+            max_grad_norm,
+            adam: AdamWConfig {
+                beta1: ctx.param("adam_beta1")?,
+                beta2: ctx.param("adam_beta2")?,
+                eps: ctx.param("adam_epsilon")?,
+                weight_decay: ctx.param("adam_weight_decay")?,
+            },
+            use_ema: ctx.param("use_ema")?,
+            seed: seed as u64,
+            noise_offset: ctx.param("noise_offset")?,
+            snr_gamma,
+            // Filled in from the scheduler config once the model is open.
+            prediction: Prediction::Epsilon,
+        };
+        Ok(Settings {
+            config,
+            checkpointing_steps: ctx.param("checkpointing_steps")?,
+            model: ctx.param("model")?,
+            revision: ctx.param("revision")?,
+            prediction_override,
+        })
+    }
+}
+
+/// The device training runs on: the first CUDA GPU when sdpipe is built with CUDA (the `cuda`
+/// feature; untested here), else the CPU.
+fn device() -> Result<Device, StageError> {
+    Device::cuda_if_available(0).map_err(|e| StageError::failed(format!("opening the GPU: {e}")))
+}
+
+impl Train {
+    fn hub_config(&self) -> HubConfig {
+        self.hub.clone().unwrap_or_else(HubConfig::from_env)
+    }
+
+    /// The base pipeline's folder: the bound `pipeline` input, else `model` resolved.
+    fn base_folder(
+        &self,
+        inputs: &BTreeMap<String, PathBuf>,
+        model: &str,
+        revision: &str,
+    ) -> Result<PathBuf, StageError> {
+        if let Some(path) = inputs.get("pipeline") {
+            return Ok(path.clone());
+        }
+        let files = sdpipe_diffusion::pipeline::required_files();
+        let wants: Vec<Want<'_>> = files.iter().map(|f| Want::File(f)).collect();
+        let resolved = sdpipe_hub::resolve_with(&self.hub_config(), model, revision, &wants)
+            .map_err(|e| StageError::failed(e.to_string()))?;
+        Ok(resolved.root)
+    }
+}
+
+fn train_error(e: TrainError) -> StageError {
+    StageError::failed(e.to_string())
+}
+
+impl StageKind for Train {
+    fn name(&self) -> &'static str {
+        "train"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn doc(&self) -> &'static str {
+        "Finetunes a Stable Diffusion pipeline's UNet on an imagefolder dataset's `train/` split \
+         exactly as diffusers' train_text_to_image.py: frozen VAE and CLIP text encoder, Pillow \
+         bilinear resize, centre or random crop, optional flip; VAE posterior sample × \
+         scaling_factor; DDPM noising with the model's scheduler config; ε or v target; MSE \
+         (optionally min-SNR weighted); gradient accumulation; global-norm clipping; AdamW; \
+         diffusers' learning-rate schedules; EMA. Writes `model/` (the complete pipeline folder, \
+         with the EMA weights when use_ema) and `train_log.jsonl` (step, loss, lr, grad_norm, \
+         seconds per optimiser step). Checkpoints go to the stage's state directory, so an \
+         interrupted run resumes."
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let int = |min: i64, max: Option<i64>| ParamType::Int { min: Some(min), max };
+        let float = |min: f64, max: Option<f64>| ParamType::Float { min: Some(min), max };
+        vec![
+            ParamSpec::required(
+                "dataset",
+                ParamType::Input,
+                "An imagefolder dataset (an `imagefolder` stage's `dataset`); `train/` is used.",
+            ),
+            ParamSpec::optional(
+                "pipeline",
+                ParamType::Input,
+                Value::Null,
+                "An upstream pipeline folder to finetune (e.g. a `tiny-sd` stage's `model`); \
+                 when bound it is used instead of `model`.",
+            ),
+            ParamSpec::optional(
+                "model",
+                ParamType::String,
+                json!("runwayml/stable-diffusion-v1-5"),
+                "Hub repository id or local folder of a diffusers SD1.x pipeline (safetensors).",
+            ),
+            ParamSpec::optional("revision", ParamType::String, json!("main"), "Hub revision."),
+            ParamSpec::optional(
+                "resolution",
+                int(8, Some(4096)),
+                json!(512),
+                "Images are resized (shorter side) and cropped to this square size.",
+            ),
+            ParamSpec::optional(
+                "center_crop",
+                ParamType::Bool,
+                json!(false),
+                "Centre crop (true) or random crop (false) after resizing.",
+            ),
+            ParamSpec::optional(
+                "random_flip",
+                ParamType::Bool,
+                json!(false),
+                "Flip each image horizontally with probability 0.5.",
+            ),
+            ParamSpec::optional(
+                "train_batch_size",
+                int(1, Some(4096)),
+                json!(1),
+                "Images per micro-batch.",
+            ),
+            ParamSpec::optional(
+                "gradient_accumulation_steps",
+                int(1, Some(4096)),
+                json!(4),
+                "Micro-batches per optimiser step (the loss is divided by this).",
+            ),
+            ParamSpec::optional(
+                "gradient_checkpointing",
+                ParamType::Bool,
+                json!(false),
+                "Recompute UNet block activations in the backward pass to save memory.",
+            ),
+            ParamSpec::optional("max_train_steps", int(1, None), json!(150), "Optimiser steps."),
+            ParamSpec::optional(
+                "learning_rate",
+                float(0.0, None),
+                json!(1e-5),
+                "Peak learning rate.",
+            ),
+            ParamSpec::optional(
+                "max_grad_norm",
+                float(0.0, None),
+                json!(1.0),
+                "Clip the global gradient norm to this before each optimiser step.",
+            ),
+            ParamSpec::optional(
+                "lr_scheduler",
+                ParamType::Enum(LrKind::NAMES),
+                json!("constant"),
+                "Learning-rate schedule (diffusers' get_scheduler).",
+            ),
+            ParamSpec::optional(
+                "lr_warmup_steps",
+                int(0, None),
+                json!(0),
+                "Linear warmup steps (ignored by `constant`, as in diffusers).",
+            ),
+            ParamSpec::optional(
+                "use_ema",
+                ParamType::Bool,
+                json!(false),
+                "Keep an EMA of the weights (diffusers' EMAModel) and save it instead.",
+            ),
+            ParamSpec::optional(
+                "seed",
+                int(0, None),
+                json!(0),
+                "Seed of every random draw (data order, crops, flips, noise, timesteps).",
+            ),
+            ParamSpec::optional(
+                "noise_offset",
+                float(0.0, None),
+                json!(0.0),
+                "Offset-noise scale: adds noise_offset·N(0,1) per image and channel (0: off).",
+            ),
+            ParamSpec::optional(
+                "snr_gamma",
+                ParamType::Float { min: Some(0.0), max: None },
+                Value::Null,
+                "Min-SNR-γ loss weighting (a number such as 5.0, or null for plain MSE).",
+            ),
+            ParamSpec::optional(
+                "prediction_type",
+                ParamType::Enum(&["epsilon", "v_prediction"]),
+                Value::Null,
+                "`epsilon` or `v_prediction`; null uses the model's scheduler config.",
+            ),
+            ParamSpec::optional("adam_beta1", float(0.0, Some(1.0)), json!(0.9), "AdamW β₁."),
+            ParamSpec::optional("adam_beta2", float(0.0, Some(1.0)), json!(0.999), "AdamW β₂."),
+            ParamSpec::optional(
+                "adam_weight_decay",
+                float(0.0, None),
+                json!(1e-2),
+                "AdamW decoupled weight decay.",
+            ),
+            ParamSpec::optional("adam_epsilon", float(0.0, None), json!(1e-8), "AdamW ε."),
+            ParamSpec::optional(
+                "checkpointing_steps",
+                int(1, None),
+                json!(500),
+                "Write a resumable checkpoint every this many optimiser steps.",
+            ),
+            ParamSpec::optional("threads", int(1, Some(256)), json!(4), "CPU threads wanted."),
+        ]
+    }
+
+    fn outputs(&self) -> Vec<OutputSpec> {
+        vec![
+            OutputSpec {
+                name: "model",
+                path: MODEL,
+                kind: OutputKind::Dir,
+                doc: "The finetuned diffusers pipeline folder (EMA weights when use_ema).",
+            },
+            OutputSpec {
+                name: "log",
+                path: LOG,
+                kind: OutputKind::File,
+                doc: "One JSON line per optimiser step: step, loss, lr, grad_norm, seconds.",
+            },
+        ]
+    }
+
+    fn threads(&self, params: &Params) -> usize {
+        params.get("threads").and_then(Value::as_u64).unwrap_or(4).max(1) as usize
+    }
+
+    fn external_deps(&self, params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+        // Called before inputs are bound: a bound `pipeline` is already in the key, and its
+        // parameter value is the binding, not a model name.
+        if params.get("pipeline").is_some_and(|v| !v.is_null()) {
+            return Ok(BTreeMap::new());
+        }
+        let model = params.get("model").and_then(Value::as_str).unwrap_or_default();
+        let revision = params.get("revision").and_then(Value::as_str).unwrap_or("main");
+        let root = self.base_folder(&BTreeMap::new(), model, revision)?;
+        let pipeline = SdPipeline::open(&root)?;
+        Ok(pipeline
+            .dependency_files()?
+            .into_iter()
+            .map(|(rel, path)| (format!("model/{rel}"), path))
+            .collect())
+    }
+
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+        let mut settings = Settings::from(ctx)?;
+        // Check the dataset before loading any model: a bad dataset fails in milliseconds.
+        let dataset = ctx.input("dataset")?.to_path_buf();
+        let examples = load_train_split(&dataset).map_err(|e| StageError::failed(e.to_string()))?;
+        let base = self.base_folder(ctx.inputs, &settings.model, &settings.revision)?;
+        let pipeline = SdPipeline::open(&base)?;
+        let scheduler = &pipeline.scheduler;
+        let prediction = match settings.prediction_override {
+            Some(p) => p,
+            None => {
+                let name = scheduler.prediction_type.as_deref().unwrap_or("epsilon");
+                Prediction::parse(name).ok_or_else(|| {
+                    StageError::failed(format!(
+                        "{}: prediction_type `{name}` is not epsilon or v_prediction",
+                        base.join("scheduler/scheduler_config.json").display()
+                    ))
+                })?
+            }
+        };
+        settings.config.prediction = prediction;
+        let schedule = NoiseSchedule::new(&ScheduleConfig {
+            num_train_timesteps: scheduler.num_train_timesteps.unwrap_or(1000),
+            beta_start: scheduler.beta_start.unwrap_or(0.0001),
+            beta_end: scheduler.beta_end.unwrap_or(0.02),
+            beta_schedule: scheduler.beta_schedule.clone().unwrap_or_else(|| "linear".into()),
+            trained_betas: scheduler.trained_betas.clone(),
+        })
+        .map_err(|m| {
+            StageError::failed(format!(
+                "{}: {m}",
+                base.join("scheduler/scheduler_config.json").display()
+            ))
+        })?;
+
+        let threads = ctx.threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| StageError::failed(format!("starting {threads} worker threads: {e}")))?;
+        pool.install(|| self.train(ctx, &settings, &pipeline, examples, &dataset, schedule))
+    }
+}
+
+impl Train {
+    fn train(
+        &self,
+        ctx: &mut StageContext<'_>,
+        settings: &Settings,
+        pipeline: &SdPipeline,
+        examples: Vec<crate::data::Example>,
+        dataset: &Path,
+        schedule: NoiseSchedule,
+    ) -> Result<(), StageError> {
+        let device = device()?;
+        let frozen = Frozen::load(pipeline, &device)?;
+        let unet = sdpipe_unet::UNet::from_pretrained(&pipeline.root.join("unet"), &device)
+            .map_err(|e| StageError::failed(e.to_string()))?;
+        let config = settings.config.clone();
+        let max_steps = config.max_train_steps;
+        let mut trainer =
+            Trainer::new(config, &unet, &frozen, examples, dataset.join("train"), schedule)
+                .map_err(train_error)?;
+        let names = trainer.parameter_names().to_vec();
+        let checkpoint_error = |e: checkpoint::CheckpointError| StageError::failed(e.to_string());
+        if let Some(snapshot) =
+            checkpoint::load_latest(ctx.state_dir, &names, &device).map_err(checkpoint_error)?
+        {
+            let step = snapshot.step;
+            trainer.restore(snapshot).map_err(train_error)?;
+            let _ = writeln!(ctx.log, "resuming from the checkpoint at step {step}");
+        }
+        ctx.progress.set_total(max_steps);
+        ctx.progress.advance(trainer.step_count(), "resumed");
+        let started = Instant::now();
+        let first = trainer.step_count();
+        let mut saved = first;
+        let state_dir = ctx.state_dir.to_path_buf();
+        let save = |trainer: &Trainer<'_, sdpipe_unet::UNet>| -> Result<(), StageError> {
+            let snapshot = trainer.snapshot().map_err(|e| StageError::failed(e.to_string()))?;
+            let epoch = trainer.step_count() / trainer.steps_per_epoch().max(1);
+            checkpoint::save(&state_dir, &names, &snapshot, epoch).map_err(checkpoint_error)?;
+            Ok(())
+        };
+        while !trainer.finished() {
+            if ctx.cancel.is_cancelled() {
+                if trainer.step_count() > saved {
+                    save(&trainer)?;
+                }
+                return Err(StageError::Cancelled);
+            }
+            if self.interrupt_after == Some(trainer.step_count()) {
+                return Err(StageError::Cancelled);
+            }
+            let line = trainer.step().map_err(train_error)?;
+            let rate = (line.step - first) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            let message = format!("loss {:.4} · {rate:.2} it/s", line.loss);
+            ctx.progress.advance(1, &message);
+            let _ = writeln!(
+                ctx.log,
+                "step {}/{max_steps} loss {:.6} lr {:.3e} grad_norm {:.4} {:.2}s",
+                line.step, line.loss, line.lr, line.grad_norm, line.seconds
+            );
+            if line.step % settings.checkpointing_steps == 0 && line.step < max_steps {
+                save(&trainer)?;
+                saved = line.step;
+            }
+        }
+        write_outputs(ctx.out_dir, pipeline, &unet, &trainer)
+    }
+}
+
+/// `model/` (the base pipeline with the finetuned UNet) and `train_log.jsonl`.
+fn write_outputs(
+    out_dir: &Path,
+    pipeline: &SdPipeline,
+    unet: &sdpipe_unet::UNet,
+    trainer: &Trainer<'_, sdpipe_unet::UNet>,
+) -> Result<(), StageError> {
+    let model_dir = out_dir.join(MODEL);
+    copy_components(&pipeline.root, &model_dir, &["unet"])?;
+    // The saved weights are the EMA's when use_ema: load them into the model, then save it.
+    if let Some(shadow) = trainer.ema_weights() {
+        for ((_, var), weights) in Denoiser::parameters(unet).iter().zip(shadow) {
+            var.set(weights).map_err(|e| StageError::failed(format!("EMA weights: {e}")))?;
+        }
+    }
+    unet.save_pretrained(&model_dir.join("unet")).map_err(|e| StageError::failed(e.to_string()))?;
+    let mut text = String::new();
+    for line in trainer.log() {
+        text.push_str(&serde_json::to_string(line).expect("log lines serialise"));
+        text.push('\n');
+    }
+    let log = out_dir.join(LOG);
+    std::fs::write(&log, text).map_err(|e| StageError::io(format!("writing {}", log.display()), e))
+}

@@ -1,0 +1,439 @@
+//! The training loop: one optimiser step at a time, exactly as the reference script's loop body.
+//!
+//! For each micro-batch of the step (see [`crate::data::plan`]), in this order of random draws
+//! from the micro-batch's stream: the image transforms (crop, flip per image), the posterior's
+//! noise, the diffusion noise, the noise offset (if any), the timesteps. Then
+//! `latents = posterior sample × scaling_factor`; `x_t` by the model's noise schedule; target ε or
+//! v; MSE (min-SNR weighted if `snr_gamma`) divided by the accumulation count; gradients summed
+//! over the micro-batches. Then global-norm clipping, AdamW at the scheduled learning rate, and
+//! the EMA update. Every step is a pure function of the state before it and the step number, so
+//! [`Trainer::snapshot`] / [`Trainer::restore`] resume a run exactly.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{read_rgb, Example, MicroBatch, Plan, Transform};
+use crate::denoiser::Denoiser;
+use crate::ema::Ema;
+use crate::frozen::Frozen;
+use crate::lr::LrSchedule;
+use crate::objective::{mse_loss, NoiseSchedule, Prediction};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Moments};
+use crate::rng::{Draws, Purpose, Seeds};
+
+/// Everything that determines a run besides the model and the data (the script's flags).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    pub transform: Transform,
+    pub batch_size: usize,
+    pub accumulation: usize,
+    pub gradient_checkpointing: bool,
+    pub max_train_steps: u64,
+    pub lr: LrSchedule,
+    pub max_grad_norm: f64,
+    pub adam: AdamWConfig,
+    pub use_ema: bool,
+    pub seed: u64,
+    pub noise_offset: f64,
+    pub snr_gamma: Option<f64>,
+    pub prediction: Prediction,
+}
+
+/// One line of `train_log.jsonl`: one optimiser step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub step: u64,
+    /// The mean loss of the step's micro-batches (before the division by the accumulation
+    /// count); with a full accumulation group, the script's logged `train_loss`.
+    pub loss: f64,
+    /// The learning rate this step's update used.
+    pub lr: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Wall-clock seconds the step took.
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Dataset(#[from] crate::data::DatasetError),
+    #[error(transparent)]
+    Pipeline(#[from] sdpipe_diffusion::PipelineError),
+    #[error("training step {step}: {source}")]
+    Compute {
+        step: u64,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The complete mutable state of a run at a step boundary: what a checkpoint holds.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub step: u64,
+    pub weights: Vec<Tensor>,
+    pub adam: Vec<Option<Moments>>,
+    pub ema: Option<(u64, Vec<Tensor>)>,
+    pub log: Vec<LogLine>,
+}
+
+/// The loss of one micro-batch whose randomness has been drawn: what the script computes
+/// between `vae.encode` and `accelerator.backward`.
+pub struct Objective<'a> {
+    pub schedule: &'a NoiseSchedule,
+    pub prediction: Prediction,
+    pub snr_gamma: Option<f64>,
+    /// The loss is divided by this before the backward pass (accelerate's accumulation).
+    pub accumulation: usize,
+    pub checkpointing: bool,
+}
+
+impl Objective<'_> {
+    /// Noises `latents` with `noise` at `timesteps`, predicts with `model` given `context`, and
+    /// returns the (undivided) loss with the gradients of the loss divided by the accumulation
+    /// count.
+    pub fn loss_and_grads<D: Denoiser>(
+        &self,
+        model: &D,
+        latents: &Tensor,
+        noise: &Tensor,
+        timesteps: &[u32],
+        context: &Tensor,
+    ) -> candle_core::Result<(f32, Vec<Option<Tensor>>)> {
+        let noisy = self.schedule.add_noise(latents, noise, timesteps)?;
+        let target = match self.prediction {
+            Prediction::Epsilon => noise.clone(),
+            Prediction::VPrediction => self.schedule.velocity(latents, noise, timesteps)?,
+        };
+        let weights = self
+            .snr_gamma
+            .map(|gamma| self.schedule.min_snr_weights(timesteps, gamma, self.prediction));
+        let t = Tensor::new(timesteps, latents.device())?;
+        let accumulation = self.accumulation as f64;
+        let loss_fn = |pred: &Tensor| -> candle_core::Result<Tensor> {
+            mse_loss(pred, &target, weights.as_deref())?.affine(1.0 / accumulation, 0.0)
+        };
+        let (scaled, grads) =
+            model.loss_and_grads(&noisy, &t, context, self.checkpointing, &loss_fn)?;
+        Ok(((scaled as f64 * accumulation) as f32, grads))
+    }
+}
+
+/// Adds a micro-batch's gradients to the running sums (torch's `.grad` accumulation).
+pub fn accumulate(
+    totals: &mut [Option<Tensor>],
+    grads: Vec<Option<Tensor>>,
+) -> candle_core::Result<()> {
+    for (total, grad) in totals.iter_mut().zip(grads) {
+        *total = match (total.take(), grad) {
+            (Some(a), Some(b)) => Some((a + b)?),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok(())
+}
+
+/// The optimiser step on summed gradients: global-norm clipping, AdamW at `lr`, then the EMA
+/// update. Returns the gradient norm before clipping.
+pub fn apply_update(
+    vars: &[Var],
+    mut grads: Vec<Option<Tensor>>,
+    max_grad_norm: f64,
+    adam: &mut AdamW,
+    lr: f64,
+    ema: Option<&mut Ema>,
+) -> candle_core::Result<f64> {
+    let grad_norm = clip_grad_norm(&mut grads, max_grad_norm)?;
+    adam.step(vars, &grads, lr)?;
+    if let Some(ema) = ema {
+        ema.step(vars)?;
+    }
+    Ok(grad_norm)
+}
+
+/// A run in progress over a model `D`.
+pub struct Trainer<'m, D: Denoiser> {
+    pub config: TrainConfig,
+    model: &'m D,
+    names: Vec<String>,
+    vars: Vec<Var>,
+    frozen: &'m Frozen,
+    examples: Vec<Example>,
+    split_dir: PathBuf,
+    schedule: NoiseSchedule,
+    plan: Plan,
+    seeds: Seeds,
+    adam: AdamW,
+    ema: Option<Ema>,
+    step: u64,
+    log: Vec<LogLine>,
+    /// Text-encoder output per example, `(1, 77, D)`.
+    text_cache: Vec<Option<Tensor>>,
+    /// Posterior (mean, logvar) per example, kept only when the transform is deterministic.
+    posterior_cache: HashMap<usize, (Tensor, Tensor)>,
+}
+
+impl<'m, D: Denoiser> Trainer<'m, D> {
+    pub fn new(
+        config: TrainConfig,
+        model: &'m D,
+        frozen: &'m Frozen,
+        examples: Vec<Example>,
+        split_dir: PathBuf,
+        schedule: NoiseSchedule,
+    ) -> Result<Self, TrainError> {
+        if examples.is_empty() {
+            return Err(TrainError::Invalid("no training examples".into()));
+        }
+        if config.batch_size == 0 || config.accumulation == 0 {
+            return Err(TrainError::Invalid(
+                "train_batch_size and gradient_accumulation_steps must be positive".into(),
+            ));
+        }
+        let (names, vars): (Vec<String>, Vec<Var>) = model.parameters().into_iter().unzip();
+        let seeds = Seeds::new(config.seed);
+        let plan = Plan {
+            examples: examples.len(),
+            batch_size: config.batch_size,
+            accumulation: config.accumulation,
+            seeds,
+        };
+        let ema = if config.use_ema {
+            Some(Ema::new(&vars).map_err(|source| TrainError::Compute { step: 0, source })?)
+        } else {
+            None
+        };
+        let adam = AdamW::new(vars.len(), config.adam);
+        let text_cache = vec![None; examples.len()];
+        Ok(Trainer {
+            config,
+            model,
+            names,
+            vars,
+            frozen,
+            examples,
+            split_dir,
+            schedule,
+            plan,
+            seeds,
+            adam,
+            ema,
+            step: 0,
+            log: Vec::new(),
+            text_cache,
+            posterior_cache: HashMap::new(),
+        })
+    }
+
+    /// Optimiser steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    pub fn finished(&self) -> bool {
+        self.step >= self.config.max_train_steps
+    }
+
+    pub fn log(&self) -> &[LogLine] {
+        &self.log
+    }
+
+    pub fn parameter_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The EMA shadow of the weights (with `use_ema`): what gets saved instead of the weights.
+    pub fn ema_weights(&self) -> Option<&[Tensor]> {
+        self.ema.as_ref().map(|e| e.shadow.as_slice())
+    }
+
+    /// Optimiser steps in one pass over the data.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.plan.steps_per_epoch() as u64
+    }
+
+    /// One optimiser step; returns its log line.
+    pub fn step(&mut self) -> Result<LogLine, TrainError> {
+        let step = self.step;
+        let compute = |source| TrainError::Compute { step: step + 1, source };
+        let started = Instant::now();
+        let plan = self.plan.step(step);
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let mut losses = Vec::with_capacity(plan.micro_batches.len());
+        for micro_batch in &plan.micro_batches {
+            let (loss, micro_grads) = self.micro_batch(micro_batch)?;
+            losses.push(loss as f64);
+            accumulate(&mut grads, micro_grads).map_err(compute)?;
+        }
+        let lr = self.config.lr.lr_at_optimizer_step(step + 1);
+        let grad_norm = apply_update(
+            &self.vars,
+            grads,
+            self.config.max_grad_norm,
+            &mut self.adam,
+            lr,
+            self.ema.as_mut(),
+        )
+        .map_err(compute)?;
+        self.step += 1;
+        let line = LogLine {
+            step: self.step,
+            loss: losses.iter().sum::<f64>() / losses.len() as f64,
+            lr,
+            grad_norm,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        self.log.push(line.clone());
+        Ok(line)
+    }
+
+    /// Forward and backward of one micro-batch: its (undivided) loss and its gradients.
+    fn micro_batch(
+        &mut self,
+        batch: &MicroBatch,
+    ) -> Result<(f32, Vec<Option<Tensor>>), TrainError> {
+        let step = self.step + 1;
+        let compute = |source| TrainError::Compute { step, source };
+        let mut draws = self.seeds.stream(Purpose::MicroBatch, batch.index);
+        let mut means = Vec::with_capacity(batch.examples.len());
+        let mut logvars = Vec::with_capacity(batch.examples.len());
+        let mut contexts = Vec::with_capacity(batch.examples.len());
+        for &index in &batch.examples {
+            let (mean, logvar) = self.posterior(index, &mut draws)?;
+            means.push(mean);
+            logvars.push(logvar);
+            contexts.push(self.text(index)?);
+        }
+        let posterior = crate::posterior::Posterior {
+            mean: Tensor::cat(&means, 0).map_err(compute)?,
+            logvar: Tensor::cat(&logvars, 0).map_err(compute)?,
+        };
+        let context = Tensor::cat(&contexts, 0).map_err(compute)?;
+        let noise_like = |draws: &mut Draws| -> candle_core::Result<Tensor> {
+            let mean = &posterior.mean;
+            Tensor::from_vec(draws.normals(mean.elem_count()), mean.shape(), mean.device())
+        };
+        let posterior_noise = noise_like(&mut draws).map_err(compute)?;
+        let latents = posterior
+            .scaled_sample(&posterior_noise, self.frozen.scaling_factor)
+            .map_err(compute)?;
+        let mut noise = noise_like(&mut draws).map_err(compute)?;
+        if self.config.noise_offset != 0.0 {
+            let (b, c, _, _) = latents.dims4().map_err(compute)?;
+            let offset = Tensor::from_vec(draws.normals(b * c), (b, c, 1, 1), latents.device())
+                .and_then(|o| o.affine(self.config.noise_offset, 0.0))
+                .and_then(|o| noise.broadcast_add(&o))
+                .map_err(compute)?;
+            noise = offset;
+        }
+        let timesteps: Vec<u32> = (0..batch.examples.len())
+            .map(|_| draws.below(self.schedule.num_train_timesteps() as u64) as u32)
+            .collect();
+        let objective = Objective {
+            schedule: &self.schedule,
+            prediction: self.config.prediction,
+            snr_gamma: self.config.snr_gamma,
+            accumulation: self.config.accumulation,
+            checkpointing: self.config.gradient_checkpointing,
+        };
+        objective
+            .loss_and_grads(self.model, &latents, &noise, &timesteps, &context)
+            .map_err(compute)
+    }
+
+    /// The posterior of example `index` after its transform. Only a deterministic transform
+    /// (centre crop, no flip) is cached, and it draws nothing from `draws`, so the cache never
+    /// shifts the stream's later draws.
+    fn posterior(
+        &mut self,
+        index: usize,
+        draws: &mut Draws,
+    ) -> Result<(Tensor, Tensor), TrainError> {
+        let transform = self.config.transform;
+        let deterministic = transform.center_crop && !transform.random_flip;
+        if deterministic {
+            if let Some(cached) = self.posterior_cache.get(&index) {
+                return Ok(cached.clone());
+            }
+        }
+        let step = self.step + 1;
+        let compute = |source| TrainError::Compute { step, source };
+        let image = read_rgb(&self.examples[index].image, &self.split_dir)?;
+        let (pixels, _) = transform.apply(&image, draws);
+        let size = transform.resolution as usize;
+        let pixels =
+            Tensor::from_vec(pixels, (1, 3, size, size), &self.frozen.device).map_err(compute)?;
+        let posterior = self.frozen.encode_images(&pixels).map_err(compute)?;
+        let moments = (posterior.mean, posterior.logvar);
+        if deterministic {
+            self.posterior_cache.insert(index, moments.clone());
+        }
+        Ok(moments)
+    }
+
+    /// The text conditioning of example `index`, `(1, 77, D)`.
+    fn text(&mut self, index: usize) -> Result<Tensor, TrainError> {
+        if let Some(cached) = &self.text_cache[index] {
+            return Ok(cached.clone());
+        }
+        let ids = self.frozen.tokenize(&[self.examples[index].caption.as_str()])?;
+        let step = self.step + 1;
+        let hidden =
+            self.frozen.encode_ids(&ids).map_err(|source| TrainError::Compute { step, source })?;
+        self.text_cache[index] = Some(hidden.clone());
+        Ok(hidden)
+    }
+
+    /// The run's state, for a checkpoint.
+    pub fn snapshot(&self) -> candle_core::Result<Snapshot> {
+        Ok(Snapshot {
+            step: self.step,
+            // Deep copies: the optimiser updates the variables' storage in place.
+            weights: self
+                .vars
+                .iter()
+                .map(|v| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?,
+            adam: self.adam.state.clone(),
+            ema: self.ema.as_ref().map(|e| (e.optimization_step, e.shadow.clone())),
+            log: self.log.clone(),
+        })
+    }
+
+    /// Continues from `snapshot` (taken from a run with the same config, model and data).
+    pub fn restore(&mut self, snapshot: Snapshot) -> Result<(), TrainError> {
+        let invalid =
+            |m: &str| TrainError::Invalid(format!("checkpoint does not fit this run: {m}"));
+        if snapshot.weights.len() != self.vars.len() || snapshot.adam.len() != self.vars.len() {
+            return Err(invalid("different number of parameters"));
+        }
+        if snapshot.ema.is_some() != self.ema.is_some() {
+            return Err(invalid("use_ema differs"));
+        }
+        if snapshot.log.len() as u64 != snapshot.step {
+            return Err(invalid("the log does not have one line per step"));
+        }
+        for ((var, weight), name) in self.vars.iter().zip(&snapshot.weights).zip(&self.names) {
+            if var.shape() != weight.shape() {
+                return Err(invalid(&format!("`{name}` has shape {:?}", weight.shape())));
+            }
+            var.set(weight)
+                .map_err(|source| TrainError::Compute { step: snapshot.step, source })?;
+        }
+        self.adam.state = snapshot.adam;
+        if let (Some(ema), Some((count, shadow))) = (&mut self.ema, snapshot.ema) {
+            ema.optimization_step = count;
+            ema.shadow = shadow;
+        }
+        self.step = snapshot.step;
+        self.log = snapshot.log;
+        Ok(())
+    }
+}

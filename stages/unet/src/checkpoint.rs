@@ -1,0 +1,150 @@
+//! The training entry point: a loss and the gradients of every UNet parameter, computed either by
+//! one ordinary backward pass or with gradient checkpointing.
+//!
+//! With checkpointing, the forward runs the UNet's plan (see [`crate::unet`]) keeping only each
+//! step's output, detached: the graph of one step (its norms, attention scores, GEGLU
+//! intermediates, ...) is freed as soon as the step is done. The backward then walks the plan in
+//! reverse. For each step it turns the saved inputs into fresh variables, recomputes the step's
+//! forward, and back-propagates the gradient arriving at the step's output with the
+//! vector-Jacobian identity `∂/∂θ Σ(out ⊙ g) = gᵀ ∂out/∂θ` (g held constant). That yields the
+//! step's parameter gradients (accumulated into one store) and the gradients of its inputs, which
+//! are added to the gradients of the slots that produced them. Slots with several consumers —
+//! the time embedding read by every resnet, the skip connections read by the up path — so
+//! collect every contribution before their producer is processed, because the plan is in
+//! topological order. Every gradient is detached before reuse: candle's backward builds graphs of
+//! its own when an op's input is a variable (here: the leaves), and a gradient carrying such a
+//! graph would both pin memory and, multiplied into the next surrogate, leak spurious terms into
+//! other parameters' gradients. Peak memory is the saved slot values plus one step's graph, instead of the
+//! whole network's graph; the price is a second forward of every step.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::error::UNetError;
+use crate::unet::{resolve, Slot, UNet};
+
+/// Adds `grad` to the gradient stored for `tensor`.
+fn accumulate(store: &mut GradStore, tensor: &Tensor, grad: Tensor) -> candle_core::Result<()> {
+    let total = match store.remove(tensor) {
+        Some(previous) => (previous + grad)?,
+        None => grad,
+    };
+    store.insert(tensor, total);
+    Ok(())
+}
+
+impl UNet {
+    /// Runs the UNet on `sample`, `timesteps` and `encoder_hidden_states`, applies `loss_fn` to
+    /// its prediction (it must return a scalar) and returns the loss (detached) with the
+    /// gradients of the loss with respect to every parameter in [`UNet::vars`], keyed by the
+    /// parameters' tensors (so the store works with candle's optimisers).
+    ///
+    /// `checkpointing` trades compute for memory as described in the module docs; the gradients
+    /// are the same either way up to float rounding.
+    pub fn loss_and_grads<F>(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        checkpointing: bool,
+        loss_fn: F,
+    ) -> Result<(Tensor, GradStore), UNetError>
+    where
+        F: Fn(&Tensor) -> candle_core::Result<Tensor>,
+    {
+        let inputs = self.prepare_inputs(sample, timesteps, encoder_hidden_states)?;
+        // The inputs are data here: gradients flow to parameters only.
+        let inputs = inputs.map(|t| t.detach());
+        if checkpointing {
+            self.checkpointed(&inputs, loss_fn)
+        } else {
+            self.plain(&inputs, loss_fn)
+        }
+    }
+
+    fn plain<F>(&self, inputs: &[Tensor; 3], loss_fn: F) -> Result<(Tensor, GradStore), UNetError>
+    where
+        F: Fn(&Tensor) -> candle_core::Result<Tensor>,
+    {
+        let out = self.run_plan(inputs, false)?;
+        let loss = scalar_loss(loss_fn(&out)?)?;
+        let mut all = loss.backward()?;
+        let mut grads = GradStore::default();
+        for var in self.vars().values() {
+            if let Some(g) = all.remove(var.as_tensor()) {
+                grads.insert(var.as_tensor(), g.detach());
+            }
+        }
+        Ok((loss.detach(), grads))
+    }
+
+    fn checkpointed<F>(&self, inputs: &[Tensor; 3], loss_fn: F) -> Result<(Tensor, GradStore), UNetError>
+    where
+        F: Fn(&Tensor) -> candle_core::Result<Tensor>,
+    {
+        let plan = self.plan();
+        let mut acts = self.run_plan_keep(inputs, true)?;
+        let last = plan.last().expect("the plan is never empty").output;
+
+        // The loss's own graph is small: back-propagate it to the prediction directly.
+        let prediction = Var::from_tensor(acts[last].as_ref().expect("the output slot is written"))?;
+        let loss = scalar_loss(loss_fn(prediction.as_tensor())?)?;
+        let g_out = loss.backward()?.remove(prediction.as_tensor()).map(|g| g.detach()).ok_or_else(|| {
+            UNetError::Input("the loss does not depend on the UNet's prediction".into())
+        })?;
+        drop(prediction);
+
+        let mut act_grads: Vec<Option<Tensor>> = vec![None; acts.len()];
+        act_grads[last] = Some(g_out);
+        let mut grads = GradStore::default();
+        for step in plan.iter().rev() {
+            // Nothing reached this step's output (cannot happen for a connected plan): skip it.
+            let Some(g) = act_grads[step.output].take().map(|g| g.detach()) else {
+                acts[step.output] = None;
+                continue;
+            };
+            let mut leaves: Vec<(usize, Var)> = Vec::new();
+            let mut args = Vec::with_capacity(step.inputs.len());
+            for slot in &step.inputs {
+                match *slot {
+                    Slot::Act(i) => {
+                        let leaf = Var::from_tensor(&resolve(*slot, inputs, &acts)?)?;
+                        args.push(leaf.as_tensor().clone());
+                        leaves.push((i, leaf));
+                    }
+                    other => args.push(resolve(other, inputs, &acts)?),
+                }
+            }
+            let out = self.run_step(step.op, &args)?;
+            drop(args);
+            let mut step_grads = (out * g)?.sum_all()?.backward()?;
+            for (i, leaf) in leaves {
+                if let Some(gi) = step_grads.remove(leaf.as_tensor()).map(|g| g.detach()) {
+                    act_grads[i] = Some(match act_grads[i].take() {
+                        Some(previous) => (previous + gi)?,
+                        None => gi,
+                    });
+                }
+            }
+            for var in self.vars().values() {
+                if let Some(gp) = step_grads.remove(var.as_tensor()) {
+                    accumulate(&mut grads, var.as_tensor(), gp.detach())?;
+                }
+            }
+            // Every consumer of this step's output came later in the plan and is done.
+            acts[step.output] = None;
+        }
+        Ok((loss.detach(), grads))
+    }
+}
+
+fn scalar_loss(loss: Tensor) -> Result<Tensor, UNetError> {
+    if loss.elem_count() != 1 {
+        return Err(UNetError::Input(format!(
+            "the loss function must return a scalar, got shape {:?}",
+            loss.dims()
+        )));
+    }
+    Ok(loss.reshape(())?)
+}
+

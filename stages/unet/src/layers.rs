@@ -1,0 +1,125 @@
+//! The UNet's primitive layers (linear, conv, group/layer norm) over tracked parameter tensors.
+//!
+//! Each holds the `Var`-backed tensors handed out by [`ParamBuilder`] under torch's parameter
+//! names (`<prefix>.weight`, `<prefix>.bias`), so gradients land on the model's variables.
+
+use candle_core::{Result, Tensor};
+
+use crate::ops;
+use crate::params::{Init, ParamBuilder};
+
+/// `nn.Linear`: `y = x Wᵀ + b` over the last dimension of any-rank input.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub(crate) fn new(
+        pb: &mut ParamBuilder,
+        prefix: &str,
+        inputs: usize,
+        outputs: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let init = Init::Uniform { fan_in: inputs };
+        let weight = pb.get(&format!("{prefix}.weight"), &[outputs, inputs], init)?;
+        let bias = if bias { Some(pb.get(&format!("{prefix}.bias"), &[outputs], init)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let inputs = dims[dims.len() - 1];
+        let rows = x.elem_count() / inputs;
+        // One 2-D matmul (a single GEMM) rather than a batched one against a broadcast weight.
+        let y = x.reshape((rows, inputs))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// `nn.Conv2d` with a bias, square kernel, given stride and zero padding.
+#[derive(Debug, Clone)]
+pub(crate) struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        pb: &mut ParamBuilder,
+        prefix: &str,
+        inputs: usize,
+        outputs: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let init = Init::Uniform { fan_in: inputs * kernel * kernel };
+        let weight = pb.get(&format!("{prefix}.weight"), &[outputs, inputs, kernel, kernel], init)?;
+        let bias = pb.get(&format!("{prefix}.bias"), &[outputs], init)?;
+        Ok(Conv2d { weight, bias, stride, padding })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        y.broadcast_add(&self.bias.reshape((1, self.bias.dim(0)?, 1, 1))?)
+    }
+}
+
+/// `nn.GroupNorm` with affine parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub(crate) fn new(
+        pb: &mut ParamBuilder,
+        prefix: &str,
+        groups: usize,
+        channels: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let weight = pb.get(&format!("{prefix}.weight"), &[channels], Init::Ones)?;
+        let bias = pb.get(&format!("{prefix}.bias"), &[channels], Init::Zeros)?;
+        Ok(GroupNorm { weight, bias, groups, eps })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps)
+    }
+}
+
+/// `nn.LayerNorm` over the last dimension, with affine parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub(crate) fn new(pb: &mut ParamBuilder, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        let weight = pb.get(&format!("{prefix}.weight"), &[dim], Init::Ones)?;
+        let bias = pb.get(&format!("{prefix}.bias"), &[dim], Init::Zeros)?;
+        Ok(LayerNorm { weight, bias, eps })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
