@@ -113,6 +113,17 @@ enum Command {
         #[command(subcommand)]
         action: CacheAction,
     },
+    /// Convert a published FID/LPIPS weights file (.pth) into the safetensors file the `fid` and
+    /// `lpips` stages read (by default into the first weights directory they search).
+    ConvertWeights {
+        /// fid-inception, lpips-alex, lpips-vgg, alexnet or vgg16.
+        kind: String,
+        /// The published checkpoint, e.g. pt_inception-2015-12-05-6726825d.pth.
+        input: PathBuf,
+        /// Where to write (default: $SDPIPE_WEIGHTS_DIR or ~/.cache/sdpipe/weights, under the
+        /// name the stages look for).
+        output: Option<PathBuf>,
+    },
     /// Built-in stage kinds and their parameters.
     Stages {
         /// Only this kind.
@@ -295,6 +306,12 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
             let jobs = jobs.unwrap_or_else(|| {
                 std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
             });
+            // candle sizes one global pool for element-wise ops from this variable at first use;
+            // keep it within the run's thread budget unless the user chose otherwise. Set before
+            // any stage thread exists.
+            if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+                std::env::set_var("CANDLE_NUM_THREADS", jobs.to_string());
+            }
             let engine = Engine {
                 pipeline: &l.pipeline,
                 project: &l.project,
@@ -429,7 +446,33 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
             }
         }
         Command::Stages { kind, json } => print_stages(registry, kind.as_deref(), json),
+        Command::ConvertWeights { kind, input, output } => convert_weights(&kind, &input, output),
     }
+}
+
+fn convert_weights(kind: &str, input: &Path, output: Option<PathBuf>) -> Result<i32, CliError> {
+    use sdpipe_metrics::{convert_weights, weights::search_dirs, WeightsKind};
+    let kind: WeightsKind = kind.parse().map_err(CliError::Usage)?;
+    let output = match output {
+        Some(o) => o,
+        None => search_dirs()
+            .into_iter()
+            .next()
+            .ok_or_else(|| CliError::Usage("no HOME or SDPIPE_WEIGHTS_DIR: pass OUTPUT".into()))?
+            .join(kind.default_file_name()),
+    };
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io_err("create the weights directory"))?;
+    }
+    let converted = convert_weights(kind, input, &output)
+        .map_err(|e| CliError::Io(format!("converting {}: {e}", input.display())))?;
+    println!(
+        "wrote {} ({} tensors; left out {} unused)",
+        output.display(),
+        converted.written,
+        converted.dropped.len()
+    );
+    Ok(exit::OK)
 }
 
 /// First Ctrl-C: cancel running stages and stop cleanly (nothing half-done is recorded).

@@ -74,9 +74,14 @@ pub fn fingerprint(
         Action::Builtin(kind) => {
             // Content the kind resolves itself (model weights in a hub cache): its bytes are in
             // the key, its location is not.
-            let external = kind
-                .external_deps(&stage.params)
-                .map_err(|e| FingerprintError::Kind(e.to_string()))?;
+            // Bound inputs are visible as their `stage.output` text, so a kind can tell that
+            // an upstream model replaces the one it would otherwise resolve.
+            let mut params = stage.params.clone();
+            for (name, binding) in stage.inputs.iter().filter(|(n, _)| !n.contains('@')) {
+                params.insert(name.clone(), Json::String(binding.to_string()));
+            }
+            let external =
+                kind.external_deps(&params).map_err(|e| FingerprintError::Kind(e.to_string()))?;
             for (name, path) in external {
                 let hashed = hash::hash_path(&path, ".", false, memo).map_err(|source| {
                     FingerprintError::Dep {

@@ -188,3 +188,22 @@ fn cache_dir_can_be_set_by_environment() {
     assert!(elsewhere.path().join("index").exists());
     assert!(!p.path().join("cache").exists());
 }
+
+#[test]
+fn convert_weights_writes_the_safetensors_file_the_lpips_stage_reads() {
+    let p = Project::new();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/metrics/pth/lpips_v0.1_alex.pth");
+    let out = p.path().join("w/lpips.safetensors");
+    let run = p.sdpipe(&[
+        "convert-weights",
+        "lpips-alex",
+        fixture.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert!(std::fs::metadata(&out).unwrap().len() > 1000);
+    let bad = p.sdpipe(&["convert-weights", "inception", fixture.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("fid-inception"), "{}", stderr(&bad));
+}

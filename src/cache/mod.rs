@@ -96,7 +96,7 @@ impl Cache {
         if !dir.exists() {
             self.create_index(&dir)?;
         }
-        let index = match SledIndex::open(&dir) {
+        let index = match open_patiently(&dir) {
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 self.replace_damaged_index(&dir, e)?
             }
@@ -239,6 +239,27 @@ impl Cache {
 
     pub fn memo(&self) -> IndexMemo<'_> {
         IndexMemo(self)
+    }
+}
+
+/// Open the index, waiting out sled's own file lock. With `index.lock` held and the session
+/// mutex taken, nobody else uses the index; but sled releases its file lock only when its last
+/// internal handle drops, which can trail the drop of ours (seen when several quick stages
+/// finish at once), so "busy" here is that lag and worth a short wait.
+fn open_patiently(dir: &Path) -> io::Result<SledIndex> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut wait = Duration::from_millis(5);
+    loop {
+        match SledIndex::open(dir) {
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
+        }
     }
 }
 

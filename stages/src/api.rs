@@ -273,6 +273,7 @@ pub trait StageKind: Send + Sync {
     }
     /// Extra content the result depends on that is not a parameter or input, such as model
     /// weights resolved from a hub cache: name → path whose content the engine hashes into the key.
+    /// `params` also holds each bound input under its name, as its `stage.output` binding text.
     fn external_deps(&self, _params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
         Ok(BTreeMap::new())
     }

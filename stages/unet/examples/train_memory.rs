@@ -21,8 +21,18 @@ static ALLOC: CountingAlloc = CountingAlloc::new();
 fn config(name: &str) -> UNetConfig {
     let sd = |channels: Vec<usize>, context: usize| UNetConfig {
         block_out_channels: channels,
-        down_blocks: vec![BlockKind::CrossAttn, BlockKind::CrossAttn, BlockKind::CrossAttn, BlockKind::Plain],
-        up_blocks: vec![BlockKind::Plain, BlockKind::CrossAttn, BlockKind::CrossAttn, BlockKind::CrossAttn],
+        down_blocks: vec![
+            BlockKind::CrossAttn,
+            BlockKind::CrossAttn,
+            BlockKind::CrossAttn,
+            BlockKind::Plain,
+        ],
+        up_blocks: vec![
+            BlockKind::Plain,
+            BlockKind::CrossAttn,
+            BlockKind::CrossAttn,
+            BlockKind::CrossAttn,
+        ],
         layers_per_block: vec![2; 4],
         attention_heads: vec![8; 4],
         transformer_layers_per_block: vec![1; 4],
@@ -41,10 +51,13 @@ fn config(name: &str) -> UNetConfig {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 4 {
-        eprintln!("usage: train_memory <tiny|mid|sd15> <latent> <batch> <plain|checkpointed> [steps]");
+        eprintln!(
+            "usage: train_memory <tiny|mid|sd15> <latent> <batch> <plain|checkpointed> [steps]"
+        );
         std::process::exit(2);
     }
-    let (name, latent, batch) = (&args[0], args[1].parse::<usize>().unwrap(), args[2].parse::<usize>().unwrap());
+    let (name, latent, batch) =
+        (&args[0], args[1].parse::<usize>().unwrap(), args[2].parse::<usize>().unwrap());
     let checkpointing = match args[3].as_str() {
         "plain" => false,
         "checkpointed" => true,

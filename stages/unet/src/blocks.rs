@@ -24,20 +24,14 @@ pub(crate) fn timestep_embedding(
 ) -> Result<Tensor> {
     let device = timesteps.device();
     let half = dim / 2;
-    let exponent = (Tensor::arange(0u32, half as u32, device)?.to_dtype(DType::F32)?
-        * -(10000f64.ln()))?;
+    let exponent =
+        (Tensor::arange(0u32, half as u32, device)?.to_dtype(DType::F32)? * -(10000f64.ln()))?;
     let divisor = Tensor::new(&[(half as f64 - shift) as f32], device)?;
     let freqs = exponent.broadcast_div(&divisor)?.exp()?;
-    let args = timesteps
-        .to_dtype(DType::F32)?
-        .unsqueeze(1)?
-        .broadcast_mul(&freqs.unsqueeze(0)?)?;
+    let args = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs.unsqueeze(0)?)?;
     let (sin, cos) = (args.sin()?, args.cos()?);
-    let emb = if flip_sin_to_cos {
-        Tensor::cat(&[cos, sin], 1)?
-    } else {
-        Tensor::cat(&[sin, cos], 1)?
-    };
+    let emb =
+        if flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
     if dim % 2 == 1 {
         emb.pad_with_zeros(1, 0, 1)
     } else {
@@ -53,7 +47,12 @@ pub(crate) struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
-    pub(crate) fn new(pb: &mut ParamBuilder, prefix: &str, inputs: usize, dim: usize) -> Result<Self> {
+    pub(crate) fn new(
+        pb: &mut ParamBuilder,
+        prefix: &str,
+        inputs: usize,
+        dim: usize,
+    ) -> Result<Self> {
         Ok(TimestepEmbedding {
             linear_1: Linear::new(pb, &format!("{prefix}.linear_1"), inputs, dim, true)?,
             linear_2: Linear::new(pb, &format!("{prefix}.linear_2"), dim, dim, true)?,
@@ -253,7 +252,13 @@ enum Projection {
 }
 
 impl Projection {
-    fn new(pb: &mut ParamBuilder, prefix: &str, inputs: usize, outputs: usize, linear: bool) -> Result<Self> {
+    fn new(
+        pb: &mut ParamBuilder,
+        prefix: &str,
+        inputs: usize,
+        outputs: usize,
+        linear: bool,
+    ) -> Result<Self> {
         Ok(if linear {
             Projection::Linear(Linear::new(pb, prefix, inputs, outputs, true)?)
         } else {
@@ -335,7 +340,12 @@ pub(crate) struct Downsample2D {
 }
 
 impl Downsample2D {
-    pub(crate) fn new(pb: &mut ParamBuilder, prefix: &str, channels: usize, padding: usize) -> Result<Self> {
+    pub(crate) fn new(
+        pb: &mut ParamBuilder,
+        prefix: &str,
+        channels: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let conv = Conv2d::new(pb, &format!("{prefix}.conv"), channels, channels, 3, 2, padding)?;
         Ok(Downsample2D { conv, pad_right_bottom: padding == 0 })
     }
@@ -357,7 +367,9 @@ pub(crate) struct Upsample2D {
 
 impl Upsample2D {
     pub(crate) fn new(pb: &mut ParamBuilder, prefix: &str, channels: usize) -> Result<Self> {
-        Ok(Upsample2D { conv: Conv2d::new(pb, &format!("{prefix}.conv"), channels, channels, 3, 1, 1)? })
+        Ok(Upsample2D {
+            conv: Conv2d::new(pb, &format!("{prefix}.conv"), channels, channels, 3, 1, 1)?,
+        })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -373,9 +385,15 @@ mod tests {
     #[test]
     fn timestep_embedding_puts_cos_first_when_flipped() {
         let t = Tensor::new(&[0f32], &Device::Cpu).unwrap();
-        let emb: Vec<f32> = timestep_embedding(&t, 6, true, 0.0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let emb: Vec<f32> =
+            timestep_embedding(&t, 6, true, 0.0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(emb, vec![1.0, 1.0, 1.0, 0.0, 0.0, 0.0]);
-        let emb: Vec<f32> = timestep_embedding(&t, 6, false, 0.0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let emb: Vec<f32> = timestep_embedding(&t, 6, false, 0.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(emb, vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
     }
 

@@ -78,7 +78,11 @@ impl UNet {
         Ok((loss.detach(), grads))
     }
 
-    fn checkpointed<F>(&self, inputs: &[Tensor; 3], loss_fn: F) -> Result<(Tensor, GradStore), UNetError>
+    fn checkpointed<F>(
+        &self,
+        inputs: &[Tensor; 3],
+        loss_fn: F,
+    ) -> Result<(Tensor, GradStore), UNetError>
     where
         F: Fn(&Tensor) -> candle_core::Result<Tensor>,
     {
@@ -87,11 +91,13 @@ impl UNet {
         let last = plan.last().expect("the plan is never empty").output;
 
         // The loss's own graph is small: back-propagate it to the prediction directly.
-        let prediction = Var::from_tensor(acts[last].as_ref().expect("the output slot is written"))?;
+        let prediction =
+            Var::from_tensor(acts[last].as_ref().expect("the output slot is written"))?;
         let loss = scalar_loss(loss_fn(prediction.as_tensor())?)?;
-        let g_out = loss.backward()?.remove(prediction.as_tensor()).map(|g| g.detach()).ok_or_else(|| {
-            UNetError::Input("the loss does not depend on the UNet's prediction".into())
-        })?;
+        let g_out =
+            loss.backward()?.remove(prediction.as_tensor()).map(|g| g.detach()).ok_or_else(
+                || UNetError::Input("the loss does not depend on the UNet's prediction".into()),
+            )?;
         drop(prediction);
 
         let mut act_grads: Vec<Option<Tensor>> = vec![None; acts.len()];
@@ -147,4 +153,3 @@ fn scalar_loss(loss: Tensor) -> Result<Tensor, UNetError> {
     }
     Ok(loss.reshape(())?)
 }
-

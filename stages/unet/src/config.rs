@@ -75,7 +75,10 @@ impl UNetConfig {
         let usize_of = |key: &str, default: usize| -> Result<usize, String> {
             match get(key) {
                 None => Ok(default),
-                Some(v) => v.as_u64().map(|n| n as usize).ok_or(format!("`{key}` must be a non-negative integer, got {v}")),
+                Some(v) => v
+                    .as_u64()
+                    .map(|n| n as usize)
+                    .ok_or(format!("`{key}` must be a non-negative integer, got {v}")),
             }
         };
         let f64_of = |key: &str, default: f64| -> Result<f64, String> {
@@ -95,7 +98,11 @@ impl UNetConfig {
                 None => Ok(default.iter().map(|s| s.to_string()).collect()),
                 Some(Value::Array(items)) => items
                     .iter()
-                    .map(|v| v.as_str().map(str::to_string).ok_or(format!("`{key}` must list strings, got {v}")))
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .ok_or(format!("`{key}` must list strings, got {v}"))
+                    })
                     .collect(),
                 Some(v) => Err(format!("`{key}` must be a list of strings, got {v}")),
             }
@@ -107,7 +114,10 @@ impl UNetConfig {
                 .iter()
                 .map(|v| v.as_u64().map(|n| n as usize).filter(|&n| n > 0))
                 .collect::<Option<Vec<_>>>()
-                .ok_or(format!("`block_out_channels` must list positive integers, got {}", Value::Array(items.clone())))?,
+                .ok_or(format!(
+                    "`block_out_channels` must list positive integers, got {}",
+                    Value::Array(items.clone())
+                ))?,
             Some(v) => return Err(format!("`block_out_channels` must be a list, got {v}")),
         };
         let n = block_out_channels.len();
@@ -132,15 +142,17 @@ impl UNetConfig {
                     }
                     Ok(values)
                 }
-                Some(v) => v
-                    .as_u64()
-                    .filter(|&x| x > 0)
-                    .map(|x| vec![x as usize; n])
-                    .ok_or(format!("`{key}` must be a positive integer or a list of them, got {v}")),
+                Some(v) => v.as_u64().filter(|&x| x > 0).map(|x| vec![x as usize; n]).ok_or(
+                    format!("`{key}` must be a positive integer or a list of them, got {v}"),
+                ),
             }
         };
 
-        let kinds = |key: &str, default: &[&str], cross: &str, plain: &str| -> Result<Vec<BlockKind>, String> {
+        let kinds = |key: &str,
+                     default: &[&str],
+                     cross: &str,
+                     plain: &str|
+         -> Result<Vec<BlockKind>, String> {
             let names = strings(key, default)?;
             if names.len() != n {
                 return Err(format!(
@@ -161,7 +173,12 @@ impl UNetConfig {
         };
         let down_blocks = kinds(
             "down_block_types",
-            &["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            &[
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ],
             "CrossAttnDownBlock2D",
             "DownBlock2D",
         )?;
@@ -323,7 +340,8 @@ impl UNetConfig {
         };
         serde_json::json!({
             "_class_name": "UNet2DConditionModel",
-            "_diffusers_version": "0.27.0",
+            // The version these configs were checked to load with (tests/parity/unet.py).
+            "_diffusers_version": "0.42.1",
             "act_fn": "silu",
             "attention_head_dim": compact(&self.attention_heads),
             "block_out_channels": self.block_out_channels,
@@ -372,7 +390,10 @@ mod tests {
         assert_eq!(c.attention_heads, vec![2, 4, 4]);
         assert_eq!(c.layers_per_block, vec![2, 2, 2]);
         assert_eq!(c.cross_attention_dim, vec![12, 12, 12]);
-        assert_eq!(c.down_blocks, vec![BlockKind::CrossAttn, BlockKind::CrossAttn, BlockKind::Plain]);
+        assert_eq!(
+            c.down_blocks,
+            vec![BlockKind::CrossAttn, BlockKind::CrossAttn, BlockKind::Plain]
+        );
         assert!(c.use_linear_projection && c.upcast_attention && !c.flip_sin_to_cos);
         assert_eq!((c.freq_shift, c.norm_eps, c.norm_num_groups), (1.0, 1e-6, 4));
     }
@@ -400,7 +421,10 @@ mod tests {
             (json!({"class_embed_type": "timestep"}), "`class_embed_type`"),
             (json!({"only_cross_attention": true}), "`only_cross_attention`"),
             (json!({"resnet_time_scale_shift": "scale_shift"}), "`resnet_time_scale_shift`"),
-            (json!({"attention_head_dim": [8, 8]}), "`attention_head_dim` lists 2 values but there are 4 blocks"),
+            (
+                json!({"attention_head_dim": [8, 8]}),
+                "`attention_head_dim` lists 2 values but there are 4 blocks",
+            ),
             (json!({"block_out_channels": [30, 64, 64, 64]}), "not divisible by `norm_num_groups`"),
             (json!({"layers_per_block": "two"}), "`layers_per_block` must be a positive integer"),
         ];

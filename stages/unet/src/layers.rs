@@ -25,7 +25,8 @@ impl Linear {
     ) -> Result<Self> {
         let init = Init::Uniform { fan_in: inputs };
         let weight = pb.get(&format!("{prefix}.weight"), &[outputs, inputs], init)?;
-        let bias = if bias { Some(pb.get(&format!("{prefix}.bias"), &[outputs], init)?) } else { None };
+        let bias =
+            if bias { Some(pb.get(&format!("{prefix}.bias"), &[outputs], init)?) } else { None };
         Ok(Linear { weight, bias })
     }
 
@@ -66,7 +67,8 @@ impl Conv2d {
         padding: usize,
     ) -> Result<Self> {
         let init = Init::Uniform { fan_in: inputs * kernel * kernel };
-        let weight = pb.get(&format!("{prefix}.weight"), &[outputs, inputs, kernel, kernel], init)?;
+        let weight =
+            pb.get(&format!("{prefix}.weight"), &[outputs, inputs, kernel, kernel], init)?;
         let bias = pb.get(&format!("{prefix}.bias"), &[outputs], init)?;
         Ok(Conv2d { weight, bias, stride, padding })
     }

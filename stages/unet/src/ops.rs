@@ -11,13 +11,16 @@
 //!   which candle's CPU backend executes as C separate convolutions.
 //! - `candle_nn::GroupNorm` is a differentiable composition, but it keeps five full-size
 //!   intermediates alive per call for the backward; a UNet has dozens of group norms.
+//! - Attention composed of matmul + softmax would keep the `N×M` scores and probabilities of every
+//!   layer for the backward; [`attention`] keeps neither and recomputes them (flash-attention
+//!   style), which is what makes SD-sized training fit.
 //!
 //! Everything else the UNet uses (conv2d, matmul, broadcasting binary ops, silu, narrow, cat,
 //! reshape/transpose, sums) has a correct backward in candle 0.11.1.
 //!
 //! Each op here computes its forward with candle's (fused where available) kernels on *detached*
 //! inputs, so no graph and no intermediates are kept, then attaches an analytic backward with a
-//! custom op ([`Precomputed`]) whose only saved state is the inputs and the output. That is both
+//! custom op (`Precomputed`) whose only saved state is the inputs and the output. That is both
 //! what makes them differentiable and what keeps training memory low.
 
 use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
@@ -48,7 +51,8 @@ struct Precomputed {
 impl Precomputed {
     fn take(&self) -> Result<Tensor> {
         let mut slot = self.value.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        slot.take().ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))
+        slot.take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))
     }
 
     /// The precomputed value's storage, cloned: candle wants an owned storage back.
@@ -167,7 +171,12 @@ fn standalone(value: Tensor) -> Result<Tensor> {
 }
 
 /// `value` (computed from `x` without a graph) with `backward` attached to `x`.
-fn attach1(x: &Tensor, value: Tensor, name: &'static str, backward: Box<Backward>) -> Result<Tensor> {
+fn attach1(
+    x: &Tensor,
+    value: Tensor,
+    name: &'static str,
+    backward: Box<Backward>,
+) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(value);
     }
@@ -247,7 +256,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     let mut outs = Vec::new();
     for start in (0..groups).step_by(chunk) {
         let len = chunk.min(groups - start);
-        let (qc, kc, vc) = (qf.narrow(0, start, len)?, kf.narrow(0, start, len)?, vf.narrow(0, start, len)?);
+        let (qc, kc, vc) =
+            (qf.narrow(0, start, len)?, kf.narrow(0, start, len)?, vf.narrow(0, start, len)?);
         outs.push(probs(&qc, &kc)?.matmul(&vc)?);
     }
     let mut out_dims = dims.clone();
@@ -265,17 +275,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
             let (mut gq, mut gk, mut gv) = (Vec::new(), Vec::new(), Vec::new());
             for start in (0..groups).step_by(chunk) {
                 let len = chunk.min(groups - start);
-                let (qc, kc, vc) = (q.narrow(0, start, len)?, k.narrow(0, start, len)?, v.narrow(0, start, len)?);
+                let (qc, kc, vc) =
+                    (q.narrow(0, start, len)?, k.narrow(0, start, len)?, v.narrow(0, start, len)?);
                 let gc = g.narrow(0, start, len)?;
                 let p = probs(&qc, &kc)?;
                 gv.push(p.t()?.matmul(&gc)?);
                 let gp = gc.matmul(&vc.t()?)?;
                 let row = (&gp * &p)?.sum_keepdim(D::Minus1)?;
-                let gs = (gp.broadcast_sub(&row)? * p)?;
+                // Drop each score-sized temporary as soon as it is used: at most three alive.
+                let centred = gp.broadcast_sub(&row)?;
+                drop(gp);
+                let gs = (centred * p)?;
                 gq.push((gs.matmul(&kc)? * scale)?);
                 gk.push((gs.t()?.matmul(&qc)? * scale)?);
             }
-            let back = |parts: Vec<Tensor>, like: &Tensor| Tensor::cat(&parts, 0)?.reshape(like.dims());
+            let back =
+                |parts: Vec<Tensor>, like: &Tensor| Tensor::cat(&parts, 0)?.reshape(like.dims());
             Ok(vec![Some(back(gq, args[0])?), Some(back(gk, args[1])?), Some(back(gv, args[2])?)])
         }),
     )
@@ -444,8 +459,9 @@ mod tests {
         let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let out = f(&tracked).unwrap();
         let r = sample(out.dims(), 99);
-        let objective =
-            |ts: &[Tensor]| -> f64 { (f(ts).unwrap() * &r).unwrap().sum_all().unwrap().to_scalar().unwrap() };
+        let objective = |ts: &[Tensor]| -> f64 {
+            (f(ts).unwrap() * &r).unwrap().sum_all().unwrap().to_scalar().unwrap()
+        };
         let grads = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let h = 1e-6;
         for (i, var) in vars.iter().enumerate() {
@@ -497,7 +513,11 @@ mod tests {
     #[test]
     fn attention_forward_equals_the_plain_formula() {
         let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
-        let (q, k, v) = (f32(sample(&[2, 3, 6, 4], 24)), f32(sample(&[2, 3, 7, 4], 25)), f32(sample(&[2, 3, 7, 5], 26)));
+        let (q, k, v) = (
+            f32(sample(&[2, 3, 6, 4], 24)),
+            f32(sample(&[2, 3, 7, 4], 25)),
+            f32(sample(&[2, 3, 7, 5], 26)),
+        );
         let tracked = Var::from_tensor(&q).unwrap();
         let ours = attention(tracked.as_tensor(), &k, &v, 0.5).unwrap();
         let scores = (&q * 0.5).unwrap().matmul(&k.t().unwrap()).unwrap();
@@ -510,8 +530,16 @@ mod tests {
     fn attention_processes_large_score_tensors_in_slices_with_the_same_result() {
         // 9 groups of 256×512 scores: 8 per slice, so two slices, the second partial.
         let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
-        let (q, k, v) = (f32(sample(&[9, 256, 2], 27)), f32(sample(&[9, 512, 2], 28)), f32(sample(&[9, 512, 2], 29)));
-        let (qv, kv, vv) = (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+        let (q, k, v) = (
+            f32(sample(&[9, 256, 2], 27)),
+            f32(sample(&[9, 512, 2], 28)),
+            f32(sample(&[9, 512, 2], 29)),
+        );
+        let (qv, kv, vv) = (
+            Var::from_tensor(&q).unwrap(),
+            Var::from_tensor(&k).unwrap(),
+            Var::from_tensor(&v).unwrap(),
+        );
         let out = attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), 0.7).unwrap();
         let g = f32(sample(&[9, 256, 2], 30));
         let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -520,7 +548,8 @@ mod tests {
             let (q1, k1, v1) = (one(&q), one(&k), one(&v));
             let o1 = attention(q1.as_tensor(), k1.as_tensor(), v1.as_tensor(), 0.7).unwrap();
             assert_eq!(max_abs_diff(&o1, &out.narrow(0, i, 1).unwrap()), 0.0);
-            let g1 = (&o1 * &g.narrow(0, i, 1).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            let g1 =
+                (&o1 * &g.narrow(0, i, 1).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
             for (whole, single) in [(&qv, &q1), (&kv, &k1), (&vv, &v1)] {
                 let a = grads.get(whole).unwrap().narrow(0, i, 1).unwrap();
                 assert!(max_abs_diff(&a, g1.get(single).unwrap()) < 1e-6);
@@ -554,7 +583,8 @@ mod tests {
     fn group_norm_forward_equals_candle_nn_group_norm() {
         use candle_core::Module;
         let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
-        let (x, w, b) = (f32(sample(&[2, 8, 3, 5], 12)), f32(sample(&[8], 13)), f32(sample(&[8], 14)));
+        let (x, w, b) =
+            (f32(sample(&[2, 8, 3, 5], 12)), f32(sample(&[8], 13)), f32(sample(&[8], 14)));
         let reference = candle_nn::GroupNorm::new(w.clone(), b.clone(), 8, 4, 1e-5).unwrap();
         let tracked = Var::from_tensor(&x).unwrap();
         let ours = group_norm(tracked.as_tensor(), &w, &b, 4, 1e-5).unwrap();

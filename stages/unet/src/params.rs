@@ -20,7 +20,9 @@ use crate::error::UNetError;
 pub(crate) enum Init {
     /// torch's default for `nn.Linear`/`nn.Conv2d` weights and biases: U(−1/√fan_in, 1/√fan_in)
     /// (kaiming-uniform with a = √5 reduces to exactly this bound).
-    Uniform { fan_in: usize },
+    Uniform {
+        fan_in: usize,
+    },
     Ones,
     Zeros,
 }
@@ -41,7 +43,8 @@ pub(crate) struct ParamBuilder {
 impl ParamBuilder {
     /// Parameters read from a safetensors file in diffusers' layout.
     pub(crate) fn from_file(path: &Path, device: &Device) -> Result<Self, UNetError> {
-        let weights_error = |message: String| UNetError::Weights { path: path.to_path_buf(), message };
+        let weights_error =
+            |message: String| UNetError::Weights { path: path.to_path_buf(), message };
         if !path.is_file() {
             return Err(weights_error("weights file not found".into()));
         }
@@ -69,7 +72,12 @@ impl ParamBuilder {
     ///
     /// Problems (missing or mis-shaped in the file) are recorded and reported together by
     /// [`ParamBuilder::finish`]; a zero placeholder keeps construction going until then.
-    pub(crate) fn get(&mut self, name: &str, shape: &[usize], init: Init) -> candle_core::Result<Tensor> {
+    pub(crate) fn get(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+    ) -> candle_core::Result<Tensor> {
         let value = match &mut self.source {
             Source::File { tensors, .. } => match tensors.remove(name) {
                 None => {
@@ -84,7 +92,8 @@ impl ParamBuilder {
                     None
                 }
                 Some(t) if !t.dtype().is_float() => {
-                    self.problems.push(format!("tensor `{name}` has non-float dtype {:?}", t.dtype()));
+                    self.problems
+                        .push(format!("tensor `{name}` has non-float dtype {:?}", t.dtype()));
                     None
                 }
                 Some(t) => Some(t.to_dtype(DType::F32)?.to_device(&self.device)?),
@@ -98,7 +107,9 @@ impl ParamBuilder {
         let var = Var::from_tensor(&value)?;
         let tensor = var.as_tensor().clone();
         if self.vars.insert(name.to_string(), var).is_some() {
-            candle_core::bail!("parameter `{name}` requested twice (a bug in the model definition)");
+            candle_core::bail!(
+                "parameter `{name}` requested twice (a bug in the model definition)"
+            );
         }
         Ok(tensor)
     }
@@ -167,6 +178,9 @@ pub(crate) fn save(vars: &BTreeMap<String, Var>, path: &Path) -> Result<(), UNet
         .collect::<candle_core::Result<_>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (*n, t)), Some(metadata), &tmp)
-        .map_err(|e| UNetError::Weights { path: path.to_path_buf(), message: format!("cannot write: {e}") })?;
+        .map_err(|e| UNetError::Weights {
+            path: path.to_path_buf(),
+            message: format!("cannot write: {e}"),
+        })?;
     std::fs::rename(&tmp, path).map_err(io_error)
 }

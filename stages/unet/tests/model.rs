@@ -24,16 +24,21 @@ fn inputs(batch: usize, seed: u64) -> (Tensor, Tensor, Tensor) {
             .collect();
         Tensor::from_vec(v, dims, d).unwrap()
     };
-    let t = Tensor::from_vec((0..batch).map(|i| (i * 333 + 17) as f32).collect(), batch, d).unwrap();
+    let t =
+        Tensor::from_vec((0..batch).map(|i| (i * 333 + 17) as f32).collect(), batch, d).unwrap();
     (noise(&[batch, 4, 8, 8], 1), t, noise(&[batch, 7, 32], 2))
 }
 
-/// Names, shapes and dtypes of a safetensors file, and its metadata.
-fn header(path: &Path) -> (HashMap<String, (Vec<usize>, safetensors::Dtype)>, Option<HashMap<String, String>>) {
+/// Shape and dtype of each tensor of a safetensors file, by name.
+type Entries = HashMap<String, (Vec<usize>, safetensors::Dtype)>;
+
+/// The tensors of a safetensors file and its metadata.
+fn header(path: &Path) -> (Entries, Option<HashMap<String, String>>) {
     let bytes = std::fs::read(path).unwrap();
     let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let tensors = st.tensors().into_iter().map(|(n, v)| (n, (v.shape().to_vec(), v.dtype()))).collect();
+    let tensors =
+        st.tensors().into_iter().map(|(n, v)| (n, (v.shape().to_vec(), v.dtype()))).collect();
     (tensors, metadata.metadata().clone())
 }
 
@@ -89,15 +94,22 @@ fn a_saved_model_reloads_with_identical_weights_and_predictions() {
 /// `edit` applied.
 fn altered_copy(drop: Option<&str>, edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let mut tensors =
-        candle_core::safetensors::load(tiny_dir().join("diffusion_pytorch_model.safetensors"), &Device::Cpu)
-            .unwrap();
+    let mut tensors = candle_core::safetensors::load(
+        tiny_dir().join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     if let Some(name) = drop {
         tensors.remove(name);
     }
-    candle_core::safetensors::save(&tensors, dir.path().join("diffusion_pytorch_model.safetensors")).unwrap();
+    candle_core::safetensors::save(
+        &tensors,
+        dir.path().join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
     let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny_dir().join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(tiny_dir().join("config.json")).unwrap())
+            .unwrap();
     edit(&mut config);
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     dir
@@ -109,7 +121,10 @@ fn a_missing_weight_is_reported_by_name_and_file() {
     let err = UNet::from_pretrained(dir.path(), &Device::Cpu).unwrap_err();
     assert!(matches!(err, UNetError::Weights { .. }), "{err:?}");
     let message = err.to_string();
-    assert!(message.contains("missing tensor `mid_block.attentions.0.proj_in.weight`"), "{message}");
+    assert!(
+        message.contains("missing tensor `mid_block.attentions.0.proj_in.weight`"),
+        "{message}"
+    );
     assert!(message.contains("diffusion_pytorch_model.safetensors"), "{message}");
 }
 
@@ -118,7 +133,10 @@ fn weights_of_another_architecture_are_rejected_with_the_mismatches() {
     let dir = altered_copy(None, |c| c["block_out_channels"] = serde_json::json!([32, 96]));
     let message = UNet::from_pretrained(dir.path(), &Device::Cpu).unwrap_err().to_string();
     assert!(message.contains("do not match the UNet described by config.json"), "{message}");
-    assert!(message.contains("has shape [64, 32, 3, 3], the config implies [96, 32, 3, 3]"), "{message}");
+    assert!(
+        message.contains("has shape [64, 32, 3, 3], the config implies [96, 32, 3, 3]"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -130,7 +148,10 @@ fn an_unsupported_block_type_is_rejected_naming_the_key() {
     assert!(matches!(err, UNetError::Config { .. }), "{err:?}");
     let message = err.to_string();
     assert!(message.contains("config.json"), "{message}");
-    assert!(message.contains("`down_block_types`: block type `AttnDownBlock2D` is not supported"), "{message}");
+    assert!(
+        message.contains("`down_block_types`: block type `AttnDownBlock2D` is not supported"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -151,7 +172,10 @@ fn inputs_that_do_not_fit_the_model_are_clear_errors() {
         (unet.forward(&odd, &t, &c), "must be multiples of 2"),
         (unet.forward(&three, &t, &c), "the sample has 3 channels, the UNet takes 4"),
         (unet.forward(&x, &t, &wide), "width 48, the UNet's cross-attention expects 32"),
-        (unet.forward(&x, &Tensor::zeros(3, DType::F32, d).unwrap(), &c), "timesteps must be a scalar or have shape (2,)"),
+        (
+            unet.forward(&x, &Tensor::zeros(3, DType::F32, d).unwrap(), &c),
+            "timesteps must be a scalar or have shape (2,)",
+        ),
     ];
     for (result, expected) in cases {
         let err = result.unwrap_err();
@@ -165,8 +189,10 @@ fn a_scalar_timestep_applies_to_the_whole_batch() {
     let unet = tiny();
     let (x, _, c) = inputs(2, 0);
     let scalar = unet.forward(&x, &Tensor::new(250f32, &Device::Cpu).unwrap(), &c).unwrap();
-    let per_item = unet.forward(&x, &Tensor::new(&[250f32, 250.0], &Device::Cpu).unwrap(), &c).unwrap();
-    let diff: f32 = (scalar - per_item).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let per_item =
+        unet.forward(&x, &Tensor::new(&[250f32, 250.0], &Device::Cpu).unwrap(), &c).unwrap();
+    let diff: f32 =
+        (scalar - per_item).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
     assert_eq!(diff, 0.0);
 }
 
@@ -184,7 +210,9 @@ fn random_models_are_reproducible_from_their_seed() {
     let a = UNet::random(UNetConfig::tiny(), 7, d).unwrap();
     let b = UNet::random(UNetConfig::tiny(), 7, d).unwrap();
     let c = UNet::random(UNetConfig::tiny(), 8, d).unwrap();
-    let w = |u: &UNet| u.vars()["conv_in.weight"].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w = |u: &UNet| {
+        u.vars()["conv_in.weight"].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
     assert_eq!(w(&a), w(&b));
     assert_ne!(w(&a), w(&c));
     // The same parameter set as the diffusers model of the same config.
@@ -207,4 +235,16 @@ fn following_the_gradients_lowers_the_loss() {
         sgd.step(&grads).unwrap();
     }
     assert!(losses.windows(2).all(|w| w[1] < w[0]), "losses {losses:?}");
+}
+
+#[test]
+fn predict_equals_forward_without_a_graph() {
+    let unet = tiny();
+    let (x, t, c) = inputs(2, 5);
+    let tracked = unet.forward(&x, &t, &c).unwrap();
+    let plain = unet.predict(&x, &t, &c).unwrap();
+    assert!(tracked.track_op() && !plain.track_op());
+    let diff: f32 =
+        (tracked - plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    assert_eq!(diff, 0.0);
 }

@@ -31,7 +31,16 @@ fn load(name: &str) -> UNet {
 }
 
 fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -62,7 +71,10 @@ fn gradients_match(name: &str, checkpointing: bool) {
         .unwrap();
     let reference_loss: f32 = io["loss"].to_vec1().unwrap()[0];
     let loss: f32 = loss.to_scalar().unwrap();
-    assert!((loss - reference_loss).abs() < 1e-5, "{name}: loss {loss} vs diffusers {reference_loss}");
+    assert!(
+        (loss - reference_loss).abs() < 1e-5,
+        "{name}: loss {loss} vs diffusers {reference_loss}"
+    );
     let mut checked = 0;
     for (key, reference) in &io {
         let Some(param) = key.strip_prefix("grad.") else { continue };
@@ -131,10 +143,13 @@ fn checkpointed_gradients_equal_plain_gradients() {
     // The recomputed forward runs the very same kernels on the very same values.
     assert_eq!(plain_loss.to_scalar::<f32>().unwrap(), ckpt_loss.to_scalar::<f32>().unwrap());
     for (name, var) in unet.vars() {
-        let a = plain.get(var.as_tensor()).unwrap_or_else(|| panic!("plain: no gradient for {name}"));
-        let b = ckpt.get(var.as_tensor()).unwrap_or_else(|| panic!("checkpointed: no gradient for {name}"));
+        let a =
+            plain.get(var.as_tensor()).unwrap_or_else(|| panic!("plain: no gradient for {name}"));
+        let b = ckpt
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("checkpointed: no gradient for {name}"));
         // Only the order in which multi-consumer gradients (time embedding, skips) are summed
-        // differs: measured ≤ 3e-6 of each tensor's scale. The 1e-8 floor covers gradients that
+        // differs: measured ≤ 4e-6 of each tensor's scale. The 1e-8 floor covers gradients that
         // are analytically zero (a resnet's conv1 bias and time projection feed a group norm,
         // which removes per-channel constants) and numerically ~1e-9 noise on both sides.
         let diff = max_abs_diff(a, b);
@@ -151,7 +166,8 @@ fn candle_transformers_inference_unet_gives_the_same_forward() {
     let io = io("tiny");
     let weights = fixture("tiny").join("unet/diffusion_pytorch_model.safetensors");
     let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu).unwrap()
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu)
+            .unwrap()
     };
     let config = UNet2DConditionModelConfig {
         blocks: vec![

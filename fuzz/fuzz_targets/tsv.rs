@@ -1,0 +1,8 @@
+//! Unsplash Lite `photos` shards through the TSV reader.
+#![no_main]
+
+#[path = "../checks.rs"]
+#[allow(dead_code)] // each target uses one of the checks
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::tsv(data));
