@@ -314,7 +314,7 @@ fn a_file_size_limit_hit_by_the_commit_fails_cleanly_and_the_next_run_succeeds()
     let p = Project::new();
     p.write(
         "pipeline.yaml",
-        "stages:\n  wide:\n    run: mkdir d; cd d; for i in $(seq 1 3000); do : > $(printf 'f%0200d' $i); done\n    outs: {d: d}\n",
+        "stages:\n  wide:\n    run: |\n      mkdir d; cd d\n      for i in $(seq 1 3000); do printf -v name 'f%0200d' $i; : > \"$name\"; done\n    outs: {d: d}\n",
     );
     // The index exists before the limit (sled preallocates 512 KiB), so only the commit hits it.
     let (_, code) = p.status_json("pipeline.yaml", &[]);

@@ -232,7 +232,7 @@ struct Tally {
 #[test]
 fn sigkill_at_random_moments_never_corrupts_loses_or_redoes_work() {
     let kills = env_number("SDPIPE_TORTURE_KILLS", 30);
-    let seed = env_number("SDPIPE_TORTURE_SEED", 0x5d91_9e);
+    let seed = env_number("SDPIPE_TORTURE_SEED", 0x005d_919e);
     let blob = blob();
 
     // The reference: one clean cold run, and a clean forced rerun, timed.
