@@ -219,6 +219,17 @@ impl Pipeline {
             return Ok(base);
         }
         let points = sweep::with_cli_axes(file_points, &cli_axes);
+        // Every point is validated and becomes stage instances: refuse an accidental explosion
+        // (six axes of ten values) before doing that work.
+        if points.len() > sweep::MAX_POINTS {
+            return Err(SpecError::unlocated(format!(
+                "the sweep has {} points, more than the {} sdpipe runs at once; use `random` \
+                 with a `count`, or fewer values",
+                points.len(),
+                sweep::MAX_POINTS
+            ))
+            .into());
+        }
         let mut variants = Vec::with_capacity(points.len());
         let mut errors = Vec::new();
         for point in &points {

@@ -23,6 +23,9 @@ use super::overrides::Override;
 use super::yaml::{Document, Seg};
 use super::{GatherBinding, InputRef, Pipeline, Stage, StagePoint};
 
+/// The most points one sweep may expand to.
+pub const MAX_POINTS: usize = 1000;
+
 /// One swept parameter and its values.
 #[derive(Debug, Clone)]
 pub struct Axis {
