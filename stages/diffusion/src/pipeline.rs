@@ -35,6 +35,30 @@ pub const TEXT_ENCODER_WEIGHTS: &str = "model.safetensors";
 pub const TOKENIZER_FILES: [&str; 4] =
     ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"];
 
+/// Resolve `model` (a hub repo id or a local folder) at `revision` to a local pipeline folder
+/// holding every file the loaders read — local folder, Hugging Face cache, then the hub — so
+/// every stage that loads a pipeline sees the same files.
+pub fn resolve_folder(
+    hub: &sdpipe_hub::HubConfig,
+    model: &str,
+    revision: &str,
+) -> Result<PathBuf, sdpipe_hub::HubError> {
+    use sdpipe_hub::Want;
+    let files = required_files();
+    let mut wants: Vec<Want<'_>> = files.iter().map(|f| Want::File(f)).collect();
+    wants.push(Want::Optional("tokenizer/special_tokens_map.json"));
+    Ok(sdpipe_hub::resolve_with(hub, model, revision, &wants)?.root)
+}
+
+/// A pipeline folder's content as a kind's `external_deps`: `model/<relative path>` → file.
+pub fn model_deps(root: &Path) -> Result<BTreeMap<String, PathBuf>, PipelineError> {
+    Ok(SdPipeline::open(root)?
+        .dependency_files()?
+        .into_iter()
+        .map(|(rel, path)| (format!("model/{rel}"), path))
+        .collect())
+}
+
 /// Every file of a pipeline folder that sampling depends on, relative to its root: what a stage
 /// resolves from a hub and hashes into its key. `special_tokens_map.json` is optional.
 pub fn required_files() -> Vec<&'static str> {

@@ -11,7 +11,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use sdpipe_hub::{HubConfig, Want};
+use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
     OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError, StageKind,
 };
@@ -66,13 +66,8 @@ impl Sample {
     /// crate (local folder, Hugging Face cache, download).
     fn resolve_model(&self, params: &Params) -> Result<PathBuf, StageError> {
         let text = |name: &str| params.get(name).and_then(Value::as_str).unwrap_or_default();
-        let files = crate::pipeline::required_files();
-        let mut wants: Vec<Want<'_>> = files.iter().map(|f| Want::File(f)).collect();
-        wants.push(Want::Optional("tokenizer/special_tokens_map.json"));
-        let resolved =
-            sdpipe_hub::resolve_with(&self.hub_config(), text("model"), text("revision"), &wants)
-                .map_err(|e| StageError::failed(e.to_string()))?;
-        Ok(resolved.root)
+        crate::pipeline::resolve_folder(&self.hub_config(), text("model"), text("revision"))
+            .map_err(|e| StageError::failed(e.to_string()))
     }
 }
 
@@ -304,13 +299,7 @@ impl StageKind for Sample {
         if params.get("pipeline").is_some_and(|v| !v.is_null()) {
             return Ok(BTreeMap::new());
         }
-        let root = self.resolve_model(params)?;
-        let pipeline = SdPipeline::open(&root)?;
-        Ok(pipeline
-            .dependency_files()?
-            .into_iter()
-            .map(|(rel, path)| (format!("model/{rel}"), path))
-            .collect())
+        Ok(crate::pipeline::model_deps(&self.resolve_model(params)?)?)
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use sdpipe_diffusion::{copy_components, SdPipeline};
-use sdpipe_hub::{HubConfig, Want};
+use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
     OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError, StageKind,
 };
@@ -158,11 +158,8 @@ impl Train {
         if let Some(path) = inputs.get("pipeline") {
             return Ok(path.clone());
         }
-        let files = sdpipe_diffusion::pipeline::required_files();
-        let wants: Vec<Want<'_>> = files.iter().map(|f| Want::File(f)).collect();
-        let resolved = sdpipe_hub::resolve_with(&self.hub_config(), model, revision, &wants)
-            .map_err(|e| StageError::failed(e.to_string()))?;
-        Ok(resolved.root)
+        sdpipe_diffusion::pipeline::resolve_folder(&self.hub_config(), model, revision)
+            .map_err(|e| StageError::failed(e.to_string()))
     }
 }
 
@@ -354,12 +351,7 @@ impl StageKind for Train {
         let model = params.get("model").and_then(Value::as_str).unwrap_or_default();
         let revision = params.get("revision").and_then(Value::as_str).unwrap_or("main");
         let root = self.base_folder(&BTreeMap::new(), model, revision)?;
-        let pipeline = SdPipeline::open(&root)?;
-        Ok(pipeline
-            .dependency_files()?
-            .into_iter()
-            .map(|(rel, path)| (format!("model/{rel}"), path))
-            .collect())
+        Ok(sdpipe_diffusion::pipeline::model_deps(&root)?)
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
