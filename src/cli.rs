@@ -9,13 +9,15 @@ use sdpipe_stages::api::{CancelToken, Registry};
 
 use crate::cache::{Cache, Index, ObjectStore};
 use crate::dag::Dag;
-use crate::executor::LocalExecutor;
+use crate::executor::{Dispatch, LocalExecutor};
 use crate::maintenance;
 use crate::project::Project;
+use crate::remote::sync::{self as remote_sync, Direction, Outcome};
+use crate::remote::{Remote, RemoteConfig};
 use crate::scheduler::{Engine, RunOptions};
 use crate::spec::overrides::Override;
 use crate::spec::{Pipeline, SpecErrors};
-use crate::summary::{State, Summary};
+use crate::summary::{RemoteState, State, Summary};
 
 /// Exit codes: stable, documented in the README.
 pub mod exit {
@@ -70,6 +72,9 @@ enum Command {
         /// Run every stage even if cached.
         #[arg(long)]
         force_all: bool,
+        /// Run every stage with this executor (`local` or `slurm`), whatever the pipeline says.
+        #[arg(long, value_name = "EXECUTOR")]
+        executor: Option<String>,
         /// Print one JSON summary on stdout.
         #[arg(long)]
         json: bool,
@@ -88,6 +93,24 @@ enum Command {
         p: PipelineArgs,
         #[arg(long, value_enum, default_value_t = DagFormat::Text)]
         format: DagFormat,
+    },
+    /// Upload the pipeline's results to the remote cache (`remote:` or SDPIPE_REMOTE).
+    Push {
+        #[command(flatten)]
+        p: PipelineArgs,
+        /// Only these stages (and what they need).
+        stages: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download the pipeline's results from the remote cache into the local cache.
+    Pull {
+        #[command(flatten)]
+        p: PipelineArgs,
+        /// Only these stages (and what they need).
+        stages: Vec<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Where a stage's outputs are, its key, timings and log.
     Show {
@@ -123,6 +146,15 @@ enum Command {
         /// Where to write (default: $SDPIPE_WEIGHTS_DIR or ~/.cache/sdpipe/weights, under the
         /// name the stages look for).
         output: Option<PathBuf>,
+    },
+    /// Run one stage from a job file written by a cluster executor (on a cluster node; not for
+    /// people).
+    #[command(hide = true)]
+    ExecStage {
+        /// The job file (`<scratch>/slurm/job.json`).
+        job: PathBuf,
+        /// Where to write how the stage ended.
+        result: PathBuf,
     },
     /// Built-in stage kinds and their parameters.
     Stages {
@@ -241,6 +273,8 @@ struct Loaded {
     pipeline: Pipeline,
     project: Project,
     cache: Cache,
+    /// The shared remote cache, when one is configured and could be set up.
+    remote: Option<Remote>,
 }
 
 fn load(
@@ -253,7 +287,25 @@ fn load(
         Pipeline::load(&p.pipeline, registry, &p.set).map_err(|e| CliError::Spec(e, json))?;
     let project = Project::locate(&pipeline.file, cache_dir);
     let cache = Cache::open(&project.cache_dir).map_err(io_err("cannot open the cache"))?;
-    Ok(Loaded { pipeline, project, cache })
+    let remote = open_remote(&pipeline)?;
+    Ok(Loaded { pipeline, project, cache, remote })
+}
+
+/// The pipeline's `remote:` with `SDPIPE_REMOTE*` overrides. A setting that does not parse is
+/// a usage error; a client that cannot be set up only costs the remote (with a warning).
+fn open_remote(pipeline: &Pipeline) -> Result<Option<Remote>, CliError> {
+    let config = RemoteConfig::resolve(pipeline.remote.as_ref(), |k| std::env::var(k).ok())
+        .map_err(CliError::Usage)?;
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    match Remote::open(config) {
+        Ok(remote) => Ok(Some(remote)),
+        Err(e) => {
+            tracing::warn!("{e}; continuing without the remote cache");
+            Ok(None)
+        }
+    }
 }
 
 fn check_stage_names(pipeline: &Pipeline, names: &[String], json: bool) -> Result<(), CliError> {
@@ -292,8 +344,17 @@ fn standalone_cache(cache_dir: Option<&Path>) -> Result<Cache, CliError> {
 fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
     let cache_dir = cli.cache_dir.as_deref();
     match cli.command {
-        Command::Run { p, stages, jobs, force, force_all, json } => {
-            let l = load(&p, cache_dir, registry, json)?;
+        Command::Run { p, stages, jobs, force, force_all, executor, json } => {
+            let mut l = load(&p, cache_dir, registry, json)?;
+            if let Some(name) = executor {
+                let choice =
+                    crate::spec::resources::ExecutorChoice::parse(&name).ok_or_else(|| {
+                        CliError::Usage(format!("unknown executor `{name}` (use local or slurm)"))
+                    })?;
+                for stage in l.pipeline.stages.values_mut() {
+                    stage.executor = choice;
+                }
+            }
             check_stage_names(&l.pipeline, &stages, json)?;
             check_stage_names(&l.pipeline, &force, json)?;
             let _maintenance = l.cache.maintenance_lock(false).map_err(io_err("cache lock"))?;
@@ -316,8 +377,9 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                 pipeline: &l.pipeline,
                 project: &l.project,
                 cache: &l.cache,
-                executor: &LocalExecutor,
+                executor: &Dispatch::default(),
                 cancel: cancel.clone(),
+                remote: l.remote.as_ref(),
             };
             let summary = engine.run(&RunOptions { jobs, force, targets: stages, quiet: json });
             if json {
@@ -342,6 +404,7 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                 cache: &l.cache,
                 executor: &LocalExecutor,
                 cancel: CancelToken::new(),
+                remote: l.remote.as_ref(),
             };
             let summary = engine.status(&stages);
             if json {
@@ -372,6 +435,12 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                 }
             }
             Ok(exit::OK)
+        }
+        Command::Push { p, stages, json } => {
+            sync_command(p, stages, json, Direction::Push, cache_dir, registry)
+        }
+        Command::Pull { p, stages, json } => {
+            sync_command(p, stages, json, Direction::Pull, cache_dir, registry)
         }
         Command::Show { p, stage, json } => {
             let l = load(&p, cache_dir, registry, json)?;
@@ -446,8 +515,62 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
             }
         }
         Command::Stages { kind, json } => print_stages(registry, kind.as_deref(), json),
+        Command::ExecStage { job, result } => {
+            Ok(crate::executor::exec_stage_main(&job, &result, registry))
+        }
         Command::ConvertWeights { kind, input, output } => convert_weights(&kind, &input, output),
     }
+}
+
+fn sync_command(
+    p: PipelineArgs,
+    stages: Vec<String>,
+    json: bool,
+    direction: Direction,
+    cache_dir: Option<&Path>,
+    registry: &Registry,
+) -> Result<i32, CliError> {
+    let l = load(&p, cache_dir, registry, json)?;
+    check_stage_names(&l.pipeline, &stages, json)?;
+    let Some(remote) = &l.remote else {
+        return Err(CliError::Usage(
+            "no remote cache configured: add `remote: s3://bucket/prefix` to the pipeline or set \
+             SDPIPE_REMOTE"
+                .into(),
+        ));
+    };
+    if direction == Direction::Push && remote.read_only() {
+        return Err(CliError::Usage(format!(
+            "remote {} is read-only: nothing to push",
+            remote.url()
+        )));
+    }
+    let _maintenance = l.cache.maintenance_lock(false).map_err(io_err("cache lock"))?;
+    let report = remote_sync::sync(&l.pipeline, &l.project, &l.cache, remote, direction, &stages);
+    if json {
+        print_json(&report);
+    } else {
+        let width = report.stages.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
+        for s in &report.stages {
+            let what = match s.outcome {
+                Outcome::Pushed => {
+                    format!("pushed ({} objects, {})", s.objects, human_bytes(s.bytes))
+                }
+                Outcome::AlreadyOnRemote => "already on the remote".into(),
+                Outcome::NotComputed => "no local result (run it first)".into(),
+                Outcome::Pulled => "pulled".into(),
+                Outcome::AlreadyLocal => "already in the local cache".into(),
+                Outcome::NotOnRemote => "not on the remote".into(),
+                Outcome::UpstreamMissing => "upstream has no result yet".into(),
+                Outcome::Failed => {
+                    format!("FAILED: {}", s.error.as_deref().unwrap_or("unknown error"))
+                }
+            };
+            println!("{:width$}  {what}", s.name);
+        }
+        println!("remote: {}", report.remote);
+    }
+    Ok(if report.ok { exit::OK } else { exit::FAILED })
 }
 
 fn convert_weights(kind: &str, input: &Path, output: Option<PathBuf>) -> Result<i32, CliError> {
@@ -511,13 +634,11 @@ fn print_run(summary: &Summary, project: &Project) {
     for s in &summary.stages {
         let why = s.reasons.iter().map(|r| r.message.as_str()).collect::<Vec<_>>().join("; ");
         let why = if s.state == State::Ran { why } else { String::new() };
-        println!(
-            "{:width$}  {:8} {:>7}  {}",
-            s.name,
-            state_word(s.state),
-            seconds(s.duration_ms),
-            why
-        );
+        let word = match (s.state, s.remote) {
+            (State::Cached, Some(RemoteState::Pulled)) => "pulled",
+            (state, _) => state_word(state),
+        };
+        println!("{:width$}  {:8} {:>7}  {}", s.name, word, seconds(s.duration_ms), why);
     }
     println!(
         "{} ran, {} cached, {} failed, {} skipped in {}",
@@ -555,6 +676,10 @@ fn print_status(summary: &Summary) {
             }
             _ => String::new(),
         };
+        let detail = match s.remote {
+            Some(RemoteState::Available) => "on the remote (the next run pulls it)".to_string(),
+            _ => detail,
+        };
         println!("{:width$}  {:8}  {detail}", s.name, state_word(s.state));
     }
 }
@@ -566,6 +691,7 @@ fn show(l: &Loaded, stage: &str, json: bool) -> Result<i32, CliError> {
         cache: &l.cache,
         executor: &LocalExecutor,
         cancel: CancelToken::new(),
+        remote: None,
     };
     let summary = engine.status(&[stage.to_string()]);
     let s =

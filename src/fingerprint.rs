@@ -57,8 +57,8 @@ pub fn fingerprint(
                 FingerprintError::Dep { name: name.clone(), path: dep.pattern.clone(), source }
             })?;
         let paths = match (&hashed, dep.is_glob) {
-            (Hashed::Tree(tree), true) => {
-                tree.entries.iter().map(|e| pipeline.dir.join(&e.path)).collect()
+            (Hashed::Tree { files, .. }, true) => {
+                files.iter().map(|rel| pipeline.dir.join(rel)).collect()
             }
             _ => vec![pipeline.dir.join(&dep.pattern)],
         };
@@ -162,6 +162,14 @@ pub fn usable_record(
     };
     let complete = record.outputs.values().all(|o| materialize::is_complete(cache.store(), o));
     Ok(complete.then_some(record))
+}
+
+/// `identity`'s result for `key` from its result hint, without opening the index, when the
+/// hint is current and every object it needs is present (see [`Cache::result_hint`]).
+pub fn hinted_record(cache: &Cache, identity: &str, key: &Digest) -> Option<Record> {
+    let record = cache.result_hint(identity, key)?;
+    let complete = record.outputs.values().all(|o| materialize::is_complete(cache.store(), o));
+    complete.then_some(record)
 }
 
 /// Why `manifest` has no usable result: a diff against the stage's previous run.

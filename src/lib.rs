@@ -19,6 +19,7 @@ pub mod lock;
 pub mod maintenance;
 pub mod materialize;
 pub mod project;
+pub mod remote;
 pub mod scheduler;
 pub mod spec;
 pub mod summary;

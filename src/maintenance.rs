@@ -37,6 +37,8 @@ pub struct GcReport {
     pub records_removed: usize,
     pub objects_removed: usize,
     pub bytes_freed: u64,
+    /// Files of `cache/memo/` dropped: hints that only spare work, rebuilt by the next run.
+    pub hints_removed: usize,
     pub dry_run: bool,
 }
 
@@ -75,6 +77,12 @@ pub fn gc(cache: &Cache, keep_last: usize, dry_run: bool) -> io::Result<GcReport
     let (temps, temp_bytes) = cache.store().remove_stray_temps(dry_run)?;
     report.objects_removed += temps;
     report.bytes_freed += temp_bytes;
+    // Memo hints name records and listings that may be gone now; they are only shortcuts (a
+    // stale one is detected and ignored), so dropping them all is always safe, and gc holds the
+    // maintenance lock exclusively, so no run is reading them.
+    let (hints, hint_bytes) = clear_dir(&cache.root().join("memo"), dry_run)?;
+    report.hints_removed = hints;
+    report.bytes_freed += hint_bytes;
     for (digest, size) in cache.store().list()? {
         if !live.contains(&digest) {
             report.objects_removed += 1;
@@ -153,4 +161,27 @@ pub fn stats(cache: &Cache) -> io::Result<Stats> {
         stages_tracked,
         index_bytes,
     })
+}
+
+/// Remove every plain file directly in `dir` (none when it does not exist): (count, bytes).
+fn clear_dir(dir: &Path, dry_run: bool) -> io::Result<(usize, u64)> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(e),
+    };
+    let (mut count, mut bytes) = (0, 0);
+    for entry in entries {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if !meta.is_file() {
+            continue;
+        }
+        count += 1;
+        bytes += meta.len();
+        if !dry_run {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok((count, bytes))
 }

@@ -19,8 +19,9 @@ use crate::hash::{self, NoMemo};
 use crate::key::Reason;
 use crate::materialize;
 use crate::project::Project;
+use crate::remote::{Pushed, Remote, RemoteError};
 use crate::spec::{Action, Pipeline, Stage};
-use crate::summary::{ReasonOut, StageSummary, State, Summary, SUMMARY_SCHEMA};
+use crate::summary::{ReasonOut, RemoteState, StageSummary, State, Summary, SUMMARY_SCHEMA};
 use crate::ui::Ui;
 
 pub struct RunOptions {
@@ -40,6 +41,8 @@ pub struct Engine<'a> {
     pub cache: &'a Cache,
     pub executor: &'a dyn Executor,
     pub cancel: CancelToken,
+    /// The shared remote cache: pulled from on a local miss, pushed to after a stage runs.
+    pub remote: Option<&'a Remote>,
 }
 
 /// How one stage ended, before it becomes a [`StageSummary`].
@@ -125,10 +128,12 @@ impl Engine<'_> {
                         }
                         let ready = ups.iter().all(|u| records.contains_key(*u));
                         let need = stage.threads.min(jobs);
+                        // A stage running on a cluster holds no local thread slots.
+                        let slots = if stage.executor.is_remote() { 0 } else { need };
                         let used: usize = running.values().sum();
-                        if ready && (used + need <= jobs || running.is_empty()) {
+                        if ready && (used + slots <= jobs || running.is_empty()) {
                             pending.remove(i);
-                            running.insert(name.clone(), need);
+                            running.insert(name.clone(), slots);
                             let upstream = self.ancestor_records(&name, &records);
                             let tx = tx.clone();
                             let force = opts.force.contains(&name);
@@ -203,6 +208,15 @@ impl Engine<'_> {
                 } else {
                     fingerprint::usable_record(self.cache, index, &fp.key)?
                 };
+                if let Some(record) = &record {
+                    // Note the reuse in the stage's history in the session that found it: a
+                    // second session would cost a no-op run another sled open.
+                    let file = self.pipeline.file.to_string_lossy();
+                    match index.commit(record, &identity, &file) {
+                        Ok(()) => self.cache.note_result(index, &identity, record),
+                        Err(e) => tracing::warn!("could not update history of {}: {e}", stage.name),
+                    }
+                }
                 let reasons = match (&record, force) {
                     (Some(_), _) => Vec::new(),
                     (None, true) => vec![Reason::Forced],
@@ -213,9 +227,15 @@ impl Engine<'_> {
                 Ok((record, reasons))
             })
         };
-        let (mut record, mut reasons) = match lookup(force) {
-            Ok(found) => found,
-            Err(e) => return fail(Some(key_hex), format!("cache index: {e}"), None),
+        // An unchanged stage of an unchanged index is found without opening the index.
+        let hinted =
+            if force { None } else { fingerprint::hinted_record(self.cache, &identity, &fp.key) };
+        let (mut record, mut reasons) = match hinted {
+            Some(record) => (Some(record), Vec::new()),
+            None => match lookup(force) {
+                Ok(found) => found,
+                Err(e) => return fail(Some(key_hex), format!("cache index: {e}"), None),
+            },
         };
 
         // Another process may be computing the same key: wait for it instead of duplicating work.
@@ -247,12 +267,37 @@ impl Engine<'_> {
             }
         }
 
+        let found_locally = record.is_some();
+        // A teammate's (or CI's) result for the same key is as good as our own.
+        let mut remote_state = None;
+        if let (None, false, Some(remote)) = (&record, force, self.remote) {
+            match remote.pull(self.cache, &fp.key) {
+                Ok(Some(pulled)) => {
+                    record = Some(pulled);
+                    reasons.clear();
+                    remote_state = Some(RemoteState::Pulled);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn_remote(
+                        &e,
+                        &format!("could not pull `{}`; running it locally", stage.name),
+                    );
+                    remote_state = Some(RemoteState::PullFailed);
+                }
+            }
+        }
+
         let (state, record, duration_ms) = match record {
             Some(record) => {
-                if let Err(e) = self.cache.with_index(|i| {
-                    i.commit(&record, &identity, &self.pipeline.file.to_string_lossy())
-                }) {
-                    tracing::warn!("could not update history of {}: {e}", stage.name);
+                // A record the local lookup found is in the history already; one from
+                // elsewhere (the remote) is noted here.
+                if !found_locally {
+                    if let Err(e) = self.cache.with_index(|i| {
+                        i.commit(&record, &identity, &self.pipeline.file.to_string_lossy())
+                    }) {
+                        tracing::warn!("could not update history of {}: {e}", stage.name);
+                    }
                 }
                 (State::Cached, record, None)
             }
@@ -275,9 +320,29 @@ impl Engine<'_> {
                 }
             }
         };
+        if state == State::Ran {
+            if let Some(remote) = self.remote.filter(|r| !r.read_only()) {
+                let pushed = match remote.push(self.cache, &record) {
+                    Ok(Pushed::Uploaded { .. }) => RemoteState::Pushed,
+                    Ok(Pushed::AlreadyThere) => RemoteState::AlreadyOnRemote,
+                    Err(e) => {
+                        let what =
+                            format!("could not push `{}`; its local result is intact", stage.name);
+                        warn_remote(&e, &what);
+                        RemoteState::PushFailed
+                    }
+                };
+                // A failed pull says more about the remote than the push that followed it.
+                remote_state = Some(remote_state.unwrap_or(pushed));
+            }
+        }
         if state == State::Cached {
             ui.finish_stage(ui.stage_bar(&stage.name));
-            ui.line(&format!("✓ {} cached", stage.name));
+            if remote_state == Some(RemoteState::Pulled) {
+                ui.line(&format!("✓ {} pulled from remote", stage.name));
+            } else {
+                ui.line(&format!("✓ {} cached", stage.name));
+            }
         } else {
             ui.line(&format!(
                 "✓ {} ran in {:.1}s",
@@ -291,6 +356,7 @@ impl Engine<'_> {
         summary.reasons = reasons.into_iter().map(ReasonOut::from).collect();
         summary.duration_ms = duration_ms;
         summary.waited = waited;
+        summary.remote = remote_state;
         // The log of the run that produced this result.
         summary.log = record.log.map(|d| self.cache.store().path(&d).display().to_string());
         match self.materialize(stage, &record) {
@@ -592,14 +658,22 @@ impl Engine<'_> {
                 Ok(fp) => {
                     s.key = Some(fp.key.to_hex());
                     let identity = self.project.identity(name);
-                    let found = self.cache.with_index(|index| {
-                        match fingerprint::usable_record(self.cache, index, &fp.key)? {
-                            Some(r) => Ok((Some(r), Vec::new())),
-                            None => Ok((
-                                None,
-                                fingerprint::explain(self.cache, index, &identity, &fp.manifest)?,
-                            )),
-                        }
+                    let hinted = fingerprint::hinted_record(self.cache, &identity, &fp.key);
+                    let found = hinted.map(|r| Ok((Some(r), Vec::new()))).unwrap_or_else(|| {
+                        self.cache.with_index(|index| {
+                            match fingerprint::usable_record(self.cache, index, &fp.key)? {
+                                Some(r) => Ok((Some(r), Vec::new())),
+                                None => Ok((
+                                    None,
+                                    fingerprint::explain(
+                                        self.cache,
+                                        index,
+                                        &identity,
+                                        &fp.manifest,
+                                    )?,
+                                )),
+                            }
+                        })
                     });
                     match found {
                         Ok((Some(record), _)) => {
@@ -612,9 +686,19 @@ impl Engine<'_> {
                                 .collect();
                             records.insert(name.clone(), record);
                         }
-                        Ok((None, reasons)) => {
-                            s.reasons = reasons.into_iter().map(ReasonOut::from).collect()
-                        }
+                        Ok((None, reasons)) => match self.remote.map(|r| r.fetch_record(&fp.key)) {
+                            Some(Ok(Some(record))) => {
+                                s.state = State::Cached;
+                                s.remote = Some(RemoteState::Available);
+                                records.insert(name.clone(), record);
+                            }
+                            other => {
+                                if let Some(Err(e)) = other {
+                                    warn_remote(&e, "remote results not shown");
+                                }
+                                s.reasons = reasons.into_iter().map(ReasonOut::from).collect()
+                            }
+                        },
                         Err(e) => s.error = Some(format!("cache index: {e}")),
                     }
                 }
@@ -646,6 +730,15 @@ fn view_stats(dir: &std::path::Path) -> BTreeMap<PathBuf, (u64, u64, i128)> {
             Some((e.path().to_path_buf(), (m.ino(), m.len(), mtime)))
         })
         .collect()
+}
+
+/// A remote cache problem is a warning, never a failure; repeats of one outage are quiet.
+fn warn_remote(error: &RemoteError, consequence: &str) {
+    if error.is_repeat() {
+        tracing::debug!("{error}; {consequence}");
+    } else {
+        tracing::warn!("{error}; {consequence}");
+    }
 }
 
 struct Failure {

@@ -57,6 +57,28 @@ pub struct StageSummary {
     /// have one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub headline: Option<String>,
+    /// What the shared remote cache did for this stage; absent without a remote.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteState>,
+}
+
+/// A stage's exchange with the remote cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteState {
+    /// (`run`) Not computed here: its result was pulled from the remote.
+    Pulled,
+    /// (`run`) The remote had a result but it failed verification or could not be fetched;
+    /// the stage ran locally.
+    PullFailed,
+    /// (`run`) Computed here and pushed.
+    Pushed,
+    /// (`run`) Computed here; the remote already had a result for the key.
+    AlreadyOnRemote,
+    /// (`run`) Computed here; pushing failed (the local result is intact).
+    PushFailed,
+    /// (`status`) Not in the local cache; the next run will pull it from the remote.
+    Available,
 }
 
 impl StageSummary {
@@ -73,6 +95,7 @@ impl StageSummary {
             error: None,
             waited: false,
             headline: None,
+            remote: None,
         }
     }
 }

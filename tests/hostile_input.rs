@@ -384,11 +384,12 @@ fn hostile_override_paths_are_usage_errors() {
         assert_no_panic(&err, set);
         assert!(err.contains("error") || err.contains('×'), "--set {set}: {err}");
     }
-    // `--set` reaches parameters only: `s.run` is a (new) parameter named `run`, never the
-    // stage's command.
+    // `--set` reaches declared parameters only: `s.run` names no parameter of `s` (and never
+    // the stage's command), so it is refused before anything runs.
     let out = arena.sdpipe(&["run", "p.yaml", "--set", "s.run=touch pwned"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(std::fs::read_to_string(arena.project().join("runs/p/s/o")).unwrap(), "hi\n");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("has no `run`"), "{}", stderr(&out));
+    assert!(!arena.project().join("runs/p/s/o").exists());
     assert_eq!(pwned_files(arena.parent.path()), Vec::<PathBuf>::new());
 }
 

@@ -163,3 +163,24 @@ stages:
     assert!(err.contains("sweep point data.count=many"), "{err}");
     assert!(err.contains("count"), "{err}");
 }
+
+#[test]
+fn points_with_very_long_values_get_short_distinct_run_directories() {
+    let p = Project::new();
+    let long = |c: char| c.to_string().repeat(300);
+    p.write(
+        "sweep.yaml",
+        &format!(
+            "sweep:\n  grid:\n    say.text: [{a}, {b}]\nstages:\n  say:\n    run: echo ${{params.text}} > said.txt\n    params: {{text: x}}\n    outs: [said.txt]\n",
+            a = long('a'),
+            b = long('b'),
+        ),
+    );
+    let s = p.run_ok("sweep.yaml", &[]);
+    let instances = names(&s);
+    assert_eq!(instances.len(), 2, "{s:#}");
+    for (name, c) in instances.iter().zip(['a', 'b']) {
+        assert!(name.len() < 120, "{name}");
+        assert_eq!(p.read(&format!("runs/sweep/{name}/said.txt")), format!("{}\n", long(c)));
+    }
+}

@@ -78,6 +78,7 @@ pub trait Index {
 
 /// The sled-backed index. Open it only while holding the cache's index lock.
 pub struct SledIndex {
+    dir: std::path::PathBuf,
     db: sled::Db,
     records: sled::Tree,
     history: sled::Tree,
@@ -111,6 +112,7 @@ impl SledIndex {
         // on every write, and a flusher thread would delay releasing sled's own file lock.
         let db = sled::Config::new().path(dir).flush_every_ms(None).open().map_err(db_err)?;
         Ok(SledIndex {
+            dir: dir.to_path_buf(),
             records: db.open_tree("records").map_err(db_err)?,
             history: db.open_tree("history").map_err(db_err)?,
             memo: db.open_tree("stat-memo").map_err(db_err)?,
@@ -121,7 +123,47 @@ impl SledIndex {
     fn flush(&self) -> io::Result<()> {
         self.db.flush().map(|_| ()).map_err(db_err)
     }
+
+    /// Where the generation token lives: inside the index directory, so that a new, replaced
+    /// or deleted index has none and every result hint taken from an earlier one is void.
+    fn generation_path(&self) -> std::path::PathBuf {
+        self.dir.join(GENERATION_FILE)
+    }
+
+    /// The token naming the index's current state of records and histories (see
+    /// `Cache::result_hint`), created if the last change removed it.
+    pub fn generation(&self) -> io::Result<Vec<u8>> {
+        let path = self.generation_path();
+        if let Ok(token) = std::fs::read(&path) {
+            if token.len() == 32 {
+                return Ok(token);
+            }
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&std::process::id().to_le_bytes());
+        hasher.update(&crate::hash::now_ns().to_le_bytes());
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        hasher.update(&N.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+        let token = hasher.finalize().as_bytes().to_vec();
+        let tmp = self.dir.join(format!("{GENERATION_FILE}.new-{}", std::process::id()));
+        // Not synced: a token lost in a crash only voids the hints that named it.
+        std::fs::write(&tmp, &token).and_then(|()| std::fs::rename(&tmp, &path))?;
+        Ok(token)
+    }
+
+    /// Called before any change to records or histories: removes the generation token, durably,
+    /// so no result hint taken before the change can match afterwards.
+    fn void_hints(&self) -> io::Result<()> {
+        match std::fs::remove_file(self.generation_path()) {
+            Ok(()) => std::fs::File::open(&self.dir)?.sync_all(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
 }
+
+/// See [`SledIndex::generation`].
+pub const GENERATION_FILE: &str = "sdpipe-generation";
 
 /// sled 0.34 writes a snapshot to `snap.<lsn>.generating` and renames it when complete, but on
 /// opening takes the newest `snap.*` file, unfinished ones included: after a kill mid-write it
@@ -151,14 +193,24 @@ impl Index for SledIndex {
 
     fn commit(&self, record: &Record, identity: &str, pipeline_file: &str) -> io::Result<()> {
         use sled::Transactional;
-        let mut history = self.history(identity)?;
+        let before = self.history(identity)?;
+        let mut history = before.clone();
         history.pipeline_file = pipeline_file.to_string();
         history.entries.retain(|e| e.key != record.key);
         history.entries.push(HistoryEntry { key: record.key, at: record.started_at });
         let excess = history.entries.len().saturating_sub(HISTORY_LEN);
         history.entries.drain(..excess);
         let record_bytes = serde_json::to_vec(record)?;
+        // A cached result reused again changes nothing: write (and sync) nothing, so that a
+        // no-op run leaves the index exactly as it found it.
+        if history == before
+            && self.records.get(record.key.0).map_err(db_err)?.as_deref()
+                == Some(record_bytes.as_slice())
+        {
+            return Ok(());
+        }
         let history_bytes = serde_json::to_vec(&history)?;
+        self.void_hints()?;
         (&self.records, &self.history)
             .transaction(|(records, hist)| {
                 records.insert(&record.key.0, record_bytes.as_slice())?;
@@ -170,6 +222,7 @@ impl Index for SledIndex {
     }
 
     fn remove_record(&self, key: &Digest) -> io::Result<()> {
+        self.void_hints()?;
         self.records.remove(key.0).map_err(db_err)?;
         self.flush()
     }
@@ -202,6 +255,7 @@ impl Index for SledIndex {
     }
 
     fn set_history(&self, identity: &str, history: &History) -> io::Result<()> {
+        self.void_hints()?;
         if history.entries.is_empty() {
             self.history.remove(identity.as_bytes()).map_err(db_err)?;
         } else {

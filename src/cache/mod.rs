@@ -3,7 +3,9 @@
 //! ```text
 //! cache/
 //!   objects/ab/cdef…   content-addressed, read-only files (outputs, trees, manifests, logs)
-//!   index/             sled: key → record, stage history, stat memo
+//!   index/             sled: key → record, stage history, per-file stat memo
+//!   memo/<listing>     tree digest of a directory or glob whose stat listing is unchanged
+//!   memo/result-<id>   a stage's last result, valid while the index's generation is unchanged
 //!   index.lock         held while the index is open (short sessions)
 //!   maintenance.lock   shared by runs, exclusive for gc and verify
 //!   locks/<key>.lock   held while a process computes that key
@@ -55,7 +57,7 @@ impl Drop for Scratch {
 impl Cache {
     /// Open (creating if needed) the cache at `root`, and sweep scratch left by dead processes.
     pub fn open(root: &Path) -> io::Result<Cache> {
-        for sub in ["objects", "locks", "tmp", "state", "logs"] {
+        for sub in ["objects", "locks", "tmp", "state", "logs", "memo"] {
             fs::create_dir_all(root.join(sub)).map_err(|e| {
                 io::Error::new(
                     e.kind(),
@@ -240,6 +242,111 @@ impl Cache {
     pub fn memo(&self) -> IndexMemo<'_> {
         IndexMemo(self)
     }
+
+    fn hint_path(&self, identity: &str) -> PathBuf {
+        let id = Digest::of_bytes(identity.as_bytes());
+        self.root.join("memo").join(format!("result-{}", id.to_hex()))
+    }
+
+    /// `identity`'s result for `key` as the index last showed it, if no record or history has
+    /// changed since (the index's generation token is the one the hint names). This lets a
+    /// no-op rerun find its results without opening the index: every sled open replays the
+    /// log and syncs the file twice, which on a busy disk is most of a no-op's time. The caller
+    /// still checks that the result's objects are present.
+    pub fn result_hint(&self, identity: &str, key: &Digest) -> Option<Record> {
+        let token = fs::read(self.root.join("index").join(index::GENERATION_FILE)).ok()?;
+        let bytes = fs::read(self.hint_path(identity)).ok()?;
+        let (body, check) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
+        if Digest::of_bytes(body).0 != check {
+            return None;
+        }
+        let hint: ResultHint = serde_json::from_slice(body).ok()?;
+        let matches = hint.generation == hex::encode(token)
+            && hint.identity == identity
+            && hint.record.key == *key;
+        matches.then_some(hint.record)
+    }
+
+    /// Remember `record` as `identity`'s current result, for [`Cache::result_hint`]. Only
+    /// inside an index session (hence the `index`), after the stage's history names `record`.
+    pub fn note_result(&self, index: &SledIndex, identity: &str, record: &Record) {
+        let write = || -> io::Result<()> {
+            let hint = ResultHint {
+                generation: hex::encode(index.generation()?),
+                identity: identity.to_string(),
+                record: record.clone(),
+            };
+            let mut bytes = serde_json::to_vec(&hint)?;
+            let check = Digest::of_bytes(&bytes);
+            bytes.extend_from_slice(&check.0);
+            let tmp = self.root.join("memo").join(format!(".tmp-hint-{}", std::process::id()));
+            fs::write(&tmp, bytes)
+                .and_then(|()| fs::rename(&tmp, self.hint_path(identity)))
+                .inspect_err(|_| drop(fs::remove_file(&tmp)))
+        };
+        if let Err(e) = write() {
+            tracing::debug!("could not write the result hint of {identity}: {e}");
+        }
+    }
+
+    fn tree_memo_path(&self, listing: &Digest) -> PathBuf {
+        self.root.join("memo").join(listing.to_hex())
+    }
+
+    /// The tree digest remembered for a stat listing. Kept as one small file per listing, out
+    /// of the index: an unchanged dependency of thousands of files is then answered by one
+    /// file read, with no index session (an index session opens sled, which replays its log
+    /// and syncs it).
+    fn tree_memo_get(&self, listing: &Digest) -> Option<Digest> {
+        let bytes = fs::read(self.tree_memo_path(listing)).ok()?;
+        TreeMemoEntry::decode(listing, &bytes)
+    }
+
+    fn tree_memo_put(&self, listing: &Digest, tree: &Digest) -> io::Result<()> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = self.tree_memo_path(listing);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join("memo").join(format!(".tmp-{}-{n}", std::process::id()));
+        // Not synced: a memo entry lost or torn by a crash only costs a rehash (a torn one
+        // fails its check), so it is not worth an fsync on every run.
+        fs::write(&tmp, TreeMemoEntry::encode(listing, tree))
+            .and_then(|()| fs::rename(&tmp, &path))
+            .inspect_err(|_| drop(fs::remove_file(&tmp)))
+    }
+}
+
+/// A stage's last result and the index generation it was read in (see
+/// [`Cache::result_hint`]). Followed on disk by the blake3 of its JSON, so a torn file is a miss.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ResultHint {
+    generation: String,
+    identity: String,
+    record: Record,
+}
+
+/// A tree memo file: the tree digest and a check binding it to its listing, so that a torn,
+/// truncated or foreign file reads as a miss, never as a wrong digest.
+struct TreeMemoEntry;
+
+impl TreeMemoEntry {
+    fn check(listing: &Digest, tree: &Digest) -> Digest {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"sdpipe tree memo 1\n");
+        hasher.update(&listing.0);
+        hasher.update(&tree.0);
+        Digest(*hasher.finalize().as_bytes())
+    }
+
+    fn encode(listing: &Digest, tree: &Digest) -> Vec<u8> {
+        [tree.0, Self::check(listing, tree).0].concat()
+    }
+
+    fn decode(listing: &Digest, bytes: &[u8]) -> Option<Digest> {
+        let (tree, check) = (bytes.get(..32)?, bytes.get(32..)?);
+        let tree = Digest(tree.try_into().ok()?);
+        (check == Self::check(listing, &tree).0).then_some(tree)
+    }
 }
 
 /// Open the index, waiting out sled's own file lock. With `index.lock` held and the session
@@ -263,8 +370,8 @@ fn open_patiently(dir: &Path) -> io::Result<SledIndex> {
     }
 }
 
-/// The stat memo, stored in the index. Failures only cost a rehash, so they are logged, not
-/// raised.
+/// The stat memo: per file in the index, per directory listing in `memo/`. Failures only cost
+/// a rehash, so they are logged, not raised.
 pub struct IndexMemo<'a>(&'a Cache);
 
 impl DigestMemo for IndexMemo<'_> {
@@ -279,6 +386,14 @@ impl DigestMemo for IndexMemo<'_> {
             tracing::warn!("could not update the stat memo: {e}");
         }
     }
+    fn get_tree(&self, listing: &Digest) -> Option<Digest> {
+        self.0.tree_memo_get(listing)
+    }
+    fn put_tree(&self, listing: &Digest, tree: &Digest) {
+        if let Err(e) = self.0.tree_memo_put(listing, tree) {
+            tracing::debug!("could not remember the tree of listing {listing:?}: {e}");
+        }
+    }
 }
 
 /// Read-only files (hardlinks of objects) would block deleting a scratch tree's directories'
@@ -291,4 +406,96 @@ pub fn make_writable_recursive(dir: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u8) -> Record {
+        Record {
+            key: Digest([n; 32]),
+            stage: "s".into(),
+            kind: "shell".into(),
+            manifest: Digest([0; 32]),
+            outputs: Default::default(),
+            log: None,
+            started_at: 1,
+            duration_ms: 2,
+            threads: 1,
+            sdpipe_version: "test".into(),
+        }
+    }
+
+    /// A cache whose index has `record(1)` as the result of `p#s`, with a hint noted for it.
+    fn hinted_cache() -> (tempfile::TempDir, Cache, Record) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let r = record(1);
+        cache
+            .with_index(|i| {
+                i.commit(&r, "p#s", "p.yaml")?;
+                cache.note_result(i, "p#s", &r);
+                Ok(())
+            })
+            .unwrap();
+        (dir, cache, r)
+    }
+
+    #[test]
+    fn a_result_hint_answers_only_its_stage_and_key() {
+        let (_dir, cache, r) = hinted_cache();
+        assert_eq!(cache.result_hint("p#s", &r.key), Some(r.clone()));
+        assert_eq!(cache.result_hint("p#s", &Digest([2; 32])), None);
+        assert_eq!(cache.result_hint("p#t", &r.key), None);
+    }
+
+    #[test]
+    fn reusing_a_result_again_changes_nothing_and_keeps_the_hint() {
+        let (_dir, cache, r) = hinted_cache();
+        cache.with_index(|i| i.commit(&r, "p#s", "p.yaml")).unwrap();
+        assert_eq!(cache.result_hint("p#s", &r.key), Some(r));
+    }
+
+    type Change<'a> = &'a dyn Fn(&SledIndex) -> io::Result<()>;
+
+    #[test]
+    fn any_change_to_records_or_histories_voids_every_hint() {
+        let changes: [Change; 3] = [
+            &|i| i.commit(&record(2), "p#t", "p.yaml"),
+            &|i| i.remove_record(&Digest([1; 32])),
+            &|i| i.set_history("p#s", &index::History::default()),
+        ];
+        for change in changes {
+            let (_dir, cache, r) = hinted_cache();
+            cache.with_index(change).unwrap();
+            assert_eq!(cache.result_hint("p#s", &r.key), None);
+        }
+    }
+
+    #[test]
+    fn a_new_index_voids_every_hint() {
+        let (dir, cache, r) = hinted_cache();
+        fs::remove_dir_all(dir.path().join("index")).unwrap();
+        cache.with_index(|_| Ok(())).unwrap();
+        assert_eq!(cache.result_hint("p#s", &r.key), None);
+    }
+
+    #[test]
+    fn a_torn_hint_or_tree_memo_entry_is_a_miss() {
+        let (_dir, cache, r) = hinted_cache();
+        let path = cache.hint_path("p#s");
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert_eq!(cache.result_hint("p#s", &r.key), None);
+
+        let (listing, tree) = (Digest([3; 32]), Digest([4; 32]));
+        cache.tree_memo_put(&listing, &tree).unwrap();
+        assert_eq!(cache.tree_memo_get(&listing), Some(tree));
+        let path = cache.tree_memo_path(&listing);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(cache.tree_memo_get(&listing), None);
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod overrides;
+pub mod resources;
 pub mod source;
 pub mod sweep;
 pub mod template;
@@ -35,6 +36,9 @@ pub struct Pipeline {
     pub vars: BTreeMap<String, Json>,
     /// Stages in file order.
     pub stages: IndexMap<String, Stage>,
+    /// The shared remote cache (`remote:`) as written; `SDPIPE_REMOTE*` variables override it.
+    /// Never part of a key.
+    pub remote: Option<crate::remote::RemoteSettings>,
 }
 
 /// What a stage does.
@@ -131,6 +135,10 @@ pub struct Stage {
     /// The sweep point this instance belongs to (`None` outside a sweep or when the stage is
     /// the same at every point).
     pub point: Option<StagePoint>,
+    /// Where the stage runs (`executor:`, the pipeline's unless the stage sets its own).
+    pub executor: resources::ExecutorChoice,
+    /// What it asks a cluster for (`resources:`, the pipeline's overlaid with the stage's).
+    pub resources: resources::Resources,
 }
 
 /// Which sweep point a stage instance computes.

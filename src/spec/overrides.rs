@@ -88,6 +88,10 @@ fn apply_one(root: &mut Value, o: &Override) -> Result<(), SpecError> {
         return Err(SpecError::unlocated("the pipeline is not a mapping"));
     };
     let (head, rest) = (&o.path[0], &o.path[1..]);
+    // Built-in kinds reject unknown parameters in validation. Shell stages and `vars` accept any
+    // name, so an override of a name the file does not declare is almost always a typo that
+    // would silently rerun the stage with the real value unchanged: refuse it.
+    let mut must_exist = true;
     let target = if head == "vars" {
         entry_map(top, "vars")
     } else {
@@ -103,11 +107,29 @@ fn apply_one(root: &mut Value, o: &Override) -> Result<(), SpecError> {
         };
         // Built-in kinds take parameters under `with`, shell stages under `params`.
         let section = if stage.contains_key("uses") { "with" } else { "params" };
+        must_exist = section == "params";
         entry_map(stage, section)
     };
     let Some(target) = target else {
         return Err(SpecError::unlocated(format!("--set {}: `{head}` is not a mapping", o.raw)));
     };
+    // A `<<` merge key may bring the name in; merges are resolved later, so trust it then.
+    let name = &rest[0];
+    if must_exist && !target.contains_key(name.as_str()) && !target.contains_key("<<") {
+        let known: Vec<String> =
+            target.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
+        let place = if head == "vars" { "`vars`".to_string() } else { format!("stage `{head}`") };
+        let listed = if known.is_empty() {
+            "none are declared".to_string()
+        } else {
+            format!("declared: {}", known.join(", "))
+        };
+        return Err(SpecError::unlocated(format!(
+            "--set {}: {place} has no `{name}` ({listed}); declare it in the pipeline first",
+            o.raw
+        ))
+        .suggest(name, known.iter().map(String::as_str)));
+    }
     set_path(target, rest, o.value.clone())
         .map_err(|e| SpecError::unlocated(format!("--set {}: {e}", o.raw)))
 }
@@ -175,9 +197,37 @@ mod tests {
     fn override_targets_with_for_builtin_and_params_for_shell() {
         let mut doc: Value =
             serde_yaml_ng::from_str("stages:\n  a: {uses: k}\n  b: {run: x}\n").unwrap();
+        apply(&mut doc, &["a.x=1".parse().unwrap(), "b.y=2".parse().unwrap()]).unwrap_err();
+        let mut doc: Value =
+            serde_yaml_ng::from_str("stages:\n  a: {uses: k}\n  b: {run: x, params: {y: 1}}\n")
+                .unwrap();
         apply(&mut doc, &["a.x=1".parse().unwrap(), "b.y=2".parse().unwrap()]).unwrap();
         assert_eq!(doc["stages"]["a"]["with"]["x"], Value::from(1));
         assert_eq!(doc["stages"]["b"]["params"]["y"], Value::from(2));
+    }
+
+    #[test]
+    fn override_of_an_undeclared_shell_param_is_a_typo_with_a_suggestion() {
+        let mut doc: Value =
+            serde_yaml_ng::from_str("stages:\n  b: {run: x, params: {rate: 1}}\n").unwrap();
+        let err = apply(&mut doc, &["b.raet=2".parse().unwrap()]).unwrap_err().to_string();
+        assert!(err.contains("stage `b` has no `raet`"), "{err}");
+        assert!(err.contains("did you mean `rate`"), "{err}");
+    }
+
+    #[test]
+    fn override_of_an_undeclared_var_is_refused() {
+        let mut doc: Value = serde_yaml_ng::from_str("vars: {seed: 1}\nstages: {}\n").unwrap();
+        let err = apply(&mut doc, &["vars.sed=2".parse().unwrap()]).unwrap_err().to_string();
+        assert!(err.contains("`vars` has no `sed`"), "{err}");
+    }
+
+    #[test]
+    fn override_of_a_param_brought_in_by_a_merge_key_is_accepted() {
+        let mut doc: Value =
+            serde_yaml_ng::from_str("d: &d {rate: 1}\nstages:\n  b: {run: x, params: {<<: *d}}\n")
+                .unwrap();
+        apply(&mut doc, &["b.rate=2".parse().unwrap()]).unwrap();
     }
 
     #[test]

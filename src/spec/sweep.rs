@@ -402,7 +402,7 @@ pub fn merge(
                     values.insert((*a).clone(), serde_json::to_value(v).unwrap_or(Json::Null));
                 }
             }
-            let mut label = sanitize(&parts.join(","));
+            let mut label = bounded(sanitize(&parts.join(",")));
             if label.is_empty() {
                 label = format!("p{first}");
             }
@@ -463,9 +463,35 @@ fn sanitize(label: &str) -> String {
         .collect()
 }
 
+/// Longest label kept verbatim. With a 64-byte stage name, `name@label` and the few bytes
+/// materialisation adds stay far below the 255-byte file-name limit of common filesystems.
+const MAX_LABEL: usize = 96;
+
+/// Long labels (long string values, many axes) keep a readable prefix and a digest of the whole,
+/// so they stay distinct, stable across runs and valid as directory names.
+fn bounded(label: String) -> String {
+    if label.len() <= MAX_LABEL {
+        return label;
+    }
+    let digest = blake3::hash(label.as_bytes()).to_hex();
+    // `sanitize` leaves only ASCII, so any byte index is a char boundary.
+    format!("{}~{}", &label[..MAX_LABEL - 17], &digest[..16])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_labels_are_shortened_to_a_prefix_and_a_digest() {
+        let long = "prompt=".to_string() + &"a".repeat(400);
+        let short = bounded(long.clone());
+        assert_eq!(short.len(), MAX_LABEL);
+        assert!(short.starts_with("prompt=aaa"));
+        assert_ne!(short, bounded(long.clone() + "b"), "distinct labels stay distinct");
+        assert_eq!(short, bounded(long), "and stable");
+        assert_eq!(bounded("lr=1e-5".into()), "lr=1e-5");
+    }
 
     fn axis(target: &str, values: &[i64]) -> Axis {
         Axis { target: target.into(), values: values.iter().map(|v| Yaml::from(*v)).collect() }

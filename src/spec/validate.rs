@@ -11,13 +11,26 @@ use serde_yaml_ng::Value as Yaml;
 
 use super::error::{SpecError, SpecErrors};
 use super::overrides::{self, Override};
+use super::resources::{self, ExecutorChoice, Resources, RESOURCE_KEYS};
 use super::template::{self, Namespace};
 use super::yaml::{Document, Seg};
 use super::{Action, Dep, InputRef, Output, Pipeline, SourceFile, Stage};
 
-const TOP_KEYS: &[&str] = &["vars", "stages", "sweep"];
+const TOP_KEYS: &[&str] = &["vars", "stages", "sweep", "remote", "executor", "resources"];
 const STAGE_KEYS: &[&str] = &[
-    "uses", "with", "run", "deps", "inputs", "outs", "params", "env", "threads", "desc", "gather",
+    "uses",
+    "with",
+    "run",
+    "deps",
+    "inputs",
+    "outs",
+    "params",
+    "env",
+    "threads",
+    "desc",
+    "gather",
+    "executor",
+    "resources",
 ];
 
 /// Validate `doc` (the file at `file`) against the registry's kinds.
@@ -31,9 +44,9 @@ pub fn validate(
     // YAML merge keys (`<<: *defaults`) are resolved before anything looks at the values.
     doc.value.apply_merge().map_err(|e| SpecError::unlocated(format!("merge keys: {e}")))?;
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut v = Validator { doc: &doc, errors: Vec::new(), dir: &dir };
+    let mut v = Validator { doc: &doc, errors: Vec::new(), dir: &dir, remote: None };
     let (vars, stages) = v.pipeline(registry);
-    let errors = v.errors;
+    let (errors, remote) = (v.errors, v.remote);
     let pipeline = Pipeline {
         file: file.to_path_buf(),
         name: file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -41,6 +54,7 @@ pub fn validate(
         source: doc.source.clone(),
         vars,
         stages,
+        remote,
     };
     // Cycles are checked even when other errors were found, so one pass reports everything.
     let mut errors = errors;
@@ -56,6 +70,8 @@ struct Validator<'a> {
     doc: &'a Document,
     errors: Vec<SpecError>,
     dir: &'a Path,
+    /// The `remote:` setting, once validated.
+    remote: Option<crate::remote::RemoteSettings>,
 }
 
 fn key(k: &str) -> Seg {
@@ -207,6 +223,88 @@ impl<'a> Validator<'a> {
         })
     }
 
+    /// `remote: s3://bucket/prefix`, or a mapping with `url` and connection options.
+    fn remote_settings(&mut self, value: &Yaml) -> Option<crate::remote::RemoteSettings> {
+        use crate::remote::{config, RemoteSettings};
+        const KEYS: &[&str] = &["url", "endpoint", "region", "read_only", "allow_http"];
+        let top = [key("remote")];
+        let mut settings = RemoteSettings::default();
+        match value {
+            Yaml::String(url) => settings.url = Some(url.clone()),
+            Yaml::Mapping(_) => {
+                for (k, v) in self.mapping(value, &top, "`remote`", Some(KEYS)) {
+                    let path = [key("remote"), key(&k)];
+                    let what = format!("`remote.{k}`");
+                    match k.as_str() {
+                        "read_only" | "allow_http" => {
+                            let Yaml::Bool(b) = v else {
+                                let found = type_name(v);
+                                self.err_value(
+                                    &path,
+                                    format!("{what} must be true or false, found {found}"),
+                                );
+                                continue;
+                            };
+                            if k == "read_only" {
+                                settings.read_only = Some(*b);
+                            } else {
+                                settings.allow_http = Some(*b);
+                            }
+                        }
+                        _ => {
+                            let Some(s) = self.string(v, &path, &what) else { continue };
+                            match k.as_str() {
+                                "url" => settings.url = Some(s),
+                                "endpoint" => settings.endpoint = Some(s),
+                                _ => settings.region = Some(s),
+                            }
+                        }
+                    }
+                }
+            }
+            other => {
+                let found = type_name(other);
+                self.err_value(
+                    &top,
+                    format!("`remote` must be an s3:// URL or a mapping, found {found}"),
+                )
+                .help = Some(
+                    "write `remote: s3://bucket/prefix`, or `remote: {url: ..., endpoint: ...}`"
+                        .into(),
+                );
+                return None;
+            }
+        }
+        let url_path: Vec<Seg> = if matches!(value, Yaml::Mapping(_)) {
+            vec![key("remote"), key("url")]
+        } else {
+            top.to_vec()
+        };
+        match &settings.url {
+            Some(url) => {
+                if let Err(e) = config::parse_url(url) {
+                    self.err_value(&url_path, e);
+                    return None;
+                }
+            }
+            None => {
+                self.err_value(&top, "`remote` has no `url`").help =
+                    Some("add `url: s3://bucket/prefix`".into());
+                return None;
+            }
+        }
+        if let Some(endpoint) = &settings.endpoint {
+            if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
+                self.err_value(
+                    &[key("remote"), key("endpoint")],
+                    format!("`remote.endpoint` `{endpoint}` is not an http(s) URL"),
+                );
+                return None;
+            }
+        }
+        Some(settings)
+    }
+
     fn pipeline(
         &mut self,
         registry: &Registry,
@@ -215,6 +313,8 @@ impl<'a> Validator<'a> {
         let top = self.mapping(root, &[], "the pipeline", Some(TOP_KEYS));
         let mut vars = BTreeMap::new();
         let mut raw_stages = None;
+        let mut default_executor = ExecutorChoice::Local;
+        let mut default_resources = Resources::default();
         for (k, v) in top {
             match k.as_str() {
                 "vars" => {
@@ -228,6 +328,13 @@ impl<'a> Validator<'a> {
                 "stages" => raw_stages = Some(v),
                 // Checked and expanded by `sweep`.
                 "sweep" => {}
+                "remote" => self.remote = self.remote_settings(v),
+                "executor" => {
+                    if let Some(e) = self.executor_choice(v, &[key("executor")]) {
+                        default_executor = e;
+                    }
+                }
+                "resources" => default_resources = self.resources(v, &[key("resources")]),
                 _ => unreachable!("filtered by mapping()"),
             }
         }
@@ -250,7 +357,8 @@ impl<'a> Validator<'a> {
                 self.err_key(&path, format!("stage name `{name}` {NAME_RULE}"));
                 continue;
             }
-            if let Some((stage, inputs)) = self.stage(&name, raw, &path, registry, &vars) {
+            if let Some((mut stage, inputs)) = self.stage(&name, raw, &path, registry, &vars) {
+                self.placement(&mut stage, raw, &path, default_executor, &default_resources);
                 bindings.push((name.clone(), inputs));
                 stages.insert(name, stage);
             }
@@ -300,6 +408,8 @@ impl<'a> Validator<'a> {
             gather: false,
             gathered: BTreeMap::new(),
             point: None,
+            executor: ExecutorChoice::Local,
+            resources: Resources::default(),
         };
         let mut pending_inputs = Vec::new();
         let builtin_only = ["with"];
@@ -477,6 +587,96 @@ impl<'a> Validator<'a> {
             self.string(desc, &at("desc"), "`desc`");
         }
         Some((stage, pending_inputs))
+    }
+
+    /// `executor: local | slurm`.
+    fn executor_choice(&mut self, value: &Yaml, path: &[Seg]) -> Option<ExecutorChoice> {
+        let name = self.string(value, path, "`executor`")?;
+        let choice = ExecutorChoice::parse(&name);
+        if choice.is_none() {
+            let e = self.err_value(path, format!("unknown executor `{name}`"));
+            *e = e
+                .clone()
+                .label("unknown executor")
+                .suggest(&name, ExecutorChoice::NAMES.iter().copied());
+            if e.help.is_none() {
+                e.help = Some(format!("executors: {}", ExecutorChoice::NAMES.join(", ")));
+            }
+        }
+        choice
+    }
+
+    /// `resources: {cpus, gpus, mem, time, partition}`: every field optional, each checked.
+    fn resources(&mut self, value: &Yaml, path: &[Seg]) -> Resources {
+        let mut r = Resources::default();
+        for (k, v) in self.mapping(value, path, "`resources`", Some(RESOURCE_KEYS)) {
+            let mut p = path.to_vec();
+            p.push(key(&k));
+            let what = format!("`resources.{k}`");
+            match k.as_str() {
+                "cpus" | "gpus" => {
+                    let (min, max) = if k == "cpus" { (1, 1024) } else { (0, 64) };
+                    match v.as_u64().filter(|n| (min..=max).contains(n)) {
+                        Some(n) if k == "cpus" => r.cpus = Some(n as u32),
+                        Some(n) => r.gpus = Some(n as u32),
+                        None => {
+                            self.err_value(
+                                &p,
+                                format!("{what} must be an integer between {min} and {max}"),
+                            );
+                        }
+                    }
+                }
+                _ => {
+                    // `mem: 2048` and `time: 90` are numbers in YAML but words to Slurm.
+                    let text = match v {
+                        Yaml::Number(n) => n.to_string(),
+                        other => match self.string(other, &p, &what) {
+                            Some(s) => s,
+                            None => continue,
+                        },
+                    };
+                    let checked = match k.as_str() {
+                        "mem" => resources::check_mem(&text).map(|m| r.mem = Some(m)),
+                        "time" => resources::check_time(&text).map(|t| r.time = Some(t)),
+                        _ => resources::check_partition(&text).map(|s| r.partition = Some(s)),
+                    };
+                    if let Err(message) = checked {
+                        self.err_value(&p, format!("{what}: {message}"));
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    /// Where a stage runs: its own `executor`/`resources` over the pipeline's.
+    fn placement(
+        &mut self,
+        stage: &mut Stage,
+        raw: &Yaml,
+        path: &[Seg],
+        default_executor: ExecutorChoice,
+        default_resources: &Resources,
+    ) {
+        let at = |k: &str| {
+            let mut p = path.to_vec();
+            p.push(key(k));
+            p
+        };
+        let field = |k: &str| match raw {
+            Yaml::Mapping(map) => map.get(k),
+            _ => None,
+        };
+        stage.executor = match field("executor") {
+            Some(v) => self.executor_choice(v, &at("executor")).unwrap_or(default_executor),
+            None => default_executor,
+        };
+        let own = match field("resources") {
+            Some(v) => self.resources(v, &at("resources")),
+            None => Resources::default(),
+        };
+        stage.resources = default_resources.overlaid(&own);
     }
 
     /// A list of strings (names derived from the values) or a mapping name → string.

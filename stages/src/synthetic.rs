@@ -2,8 +2,8 @@
 //!
 //! It owns generating N captioned images from a seed: coloured shapes on a coloured background,
 //! with captions that state exactly what is drawn ("a red circle above a blue square on a yellow
-//! background"), in a flat and a textured (lit, shaded, grainy) style so a demo can train a base
-//! model on one domain and finetune on the other. The output has the download stage's layout
+//! background"), in a flat, a textured (lit, shaded, grainy) and a dusk (textured, dim, blue,
+//! vignetted) style so a demo can train a base model on one domain and finetune on another. The output has the download stage's layout
 //! (`images/<id>.jpg` plus `photos.jsonl`), so every later stage accepts either source.
 //!
 //! `scene` decides what an image shows and says it; `render` draws it. Both are pure
@@ -45,8 +45,10 @@ impl StageKind for Synthetic {
          circles, squares and triangles on a coloured background, with exact captions such as \
          \"a red circle above a blue square on a yellow background\". `style: flat` draws solid \
          fills; `style: textured` draws the same scenes lit, shaded and grainy, with captions \
-         ending in \", photographic lighting\", so a base model can be trained on one domain and \
-         finetuned on the other. Writes the download stage's layout: `images/<id>.jpg` and \
+         ending in \", photographic lighting\"; `style: dusk` grades the textured scenes dim, \
+         blue and vignetted (\", photographic lighting at dusk\"), a shift of whole-image \
+         statistics that even a tiny model learns. A base model can be trained on one domain and \
+         finetuned on another. Writes the download stage's layout: `images/<id>.jpg` and \
          `photos.jsonl`."
     }
 
@@ -71,8 +73,9 @@ impl StageKind for Synthetic {
                 "style",
                 ParamType::Enum(Style::NAMES),
                 json!("flat"),
-                "`flat` (solid fills) or `textured` (lighting, shading, shadows, grain); one seed \
-                 gives the same scenes in both.",
+                "`flat` (solid fills), `textured` (lighting, shading, shadows, grain) or `dusk` \
+                 (textured, then dimmed, cast blue and vignetted); one seed gives the same scenes \
+                 in all three.",
             ),
             ParamSpec::optional(
                 "shapes",
@@ -499,6 +502,47 @@ mod tests {
                 distinct(&textured),
                 distinct(&flat)
             );
+        }
+    }
+
+    #[test]
+    fn dusk_is_the_textured_scene_dimmer_bluer_and_darker_in_the_corners() {
+        let flat = run(&[("style", json!("flat")), ("count", json!(4))]);
+        let dusk = run(&[("style", json!("dusk")), ("count", json!(4))]);
+        for (f, d) in captions(flat.path()).iter().zip(captions(dusk.path())) {
+            assert_eq!(format!("{f}, photographic lighting at dusk"), d);
+        }
+        let mean = |image: &image::RgbImage, keep: &dyn Fn(u32, u32) -> bool| {
+            let (mut sum, mut n) = ([0.0; 3], 0.0);
+            for (x, y, p) in image.enumerate_pixels().filter(|(x, y, _)| keep(*x, *y)) {
+                for k in 0..3 {
+                    sum[k] += f64::from(p[k]);
+                }
+                n += 1.0;
+            }
+            sum.map(|s| s / n)
+        };
+        let all = |_: u32, _: u32| true;
+        for seed in 0..20 {
+            let scene = Scene::generate(seed, 0, 2);
+            let (textured, dusk) =
+                (render(&scene, Style::Textured, 64), render(&scene, Style::Dusk, 64));
+            let (t, d) = (mean(&textured, &all), mean(&dusk, &all));
+            let luma = |c: [f64; 3]| (c[0] + c[1] + c[2]) / 3.0;
+            // Whatever the palette draws, a dusk image is dimmer (only the darkest scenes, lifted
+            // by the cast, are not) and its blue leads its red.
+            assert!(luma(d) < 0.75 * luma(t) + 25.0, "seed {seed}: {d:?} vs {t:?}");
+            assert!(d[2] > d[0] + 5.0, "seed {seed}: {d:?} is not cast blue");
+            // The vignette: against the same grade without it (0.35 of the colour plus the
+            // cast, whose mean is 125/3), the corners lose about a third, the centre nothing.
+            let unvignetted = |x: u32, y: u32| luma(textured.get_pixel(x, y).0.map(f64::from));
+            let dimmed = |x: u32, y: u32| {
+                luma(dusk.get_pixel(x, y).0.map(f64::from)) / (0.35 * unvignetted(x, y) + 125.0 / 3.0)
+            };
+            for (x, y) in [(0, 0), (63, 0), (0, 63), (63, 63)] {
+                assert!(dimmed(x, y) < 0.7, "seed {seed}: corner ({x}, {y}) not darkened");
+            }
+            assert!(dimmed(32, 32) > 0.95, "seed {seed}: centre darkened");
         }
     }
 

@@ -31,6 +31,9 @@ pub enum PipelineError {
         #[source]
         source: candle_core::Error,
     },
+    /// The UNet folder could not be loaded (the message names the file and what is wrong).
+    #[error("loading the UNet: {0}")]
+    UNet(String),
     #[error("{path}: bad tokenizer files: {message}")]
     Tokenizer { path: PathBuf, message: String },
 }

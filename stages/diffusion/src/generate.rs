@@ -7,7 +7,6 @@
 //! tolerance the parity tests state.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use image::RgbImage;
 use sdpipe_stages::api::StageError;
@@ -19,7 +18,8 @@ use crate::schedulers::Sampler;
 
 /// A loaded pipeline, ready to sample.
 pub struct StableDiffusion {
-    pub unet: UNet2DConditionModel,
+    /// sdpipe-unet's model, loaded for inference: the same UNet training runs.
+    pub unet: sdpipe_unet::UNet,
     pub vae: AutoEncoderKL,
     pub text_encoder: TextEncoder,
     pub tokenizer: ClipTokenizer,
@@ -103,11 +103,13 @@ impl StableDiffusion {
             .and_then(|x| sampler.scale_model_input(&x, i))
             .and_then(|x| x.to_dtype(self.dtype))
             .map_err(failed("the UNet input"))?;
+            // diffusers passes the scheduler's timestep tensor; the UNet's sinusoidal
+            // projection reads it as float32.
+            let timestep = Tensor::new(&[t as f32], &self.device).map_err(failed("timestep"))?;
             let output = self
                 .unet
-                .forward(&input, t, &context)
-                .and_then(|x| x.to_dtype(DType::F32))
-                .map_err(failed("the UNet"))?;
+                .predict(&input, &timestep, &context)
+                .map_err(|e| StageError::failed(format!("the UNet: {e}")))?;
             let eps = match guided {
                 Some(_) => {
                     let (u, c) = (output.i(..batch), output.i(batch..));

@@ -3,9 +3,12 @@
 //!
 //! The folder is the one `StableDiffusionPipeline.save_pretrained` writes (`model_index.json`,
 //! `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; `safety_checker/` and
-//! `feature_extractor/` are ignored). This module owns the mapping from diffusers' configs to
-//! candle-transformers' module configs, and refuses — naming the key — configs whose
-//! architecture candle's SD1.x modules cannot express, instead of loading a different model.
+//! `feature_extractor/` are ignored). The UNet is sdpipe-unet's (the model training uses, with
+//! diffusers' exact GELU), loaded for inference; the text encoder and the VAE are
+//! candle-transformers' (their activations, quick-GELU and SiLU, are exact there). This module
+//! owns the mapping from diffusers' configs to candle-transformers' module configs, and refuses
+//! — naming the key — configs whose architecture those modules cannot express, instead of
+//! loading a different model.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -17,7 +20,7 @@ use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig, ClipTextTransformer,
 };
 use candle_transformers::models::stable_diffusion::unet_2d::{
-    BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
+    BlockConfig, UNet2DConditionModelConfig,
 };
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use serde_json::Value;
@@ -214,7 +217,9 @@ impl SdPipeline {
         Ok(files)
     }
 
-    /// candle's UNet config for this folder's `unet/config.json`.
+    /// candle-transformers' UNet config for this folder's `unet/config.json`. Sampling runs
+    /// sdpipe-unet ([`SdPipeline::load_unet`]); this mapping serves [`crate::tiny`], which lays
+    /// out random weights with candle's module, and comparisons against it.
     pub fn candle_unet_config(&self) -> Result<UNet2DConditionModelConfig, PipelineError> {
         unet_to_candle(&self.unet).map_err(|message| PipelineError::Unsupported {
             path: self.root.join("unet/config.json"),
@@ -238,16 +243,17 @@ impl SdPipeline {
         })
     }
 
+    /// The UNet for sampling: sdpipe-unet's model (the one training runs) with detached
+    /// parameters. It always computes in f32 (its inputs are converted), whatever `dtype` the
+    /// other components are loaded in; `dtype` is taken so all three loaders read alike.
     pub fn load_unet(
         &self,
         device: &Device,
-        dtype: DType,
-    ) -> Result<UNet2DConditionModel, PipelineError> {
-        let config = self.candle_unet_config()?;
+        _dtype: DType,
+    ) -> Result<sdpipe_unet::UNet, PipelineError> {
         let files = self.weight_files("unet")?;
-        let vb = mmap(&files, dtype, device)?;
-        UNet2DConditionModel::new(vb, self.unet.in_channels, self.unet.out_channels, false, config)
-            .map_err(|source| PipelineError::Weights { path: files[0].clone(), source })
+        sdpipe_unet::UNet::for_inference(&self.root.join("unet"), &files, device)
+            .map_err(|e| PipelineError::UNet(e.to_string()))
     }
 
     pub fn load_vae(&self, device: &Device, dtype: DType) -> Result<AutoEncoderKL, PipelineError> {

@@ -68,7 +68,7 @@ fn pixels(path: &Path) -> image::RgbImage {
 }
 
 #[test]
-fn tiny_sd_writes_a_pipeline_that_candle_loads() {
+fn tiny_sd_writes_a_pipeline_every_loader_reads() {
     let (_h, model) = tiny_pipeline();
     let pipeline = SdPipeline::open(&model).unwrap();
     let device = candle_core::Device::Cpu;

@@ -3,8 +3,10 @@
 //! (same architecture, so the same cost as the published weights). Decoding is not timed; the
 //! 299 resize and everything after it is.
 //!
-//! `cargo run --release -p sdpipe-metrics --example bench_metrics -- [threads] [images] [pairs]`
-//! (bench/metrics.sh runs it next to pytorch-fid and lpips with the same thread count).
+//! `cargo run --release -p sdpipe-metrics --example bench_metrics -- [threads] [images] [pairs]
+//! [profile]` (bench/metrics.sh runs it next to pytorch-fid and lpips with the same thread
+//! count). With `profile`, it first prints the time of each AlexNet trunk layer on one LPIPS
+//! batch, to see where the time goes.
 
 use std::time::Instant;
 
@@ -39,6 +41,51 @@ fn images(n: usize, phase: f32) -> candle_core::Result<Tensor> {
     Tensor::from_vec(v, (n, 3, SIZE, SIZE), &Device::Cpu)
 }
 
+/// A trunk layer: `features.{index}` conv with (stride, padding), or max-pool (None).
+type TrunkLayer = (&'static str, Option<(usize, usize, usize)>);
+
+/// Seconds per layer of the AlexNet trunk (conv + bias + ReLU, or max-pool) on `x`, median of
+/// three runs each.
+fn profile_alexnet(w: &Weights, x: &Tensor) -> candle_core::Result<()> {
+    let mut x = x.clone();
+    let layers: [TrunkLayer; 7] = [
+        ("features.0", Some((0, 4, 2))),
+        ("pool", None),
+        ("features.3", Some((3, 1, 2))),
+        ("pool", None),
+        ("features.6", Some((6, 1, 1))),
+        ("features.8", Some((8, 1, 1))),
+        ("features.10", Some((10, 1, 1))),
+    ];
+    for (name, conv) in layers {
+        let run = |x: &Tensor| -> candle_core::Result<Tensor> {
+            match conv {
+                Some((index, stride, pad)) => {
+                    let weight = w.get(&format!("features.{index}.weight"))?;
+                    let bias = w.get(&format!("features.{index}.bias"))?;
+                    let c = bias.dim(0)?;
+                    x.conv2d(weight, pad, stride, 1, 1)?
+                        .broadcast_add(&bias.reshape((1, c, 1, 1))?)?
+                        .relu()
+                }
+                None => x.max_pool2d_with_stride(3, 2),
+            }
+        };
+        let mut times = Vec::new();
+        let mut out = None;
+        for _ in 0..3 {
+            let start = Instant::now();
+            out = Some(run(&x)?);
+            times.push(start.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let out = out.expect("three runs");
+        eprintln!("{name:>12} {:?} -> {:?}: {:.4} s", x.dims(), out.dims(), times[1]);
+        x = out;
+    }
+    Ok(())
+}
+
 fn main() -> candle_core::Result<()> {
     let threads = arg(1, 2);
     let n_images = arg(2, 32);
@@ -48,7 +95,8 @@ fn main() -> candle_core::Result<()> {
         let inception = FidInception::new(&Weights::random(&inception::tensor_specs(), 0))?;
         let batch = images(FID_BATCH, 0.0)?;
         let run_fid = |batch: &Tensor| -> candle_core::Result<Tensor> {
-            let resized = batch.upsample_bilinear2d(inception::INPUT_SIZE, inception::INPUT_SIZE, false)?;
+            let resized =
+                batch.upsample_bilinear2d(inception::INPUT_SIZE, inception::INPUT_SIZE, false)?;
             inception.features(&resized)
         };
         run_fid(&batch.narrow(0, 0, 1)?)?; // warm-up
@@ -66,17 +114,38 @@ fn main() -> candle_core::Result<()> {
         let lpips = Lpips::new(Net::Alex, &w)?;
         let a = images(LPIPS_BATCH, 0.0)?.affine(2.0, -1.0)?;
         let b = images(LPIPS_BATCH, 0.5)?.affine(2.0, -1.0)?;
+        if std::env::args().nth(4).as_deref() == Some("profile") {
+            profile_alexnet(&w, &Tensor::cat(&[&a, &b], 0)?)?;
+            let mut times = Vec::new();
+            for _ in 0..3 {
+                let start = Instant::now();
+                lpips.distance(&a, &b)?;
+                times.push(start.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            eprintln!("LPIPS distance, whole batch: {:.4} s", times[1]);
+        }
         lpips.distance(&a.narrow(0, 0, 1)?, &b.narrow(0, 0, 1)?)?; // warm-up
-        let start = Instant::now();
+
+        // Pairs/s of `distance_in_shares(.., shares)`; the two ways alternate batch by batch so
+        // both see the same background load. One share is how LPIPS ran before it split a
+        // batch across the threads.
+        let (mut split, mut whole) = (0.0, 0.0);
         let mut done = 0;
         while done < n_pairs {
-            lpips.distance(&a, &b)?;
+            for (shares, total) in [(threads, &mut split), (1, &mut whole)] {
+                let start = Instant::now();
+                lpips.distance_in_shares(&a, &b, shares)?;
+                *total += start.elapsed().as_secs_f64();
+            }
             done += LPIPS_BATCH;
         }
-        let lpips_rate = done as f64 / start.elapsed().as_secs_f64();
+        let (lpips_rate, unsplit_rate) = (done as f64 / split, done as f64 / whole);
         println!(
             "{{\"impl\": \"sdpipe (candle CPU)\", \"threads\": {threads}, \"size\": {SIZE}, \
-             \"inception_images_per_s\": {fid_rate:.3}, \"lpips_alex_pairs_per_s\": {lpips_rate:.3}}}"
+             \"inception_images_per_s\": {fid_rate:.3}, \
+             \"lpips_alex_pairs_per_s\": {lpips_rate:.3}, \
+             \"lpips_alex_pairs_per_s_unsplit\": {unsplit_rate:.3}}}"
         );
         Ok(())
     })

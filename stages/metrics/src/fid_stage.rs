@@ -86,103 +86,100 @@ impl StageKind for Fid {
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let real_split: String = ctx.param("real_split")?;
-        let fake_split: String = ctx.param("fake_split")?;
-        let real = images::list(ctx.input("real")?, &real_split, "real")?;
-        let fake = images::list(ctx.input("fake")?, &fake_split, "fake")?;
-        let resize = common::resize_param(ctx)?;
-        let seed: u64 = ctx.param("seed")?;
-        let batch_size: usize = ctx.param("batch_size")?;
-        let subsets: usize = ctx.param("kid_subsets")?;
-        let subset_size: usize = ctx.param("kid_subset_size")?;
-        let weights_value: String = ctx.param("weights")?;
-
-        for (which, set) in [("real", &real), ("fake", &fake)] {
-            if set.len() < 2 {
-                return Err(StageError::failed(format!(
-                    "FID needs at least 2 {which} images to estimate a covariance; found {} \
-                     ({})",
-                    set.len(),
-                    set.iter().map(|e| e.path.display().to_string()).collect::<Vec<_>>().join(", ")
-                )));
-            }
-        }
-        let target = match resize {
-            Resize::None => None,
-            _ => Some(common_size(&fake)?),
-        };
-
-        let weights = common::load(&weights_value, WeightsKind::FidInception, "weights", seed)?;
-        let model = FidInception::new(&weights).map_err(candle_err("building Inception"))?;
-        let _ = writeln!(
-            ctx.log,
-            "fid: {} real, {} fake images; weights {}",
-            real.len(),
-            fake.len(),
-            common::describe(&weights)
-        );
-        ctx.progress.set_total((real.len() + fake.len()) as u64);
-
-        let fake_features = features(ctx, &model, &fake, batch_size, &|img| img)?;
-        let real_features = features(ctx, &model, &real, batch_size, &|img| match target {
-            Some(size) => resize.apply(img, size),
-            None => img,
-        })?;
-
-        let real_m = frechet::to_matrix(&real_features, "real").map_err(fail)?;
-        let fake_m = frechet::to_matrix(&fake_features, "fake").map_err(fail)?;
-        let fid: Frechet = frechet::frechet_distance(&real_m, &fake_m).map_err(fail)?;
-        let kid: Kid = kid::kid(&real_m, &fake_m, subsets, subset_size, seed).map_err(fail)?;
-        let _ = writeln!(
-            ctx.log,
-            "fid {:.6} ({}); kid {:.6} ± {:.6} over {} subsets of {}",
-            fid.fid,
-            fid.method.describe(),
-            kid.mean,
-            kid.std,
-            kid.subsets,
-            kid.subset_size
-        );
-
-        let n_min = real.len().min(fake.len());
-        let note = if n_min < FEATURE_DIM {
-            format!(
-                "N = {n_min} < {FEATURE_DIM} feature dimensions: the covariances are rank \
-                 deficient and FID is dominated by its estimator's bias at this N (it is not \
-                 comparable across different N); KID is unbiased and is the better guide here."
-            )
-        } else {
-            String::new()
-        };
-        let metrics = json!({
-            "metric": "fid",
-            "fid": fid.fid,
-            "kid_mean": kid.mean,
-            "kid_std": kid.std,
-            "n_real": real.len(),
-            "n_fake": fake.len(),
-            "weights": common::describe(&weights),
-            "resize": resize.describe(target),
-            "preprocessing": "RGB, [0,1], bilinear resize to 299x299 (align_corners=False, no \
-                              antialias), 2x-1 (pytorch-fid)",
-            "feature_dims": FEATURE_DIM,
-            "fid_method": fid.method.describe(),
-            "fid_terms": {
-                "mean_sq_diff": fid.mean_term,
-                "trace_real": fid.trace1,
-                "trace_fake": fid.trace2,
-                "trace_sqrt_product": fid.trace_sqrt,
-            },
-            "kid_subsets": kid.subsets,
-            "kid_subset_size": kid.subset_size,
-            "kid_kernel": "(x.y/d + 1)^3, unbiased MMD^2 (clean-fid)",
-            "seed": seed,
-            "real_split": real_split,
-            "fake_split": fake_split,
-            "note": note,
-        });
-        common::write_json(&ctx.output_path(METRICS), &metrics)
+        common::with_granted_threads(ctx, run_fid)
     }
+}
+
+fn run_fid(ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+    let inputs = common::MetricInputs::read(ctx)?;
+    let (real, fake, resize, seed) = (&inputs.real, &inputs.fake, inputs.resize, inputs.seed);
+    let batch_size = inputs.batch_size;
+    let subsets: usize = ctx.param("kid_subsets")?;
+    let subset_size: usize = ctx.param("kid_subset_size")?;
+    let weights_value: String = ctx.param("weights")?;
+
+    for (which, set) in [("real", real), ("fake", fake)] {
+        if set.len() < 2 {
+            return Err(StageError::failed(format!(
+                "FID needs at least 2 {which} images to estimate a covariance; found {} \
+                 ({})",
+                set.len(),
+                set.iter().map(|e| e.path.display().to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    let target = match resize {
+        Resize::None => None,
+        _ => Some(common_size(fake)?),
+    };
+
+    let weights = common::load(&weights_value, WeightsKind::FidInception, "weights", seed)?;
+    let model = FidInception::new(&weights).map_err(candle_err("building Inception"))?;
+    let _ = writeln!(
+        ctx.log,
+        "fid: {} real, {} fake images; weights {}",
+        real.len(),
+        fake.len(),
+        common::describe(&weights)
+    );
+    ctx.progress.set_total((real.len() + fake.len()) as u64);
+
+    let fake_features = features(ctx, &model, fake, batch_size, &|img| img)?;
+    let real_features = features(ctx, &model, real, batch_size, &|img| match target {
+        Some(size) => resize.apply(img, size),
+        None => img,
+    })?;
+
+    let real_m = frechet::to_matrix(&real_features, "real").map_err(fail)?;
+    let fake_m = frechet::to_matrix(&fake_features, "fake").map_err(fail)?;
+    let fid: Frechet = frechet::frechet_distance(&real_m, &fake_m).map_err(fail)?;
+    let kid: Kid = kid::kid(&real_m, &fake_m, subsets, subset_size, seed).map_err(fail)?;
+    let _ = writeln!(
+        ctx.log,
+        "fid {:.6} ({}); kid {:.6} ± {:.6} over {} subsets of {}",
+        fid.fid,
+        fid.method.describe(),
+        kid.mean,
+        kid.std,
+        kid.subsets,
+        kid.subset_size
+    );
+
+    let n_min = real.len().min(fake.len());
+    let note = if n_min < FEATURE_DIM {
+        format!(
+            "N = {n_min} < {FEATURE_DIM} feature dimensions: the covariances are rank \
+             deficient and FID is dominated by its estimator's bias at this N (it is not \
+             comparable across different N); KID is unbiased and is the better guide here."
+        )
+    } else {
+        String::new()
+    };
+    let metrics = json!({
+        "metric": "fid",
+        "fid": fid.fid,
+        "kid_mean": kid.mean,
+        "kid_std": kid.std,
+        "n_real": real.len(),
+        "n_fake": fake.len(),
+        "weights": common::describe(&weights),
+        "resize": resize.describe(target),
+        "preprocessing": "RGB, [0,1], bilinear resize to 299x299 (align_corners=False, no \
+                          antialias), 2x-1 (pytorch-fid)",
+        "feature_dims": FEATURE_DIM,
+        "fid_method": fid.method.describe(),
+        "fid_terms": {
+            "mean_sq_diff": fid.mean_term,
+            "trace_real": fid.trace1,
+            "trace_fake": fid.trace2,
+            "trace_sqrt_product": fid.trace_sqrt,
+        },
+        "kid_subsets": kid.subsets,
+        "kid_subset_size": kid.subset_size,
+        "kid_kernel": "(x.y/d + 1)^3, unbiased MMD^2 (clean-fid)",
+        "note": note,
+    });
+    common::write_json(&ctx.output_path(METRICS), &inputs.record(metrics))
 }
 
 fn fail(e: impl std::fmt::Display) -> StageError {

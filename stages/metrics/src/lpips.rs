@@ -7,6 +7,7 @@
 //! layers lpips' (`lin0.model.1.weight`, ...), so converted published files load unchanged.
 
 use candle_core::{Tensor, D};
+use rayon::iter::{IntoParallelIterator, ParallelIterator};
 
 use crate::recipe::Init;
 use crate::weights::{TensorSpec, Weights};
@@ -179,7 +180,50 @@ impl Lpips {
     }
 
     /// LPIPS distance per pair of two batches `[B, 3, H, W]` in [-1, 1] of equal shape: `[B]`.
+    ///
+    /// The pairs are split into one share per thread of the current rayon pool, each share run
+    /// on its own thread. candle parallelises its convolutions and matrix products but runs
+    /// element-wise ops and reductions (bias, ReLU, pooling, the heads' normalisation and
+    /// differences) on one thread; splitting by pairs keeps every thread busy through those
+    /// too. Each pair's distance is computed the same way whatever share it lands in.
     pub fn distance(&self, x0: &Tensor, x1: &Tensor) -> candle_core::Result<Tensor> {
+        self.distance_in_shares(x0, x1, rayon::current_num_threads())
+    }
+
+    /// [`Lpips::distance`] with the pairs split into (at most) `shares` shares run in parallel;
+    /// 1 runs the whole batch as one (candle still parallelises its convolutions).
+    pub fn distance_in_shares(
+        &self,
+        x0: &Tensor,
+        x1: &Tensor,
+        shares: usize,
+    ) -> candle_core::Result<Tensor> {
+        if x0.dims() != x1.dims() {
+            candle_core::bail!(
+                "LPIPS compares batches of one shape: {:?} vs {:?}",
+                x0.dims(),
+                x1.dims()
+            )
+        }
+        let b = x0.dim(0)?;
+        let shares = shares.min(b).max(1);
+        if shares == 1 {
+            return self.distance_one_thread(x0, x1);
+        }
+        let size = b.div_ceil(shares);
+        let starts: Vec<usize> = (0..b).step_by(size).collect();
+        let parts = starts
+            .into_par_iter()
+            .map(|start| {
+                let len = size.min(b - start);
+                self.distance_one_thread(&x0.narrow(0, start, len)?, &x1.narrow(0, start, len)?)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
+    }
+
+    /// [`Lpips::distance`] for one share of pairs.
+    fn distance_one_thread(&self, x0: &Tensor, x1: &Tensor) -> candle_core::Result<Tensor> {
         let b = x0.dim(0)?;
         // One trunk pass over both halves.
         let taps = self.taps(&Tensor::cat(&[x0, x1], 0)?)?;
@@ -203,4 +247,45 @@ impl Lpips {
 fn normalize(f: &Tensor) -> candle_core::Result<Tensor> {
     let norm = f.sqr()?.sum_keepdim(1)?.sqrt()?;
     f.broadcast_div(&(norm + 1e-10)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn random_alex() -> Lpips {
+        let w = Weights::random(&trunk_specs(Net::Alex), 1)
+            .merged(Weights::random(&lin_specs(Net::Alex), 2));
+        Lpips::new(Net::Alex, &w).unwrap()
+    }
+
+    /// `n` deterministic 64×64 images in [-1, 1].
+    fn batch(n: usize, seed: u64) -> Tensor {
+        let values: Vec<f32> = (0..n * 3 * 64 * 64)
+            .map(|i| (i as f32 * 0.37 + seed as f32 * 1.3).sin() * 0.9)
+            .collect();
+        Tensor::from_vec(values, (n, 3, 64, 64), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn a_batch_split_across_threads_gives_each_pair_its_own_distance() {
+        let model = random_alex();
+        let (x0, x1) = (batch(5, 1), batch(5, 2));
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let together: Vec<f32> =
+            pool.install(|| model.distance(&x0, &x1)).unwrap().to_vec1().unwrap();
+        assert_eq!(together.len(), 5);
+        for (i, &d) in together.iter().enumerate() {
+            let one = |x: &Tensor| x.narrow(0, i, 1).unwrap();
+            let alone: Vec<f32> = model.distance(&one(&x0), &one(&x1)).unwrap().to_vec1().unwrap();
+            assert!((d - alone[0]).abs() <= 1e-6 * alone[0].abs(), "pair {i}: {d} vs {}", alone[0]);
+        }
+    }
+
+    #[test]
+    fn batches_of_different_shapes_are_an_error() {
+        let err = random_alex().distance(&batch(2, 1), &batch(3, 1));
+        assert!(err.unwrap_err().to_string().contains("one shape"));
+    }
 }

@@ -127,102 +127,98 @@ impl StageKind for LpipsKind {
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let net = net_param(ctx.params);
-        let (lin_kind, trunk_kind) = kinds_for(net);
-        let real_split: String = ctx.param("real_split")?;
-        let fake_split: String = ctx.param("fake_split")?;
-        let real = images::list(ctx.input("real")?, &real_split, "real")?;
-        let fake = images::list(ctx.input("fake")?, &fake_split, "fake")?;
-        let resize = common::resize_param(ctx)?;
-        let seed: u64 = ctx.param("seed")?;
-        let batch_size: usize = ctx.param("batch_size")?;
-        let lin_value: String = ctx.param("weights")?;
-        let trunk_param: String = ctx.param("trunk_weights")?;
-        let lin_value =
-            if lin_value.is_empty() { lin_kind.default_file_name().to_string() } else { lin_value };
-        let trunk_value = trunk_value(&lin_value, &trunk_param, trunk_kind);
-
-        let pairs = pair_up(&real, &fake)?;
-        let lins = common::load(&lin_value, lin_kind, "weights", seed)?;
-        let trunk = common::load(&trunk_value, trunk_kind, "trunk_weights", seed)?;
-        let (lin_desc, trunk_desc) = (common::describe(&lins), common::describe(&trunk));
-        let model = Lpips::new(net, &trunk.merged(lins)).map_err(candle_err("building LPIPS"))?;
-        let _ = writeln!(ctx.log, "lpips ({}): {} pairs", net.name(), pairs.len());
-        ctx.progress.set_total(pairs.len() as u64);
-
-        let mut target_desc = None;
-        let mut values = Vec::with_capacity(pairs.len());
-        let mut pending: Vec<(Tensor, Tensor)> = Vec::new();
-        let mut pending_size = None;
-        for (real_entry, fake_entry) in &pairs {
-            ctx.cancel.check()?;
-            let fake_img = images::load_rgb(&fake_entry.path)?;
-            let real_img = images::load_rgb(&real_entry.path)?;
-            let size = fake_img.dimensions();
-            if resize == Resize::None && real_img.dimensions() != size {
-                return Err(StageError::failed(format!(
-                    "LPIPS compares images of equal size: {} is {}x{} but {} is {}x{}; set \
-                     `resize: resize` or `resize: center-crop`",
-                    real_entry.path.display(),
-                    real_img.width(),
-                    real_img.height(),
-                    fake_entry.path.display(),
-                    size.0,
-                    size.1
-                )));
-            }
-            target_desc.get_or_insert(size);
-            let real_img = resize.apply(real_img, size);
-            if pending_size.is_some_and(|s| s != size) || pending.len() >= batch_size {
-                values.extend(run_batch(&model, &mut pending, ctx)?);
-            }
-            pending_size = Some(size);
-            let context = format!("preparing {}", fake_entry.path.display());
-            let r = images::to_signed_tensor(&real_img).map_err(candle_err(&context))?;
-            let f = images::to_signed_tensor(&fake_img).map_err(candle_err(&context))?;
-            pending.push((r, f));
-        }
-        values.extend(run_batch(&model, &mut pending, ctx)?);
-
-        let mut lines = String::new();
-        for ((real_entry, fake_entry), value) in pairs.iter().zip(&values) {
-            let line = json!({
-                "id": fake_entry.id,
-                "real": common::file_name(&real_entry.path),
-                "fake": common::file_name(&fake_entry.path),
-                "lpips": value,
-            });
-            lines.push_str(&line.to_string());
-            lines.push('\n');
-        }
-        let per_image = ctx.output_path(PER_IMAGE);
-        std::fs::write(&per_image, lines)
-            .map_err(|e| StageError::io(format!("writing {}", per_image.display()), e))?;
-        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / values.len() as f64;
-        let _ = writeln!(ctx.log, "lpips mean {mean:.6} over {} pairs", values.len());
-        let sizes: BTreeSet<_> =
-            pairs.iter().filter_map(|(_, f)| image::image_dimensions(&f.path).ok()).collect();
-        let resize_desc = if sizes.len() == 1 {
-            resize.describe(target_desc)
-        } else {
-            format!("{} (per pair, to each sample's size)", resize.describe(target_desc))
-        };
-        let metrics = json!({
-            "metric": "lpips",
-            "lpips": mean,
-            "n": values.len(),
-            "net": net.name(),
-            "version": "0.1",
-            "weights": lin_desc,
-            "trunk_weights": trunk_desc,
-            "resize": resize_desc,
-            "input_scaling": "x/127.5 - 1 (lpips im2tensor), then lpips' ScalingLayer",
-            "seed": seed,
-            "real_split": real_split,
-            "fake_split": fake_split,
-        });
-        common::write_json(&ctx.output_path(METRICS), &metrics)
+        common::with_granted_threads(ctx, run_lpips)
     }
+}
+
+fn run_lpips(ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+    let net = net_param(ctx.params);
+    let (lin_kind, trunk_kind) = kinds_for(net);
+    let inputs = common::MetricInputs::read(ctx)?;
+    let (resize, seed, batch_size) = (inputs.resize, inputs.seed, inputs.batch_size);
+    let lin_value: String = ctx.param("weights")?;
+    let trunk_param: String = ctx.param("trunk_weights")?;
+    let lin_value =
+        if lin_value.is_empty() { lin_kind.default_file_name().to_string() } else { lin_value };
+    let trunk_value = trunk_value(&lin_value, &trunk_param, trunk_kind);
+
+    let pairs = pair_up(&inputs.real, &inputs.fake)?;
+    let lins = common::load(&lin_value, lin_kind, "weights", seed)?;
+    let trunk = common::load(&trunk_value, trunk_kind, "trunk_weights", seed)?;
+    let (lin_desc, trunk_desc) = (common::describe(&lins), common::describe(&trunk));
+    let model = Lpips::new(net, &trunk.merged(lins)).map_err(candle_err("building LPIPS"))?;
+    let _ = writeln!(ctx.log, "lpips ({}): {} pairs", net.name(), pairs.len());
+    ctx.progress.set_total(pairs.len() as u64);
+
+    let mut target_desc = None;
+    let mut values = Vec::with_capacity(pairs.len());
+    let mut pending: Vec<(Tensor, Tensor)> = Vec::new();
+    let mut pending_size = None;
+    for (real_entry, fake_entry) in &pairs {
+        ctx.cancel.check()?;
+        let fake_img = images::load_rgb(&fake_entry.path)?;
+        let real_img = images::load_rgb(&real_entry.path)?;
+        let size = fake_img.dimensions();
+        if resize == Resize::None && real_img.dimensions() != size {
+            return Err(StageError::failed(format!(
+                "LPIPS compares images of equal size: {} is {}x{} but {} is {}x{}; set \
+                 `resize: resize` or `resize: center-crop`",
+                real_entry.path.display(),
+                real_img.width(),
+                real_img.height(),
+                fake_entry.path.display(),
+                size.0,
+                size.1
+            )));
+        }
+        target_desc.get_or_insert(size);
+        let real_img = resize.apply(real_img, size);
+        if pending_size.is_some_and(|s| s != size) || pending.len() >= batch_size {
+            values.extend(run_batch(&model, &mut pending, ctx)?);
+        }
+        pending_size = Some(size);
+        let context = format!("preparing {}", fake_entry.path.display());
+        let r = images::to_signed_tensor(&real_img).map_err(candle_err(&context))?;
+        let f = images::to_signed_tensor(&fake_img).map_err(candle_err(&context))?;
+        pending.push((r, f));
+    }
+    values.extend(run_batch(&model, &mut pending, ctx)?);
+
+    let mut lines = String::new();
+    for ((real_entry, fake_entry), value) in pairs.iter().zip(&values) {
+        let line = json!({
+            "id": fake_entry.id,
+            "real": common::file_name(&real_entry.path),
+            "fake": common::file_name(&fake_entry.path),
+            "lpips": value,
+        });
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    let per_image = ctx.output_path(PER_IMAGE);
+    std::fs::write(&per_image, lines)
+        .map_err(|e| StageError::io(format!("writing {}", per_image.display()), e))?;
+    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / values.len() as f64;
+    let _ = writeln!(ctx.log, "lpips mean {mean:.6} over {} pairs", values.len());
+    let sizes: BTreeSet<_> =
+        pairs.iter().filter_map(|(_, f)| image::image_dimensions(&f.path).ok()).collect();
+    let resize_desc = if sizes.len() == 1 {
+        resize.describe(target_desc)
+    } else {
+        format!("{} (per pair, to each sample's size)", resize.describe(target_desc))
+    };
+    let metrics = json!({
+        "metric": "lpips",
+        "lpips": mean,
+        "n": values.len(),
+        "net": net.name(),
+        "version": "0.1",
+        "weights": lin_desc,
+        "trunk_weights": trunk_desc,
+        "resize": resize_desc,
+        "input_scaling": "x/127.5 - 1 (lpips im2tensor), then lpips' ScalingLayer",
+    });
+    common::write_json(&ctx.output_path(METRICS), &inputs.record(metrics))
 }
 
 /// Distances of the pending pairs (all one size), emptying the batch.

@@ -1,5 +1,6 @@
-//! What the `fid` and `lpips` kinds share: their common parameters, resolving and loading
-//! weights (a converted file, or the `random` stand-in), and writing outputs.
+//! What the `fid` and `lpips` kinds share: their common parameters and how they are read
+//! ([`MetricInputs`]), resolving and loading weights (a converted file, or the `random`
+//! stand-in), and writing outputs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use sdpipe_stages::api::{ParamSpec, ParamType, Params, StageContext, StageError}
 use serde_json::{json, Value};
 
 use crate::convert::WeightsKind;
-use crate::images::Resize;
+use crate::images::{self, Entry, Resize};
 use crate::weights::{self, Weights};
 
 /// The `weights` value that selects the deterministic random stand-in network.
@@ -65,9 +66,64 @@ pub fn batch_size_param(default: i64) -> ParamSpec {
     )
 }
 
+/// The parameters of [`input_params`] (plus `batch_size`) as a run reads them: both image
+/// sets listed, the ground-truth resize, the seed.
+pub struct MetricInputs {
+    pub real: Vec<Entry>,
+    pub fake: Vec<Entry>,
+    pub real_split: String,
+    pub fake_split: String,
+    pub resize: Resize,
+    pub seed: u64,
+    pub batch_size: usize,
+}
+
+impl MetricInputs {
+    pub fn read(ctx: &StageContext<'_>) -> Result<MetricInputs, StageError> {
+        let real_split: String = ctx.param("real_split")?;
+        let fake_split: String = ctx.param("fake_split")?;
+        Ok(MetricInputs {
+            real: images::list(ctx.input("real")?, &real_split, "real")?,
+            fake: images::list(ctx.input("fake")?, &fake_split, "fake")?,
+            real_split,
+            fake_split,
+            resize: resize_param(ctx)?,
+            seed: ctx.param("seed")?,
+            batch_size: ctx.param("batch_size")?,
+        })
+    }
+
+    /// Adds the settings every `metrics.json` records (seed and splits) to `metrics`.
+    pub fn record(&self, mut metrics: Value) -> Value {
+        if let Some(map) = metrics.as_object_mut() {
+            map.insert("seed".into(), json!(self.seed));
+            map.insert("real_split".into(), json!(self.real_split));
+            map.insert("fake_split".into(), json!(self.fake_split));
+        }
+        metrics
+    }
+}
+
 /// The threads a metric stage asks for: all the machine has (the scheduler grants fewer).
 pub fn wanted_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Runs `f` on a thread pool of the threads the scheduler granted: candle's CPU kernels use
+/// the current rayon pool, which would otherwise be the machine-wide one.
+pub fn with_granted_threads<T>(
+    ctx: &mut StageContext<'_>,
+    f: impl FnOnce(&mut StageContext<'_>) -> Result<T, StageError> + Send,
+) -> Result<T, StageError>
+where
+    T: Send,
+{
+    let threads = ctx.threads.max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| StageError::failed(format!("starting {threads} threads: {e}")))?;
+    pool.install(|| f(ctx))
 }
 
 /// A string parameter, from context-free `Params` (for `external_deps`).

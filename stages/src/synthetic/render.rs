@@ -24,6 +24,10 @@ pub(crate) fn render(scene: &Scene, style: Style, resolution: u32) -> RgbImage {
             }
         }
         Style::Textured => paint_textured(&mut canvas, scene),
+        Style::Dusk => {
+            paint_textured(&mut canvas, scene);
+            grade_dusk(&mut canvas);
+        }
     }
     canvas.into_image()
 }
@@ -77,6 +81,23 @@ fn paint_textured(canvas: &mut Canvas, scene: &Scene) {
     canvas.fill_with(|x, y, [r, g, b]| {
         let grain = 5.0 * noise.hash_unit(x as u64, y as u64, 2);
         [r + grain, g + grain, b + grain]
+    });
+}
+
+/// Dusk: the lit scene dimmed, cast towards a deep blue and darkened towards the corners.
+/// The cast is mixed in rather than multiplied so every colour, black included, moves towards
+/// it; the mix keeps enough of the original that shapes stay distinct from their background.
+fn grade_dusk(canvas: &mut Canvas) {
+    const CAST: Colour = [5.0, 20.0, 100.0];
+    const KEEP: f64 = 0.35;
+    let half = canvas.size as f64 / 2.0;
+    canvas.fill_with(|x, y, colour| {
+        let (dx, dy) = ((x as f64 + 0.5 - half) / half, (y as f64 + 0.5 - half) / half);
+        // 1 at the centre, 0.6 in the corners (where dx² + dy² = 2).
+        let vignette = 1.0 - 0.2 * (dx * dx + dy * dy);
+        let [r, g, b] = scale(colour, KEEP);
+        let graded = [r + CAST[0], g + CAST[1], b + CAST[2]];
+        scale(graded, vignette)
     });
 }
 

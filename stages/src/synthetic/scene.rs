@@ -15,15 +15,20 @@ pub(crate) enum Style {
     Flat,
     /// Lit from above: background falloff, shaded shapes, soft shadows, texture and grain.
     Textured,
+    /// The textured scene at dusk: dim, cast blue and vignetted. Unlike texture, which a tiny
+    /// model cannot resolve, this shifts whole-image statistics (brightness, hue, falloff to the
+    /// corners), a domain shift a few-channel VAE and UNet can learn and metrics can see.
+    Dusk,
 }
 
 impl Style {
-    pub(crate) const NAMES: &'static [&'static str] = &["flat", "textured"];
+    pub(crate) const NAMES: &'static [&'static str] = &["flat", "textured", "dusk"];
 
     pub(crate) fn from_name(name: &str) -> Option<Style> {
         match name {
             "flat" => Some(Style::Flat),
             "textured" => Some(Style::Textured),
+            "dusk" => Some(Style::Dusk),
             _ => None,
         }
     }
@@ -32,6 +37,7 @@ impl Style {
         match self {
             Style::Flat => "flat",
             Style::Textured => "textured",
+            Style::Dusk => "dusk",
         }
     }
 
@@ -40,6 +46,7 @@ impl Style {
         match self {
             Style::Flat => "",
             Style::Textured => ", photographic lighting",
+            Style::Dusk => ", photographic lighting at dusk",
         }
     }
 }

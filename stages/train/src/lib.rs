@@ -6,7 +6,8 @@
 //! [`rng`] (seeded, resumable randomness), [`data`] (dataset, transform, batching),
 //! [`objective`] (noising, targets, loss), [`posterior`] and [`frozen`] (the frozen VAE encoder
 //! and text encoder), [`denoiser`] (what is trained), [`trainer`] (the loop), [`checkpoint`]
-//! (resumable state) and [`kind`] (the `train` stage kind).
+//! (resumable state) and [`kind`] (the `train` stage kind); [`vae_training`] and [`vae_kind`]
+//! train the pipeline's VAE as an autoencoder (the `train-vae` stage kind).
 
 pub mod checkpoint;
 pub mod data;
@@ -20,12 +21,14 @@ pub mod optim;
 pub mod posterior;
 pub mod rng;
 pub mod trainer;
+pub mod vae_kind;
+pub mod vae_training;
 
 use std::sync::Arc;
 
 use sdpipe_stages::StageKind;
 
-/// The stage kinds this crate provides: `train`.
+/// The stage kinds this crate provides: `train` and `train-vae`.
 pub fn kinds() -> Vec<Arc<dyn StageKind>> {
-    vec![Arc::new(kind::Train::default())]
+    vec![Arc::new(kind::Train::default()), Arc::new(vae_kind::TrainVae)]
 }

@@ -40,7 +40,8 @@ impl UNet {
     /// parameters' tensors (so the store works with candle's optimisers).
     ///
     /// `checkpointing` trades compute for memory as described in the module docs; the gradients
-    /// are the same either way up to float rounding.
+    /// are the same either way up to float rounding. A model built by [`UNet::for_inference`]
+    /// has no trainable parameters and is refused.
     pub fn loss_and_grads<F>(
         &self,
         sample: &Tensor,
@@ -52,6 +53,13 @@ impl UNet {
     where
         F: Fn(&Tensor) -> candle_core::Result<Tensor>,
     {
+        if !self.is_trainable() {
+            return Err(UNetError::Input(
+                "this UNet was loaded for inference (UNet::for_inference); load it with \
+                 UNet::from_pretrained to train it"
+                    .into(),
+            ));
+        }
         let inputs = self.prepare_inputs(sample, timesteps, encoder_hidden_states)?;
         // The inputs are data here: gradients flow to parameters only.
         let inputs = inputs.map(|t| t.detach());

@@ -31,6 +31,7 @@ pub mod memory;
 pub mod ops;
 mod params;
 mod unet;
+pub mod vae;
 
 use std::sync::Arc;
 

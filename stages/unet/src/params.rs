@@ -2,9 +2,13 @@
 //! name, loaded from and saved to `diffusion_pytorch_model.safetensors`.
 //!
 //! Modules ask a [`ParamBuilder`] for each parameter by full name and shape while they are
-//! constructed. The builder either takes it from a weights file (converting f16/bf16 to f32 and
+//! constructed. The builder either takes it from weights files (converting f16/bf16 to f32 and
 //! collecting every missing, unexpected or mis-shaped tensor into one error) or draws it from a
 //! seeded generator with torch's default initialisation, so random models are reproducible.
+//!
+//! A builder for an inference model ([`ParamBuilder::frozen`]) hands the modules *detached*
+//! views of the same storage: ops on them record no graph, so a sampling forward neither
+//! builds backward state nor pays for the copies the differentiable ops make to attach one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -28,7 +32,11 @@ pub(crate) enum Init {
 }
 
 enum Source {
-    File { path: PathBuf, tensors: HashMap<String, Tensor> },
+    /// Tensors of one or more safetensors files (shards); `path` names them in errors.
+    File {
+        path: PathBuf,
+        tensors: HashMap<String, Tensor>,
+    },
     Random(Box<ChaCha8Rng>),
 }
 
@@ -38,23 +46,45 @@ pub(crate) struct ParamBuilder {
     device: Device,
     vars: BTreeMap<String, Var>,
     problems: Vec<String>,
+    /// Hand out tracked tensors (training) or detached ones (inference).
+    tracked: bool,
 }
 
 impl ParamBuilder {
     /// Parameters read from a safetensors file in diffusers' layout.
     pub(crate) fn from_file(path: &Path, device: &Device) -> Result<Self, UNetError> {
-        let weights_error =
-            |message: String| UNetError::Weights { path: path.to_path_buf(), message };
-        if !path.is_file() {
-            return Err(weights_error("weights file not found".into()));
+        Self::from_files(&[path.to_path_buf()], device)
+    }
+
+    /// Parameters read from the shards of one state dict (or a single file); a tensor found in
+    /// two shards is an error.
+    pub(crate) fn from_files(paths: &[PathBuf], device: &Device) -> Result<Self, UNetError> {
+        let Some(first) = paths.first() else {
+            return Err(UNetError::Input("no UNet weights file given".into()));
+        };
+        let mut tensors = HashMap::new();
+        for path in paths {
+            let weights_error =
+                |message: String| UNetError::Weights { path: path.to_path_buf(), message };
+            if !path.is_file() {
+                return Err(weights_error("weights file not found".into()));
+            }
+            let shard = candle_core::safetensors::load(path, &Device::Cpu)
+                .map_err(|e| weights_error(format!("not a readable safetensors file: {e}")))?;
+            for (name, tensor) in shard {
+                if tensors.insert(name.clone(), tensor).is_some() {
+                    return Err(weights_error(format!(
+                        "tensor `{name}` is also in another shard of the same weights"
+                    )));
+                }
+            }
         }
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| weights_error(format!("not a readable safetensors file: {e}")))?;
         Ok(ParamBuilder {
-            source: Source::File { path: path.to_path_buf(), tensors },
+            source: Source::File { path: first.clone(), tensors },
             device: device.clone(),
             vars: BTreeMap::new(),
             problems: Vec::new(),
+            tracked: true,
         })
     }
 
@@ -65,10 +95,23 @@ impl ParamBuilder {
             device: device.clone(),
             vars: BTreeMap::new(),
             problems: Vec::new(),
+            tracked: true,
         }
     }
 
-    /// The parameter `name` of the given shape, as a tracked tensor.
+    /// The same parameters handed out detached, for a model that only runs inference.
+    pub(crate) fn frozen(mut self) -> Self {
+        self.tracked = false;
+        self
+    }
+
+    /// Whether the tensors handed out are tracked (trainable).
+    pub(crate) fn is_tracked(&self) -> bool {
+        self.tracked
+    }
+
+    /// The parameter `name` of the given shape, as a tracked tensor (detached when
+    /// [`ParamBuilder::frozen`]; it shares the variable's storage either way).
     ///
     /// Problems (missing or mis-shaped in the file) are recorded and reported together by
     /// [`ParamBuilder::finish`]; a zero placeholder keeps construction going until then.
@@ -105,7 +148,7 @@ impl ParamBuilder {
             None => Tensor::zeros(shape, DType::F32, &self.device)?,
         };
         let var = Var::from_tensor(&value)?;
-        let tensor = var.as_tensor().clone();
+        let tensor = if self.tracked { var.as_tensor().clone() } else { var.as_tensor().detach() };
         if self.vars.insert(name.to_string(), var).is_some() {
             candle_core::bail!(
                 "parameter `{name}` requested twice (a bug in the model definition)"

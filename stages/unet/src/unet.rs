@@ -7,9 +7,14 @@
 //! slot values and recomputes each step in the backward. The plan also encodes the UNet's skip
 //! connections: an up-block resnet reads the slot of the down-path activation diffusers would pop
 //! from `down_block_res_samples`.
+//!
+//! One model serves training and sampling: [`UNet::from_pretrained`] builds it with trainable
+//! parameters, [`UNet::for_inference`] with the same parameters detached (no graph is recorded,
+//! so a sampling forward costs only the forward arithmetic), and [`UNet::predict`] frees each
+//! activation as soon as its last reader has run.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
@@ -77,6 +82,10 @@ pub struct UNet {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     plan: Vec<Step>,
+    /// For each activation slot, the index of the last plan step that reads it.
+    last_reader: Vec<usize>,
+    /// False for a model built by [`UNet::for_inference`]: its forward records no graph.
+    trainable: bool,
     device: Device,
 }
 
@@ -85,6 +94,7 @@ impl std::fmt::Debug for UNet {
         f.debug_struct("UNet")
             .field("config", &self.config)
             .field("parameters", &self.parameter_count())
+            .field("trainable", &self.trainable)
             .finish()
     }
 }
@@ -130,6 +140,19 @@ impl UNet {
     ) -> Result<Self, UNetError> {
         let pb = ParamBuilder::from_file(weights, device)?;
         Self::build(config, config_json, pb, device)
+    }
+
+    /// Loads a diffusers UNet for inference only (sampling): `config.json` from `dir` and the
+    /// weights from `weights` (one file, or the shards of a sharded checkpoint). The parameters
+    /// are not trainable: the forward records no graph, and [`UNet::loss_and_grads`] refuses.
+    pub fn for_inference(
+        dir: &Path,
+        weights: &[PathBuf],
+        device: &Device,
+    ) -> Result<Self, UNetError> {
+        let (config, json) = UNetConfig::read(&dir.join("config.json"))?;
+        let pb = ParamBuilder::from_files(weights, device)?.frozen();
+        Self::build(config, json, pb, device)
     }
 
     /// A randomly initialised model (torch's default initialisation), reproducible from `seed`.
@@ -300,7 +323,16 @@ impl UNet {
             Conv2d::new(pb, "conv_out", c.block_out_channels[0], c.out_channels, 3, 1, 1)?;
         parts.push(StepOp::Out, vec![h]);
 
-        let Parts { resnets, transformers, downsamplers, upsamplers, plan, .. } = parts;
+        let Parts { resnets, transformers, downsamplers, upsamplers, plan, next_slot } = parts;
+        let mut last_reader = vec![0; next_slot];
+        for (index, step) in plan.iter().enumerate() {
+            for slot in &step.inputs {
+                if let Slot::Act(i) = slot {
+                    last_reader[*i] = index;
+                }
+            }
+        }
+        let trainable = builder.is_tracked();
         let vars = builder.finish()?;
         Ok(UNet {
             config,
@@ -315,6 +347,8 @@ impl UNet {
             conv_norm_out,
             conv_out,
             plan,
+            last_reader,
+            trainable,
             device: device.clone(),
         })
     }
@@ -325,6 +359,11 @@ impl UNet {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Whether the parameters are trainable (false for [`UNet::for_inference`]).
+    pub fn is_trainable(&self) -> bool {
+        self.trainable
     }
 
     /// The trainable parameters by diffusers state-dict name.
@@ -470,8 +509,9 @@ impl UNet {
     }
 
     /// The noise prediction without building a graph for the backward: each step's output is
-    /// detached, so only one step's intermediates are alive at a time (for evaluation and
-    /// sampling; the parameters stay trainable).
+    /// detached, so only one step's intermediates are alive at a time, and each activation is
+    /// freed once its last reader has run (for evaluation and sampling). On a model built by
+    /// [`UNet::for_inference`] no graph is recorded at all.
     pub fn predict(
         &self,
         sample: &Tensor,
@@ -498,15 +538,33 @@ impl UNet {
         )?)
     }
 
-    /// Runs the plan on prepared inputs. With `detach`, every step output is detached, so only
-    /// one step's graph is alive at a time and the result carries no graph.
+    /// Runs the plan on prepared inputs, dropping each activation after its last reader. With
+    /// `detach`, every step output is detached, so only one step's graph is alive at a time and
+    /// the result carries no graph.
     pub(crate) fn run_plan(
         &self,
         inputs: &[Tensor; 3],
         detach: bool,
     ) -> candle_core::Result<Tensor> {
-        let acts = self.run_plan_keep(inputs, detach)?;
-        Ok(acts.into_iter().last().flatten().expect("the plan ends with the output step"))
+        let mut acts: Vec<Option<Tensor>> = vec![None; self.last_reader.len()];
+        for (index, step) in self.plan.iter().enumerate() {
+            let args = step
+                .inputs
+                .iter()
+                .map(|slot| resolve(*slot, inputs, &acts))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            for slot in &step.inputs {
+                if let Slot::Act(i) = slot {
+                    if self.last_reader[*i] == index {
+                        acts[*i] = None;
+                    }
+                }
+            }
+            let out = self.run_step(step.op, &args)?;
+            acts[step.output] = Some(if detach { out.detach() } else { out });
+        }
+        let last = self.plan.last().expect("the plan ends with the output step").output;
+        Ok(acts[last].take().expect("the output step writes its slot"))
     }
 
     /// Like [`UNet::run_plan`] but returns every activation slot.

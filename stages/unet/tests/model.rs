@@ -248,3 +248,79 @@ fn predict_equals_forward_without_a_graph() {
         (tracked - plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
     assert_eq!(diff, 0.0);
 }
+
+fn for_inference() -> UNet {
+    let weights = tiny_dir().join("diffusion_pytorch_model.safetensors");
+    UNet::for_inference(&tiny_dir(), &[weights], &Device::Cpu).unwrap()
+}
+
+#[test]
+fn an_inference_model_predicts_what_the_trainable_one_does_without_a_graph() {
+    let unet = for_inference();
+    assert!(!unet.is_trainable());
+    let (x, t, c) = inputs(2, 6);
+    let ours = unet.forward(&x, &t, &c).unwrap();
+    assert!(!ours.track_op(), "an inference forward records no graph");
+    let trained = tiny().forward(&x, &t, &c).unwrap();
+    let diff: f32 =
+        (ours - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    assert_eq!(diff, 0.0);
+}
+
+#[test]
+fn an_inference_model_refuses_to_compute_gradients() {
+    let (x, t, c) = inputs(1, 7);
+    let err = for_inference().loss_and_grads(&x, &t, &c, false, |p| p.sqr()?.mean_all());
+    let err = err.unwrap_err().to_string();
+    assert!(err.contains("inference"), "{err}");
+}
+
+#[test]
+fn sharded_weights_load_as_one_state_dict() {
+    let whole = candle_core::safetensors::load(
+        tiny_dir().join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = (HashMap::new(), HashMap::new());
+    for (i, (name, tensor)) in whole.into_iter().enumerate() {
+        if i % 2 == 0 {
+            a.insert(name, tensor)
+        } else {
+            b.insert(name, tensor)
+        };
+    }
+    let shards = [dir.path().join("a.safetensors"), dir.path().join("b.safetensors")];
+    candle_core::safetensors::save(&a, &shards[0]).unwrap();
+    candle_core::safetensors::save(&b, &shards[1]).unwrap();
+    let sharded = UNet::for_inference(&tiny_dir(), &shards, &Device::Cpu).unwrap();
+    let (x, t, c) = inputs(1, 8);
+    let diff: f32 = (sharded.forward(&x, &t, &c).unwrap()
+        - for_inference().forward(&x, &t, &c).unwrap())
+    .unwrap()
+    .abs()
+    .unwrap()
+    .max_all()
+    .unwrap()
+    .to_scalar()
+    .unwrap();
+    assert_eq!(diff, 0.0);
+}
+
+#[test]
+fn a_tensor_in_two_shards_is_an_error_naming_it() {
+    let whole = candle_core::safetensors::load(
+        tiny_dir().join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let shards = [dir.path().join("a.safetensors"), dir.path().join("b.safetensors")];
+    let name = whole.keys().next().unwrap().clone();
+    candle_core::safetensors::save(&whole, &shards[0]).unwrap();
+    let one: HashMap<String, Tensor> = [(name.clone(), whole[&name].clone())].into();
+    candle_core::safetensors::save(&one, &shards[1]).unwrap();
+    let err = UNet::for_inference(&tiny_dir(), &shards, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains(&name) && err.contains("b.safetensors"), "{err}");
+}

@@ -3,16 +3,12 @@
 
 use candle_core::{Result as CandleResult, Tensor};
 
-use super::{
-    check_steps, discrete_timesteps, lincomb, spacing, NoiseSchedule, PredictionType, Sampler,
-    TimestepSpacing,
-};
+use super::ladder::{timestep_at, Ladder};
+use super::{lincomb, PredictionType, Sampler};
 use crate::config::SchedulerConfig;
 
 pub struct Ddim {
-    schedule: NoiseSchedule,
-    final_alpha_cumprod: f64,
-    stride: usize,
+    ladder: Ladder,
     timesteps: Vec<f64>,
     clip_sample: Option<f64>,
 }
@@ -21,31 +17,13 @@ impl Ddim {
     /// Built as `DDIMScheduler.from_config(config)` inside a `StableDiffusionPipeline`, which
     /// forces `clip_sample` off (DDIM's own default is on; SD latents are not in [-1, 1]).
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Ddim, String> {
-        let schedule = NoiseSchedule::from_config(config)?;
-        let train = schedule.num_train_timesteps();
-        check_steps(steps, train)?;
+        // DDIM's class default for set_alpha_to_one is true.
+        let ladder = Ladder::new(config, steps, true)?;
         if config.extra.get("thresholding").and_then(|v| v.as_bool()) == Some(true) {
             return Err("DDIM `thresholding` is not supported".into());
         }
-        let timesteps = discrete_timesteps(
-            spacing(config, TimestepSpacing::Leading)?,
-            train,
-            steps,
-            config.steps_offset.unwrap_or(0),
-        )
-        .into_iter()
-        .map(|t| t as f64)
-        .collect();
-        // DDIM's class default for set_alpha_to_one is true.
-        let final_alpha_cumprod =
-            if config.set_alpha_to_one.unwrap_or(true) { 1.0 } else { schedule.alphas_cumprod[0] };
-        Ok(Ddim {
-            schedule,
-            final_alpha_cumprod,
-            stride: train / steps,
-            timesteps,
-            clip_sample: None,
-        })
+        let timesteps = ladder.spaced.iter().map(|&t| t as f64).collect();
+        Ok(Ddim { ladder, timesteps, clip_sample: None })
     }
 
     /// Clip x̂₀ to ±`range` as DDIM's `clip_sample` does (off in SD pipelines).
@@ -60,28 +38,12 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> CandleResult<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(&mut self, output: &Tensor, index: usize, sample: &Tensor) -> CandleResult<Tensor> {
-        let Some(&t) = self.timesteps.get(index) else {
-            candle_core::bail!("step {index} is past the {} timesteps", self.timesteps.len());
-        };
-        let t = t as usize;
-        let prev_t = t as i64 - self.stride as i64;
-        let a_t = self.schedule.alphas_cumprod[t];
-        let a_prev = if prev_t >= 0 {
-            self.schedule.alphas_cumprod[prev_t as usize]
-        } else {
-            self.final_alpha_cumprod
-        };
+        let t = timestep_at(&self.timesteps, index)? as i64;
+        let (a_t, a_prev) =
+            (self.ladder.alpha(t), self.ladder.alpha(t - self.ladder.stride as i64));
         let b_t = 1.0 - a_t;
-        let (x0, eps) = match self.schedule.prediction_type {
+        let (x0, eps) = match self.ladder.schedule.prediction_type {
             PredictionType::Epsilon => {
                 let x0 = ((sample - (output * b_t.sqrt())?)? / a_t.sqrt())?;
                 (x0, output.clone())

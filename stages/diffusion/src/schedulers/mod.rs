@@ -12,6 +12,7 @@
 
 mod ddim;
 mod euler;
+mod ladder;
 mod pndm;
 
 use candle_core::{Result as CandleResult, Tensor};
@@ -66,8 +67,15 @@ impl SamplerKind {
 pub trait Sampler: Send {
     /// The timesteps the model is evaluated at, in order (PNDM repeats one: 51 for 50 steps).
     fn timesteps(&self) -> &[f64];
-    fn init_noise_sigma(&self) -> f64;
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> CandleResult<Tensor>;
+    /// The initial latents' scale: 1 unless the sampler works in σ-space (Euler).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// What the model sees at step `index`: the sample itself unless the sampler rescales it
+    /// (Euler).
+    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> CandleResult<Tensor> {
+        Ok(sample.clone())
+    }
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -10,17 +10,12 @@
 
 use candle_core::{Result as CandleResult, Tensor};
 
-use super::{
-    check_steps, discrete_timesteps, lincomb, spacing, NoiseSchedule, PredictionType, Sampler,
-    TimestepSpacing,
-};
+use super::ladder::{timestep_at, Ladder};
+use super::{lincomb, PredictionType, Sampler};
 use crate::config::SchedulerConfig;
 
 pub struct Pndm {
-    schedule: NoiseSchedule,
-    final_alpha_cumprod: f64,
-    /// Training timesteps between two inference steps.
-    stride: usize,
+    ladder: Ladder,
     timesteps: Vec<f64>,
     /// Model outputs of the last (up to four) distinct timesteps, oldest first.
     ets: Vec<Tensor>,
@@ -31,26 +26,19 @@ pub struct Pndm {
 
 impl Pndm {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Pndm, String> {
-        let schedule = NoiseSchedule::from_config(config)?;
-        let train = schedule.num_train_timesteps();
-        check_steps(steps, train)?;
+        // PNDM's class default for set_alpha_to_one is false.
+        let ladder = Ladder::new(config, steps, false)?;
         if config.skip_prk_steps != Some(true) {
             // Without it PNDM runs Runge-Kutta warm-up steps; no SD release uses that.
             return Err("PNDM without `skip_prk_steps: true` is not supported".into());
         }
-        if schedule.prediction_type == PredictionType::Sample {
+        if ladder.schedule.prediction_type == PredictionType::Sample {
             return Err("PNDM supports `epsilon` and `v_prediction` only".into());
         }
-        let spaced = discrete_timesteps(
-            spacing(config, TimestepSpacing::Leading)?,
-            train,
-            steps,
-            config.steps_offset.unwrap_or(0),
-        );
         // diffusers: concat(ts[:-1], ts[-2:-1], ts[-1:]) in ascending order, then reversed;
         // in descending order that repeats the second entry.
         let mut timesteps: Vec<f64> = Vec::with_capacity(steps + 1);
-        for (i, &t) in spaced.iter().enumerate() {
+        for (i, &t) in ladder.spaced.iter().enumerate() {
             timesteps.push(t as f64);
             if i == 1 {
                 timesteps.push(t as f64);
@@ -60,25 +48,7 @@ impl Pndm {
             // ts[:-1] is empty and ts[-2:-1] too: one call.
             timesteps.truncate(1);
         }
-        let final_alpha_cumprod =
-            if config.set_alpha_to_one.unwrap_or(false) { 1.0 } else { schedule.alphas_cumprod[0] };
-        Ok(Pndm {
-            schedule,
-            final_alpha_cumprod,
-            stride: train / steps,
-            timesteps,
-            ets: Vec::new(),
-            cur_sample: None,
-            counter: 0,
-        })
-    }
-
-    fn alpha(&self, t: i64) -> f64 {
-        if t >= 0 {
-            self.schedule.alphas_cumprod[t as usize]
-        } else {
-            self.final_alpha_cumprod
-        }
+        Ok(Pndm { ladder, timesteps, ets: Vec::new(), cur_sample: None, counter: 0 })
     }
 
     fn prev_sample(
@@ -88,9 +58,9 @@ impl Pndm {
         prev_t: i64,
         output: &Tensor,
     ) -> CandleResult<Tensor> {
-        let (a_t, a_prev) = (self.alpha(t), self.alpha(prev_t));
+        let (a_t, a_prev) = (self.ladder.alpha(t), self.ladder.alpha(prev_t));
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
-        let eps = match self.schedule.prediction_type {
+        let eps = match self.ladder.schedule.prediction_type {
             // ε from v: √ᾱ·v + √(1−ᾱ)·x_t.
             PredictionType::VPrediction => lincomb(output, a_t.sqrt(), sample, b_t.sqrt())?,
             _ => output.clone(),
@@ -106,20 +76,10 @@ impl Sampler for Pndm {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> CandleResult<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(&mut self, output: &Tensor, index: usize, sample: &Tensor) -> CandleResult<Tensor> {
-        let Some(&t) = self.timesteps.get(index) else {
-            candle_core::bail!("step {index} is past the {} timesteps", self.timesteps.len());
-        };
-        let mut t = t as i64;
-        let mut prev_t = t - self.stride as i64;
+        let mut t = timestep_at(&self.timesteps, index)? as i64;
+        let stride = self.ladder.stride as i64;
+        let mut prev_t = t - stride;
         if self.counter != 1 {
             if self.ets.len() == 4 {
                 self.ets.remove(0);
@@ -128,7 +88,7 @@ impl Sampler for Pndm {
         } else {
             // The repeated timestep: step from the previous x_t over the same interval.
             prev_t = t;
-            t += self.stride as i64;
+            t += stride;
         }
         let n = self.ets.len();
         let e = |k: usize| &self.ets[n - k];

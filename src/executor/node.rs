@@ -1,0 +1,304 @@
+//! A stage invocation as plain data ([`NodeJob`]): what the scheduler's [`Job`] becomes once its
+//! command is rendered and its environment and paths are resolved. It runs here
+//! ([`LocalExecutor`](super::LocalExecutor)) or is written to a file and run on a cluster node by
+//! `sdpipe exec-stage` ([`exec_stage_main`]), through the same [`NodeJob::run`]: a stage does
+//! the same work wherever it runs.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sdpipe_stages::api::{CancelToken, NoProgress, Params, Progress, Registry, StageKind};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use super::{env_name, local, render_command, ExecError, Job};
+use crate::spec::template;
+use crate::spec::Action;
+
+/// Bumped when the job file's meaning changes: a node running another sdpipe version refuses a
+/// file it would misread.
+pub const NODE_JOB_SCHEMA: u32 = 1;
+
+/// One stage invocation, every path absolute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeJob {
+    pub schema: u32,
+    /// The stage's name, for messages.
+    pub stage: String,
+    pub work: Work,
+    /// Where outputs are written (the scratch directory's `out/`).
+    pub out_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub downloads_dir: PathBuf,
+    /// Threads the stage is granted.
+    pub threads: usize,
+}
+
+/// What the stage does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Work {
+    /// A shell command, run by bash (or sh) in `out_dir`.
+    Shell {
+        /// The command with every `${ns.name}` substituted and quoted.
+        command: String,
+        /// Environment variables with text values (`SDPIPE_PARAM_*`, thread counts).
+        env: BTreeMap<String, String>,
+        /// Environment variables holding paths (`SDPIPE_IN_*`, `SDPIPE_OUT_*`, ...).
+        path_env: BTreeMap<String, PathBuf>,
+        /// Declared outputs: their parent directories exist before the command runs.
+        outputs: Vec<PathBuf>,
+    },
+    /// A built-in kind, looked up by name (and checked by version) where it runs.
+    Kind {
+        kind: String,
+        version: u32,
+        params: Params,
+        inputs: BTreeMap<String, PathBuf>,
+        /// Path parameter name → absolute path in the project.
+        paths: BTreeMap<String, PathBuf>,
+        gathered: BTreeMap<String, Vec<NodeGathered>>,
+        provenance: Json,
+    },
+}
+
+/// One sweep point's binding of a gathered input (`GatheredInput`, as data).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeGathered {
+    pub label: String,
+    pub values: BTreeMap<String, Json>,
+    pub path: PathBuf,
+}
+
+/// How a run on a node ended, written by `sdpipe exec-stage` for the submitting process. Its
+/// presence is what tells a finished command (success or failure, never retried) from a job
+/// that died with its node (retried).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeResult {
+    pub ok: bool,
+    #[serde(default)]
+    pub cancelled: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl NodeResult {
+    pub fn of(result: &Result<(), ExecError>) -> NodeResult {
+        match result {
+            Ok(()) => NodeResult { ok: true, cancelled: false, error: None },
+            Err(ExecError::Cancelled) => {
+                NodeResult { ok: false, cancelled: true, error: Some("cancelled".into()) }
+            }
+            Err(e) => NodeResult { ok: false, cancelled: false, error: Some(e.to_string()) },
+        }
+    }
+
+    /// Write atomically: a reader never sees half a result.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    pub fn read(path: &Path) -> Option<NodeResult> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+}
+
+impl NodeJob {
+    /// Resolve a scheduler job: render the command, collect the environment.
+    pub fn from_job(job: &Job<'_>) -> Result<NodeJob, ExecError> {
+        let work = match &job.stage.action {
+            Action::Shell { command, .. } => {
+                let rendered = render_command(command, job).map_err(ExecError::Template)?;
+                let threads = job.threads.to_string();
+                let mut env = BTreeMap::from([
+                    ("SDPIPE_STAGE".to_string(), job.stage.name.clone()),
+                    ("SDPIPE_THREADS".to_string(), threads.clone()),
+                    // Common thread-count knobs, so tools the command calls respect the grant.
+                    ("OMP_NUM_THREADS".to_string(), threads.clone()),
+                    ("RAYON_NUM_THREADS".to_string(), threads),
+                ]);
+                for (name, value) in job.params {
+                    env.insert(
+                        format!("SDPIPE_PARAM_{}", env_name(name)),
+                        template::plain_text(value),
+                    );
+                }
+                let mut path_env = BTreeMap::from([
+                    ("SDPIPE_PROJECT".to_string(), job.project_dir.to_path_buf()),
+                    ("SDPIPE_STATE_DIR".to_string(), job.state_dir.clone()),
+                ]);
+                for (name, path) in &job.inputs {
+                    path_env.insert(format!("SDPIPE_IN_{}", env_name(name)), path.clone());
+                }
+                for (name, paths) in &job.deps {
+                    let joined: Vec<String> =
+                        paths.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+                    path_env
+                        .insert(format!("SDPIPE_DEP_{}", env_name(name)), joined.join("\n").into());
+                }
+                let mut outputs = Vec::new();
+                for out in &job.stage.outputs {
+                    let path = job.out_dir.join(&out.path);
+                    path_env.insert(format!("SDPIPE_OUT_{}", env_name(&out.name)), path.clone());
+                    outputs.push(path);
+                }
+                Work::Shell { command: rendered, env, path_env, outputs }
+            }
+            Action::Builtin(kind) => {
+                let paths: BTreeMap<String, PathBuf> = job
+                    .deps
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.first()?.clone())))
+                    .collect();
+                // A gathered input reaches the kind once per point, not under `input@label`.
+                let mut inputs = job.inputs.clone();
+                let mut gathered = BTreeMap::new();
+                for (name, bindings) in &job.stage.gathered {
+                    let points = bindings
+                        .iter()
+                        .filter_map(|b| {
+                            Some(NodeGathered {
+                                label: b.label.clone(),
+                                values: b.values.clone(),
+                                path: inputs.remove(&b.input)?,
+                            })
+                        })
+                        .collect();
+                    gathered.insert(name.clone(), points);
+                }
+                Work::Kind {
+                    kind: kind.name().to_string(),
+                    version: kind.version(),
+                    params: job.params.clone(),
+                    inputs,
+                    paths,
+                    gathered,
+                    provenance: job.provenance.clone(),
+                }
+            }
+        };
+        Ok(NodeJob {
+            schema: NODE_JOB_SCHEMA,
+            stage: job.stage.name.clone(),
+            work,
+            out_dir: job.out_dir.clone(),
+            state_dir: job.state_dir.clone(),
+            downloads_dir: job.downloads_dir.clone(),
+            threads: job.threads,
+        })
+    }
+
+    /// Run here. `resolve` finds a kind by name (the stage's own kind locally, the binary's
+    /// registry on a node).
+    pub fn run(
+        &self,
+        resolve: &dyn Fn(&str) -> Option<Arc<dyn StageKind>>,
+        log: File,
+        progress: &dyn Progress,
+        cancel: &CancelToken,
+    ) -> Result<(), ExecError> {
+        match &self.work {
+            Work::Shell { command, env, path_env, outputs } => {
+                local::run_shell(command, env, path_env, outputs, &self.out_dir, log, cancel)
+            }
+            Work::Kind { kind: name, version, .. } => {
+                let kind = resolve(name).ok_or_else(|| {
+                    ExecError::Cluster(format!(
+                        "this sdpipe binary has no stage kind `{name}`: run the same sdpipe \
+                         version on the nodes as where the pipeline was started"
+                    ))
+                })?;
+                if kind.version() != *version {
+                    return Err(ExecError::Cluster(format!(
+                        "stage kind `{name}` is version {} in this sdpipe binary but version \
+                         {version} where the pipeline was started: run the same sdpipe on the \
+                         nodes",
+                        kind.version()
+                    )));
+                }
+                local::run_kind(self, &kind, log, progress, cancel)
+            }
+        }
+    }
+}
+
+/// `sdpipe exec-stage JOB RESULT`: run a job file on this machine (a cluster node) and write
+/// how it ended to `RESULT`. The job's log is this process's stdout and stderr (the batch
+/// system's output file). Returns the exit code: 0 done, 1 failed, 130 cancelled (SIGTERM from
+/// `scancel`), 2 unreadable job file.
+pub fn exec_stage_main(job_file: &Path, result_file: &Path, registry: &Registry) -> i32 {
+    let job: NodeJob = match std::fs::read(job_file)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(job) => job,
+        Err(e) => {
+            let message = format!("cannot read the job file {}: {e}", job_file.display());
+            eprintln!("sdpipe exec-stage: {message}");
+            let _ =
+                NodeResult { ok: false, cancelled: false, error: Some(message) }.write(result_file);
+            return 2;
+        }
+    };
+    if job.schema != NODE_JOB_SCHEMA {
+        let message = format!(
+            "the job file {} has format {} but this sdpipe reads format {NODE_JOB_SCHEMA}: run \
+             the same sdpipe version on the nodes",
+            job_file.display(),
+            job.schema
+        );
+        eprintln!("sdpipe exec-stage: {message}");
+        let _ = NodeResult { ok: false, cancelled: false, error: Some(message) }.write(result_file);
+        return 2;
+    }
+    // `scancel` sends SIGTERM (then SIGKILL after the cluster's KillWait): stop the stage as
+    // Ctrl-C does locally, so its command's whole process group goes too.
+    let cancel = CancelToken::new();
+    let token = cancel.clone();
+    let _ = ctrlc::set_handler(move || token.cancel());
+    // The submitting process's budget (inherited through sbatch) is not this node's grant.
+    std::env::set_var("CANDLE_NUM_THREADS", job.threads.to_string());
+    let log = match stdout_file() {
+        Ok(f) => f,
+        Err(e) => {
+            let message = format!("cannot use stdout as the stage log: {e}");
+            let _ =
+                NodeResult { ok: false, cancelled: false, error: Some(message) }.write(result_file);
+            return 1;
+        }
+    };
+    let resolve = |name: &str| registry.get(name);
+    eprintln!("sdpipe exec-stage: stage `{}` on {}", job.stage, hostname());
+    let result = job.run(&resolve, log, &NoProgress, &cancel);
+    let outcome = NodeResult::of(&result);
+    if let Some(e) = &outcome.error {
+        eprintln!("sdpipe exec-stage: stage `{}` failed: {e}", job.stage);
+    }
+    let _ = std::io::stderr().flush();
+    if let Err(e) = outcome.write(result_file) {
+        eprintln!("sdpipe exec-stage: cannot write {}: {e}", result_file.display());
+        return 1;
+    }
+    match result {
+        Ok(()) => 0,
+        Err(ExecError::Cancelled) => 130,
+        Err(_) => 1,
+    }
+}
+
+/// This process's stdout as a `File` (a batch job's stdout is its output file).
+fn stdout_file() -> std::io::Result<File> {
+    use std::os::fd::AsFd;
+    Ok(File::from(std::io::stdout().as_fd().try_clone_to_owned()?))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "this node".into())
+}

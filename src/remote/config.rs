@@ -1,0 +1,206 @@
+//! Where the shared cache is: the pipeline's `remote:` setting, overridden field by field by
+//! `SDPIPE_REMOTE*` environment variables (so CI can point at a bucket, or turn the remote off or
+//! read-only, without editing the pipeline).
+
+/// The `remote:` setting as written in a pipeline (every field optional: the environment may
+/// supply the rest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteSettings {
+    /// `s3://bucket/prefix`.
+    pub url: Option<String>,
+    /// Endpoint URL for S3-compatible servers other than AWS (MinIO, Ceph, R2, ...).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Pull, never push.
+    pub read_only: Option<bool>,
+    /// Allow plain `http://` endpoints (a server on loopback or a private network).
+    pub allow_http: Option<bool>,
+}
+
+/// The environment variables that override [`RemoteSettings`], one per field.
+pub const ENV_URL: &str = "SDPIPE_REMOTE";
+pub const ENV_ENDPOINT: &str = "SDPIPE_REMOTE_ENDPOINT";
+pub const ENV_REGION: &str = "SDPIPE_REMOTE_REGION";
+pub const ENV_READ_ONLY: &str = "SDPIPE_REMOTE_READ_ONLY";
+pub const ENV_ALLOW_HTTP: &str = "SDPIPE_REMOTE_ALLOW_HTTP";
+
+/// A resolved, usable remote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteConfig {
+    pub bucket: String,
+    /// Key prefix inside the bucket, without leading or trailing `/` (may be empty).
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub read_only: bool,
+    pub allow_http: bool,
+}
+
+impl RemoteConfig {
+    /// The pipeline's settings with the environment's overrides applied; `None` when no URL is
+    /// set or `SDPIPE_REMOTE` is `off`/`none`/empty. `env` reads a variable (`std::env::var`
+    /// in the program, a map in tests).
+    pub fn resolve(
+        pipeline: Option<&RemoteSettings>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<RemoteConfig>, String> {
+        let mut s = pipeline.cloned().unwrap_or_default();
+        if let Some(url) = env(ENV_URL) {
+            if matches!(url.trim(), "" | "off" | "none") {
+                return Ok(None);
+            }
+            s.url = Some(url);
+        }
+        if let Some(v) = env(ENV_ENDPOINT) {
+            s.endpoint = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = env(ENV_REGION) {
+            s.region = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = env(ENV_READ_ONLY) {
+            s.read_only = Some(parse_bool(ENV_READ_ONLY, &v)?);
+        }
+        if let Some(v) = env(ENV_ALLOW_HTTP) {
+            s.allow_http = Some(parse_bool(ENV_ALLOW_HTTP, &v)?);
+        }
+        let Some(url) = s.url else {
+            return Ok(None);
+        };
+        let (bucket, prefix) = parse_url(&url)?;
+        if let Some(endpoint) = &s.endpoint {
+            check_endpoint(endpoint)?;
+        }
+        Ok(Some(RemoteConfig {
+            bucket,
+            prefix,
+            endpoint: s.endpoint,
+            region: s.region,
+            read_only: s.read_only.unwrap_or(false),
+            allow_http: s.allow_http.unwrap_or(false),
+        }))
+    }
+
+    /// `s3://bucket/prefix`, for messages.
+    pub fn url(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+fn parse_bool(name: &str, value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!("{name}={value:?}: expected true or false")),
+    }
+}
+
+/// Split `s3://bucket/some/prefix` into the bucket and the prefix (`some/prefix`).
+pub fn parse_url(url: &str) -> Result<(String, String), String> {
+    let rest = url.strip_prefix("s3://").ok_or_else(|| {
+        format!("remote `{url}` is not an S3 URL: write `s3://bucket` or `s3://bucket/prefix`")
+    })?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    // S3's bucket naming rules (the subset every S3-compatible server accepts).
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !valid_bucket {
+        return Err(format!(
+            "remote `{url}`: `{bucket}` is not a valid bucket name (3-63 lowercase letters, \
+             digits, `.` and `-`)"
+        ));
+    }
+    let parts: Vec<&str> = prefix.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.iter().any(|p| matches!(*p, "." | "..")) {
+        return Err(format!("remote `{url}`: the prefix may not contain `.` or `..` segments"));
+    }
+    Ok((bucket.to_string(), parts.join("/")))
+}
+
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "remote endpoint `{endpoint}` must be a URL starting with https:// (or http:// with \
+             `allow_http: true`)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn a_url_splits_into_bucket_and_normalised_prefix() {
+        assert_eq!(parse_url("s3://team-cache").unwrap(), ("team-cache".into(), "".into()));
+        assert_eq!(
+            parse_url("s3://team-cache//sd/exp1/").unwrap(),
+            ("team-cache".into(), "sd/exp1".into())
+        );
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_expected() {
+        assert!(parse_url("https://x/y").unwrap_err().contains("s3://bucket"));
+        assert!(parse_url("s3://Bad_Bucket/x").unwrap_err().contains("bucket name"));
+        assert!(parse_url("s3://ok-bucket/../x").unwrap_err().contains(".."));
+    }
+
+    #[test]
+    fn no_url_anywhere_means_no_remote() {
+        assert_eq!(RemoteConfig::resolve(None, env(&[])).unwrap(), None);
+    }
+
+    #[test]
+    fn environment_overrides_the_pipeline_field_by_field() {
+        let pipeline = RemoteSettings {
+            url: Some("s3://from-pipeline/p".into()),
+            region: Some("eu-west-1".into()),
+            ..Default::default()
+        };
+        let c = RemoteConfig::resolve(
+            Some(&pipeline),
+            env(&[(ENV_READ_ONLY, "1"), (ENV_ENDPOINT, "http://127.0.0.1:9000")]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.bucket, "from-pipeline");
+        assert_eq!(c.region.as_deref(), Some("eu-west-1"));
+        assert!(c.read_only);
+        assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        let c = RemoteConfig::resolve(Some(&pipeline), env(&[(ENV_URL, "s3://other")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.url(), "s3://other");
+    }
+
+    #[test]
+    fn sdpipe_remote_off_disables_a_pipelines_remote() {
+        let pipeline = RemoteSettings { url: Some("s3://bucket".into()), ..Default::default() };
+        assert_eq!(RemoteConfig::resolve(Some(&pipeline), env(&[(ENV_URL, "off")])).unwrap(), None);
+    }
+
+    #[test]
+    fn an_unparseable_flag_is_an_error_not_a_guess() {
+        let err =
+            RemoteConfig::resolve(None, env(&[(ENV_URL, "s3://bucket"), (ENV_READ_ONLY, "maybe")]))
+                .unwrap_err();
+        assert!(err.contains(ENV_READ_ONLY));
+    }
+}

@@ -1,0 +1,311 @@
+//! The `train-vae` stage kind: trains a pipeline's VAE as an autoencoder on one or two
+//! imagefolder datasets ([`crate::vae_training`]) and writes the pipeline folder with the new
+//! VAE, its latent `scaling_factor` measured on the training images, and the per-step log.
+//!
+//! The other components (UNet, text encoder, tokenizer, scheduler) are copied unchanged. Runs
+//! are short and deterministic, so an interrupted run starts over rather than resuming.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use sdpipe_diffusion::copy_components;
+use sdpipe_stages::api::{
+    OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError, StageKind,
+};
+use sdpipe_unet::vae::Vae;
+use serde_json::{json, Value};
+
+use crate::data::{load_train_split, Example, Transform};
+use crate::lr::{LrKind, LrSchedule};
+use crate::optim::AdamWConfig;
+use crate::vae_training::{ReconLoss, VaeTrainConfig, VaeTrainer};
+
+const MODEL: &str = "model";
+const LOG: &str = "train_log.jsonl";
+
+/// The `train-vae` kind.
+#[derive(Default)]
+pub struct TrainVae;
+
+fn invalid(param: &str, message: impl Into<String>) -> StageError {
+    StageError::InvalidParam { param: param.into(), message: message.into() }
+}
+
+fn settings(ctx: &StageContext<'_>) -> Result<VaeTrainConfig, StageError> {
+    let lr_name: String = ctx.param("lr_scheduler")?;
+    let lr_kind = LrKind::parse(&lr_name)
+        .ok_or_else(|| invalid("lr_scheduler", format!("unknown schedule `{lr_name}`")))?;
+    let loss_name: String = ctx.param("reconstruction_loss")?;
+    let recon = ReconLoss::parse(&loss_name).ok_or_else(|| {
+        invalid("reconstruction_loss", format!("`{loss_name}`: expected l1 or mse"))
+    })?;
+    let max_grad_norm: f64 = ctx.param("max_grad_norm")?;
+    if max_grad_norm <= 0.0 {
+        return Err(invalid("max_grad_norm", "must be positive (torch would zero every gradient)"));
+    }
+    let max_train_steps: u64 = ctx.param("max_train_steps")?;
+    let seed: i64 = ctx.param("seed")?;
+    Ok(VaeTrainConfig {
+        transform: Transform {
+            resolution: ctx.param("resolution")?,
+            center_crop: ctx.param("center_crop")?,
+            random_flip: ctx.param("random_flip")?,
+        },
+        batch_size: ctx.param("train_batch_size")?,
+        max_train_steps,
+        lr: LrSchedule {
+            kind: lr_kind,
+            base_lr: ctx.param("learning_rate")?,
+            warmup_steps: ctx.param("lr_warmup_steps")?,
+            training_steps: max_train_steps,
+        },
+        max_grad_norm,
+        adam: AdamWConfig {
+            beta1: ctx.param("adam_beta1")?,
+            beta2: ctx.param("adam_beta2")?,
+            eps: ctx.param("adam_epsilon")?,
+            weight_decay: ctx.param("adam_weight_decay")?,
+        },
+        seed: seed as u64,
+        kl_weight: ctx.param("kl_weight")?,
+        recon,
+    })
+}
+
+/// The training examples of `dataset` and, when bound, `extra_dataset`, each with its split
+/// folder (for error messages).
+fn examples(ctx: &StageContext<'_>) -> Result<Vec<(Example, PathBuf)>, StageError> {
+    let mut all = Vec::new();
+    for name in ["dataset", "extra_dataset"] {
+        let Some(dataset) = ctx.inputs.get(name) else { continue };
+        let split = dataset.join("train");
+        let found = load_train_split(dataset).map_err(|e| StageError::failed(e.to_string()))?;
+        all.extend(found.into_iter().map(|e| (e, split.clone())));
+    }
+    Ok(all)
+}
+
+impl StageKind for TrainVae {
+    fn name(&self) -> &'static str {
+        "train-vae"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn doc(&self) -> &'static str {
+        "Trains a Stable Diffusion pipeline's VAE (AutoencoderKL) as an autoencoder on the \
+         `train/` split of an imagefolder dataset (and of `extra_dataset` when bound), as \
+         diffusers' train_autoencoderkl.py does without its discriminator and perceptual loss: \
+         the `train` stage's image transform; posterior sample z = μ + σ·ε; loss = mean L1 (or \
+         MSE) reconstruction error on [-1, 1] pixels + kl_weight × KL (per example, summed over \
+         latents); global-norm clipping; AdamW; seeded. Writes `model/` (the pipeline with the \
+         new VAE and everything else unchanged; vae/config.json's scaling_factor set to 1/std of \
+         the training images' latents, the LDM practice) and `train_log.jsonl` (step, loss, \
+         recon, kl, lr, grad_norm, seconds)."
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let int = |min: i64, max: Option<i64>| ParamType::Int { min: Some(min), max };
+        let float = |min: f64, max: Option<f64>| ParamType::Float { min: Some(min), max };
+        vec![
+            ParamSpec::required(
+                "pipeline",
+                ParamType::Input,
+                "The diffusers pipeline folder whose VAE is trained (e.g. a `tiny-sd` stage's \
+                 `model`).",
+            ),
+            ParamSpec::required(
+                "dataset",
+                ParamType::Input,
+                "An imagefolder dataset (an `imagefolder` stage's `dataset`); `train/` is used.",
+            ),
+            ParamSpec::optional(
+                "extra_dataset",
+                ParamType::Input,
+                Value::Null,
+                "A second imagefolder dataset whose `train/` images are added (a VAE is meant to \
+                 represent every domain the diffusion model will see; test images stay out).",
+            ),
+            ParamSpec::optional(
+                "resolution",
+                int(8, Some(4096)),
+                json!(512),
+                "Images are resized (shorter side) and cropped to this square size.",
+            ),
+            ParamSpec::optional(
+                "center_crop",
+                ParamType::Bool,
+                json!(false),
+                "Centre crop (true) or random crop (false) after resizing.",
+            ),
+            ParamSpec::optional(
+                "random_flip",
+                ParamType::Bool,
+                json!(false),
+                "Flip each image horizontally with probability 0.5.",
+            ),
+            ParamSpec::optional(
+                "train_batch_size",
+                int(1, Some(4096)),
+                json!(4),
+                "Images per optimiser step.",
+            ),
+            ParamSpec::optional("max_train_steps", int(1, None), json!(1000), "Optimiser steps."),
+            ParamSpec::optional(
+                "learning_rate",
+                float(0.0, None),
+                json!(1e-4),
+                "Peak learning rate.",
+            ),
+            ParamSpec::optional(
+                "lr_scheduler",
+                ParamType::Enum(LrKind::NAMES),
+                json!("constant"),
+                "Learning-rate schedule (diffusers' get_scheduler).",
+            ),
+            ParamSpec::optional(
+                "lr_warmup_steps",
+                int(0, None),
+                json!(0),
+                "Linear warmup steps (ignored by `constant`, as in diffusers).",
+            ),
+            ParamSpec::optional(
+                "reconstruction_loss",
+                ParamType::Enum(ReconLoss::NAMES),
+                json!("l1"),
+                "Pixel reconstruction loss: `l1` (LDM's) or `mse`.",
+            ),
+            ParamSpec::optional(
+                "kl_weight",
+                float(0.0, None),
+                json!(1e-6),
+                "Weight of the KL term (diffusers' --kl_scale; LDM's kl_weight).",
+            ),
+            ParamSpec::optional(
+                "max_grad_norm",
+                float(0.0, None),
+                json!(1.0),
+                "Clip the global gradient norm to this before each optimiser step.",
+            ),
+            ParamSpec::optional(
+                "adam_beta1",
+                float(0.0, Some(1.0)),
+                json!(0.5),
+                "AdamW β₁ (0.5, as diffusers' and LDM's autoencoder training).",
+            ),
+            ParamSpec::optional("adam_beta2", float(0.0, Some(1.0)), json!(0.9), "AdamW β₂."),
+            ParamSpec::optional(
+                "adam_weight_decay",
+                float(0.0, None),
+                json!(1e-2),
+                "AdamW decoupled weight decay.",
+            ),
+            ParamSpec::optional("adam_epsilon", float(0.0, None), json!(1e-8), "AdamW ε."),
+            ParamSpec::optional(
+                "seed",
+                int(0, None),
+                json!(0),
+                "Seed of every random draw (data order, crops, flips, posterior noise).",
+            ),
+            ParamSpec::optional("threads", int(1, Some(256)), json!(4), "CPU threads wanted."),
+        ]
+    }
+
+    fn outputs(&self) -> Vec<OutputSpec> {
+        vec![
+            OutputSpec {
+                name: "model",
+                path: MODEL,
+                kind: OutputKind::Dir,
+                doc: "The pipeline folder with the trained VAE (and its measured scaling_factor).",
+            },
+            OutputSpec {
+                name: "log",
+                path: LOG,
+                kind: OutputKind::File,
+                doc: "One JSON line per optimiser step: step, loss, recon, kl, lr, grad_norm, \
+                      seconds.",
+            },
+        ]
+    }
+
+    fn threads(&self, params: &Params) -> usize {
+        params.get("threads").and_then(Value::as_u64).unwrap_or(4).max(1) as usize
+    }
+
+    fn external_deps(&self, _params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+        // Every model file comes from a bound input, which is already part of the key.
+        Ok(BTreeMap::new())
+    }
+
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+        let config = settings(ctx)?;
+        // Check the data before loading the model: a bad dataset fails in milliseconds.
+        let examples = examples(ctx)?;
+        let base = ctx.input("pipeline")?.to_path_buf();
+        let threads = ctx.threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| StageError::failed(format!("starting {threads} worker threads: {e}")))?;
+        pool.install(|| train(ctx, config, &base, &examples))
+    }
+}
+
+fn train(
+    ctx: &mut StageContext<'_>,
+    config: VaeTrainConfig,
+    base: &Path,
+    examples: &[(Example, PathBuf)],
+) -> Result<(), StageError> {
+    let failed = |e: &dyn std::fmt::Display| StageError::failed(e.to_string());
+    let device = Device::cuda_if_available(0)
+        .map_err(|e| StageError::failed(format!("opening the GPU: {e}")))?;
+    let mut vae = Vae::from_pretrained(&base.join("vae"), &device).map_err(|e| failed(&e))?;
+    let max_steps = config.max_train_steps;
+    let mut trainer = VaeTrainer::new(config, &vae, examples).map_err(|e| failed(&e))?;
+    let _ = writeln!(
+        ctx.log,
+        "training the VAE ({} parameters) on {} images",
+        vae.parameter_count(),
+        examples.len()
+    );
+    ctx.progress.set_total(max_steps);
+    let started = Instant::now();
+    while !trainer.finished() {
+        ctx.cancel.check()?;
+        let line = trainer.step().map_err(|e| failed(&e))?;
+        let rate = line.step as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        ctx.progress.advance(1, &format!("recon {:.4} · {rate:.2} it/s", line.recon));
+        let _ = writeln!(
+            ctx.log,
+            "step {}/{max_steps} loss {:.6} recon {:.6} kl {:.3} lr {:.3e} grad_norm {:.4} {:.2}s",
+            line.step, line.loss, line.recon, line.kl, line.lr, line.grad_norm, line.seconds
+        );
+    }
+    let scaling_factor = trainer.latent_scaling_factor().map_err(|e| failed(&e))?;
+    let _ = writeln!(
+        ctx.log,
+        "latent scaling_factor (1/std of the training latents): {scaling_factor:.6}"
+    );
+    let mut text = String::new();
+    for line in trainer.log() {
+        text.push_str(&serde_json::to_string(line).expect("log lines serialise"));
+        text.push('\n');
+    }
+    drop(trainer);
+
+    let model_dir = ctx.out_dir.join(MODEL);
+    copy_components(base, &model_dir, &["vae"])?;
+    // The UNet is trained on `posterior sample × scaling_factor` and sampling decodes
+    // `latents / scaling_factor`: with 1/std the diffusion model sees unit-variance latents,
+    // as LDM chose SD's 0.18215 for its own VAE.
+    vae.set_scaling_factor(scaling_factor);
+    vae.save_pretrained(&model_dir.join("vae")).map_err(|e| failed(&e))?;
+    let log = ctx.out_dir.join(LOG);
+    std::fs::write(&log, text).map_err(|e| StageError::io(format!("writing {}", log.display()), e))
+}

@@ -1,0 +1,602 @@
+//! The shared remote cache against a real S3 server: `s3s-fs` (a directory served as S3 over
+//! HTTP) on loopback, started by each test, behind a thin layer that can answer 500s or stall
+//! uploads. The real `sdpipe` binary talks to it with ordinary AWS credentials from the
+//! environment, as it would talk to a bucket.
+
+mod common;
+use common::*;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BUCKET: &str = "team-cache";
+const ACCESS_KEY: &str = "sdpipe-test-access";
+const SECRET_KEY: &str = "sdpipe-test-secret-never-printed";
+
+/// What the server does besides serving S3.
+#[derive(Default)]
+struct Faults {
+    /// Answer every request with 500 Internal Server Error.
+    fail_all: AtomicBool,
+    /// PUTs beyond this many (counted from when it was set) hang until it is lifted.
+    stall_after_puts: AtomicUsize,
+    stall: AtomicBool,
+    puts_seen: AtomicUsize,
+    /// Requests currently hanging.
+    stalled: AtomicUsize,
+    /// Every request that could change the bucket (PUT, POST, DELETE).
+    writes: AtomicUsize,
+    /// Multipart uploads started (`POST ?uploads`).
+    multipart_uploads: AtomicUsize,
+}
+
+struct S3Server {
+    addr: SocketAddr,
+    root: tempfile::TempDir,
+    faults: Arc<Faults>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl S3Server {
+    /// Serve a fresh directory holding one empty bucket on 127.0.0.1 (an OS-chosen port).
+    fn start() -> S3Server {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
+        let faults = Arc::new(Faults::default());
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (dir, f, s) = (root.path().to_path_buf(), faults.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(serve(dir, f, addr_tx, s));
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(10)).expect("S3 server started");
+        S3Server { addr, root, faults, stop, thread: Some(thread) }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn bucket_dir(&self) -> PathBuf {
+        self.root.path().join(BUCKET)
+    }
+
+    /// Keys (relative paths) stored under `sub` of the bucket, e.g. `exp/sdpipe-v1/records`.
+    fn keys(&self, sub: &str) -> Vec<String> {
+        let dir = self.bucket_dir().join(sub);
+        let mut out: Vec<String> = walkdir::WalkDir::new(&dir)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .map(|e| e.path().strip_prefix(&dir).unwrap().to_string_lossy().into_owned())
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn writes(&self) -> usize {
+        self.faults.writes.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.faults.stall.store(false, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn serve(
+    root: PathBuf,
+    faults: Arc<Faults>,
+    addr_tx: std::sync::mpsc::Sender<SocketAddr>,
+    stop: Arc<AtomicBool>,
+) {
+    let service = {
+        let mut b = s3s::service::S3ServiceBuilder::new(s3s_fs::FileSystem::new(&root).unwrap());
+        b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        b.build()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    addr_tx.send(listener.local_addr().unwrap()).unwrap();
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let socket = match tokio::time::timeout(Duration::from_millis(50), listener.accept()).await
+        {
+            Ok(Ok((socket, _))) => socket,
+            _ => continue,
+        };
+        let (service, faults) = (service.clone(), faults.clone());
+        let handler =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (service, faults) = (service.clone(), faults.clone());
+                async move {
+                    let method = req.method().clone();
+                    let writes = matches!(method.as_str(), "PUT" | "POST" | "DELETE");
+                    if writes {
+                        faults.writes.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if method == hyper::Method::POST
+                        && req
+                            .uri()
+                            .query()
+                            .is_some_and(|q| q.split('&').any(|p| p.starts_with("uploads")))
+                    {
+                        faults.multipart_uploads.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if faults.fail_all.load(Ordering::SeqCst) {
+                        return Ok(error_response(500));
+                    }
+                    if method == hyper::Method::PUT && faults.stall.load(Ordering::SeqCst) {
+                        let n = faults.puts_seen.fetch_add(1, Ordering::SeqCst);
+                        if n >= faults.stall_after_puts.load(Ordering::SeqCst) {
+                            faults.stalled.fetch_add(1, Ordering::SeqCst);
+                            while faults.stall.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            faults.stalled.fetch_sub(1, Ordering::SeqCst);
+                            // The client that sent it is gone by now: it never reaches the bucket.
+                            return Ok(error_response(503));
+                        }
+                    }
+                    service.call(req.map(s3s::Body::from)).await
+                }
+            });
+        tokio::spawn(async move {
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(socket), handler).await;
+        });
+    }
+}
+
+fn error_response(status: u16) -> hyper::Response<s3s::Body> {
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InternalError</Code>\
+                <Message>injected by the test</Message></Error>";
+    hyper::Response::builder().status(status).body(s3s::Body::from(body.to_string())).unwrap()
+}
+
+/// A project whose pipeline uses `server` as its remote under prefix `exp`. Every stage appends
+/// its name to `executions.log` outside the project, so a test can tell what really ran.
+struct Team {
+    server: S3Server,
+    project: Project,
+    log: tempfile::TempDir,
+}
+
+const PIPELINE: &str = r#"
+remote:
+  url: s3://team-cache/exp
+  endpoint: ENDPOINT
+  allow_http: true
+stages:
+  source:
+    run: |
+      echo source >> LOG/executions.log
+      cat ${deps.input} > out.txt
+    deps: {input: data/input.txt}
+    outs: {text: out.txt}
+  shards:
+    run: |
+      echo shards >> LOG/executions.log
+      mkdir -p shards/nested
+      for i in 1 2 3; do echo "shard $i: $(cat ${inputs.text})" > shards/s$i.txt; done
+      head -c 300000 /dev/urandom > shards/nested/blob.bin
+    inputs: {text: source.text}
+    outs: {dir: shards}
+  count:
+    run: |
+      echo count >> LOG/executions.log
+      cat ${inputs.dir}/s*.txt | wc -l > n.txt
+    inputs: {dir: shards.dir}
+    outs: {n: n.txt}
+"#;
+
+impl Team {
+    fn new() -> Team {
+        let server = S3Server::start();
+        let log = tempfile::tempdir().unwrap();
+        let project = Project::new();
+        project.write("data/input.txt", "weights and captions\n");
+        project.write(
+            "pipeline.yaml",
+            &PIPELINE
+                .replace("ENDPOINT", &server.endpoint())
+                .replace("LOG", &log.path().display().to_string()),
+        );
+        Team { server, project, log }
+    }
+
+    /// `sdpipe` in the project with the given cache directory and the test's AWS credentials
+    /// (and no other AWS setting from the machine running the tests).
+    fn cmd(&self, cache: &Path) -> Command {
+        let mut c = self.project.cmd();
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            if k.starts_with("AWS_") || k.starts_with("SDPIPE_REMOTE") {
+                c.env_remove(k);
+            }
+        }
+        c.env("SDPIPE_CACHE", cache)
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_REGION", "us-east-1");
+        c
+    }
+
+    fn output(&self, cache: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+        let mut c = self.cmd(cache);
+        c.args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("run sdpipe")
+    }
+
+    /// `sdpipe <args> --json` → (summary, exit code, stderr).
+    fn json(&self, cache: &Path, env: &[(&str, &str)], args: &[&str]) -> (Value, i32, String) {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let out = self.output(cache, env, &args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("{args:?}: invalid JSON ({e})\n{stdout}\nstderr:\n{}", stderr(&out))
+        });
+        (value, out.status.code().unwrap_or(-1), stderr(&out))
+    }
+
+    fn run(&self, cache: &Path, env: &[(&str, &str)]) -> (Value, String) {
+        let (summary, code, err) = self.json(cache, env, &["run", "pipeline.yaml"]);
+        assert_eq!(code, 0, "run failed: {summary:#}\nstderr:\n{err}");
+        (summary, err)
+    }
+
+    fn executions(&self) -> Vec<String> {
+        std::fs::read_to_string(self.log.path().join("executions.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn records(&self) -> Vec<String> {
+        self.server.keys("exp/sdpipe-v1/records")
+    }
+
+    /// A materialised output file of the last run, by path under `runs/pipeline/`.
+    fn output_bytes(&self, rel: &str) -> Vec<u8> {
+        std::fs::read(self.project.path().join("runs/pipeline").join(rel)).unwrap()
+    }
+}
+
+fn remote_states(summary: &Value) -> Vec<(String, String)> {
+    summary["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (s["name"].as_str().unwrap().to_string(), s["remote"].as_str().unwrap_or("").into())
+        })
+        .collect()
+}
+
+fn all(state: &str) -> Vec<(String, String)> {
+    ["source", "shards", "count"].iter().map(|s| (s.to_string(), state.to_string())).collect()
+}
+
+#[test]
+fn a_fresh_cache_with_the_same_remote_reruns_nothing() {
+    let team = Team::new();
+    let first = tempfile::tempdir().unwrap();
+    let (summary, _) = team.run(first.path(), &[]);
+    assert_eq!(in_state(&summary, "ran").len(), 3, "{summary:#}");
+    assert_eq!(remote_states(&summary), all("pushed"));
+    assert_eq!(team.records().len(), 3);
+    let blob = team.output_bytes("shards/shards/nested/blob.bin");
+
+    // A second machine: nothing local, same bucket.
+    let second = tempfile::tempdir().unwrap();
+    let (status, code, _) = team.json(second.path(), &[], &["status", "pipeline.yaml"]);
+    assert_eq!(code, 0);
+    assert_eq!(in_state(&status, "cached").len(), 3, "{status:#}");
+    assert_eq!(remote_states(&status), all("available"));
+
+    let (summary, _) = team.run(second.path(), &[]);
+    assert_eq!(in_state(&summary, "cached").len(), 3, "{summary:#}");
+    assert_eq!(remote_states(&summary), all("pulled"));
+    assert_eq!(team.executions(), ["source", "shards", "count"], "nothing ran twice");
+    assert_eq!(team.output_bytes("shards/shards/nested/blob.bin"), blob);
+    assert_eq!(String::from_utf8(team.output_bytes("count/n.txt")).unwrap().trim(), "3");
+
+    // Pulled results are local now: the next run needs the remote for nothing.
+    let (summary, _) = team.run(second.path(), &[("SDPIPE_REMOTE", "off")]);
+    assert_eq!(in_state(&summary, "cached").len(), 3, "{summary:#}");
+}
+
+#[test]
+fn read_only_mode_pulls_but_never_writes() {
+    let team = Team::new();
+    let ci = tempfile::tempdir().unwrap();
+    let (summary, _) = team.run(ci.path(), &[("SDPIPE_REMOTE_READ_ONLY", "1")]);
+    assert_eq!(in_state(&summary, "ran").len(), 3);
+    assert_eq!(team.server.writes(), 0, "a read-only run wrote to the bucket");
+    assert!(team.records().is_empty());
+    let out =
+        team.output(ci.path(), &[("SDPIPE_REMOTE_READ_ONLY", "true")], &["push", "pipeline.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("read-only"), "{}", stderr(&out));
+    assert_eq!(team.server.writes(), 0);
+
+    // A writer fills the bucket; a read-only cache then pulls everything.
+    let dev = tempfile::tempdir().unwrap();
+    team.run(dev.path(), &[]);
+    let writes = team.server.writes();
+    let ci2 = tempfile::tempdir().unwrap();
+    let (summary, _) = team.run(ci2.path(), &[("SDPIPE_REMOTE_READ_ONLY", "1")]);
+    assert_eq!(remote_states(&summary), all("pulled"));
+    assert_eq!(team.server.writes(), writes);
+}
+
+#[test]
+fn an_interrupted_push_leaves_no_record_and_the_next_push_completes() {
+    let team = Team::new();
+    let cache = tempfile::tempdir().unwrap();
+    // The run computes locally; its pushes hang after a few uploads and the process is killed.
+    team.server.faults.stall_after_puts.store(2, Ordering::SeqCst);
+    team.server.faults.stall.store(true, Ordering::SeqCst);
+    let mut child = team
+        .cmd(cache.path())
+        .args(["run", "pipeline.yaml", "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while team.server.faults.stalled.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the push never reached the stalled upload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    team.server.faults.stall.store(false, Ordering::SeqCst);
+
+    let objects = team.server.keys("exp/sdpipe-v1/objects");
+    assert!(!objects.is_empty(), "some objects were uploaded before the kill");
+    assert!(
+        team.records().is_empty(),
+        "a record appeared before its objects: {:?}",
+        team.records()
+    );
+    // Nobody can pull a half-pushed result: a fresh cache computes it.
+    let fresh = tempfile::tempdir().unwrap();
+    let (status, _, _) =
+        team.json(fresh.path(), &[("SDPIPE_REMOTE_READ_ONLY", "1")], &["status", "pipeline.yaml"]);
+    assert!(in_state(&status, "cached").is_empty(), "{status:#}");
+
+    // The interrupted run's stage results were committed locally; `push` finishes the job.
+    let (report, code, err) = team.json(cache.path(), &[], &["push", "pipeline.yaml"]);
+    assert_eq!(code, 0, "{report:#}\n{err}");
+    let pushed: Vec<&str> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(pushed[0], "pushed", "{report:#}");
+    // The kill came before later stages ran: nothing of theirs to push yet.
+    assert_eq!(pushed[1..], ["not_computed", "upstream_missing"], "{report:#}");
+    let (report, _, _) = team.json(cache.path(), &[], &["run", "pipeline.yaml"]);
+    assert!(in_state(&report, "failed").is_empty());
+    team.json(cache.path(), &[], &["push", "pipeline.yaml"]);
+    assert_eq!(team.records().len(), 3);
+    let second = tempfile::tempdir().unwrap();
+    let (summary, _) = team.run(second.path(), &[]);
+    assert_eq!(remote_states(&summary), all("pulled"), "{summary:#}");
+}
+
+#[test]
+fn a_server_answering_500s_does_not_fail_the_run() {
+    let team = Team::new();
+    team.server.faults.fail_all.store(true, Ordering::SeqCst);
+    let cache = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let (summary, err) = team.run(cache.path(), &[]);
+    assert!(started.elapsed() < Duration::from_secs(30), "a dead remote stalled the run");
+    assert_eq!(in_state(&summary, "ran").len(), 3, "{summary:#}");
+    assert_eq!(remote_states(&summary), all("pull_failed"));
+    assert!(err.contains("WARN") && err.contains("s3://team-cache/exp"), "no warning:\n{err}");
+    assert_eq!(err.matches("WARN").count(), 1, "one warning per outage:\n{err}");
+    assert!(err.contains("not used again in this run"), "{err}");
+    assert!(!err.contains(SECRET_KEY));
+    assert_eq!(String::from_utf8(team.output_bytes("count/n.txt")).unwrap().trim(), "3");
+
+    // Explicit push reports the failure (and still never prints the secret, even verbosely).
+    let out = team.output(cache.path(), &[], &["-vv", "push", "pipeline.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(text.contains("FAILED"), "{text}");
+    assert!(!text.contains(SECRET_KEY), "the secret key was printed:\n{text}");
+
+    // The server recovers: the local results push as they are.
+    team.server.faults.fail_all.store(false, Ordering::SeqCst);
+    let (report, code, _) = team.json(cache.path(), &[], &["push", "pipeline.yaml"]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(team.records().len(), 3);
+}
+
+#[test]
+fn a_corrupted_remote_object_is_refused_and_the_stage_recomputed() {
+    let team = Team::new();
+    let first = tempfile::tempdir().unwrap();
+    team.run(first.path(), &[]);
+    let blob = team.output_bytes("shards/shards/nested/blob.bin");
+    // Flip bytes of the big random file's object in the bucket.
+    let objects = team.server.bucket_dir().join("exp/sdpipe-v1/objects");
+    let target = walkdir::WalkDir::new(&objects)
+        .into_iter()
+        .flatten()
+        .find(|e| e.file_type().is_file() && e.metadata().unwrap().len() == blob.len() as u64)
+        .expect("the blob's object")
+        .into_path();
+    let mut bytes = std::fs::read(&target).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&target, &bytes).unwrap();
+
+    let second = tempfile::tempdir().unwrap();
+    let (summary, err) = team.run(second.path(), &[]);
+    assert_eq!(state_of(&summary, "source"), "cached");
+    assert_eq!(state_of(&summary, "shards"), "ran", "{summary:#}");
+    assert_eq!(stage_of(&summary, "shards")["remote"], "pull_failed");
+    assert!(err.contains("does not match its name"), "{err}");
+    // `count` runs again too: the recomputed shards hold a new random blob, so its key is new.
+    assert_eq!(team.executions(), ["source", "shards", "count", "shards", "count"]);
+    // What the stage produced locally is intact (its own fresh random blob, 300000 bytes).
+    assert_eq!(team.output_bytes("shards/shards/nested/blob.bin").len(), 300000);
+    let (verify, code, _) = team.json(second.path(), &[], &["cache", "verify"]);
+    assert_eq!(code, 0, "the corrupt object entered the local cache: {verify:#}");
+}
+
+#[test]
+fn concurrent_pushers_of_the_same_key_never_leave_a_record_without_its_objects() {
+    let team = Team::new();
+    // Two machines compute the same stages (the shard blob differs: it is random) offline.
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    team.run(a.path(), &[("SDPIPE_REMOTE", "off")]);
+    team.run(b.path(), &[("SDPIPE_REMOTE", "off")]);
+    let push = |cache: &Path| {
+        team.cmd(cache)
+            .args(["push", "pipeline.yaml", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (pa, pb) = (push(a.path()), push(b.path()));
+    for child in [pa, pb] {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    // source and shards have one key each; count's key follows each machine's random shards.
+    assert_eq!(team.records().len(), 4, "{:?}", team.records());
+    // Whichever record won for each key, its objects are all there and verify.
+    let fresh = tempfile::tempdir().unwrap();
+    let (report, code, err) = team.json(fresh.path(), &[], &["pull", "pipeline.yaml"]);
+    assert_eq!(code, 0, "{report:#}\n{err}");
+    let outcomes: Vec<&str> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["pulled", "pulled", "pulled"], "{report:#}");
+    let (summary, _) = team.run(fresh.path(), &[("SDPIPE_REMOTE", "off")]);
+    assert_eq!(in_state(&summary, "cached").len(), 3);
+    assert_eq!(team.executions().len(), 6, "pulling ran nothing");
+}
+
+#[test]
+fn push_and_pull_commands_sync_explicitly() {
+    let team = Team::new();
+    let offline = tempfile::tempdir().unwrap();
+    team.run(offline.path(), &[("SDPIPE_REMOTE", "off")]);
+    assert_eq!(team.server.writes(), 0);
+    let out = team.output(offline.path(), &[], &["push", "pipeline.yaml", "shards"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("source") && text.contains("pushed"), "{text}");
+    assert!(!text.contains("count"), "only the target and what it needs: {text}");
+    assert_eq!(team.records().len(), 2);
+    let (report, _, _) = team.json(offline.path(), &[], &["push", "pipeline.yaml"]);
+    let outcomes: Vec<&str> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["already_on_remote", "already_on_remote", "pushed"]);
+
+    let other = tempfile::tempdir().unwrap();
+    let (report, code, _) = team.json(other.path(), &[], &["pull", "pipeline.yaml"]);
+    assert_eq!(code, 0, "{report:#}");
+    let (summary, _) = team.run(other.path(), &[("SDPIPE_REMOTE", "off")]);
+    assert_eq!(in_state(&summary, "cached").len(), 3, "{summary:#}");
+}
+
+#[test]
+fn pushing_without_a_remote_says_how_to_configure_one() {
+    let p = chain_project();
+    let out = p.sdpipe(&["push", "pipeline.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("SDPIPE_REMOTE"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_bad_remote_setting_is_a_located_error() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        "remote:\n  url: https://bucket/x\nstages:\n  a:\n    run: echo > a\n    outs: {a: a}\n",
+    );
+    let (v, code) = p.status_json("pipeline.yaml", &[]);
+    assert_eq!(code, 2, "{v:#}");
+    let e = &v["errors"][0];
+    assert_eq!((e["line"].as_u64(), e["column"].as_u64()), (Some(2), Some(8)), "{v:#}");
+    assert!(e["message"].as_str().unwrap().contains("s3://bucket"), "{v:#}");
+}
+
+#[test]
+fn a_large_output_goes_up_in_parts_and_comes_back_intact() {
+    let server = S3Server::start();
+    let project = Project::new();
+    project.write(
+        "pipeline.yaml",
+        &format!(
+            "remote: {{url: s3://{BUCKET}/big, endpoint: {}, allow_http: true}}\n\
+             stages:\n  big:\n    run: head -c 70000000 /dev/urandom > big.bin\n    \
+             outs: {{big: big.bin}}\n",
+            server.endpoint()
+        ),
+    );
+    let team = Team { server, project, log: tempfile::tempdir().unwrap() };
+    let first = tempfile::tempdir().unwrap();
+    let (summary, _) = team.run(first.path(), &[]);
+    assert_eq!(stage_of(&summary, "big")["remote"], "pushed", "{summary:#}");
+    let original = team.output_bytes("big/big.bin");
+    assert_eq!(original.len(), 70_000_000);
+    assert_eq!(team.server.faults.multipart_uploads.load(Ordering::SeqCst), 1);
+    let second = tempfile::tempdir().unwrap();
+    let (summary, _) = team.run(second.path(), &[]);
+    assert_eq!(stage_of(&summary, "big")["remote"], "pulled", "{summary:#}");
+    assert!(team.output_bytes("big/big.bin") == original, "the pulled file differs");
+}
+
+#[test]
+fn an_unknown_remote_option_is_located_with_a_suggestion() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        "remote:\n  url: s3://bucket/x\n  readonly: true\nstages:\n  a:\n    run: echo > a\n    outs: {a: a}\n",
+    );
+    let (v, code) = p.status_json("pipeline.yaml", &[]);
+    assert_eq!(code, 2, "{v:#}");
+    let e = &v["errors"][0];
+    assert_eq!((e["line"].as_u64(), e["column"].as_u64()), (Some(3), Some(3)), "{v:#}");
+    assert_eq!(e["help"], "did you mean `read_only`?", "{v:#}");
+}
