@@ -184,3 +184,19 @@ fn points_with_very_long_values_get_short_distinct_run_directories() {
         assert_eq!(p.read(&format!("runs/sweep/{name}/said.txt")), format!("{}\n", long(c)));
     }
 }
+
+#[test]
+fn a_grid_too_large_to_expand_is_a_located_error() {
+    let p = Project::new();
+    let axes: String = (0..10).map(|i| format!("    s.p{i}: [0,1,2,3,4,5,6,7,8,9]\n")).collect();
+    let params: String = (0..10).map(|i| format!("p{i}: 0, ")).collect();
+    p.write(
+        "sweep.yaml",
+        &format!("sweep:\n  grid:\n{axes}stages:\n  s:\n    run: echo\n    params: {{{params}}}\n"),
+    );
+    let out = p.sdpipe(&["status", "sweep.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("more than the 100000 sdpipe expands"), "{err}");
+    assert!(err.contains("sweep.yaml:3"), "{err}");
+}

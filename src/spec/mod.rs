@@ -231,9 +231,8 @@ impl Pipeline {
         // (six axes of ten values) before doing that work.
         if points.len() > sweep::MAX_POINTS {
             return Err(SpecError::unlocated(format!(
-                "the sweep has {} points, more than the {} sdpipe runs at once; use `random` \
-                 with a `count`, or fewer values",
-                points.len(),
+                "the sweep has more than the {} points sdpipe runs at once; use `random` with a \
+                 `count`, or fewer values",
                 sweep::MAX_POINTS
             ))
             .into());

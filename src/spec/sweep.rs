@@ -26,6 +26,10 @@ use super::{GatherBinding, InputRef, Pipeline, Stage, StagePoint};
 /// The most points one sweep may expand to.
 pub const MAX_POINTS: usize = 1000;
 
+/// Most grid points ever materialised (a `random` sweep draws from the whole grid): beyond this a
+/// hostile or mistaken file (ten axes of ten values) would exhaust memory before any check.
+pub const MAX_GRID: usize = 100_000;
+
 /// One swept parameter and its values.
 #[derive(Debug, Clone)]
 pub struct Axis {
@@ -140,7 +144,7 @@ pub fn parse(doc: &Document) -> Result<Option<Vec<Point>>, SpecErrors> {
     let path = vec![top[0].clone(), Seg::Key(form.into())];
     let body = &map[Yaml::from(form)];
     let points = match form {
-        "grid" => grid(&axes(body, path, &mut errors)),
+        "grid" => checked_grid(axes(body, path.clone(), &mut errors), &path, &mut errors, &at),
         "points" => {
             let Yaml::Sequence(items) = body else {
                 errors.push(at(&path, "`points` is a list of `{stage.param: value}` maps".into()));
@@ -186,7 +190,7 @@ pub fn parse(doc: &Document) -> Result<Option<Vec<Point>>, SpecErrors> {
             let mut gp = path.clone();
             gp.push(Seg::Key("grid".into()));
             let all = match m.get("grid") {
-                Some(g) => grid(&axes(g, gp, &mut errors)),
+                Some(g) => checked_grid(axes(g, gp.clone(), &mut errors), &gp, &mut errors, &at),
                 None => {
                     errors.push(at(&path, "`random` needs a `grid` to draw points from".into()));
                     Vec::new()
@@ -202,7 +206,29 @@ pub fn parse(doc: &Document) -> Result<Option<Vec<Point>>, SpecErrors> {
     }
 }
 
-/// Every combination of the axes' values, the first axis varying slowest.
+/// The grid of a file's axes, or a located error when it has more than [`MAX_GRID`] points.
+fn checked_grid(
+    axes: Vec<Axis>,
+    path: &[Seg],
+    errors: &mut Vec<SpecError>,
+    at: &dyn Fn(&[Seg], String) -> SpecError,
+) -> Vec<Point> {
+    let size = axes.iter().fold(1usize, |n, a| n.saturating_mul(a.values.len()));
+    if size > MAX_GRID {
+        errors.push(at(
+            path,
+            format!(
+                "the grid has {} points, more than the {MAX_GRID} sdpipe expands; use fewer values",
+                if size == usize::MAX { "too many".to_string() } else { size.to_string() }
+            ),
+        ));
+        return Vec::new();
+    }
+    grid(&axes)
+}
+
+/// Every combination of the axes' values, the first axis varying slowest; never more than
+/// `MAX_GRID + 1` of them (enough for every caller to see that there are too many).
 pub fn grid(axes: &[Axis]) -> Vec<Point> {
     let mut points = vec![Point::default()];
     for axis in axes {
@@ -216,6 +242,7 @@ pub fn grid(axes: &[Axis]) -> Vec<Point> {
                     p
                 })
             })
+            .take(MAX_GRID + 1)
             .collect();
     }
     points
@@ -239,6 +266,8 @@ pub fn with_cli_axes(file_points: Option<Vec<Point>>, cli: &[Axis]) -> Vec<Point
             })
         })
         .filter(|p| seen.insert(p.describe()))
+        // One more than the caller accepts is enough to refuse the sweep.
+        .take(MAX_POINTS + 1)
         .collect()
 }
 
@@ -481,6 +510,13 @@ fn bounded(label: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grid_never_materialises_more_than_the_cap() {
+        let ten = || (0..10).collect::<Vec<i64>>();
+        let axes: Vec<Axis> = (0..8).map(|i| axis(&format!("s.p{i}"), &ten())).collect();
+        assert_eq!(grid(&axes).len(), MAX_GRID + 1);
+    }
 
     #[test]
     fn long_labels_are_shortened_to_a_prefix_and_a_digest() {
