@@ -81,8 +81,12 @@ fn the_miniature_experiment_runs_end_to_end_and_then_comes_from_the_cache() {
 }
 
 /// The demo's experiment at a smaller size: a VAE trained on both domains, a UNet pretrained on
-/// the flat one (the "original" model) and finetuned on the textured one, both sampled on the
-/// textured domain's held-out captions and scored against its images.
+/// the flat one (the "original" model) and finetuned on the dusk one, both sampled on the dusk
+/// domain's held-out captions and scored against its images. Dusk differs from flat in
+/// whole-image brightness and hue, which a model this small can learn in a few dozen steps.
+/// GroupNorm uses 4 groups: with one group per channel the VAE's decoder normalises each image's
+/// mean colour away and ignores its latents, so no UNet could move the samples. The VAE trains
+/// on batches of 4: at 60 steps, batches of 8 left every sample one grey-blue field.
 const IMPROVES: &str = r#"
 stages:
   base_data:
@@ -99,7 +103,7 @@ stages:
     with: {images: target_data.images, photos: target_data.photos, test_count: 4, seed: 0}
   init:
     uses: tiny-sd
-    with: {seed: 7, image_size: 32, vae_channels: [16, 16, 32], norm_num_groups: 16}
+    with: {seed: 7, image_size: 32, vae_channels: [16, 16, 32], norm_num_groups: 4}
   vae:
     uses: train-vae
     with:
@@ -109,7 +113,7 @@ stages:
       resolution: 32
       center_crop: true
       random_flip: true
-      train_batch_size: 8
+      train_batch_size: 4
       max_train_steps: 60
       learning_rate: 2.0e-3
       seed: 7
@@ -136,8 +140,8 @@ stages:
       random_flip: true
       train_batch_size: 4
       gradient_accumulation_steps: 1
-      max_train_steps: 40
-      learning_rate: 1.0e-3
+      max_train_steps: 80
+      learning_rate: 2.0e-3
       seed: 7
   sample_base:
     uses: sample
@@ -180,8 +184,11 @@ fn finetuning_beats_the_original_model_on_the_target_domain() {
         number(&fid_tuned, "kid_mean"),
     );
     eprintln!("original → finetuned: {summary}");
-    // "Visibly": LPIPS at least 5% lower, FID and KID lower.
-    assert!(number(&lpips_tuned, "lpips") < 0.95 * number(&lpips_base, "lpips"), "{summary}");
-    assert!(number(&fid_tuned, "fid") < number(&fid_base, "fid"), "{summary}");
-    assert!(number(&fid_tuned, "kid_mean") < number(&fid_base, "kid_mean"), "{summary}");
+    // "Visibly", with margin: measured LPIPS 0.19 → 0.04, FID 1045 → 24, KID 35.9 → -1.0; with
+    // another sampling seed or 60 finetuning steps the worst ratios were 0.64, 0.59 and 0.38,
+    // so each bound holds with room to spare, not by estimator noise at N = 4.
+    assert!(number(&lpips_tuned, "lpips") < 0.8 * number(&lpips_base, "lpips"), "{summary}");
+    assert!(number(&fid_tuned, "fid") < 0.7 * number(&fid_base, "fid"), "{summary}");
+    let (kid_base, kid_tuned) = (number(&fid_base, "kid_mean"), number(&fid_tuned, "kid_mean"));
+    assert!(kid_base > 0.0 && kid_tuned < 0.5 * kid_base, "{summary}");
 }
