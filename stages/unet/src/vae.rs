@@ -11,10 +11,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor, Var};
+use candle_core::{Device, Result, Tensor, Var};
 use serde_json::{json, Value};
 
 use crate::blocks::Downsample2D;
@@ -26,78 +24,8 @@ use crate::params::{self, Init, ParamBuilder};
 /// diffusers' `AutoencoderKL` hard-codes eps 1e-6 in every norm of the encoder and decoder.
 const NORM_EPS: f64 = 1e-6;
 
-/// A stride-1 convolution `x ⋆ w` (`(B, Cin, H, W)` by `(Cout, Cin, k, k)`, zero padding
-/// `padding`) whose input gradient is itself a convolution — of the output gradient with the
-/// kernel flipped spatially and transposed (`Cin`↔`Cout`), padding `k − 1 − padding` — which
-/// candle runs as im2col + GEMM.
-///
-/// Why: candle 0.11.1 takes the input gradient of `conv2d` with `conv_transpose2d`, which on the
-/// CPU is a direct loop of `Cin`-long dot products per output pixel, parallel over `Cout` only.
-/// That is negligible at the UNet's 8×8 latents but dominates a VAE step, whose convolutions run
-/// at full image resolution on few channels. The kernel gradient keeps candle's formula.
-pub fn conv2d_stride1(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
-    // Untracked inputs need no graph; other devices keep candle's own backward.
-    if !(x.track_op() || w.track_op()) || !x.device().is_cpu() {
-        return x.conv2d(w, padding, 1, 1, 1);
-    }
-    let value = x.detach().conv2d(&w.detach(), padding, 1, 1, 1)?;
-    let op = StridedConv { padding, value: Mutex::new(Some(value)) };
-    x.apply_op2_arc(w, Arc::new(Box::new(op)))
-}
-
-/// [`conv2d_stride1`]'s graph node: the forward value computed beforehand (taken out on use, so
-/// the node keeps nothing alive) and the backward described there.
-struct StridedConv {
-    padding: usize,
-    value: Mutex<Option<Tensor>>,
-}
-
-impl CustomOp2 for StridedConv {
-    fn name(&self) -> &'static str {
-        "sdpipe-conv2d-stride1"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let mut slot =
-            self.value.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
-        let value =
-            slot.take().ok_or_else(|| candle_core::Error::Msg("forward ran twice".into()))?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, value.shape().clone())),
-            _ => candle_core::bail!("sdpipe-conv2d-stride1: computed on another device"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (x, w, grad) = (x.detach(), w.detach(), grad.detach());
-        let k = w.dim(2)?;
-        let reversed = Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), w.device())?;
-        let flipped = w.index_select(&reversed, 2)?.index_select(&reversed, 3)?;
-        let flipped = flipped.transpose(0, 1)?.contiguous()?;
-        let grad_x = grad.conv2d(&flipped, k - 1 - self.padding, 1, 1, 1)?;
-        let grad_w = x
-            .transpose(0, 1)?
-            .conv2d(&grad.transpose(0, 1)?, self.padding, 1, 1, 1)?
-            .transpose(0, 1)?;
-        Ok((Some(grad_x), Some(grad_w)))
-    }
-}
-
 /// `nn.Conv2d` with a bias, square kernel, stride 1 (every VAE convolution but the
-/// downsamplers'), on [`conv2d_stride1`].
+/// downsamplers'), on [`ops::conv2d_stride1`].
 #[derive(Debug, Clone)]
 struct Conv2d {
     weight: Tensor,
@@ -122,7 +50,7 @@ impl Conv2d {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d_stride1(x, &self.weight, self.padding)?;
+        let y = ops::conv2d_stride1(x, &self.weight, self.padding)?;
         y.broadcast_add(&self.bias.reshape((1, self.bias.dim(0)?, 1, 1))?)
     }
 }
@@ -713,79 +641,6 @@ mod tests {
 
     fn max_abs(a: &Tensor) -> f32 {
         a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
-
-    /// A deterministic f64 tensor with values spread over about [-2, 2].
-    fn sample(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-        let values: Vec<f64> = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
-            })
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    }
-
-    /// The gradients of `Σ conv(x, w) ⊙ r` against central finite differences, for every
-    /// element of `x` and `w` (f64: differences agree to ~1e-9).
-    fn check_conv_gradients(x: Tensor, w: Tensor, padding: usize) {
-        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
-        let out = conv2d_stride1(xv.as_tensor(), wv.as_tensor(), padding).unwrap();
-        let r = sample(out.dims(), 99);
-        let objective = |x: &Tensor, w: &Tensor| -> f64 {
-            (x.conv2d(w, padding, 1, 1, 1).unwrap() * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        let grads = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let h = 1e-6;
-        for (which, var) in [(0, &xv), (1, &wv)] {
-            let analytic: Vec<f64> =
-                grads.get(var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let base = if which == 0 { &x } else { &w };
-            let values: Vec<f64> = base.flatten_all().unwrap().to_vec1().unwrap();
-            for (j, &a) in analytic.iter().enumerate() {
-                let shifted = |delta: f64| {
-                    let mut v = values.clone();
-                    v[j] += delta;
-                    let t = Tensor::from_vec(v, base.dims(), &Device::Cpu).unwrap();
-                    if which == 0 {
-                        objective(&t, &w)
-                    } else {
-                        objective(&x, &t)
-                    }
-                };
-                let numeric = (shifted(h) - shifted(-h)) / (2.0 * h);
-                assert!(
-                    (a - numeric).abs() <= 1e-7 + 1e-6 * numeric.abs(),
-                    "input {which} element {j}: analytic {a} vs finite difference {numeric}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn conv_gradients_match_finite_differences() {
-        check_conv_gradients(sample(&[2, 3, 5, 4], 1), sample(&[2, 3, 3, 3], 2), 1);
-        check_conv_gradients(sample(&[1, 2, 3, 3], 3), sample(&[3, 2, 1, 1], 4), 0);
-    }
-
-    #[test]
-    fn conv_forward_equals_candles_conv2d() {
-        let (x, w) = (sample(&[2, 3, 6, 6], 5), sample(&[4, 3, 3, 3], 6));
-        let tracked = Var::from_tensor(&x).unwrap();
-        let ours = conv2d_stride1(tracked.as_tensor(), &w, 1).unwrap();
-        let want = x.conv2d(&w, 1, 1, 1, 1).unwrap();
-        let diff: f64 =
-            (ours - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        assert_eq!(diff, 0.0);
     }
 
     #[test]
