@@ -104,9 +104,11 @@ pub fn fingerprint(
     let provenance = match &stage.action {
         Action::Builtin(kind) if kind.wants_provenance() => {
             let provenance = provenance(pipeline, stage, upstream);
-            // In the key: a report never shows another run's keys.
+            // In the key: a report never shows another run's keys. Compute times are not: they
+            // differ on every run, and an upstream result recomputed with the same key (or
+            // pulled from a teammate's run) must not make the report stale.
             let label = "<provenance>".to_string();
-            let bytes = serde_json::to_vec(&provenance).unwrap_or_default();
+            let bytes = serde_json::to_vec(&without_timings(&provenance)).unwrap_or_default();
             deps.insert(label.clone(), DepDigest { path: label, digest: Digest::of_bytes(&bytes) });
             provenance
         }
@@ -149,6 +151,17 @@ fn provenance(pipeline: &Pipeline, stage: &Stage, upstream: &HashMap<String, Rec
         })
         .collect();
     serde_json::json!({ "stages": stages })
+}
+
+/// `provenance` without its stages' compute times.
+fn without_timings(provenance: &Json) -> Json {
+    let mut p = provenance.clone();
+    for stage in p["stages"].as_array_mut().into_iter().flatten() {
+        if let Some(fields) = stage.as_object_mut() {
+            fields.remove("seconds");
+        }
+    }
+    p
 }
 
 /// A record for `key` whose objects are all present.

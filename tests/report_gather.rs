@@ -11,7 +11,9 @@ sweep:
     train.lr: [1, 3]
 stages:
   train:
-    run: printf '{"step":1,"loss":0.%s,"lr":0.1,"grad_norm":1,"seconds":0.5}\n' ${params.lr} > log.jsonl
+    run: |
+      sleep ${SLOW:-0}
+      printf '{"step":1,"loss":0.%s,"lr":0.1,"grad_norm":1}\n' ${params.lr} > log.jsonl
     params: {lr: 1}
     outs: {log: log.jsonl}
   fid:
@@ -60,4 +62,23 @@ fn adding_a_point_reruns_the_gathering_stage_with_it() {
     let s = p.run_ok("sweep.yaml", &["--set", "train.lr=1,3,5"]);
     assert_eq!(in_state(&s, "ran"), ["train@lr=5", "fid@lr=5", "report"], "{s:#}");
     assert!(p.read("runs/sweep/report/report/README.md").contains("lr=5"));
+}
+
+#[test]
+fn an_upstream_stage_recomputed_with_the_same_result_leaves_the_report_cached() {
+    let p = Project::new();
+    p.write("sweep.yaml", PIPELINE);
+    p.run_ok("sweep.yaml", &[]);
+    // The same result, computed again and more slowly: the report shows compute times, but a
+    // different one is no reason to redo it.
+    let (s, code) = json_of(p.cmd().env("SLOW", "0.3").args([
+        "run",
+        "sweep.yaml",
+        "--json",
+        "--force",
+        "train@lr=1",
+    ]));
+    assert_eq!(code, 0, "{s:#}");
+    assert_eq!(in_state(&s, "ran"), ["train@lr=1"], "{s:#}");
+    assert_eq!(state_of(&s, "report"), "cached", "{s:#}");
 }

@@ -59,15 +59,7 @@ impl Project {
     }
 
     pub fn json(&self, args: &[&str]) -> (Value, i32) {
-        let out = self.sdpipe(args);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let value: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-            panic!(
-                "{args:?}: invalid JSON ({e})\nstdout:\n{stdout}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (value, out.status.code().unwrap_or(-1))
+        json_of(self.cmd().args(args))
     }
 
     /// Run and insist it succeeded; returns the summary.
@@ -79,6 +71,20 @@ impl Project {
 }
 
 /// Stage name → state, from a summary.
+/// Run `c` (an `sdpipe ... --json` command): its parsed stdout and exit code.
+pub fn json_of(c: &mut Command) -> (Value, i32) {
+    let out = c.output().expect("run sdpipe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "{:?}: invalid JSON ({e})\nstdout:\n{stdout}\nstderr:\n{}",
+            c.get_args().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (value, out.status.code().unwrap_or(-1))
+}
+
 pub fn states(summary: &Value) -> Vec<(String, String)> {
     summary["stages"]
         .as_array()

@@ -95,8 +95,6 @@ pub struct TrainStep {
     pub lr: Option<f64>,
     #[serde(default)]
     pub grad_norm: Option<f64>,
-    #[serde(default)]
-    pub seconds: Option<f64>,
 }
 
 /// `path` itself when it is a file, else `path/name`.
@@ -382,8 +380,7 @@ pub fn read_lpips(
 
 /// A train stage's `train_log.jsonl`, sorted by step.
 pub fn read_train_log(input: &str, path: &Path) -> Result<Vec<TrainStep>, ReportError> {
-    const EXPECTED: &str =
-        "train_log.jsonl ({\"step\", \"loss\", \"lr\", \"grad_norm\", \"seconds\"} lines)";
+    const EXPECTED: &str = "train_log.jsonl ({\"step\", \"loss\", \"lr\", \"grad_norm\"} lines)";
     let file = file_in(path, "train_log.jsonl");
     let mut steps: Vec<TrainStep> = read_jsonl(input, &file, EXPECTED)?;
     steps.sort_by_key(|s| s.step);

@@ -52,7 +52,7 @@ impl StageKind for Report {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn doc(&self) -> &'static str {

@@ -68,17 +68,6 @@ fn finite_points(log: &[TrainStep]) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Training wall time: `seconds` is read as elapsed time since the start when it only ever
-/// grows, else as each step's own duration.
-pub fn training_seconds(log: &[TrainStep]) -> Option<f64> {
-    let secs: Vec<f64> = log.iter().filter_map(|s| s.seconds).collect();
-    if secs.is_empty() {
-        return None;
-    }
-    let elapsed = secs.len() >= 2 && secs.windows(2).all(|w| w[1] > w[0]);
-    Some(if elapsed { *secs.last().expect("non-empty") } else { secs.iter().sum() })
-}
-
 fn envelope(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
     if points.len() <= MAX_RAW_POINTS {
         return points.to_vec();
@@ -115,7 +104,6 @@ pub fn build(models: &[Model], report: &Path) -> Result<Option<Section>, ReportE
         ("First loss", Align::Right),
         ("Final loss", Align::Right),
         ("Final moving average", Align::Right),
-        ("Training seconds", Align::Right),
     ]);
     let mut notes = Vec::new();
     let mut json_rows = Vec::new();
@@ -138,7 +126,6 @@ pub fn build(models: &[Model], report: &Path) -> Result<Option<Section>, ReportE
         if log.is_empty() {
             notes.push(format!("{}: the training log is empty.", format::code(&m.name)));
         }
-        let seconds = training_seconds(log);
         let dash = || "—".to_string();
         table.row(vec![
             format::code(&m.name),
@@ -146,7 +133,6 @@ pub fn build(models: &[Model], report: &Path) -> Result<Option<Section>, ReportE
             losses.first().map(|l| format::num(*l)).unwrap_or_else(dash),
             losses.last().map(|l| format::num(*l)).unwrap_or_else(dash),
             average.last().map(|l| format!("{} (last {w})", format::num(*l))).unwrap_or_else(dash),
-            seconds.map(format::num).unwrap_or_else(dash),
         ]);
         json_rows.push(json!({
             "model": m.name,
@@ -158,7 +144,6 @@ pub fn build(models: &[Model], report: &Path) -> Result<Option<Section>, ReportE
             "final_moving_average": average.last(),
             "moving_average_window": w,
             "non_finite_losses": non_finite,
-            "seconds": seconds,
             "final_lr": log.last().and_then(|s| s.lr),
         }));
         if !points.is_empty() {
@@ -268,8 +253,8 @@ fn plot(curves: &[Curve]) -> Result<String, ReportError> {
 mod tests {
     use super::*;
 
-    fn step(step: u64, loss: Option<f64>, seconds: f64) -> TrainStep {
-        TrainStep { step, loss, lr: None, grad_norm: None, seconds: Some(seconds) }
+    fn step(step: u64, loss: Option<f64>) -> TrainStep {
+        TrainStep { step, loss, lr: None, grad_norm: None }
     }
 
     #[test]
@@ -281,14 +266,6 @@ mod tests {
     #[test]
     fn moving_average_is_trailing_and_exact() {
         assert_eq!(moving_average(&[1.0, 3.0, 5.0, 7.0], 2), vec![1.0, 2.0, 4.0, 6.0]);
-    }
-
-    #[test]
-    fn elapsed_seconds_use_the_last_value_and_durations_are_summed() {
-        let elapsed = [step(1, Some(1.0), 0.5), step(2, Some(1.0), 1.0), step(3, None, 1.5)];
-        assert_eq!(training_seconds(&elapsed), Some(1.5));
-        let durations = [step(1, Some(1.0), 0.5), step(2, Some(1.0), 0.5)];
-        assert_eq!(training_seconds(&durations), Some(1.0));
     }
 
     #[test]

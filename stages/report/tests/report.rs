@@ -49,9 +49,7 @@ impl Experiment {
             let log: Vec<Value> = losses
                 .iter()
                 .enumerate()
-                .map(|(i, l)| {
-                    json!({"step": i + 1, "loss": l, "lr": 1e-4, "grad_norm": 1.0, "seconds": 0.5 * (i + 1) as f64})
-                })
+                .map(|(i, l)| json!({"step": i + 1, "loss": l, "lr": 1e-4, "grad_norm": 1.0}))
                 .collect();
             write_jsonl(&e.path(&format!("{name}/train_log.jsonl")), &log);
         }
@@ -306,11 +304,8 @@ fn loss_svg_is_valid_svg_with_one_bold_path_per_variant() {
     let training = section(&text, "Training loss");
     assert!(training.contains("![Training loss per step](loss.svg)"));
     let rows = table_rows(&training);
-    // v1 (learning_rate=0.0001): 4 steps, 0.9 → 0.4, elapsed seconds 2.0.
-    assert_eq!(
-        rows[1],
-        "| `learning_rate=0.0001` | 4 | 0.9000 | 0.4000 | 0.4000 (last 1) | 2.000 |"
-    );
+    // v1 (learning_rate=0.0001): 4 steps, 0.9 → 0.4.
+    assert_eq!(rows[1], "| `learning_rate=0.0001` | 4 | 0.9000 | 0.4000 | 0.4000 (last 1) |");
 }
 
 #[test]

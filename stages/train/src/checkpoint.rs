@@ -200,7 +200,8 @@ mod tests {
             adam: vec![Some(Moments { step, exp_avg: t(0.1), exp_avg_sq: t(0.2) }), None],
             ema: Some((step, vec![t(9.0), t(8.0)])),
             log: (1..=step)
-                .map(|s| LogLine { step: s, loss: 0.5, lr: 1e-4, grad_norm: 1.0, seconds: 0.1 })
+                // Step times are not saved (as in train_log.jsonl): zero reads back as zero.
+                .map(|s| LogLine { step: s, loss: 0.5, lr: 1e-4, grad_norm: 1.0, seconds: 0.0 })
                 .collect(),
         }
     }

@@ -173,7 +173,7 @@ impl StageKind for Train {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn doc(&self) -> &'static str {
@@ -183,8 +183,9 @@ impl StageKind for Train {
          scaling_factor; DDPM noising with the model's scheduler config; ε or v target; MSE \
          (optionally min-SNR weighted); gradient accumulation; global-norm clipping; AdamW; \
          diffusers' learning-rate schedules; EMA. Writes `model/` (the complete pipeline folder, \
-         with the EMA weights when use_ema) and `train_log.jsonl` (step, loss, lr, grad_norm, \
-         seconds per optimiser step). Checkpoints go to the stage's state directory, so an \
+         with the EMA weights when use_ema) and `train_log.jsonl` (step, loss, lr, grad_norm \
+         per optimiser step; wall time per step goes to the stage's log, so the output depends \
+         on the inputs alone). Checkpoints go to the stage's state directory, so an \
          interrupted run resumes."
     }
 
@@ -333,7 +334,7 @@ impl StageKind for Train {
                 name: "log",
                 path: LOG,
                 kind: OutputKind::File,
-                doc: "One JSON line per optimiser step: step, loss, lr, grad_norm, seconds.",
+                doc: "One JSON line per optimiser step: step, loss, lr, grad_norm.",
             },
         ]
     }

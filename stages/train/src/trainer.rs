@@ -54,7 +54,10 @@ pub struct LogLine {
     pub lr: f64,
     /// The global gradient norm before clipping.
     pub grad_norm: f64,
-    /// Wall-clock seconds the step took.
+    /// Wall-clock seconds the step took: in the stage's log, not in `train_log.jsonl`, whose
+    /// bytes must depend on the inputs alone (a rerun, or another machine, gives the same file,
+    /// so nothing downstream reruns for a different timing).
+    #[serde(skip)]
     pub seconds: f64,
 }
 

@@ -93,7 +93,7 @@ impl StageKind for TrainVae {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn doc(&self) -> &'static str {
@@ -105,7 +105,7 @@ impl StageKind for TrainVae {
          latents); global-norm clipping; AdamW; seeded. Writes `model/` (the pipeline with the \
          new VAE and everything else unchanged; vae/config.json's scaling_factor set to 1/std of \
          the training images' latents, the LDM practice) and `train_log.jsonl` (step, loss, \
-         recon, kl, lr, grad_norm, seconds)."
+         recon, kl, lr, grad_norm; wall time per step goes to the stage's log)."
     }
 
     fn params(&self) -> Vec<ParamSpec> {
@@ -227,8 +227,7 @@ impl StageKind for TrainVae {
                 name: "log",
                 path: LOG,
                 kind: OutputKind::File,
-                doc: "One JSON line per optimiser step: step, loss, recon, kl, lr, grad_norm, \
-                      seconds.",
+                doc: "One JSON line per optimiser step: step, loss, recon, kl, lr, grad_norm.",
             },
         ]
     }

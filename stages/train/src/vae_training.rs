@@ -86,6 +86,9 @@ pub struct VaeLogLine {
     pub lr: f64,
     /// The global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Wall-clock seconds the step took: in the stage's log only, as for `train` (see
+    /// [`crate::trainer::LogLine::seconds`]).
+    #[serde(skip)]
     pub seconds: f64,
 }
 

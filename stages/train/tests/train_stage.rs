@@ -62,7 +62,8 @@ fn the_log_has_one_line_per_optimiser_step_with_its_settings() {
         assert_eq!(line["step"], json!(i + 1));
         assert_eq!(line["lr"], json!(1e-3), "constant schedule");
         assert!(line["grad_norm"].as_f64().unwrap() > 0.0);
-        assert!(line["seconds"].as_f64().unwrap() > 0.0);
+        // Wall time goes to the stage's log: this file depends on the inputs alone.
+        assert_eq!(line.get("seconds"), None, "{line}");
     }
 }
 
@@ -133,12 +134,8 @@ fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
 
     let weights = "model/unet/diffusion_pytorch_model.safetensors";
     assert_eq!(read(&whole.out_dir().join(weights)), read(&resumed.out_dir().join(weights)));
-    let strip = |out: &Path| {
-        let mut lines = log_lines(out);
-        lines.iter_mut().for_each(|l| l["seconds"] = json!(0));
-        lines
-    };
-    assert_eq!(strip(whole.out_dir()), strip(resumed.out_dir()));
+    let log = "train_log.jsonl";
+    assert_eq!(read(&whole.out_dir().join(log)), read(&resumed.out_dir().join(log)));
 }
 
 #[test]
