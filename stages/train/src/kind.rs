@@ -22,12 +22,11 @@ use sdpipe_stages::api::{
 use serde_json::{json, Value};
 
 use crate::checkpoint;
-use crate::data::{load_train_split, Transform};
+use crate::data::load_train_split;
 use crate::denoiser::Denoiser;
 use crate::frozen::Frozen;
-use crate::lr::{LrKind, LrSchedule};
 use crate::objective::{NoiseSchedule, Prediction, ScheduleConfig};
-use crate::optim::AdamWConfig;
+use crate::recipe::{self, float, int, invalid, OptimiserDefaults};
 use crate::trainer::{TrainConfig, TrainError, Trainer};
 
 const MODEL: &str = "model";
@@ -51,10 +50,6 @@ struct Settings {
     prediction_override: Option<Prediction>,
 }
 
-fn invalid(param: &str, message: impl Into<String>) -> StageError {
-    StageError::InvalidParam { param: param.into(), message: message.into() }
-}
-
 /// An optional number given as a JSON number or null.
 fn optional_number(ctx: &StageContext<'_>, name: &str) -> Result<Option<f64>, StageError> {
     match ctx.params.get(name) {
@@ -69,17 +64,7 @@ fn optional_number(ctx: &StageContext<'_>, name: &str) -> Result<Option<f64>, St
 
 impl Settings {
     fn from(ctx: &StageContext<'_>) -> Result<Settings, StageError> {
-        let lr_name: String = ctx.param("lr_scheduler")?;
-        let lr_kind = LrKind::parse(&lr_name)
-            .ok_or_else(|| invalid("lr_scheduler", format!("unknown schedule `{lr_name}`")))?;
         let max_train_steps: u64 = ctx.param("max_train_steps")?;
-        let max_grad_norm: f64 = ctx.param("max_grad_norm")?;
-        if max_grad_norm <= 0.0 {
-            return Err(invalid(
-                "max_grad_norm",
-                "must be positive (torch would zero every gradient)",
-            ));
-        }
         let snr_gamma = optional_number(ctx, "snr_gamma")?;
         if snr_gamma.is_some_and(|g| g <= 0.0) {
             return Err(invalid("snr_gamma", "must be positive (5.0 is the paper's value)"));
@@ -98,28 +83,14 @@ impl Settings {
         };
         let seed: i64 = ctx.param("seed")?;
         let config = TrainConfig {
-            transform: Transform {
-                resolution: ctx.param("resolution")?,
-                center_crop: ctx.param("center_crop")?,
-                random_flip: ctx.param("random_flip")?,
-            },
+            transform: recipe::transform(ctx)?,
             batch_size: ctx.param("train_batch_size")?,
             accumulation: ctx.param("gradient_accumulation_steps")?,
             gradient_checkpointing: ctx.param("gradient_checkpointing")?,
             max_train_steps,
-            lr: LrSchedule {
-                kind: lr_kind,
-                base_lr: ctx.param("learning_rate")?,
-                warmup_steps: ctx.param("lr_warmup_steps")?,
-                training_steps: max_train_steps,
-            },
-            max_grad_norm,
-            adam: AdamWConfig {
-                beta1: ctx.param("adam_beta1")?,
-                beta2: ctx.param("adam_beta2")?,
-                eps: ctx.param("adam_epsilon")?,
-                weight_decay: ctx.param("adam_weight_decay")?,
-            },
+            lr: recipe::lr_schedule(ctx, max_train_steps)?,
+            max_grad_norm: recipe::max_grad_norm(ctx)?,
+            adam: recipe::adamw(ctx)?,
             use_ema: ctx.param("use_ema")?,
             seed: seed as u64,
             noise_offset: ctx.param("noise_offset")?,
@@ -190,9 +161,7 @@ impl StageKind for Train {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let int = |min: i64, max: Option<i64>| ParamType::Int { min: Some(min), max };
-        let float = |min: f64, max: Option<f64>| ParamType::Float { min: Some(min), max };
-        vec![
+        let mut params = vec![
             ParamSpec::required(
                 "dataset",
                 ParamType::Input,
@@ -212,24 +181,9 @@ impl StageKind for Train {
                 "Hub repository id or local folder of a diffusers SD1.x pipeline (safetensors).",
             ),
             ParamSpec::optional("revision", ParamType::String, json!("main"), "Hub revision."),
-            ParamSpec::optional(
-                "resolution",
-                int(8, Some(4096)),
-                json!(512),
-                "Images are resized (shorter side) and cropped to this square size.",
-            ),
-            ParamSpec::optional(
-                "center_crop",
-                ParamType::Bool,
-                json!(false),
-                "Centre crop (true) or random crop (false) after resizing.",
-            ),
-            ParamSpec::optional(
-                "random_flip",
-                ParamType::Bool,
-                json!(false),
-                "Flip each image horizontally with probability 0.5.",
-            ),
+        ];
+        params.extend(recipe::transform_params());
+        params.extend([
             ParamSpec::optional(
                 "train_batch_size",
                 int(1, Some(4096)),
@@ -249,30 +203,14 @@ impl StageKind for Train {
                 "Recompute UNet block activations in the backward pass to save memory.",
             ),
             ParamSpec::optional("max_train_steps", int(1, None), json!(150), "Optimiser steps."),
-            ParamSpec::optional(
-                "learning_rate",
-                float(0.0, None),
-                json!(1e-5),
-                "Peak learning rate.",
-            ),
-            ParamSpec::optional(
-                "max_grad_norm",
-                float(0.0, None),
-                json!(1.0),
-                "Clip the global gradient norm to this before each optimiser step.",
-            ),
-            ParamSpec::optional(
-                "lr_scheduler",
-                ParamType::Enum(LrKind::NAMES),
-                json!("constant"),
-                "Learning-rate schedule (diffusers' get_scheduler).",
-            ),
-            ParamSpec::optional(
-                "lr_warmup_steps",
-                int(0, None),
-                json!(0),
-                "Linear warmup steps (ignored by `constant`, as in diffusers).",
-            ),
+        ]);
+        params.extend(recipe::optimiser_params(OptimiserDefaults {
+            learning_rate: 1e-5,
+            adam_beta1: 0.9,
+            adam_beta1_doc: "AdamW β₁.",
+            adam_beta2: 0.999,
+        }));
+        params.extend([
             ParamSpec::optional(
                 "use_ema",
                 ParamType::Bool,
@@ -303,23 +241,15 @@ impl StageKind for Train {
                 Value::Null,
                 "`epsilon` or `v_prediction`; null uses the model's scheduler config.",
             ),
-            ParamSpec::optional("adam_beta1", float(0.0, Some(1.0)), json!(0.9), "AdamW β₁."),
-            ParamSpec::optional("adam_beta2", float(0.0, Some(1.0)), json!(0.999), "AdamW β₂."),
-            ParamSpec::optional(
-                "adam_weight_decay",
-                float(0.0, None),
-                json!(1e-2),
-                "AdamW decoupled weight decay.",
-            ),
-            ParamSpec::optional("adam_epsilon", float(0.0, None), json!(1e-8), "AdamW ε."),
             ParamSpec::optional(
                 "checkpointing_steps",
                 int(1, None),
                 json!(500),
                 "Write a resumable checkpoint every this many optimiser steps.",
             ),
-            ParamSpec::optional("threads", int(1, Some(256)), json!(4), "CPU threads wanted."),
-        ]
+            recipe::threads_param(),
+        ]);
+        params
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {

@@ -19,6 +19,7 @@ pub mod lr;
 pub mod objective;
 pub mod optim;
 pub mod posterior;
+pub mod recipe;
 pub mod rng;
 pub mod trainer;
 pub mod vae_kind;

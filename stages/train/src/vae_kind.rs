@@ -17,9 +17,8 @@ use sdpipe_stages::api::{
 use sdpipe_unet::vae::Vae;
 use serde_json::{json, Value};
 
-use crate::data::{load_train_split, Example, Transform};
-use crate::lr::{LrKind, LrSchedule};
-use crate::optim::AdamWConfig;
+use crate::data::{load_train_split, Example};
+use crate::recipe::{self, float, int, invalid, OptimiserDefaults};
 use crate::vae_training::{ReconLoss, VaeTrainConfig, VaeTrainer};
 
 const MODEL: &str = "model";
@@ -29,45 +28,20 @@ const LOG: &str = "train_log.jsonl";
 #[derive(Default)]
 pub struct TrainVae;
 
-fn invalid(param: &str, message: impl Into<String>) -> StageError {
-    StageError::InvalidParam { param: param.into(), message: message.into() }
-}
-
 fn settings(ctx: &StageContext<'_>) -> Result<VaeTrainConfig, StageError> {
-    let lr_name: String = ctx.param("lr_scheduler")?;
-    let lr_kind = LrKind::parse(&lr_name)
-        .ok_or_else(|| invalid("lr_scheduler", format!("unknown schedule `{lr_name}`")))?;
     let loss_name: String = ctx.param("reconstruction_loss")?;
     let recon = ReconLoss::parse(&loss_name).ok_or_else(|| {
         invalid("reconstruction_loss", format!("`{loss_name}`: expected l1 or mse"))
     })?;
-    let max_grad_norm: f64 = ctx.param("max_grad_norm")?;
-    if max_grad_norm <= 0.0 {
-        return Err(invalid("max_grad_norm", "must be positive (torch would zero every gradient)"));
-    }
     let max_train_steps: u64 = ctx.param("max_train_steps")?;
     let seed: i64 = ctx.param("seed")?;
     Ok(VaeTrainConfig {
-        transform: Transform {
-            resolution: ctx.param("resolution")?,
-            center_crop: ctx.param("center_crop")?,
-            random_flip: ctx.param("random_flip")?,
-        },
+        transform: recipe::transform(ctx)?,
         batch_size: ctx.param("train_batch_size")?,
         max_train_steps,
-        lr: LrSchedule {
-            kind: lr_kind,
-            base_lr: ctx.param("learning_rate")?,
-            warmup_steps: ctx.param("lr_warmup_steps")?,
-            training_steps: max_train_steps,
-        },
-        max_grad_norm,
-        adam: AdamWConfig {
-            beta1: ctx.param("adam_beta1")?,
-            beta2: ctx.param("adam_beta2")?,
-            eps: ctx.param("adam_epsilon")?,
-            weight_decay: ctx.param("adam_weight_decay")?,
-        },
+        lr: recipe::lr_schedule(ctx, max_train_steps)?,
+        max_grad_norm: recipe::max_grad_norm(ctx)?,
+        adam: recipe::adamw(ctx)?,
         seed: seed as u64,
         kl_weight: ctx.param("kl_weight")?,
         recon,
@@ -109,9 +83,7 @@ impl StageKind for TrainVae {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let int = |min: i64, max: Option<i64>| ParamType::Int { min: Some(min), max };
-        let float = |min: f64, max: Option<f64>| ParamType::Float { min: Some(min), max };
-        vec![
+        let mut params = vec![
             ParamSpec::required(
                 "pipeline",
                 ParamType::Input,
@@ -130,24 +102,9 @@ impl StageKind for TrainVae {
                 "A second imagefolder dataset whose `train/` images are added (a VAE is meant to \
                  represent every domain the diffusion model will see; test images stay out).",
             ),
-            ParamSpec::optional(
-                "resolution",
-                int(8, Some(4096)),
-                json!(512),
-                "Images are resized (shorter side) and cropped to this square size.",
-            ),
-            ParamSpec::optional(
-                "center_crop",
-                ParamType::Bool,
-                json!(false),
-                "Centre crop (true) or random crop (false) after resizing.",
-            ),
-            ParamSpec::optional(
-                "random_flip",
-                ParamType::Bool,
-                json!(false),
-                "Flip each image horizontally with probability 0.5.",
-            ),
+        ];
+        params.extend(recipe::transform_params());
+        params.extend([
             ParamSpec::optional(
                 "train_batch_size",
                 int(1, Some(4096)),
@@ -155,24 +112,14 @@ impl StageKind for TrainVae {
                 "Images per optimiser step.",
             ),
             ParamSpec::optional("max_train_steps", int(1, None), json!(1000), "Optimiser steps."),
-            ParamSpec::optional(
-                "learning_rate",
-                float(0.0, None),
-                json!(1e-4),
-                "Peak learning rate.",
-            ),
-            ParamSpec::optional(
-                "lr_scheduler",
-                ParamType::Enum(LrKind::NAMES),
-                json!("constant"),
-                "Learning-rate schedule (diffusers' get_scheduler).",
-            ),
-            ParamSpec::optional(
-                "lr_warmup_steps",
-                int(0, None),
-                json!(0),
-                "Linear warmup steps (ignored by `constant`, as in diffusers).",
-            ),
+        ]);
+        params.extend(recipe::optimiser_params(OptimiserDefaults {
+            learning_rate: 1e-4,
+            adam_beta1: 0.5,
+            adam_beta1_doc: "AdamW β₁ (0.5, as diffusers' and LDM's autoencoder training).",
+            adam_beta2: 0.9,
+        }));
+        params.extend([
             ParamSpec::optional(
                 "reconstruction_loss",
                 ParamType::Enum(ReconLoss::NAMES),
@@ -186,33 +133,14 @@ impl StageKind for TrainVae {
                 "Weight of the KL term (diffusers' --kl_scale; LDM's kl_weight).",
             ),
             ParamSpec::optional(
-                "max_grad_norm",
-                float(0.0, None),
-                json!(1.0),
-                "Clip the global gradient norm to this before each optimiser step.",
-            ),
-            ParamSpec::optional(
-                "adam_beta1",
-                float(0.0, Some(1.0)),
-                json!(0.5),
-                "AdamW β₁ (0.5, as diffusers' and LDM's autoencoder training).",
-            ),
-            ParamSpec::optional("adam_beta2", float(0.0, Some(1.0)), json!(0.9), "AdamW β₂."),
-            ParamSpec::optional(
-                "adam_weight_decay",
-                float(0.0, None),
-                json!(1e-2),
-                "AdamW decoupled weight decay.",
-            ),
-            ParamSpec::optional("adam_epsilon", float(0.0, None), json!(1e-8), "AdamW ε."),
-            ParamSpec::optional(
                 "seed",
                 int(0, None),
                 json!(0),
                 "Seed of every random draw (data order, crops, flips, posterior noise).",
             ),
-            ParamSpec::optional("threads", int(1, Some(256)), json!(4), "CPU threads wanted."),
-        ]
+            recipe::threads_param(),
+        ]);
+        params
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
