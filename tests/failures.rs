@@ -5,14 +5,6 @@ use common::*;
 
 use std::time::{Duration, Instant};
 
-fn wait_for(path: &std::path::Path, limit: Duration) {
-    let t0 = Instant::now();
-    while !path.exists() {
-        assert!(t0.elapsed() < limit, "{} never appeared", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn failing_stage_skips_dependents_finishes_independent_branches_and_exits_nonzero() {
     let p = Project::new();

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -22,14 +20,6 @@ fn background_pipeline(secs: u32, then: &str) -> String {
         "stages:\n  bg:\n    run: |\n      sleep {secs} &\n      echo $! > $SDPIPE_PROJECT/bg.pid\n      \
          touch $SDPIPE_PROJECT/started\n      {then}\n    outs: [o]\n"
     )
-}
-
-fn wait_for(path: &Path, limit: Duration) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(t.elapsed() < limit, "{} never appeared", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Whether `pid` is a live (not zombie) `sleep <secs>`.
@@ -62,14 +52,7 @@ fn sigkill_of_sdpipe_leaves_no_background_process_of_a_stage_behind() {
     let secs = unique_seconds(0);
     let p = Project::new();
     p.write("pipeline.yaml", &background_pipeline(secs, "sleep 60; echo > o"));
-    let mut child = p
-        .cmd()
-        .args(["run", "pipeline.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(&p.path().join("started"), Duration::from_secs(60));
+    let mut child = start_until_started(p.cmd().args(["run", "pipeline.yaml"]), p.path());
     let pid = background_pid(&p);
     assert!(sleeping(pid, secs), "the background process should be running");
     child.kill().unwrap(); // SIGKILL: sdpipe runs no cleanup code
@@ -100,14 +83,7 @@ fn interrupting_the_run_kills_the_stages_background_processes() {
     let secs = unique_seconds(2);
     let p = Project::new();
     p.write("pipeline.yaml", &background_pipeline(secs, "sleep 60; echo > o"));
-    let mut child = p
-        .cmd()
-        .args(["run", "pipeline.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(&p.path().join("started"), Duration::from_secs(60));
+    let mut child = start_until_started(p.cmd().args(["run", "pipeline.yaml"]), p.path());
     let pid = background_pid(&p);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();

@@ -148,14 +148,6 @@ fn keys(summary: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-fn wait_for(path: &Path, limit: Duration) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(t.elapsed() < limit, "{} never appeared", path.display());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Ids of this user's jobs named `name` that Slurm still runs or queues.
 fn active_jobs(name: &str) -> Vec<String> {
     let out = Command::new("squeue").args(["-h", "-n", name, "-o", "%i"]).output().unwrap();
@@ -242,14 +234,7 @@ fn interrupting_the_run_cancels_the_job_with_scancel() {
         "pipeline.yaml",
         "executor: slurm\nstages:\n  slow-interrupt:\n    run: touch $SDPIPE_PROJECT/started; sleep 120; echo x > o\n    outs: [o]\n",
     );
-    let mut child = slurm
-        .cmd()
-        .args(["run", "pipeline.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(&slurm.p.path().join("started"), Duration::from_secs(60));
+    let mut child = start_until_started(slurm.cmd().args(["run", "pipeline.yaml"]), slurm.p.path());
     assert_eq!(active_jobs("sdpipe-slow-interrupt").len(), 1);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
@@ -271,14 +256,7 @@ fn a_sigkilled_sdpipe_leaves_no_job_running() {
         "pipeline.yaml",
         "executor: slurm\nstages:\n  slow-killed:\n    run: touch $SDPIPE_PROJECT/started; sleep 120; echo x > o\n    outs: [o]\n",
     );
-    let mut child = slurm
-        .cmd()
-        .args(["run", "pipeline.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(&slurm.p.path().join("started"), Duration::from_secs(60));
+    let mut child = start_until_started(slurm.cmd().args(["run", "pipeline.yaml"]), slurm.p.path());
     child.kill().unwrap(); // SIGKILL: no cleanup code in sdpipe runs
     child.wait().unwrap();
     assert!(

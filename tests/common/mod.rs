@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -71,6 +72,23 @@ impl Project {
 }
 
 /// Stage name → state, from a summary.
+/// Poll until `path` exists; fail the test after `limit`.
+pub fn wait_for(path: &Path, limit: Duration) {
+    let t0 = Instant::now();
+    while !path.exists() {
+        assert!(t0.elapsed() < limit, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Start `c` (an `sdpipe run` whose stage touches `$SDPIPE_PROJECT/started` once it is
+/// running) with its output discarded, and return once the stage runs.
+pub fn start_until_started(c: &mut Command, project: &Path) -> Child {
+    let child = c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn sdpipe");
+    wait_for(&project.join("started"), Duration::from_secs(60));
+    child
+}
+
 /// Run `c` (an `sdpipe ... --json` command): its parsed stdout and exit code.
 pub fn json_of(c: &mut Command) -> (Value, i32) {
     let out = c.output().expect("run sdpipe");

@@ -2,8 +2,8 @@
 //! learning-rate schedule, clipping, AdamW, threads — declared once with each kind's defaults,
 //! and read back into the trainers' settings with the same checks.
 
-use sdpipe_stages::api::{ParamSpec, ParamType, StageContext, StageError};
-use serde_json::json;
+use sdpipe_stages::api::{ParamSpec, ParamType, Params, StageContext, StageError};
+use serde_json::{json, Value};
 
 use crate::data::Transform;
 use crate::lr::{LrKind, LrSchedule};
@@ -99,7 +99,14 @@ pub fn optimiser_params(d: OptimiserDefaults) -> Vec<ParamSpec> {
 }
 
 pub fn threads_param() -> ParamSpec {
-    ParamSpec::optional("threads", int(1, Some(256)), json!(4), "CPU threads wanted.")
+    ParamSpec::optional("threads", int(1, Some(256)), json!(DEFAULT_THREADS), "CPU threads wanted.")
+}
+
+const DEFAULT_THREADS: u64 = 4;
+
+/// The threads the kind asks the scheduler for.
+pub fn threads(params: &Params) -> usize {
+    params.get("threads").and_then(Value::as_u64).unwrap_or(DEFAULT_THREADS).max(1) as usize
 }
 
 pub fn transform(ctx: &StageContext<'_>) -> Result<Transform, StageError> {

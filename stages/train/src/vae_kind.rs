@@ -161,7 +161,7 @@ impl StageKind for TrainVae {
     }
 
     fn threads(&self, params: &Params) -> usize {
-        params.get("threads").and_then(Value::as_u64).unwrap_or(4).max(1) as usize
+        recipe::threads(params)
     }
 
     fn external_deps(&self, _params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
