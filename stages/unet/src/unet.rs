@@ -116,6 +116,32 @@ impl Parts {
         self.plan.push(Step { op, inputs, output });
         Slot::Act(output)
     }
+
+    /// A resnet `prefix` (weights from `pb`) applied to `inputs` (activation, [skip,] emb).
+    fn resnet(
+        &mut self,
+        pb: &mut ParamBuilder,
+        prefix: &str,
+        channels: (usize, usize),
+        settings: ResnetSettings,
+        inputs: Vec<Slot>,
+    ) -> Result<Slot, UNetError> {
+        let block = ResnetBlock2D::new(pb, prefix, channels.0, channels.1, settings)?;
+        self.resnets.push(block);
+        Ok(self.push(StepOp::Resnet(self.resnets.len() - 1), inputs))
+    }
+
+    /// A transformer `prefix` applied to `h`, attending to the context.
+    fn transformer(
+        &mut self,
+        pb: &mut ParamBuilder,
+        prefix: &str,
+        settings: TransformerSettings,
+        h: Slot,
+    ) -> Result<Slot, UNetError> {
+        self.transformers.push(Transformer2D::new(pb, prefix, settings)?);
+        Ok(self.push(StepOp::Transformer(self.transformers.len() - 1), vec![h, Slot::Context]))
+    }
 }
 
 impl UNet {
@@ -208,26 +234,11 @@ impl UNet {
             let prefix = format!("down_blocks.{i}");
             for j in 0..c.layers_per_block[i] {
                 let inputs = if j == 0 { channels } else { out };
-                let resnet = ResnetBlock2D::new(
-                    pb,
-                    &format!("{prefix}.resnets.{j}"),
-                    inputs,
-                    out,
-                    settings(1.0),
-                )?;
-                parts.resnets.push(resnet);
-                h = parts.push(StepOp::Resnet(parts.resnets.len() - 1), vec![h, emb]);
+                let name = format!("{prefix}.resnets.{j}");
+                h = parts.resnet(pb, &name, (inputs, out), settings(1.0), vec![h, emb])?;
                 if *kind == BlockKind::CrossAttn {
-                    let t = Transformer2D::new(
-                        pb,
-                        &format!("{prefix}.attentions.{j}"),
-                        transformer(i, out),
-                    )?;
-                    parts.transformers.push(t);
-                    h = parts.push(
-                        StepOp::Transformer(parts.transformers.len() - 1),
-                        vec![h, Slot::Context],
-                    );
+                    let name = format!("{prefix}.attentions.{j}");
+                    h = parts.transformer(pb, &name, transformer(i, out), h)?;
                 }
                 skips.push((h, out));
             }
@@ -248,22 +259,11 @@ impl UNet {
         // Mid block: resnet, transformer, resnet.
         let mid = c.block_out_channels[n - 1];
         for j in 0..2 {
-            let resnet = ResnetBlock2D::new(
-                pb,
-                &format!("mid_block.resnets.{j}"),
-                mid,
-                mid,
-                settings(c.mid_block_scale_factor),
-            )?;
-            parts.resnets.push(resnet);
-            h = parts.push(StepOp::Resnet(parts.resnets.len() - 1), vec![h, emb]);
+            let name = format!("mid_block.resnets.{j}");
+            let scale = settings(c.mid_block_scale_factor);
+            h = parts.resnet(pb, &name, (mid, mid), scale, vec![h, emb])?;
             if j == 0 {
-                let t = Transformer2D::new(pb, "mid_block.attentions.0", transformer(n - 1, mid))?;
-                parts.transformers.push(t);
-                h = parts.push(
-                    StepOp::Transformer(parts.transformers.len() - 1),
-                    vec![h, Slot::Context],
-                );
+                h = parts.transformer(pb, "mid_block.attentions.0", transformer(n - 1, mid), h)?;
             }
         }
 
@@ -283,26 +283,12 @@ impl UNet {
                     )
                 })?;
                 let inputs = if j == 0 { prev_out } else { out };
-                let resnet = ResnetBlock2D::new(
-                    pb,
-                    &format!("{prefix}.resnets.{j}"),
-                    inputs + skip_channels,
-                    out,
-                    settings(1.0),
-                )?;
-                parts.resnets.push(resnet);
-                h = parts.push(StepOp::Resnet(parts.resnets.len() - 1), vec![h, skip, emb]);
+                let name = format!("{prefix}.resnets.{j}");
+                let channels = (inputs + skip_channels, out);
+                h = parts.resnet(pb, &name, channels, settings(1.0), vec![h, skip, emb])?;
                 if *kind == BlockKind::CrossAttn {
-                    let t = Transformer2D::new(
-                        pb,
-                        &format!("{prefix}.attentions.{j}"),
-                        transformer(r, out),
-                    )?;
-                    parts.transformers.push(t);
-                    h = parts.push(
-                        StepOp::Transformer(parts.transformers.len() - 1),
-                        vec![h, Slot::Context],
-                    );
+                    let name = format!("{prefix}.attentions.{j}");
+                    h = parts.transformer(pb, &name, transformer(r, out), h)?;
                 }
             }
             if i + 1 < n {
