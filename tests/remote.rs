@@ -432,3 +432,45 @@ fn an_unknown_remote_option_is_located_with_a_suggestion() {
     assert_eq!((e["line"].as_u64(), e["column"].as_u64()), (Some(3), Some(3)), "{v:#}");
     assert_eq!(e["help"], "did you mean `read_only`?", "{v:#}");
 }
+
+/// `sdpipe` for `team` with no AWS keys in the environment and `home` as the home directory.
+fn without_env_keys(team: &Team, cache: &Path, home: &Path) -> Command {
+    let mut c = team.cmd(cache);
+    c.env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY").env("HOME", home);
+    c
+}
+
+#[test]
+fn credentials_come_from_the_aws_profile_when_the_environment_has_none() {
+    let team = Team::new();
+    let home = tempfile::tempdir().unwrap();
+    let aws = home.path().join(".aws");
+    std::fs::create_dir(&aws).unwrap();
+    std::fs::write(
+        aws.join("credentials"),
+        format!(
+            "[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n\
+                 [team]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+        ),
+    )
+    .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let mut c = without_env_keys(&team, cache.path(), home.path());
+    let (summary, code) =
+        json_of(c.env("AWS_PROFILE", "team").args(["run", "pipeline.yaml", "--json"]));
+    assert_eq!(code, 0, "{summary:#}");
+    assert_eq!(remote_states(&summary), all("pushed"), "{summary:#}");
+}
+
+#[test]
+fn a_named_aws_profile_that_does_not_exist_is_reported_and_the_run_goes_on_locally() {
+    let team = Team::new();
+    let home = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let mut c = without_env_keys(&team, cache.path(), home.path());
+    let out = c.env("AWS_PROFILE", "nobody").args(["run", "pipeline.yaml"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("profile `nobody`") && err.contains("continuing without"), "{err}");
+    assert!(team.records().is_empty(), "nothing was pushed");
+}

@@ -19,6 +19,7 @@
 //! the remote is skipped for the rest of the process, so a dead bucket costs one timeout.
 
 pub mod config;
+mod profile;
 mod s3;
 pub mod sync;
 

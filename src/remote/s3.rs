@@ -1,8 +1,9 @@
 //! A blocking facade over `object_store`'s async S3 client: the engine is synchronous, so the
 //! bucket owns a private current-thread tokio runtime and every call blocks on it.
 //!
-//! Credentials come only from `object_store`'s own resolution (`AWS_*` environment variables,
-//! web identity, container or instance metadata); they are never read, stored or printed here.
+//! Credentials come from the `AWS_*` environment variables, else the AWS shared files' profile
+//! ([`profile`]), else `object_store`'s own resolution (web identity, container or instance
+//! metadata); they are never stored or printed.
 
 use std::fs;
 use std::future::Future;
@@ -20,6 +21,7 @@ use object_store::{
 };
 
 use super::config::RemoteConfig;
+use super::profile;
 use crate::hash::Digest;
 
 /// Objects larger than this are uploaded in parts (S3 limits a single PUT to 5 GiB, and a
@@ -65,6 +67,37 @@ fn install_tls_provider() {
     });
 }
 
+/// Keys and region from the AWS shared files' profile where the environment gives none (the
+/// AWS CLI's order: environment first, then the profile, then the cloud metadata services that
+/// `object_store` asks by itself).
+fn with_profile(
+    mut builder: AmazonS3Builder,
+    config: &RemoteConfig,
+) -> Result<AmazonS3Builder, String> {
+    let set = |var: &str| std::env::var_os(var).is_some_and(|v| !v.is_empty());
+    let need_keys = !set("AWS_ACCESS_KEY_ID");
+    let need_region = config.region.is_none() && !set("AWS_REGION") && !set("AWS_DEFAULT_REGION");
+    if !need_keys && !need_region {
+        return Ok(builder);
+    }
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let Some(found) = profile::load(|k| std::env::var(k).ok(), home.as_deref())? else {
+        return Ok(builder);
+    };
+    if let (true, Some(keys)) = (need_keys, found.keys) {
+        builder = builder
+            .with_access_key_id(keys.access_key_id)
+            .with_secret_access_key(keys.secret_access_key);
+        if let Some(token) = keys.session_token {
+            builder = builder.with_token(token);
+        }
+    }
+    if let (true, Some(region)) = (need_region, found.region) {
+        builder = builder.with_region(region);
+    }
+    Ok(builder)
+}
+
 impl Bucket {
     pub fn open(config: &RemoteConfig) -> Result<Bucket, String> {
         install_tls_provider();
@@ -94,6 +127,7 @@ impl Bucket {
                 }
             }
         }
+        builder = with_profile(builder, config)?;
         builder = builder.with_bucket_name(&config.bucket);
         if config.allow_http {
             builder = builder.with_allow_http(true);
