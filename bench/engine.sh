@@ -153,6 +153,7 @@ dv_count=$(cat "$DV/count.txt")
     echo "unexpected counts: sdpipe=$sd_count dvc=$dv_count" >&2; exit 1; }
 
 J="$W/json"; mkdir -p "$J"
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 hf() { hyperfine --style basic --export-json "$@"; }
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ git=$(git --version | awk '{print $3}')
 python=$(python3 --version | awk '{print $2}')
 files=$BENCH_FILES
 bytes=$DATA_BYTES
-load=$(cut -d' ' -f1-3 /proc/loadavg) (1/5/15-minute load average when the report was written: other work on the machine inflates wall times; CPU-time ratios are less affected)
+load=$LOAD_BEFORE before the measurements, $(cut -d' ' -f1-3 /proc/loadavg) after (1/5/15-minute load averages: other work on the machine inflates wall times; CPU-time ratios are less affected)
 EOF
 )
 python3 - "$J" "$BENCH_OUT" <<'PY'
@@ -290,8 +291,9 @@ w("  workspaces each hold a byte-identical copy (`cp -a`), so neither tool's boo
 w("  other's tree.")
 w("* **Equivalent stage**: one shell stage whose only dependency is the `data` directory and whose")
 w("  command is `find <data> -type f | wc -l > count.txt` with `count.txt` as its one output; both tools")
-w("  store the output in their cache and keep a stat memo (sdpipe: per file in its sled index and per")
-w("  directory listing in `cache/memo/`; dvc: its state db) so unchanged files are not rehashed. sdpipe:")
+w("  store the output in their cache and keep a stat memo (sdpipe: unsynced files in `cache/memo/`, one")
+w("  stat → digest table per dependency and one tree digest per directory listing; dvc: its state db)")
+w("  so unchanged files are not rehashed. sdpipe:")
 w("  `count.yaml` with `deps: {data: data}`, `outs:")
 w("  {count: count.txt}`, run as `sdpipe run count.yaml` from the workspace (an empty `sdpipe.toml`")
 w("  marks the project root; cache in `cache/`). dvc: `dvc.yaml` with `deps: [data]`, `outs: [count.txt]`")
@@ -311,13 +313,15 @@ w("* **b3sum**: `find data -type f -print0 | xargs -0 b3sum > /dev/null`; b3sum 
 w("  KiB and by default splits a file across threads, which does not help at 16–64 KiB, so it is")
 w("  also measured with `--num-threads 1` and as two single-threaded processes (`xargs -P 2`), the")
 w("  file-level parallelism sdpipe uses (rayon over the machine's cores). The cold goal is judged")
-w("  against the fastest b3sum row, on `sdpipe status` with an empty cache: it hashes the dependency")
-w("  (and fills the memo) without running anything. A cold `sdpipe run` also runs the stage,")
+w("  against the fastest b3sum row, on `sdpipe status` with an empty cache: it walks and hashes the")
+w("  dependency and writes the memo (two files, not synced) without running anything or creating an")
+w("  index. A cold `sdpipe run` also runs the stage,")
 w("  re-verifies the dependency after it, stores its output, writes the index and materialises the")
 w("  run directory; it is shown as a diagnostic. b3sum and sdpipe both use BLAKE3; dvc uses MD5.")
-w("* **Load**: the machine is shared with other work (the load average is recorded below). Wall")
-w("  times then include waiting for the CPU and, for the index's `fsync`s, for the disk; the CPU-time")
-w("  (user + system) ratios are much less sensitive to that and are given alongside.")
+w("* **Load**: the machine is shared with other work (the load average is recorded below, before and")
+w("  after the measurements). Wall times then include waiting for the CPU and, for a cold run's")
+w("  `fsync`s of objects and index, for the disk; the CPU-time (user + system) ratios are much less")
+w("  sensitive to that and are given alongside.")
 w("")
 w("## Machine and versions")
 w("")

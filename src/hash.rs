@@ -87,14 +87,28 @@ fn hash_open_file(mut file: fs::File, len: u64, path: &Path) -> io::Result<Diges
         hasher.update_mmap_rayon(path)?;
     } else {
         BUF.with_borrow_mut(|buf| -> io::Result<()> {
-            buf.clear();
-            // Read to the end rather than `len` bytes: a file that grew since its `stat` is
-            // hashed as it is now, never as a truncated prefix.
-            buf.reserve(len as usize + 1);
-            file.read_to_end(buf)?;
-            hasher.update(buf);
+            // The buffer only grows (zeroed once, then reused), and the loop reads until the
+            // end of the file rather than `len` bytes: a file that grew since its `stat` is
+            // hashed as it is now, never as a truncated prefix. (`read_to_end` would ask the
+            // kernel for the size and position again: two syscalls per file.)
+            if buf.len() <= len as usize {
+                buf.resize(len as usize + 1, 0);
+            }
+            let mut filled = 0;
+            loop {
+                if filled == buf.len() {
+                    buf.resize(buf.len() * 2, 0);
+                }
+                match file.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            hasher.update(&buf[..filled]);
             // Keep the buffer for the next file unless an odd one made it large.
-            if buf.capacity() > 4 * MMAP_THRESHOLD as usize {
+            if buf.len() > 4 * MMAP_THRESHOLD as usize {
                 *buf = Vec::new();
             }
             Ok(())
@@ -144,12 +158,33 @@ impl FileStat {
     }
 }
 
-/// Remembered digests: per file by [`FileStat`], consulted and filled in batches; and per
-/// directory (or glob) by the digest of its whole stat listing (see [`hash_tree`]), so that an
-/// unchanged tree of thousands of files costs one lookup instead of one per file.
+/// What hashing keeps of a file's metadata: its [`FileStat`] and executable bit (a tenth of
+/// an `fs::Metadata`, which matters when a walk holds ten thousand of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMeta {
+    pub stat: FileStat,
+    pub exec: bool,
+}
+
+impl FileMeta {
+    pub fn of(meta: &fs::Metadata) -> FileMeta {
+        FileMeta { stat: FileStat::of(meta), exec: meta.mode() & 0o111 != 0 }
+    }
+}
+
+/// Remembered digests: per file by [`FileStat`], kept per *scope* (one dependency's set of
+/// files, see [`memo_scope`]) and consulted and filled a whole set at a time; and per directory
+/// (or glob) by the digest of its whole stat listing (see [`hash_tree`]), so that an unchanged
+/// tree of thousands of files costs one lookup instead of one per file.
+///
+/// Everything here is a hint: a lost, stale or torn entry costs a rehash, never a wrong digest,
+/// because every lookup is by the full [`FileStat`] (or listing digest) it was stored under.
 pub trait DigestMemo: Sync {
-    fn get_many(&self, stats: &[FileStat]) -> Vec<Option<Digest>>;
-    fn put_many(&self, entries: &[(FileStat, Digest)]);
+    /// The digests remembered in `scope` for files with these stats.
+    fn get_many(&self, scope: &Digest, stats: &[FileStat]) -> Vec<Option<Digest>>;
+    /// Remember `entries` as all that `scope` knows: they replace what it held, so a scope never
+    /// accumulates the stats of files long since changed.
+    fn put_many(&self, scope: &Digest, entries: &[(FileStat, Digest)]);
     /// The tree digest remembered for a [`listing_digest`], if any.
     fn get_tree(&self, _listing: &Digest) -> Option<Digest> {
         None
@@ -160,10 +195,31 @@ pub trait DigestMemo: Sync {
 /// A memo that remembers nothing: every file is read (used by `cache verify`).
 pub struct NoMemo;
 impl DigestMemo for NoMemo {
-    fn get_many(&self, stats: &[FileStat]) -> Vec<Option<Digest>> {
+    fn get_many(&self, _: &Digest, stats: &[FileStat]) -> Vec<Option<Digest>> {
         vec![None; stats.len()]
     }
-    fn put_many(&self, _: &[(FileStat, Digest)]) {}
+    fn put_many(&self, _: &Digest, _: &[(FileStat, Digest)]) {}
+}
+
+/// The memo scope of a dependency `pattern` under `base`: which set of remembered file stats
+/// its hashing consults and replaces. Named by the base directory's device and inode rather
+/// than its path, so a moved project keeps its memo, while two projects (or two model
+/// directories) never share one; a scope mix-up could only cost a rehash anyway.
+pub fn memo_scope(base: &Path, pattern: &str, glob: bool) -> Digest {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"sdpipe memo scope 1\n");
+    match fs::metadata(base) {
+        Ok(meta) => {
+            hasher.update(&meta.dev().to_le_bytes());
+            hasher.update(&meta.ino().to_le_bytes());
+        }
+        Err(_) => {
+            hasher.update(base.as_os_str().as_encoded_bytes());
+        }
+    }
+    hasher.update(&[glob as u8]);
+    hasher.update(pattern.as_bytes());
+    Digest(*hasher.finalize().as_bytes())
 }
 
 /// A file to hash, with the relative path it has inside its tree.
@@ -202,24 +258,30 @@ impl Tree {
     }
 }
 
-/// Hash many files in parallel, consulting and filling `memo`.
-pub fn hash_entries(files: &[FileEntry], memo: &dyn DigestMemo) -> io::Result<Tree> {
+/// Hash many files in parallel, reading every one (no memo). The tree's entries are in path
+/// order; `files` in [`walk_files`] order are in the same order.
+pub fn hash_entries(files: &[FileEntry]) -> io::Result<Tree> {
     let metas = stat_all(files)?;
-    hash_stated(files, &metas, memo)
+    hash_stated(files, &metas, &Digest([0; 32]), &NoMemo)
 }
 
-fn stat_all(files: &[FileEntry]) -> io::Result<Vec<fs::Metadata>> {
-    files.par_iter().map(|f| fs::metadata(&f.abs).map_err(|e| annotate(e, &f.abs))).collect()
+fn stat_all(files: &[FileEntry]) -> io::Result<Vec<FileMeta>> {
+    files
+        .par_iter()
+        .map(|f| fs::metadata(&f.abs).map(|m| FileMeta::of(&m)).map_err(|e| annotate(e, &f.abs)))
+        .collect()
 }
 
-/// [`hash_entries`] for files whose metadata is already known (`metas[i]` is `files[i]`'s).
+/// Hash files whose metadata is already known (`metas[i]` is `files[i]`'s), consulting
+/// `memo`'s `scope` and, if anything had to be read, replacing it with every digest now known.
 fn hash_stated(
     files: &[FileEntry],
-    metas: &[fs::Metadata],
+    metas: &[FileMeta],
+    scope: &Digest,
     memo: &dyn DigestMemo,
 ) -> io::Result<Tree> {
-    let stats: Vec<FileStat> = metas.iter().map(FileStat::of).collect();
-    let known = memo.get_many(&stats);
+    let stats: Vec<FileStat> = metas.iter().map(|m| m.stat).collect();
+    let known = memo.get_many(scope, &stats);
     let now = now_ns();
     let digests: Vec<(Digest, bool)> = files
         .par_iter()
@@ -227,19 +289,22 @@ fn hash_stated(
         .zip(known.par_iter())
         .map(|((f, m), known)| match known {
             Some(d) => Ok((*d, false)),
-            None => {
-                hash_file_sized(&f.abs, m.len()).map(|d| (d, true)).map_err(|e| annotate(e, &f.abs))
-            }
+            None => hash_file_sized(&f.abs, m.stat.size)
+                .map(|d| (d, true))
+                .map_err(|e| annotate(e, &f.abs)),
         })
         .collect::<io::Result<_>>()?;
-    let fresh: Vec<(FileStat, Digest)> = stats
-        .iter()
-        .zip(&digests)
-        .filter(|(s, (_, new))| *new && !s.is_racy(now))
-        .map(|(s, (d, _))| (*s, *d))
-        .collect();
-    if !fresh.is_empty() {
-        memo.put_many(&fresh);
+    if digests.iter().any(|(_, new)| *new) {
+        // Remembered and fresh digests alike: the scope is replaced, not extended.
+        let entries: Vec<(FileStat, Digest)> = stats
+            .iter()
+            .zip(&digests)
+            .filter(|(s, _)| !s.is_racy(now))
+            .map(|(s, (d, _))| (*s, *d))
+            .collect();
+        if !entries.is_empty() {
+            memo.put_many(scope, &entries);
+        }
     }
     let mut entries: Vec<TreeEntry> = files
         .iter()
@@ -248,53 +313,60 @@ fn hash_stated(
         .map(|((f, m), (d, _))| TreeEntry {
             path: f.rel.clone(),
             digest: *d,
-            size: m.len(),
-            exec: is_exec(m),
+            size: m.stat.size,
+            exec: m.exec,
         })
         .collect();
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Tree { entries })
 }
 
-fn is_exec(meta: &fs::Metadata) -> bool {
-    meta.mode() & 0o111 != 0
-}
-
 /// One digest of everything that identifies a set of files without reading them: each file's
 /// relative path, [`FileStat`] and executable bit, in path order. If it is unchanged, so is
 /// every file's content (the trust the per-file memo places in a [`FileStat`]) and hence the
 /// tree; any added, removed, renamed, replaced, resized or touched file changes it.
-pub fn listing_digest(files: &[FileEntry], metas: &[fs::Metadata]) -> Digest {
+pub fn listing_digest(files: &[FileEntry], metas: &[FileMeta]) -> Digest {
     let mut order: Vec<usize> = (0..files.len()).collect();
-    order.sort_by(|&a, &b| files[a].rel.cmp(&files[b].rel));
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(b"sdpipe stat listing 1\n");
+    if !files.is_sorted_by(|a, b| a.rel <= b.rel) {
+        order.sort_by(|&a, &b| files[a].rel.cmp(&files[b].rel));
+    }
+    // One contiguous buffer, hashed at once: blake3 then hashes many chunks in parallel SIMD
+    // lanes, where four small `update`s per file would feed it one short piece at a time.
+    let mut bytes = Vec::with_capacity(32 + files.iter().map(|f| f.rel.len() + 65).sum::<usize>());
+    bytes.extend_from_slice(b"sdpipe stat listing 1\n");
     for i in order {
         let rel = files[i].rel.as_bytes();
-        hasher.update(&(rel.len() as u64).to_le_bytes());
-        hasher.update(rel);
-        hasher.update(&FileStat::of(&metas[i]).key());
-        hasher.update(&[is_exec(&metas[i]) as u8]);
+        bytes.extend_from_slice(&(rel.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(rel);
+        bytes.extend_from_slice(&metas[i].stat.key());
+        bytes.push(metas[i].exec as u8);
     }
-    Digest(*hasher.finalize().as_bytes())
+    Digest::of_bytes(&bytes)
 }
 
-/// The digest of the tree `files` form (the same as `hash_entries(files, memo)?.digest()`) and
-/// their relative paths in tree order. An unchanged listing is answered by the memo with one
-/// lookup; otherwise the files are hashed (each consulting the per-file memo) and, unless one
-/// of them is too recently modified to trust its timestamp, the listing is remembered.
-pub fn hash_tree(files: &[FileEntry], memo: &dyn DigestMemo) -> io::Result<(Digest, Vec<String>)> {
-    let metas = stat_all(files)?;
-    let listing = listing_digest(files, &metas);
+/// The digest of the tree `files` form (the same as `hash_entries(&files)?.digest()`) and their
+/// relative paths in tree order; `metas[i]` is `files[i]`'s metadata. An unchanged listing is
+/// answered by the memo with one lookup; otherwise the files are hashed (each consulting the
+/// per-file memo of `scope`) and, unless one of them is too recently modified to trust its
+/// timestamp, the listing is remembered.
+pub fn hash_tree(
+    files: Vec<FileEntry>,
+    metas: &[FileMeta],
+    scope: &Digest,
+    memo: &dyn DigestMemo,
+) -> io::Result<(Digest, Vec<String>)> {
+    let listing = listing_digest(&files, metas);
     if let Some(digest) = memo.get_tree(&listing) {
-        let mut paths: Vec<String> = files.iter().map(|f| f.rel.clone()).collect();
-        paths.sort();
+        let mut paths: Vec<String> = files.into_iter().map(|f| f.rel).collect();
+        if !paths.is_sorted() {
+            paths.sort_unstable();
+        }
         return Ok((digest, paths));
     }
-    let tree = hash_stated(files, &metas, memo)?;
+    let tree = hash_stated(&files, metas, scope, memo)?;
     let digest = tree.digest();
     let now = now_ns();
-    if !metas.iter().any(|m| FileStat::of(m).is_racy(now)) {
+    if !metas.iter().any(|m| m.stat.is_racy(now)) {
         memo.put_tree(&listing, &digest);
     }
     Ok((digest, tree.entries.into_iter().map(|e| e.path).collect()))
@@ -311,30 +383,87 @@ pub fn now_ns() -> i128 {
         .unwrap_or(0)
 }
 
-/// Every regular file under `dir`, with paths relative to it (`/`-separated), sorted.
-/// Symlinks are refused: a link would make the tree's meaning depend on what lies outside it.
+/// Every regular file under `dir`, with paths relative to it (`/`-separated), sorted by that
+/// path (the order of a [`Tree`]'s entries). Symlinks are refused: a link would make the
+/// tree's meaning depend on what lies outside it.
 pub fn walk_files(dir: &Path) -> io::Result<Vec<FileEntry>> {
-    let mut out = Vec::new();
-    for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
-        let entry = entry.map_err(io::Error::other)?;
-        let ft = entry.file_type();
-        if ft.is_symlink() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{} is a symbolic link; sdpipe stores only regular files",
-                    entry.path().display()
-                ),
-            ));
+    Ok(walk_stat(dir)?.0)
+}
+
+/// [`walk_files`] and each file's metadata. Directories are read in parallel and each file is
+/// stated relative to its open directory (`DirEntry::metadata` is an `fstatat` on the
+/// directory's descriptor), so the kernel resolves one name per file instead of its whole
+/// absolute path: for a no-op run over thousands of files this walk is most of the work.
+pub fn walk_stat(dir: &Path) -> io::Result<(Vec<FileEntry>, Vec<FileMeta>)> {
+    if fs::symlink_metadata(dir).map_err(|e| annotate(e, dir))?.is_symlink() {
+        return Err(symlink_refused(dir));
+    }
+    let found = walk_dir(dir, "")?;
+    debug_assert!(found.is_sorted_by(|a, b| a.0.rel <= b.0.rel));
+    Ok(found.into_iter().unzip())
+}
+
+fn walk_dir(dir: &Path, prefix: &str) -> io::Result<Vec<(FileEntry, FileMeta)>> {
+    let mut files = Vec::new();
+    let mut subdirs = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| annotate(e, dir))? {
+        let entry = entry.map_err(|e| annotate(e, dir))?;
+        let path = entry.path();
+        let file_type = entry.file_type().map_err(|e| annotate(e, &path))?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let mut rel = String::with_capacity(prefix.len() + 1 + name.len());
+        if !prefix.is_empty() {
+            rel.push_str(prefix);
+            rel.push('/');
         }
-        if ft.is_file() {
-            out.push(FileEntry {
-                rel: rel_path(dir, entry.path()),
-                abs: entry.path().to_path_buf(),
-            });
+        rel.push_str(&name);
+        if file_type.is_symlink() {
+            return Err(symlink_refused(&path));
+        } else if file_type.is_dir() {
+            subdirs.push((path, rel));
+        } else if file_type.is_file() {
+            files.push((entry, path, rel));
         }
     }
-    Ok(out)
+    files.sort_unstable_by(|a, b| a.2.cmp(&b.2));
+    subdirs.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+    // Stated before descending, so this directory's descriptor (held by its entries) is closed
+    // before its subdirectories are opened.
+    let stated: Vec<(FileEntry, FileMeta)> = files
+        .into_par_iter()
+        .with_min_len(64)
+        .map(|(entry, abs, rel)| {
+            let meta = entry.metadata().map_err(|e| annotate(e, &abs))?;
+            Ok((FileEntry { rel, abs }, FileMeta::of(&meta)))
+        })
+        .collect::<io::Result<_>>()?;
+    let nested: Vec<(String, Vec<(FileEntry, FileMeta)>)> = subdirs
+        .into_par_iter()
+        .map(|(path, rel)| walk_dir(&path, &rel).map(|found| (rel, found)))
+        .collect::<io::Result<_>>()?;
+    // Merge into tree order: a subdirectory's files sort as if its name ended in '/'.
+    let mut found =
+        Vec::with_capacity(stated.len() + nested.iter().map(|n| n.1.len()).sum::<usize>());
+    let mut nested = nested.into_iter().peekable();
+    for file in stated {
+        while let Some((sub, _)) = nested.peek() {
+            let sub_first = sub.bytes().chain([b'/']).lt(file.0.rel.bytes());
+            if !sub_first {
+                break;
+            }
+            found.extend(nested.next().expect("peeked").1);
+        }
+        found.push(file);
+    }
+    found.extend(nested.flat_map(|n| n.1));
+    Ok(found)
+}
+
+fn symlink_refused(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{} is a symbolic link; sdpipe stores only regular files", path.display()),
+    )
 }
 
 fn rel_path(base: &Path, path: &Path) -> String {
@@ -356,7 +485,7 @@ pub fn expand_glob(base: &Path, pattern: &str) -> io::Result<Vec<FileEntry>> {
         return Ok(Vec::new());
     }
     let mut out = Vec::new();
-    for entry in walkdir::WalkDir::new(&root).follow_links(true).sort_by_file_name() {
+    for entry in walkdir::WalkDir::new(&root).follow_links(true) {
         let entry = entry.map_err(io::Error::other)?;
         if entry.file_type().is_file() {
             let rel = rel_path(base, entry.path());
@@ -365,6 +494,7 @@ pub fn expand_glob(base: &Path, pattern: &str) -> io::Result<Vec<FileEntry>> {
             }
         }
     }
+    out.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
     Ok(out)
 }
 
@@ -393,8 +523,9 @@ pub fn hash_path(
     glob: bool,
     memo: &dyn DigestMemo,
 ) -> io::Result<Hashed> {
-    let tree = |files: Vec<FileEntry>| {
-        hash_tree(&files, memo).map(|(digest, files)| Hashed::Tree { digest, files })
+    let scope = memo_scope(base, pattern, glob);
+    let tree = |files: Vec<FileEntry>, metas: Vec<FileMeta>| {
+        hash_tree(files, &metas, &scope, memo).map(|(digest, files)| Hashed::Tree { digest, files })
     };
     if glob {
         let files = expand_glob(base, pattern)?;
@@ -404,15 +535,17 @@ pub fn hash_path(
                 format!("`{pattern}` matches no files"),
             ));
         }
-        return tree(files);
+        let metas = stat_all(&files)?;
+        return tree(files, metas);
     }
     let abs = base.join(pattern);
     let meta = fs::metadata(&abs).map_err(|e| annotate(e, &abs))?;
     if meta.is_dir() {
-        tree(walk_files(&abs)?)
+        let (files, metas) = walk_stat(&abs)?;
+        tree(files, metas)
     } else {
         let file = FileEntry { rel: String::new(), abs };
-        let tree = hash_stated(std::slice::from_ref(&file), &[meta], memo)?;
+        let tree = hash_stated(std::slice::from_ref(&file), &[FileMeta::of(&meta)], &scope, memo)?;
         Ok(Hashed::File(tree.entries[0].digest))
     }
 }
@@ -428,11 +561,11 @@ mod tests {
         trees: Mutex<std::collections::HashMap<Digest, Digest>>,
     }
     impl DigestMemo for CountingMemo {
-        fn get_many(&self, stats: &[FileStat]) -> Vec<Option<Digest>> {
+        fn get_many(&self, _: &Digest, stats: &[FileStat]) -> Vec<Option<Digest>> {
             let m = self.map.lock().unwrap();
             stats.iter().map(|s| m.get(s).copied()).collect()
         }
-        fn put_many(&self, entries: &[(FileStat, Digest)]) {
+        fn put_many(&self, _: &Digest, entries: &[(FileStat, Digest)]) {
             self.map.lock().unwrap().extend(entries.iter().copied());
         }
         fn get_tree(&self, listing: &Digest) -> Option<Digest> {
@@ -529,9 +662,9 @@ mod tests {
     #[test]
     fn tree_digest_is_the_digest_of_the_hashed_tree() {
         let d = old_tree(7);
-        let files = walk_files(d.path()).unwrap();
-        let (digest, paths) = hash_tree(&files, &NoMemo).unwrap();
-        let tree = hash_entries(&files, &NoMemo).unwrap();
+        let (files, metas) = walk_stat(d.path()).unwrap();
+        let tree = hash_entries(&files).unwrap();
+        let (digest, paths) = hash_tree(files, &metas, &Digest([0; 32]), &NoMemo).unwrap();
         assert_eq!(digest, tree.digest());
         assert_eq!(paths, tree.entries.iter().map(|e| e.path.clone()).collect::<Vec<_>>());
     }
@@ -557,7 +690,8 @@ mod tests {
         let memo = CountingMemo::default();
         let files = walk_files(d.path()).unwrap();
         let listing = |files: &[FileEntry]| {
-            let metas: Vec<_> = files.iter().map(|f| fs::metadata(&f.abs).unwrap()).collect();
+            let metas: Vec<_> =
+                files.iter().map(|f| FileMeta::of(&fs::metadata(&f.abs).unwrap())).collect();
             listing_digest(files, &metas)
         };
         let before = listing(&files);
@@ -580,7 +714,7 @@ mod tests {
         fs::rename(target, target.with_file_name("renamed")).unwrap();
         assert_ne!(listing(&walk_files(d.path()).unwrap()), before_rename);
         // Every listing the memo saw maps to the digest a full hash gives.
-        let fresh = hash_entries(&walk_files(d.path()).unwrap(), &NoMemo).unwrap().digest();
+        let fresh = hash_entries(&walk_files(d.path()).unwrap()).unwrap().digest();
         assert_eq!(hash_path(d.path(), ".", false, &memo).unwrap().digest(), fresh);
     }
 
@@ -593,5 +727,67 @@ mod tests {
         assert!(memo.trees.lock().unwrap().is_empty());
         // The old files are still memoised one by one.
         assert_eq!(memo.map.lock().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn walked_files_are_in_tree_order_with_their_own_metadata() {
+        // `x/1` and `x.b`: per-directory name order would visit `x/1` first, but a tree's
+        // entries (and hence every zip of files with entries) sort `x.b` first ('.' < '/').
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("x/y")).unwrap();
+        for (name, len) in [("x/1", 1), ("x.b", 2), ("x/y/z", 3), ("a", 4), ("x0", 5)] {
+            fs::write(d.path().join(name), vec![b'.'; len]).unwrap();
+        }
+        let (files, metas) = walk_stat(d.path()).unwrap();
+        let rels: Vec<&str> = files.iter().map(|f| f.rel.as_str()).collect();
+        assert_eq!(rels, ["a", "x.b", "x/1", "x/y/z", "x0"]);
+        let sizes: Vec<u64> = metas.iter().map(|m| m.stat.size).collect();
+        assert_eq!(sizes, [4, 2, 1, 3, 5]);
+        let tree = hash_entries(&files).unwrap();
+        let paths: Vec<&str> = tree.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, rels);
+    }
+
+    #[test]
+    fn a_symlink_inside_a_tree_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("sub")).unwrap();
+        fs::write(d.path().join("target"), b"x").unwrap();
+        std::os::unix::fs::symlink(d.path().join("target"), d.path().join("sub/link")).unwrap();
+        let err = walk_files(d.path()).unwrap_err();
+        assert!(err.to_string().contains("sub/link is a symbolic link"), "{err}");
+        // The tree's root too.
+        std::os::unix::fs::symlink(d.path().join("sub"), d.path().join("rootlink")).unwrap();
+        let err = walk_files(&d.path().join("rootlink")).unwrap_err();
+        assert!(err.to_string().contains("rootlink is a symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn files_read_in_a_loop_hash_like_a_whole_read() {
+        let d = tempfile::tempdir().unwrap();
+        // Empty, odd-sized, and growing past the reused buffer's size from one file to the next.
+        for len in [0usize, 1, 4097, 70_000, 3, 900_000] {
+            let p = d.path().join(format!("f{len}"));
+            let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            fs::write(&p, &data).unwrap();
+            assert_eq!(hash_file(&p).unwrap(), Digest::of_bytes(&data), "{len} bytes");
+            // A stale, smaller size (the file grew after its stat) still hashes all of it.
+            assert_eq!(hash_file_sized(&p, len as u64 / 2).unwrap(), Digest::of_bytes(&data));
+        }
+    }
+
+    #[test]
+    fn the_memo_scope_follows_the_base_directory_not_its_path() {
+        let parent = tempfile::tempdir().unwrap();
+        let (a, b) = (parent.path().join("a"), parent.path().join("b"));
+        fs::create_dir_all(&a).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        let before = memo_scope(&a, "data", false);
+        assert_ne!(before, memo_scope(&b, "data", false));
+        assert_ne!(before, memo_scope(&a, "data", true));
+        assert_ne!(before, memo_scope(&a, "other", false));
+        let moved = parent.path().join("moved");
+        fs::rename(&a, &moved).unwrap();
+        assert_eq!(memo_scope(&moved, "data", false), before);
     }
 }

@@ -15,7 +15,7 @@ use crate::cache::{Cache, Index, ObjectStore, OutputRecord, Record};
 use crate::dag::Dag;
 use crate::executor::{ExecError, Executor, Job};
 use crate::fingerprint::{self, Fingerprint};
-use crate::hash::{self, NoMemo};
+use crate::hash;
 use crate::key::Reason;
 use crate::materialize;
 use crate::project::Project;
@@ -493,8 +493,13 @@ impl Engine<'_> {
             sdpipe_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         // The commit point: before this line nothing is recorded, after it the result is whole.
+        // The result hint noted in the same session spares the next (no-op) run an index open.
         self.cache
-            .with_index(|i| i.commit(&record, identity, &self.pipeline.file.to_string_lossy()))
+            .with_index(|i| {
+                i.commit(&record, identity, &self.pipeline.file.to_string_lossy())?;
+                self.cache.note_result(i, identity, &record);
+                Ok(())
+            })
             .map_err(|e| with_log(format!("cannot record result: {e}")))?;
         let _ = fs::remove_file(&log_path);
         let _ = materialize::remove_tree(&state_dir);
@@ -588,7 +593,7 @@ impl Engine<'_> {
                 OutputKind::Dir => {
                     let files = hash::walk_files(&path)
                         .map_err(|e| format!("output `{}`: {e}", out.name))?;
-                    let tree = hash::hash_entries(&files, &NoMemo)
+                    let tree = hash::hash_entries(&files)
                         .map_err(|e| format!("hashing output `{}`: {e}", out.name))?;
                     use rayon::prelude::*;
                     files
@@ -660,20 +665,23 @@ impl Engine<'_> {
                     let identity = self.project.identity(name);
                     let hinted = fingerprint::hinted_record(self.cache, &identity, &fp.key);
                     let found = hinted.map(|r| Ok((Some(r), Vec::new()))).unwrap_or_else(|| {
-                        self.cache.with_index(|index| {
-                            match fingerprint::usable_record(self.cache, index, &fp.key)? {
-                                Some(r) => Ok((Some(r), Vec::new())),
-                                None => Ok((
-                                    None,
-                                    fingerprint::explain(
-                                        self.cache,
-                                        index,
-                                        &identity,
-                                        &fp.manifest,
-                                    )?,
-                                )),
-                            }
-                        })
+                        self.cache
+                            .with_index_if_present(|index| {
+                                match fingerprint::usable_record(self.cache, index, &fp.key)? {
+                                    Some(r) => Ok((Some(r), Vec::new())),
+                                    None => Ok((
+                                        None,
+                                        fingerprint::explain(
+                                            self.cache,
+                                            index,
+                                            &identity,
+                                            &fp.manifest,
+                                        )?,
+                                    )),
+                                }
+                            })
+                            // No index yet: nothing was ever recorded.
+                            .map(|found| found.unwrap_or((None, vec![Reason::NewStage])))
                     });
                     match found {
                         Ok((Some(record), _)) => {

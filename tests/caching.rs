@@ -177,3 +177,18 @@ fn running_one_target_runs_only_what_it_needs() {
     let names: Vec<String> = states(&s).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, vec!["source", "upper"]);
 }
+
+/// Tree order is by path component, so `x/1` sorts before `x.b` although `.` sorts before `/`
+/// in a plain string comparison; each file must still be stored under its own digest.
+#[test]
+fn a_directory_output_keeps_each_files_content_whatever_its_names_sort_like() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        "stages:\n  d:\n    run: mkdir -p out/x && printf one > out/x/1 && printf dotb > out/x.b\n    \
+         outs: {dir: out}\n",
+    );
+    p.run_ok("pipeline.yaml", &[]);
+    assert_eq!(p.read("runs/pipeline/d/out/x/1"), "one");
+    assert_eq!(p.read("runs/pipeline/d/out/x.b"), "dotb");
+}

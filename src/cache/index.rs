@@ -1,5 +1,7 @@
 //! The index: small records mapping a stage key to what its run produced, each stage's run
-//! history (for `status` diffs and `gc --keep-last`), and the stat → digest memo.
+//! history (for `status` diffs and `gc --keep-last`). (The stat → digest memo is not here: it
+//! is a hint, kept in unsynced files of `cache/memo/`; indexes written by earlier versions may
+//! still hold an unused `stat-memo` tree.)
 //!
 //! sled 0.34 is pinned and unmaintained, so everything goes through [`Index`]; records stay
 //! small (big bytes, tree manifests and key manifests included, live in the object store).
@@ -11,7 +13,7 @@ use std::path::Path;
 use sdpipe_stages::api::OutputKind;
 use serde::{Deserialize, Serialize};
 
-use crate::hash::{Digest, FileStat};
+use crate::hash::Digest;
 
 /// What one output of a finished stage is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,8 +73,6 @@ pub trait Index {
     fn history(&self, identity: &str) -> io::Result<History>;
     fn histories(&self) -> io::Result<Vec<(String, History)>>;
     fn set_history(&self, identity: &str, history: &History) -> io::Result<()>;
-    fn memo_get(&self, stats: &[FileStat]) -> io::Result<Vec<Option<Digest>>>;
-    fn memo_put(&self, entries: &[(FileStat, Digest)]) -> io::Result<()>;
     fn size_on_disk(&self) -> io::Result<u64>;
 }
 
@@ -82,7 +82,6 @@ pub struct SledIndex {
     db: sled::Db,
     records: sled::Tree,
     history: sled::Tree,
-    memo: sled::Tree,
 }
 
 fn db_err(e: sled::Error) -> io::Error {
@@ -115,7 +114,6 @@ impl SledIndex {
             dir: dir.to_path_buf(),
             records: db.open_tree("records").map_err(db_err)?,
             history: db.open_tree("history").map_err(db_err)?,
-            memo: db.open_tree("stat-memo").map_err(db_err)?,
             db,
         })
     }
@@ -263,27 +261,6 @@ impl Index for SledIndex {
                 .insert(identity.as_bytes(), serde_json::to_vec(history)?)
                 .map_err(db_err)?;
         }
-        self.flush()
-    }
-
-    fn memo_get(&self, stats: &[FileStat]) -> io::Result<Vec<Option<Digest>>> {
-        stats
-            .iter()
-            .map(|s| {
-                Ok(self.memo.get(s.key()).map_err(db_err)?.and_then(|v| {
-                    let bytes: [u8; 32] = v.as_ref().try_into().ok()?;
-                    Some(Digest(bytes))
-                }))
-            })
-            .collect()
-    }
-
-    fn memo_put(&self, entries: &[(FileStat, Digest)]) -> io::Result<()> {
-        let mut batch = sled::Batch::default();
-        for (stat, digest) in entries {
-            batch.insert(&stat.key()[..], &digest.0[..]);
-        }
-        self.memo.apply_batch(batch).map_err(db_err)?;
         self.flush()
     }
 

@@ -3,8 +3,9 @@
 //! ```text
 //! cache/
 //!   objects/ab/cdef…   content-addressed, read-only files (outputs, trees, manifests, logs)
-//!   index/             sled: key → record, stage history, per-file stat memo
+//!   index/             sled: key → record, stage history
 //!   memo/<listing>     tree digest of a directory or glob whose stat listing is unchanged
+//!   memo/stats-<scope> file stat → digest for one dependency's files (see `hash::memo_scope`)
 //!   memo/result-<id>   a stage's last result, valid while the index's generation is unchanged
 //!   index.lock         held while the index is open (short sessions)
 //!   maintenance.lock   shared by runs, exclusive for gc and verify
@@ -105,6 +106,19 @@ impl Cache {
             other => other?,
         };
         f(&index)
+    }
+
+    /// [`Cache::with_index`] if the cache has an index; `None`, creating nothing, if it has
+    /// none yet (a cache that has never recorded a result: `status` on a fresh project need
+    /// not create one, which costs a few syncs).
+    pub fn with_index_if_present<T>(
+        &self,
+        f: impl FnOnce(&SledIndex) -> io::Result<T>,
+    ) -> io::Result<Option<T>> {
+        if !self.root.join("index").exists() {
+            return Ok(None);
+        }
+        self.with_index(f).map(Some)
     }
 
     /// Make a new, empty index appear at `dir` whole. sled writes its `conf` file
@@ -239,8 +253,8 @@ impl Cache {
         self.root.join("logs").join(format!("{}.log", key.to_hex()))
     }
 
-    pub fn memo(&self) -> IndexMemo<'_> {
-        IndexMemo(self)
+    pub fn memo(&self) -> CacheMemo<'_> {
+        CacheMemo(self)
     }
 
     fn hint_path(&self, identity: &str) -> PathBuf {
@@ -303,15 +317,23 @@ impl Cache {
     }
 
     fn tree_memo_put(&self, listing: &Digest, tree: &Digest) -> io::Result<()> {
+        self.memo_write(&self.tree_memo_path(listing), &TreeMemoEntry::encode(listing, tree))
+    }
+
+    fn stat_memo_path(&self, scope: &Digest) -> PathBuf {
+        self.root.join("memo").join(format!("stats-{}", scope.to_hex()))
+    }
+
+    /// Replace a memo file whole (write aside, rename). Not synced: a memo file lost or torn
+    /// by a crash only costs a rehash (a torn one fails its check), so it is not worth making
+    /// every run wait for the disk.
+    fn memo_write(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
-        let path = self.tree_memo_path(listing);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let tmp = self.root.join("memo").join(format!(".tmp-{}-{n}", std::process::id()));
-        // Not synced: a memo entry lost or torn by a crash only costs a rehash (a torn one
-        // fails its check), so it is not worth an fsync on every run.
-        fs::write(&tmp, TreeMemoEntry::encode(listing, tree))
-            .and_then(|()| fs::rename(&tmp, &path))
+        fs::write(&tmp, bytes)
+            .and_then(|()| fs::rename(&tmp, path))
             .inspect_err(|_| drop(fs::remove_file(&tmp)))
     }
 }
@@ -370,20 +392,25 @@ fn open_patiently(dir: &Path) -> io::Result<SledIndex> {
     }
 }
 
-/// The stat memo: per file in the index, per directory listing in `memo/`. Failures only cost
-/// a rehash, so they are logged, not raised.
-pub struct IndexMemo<'a>(&'a Cache);
+/// The stat memo, kept in `memo/` as plain files outside the index: per dependency scope its
+/// files' digests, per stat listing its tree digest. Nothing there is synced or locked: a lost
+/// or torn file (each carries a check) only costs a rehash, so writing it never makes a run
+/// wait for the disk, and a no-op run answers from it without opening the index (a sled open
+/// replays the log and syncs it). Failures are logged, not raised.
+pub struct CacheMemo<'a>(&'a Cache);
 
-impl DigestMemo for IndexMemo<'_> {
-    fn get_many(&self, stats: &[FileStat]) -> Vec<Option<Digest>> {
-        self.0.with_index(|i| i.memo_get(stats)).unwrap_or_else(|e| {
-            tracing::warn!("stat memo unavailable ({e}); rehashing");
-            vec![None; stats.len()]
-        })
+impl DigestMemo for CacheMemo<'_> {
+    fn get_many(&self, scope: &Digest, stats: &[FileStat]) -> Vec<Option<Digest>> {
+        let known = fs::read(self.0.stat_memo_path(scope))
+            .ok()
+            .and_then(|bytes| StatMemoFile::decode(scope, &bytes))
+            .unwrap_or_default();
+        stats.iter().map(|s| known.get(&s.key()).copied()).collect()
     }
-    fn put_many(&self, entries: &[(FileStat, Digest)]) {
-        if let Err(e) = self.0.with_index(|i| i.memo_put(entries)) {
-            tracing::warn!("could not update the stat memo: {e}");
+    fn put_many(&self, scope: &Digest, entries: &[(FileStat, Digest)]) {
+        let bytes = StatMemoFile::encode(scope, entries);
+        if let Err(e) = self.0.memo_write(&self.0.stat_memo_path(scope), &bytes) {
+            tracing::debug!("could not update the stat memo: {e}");
         }
     }
     fn get_tree(&self, listing: &Digest) -> Option<Digest> {
@@ -393,6 +420,47 @@ impl DigestMemo for IndexMemo<'_> {
         if let Err(e) = self.0.tree_memo_put(listing, tree) {
             tracing::debug!("could not remember the tree of listing {listing:?}: {e}");
         }
+    }
+}
+
+/// A scope's stat memo file: a header naming the scope, then (stat key, digest) pairs, then the
+/// blake3 of everything before it, so that a torn, truncated or foreign file reads as empty.
+struct StatMemoFile;
+
+impl StatMemoFile {
+    const MAGIC: &'static [u8] = b"sdpipe stat memo 1\n";
+    const ENTRY: usize = 56 + 32;
+
+    fn encode(scope: &Digest, entries: &[(FileStat, Digest)]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::MAGIC.len() + 64 + entries.len() * Self::ENTRY);
+        out.extend_from_slice(Self::MAGIC);
+        out.extend_from_slice(&scope.0);
+        for (stat, digest) in entries {
+            out.extend_from_slice(&stat.key());
+            out.extend_from_slice(&digest.0);
+        }
+        let check = Digest::of_bytes(&out);
+        out.extend_from_slice(&check.0);
+        out
+    }
+
+    fn decode(scope: &Digest, bytes: &[u8]) -> Option<std::collections::HashMap<[u8; 56], Digest>> {
+        let (body, check) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
+        if Digest::of_bytes(body).0 != check {
+            return None;
+        }
+        let body = body.strip_prefix(Self::MAGIC)?.strip_prefix(&scope.0[..])?;
+        if body.len() % Self::ENTRY != 0 {
+            return None;
+        }
+        Some(
+            body.chunks_exact(Self::ENTRY)
+                .map(|e| {
+                    let (key, digest) = e.split_at(56);
+                    (key.try_into().unwrap(), Digest(digest.try_into().unwrap()))
+                })
+                .collect(),
+        )
     }
 }
 
@@ -497,5 +565,127 @@ mod tests {
         bytes[0] ^= 1;
         fs::write(&path, &bytes).unwrap();
         assert_eq!(cache.tree_memo_get(&listing), None);
+    }
+
+    fn stat(n: u64) -> FileStat {
+        FileStat { dev: 1, ino: n, size: 10, mtime_ns: 5, ctime_ns: 6 }
+    }
+
+    #[test]
+    fn the_stat_memo_answers_only_the_exact_stat_in_its_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let memo = cache.memo();
+        let (scope, other) = (Digest([1; 32]), Digest([2; 32]));
+        memo.put_many(&scope, &[(stat(1), Digest([7; 32]))]);
+        assert_eq!(memo.get_many(&scope, &[stat(1)]), vec![Some(Digest([7; 32]))]);
+        assert_eq!(memo.get_many(&other, &[stat(1)]), vec![None]);
+        for changed in [
+            FileStat { dev: 2, ..stat(1) },
+            FileStat { ino: 2, ..stat(1) },
+            FileStat { size: 11, ..stat(1) },
+            FileStat { mtime_ns: 4, ..stat(1) },
+            FileStat { ctime_ns: 7, ..stat(1) },
+        ] {
+            assert_eq!(memo.get_many(&scope, &[changed]), vec![None]);
+        }
+    }
+
+    #[test]
+    fn a_stat_memo_put_replaces_what_its_scope_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let memo = cache.memo();
+        let scope = Digest([1; 32]);
+        memo.put_many(&scope, &[(stat(1), Digest([7; 32]))]);
+        memo.put_many(&scope, &[(stat(2), Digest([8; 32]))]);
+        assert_eq!(memo.get_many(&scope, &[stat(1), stat(2)]), vec![None, Some(Digest([8; 32]))]);
+    }
+
+    #[test]
+    fn a_torn_or_foreign_stat_memo_file_is_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let memo = cache.memo();
+        let (scope, other) = (Digest([1; 32]), Digest([2; 32]));
+        memo.put_many(&scope, &[(stat(1), Digest([7; 32])), (stat(2), Digest([8; 32]))]);
+        let path = cache.stat_memo_path(&scope);
+        let bytes = fs::read(&path).unwrap();
+        // Cut mid-entry, cut at an entry boundary, one flipped bit.
+        let mut flipped = bytes.clone();
+        flipped[40] ^= 1;
+        for damaged in [&bytes[..bytes.len() - 50], &bytes[..bytes.len() - 88], &flipped[..]] {
+            fs::write(&path, damaged).unwrap();
+            assert_eq!(memo.get_many(&scope, &[stat(1), stat(2)]), vec![None, None]);
+        }
+        // Another scope's (valid) file under this scope's name.
+        fs::write(&path, &bytes).unwrap();
+        fs::rename(&path, cache.stat_memo_path(&other)).unwrap();
+        assert_eq!(memo.get_many(&other, &[stat(1)]), vec![None]);
+    }
+
+    /// A project dir holding `data/` with `n` files, all old enough to be memoised.
+    fn project_with_data(n: usize) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        for i in 0..n {
+            let p = dir.path().join(format!("data/{}/f{i}", i % 3));
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, format!("content {i}")).unwrap();
+            fs::File::options().write(true).open(&p).unwrap().set_modified(old).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn after_a_change_unchanged_files_are_served_by_the_stat_memo_and_the_tree_stays_exact() {
+        use crate::hash::{hash_entries, hash_path, memo_scope, walk_files, Hashed, Tree};
+        let project = project_with_data(6);
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(cache_dir.path()).unwrap();
+        let memo = cache.memo();
+        let data = project.path().join("data");
+        let full = || hash_entries(&walk_files(&data).unwrap()).unwrap().digest();
+        let through_memo = || hash_path(project.path(), "data", false, &memo).unwrap();
+        assert_eq!(through_memo().digest(), full());
+
+        // Plant a digest for one file's exact stat: if the next hash shows it, that file was
+        // served by the memo instead of being read.
+        let kept = data.join("0/f0");
+        let planted = Digest([9; 32]);
+        let scope = memo_scope(project.path(), "data", false);
+        let mut table: Vec<(FileStat, Digest)> = walk_files(&data)
+            .unwrap()
+            .iter()
+            .map(|f| (FileStat::of(&fs::metadata(&f.abs).unwrap()), Digest([0; 32])))
+            .collect();
+        table.retain(|(s, _)| *s == FileStat::of(&fs::metadata(&kept).unwrap()));
+        table[0].1 = planted;
+        memo.put_many(&scope, &table);
+        // Another file changes (new bytes, same size, an old mtime): the listing misses.
+        let changed = data.join("1/f1");
+        fs::write(&changed, "CONTENT 1").unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(30);
+        fs::File::options().write(true).open(&changed).unwrap().set_modified(old).unwrap();
+        let Hashed::Tree { digest, .. } = through_memo() else { panic!("a directory") };
+        let expected = Tree {
+            entries: hash_entries(&walk_files(&data).unwrap())
+                .unwrap()
+                .entries
+                .into_iter()
+                .map(|mut e| {
+                    if e.path == "0/f0" {
+                        e.digest = planted;
+                    }
+                    e
+                })
+                .collect(),
+        };
+        assert_eq!(digest, expected.digest(), "f0 came from the memo, f1 was reread");
+
+        // Once the planted file changes, its old stat never matches again: the tree is exact.
+        fs::write(&kept, "content 0!").unwrap();
+        fs::File::options().write(true).open(&kept).unwrap().set_modified(old).unwrap();
+        assert_eq!(through_memo().digest(), full());
     }
 }
