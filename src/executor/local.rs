@@ -20,7 +20,7 @@ use sdpipe_stages::api::{
 
 use super::node::{NodeJob, Work};
 use super::watchdog::Watchdog;
-use super::{ExecError, Executor, Job};
+use super::{Backoff, ExecError, Executor, Job};
 use crate::spec::Action;
 
 /// Runs stages on this machine.
@@ -152,6 +152,7 @@ pub(super) fn run_shell(
             None
         }
     };
+    let mut pause = Backoff::new(Duration::from_millis(20));
     let outcome = loop {
         if let Some(status) = child.try_wait().map_err(ExecError::Spawn)? {
             break if status.success() {
@@ -166,7 +167,7 @@ pub(super) fn run_shell(
             terminate_group(pgid, &mut child);
             break Err(ExecError::Cancelled);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        pause.sleep();
     };
     // Whatever the command left running in the background goes with it: nothing may keep
     // writing into the scratch directory while the outputs are stored.
@@ -181,12 +182,13 @@ pub(super) fn run_shell(
 fn terminate_group(pgid: i32, child: &mut std::process::Child) {
     unsafe { libc::kill(-pgid, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(5);
+    let mut pause = Backoff::new(Duration::from_millis(20));
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
             return;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        pause.sleep();
     }
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
     let _ = child.wait();

@@ -15,6 +15,7 @@ mod watchdog;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use sdpipe_stages::api::{CancelToken, Params, Progress, StageError};
 use serde_json::Value as Json;
@@ -119,4 +120,23 @@ pub fn render_command(command: &str, job: &Job<'_>) -> Result<String, String> {
             }
         }
     })
+}
+
+/// The pauses between checks on a child process: 1 ms, doubling up to `max`. A quick command
+/// (most shell stages) is noticed within a millisecond or two instead of a whole fixed interval,
+/// and a long one is still checked only every `max`.
+pub(crate) struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(max: Duration) -> Backoff {
+        Backoff { next: Duration::from_millis(1).min(max), max }
+    }
+
+    pub(crate) fn sleep(&mut self) {
+        std::thread::sleep(self.next);
+        self.next = (self.next * 2).min(self.max);
+    }
 }

@@ -60,11 +60,12 @@ impl Watchdog {
     /// left behind rather than hanging the run.
     fn reap(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut pause = super::Backoff::new(Duration::from_millis(5));
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(5));
+            pause.sleep();
         }
     }
 }
