@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Metric network throughput: sdpipe (candle CPU) vs pytorch-fid / lpips (PyTorch CPU), same
-# synthetic 512x512 inputs, batch sizes and thread count. Results: docs/bench/metrics.md.
+# Metric network throughput: sdpipe (Rust CPU: candle + gemm) vs pytorch-fid / lpips (PyTorch
+# CPU), same synthetic 512x512 inputs, batch sizes and thread count. Results:
+# docs/bench/metrics.md.
 # Usage: bench/metrics.sh [threads] [images] [pairs]   (needs python3 with torch, pytorch-fid,
 # lpips, clean-fid installed; not part of the test suite)
 set -euo pipefail

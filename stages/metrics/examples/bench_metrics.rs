@@ -6,13 +6,16 @@
 //! `cargo run --release -p sdpipe-metrics --example bench_metrics -- [threads] [images] [pairs]
 //! [profile]` (bench/metrics.sh runs it next to pytorch-fid and lpips with the same thread
 //! count). With `profile`, it first prints the time of each AlexNet trunk layer on one LPIPS
-//! batch, to see where the time goes.
+//! batch, to see where the time goes: each convolution (+ bias + ReLU) both as sdpipe runs it
+//! ([`ConvRelu`]) and as candle's conv2d would.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use sdpipe_metrics::conv::ConvRelu;
 use sdpipe_metrics::inception::{self, FidInception};
 use sdpipe_metrics::lpips::{lin_specs, trunk_specs, Lpips, Net};
+use sdpipe_metrics::pool::max_pool2d;
 use sdpipe_metrics::weights::Weights;
 
 const SIZE: usize = 512;
@@ -45,7 +48,7 @@ fn images(n: usize, phase: f32) -> candle_core::Result<Tensor> {
 type TrunkLayer = (&'static str, Option<(usize, usize, usize)>);
 
 /// Seconds per layer of the AlexNet trunk (conv + bias + ReLU, or max-pool) on `x`, median of
-/// three runs each.
+/// three runs each; convolutions as [`ConvRelu`] and as candle's conv2d + bias + ReLU.
 fn profile_alexnet(w: &Weights, x: &Tensor) -> candle_core::Result<()> {
     let mut x = x.clone();
     let layers: [TrunkLayer; 7] = [
@@ -57,33 +60,67 @@ fn profile_alexnet(w: &Weights, x: &Tensor) -> candle_core::Result<()> {
         ("features.8", Some((8, 1, 1))),
         ("features.10", Some((10, 1, 1))),
     ];
+    // (output, wall s, CPU s), each time the least of three runs: the least disturbed by load.
+    let least = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<_> {
+        let (mut wall, mut cpu) = (f64::MAX, f64::MAX);
+        let mut out = None;
+        for _ in 0..3 {
+            let (start, cpu_start) = (Instant::now(), cpu_seconds());
+            out = Some(f()?);
+            wall = wall.min(start.elapsed().as_secs_f64());
+            cpu = cpu.min(cpu_seconds() - cpu_start);
+        }
+        Ok((out.expect("three runs"), wall, cpu))
+    };
+    let (mut trunk_wall, mut trunk_cpu) = (0.0, 0.0);
     for (name, conv) in layers {
-        let run = |x: &Tensor| -> candle_core::Result<Tensor> {
-            match conv {
-                Some((index, stride, pad)) => {
-                    let weight = w.get(&format!("features.{index}.weight"))?;
-                    let bias = w.get(&format!("features.{index}.bias"))?;
-                    let c = bias.dim(0)?;
+        let (out, wall, cpu, candle) = match conv {
+            Some((index, stride, pad)) => {
+                let weight = w.get(&format!("features.{index}.weight"))?;
+                let bias = w.get(&format!("features.{index}.bias"))?;
+                let ours = ConvRelu::new(weight, bias, stride, (pad, pad))?;
+                let (out, wall, cpu) = least(&|| ours.forward(&x))?;
+                let c = bias.dim(0)?;
+                let (_, candle_wall, candle_cpu) = least(&|| {
                     x.conv2d(weight, pad, stride, 1, 1)?
                         .broadcast_add(&bias.reshape((1, c, 1, 1))?)?
                         .relu()
-                }
-                None => x.max_pool2d_with_stride(3, 2),
+                })?;
+                (
+                    out,
+                    wall,
+                    cpu,
+                    format!("; candle conv2d {candle_wall:.4} s, CPU {candle_cpu:.4} s"),
+                )
+            }
+            None => {
+                let (out, wall, cpu) = least(&|| max_pool2d(&x, 3, 2))?;
+                let (_, candle_wall, candle_cpu) = least(&|| x.max_pool2d_with_stride(3, 2))?;
+                (out, wall, cpu, format!("; candle {candle_wall:.4} s, CPU {candle_cpu:.4} s"))
             }
         };
-        let mut times = Vec::new();
-        let mut out = None;
-        for _ in 0..3 {
-            let start = Instant::now();
-            out = Some(run(&x)?);
-            times.push(start.elapsed().as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
-        let out = out.expect("three runs");
-        eprintln!("{name:>12} {:?} -> {:?}: {:.4} s", x.dims(), out.dims(), times[1]);
+        eprintln!(
+            "{name:>12} {:?} -> {:?}: {wall:.4} s, CPU {cpu:.4} s{candle}",
+            x.dims(),
+            out.dims()
+        );
+        (trunk_wall, trunk_cpu) = (trunk_wall + wall, trunk_cpu + cpu);
         x = out;
     }
+    eprintln!("{:>12} {trunk_wall:.4} s, CPU {trunk_cpu:.4} s", "trunk");
     Ok(())
+}
+
+/// CPU seconds this process's threads have used so far (the sum of their
+/// `/proc/self/task/*/schedstat` run times, in ns): unlike wall time, hardly changed by other
+/// processes competing for the cores, so it compares two implementations on a loaded machine.
+fn cpu_seconds() -> f64 {
+    let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten();
+    let ns: u64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
 }
 
 fn main() -> candle_core::Result<()> {
@@ -100,7 +137,7 @@ fn main() -> candle_core::Result<()> {
             inception.features(&resized)
         };
         run_fid(&batch.narrow(0, 0, 1)?)?; // warm-up
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), cpu_seconds());
         let mut done = 0;
         while done < n_images {
             let f = run_fid(&batch)?;
@@ -108,6 +145,7 @@ fn main() -> candle_core::Result<()> {
             done += FID_BATCH;
         }
         let fid_rate = done as f64 / start.elapsed().as_secs_f64();
+        let fid_cpu = (cpu_seconds() - cpu_start) / done as f64;
 
         let w = Weights::random(&trunk_specs(Net::Alex), 0)
             .merged(Weights::random(&lin_specs(Net::Alex), 0));
@@ -116,36 +154,31 @@ fn main() -> candle_core::Result<()> {
         let b = images(LPIPS_BATCH, 0.5)?.affine(2.0, -1.0)?;
         if std::env::args().nth(4).as_deref() == Some("profile") {
             profile_alexnet(&w, &Tensor::cat(&[&a, &b], 0)?)?;
-            let mut times = Vec::new();
+            let (mut wall, mut cpu) = (f64::MAX, f64::MAX);
             for _ in 0..3 {
-                let start = Instant::now();
+                let (start, cpu_start) = (Instant::now(), cpu_seconds());
                 lpips.distance(&a, &b)?;
-                times.push(start.elapsed().as_secs_f64());
+                wall = wall.min(start.elapsed().as_secs_f64());
+                cpu = cpu.min(cpu_seconds() - cpu_start);
             }
-            times.sort_by(f64::total_cmp);
-            eprintln!("LPIPS distance, whole batch: {:.4} s", times[1]);
+            eprintln!("LPIPS distance, whole batch: {wall:.4} s, CPU {cpu:.4} s");
         }
         lpips.distance(&a.narrow(0, 0, 1)?, &b.narrow(0, 0, 1)?)?; // warm-up
 
-        // Pairs/s of `distance_in_shares(.., shares)`; the two ways alternate batch by batch so
-        // both see the same background load. One share is how LPIPS ran before it split a
-        // batch across the threads.
-        let (mut split, mut whole) = (0.0, 0.0);
+        let (start, cpu_start) = (Instant::now(), cpu_seconds());
         let mut done = 0;
         while done < n_pairs {
-            for (shares, total) in [(threads, &mut split), (1, &mut whole)] {
-                let start = Instant::now();
-                lpips.distance_in_shares(&a, &b, shares)?;
-                *total += start.elapsed().as_secs_f64();
-            }
+            lpips.distance(&a, &b)?;
             done += LPIPS_BATCH;
         }
-        let (lpips_rate, unsplit_rate) = (done as f64 / split, done as f64 / whole);
+        let lpips_rate = done as f64 / start.elapsed().as_secs_f64();
+        let lpips_cpu = (cpu_seconds() - cpu_start) / done as f64;
         println!(
-            "{{\"impl\": \"sdpipe (candle CPU)\", \"threads\": {threads}, \"size\": {SIZE}, \
+            "{{\"impl\": \"sdpipe (Rust CPU)\", \"threads\": {threads}, \"size\": {SIZE}, \
              \"inception_images_per_s\": {fid_rate:.3}, \
+             \"inception_cpu_s_per_image\": {fid_cpu:.3}, \
              \"lpips_alex_pairs_per_s\": {lpips_rate:.3}, \
-             \"lpips_alex_pairs_per_s_unsplit\": {unsplit_rate:.3}}}"
+             \"lpips_alex_cpu_s_per_pair\": {lpips_cpu:.3}}}"
         );
         Ok(())
     })

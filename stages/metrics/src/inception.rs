@@ -16,6 +16,8 @@
 
 use candle_core::{DType, Module, Tensor, D};
 
+use crate::conv::ConvRelu;
+use crate::pool::max_pool2d;
 use crate::recipe::Init;
 use crate::weights::{TensorSpec, Weights};
 
@@ -159,12 +161,7 @@ pub fn tensor_specs() -> Vec<TensorSpec> {
 }
 
 /// Conv → BatchNorm (folded) → ReLU.
-struct ConvUnit {
-    weight: Tensor,
-    bias: Tensor,
-    stride: usize,
-    padding: (usize, usize),
-}
+struct ConvUnit(ConvRelu);
 
 impl ConvUnit {
     fn load(w: &Weights, spec: &ConvSpec) -> candle_core::Result<ConvUnit> {
@@ -177,22 +174,14 @@ impl ConvUnit {
         // y = (conv(x) − mean)/√(var + eps)·γ + β = conv_{k·s}(x) + (β − mean·s), s = γ/√(var+eps)
         let scale = gamma.broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
         let weight = kernel.broadcast_mul(&scale.reshape((spec.c_out, 1, 1, 1))?)?;
-        let bias = (beta - mean.mul(&scale)?)?.reshape((1, spec.c_out, 1, 1))?;
-        Ok(ConvUnit { weight, bias, stride: spec.stride, padding: spec.padding })
+        let bias = (beta - mean.mul(&scale)?)?;
+        Ok(ConvUnit(ConvRelu::new(&weight, &bias, spec.stride, spec.padding)?))
     }
 }
 
 impl Module for ConvUnit {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (ph, pw) = self.padding;
-        // candle pads symmetrically in both dimensions; (1,7)-style kernels pad one dimension.
-        let y = if ph == pw {
-            x.conv2d(&self.weight, ph, self.stride, 1, 1)?
-        } else {
-            let x = x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
-            x.conv2d(&self.weight, 0, self.stride, 1, 1)?
-        };
-        y.broadcast_add(&self.bias)?.relu()
+        self.0.forward(x)
     }
 }
 
@@ -229,7 +218,7 @@ fn max_pool_3x3_same(x: &Tensor) -> candle_core::Result<Tensor> {
     let x = Tensor::cat(&[&col, x, &col], 3)?;
     let row = Tensor::full(f32::NEG_INFINITY, (b, c, 1, w + 2), x.device())?;
     let x = Tensor::cat(&[&row, &x, &row], 2)?;
-    x.max_pool2d_with_stride(3, 1)
+    max_pool2d(&x, 3, 1)
 }
 
 /// Which pooling a block's pool branch uses.
@@ -282,7 +271,7 @@ impl Module for Block {
             BlockKind::B => vec![
                 self.run(&["branch3x3"], x)?,
                 self.run(&["branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"], x)?,
-                x.max_pool2d_with_stride(3, 2)?,
+                max_pool2d(x, 3, 2)?,
             ],
             BlockKind::C => vec![
                 self.run(&["branch1x1"], x)?,
@@ -302,7 +291,7 @@ impl Module for Block {
             BlockKind::D => vec![
                 self.run(&["branch3x3_1", "branch3x3_2"], x)?,
                 self.run(&["branch7x7x3_1", "branch7x7x3_2", "branch7x7x3_3", "branch7x7x3_4"], x)?,
-                x.max_pool2d_with_stride(3, 2)?,
+                max_pool2d(x, 3, 2)?,
             ],
             BlockKind::E(pool) => {
                 let b3 = self.run(&["branch3x3_1"], x)?;
@@ -372,7 +361,7 @@ impl FidInception {
             x = unit.forward(&x)?;
             // Block 0 ends with a 3/2 max pool after Conv2d_2b; block 1 after Conv2d_4a.
             if i == 2 || i == 4 {
-                x = x.max_pool2d_with_stride(3, 2)?;
+                x = max_pool2d(&x, 3, 2)?;
             }
         }
         for block in &self.blocks {

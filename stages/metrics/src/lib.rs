@@ -2,15 +2,17 @@
 //! `fid` (FID as pytorch-fid, plus KID as clean-fid) and `lpips` (LPIPS v0.1 as the `lpips`
 //! package), and the weights conversion behind `sdpipe convert-weights`.
 //!
-//! Modules: [`inception`] and [`lpips`] are the networks, [`frechet`] and [`kid`] the statistics,
-//! [`images`] the image inputs and their deterministic resizing, [`weights`], [`convert`] and
-//! [`pth`] the weights files, [`recipe`] the deterministic random stand-in weights; the kinds
-//! live in `fid_stage` and `lpips_stage`.
+//! Modules: [`inception`] and [`lpips`] are the networks (their convolutions in [`conv`], their
+//! max pooling in [`pool`]), [`frechet`] and [`kid`] the statistics, [`images`] the image inputs
+//! and their deterministic resizing, [`weights`], [`convert`] and [`pth`] the weights files,
+//! [`recipe`] the deterministic random stand-in weights; the kinds live in `fid_stage` and
+//! `lpips_stage`.
 
 use std::sync::Arc;
 
 use sdpipe_stages::api::StageKind;
 
+pub mod conv;
 pub mod convert;
 mod fid_stage;
 pub mod frechet;
@@ -19,6 +21,7 @@ pub mod inception;
 pub mod kid;
 pub mod lpips;
 mod lpips_stage;
+pub mod pool;
 pub mod pth;
 pub mod recipe;
 mod stage_common;

@@ -6,9 +6,12 @@
 //! Tensor names: the trunk keeps torchvision's names (`features.0.weight`, ...), the linear
 //! layers lpips' (`lin0.model.1.weight`, ...), so converted published files load unchanged.
 
-use candle_core::{Tensor, D};
-use rayon::iter::{IntoParallelIterator, ParallelIterator};
+use candle_core::{Device, Tensor};
+use rayon::iter::{IndexedParallelIterator, IntoParallelIterator, ParallelIterator};
+use rayon::slice::{ParallelSlice, ParallelSliceMut};
 
+use crate::conv::{with_f32_slice, ConvRelu};
+use crate::pool::max_pool2d;
 use crate::recipe::Init;
 use crate::weights::{TensorSpec, Weights};
 
@@ -120,17 +123,20 @@ pub fn lin_specs(net: Net) -> Vec<TensorSpec> {
 }
 
 enum Op {
-    Conv { weight: Tensor, bias: Tensor, stride: usize, pad: usize, tap: bool },
+    Conv { conv: ConvRelu, tap: bool },
     MaxPool { k: usize, stride: usize },
 }
+
+/// lpips' ScalingLayer constants (f32, as `torch.Tensor([...])` holds them).
+const SHIFT: [f32; 3] = [-0.030, -0.088, -0.188];
+const SCALE: [f32; 3] = [0.458, 0.448, 0.450];
 
 /// The LPIPS network.
 pub struct Lpips {
     pub net: Net,
     ops: Vec<Op>,
-    lins: Vec<Tensor>,
-    shift: Tensor,
-    scale: Tensor,
+    /// The five linear layers' weights, one per tap channel.
+    lins: Vec<Vec<f32>>,
 }
 
 impl Lpips {
@@ -139,41 +145,37 @@ impl Lpips {
         let mut ops = Vec::new();
         for layer in net.layers() {
             ops.push(match layer {
-                Layer::Conv { index, c_out, stride, pad, tap, .. } => Op::Conv {
-                    weight: weights.get(&format!("features.{index}.weight"))?.clone(),
-                    bias: weights
-                        .get(&format!("features.{index}.bias"))?
-                        .reshape((1, c_out, 1, 1))?,
-                    stride,
-                    pad,
+                Layer::Conv { index, stride, pad, tap, .. } => Op::Conv {
+                    conv: ConvRelu::new(
+                        weights.get(&format!("features.{index}.weight"))?,
+                        weights.get(&format!("features.{index}.bias"))?,
+                        stride,
+                        (pad, pad),
+                    )?,
                     tap,
                 },
                 Layer::MaxPool { k, stride } => Op::MaxPool { k, stride },
             });
         }
         let lins = (0..5)
-            .map(|i| weights.get(&format!("lin{i}.model.1.weight")).cloned())
+            .map(|i| weights.get(&format!("lin{i}.model.1.weight"))?.flatten_all()?.to_vec1())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let device = candle_core::Device::Cpu;
-        // lpips' ScalingLayer constants, as f32 like torch.Tensor([...]).
-        let shift = Tensor::new(&[-0.030f32, -0.088, -0.188], &device)?.reshape((1, 3, 1, 1))?;
-        let scale = Tensor::new(&[0.458f32, 0.448, 0.450], &device)?.reshape((1, 3, 1, 1))?;
-        Ok(Lpips { net, ops, lins, shift, scale })
+        Ok(Lpips { net, ops, lins })
     }
 
-    /// The five tapped activations of a batch already in [-1, 1].
+    /// The five tapped activations of a batch after the [`scaling_layer`].
     fn taps(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        let mut x = x.broadcast_sub(&self.shift)?.broadcast_div(&self.scale)?;
+        let mut x = x.clone();
         let mut taps = Vec::with_capacity(5);
         for op in &self.ops {
             match op {
-                Op::Conv { weight, bias, stride, pad, tap } => {
-                    x = x.conv2d(weight, *pad, *stride, 1, 1)?.broadcast_add(bias)?.relu()?;
+                Op::Conv { conv, tap } => {
+                    x = conv.forward(&x)?;
                     if *tap {
                         taps.push(x.clone());
                     }
                 }
-                Op::MaxPool { k, stride } => x = x.max_pool2d_with_stride(*k, *stride)?,
+                Op::MaxPool { k, stride } => x = max_pool2d(&x, *k, *stride)?,
             }
         }
         Ok(taps)
@@ -181,23 +183,10 @@ impl Lpips {
 
     /// LPIPS distance per pair of two batches `[B, 3, H, W]` in [-1, 1] of equal shape: `[B]`.
     ///
-    /// The pairs are split into one share per thread of the current rayon pool, each share run
-    /// on its own thread. candle parallelises its convolutions and matrix products but runs
-    /// element-wise ops and reductions (bias, ReLU, pooling, the heads' normalisation and
-    /// differences) on one thread; splitting by pairs keeps every thread busy through those
-    /// too. Each pair's distance is computed the same way whatever share it lands in.
+    /// Both batches go through the trunk together (the convolutions run the images in parallel
+    /// on the current rayon pool), then the pairs' heads run in parallel; each pair's distance
+    /// is computed the same way whatever batch it is in.
     pub fn distance(&self, x0: &Tensor, x1: &Tensor) -> candle_core::Result<Tensor> {
-        self.distance_in_shares(x0, x1, rayon::current_num_threads())
-    }
-
-    /// [`Lpips::distance`] with the pairs split into (at most) `shares` shares run in parallel;
-    /// 1 runs the whole batch as one (candle still parallelises its convolutions).
-    pub fn distance_in_shares(
-        &self,
-        x0: &Tensor,
-        x1: &Tensor,
-        shares: usize,
-    ) -> candle_core::Result<Tensor> {
         if x0.dims() != x1.dims() {
             candle_core::bail!(
                 "LPIPS compares batches of one shape: {:?} vs {:?}",
@@ -206,47 +195,87 @@ impl Lpips {
             )
         }
         let b = x0.dim(0)?;
-        let shares = shares.min(b).max(1);
-        if shares == 1 {
-            return self.distance_one_thread(x0, x1);
-        }
-        let size = b.div_ceil(shares);
-        let starts: Vec<usize> = (0..b).step_by(size).collect();
-        let parts = starts
-            .into_par_iter()
-            .map(|start| {
-                let len = size.min(b - start);
-                self.distance_one_thread(&x0.narrow(0, start, len)?, &x1.narrow(0, start, len)?)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 0)
-    }
-
-    /// [`Lpips::distance`] for one share of pairs.
-    fn distance_one_thread(&self, x0: &Tensor, x1: &Tensor) -> candle_core::Result<Tensor> {
-        let b = x0.dim(0)?;
-        // One trunk pass over both halves.
-        let taps = self.taps(&Tensor::cat(&[x0, x1], 0)?)?;
-        let mut total: Option<Tensor> = None;
+        let taps = self.taps(&scaling_layer(&[x0, x1])?)?;
+        let mut total = vec![0f64; b];
         for (tap, lin) in taps.iter().zip(&self.lins) {
-            let f0 = normalize(&tap.narrow(0, 0, b)?)?;
-            let f1 = normalize(&tap.narrow(0, b, b)?)?;
-            let diff = (f0 - f1)?.sqr()?;
-            let weighted = diff.conv2d(lin, 0, 1, 1, 1)?; // [B, 1, h, w]
-            let layer = weighted.flatten_from(1)?.mean(D::Minus1)?;
-            total = Some(match total {
-                None => layer,
-                Some(t) => (t + layer)?,
-            });
+            let (_, c, h, w) = tap.dims4()?;
+            if lin.len() != c {
+                candle_core::bail!("LPIPS linear layer has {} weights for {c} channels", lin.len())
+            }
+            let per_pair: Vec<f64> = with_f32_slice(tap, |f| {
+                let (f0, f1) = f.split_at(b * c * h * w);
+                (0..b)
+                    .into_par_iter()
+                    .map(|i| {
+                        let image = i * c * h * w..(i + 1) * c * h * w;
+                        tap_distance(&f0[image.clone()], &f1[image], lin, h * w)
+                    })
+                    .collect()
+            })?;
+            for (t, d) in total.iter_mut().zip(per_pair) {
+                *t += d;
+            }
         }
-        total.ok_or_else(|| candle_core::Error::Msg("no taps".into()))
+        Tensor::from_vec(total.into_iter().map(|d| d as f32).collect(), b, &Device::Cpu)
     }
 }
 
-/// lpips' `normalize_tensor`: f / (‖f‖₂ over channels + 1e-10).
-fn normalize(f: &Tensor) -> candle_core::Result<Tensor> {
-    let norm = f.sqr()?.sum_keepdim(1)?.sqrt()?;
-    f.broadcast_div(&(norm + 1e-10)?)
+/// lpips' ScalingLayer, `(x − shift) / scale` per channel, of batches `[B, 3, H, W]` in
+/// [-1, 1], concatenated into one batch (so the trunk runs them together, without copying them
+/// into one first).
+fn scaling_layer(batches: &[&Tensor]) -> candle_core::Result<Tensor> {
+    let mut images = 0;
+    for x in batches {
+        let (b, c, _, _) = x.dims4()?;
+        if c != 3 {
+            candle_core::bail!("LPIPS takes 3-channel images, got {c} channels")
+        }
+        images += b;
+    }
+    let (_, _, h, w) = batches.first().map_or(Ok((0, 3, 0, 0)), |x| x.dims4())?;
+    let plane = h * w;
+    let mut out = vec![0f32; images * 3 * plane];
+    let mut rest = &mut out[..];
+    for x in batches {
+        let (part, tail) = rest.split_at_mut(x.elem_count());
+        rest = tail;
+        with_f32_slice(x, |input| {
+            let planes = part.par_chunks_mut(plane.max(1)).zip(input.par_chunks(plane.max(1)));
+            planes.enumerate().for_each(|(i, (out, input))| {
+                let (shift, scale) = (SHIFT[i % 3], SCALE[i % 3]);
+                for (o, v) in out.iter_mut().zip(input) {
+                    *o = (v - shift) / scale;
+                }
+            })
+        })?;
+    }
+    Tensor::from_vec(out, (images, 3, h, w), &Device::Cpu)
+}
+
+/// One tap's term of one pair, as lpips computes it: each feature vector divided by its
+/// channel-wise L2 norm (+1e-10, `normalize_tensor`), the squared difference weighted by the
+/// linear layer (a 1×1 conv without bias), averaged over the `plane` positions. `f0`, `f1`
+/// `[C, plane]`.
+fn tap_distance(f0: &[f32], f1: &[f32], lin: &[f32], plane: usize) -> f64 {
+    let inverse_norms = |f: &[f32]| {
+        let mut sq = vec![0f32; plane];
+        for channel in f.chunks_exact(plane) {
+            for (s, v) in sq.iter_mut().zip(channel) {
+                *s += v * v;
+            }
+        }
+        sq.iter().map(|s| 1.0 / (s.sqrt() + 1e-10)).collect::<Vec<f32>>()
+    };
+    let (n0, n1) = (inverse_norms(f0), inverse_norms(f1));
+    let mut weighted = vec![0f32; plane];
+    for ((c0, c1), l) in f0.chunks_exact(plane).zip(f1.chunks_exact(plane)).zip(lin) {
+        for (((acc, a), b), (m0, m1)) in weighted.iter_mut().zip(c0).zip(c1).zip(n0.iter().zip(&n1))
+        {
+            let d = a * m0 - b * m1;
+            *acc += l * d * d;
+        }
+    }
+    weighted.iter().map(|&v| v as f64).sum::<f64>() / plane as f64
 }
 
 #[cfg(test)]
@@ -268,18 +297,25 @@ mod tests {
         Tensor::from_vec(values, (n, 3, 64, 64), &Device::Cpu).unwrap()
     }
 
+    /// Reproducible metrics: a pair's distance is the same bits whether it is computed alone
+    /// (its two images then split each product across the threads) or in a batch (the images
+    /// then run on their own threads), on any number of threads.
     #[test]
-    fn a_batch_split_across_threads_gives_each_pair_its_own_distance() {
+    fn a_pairs_distance_does_not_depend_on_its_batch_or_the_thread_count() {
         let model = random_alex();
         let (x0, x1) = (batch(5, 1), batch(5, 2));
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        let together: Vec<f32> =
-            pool.install(|| model.distance(&x0, &x1)).unwrap().to_vec1().unwrap();
+        let on = |threads: usize, x0: &Tensor, x1: &Tensor| -> Vec<f32> {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| model.distance(x0, x1)).unwrap().to_vec1().unwrap()
+        };
+        let together = on(3, &x0, &x1);
         assert_eq!(together.len(), 5);
         for (i, &d) in together.iter().enumerate() {
             let one = |x: &Tensor| x.narrow(0, i, 1).unwrap();
-            let alone: Vec<f32> = model.distance(&one(&x0), &one(&x1)).unwrap().to_vec1().unwrap();
-            assert!((d - alone[0]).abs() <= 1e-6 * alone[0].abs(), "pair {i}: {d} vs {}", alone[0]);
+            for threads in [1, 3] {
+                let alone = on(threads, &one(&x0), &one(&x1));
+                assert_eq!(d, alone[0], "pair {i}, alone on {threads} threads");
+            }
         }
     }
 
