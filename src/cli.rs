@@ -13,7 +13,7 @@ use crate::executor::{Dispatch, LocalExecutor};
 use crate::maintenance;
 use crate::project::Project;
 use crate::remote::sync::{self as remote_sync, Direction, Outcome};
-use crate::remote::{Remote, RemoteConfig};
+use crate::remote::{Remote, RemoteConfig, RemoteSettings};
 use crate::scheduler::{Engine, RunOptions};
 use crate::spec::overrides::Override;
 use crate::spec::{Pipeline, SpecErrors};
@@ -286,15 +286,19 @@ fn load(
     let pipeline =
         Pipeline::load(&p.pipeline, registry, &p.set).map_err(|e| CliError::Spec(e, json))?;
     let project = Project::locate(&pipeline.file, cache_dir);
+    // Before anything is created: a broken settings file stops the command with its location.
+    let settings = project.settings().map_err(|e| CliError::Spec(e.into(), json))?;
     let cache = Cache::open(&project.cache_dir).map_err(io_err("cannot open the cache"))?;
-    let remote = open_remote(&pipeline)?;
+    let remote = open_remote(settings.remote.unwrap_or_default(), &pipeline)?;
     Ok(Loaded { pipeline, project, cache, remote })
 }
 
-/// The pipeline's `remote:` with `SDPIPE_REMOTE*` overrides. A setting that does not parse is
-/// a usage error; a client that cannot be set up only costs the remote (with a warning).
-fn open_remote(pipeline: &Pipeline) -> Result<Option<Remote>, CliError> {
-    let config = RemoteConfig::resolve(pipeline.remote.as_ref(), |k| std::env::var(k).ok())
+/// The project's `[remote]`, overridden by the pipeline's `remote:`, then by `SDPIPE_REMOTE*`.
+/// A setting that does not parse is a usage error; a client that cannot be set up only costs
+/// the remote (with a warning).
+fn open_remote(project: RemoteSettings, pipeline: &Pipeline) -> Result<Option<Remote>, CliError> {
+    let settings = project.overlaid_by(pipeline.remote.as_ref());
+    let config = RemoteConfig::resolve(Some(&settings), |k| std::env::var(k).ok())
         .map_err(CliError::Usage)?;
     let Some(config) = config else {
         return Ok(None);

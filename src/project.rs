@@ -1,6 +1,22 @@
-//! Where a pipeline's project, cache and run directory are.
+//! Where a pipeline's project, cache and run directory are, and the project's own settings
+//! (`sdpipe.toml` at its root).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::remote::RemoteSettings;
+use crate::spec::{SourceFile, Span, SpecError};
+
+/// `sdpipe.toml`: what every pipeline of the project shares. Empty (or absent) is valid: the
+/// file's first job is to mark the project root.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectSettings {
+    /// The shared remote cache (`[remote]`, the fields of a pipeline's `remote:`).
+    pub remote: Option<RemoteSettings>,
+}
 
 /// Resolved locations for one pipeline file.
 #[derive(Debug, Clone)]
@@ -55,6 +71,28 @@ impl Project {
             root,
             pipeline_rel,
         }
+    }
+
+    /// The project's `sdpipe.toml`, parsed; an error points at the offending line.
+    pub fn settings(&self) -> Result<ProjectSettings, SpecError> {
+        let path = self.root.join("sdpipe.toml");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(ProjectSettings::default())
+            }
+            Err(e) => {
+                return Err(SpecError::unlocated(format!("cannot read {}: {e}", path.display())))
+            }
+        };
+        toml::from_str(&text).map_err(|e| {
+            let message = e.message().trim_end().to_string();
+            let source = Arc::new(SourceFile::new(path.display().to_string(), text.clone()));
+            match e.span() {
+                Some(r) => SpecError::at(&source, Span { offset: r.start, len: r.len() }, message),
+                None => SpecError::unlocated(format!("{}: {message}", path.display())),
+            }
+        })
     }
 
     /// The cache's name for a stage across runs.

@@ -474,3 +474,37 @@ fn a_named_aws_profile_that_does_not_exist_is_reported_and_the_run_goes_on_local
     assert!(err.contains("profile `nobody`") && err.contains("continuing without"), "{err}");
     assert!(team.records().is_empty(), "nothing was pushed");
 }
+
+#[test]
+fn a_remote_in_sdpipe_toml_serves_every_pipeline_of_the_project() {
+    let team = Team::new();
+    // The same stages, without the pipeline's own `remote:`; the project file names the bucket.
+    let pipeline = team.project.read("pipeline.yaml");
+    let stages = &pipeline[pipeline.find("stages:").unwrap()..];
+    team.project.write("pipeline.yaml", stages);
+    team.project.write(
+        "sdpipe.toml",
+        &format!(
+            "[remote]\nurl = \"s3://{BUCKET}/exp\"\nendpoint = \"{}\"\nallow_http = true\n",
+            team.server.endpoint()
+        ),
+    );
+    let first = tempfile::tempdir().unwrap();
+    let (summary, _) = team.run(first.path(), &[]);
+    assert_eq!(remote_states(&summary), all("pushed"), "{summary:#}");
+    let second = tempfile::tempdir().unwrap();
+    let (summary, _) = team.run(second.path(), &[]);
+    assert_eq!(remote_states(&summary), all("pulled"), "{summary:#}");
+}
+
+#[test]
+fn a_mistake_in_sdpipe_toml_is_located_before_anything_runs() {
+    let p = chain_project();
+    p.write("sdpipe.toml", "[remote]\nurl = \"s3://bucket/x\"\nreadonly = true\n");
+    let (v, code) = p.run_json("pipeline.yaml", &[]);
+    assert_eq!(code, 2, "{v:#}");
+    let e = &v["errors"][0];
+    assert_eq!((e["line"].as_u64(), e["column"].as_u64()), (Some(3), Some(1)), "{v:#}");
+    assert!(e["message"].as_str().unwrap().contains("readonly"), "{v:#}");
+    assert!(!p.path().join("cache").exists(), "nothing was created");
+}

@@ -1,10 +1,11 @@
-//! Where the shared cache is: the pipeline's `remote:` setting, overridden field by field by
-//! `SDPIPE_REMOTE*` environment variables (so CI can point at a bucket, or turn the remote off or
-//! read-only, without editing the pipeline).
+//! Where the shared cache is: the project's `[remote]` in `sdpipe.toml`, overridden field by
+//! field by the pipeline's `remote:`, and that by `SDPIPE_REMOTE*` environment variables (so CI
+//! can point at a bucket, or turn the remote off or read-only, without editing any file).
 
-/// The `remote:` setting as written in a pipeline (every field optional: the environment may
-/// supply the rest).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The `remote:` setting as written in a pipeline or `sdpipe.toml` (every field optional: the
+/// environment may supply the rest).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RemoteSettings {
     /// `s3://bucket/prefix`.
     pub url: Option<String>,
@@ -15,6 +16,20 @@ pub struct RemoteSettings {
     pub read_only: Option<bool>,
     /// Allow plain `http://` endpoints (a server on loopback or a private network).
     pub allow_http: Option<bool>,
+}
+
+impl RemoteSettings {
+    /// These settings with each field `over` sets taking its place.
+    pub fn overlaid_by(&self, over: Option<&RemoteSettings>) -> RemoteSettings {
+        let Some(over) = over else { return self.clone() };
+        RemoteSettings {
+            url: over.url.clone().or_else(|| self.url.clone()),
+            endpoint: over.endpoint.clone().or_else(|| self.endpoint.clone()),
+            region: over.region.clone().or_else(|| self.region.clone()),
+            read_only: over.read_only.or(self.read_only),
+            allow_http: over.allow_http.or(self.allow_http),
+        }
+    }
 }
 
 /// The environment variables that override [`RemoteSettings`], one per field.
@@ -194,6 +209,23 @@ mod tests {
     fn sdpipe_remote_off_disables_a_pipelines_remote() {
         let pipeline = RemoteSettings { url: Some("s3://bucket".into()), ..Default::default() };
         assert_eq!(RemoteConfig::resolve(Some(&pipeline), env(&[(ENV_URL, "off")])).unwrap(), None);
+    }
+
+    #[test]
+    fn the_pipeline_overrides_the_projects_remote_field_by_field() {
+        let project = RemoteSettings {
+            url: Some("s3://team/cache".into()),
+            endpoint: Some("http://minio:9000".into()),
+            allow_http: Some(true),
+            ..RemoteSettings::default()
+        };
+        let pipeline =
+            RemoteSettings { url: Some("s3://team/other".into()), ..RemoteSettings::default() };
+        let merged = project.overlaid_by(Some(&pipeline));
+        assert_eq!(merged.url.as_deref(), Some("s3://team/other"));
+        assert_eq!(merged.endpoint.as_deref(), Some("http://minio:9000"));
+        assert_eq!(merged.allow_http, Some(true));
+        assert_eq!(project.overlaid_by(None), project);
     }
 
     #[test]
