@@ -26,6 +26,7 @@ mod blocks;
 mod checkpoint;
 pub mod config;
 pub mod error;
+mod fused_attention;
 mod layers;
 pub mod memory;
 pub mod ops;

@@ -307,6 +307,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
         let (a, b) = (t.dim(rank - 2)?, t.dim(rank - 1)?);
         t.reshape((groups, a, b))
     };
+    let mut out_dims = dims.clone();
+    out_dims[rank - 1] = e;
+    if crate::fused_attention::applies(q, k, v) {
+        // Inference: no backward to serve, so the blocked kernel that never writes the scores out.
+        return crate::fused_attention::attention(&flat(q)?, &flat(k)?, &flat(v)?, scale)?
+            .reshape(out_dims.as_slice());
+    }
     let (qf, kf, vf) = (flat(&q.detach())?, flat(&k.detach())?, flat(&v.detach())?);
     let chunk = (ATTENTION_CHUNK_ELEMENTS / (n * m).max(1)).clamp(1, groups.max(1));
     let probs = move |q: &Tensor, k: &Tensor| -> Result<Tensor> {
@@ -319,8 +326,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
             (qf.narrow(0, start, len)?, kf.narrow(0, start, len)?, vf.narrow(0, start, len)?);
         outs.push(probs(&qc, &kc)?.matmul(&vc)?);
     }
-    let mut out_dims = dims.clone();
-    out_dims[rank - 1] = e;
     let value = Tensor::cat(&outs, 0)?.reshape(out_dims.as_slice())?;
     attach3(
         q,

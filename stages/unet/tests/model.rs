@@ -262,9 +262,13 @@ fn an_inference_model_predicts_what_the_trainable_one_does_without_a_graph() {
     let ours = unet.forward(&x, &t, &c).unwrap();
     assert!(!ours.track_op(), "an inference forward records no graph");
     let trained = tiny().forward(&x, &t, &c).unwrap();
+    let scale: f32 = trained.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
     let diff: f32 =
         (ours - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    assert_eq!(diff, 0.0);
+    // Inference attention is a blocked kernel that sums in another order than the training
+    // path: equal up to f32 rounding (measured 1.8e-6 at scale 1.3).
+    eprintln!("max |Δ| {diff:e} at scale {scale}");
+    assert!(diff <= 1e-5 * scale.max(1.0), "max |Δ| {diff} at scale {scale}");
 }
 
 #[test]
