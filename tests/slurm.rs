@@ -411,6 +411,28 @@ fn a_request_the_cluster_can_never_satisfy_fails_the_stage_instead_of_waiting() 
     );
 }
 
+#[test]
+fn a_stage_wanting_more_threads_than_any_node_has_gets_the_largest_node() {
+    let Some(_cluster) = cluster() else { return };
+    let out = Command::new("sinfo").args(["-h", "-N", "-o", "%c"]).output().unwrap();
+    let largest: usize = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().trim_end_matches('+').parse().ok())
+        .max()
+        .expect("sinfo names a node");
+    let slurm = SlurmProject::new();
+    slurm.p.write(
+        "pipeline.yaml",
+        "executor: slurm\nstages:\n  greedy:\n    run: echo $SDPIPE_THREADS > n\n    \
+         threads: 1000\n    outs: [n]\n",
+    );
+    let (summary, code) = slurm.run_json("pipeline.yaml", &[]);
+    assert_eq!(code, 0, "{summary:#}");
+    assert_eq!(slurm.p.read("runs/pipeline/greedy/n").trim(), largest.to_string());
+    let log = std::fs::read_to_string(stage_of(&summary, "greedy")["log"].as_str().unwrap());
+    assert!(log.unwrap().contains(&format!("asking for {largest}")));
+}
+
 /// The demo pipeline at a size a test affords: fewer images, training and sampling steps; the
 /// same 19 stages, sweep and kinds.
 const DEMO_AT_TEST_SIZE: &[&str] = &[
@@ -424,9 +446,9 @@ const DEMO_AT_TEST_SIZE: &[&str] = &[
     "--set=sample_finetuned.steps=3",
 ];
 
-/// The demo pipeline, plus what its author would add for this cluster: each job's share of the
-/// node (the kinds' default of 4 threads asks more than the test node's 2 CPUs). Resources are
-/// not part of any key, so every run below shares keys whatever it declares.
+/// The demo pipeline, plus one CPU per job: two jobs share the test node, and the outputs are
+/// then compared with a local run's on two threads. Resources are not part of any key, so every
+/// run below shares keys whatever it declares.
 fn with_demo(p: &Project) {
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/demo.yaml");
     let demo = std::fs::read_to_string(demo).unwrap();

@@ -68,12 +68,21 @@ impl SlurmConfig {
 /// Runs stages as Slurm batch jobs.
 pub struct SlurmExecutor {
     pub config: SlurmConfig,
+    /// The most CPUs any node has, per partition asked for (`None` key: the default), as
+    /// `sinfo` reported them; `None` value: unknown.
+    largest_node: std::sync::Mutex<std::collections::HashMap<Option<String>, Option<usize>>>,
 }
 
 impl Default for SlurmExecutor {
     fn default() -> Self {
-        SlurmExecutor { config: SlurmConfig::from_env() }
+        SlurmExecutor { config: SlurmConfig::from_env(), largest_node: Default::default() }
     }
+}
+
+/// The largest CPU count in `sinfo -h -N -o %c` output (one node per line; `64+` style counts
+/// of mixed node groups read as their number).
+fn largest_cpu_count(sinfo: &str) -> Option<usize> {
+    sinfo.lines().filter_map(|l| l.trim().trim_end_matches('+').parse::<usize>().ok()).max()
 }
 
 /// A Slurm job state, as `squeue`, `sacct` and `scontrol` spell it.
@@ -350,6 +359,39 @@ enum Attempt {
 }
 
 impl SlurmExecutor {
+    /// The CPUs of the largest node in `partition` (the default one for `None`), asked once.
+    fn largest_node_cpus(&self, partition: Option<&str>) -> Option<usize> {
+        let mut known = self.largest_node.lock().unwrap_or_else(|e| e.into_inner());
+        *known.entry(partition.map(str::to_string)).or_insert_with(|| {
+            let mut args = vec!["-h", "-N", "-o", "%c"];
+            if let Some(p) = partition {
+                args.extend(["-p", p]);
+            }
+            slurm_tool("sinfo", &args).ok().as_deref().and_then(largest_cpu_count)
+        })
+    }
+
+    /// What a job asks for: `resources.cpus` as written, else the threads the stage wants, but
+    /// never more than the largest node has (as a local run never gets more than `--jobs`):
+    /// a kind's default thread count is a wish, not a requirement a small cluster must fail on.
+    fn cpus_for(&self, stage: &crate::spec::Stage, log: &mut File) -> usize {
+        let resources = &stage.resources;
+        if let Some(cpus) = resources.cpus {
+            return (cpus as usize).max(1);
+        }
+        let wanted = stage.threads.max(1);
+        match self.largest_node_cpus(resources.partition.as_deref()) {
+            Some(largest) if largest < wanted => {
+                let _ = writeln!(
+                    log,
+                    "[sdpipe] the stage wants {wanted} threads and the largest node has                      {largest} CPUs: asking for {largest} (set `resources.cpus` to insist)"
+                );
+                largest.max(1)
+            }
+            _ => wanted,
+        }
+    }
+
     fn submit(&self, script: &Path, output: &Path, workdir: &Path) -> Result<String, ExecError> {
         let mut args = vec![
             "--parsable".to_string(),
@@ -529,7 +571,7 @@ impl Executor for SlurmExecutor {
     fn execute(&self, mut job: Job<'_>) -> Result<(), ExecError> {
         let resources = job.stage.resources.clone();
         // The node grants what the job asked for, not the local thread budget.
-        let cpus = resources.cpus.map_or(job.stage.threads, |c| c as usize).max(1);
+        let cpus = self.cpus_for(job.stage, &mut job.log);
         job.threads = cpus;
         let node_job = NodeJob::from_job(&job)?;
         let dir = job.out_dir.parent().unwrap_or(&job.out_dir).join("slurm");
@@ -569,6 +611,14 @@ impl Executor for SlurmExecutor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_node_is_read_from_sinfos_cpu_column() {
+        assert_eq!(largest_cpu_count("2\n64\n16\n"), Some(64));
+        assert_eq!(largest_cpu_count("  8+\n4\n"), Some(8));
+        assert_eq!(largest_cpu_count(""), None);
+        assert_eq!(largest_cpu_count("n/a\n"), None);
+    }
 
     #[test]
     fn sbatch_parsable_output_gives_the_job_id() {
