@@ -95,8 +95,9 @@ pub fn json_of(c: &mut Command) -> (Value, i32) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let value: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
         panic!(
-            "{:?}: invalid JSON ({e})\nstdout:\n{stdout}\nstderr:\n{}",
+            "{:?}: invalid JSON ({e}); {}\nstdout:\n{stdout}\nstderr:\n{}",
             c.get_args().collect::<Vec<_>>(),
+            out.status,
             String::from_utf8_lossy(&out.stderr)
         )
     });
