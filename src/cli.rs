@@ -186,10 +186,33 @@ enum DagFormat {
     Mermaid,
 }
 
+/// Write command output to stdout. A reader that has gone away (`sdpipe status --json | head`)
+/// ends the command quietly, as other Unix tools do; but SIGPIPE itself stays ignored (Rust's
+/// default), because a fatal SIGPIPE kills the whole process on *any* closed pipe — a
+/// watchdog's, a child's — silently, in the middle of a run.
+fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(exit::OK);
+        }
+        panic!("failed printing to stdout: {e}");
+    }
+}
+
+/// `print!` through [`write_out`].
+macro_rules! out {
+    ($($arg:tt)*) => { write_out(format_args!($($arg)*)) };
+}
+
+/// `println!` through [`write_out`].
+macro_rules! outln {
+    () => { write_out(format_args!("\n")) };
+    ($($arg:tt)*) => { write_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 /// Parse arguments, run, and return the exit code.
 pub fn main() -> i32 {
-    // Die quietly on a closed pipe (`sdpipe status --json | head`) like other Unix tools.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -262,7 +285,7 @@ fn spec_error_json(errors: &SpecErrors) -> serde_json::Value {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {
-    println!("{}", serde_json::to_string_pretty(value).expect("summaries serialise"));
+    outln!("{}", serde_json::to_string_pretty(value).expect("summaries serialise"));
 }
 
 fn io_err(context: &str) -> impl Fn(std::io::Error) -> CliError + '_ {
@@ -423,8 +446,8 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                 .map_err(|e| CliError::Spec(e, false))?;
             let dag = Dag::build(&pipeline);
             match format {
-                DagFormat::Dot => print!("{}", dag.to_dot(&pipeline)),
-                DagFormat::Mermaid => print!("{}", dag.to_mermaid(&pipeline)),
+                DagFormat::Dot => out!("{}", dag.to_dot(&pipeline)),
+                DagFormat::Mermaid => out!("{}", dag.to_mermaid(&pipeline)),
                 DagFormat::Text => {
                     for name in dag.topo_order() {
                         let stage = &pipeline.stages[&name];
@@ -434,7 +457,7 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                         } else {
                             format!("  ← {}", ups.join(", "))
                         };
-                        println!("{name} ({}){from}", stage.action.kind_name());
+                        outln!("{name} ({}){from}", stage.action.kind_name());
                     }
                 }
             }
@@ -459,7 +482,7 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                 print_json(&report);
             } else {
                 let verb = if dry_run { "would remove" } else { "removed" };
-                println!(
+                outln!(
                     "{verb} {} records and {} objects ({}), kept {} records",
                     report.records_removed,
                     report.objects_removed,
@@ -477,17 +500,14 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                     if json {
                         print_json(&stats);
                     } else {
-                        println!("cache:    {}", cache.root().display());
-                        println!(
-                            "objects:  {} ({})",
-                            stats.objects,
-                            human_bytes(stats.object_bytes)
-                        );
-                        println!(
+                        outln!("cache:    {}", cache.root().display());
+                        outln!("objects:  {} ({})", stats.objects, human_bytes(stats.object_bytes));
+                        outln!(
                             "records:  {} results of {} stages",
-                            stats.records, stats.stages_tracked
+                            stats.records,
+                            stats.stages_tracked
                         );
-                        println!("index:    {}", human_bytes(stats.index_bytes));
+                        outln!("index:    {}", human_bytes(stats.index_bytes));
                     }
                     Ok(exit::OK)
                 }
@@ -497,18 +517,18 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                     if json {
                         print_json(&report);
                     } else {
-                        println!("checked {} objects", report.objects_checked);
+                        outln!("checked {} objects", report.objects_checked);
                         for d in &report.corrupt_objects {
-                            println!("corrupt object removed: {d}");
+                            outln!("corrupt object removed: {d}");
                         }
                         for r in &report.records_evicted {
-                            println!("record evicted: {r}");
+                            outln!("record evicted: {r}");
                         }
                         if let Some(aside) = &report.damaged_index_moved_to {
-                            println!("damaged index moved to {aside}; a fresh one replaces it");
+                            outln!("damaged index moved to {aside}; a fresh one replaces it");
                         }
                         if report.corrupt_objects.is_empty() && report.records_evicted.is_empty() {
-                            println!("all objects intact");
+                            outln!("all objects intact");
                         }
                     }
                     let intact = report.corrupt_objects.is_empty()
@@ -570,9 +590,9 @@ fn sync_command(
                     format!("FAILED: {}", s.error.as_deref().unwrap_or("unknown error"))
                 }
             };
-            println!("{:width$}  {what}", s.name);
+            outln!("{:width$}  {what}", s.name);
         }
-        println!("remote: {}", report.remote);
+        outln!("remote: {}", report.remote);
     }
     Ok(if report.ok { exit::OK } else { exit::FAILED })
 }
@@ -593,7 +613,7 @@ fn convert_weights(kind: &str, input: &Path, output: Option<PathBuf>) -> Result<
     }
     let converted = convert_weights(kind, input, &output)
         .map_err(|e| CliError::Io(format!("converting {}: {e}", input.display())))?;
-    println!(
+    outln!(
         "wrote {} ({} tensors; left out {} unused)",
         output.display(),
         converted.written,
@@ -642,9 +662,9 @@ fn print_run(summary: &Summary, project: &Project) {
             (State::Cached, Some(RemoteState::Pulled)) => "pulled",
             (state, _) => state_word(state),
         };
-        println!("{:width$}  {:8} {:>7}  {}", s.name, word, seconds(s.duration_ms), why);
+        outln!("{:width$}  {:8} {:>7}  {}", s.name, word, seconds(s.duration_ms), why);
     }
-    println!(
+    outln!(
         "{} ran, {} cached, {} failed, {} skipped in {}",
         summary.count(State::Ran),
         summary.count(State::Cached),
@@ -653,18 +673,18 @@ fn print_run(summary: &Summary, project: &Project) {
         seconds(Some(summary.duration_ms))
     );
     for s in summary.stages.iter().filter(|s| s.state == State::Failed) {
-        println!("\nstage `{}` failed: {}", s.name, s.error.as_deref().unwrap_or("unknown error"));
+        outln!("\nstage `{}` failed: {}", s.name, s.error.as_deref().unwrap_or("unknown error"));
         if let Some(log) = &s.log {
-            println!("  log: {log}");
+            outln!("  log: {log}");
         }
     }
     if summary.interrupted {
-        println!("interrupted: finished stages are cached; run again to resume");
+        outln!("interrupted: finished stages are cached; run again to resume");
     } else if summary.count(State::Ran) + summary.count(State::Cached) > 0 {
-        println!("outputs: {}", project.runs_dir.display());
+        outln!("outputs: {}", project.runs_dir.display());
         for s in &summary.stages {
             if let Some(headline) = &s.headline {
-                println!("{}: {headline}", s.name);
+                outln!("{}: {headline}", s.name);
             }
         }
     }
@@ -684,7 +704,7 @@ fn print_status(summary: &Summary) {
             Some(RemoteState::Available) => "on the remote (the next run pulls it)".to_string(),
             _ => detail,
         };
-        println!("{:width$}  {:8}  {detail}", s.name, state_word(s.state));
+        outln!("{:width$}  {:8}  {detail}", s.name, state_word(s.state));
     }
 }
 
@@ -732,24 +752,24 @@ fn show(l: &Loaded, stage: &str, json: bool) -> Result<i32, CliError> {
         print_json(&value);
         return Ok(exit::OK);
     }
-    println!("stage:    {} ({})", s.name, s.kind);
-    println!("state:    {}", state_word(s.state));
-    println!(
+    outln!("stage:    {} ({})", s.name, s.kind);
+    outln!("state:    {}", state_word(s.state));
+    outln!(
         "key:      {}",
         s.key.as_deref().unwrap_or("(not computable yet: an upstream stage will run)")
     );
     for r in &s.reasons {
-        println!("why:      {}", r.message);
+        outln!("why:      {}", r.message);
     }
     match record {
         Some(r) => {
-            println!("ran:      {} for {}", r.started_at, seconds(Some(r.duration_ms)));
+            outln!("ran:      {} for {}", r.started_at, seconds(Some(r.duration_ms)));
             for (name, o) in &r.outputs {
-                println!(
+                outln!(
                     "output:   {name} → {}",
                     l.project.runs_dir.join(stage).join(&o.path).display()
                 );
-                println!(
+                outln!(
                     "          {:?}, {} files, {}, object {}",
                     o.kind,
                     o.files,
@@ -758,11 +778,11 @@ fn show(l: &Loaded, stage: &str, json: bool) -> Result<i32, CliError> {
                 );
             }
             if let Some(d) = r.log {
-                println!("log:      {}", store.path(&d).display());
+                outln!("log:      {}", store.path(&d).display());
             }
-            println!("manifest: {}", store.path(&r.manifest).display());
+            outln!("manifest: {}", store.path(&r.manifest).display());
         }
-        None => println!("no cached result for the current inputs"),
+        None => outln!("no cached result for the current inputs"),
     }
     Ok(exit::OK)
 }
@@ -802,23 +822,23 @@ fn print_stages(registry: &Registry, only: Option<&str>, json: bool) -> Result<i
         return Ok(exit::OK);
     }
     if only.is_none() {
-        println!("shell (built into the engine)\n  A command run with `run:`; see README.md for `deps`, `inputs`, `outs`, `params`, `env`.\n");
+        outln!("shell (built into the engine)\n  A command run with `run:`; see README.md for `deps`, `inputs`, `outs`, `params`, `env`.\n");
     }
     for k in kinds {
-        println!("{} (version {})\n  {}", k.name(), k.version(), k.doc());
-        println!("  parameters:");
+        outln!("{} (version {})\n  {}", k.name(), k.version(), k.doc());
+        outln!("  parameters:");
         for p in k.params() {
             let default = match &p.default {
                 None => "required".to_string(),
                 Some(v) => format!("default {v}"),
             };
-            println!("    {:20} {} ({default})\n    {:20} {}", p.name, p.ty.describe(), "", p.doc);
+            outln!("    {:20} {} ({default})\n    {:20} {}", p.name, p.ty.describe(), "", p.doc);
         }
-        println!("  outputs:");
+        outln!("  outputs:");
         for o in k.outputs() {
-            println!("    {:20} {} {:?}: {}", o.name, o.path, o.kind, o.doc);
+            outln!("    {:20} {} {:?}: {}", o.name, o.path, o.kind, o.doc);
         }
-        println!();
+        outln!();
     }
     Ok(exit::OK)
 }

@@ -1,5 +1,6 @@
 //! A shell stage's processes never outlive it: not when the command ends normally, not when the
-//! run is interrupted, and not when sdpipe itself is killed with SIGKILL (issue 8).
+//! run is interrupted, and not when sdpipe itself is killed with SIGKILL (issue 8). And sdpipe's
+//! own process is never killed by a closed pipe.
 
 mod common;
 
@@ -93,4 +94,23 @@ fn interrupting_the_run_kills_the_stages_background_processes() {
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
     assert!(!survived, "`sleep {secs} &` (pid {pid}) outlived the interrupted run");
+}
+
+/// A write to a pipe whose reader is gone (a watchdog's, a child's) must be an error sdpipe
+/// handles, not a SIGPIPE that kills the whole run without a word: the signal stays ignored
+/// while a run is under way.
+#[test]
+fn sigpipe_is_ignored_during_a_run() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        "stages:\n  slow:\n    run: touch $SDPIPE_PROJECT/started; sleep 30; echo > o\n    outs: [o]\n",
+    );
+    let mut child = start_until_started(p.cmd().args(["run", "pipeline.yaml"]), p.path());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let ignored = status.lines().find_map(|l| l.strip_prefix("SigIgn:")).unwrap().trim();
+    let mask = u64::from_str_radix(ignored, 16).unwrap();
+    assert_ne!(mask & (1 << (libc::SIGPIPE - 1)), 0, "SIGPIPE is not ignored: SigIgn {ignored}");
 }
