@@ -386,11 +386,9 @@ fn a_bad_remote_setting_is_a_located_error() {
         "pipeline.yaml",
         "remote:\n  url: https://bucket/x\nstages:\n  a:\n    run: echo > a\n    outs: {a: a}\n",
     );
-    let (v, code) = p.status_json("pipeline.yaml", &[]);
-    assert_eq!(code, 2, "{v:#}");
-    let e = &v["errors"][0];
-    assert_eq!((e["line"].as_u64(), e["column"].as_u64()), (Some(2), Some(8)), "{v:#}");
-    assert!(e["message"].as_str().unwrap().contains("s3://bucket"), "{v:#}");
+    let e = &spec_errors(&p, "pipeline.yaml")[0];
+    assert_eq!(located(e), (2, 8), "{e:#}");
+    assert!(e["message"].as_str().unwrap().contains("s3://bucket"), "{e:#}");
 }
 
 #[test]
@@ -426,11 +424,9 @@ fn an_unknown_remote_option_is_located_with_a_suggestion() {
         "pipeline.yaml",
         "remote:\n  url: s3://bucket/x\n  readonly: true\nstages:\n  a:\n    run: echo > a\n    outs: {a: a}\n",
     );
-    let (v, code) = p.status_json("pipeline.yaml", &[]);
-    assert_eq!(code, 2, "{v:#}");
-    let e = &v["errors"][0];
-    assert_eq!((e["line"].as_u64(), e["column"].as_u64()), (Some(3), Some(3)), "{v:#}");
-    assert_eq!(e["help"], "did you mean `read_only`?", "{v:#}");
+    let e = &spec_errors(&p, "pipeline.yaml")[0];
+    assert_eq!(located(e), (3, 3), "{e:#}");
+    assert_eq!(e["help"], "did you mean `read_only`?", "{e:#}");
 }
 
 /// `sdpipe` for `team` with no AWS keys in the environment and `home` as the home directory.
@@ -504,7 +500,7 @@ fn a_mistake_in_sdpipe_toml_is_located_before_anything_runs() {
     let (v, code) = p.run_json("pipeline.yaml", &[]);
     assert_eq!(code, 2, "{v:#}");
     let e = &v["errors"][0];
-    assert_eq!((e["line"].as_u64(), e["column"].as_u64()), (Some(3), Some(1)), "{v:#}");
+    assert_eq!(located(e), (3, 1), "{v:#}");
     assert!(e["message"].as_str().unwrap().contains("readonly"), "{v:#}");
     assert!(!p.path().join("cache").exists(), "nothing was created");
 }

@@ -329,21 +329,11 @@ fn a_job_lost_with_its_node_is_submitted_again() {
 // Pipeline checks of `executor` and `resources`: no cluster needed, always run.
 
 /// Validation errors from `status --json`, asserting exit code 2.
-fn spec_errors(p: &Project) -> Vec<Value> {
-    let (v, code) = p.status_json("p.yaml", &[]);
-    assert_eq!(code, 2, "{v:#}");
-    v["errors"].as_array().unwrap().clone()
-}
-
-fn located(e: &Value) -> (u64, u64) {
-    (e["line"].as_u64().unwrap(), e["column"].as_u64().unwrap())
-}
-
 #[test]
 fn an_unknown_executor_is_located_with_a_suggestion() {
     let p = Project::new();
     p.write("p.yaml", "stages:\n  a:\n    run: echo > o\n    outs: [o]\n    executor: slrum\n");
-    let e = spec_errors(&p);
+    let e = spec_errors(&p, "p.yaml");
     assert_eq!(e.len(), 1, "{e:#?}");
     assert_eq!(e[0]["message"], "unknown executor `slrum`");
     assert_eq!(located(&e[0]), (5, 15));
@@ -358,7 +348,7 @@ fn bad_resources_are_each_located() {
         "resources: {cpus: 0}\nstages:\n  a:\n    run: echo > o\n    outs: [o]\n    executor: slurm\n    \
          resources:\n      mem: 16GB\n      time: 1h\n      partition: gpu a100\n      gpus: -1\n      disk: 5G\n",
     );
-    let e = spec_errors(&p);
+    let e = spec_errors(&p, "p.yaml");
     let messages: Vec<&str> = e.iter().map(|e| e["message"].as_str().unwrap()).collect();
     assert_eq!(e.len(), 6, "{messages:#?}");
     let find = |needle: &str| {

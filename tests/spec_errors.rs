@@ -3,16 +3,8 @@
 mod common;
 use common::*;
 
-/// Validation errors from `status --json`, asserting the exit code 2.
-fn errors(p: &Project, pipeline: &str) -> Vec<serde_json::Value> {
-    let (v, code) = p.status_json(pipeline, &[]);
-    assert_eq!(code, 2, "{v:#}");
-    assert_eq!(v["ok"], false);
-    v["errors"].as_array().unwrap().clone()
-}
-
 fn one_error(p: &Project, pipeline: &str) -> serde_json::Value {
-    let e = errors(p, pipeline);
+    let e = spec_errors(p, pipeline);
     assert_eq!(e.len(), 1, "{e:#?}");
     e[0].clone()
 }
@@ -129,7 +121,7 @@ fn all_errors_are_reported_in_one_pass() {
         "p.yaml",
         "stages:\n  a:\n    run: echo ${params.x}\n    bogus: 1\n  b:\n    uses: nope\n  c:\n    run: echo\n    threads: 0\n",
     );
-    assert_eq!(errors(&p, "p.yaml").len(), 4);
+    assert_eq!(spec_errors(&p, "p.yaml").len(), 4);
 }
 
 #[test]
@@ -172,5 +164,5 @@ fn human_errors_show_the_source_line() {
 fn output_paths_may_not_escape_the_stage_directory() {
     let p = Project::new();
     p.write("p.yaml", "stages:\n  a:\n    run: echo\n    outs: [../evil, /etc/passwd]\n");
-    assert_eq!(errors(&p, "p.yaml").len(), 2);
+    assert_eq!(spec_errors(&p, "p.yaml").len(), 2);
 }

@@ -104,6 +104,19 @@ pub fn json_of(c: &mut Command) -> (Value, i32) {
     (value, out.status.code().unwrap_or(-1))
 }
 
+/// Validation errors from `status --json` of `pipeline`, asserting it failed with exit code 2.
+pub fn spec_errors(p: &Project, pipeline: &str) -> Vec<Value> {
+    let (v, code) = p.status_json(pipeline, &[]);
+    assert_eq!(code, 2, "{v:#}");
+    assert_eq!(v["ok"], false);
+    v["errors"].as_array().unwrap().clone()
+}
+
+/// An error's (line, column).
+pub fn located(e: &Value) -> (u64, u64) {
+    (e["line"].as_u64().unwrap(), e["column"].as_u64().unwrap())
+}
+
 pub fn states(summary: &Value) -> Vec<(String, String)> {
     summary["stages"]
         .as_array()
