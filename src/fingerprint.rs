@@ -83,13 +83,12 @@ pub fn fingerprint(
             let external =
                 kind.external_deps(&params).map_err(|e| FingerprintError::Kind(e.to_string()))?;
             for (name, path) in external {
-                let hashed = hash::hash_path(&path, ".", false, memo).map_err(|source| {
-                    FingerprintError::Dep {
+                let hashed =
+                    hash::hash_external(&path, memo).map_err(|source| FingerprintError::Dep {
                         name: name.clone(),
                         path: path.display().to_string(),
                         source,
-                    }
-                })?;
+                    })?;
                 let label = format!("<{name}>");
                 deps.insert(
                     label.clone(),
@@ -208,4 +207,149 @@ pub fn explain(
             detail: "previous run's record is gone; inputs not comparable".into(),
         }],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! A kind whose `external_deps` names content outside the project, in the three shapes real
+    //! kinds report: a weight file, a model folder, and a Hugging Face cache snapshot whose
+    //! files are relative links into `blobs/`.
+    use super::*;
+    use sdpipe_stages::api::{
+        OutputKind, OutputSpec, ParamSpec, ParamType, Params, Registry, StageContext, StageError,
+        StageKind,
+    };
+    use std::path::Path;
+    use std::sync::Arc;
+
+    /// Depends on whatever its `model` parameter names.
+    struct ExternalKind;
+    impl StageKind for ExternalKind {
+        fn name(&self) -> &'static str {
+            "external"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn doc(&self) -> &'static str {
+            "test kind"
+        }
+        fn params(&self) -> Vec<ParamSpec> {
+            vec![ParamSpec::required("model", ParamType::String, "a path outside the project")]
+        }
+        fn outputs(&self) -> Vec<OutputSpec> {
+            vec![OutputSpec { name: "out", path: "out", kind: OutputKind::File, doc: "" }]
+        }
+        fn external_deps(&self, params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+            let model = params["model"].as_str().unwrap_or_default();
+            Ok(BTreeMap::from([("model".to_string(), PathBuf::from(model))]))
+        }
+        fn run(&self, _ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+            Ok(())
+        }
+    }
+
+    fn key_for(model: &Path) -> Result<Fingerprint, FingerprintError> {
+        let project = tempfile::tempdir().unwrap();
+        let mut registry = Registry::new();
+        registry.register(Arc::new(ExternalKind));
+        let text = format!(
+            "stages:\n  s:\n    uses: external\n    with: {{model: {:?}}}\n",
+            model.display().to_string()
+        );
+        let file = project.path().join("p.yaml");
+        let pipeline = Pipeline::from_source(&file, "p.yaml".into(), text, &registry, &[])
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        fingerprint(&pipeline, &pipeline.stages["s"], &HashMap::new(), &hash::NoMemo)
+    }
+
+    /// The digest the key holds for the external dependency (the key itself also holds the
+    /// `model` parameter, here the path).
+    fn dep_digest(model: &Path) -> Digest {
+        key_for(model).unwrap().manifest.deps["<model>"].digest
+    }
+
+    /// `models--org--name` as huggingface_hub writes it, with `files` in one snapshot.
+    fn hub_cache(root: &Path, commit: &str, files: &[(&str, &[u8])]) -> PathBuf {
+        let repo = root.join("models--org--name");
+        let snapshot = repo.join("snapshots").join(commit);
+        fs::create_dir_all(repo.join("blobs")).unwrap();
+        fs::create_dir_all(repo.join("refs")).unwrap();
+        fs::write(repo.join("refs/main"), commit).unwrap();
+        for (name, bytes) in files {
+            let blob = Digest::of_bytes(bytes).to_hex();
+            fs::write(repo.join("blobs").join(&blob), bytes).unwrap();
+            let link = snapshot.join(name);
+            fs::create_dir_all(link.parent().unwrap()).unwrap();
+            let depth = name.matches('/').count() + 2;
+            let target = format!("{}blobs/{blob}", "../".repeat(depth));
+            std::os::unix::fs::symlink(target, &link).unwrap();
+        }
+        snapshot
+    }
+
+    use std::fs;
+
+    #[test]
+    fn an_external_file_is_keyed_on_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+        fs::write(&a, b"weights").unwrap();
+        fs::write(&b, b"weights").unwrap();
+        assert_eq!(dep_digest(&a), Digest::of_bytes(b"weights"));
+        assert_eq!(dep_digest(&a), dep_digest(&b), "the location is not in the digest");
+        let before = key_for(&a).unwrap().key;
+        fs::write(&a, b"other weights").unwrap();
+        assert_ne!(before, key_for(&a).unwrap().key);
+    }
+
+    #[test]
+    fn an_external_folder_is_keyed_on_its_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("m/unet")).unwrap();
+        fs::write(dir.path().join("m/unet/config.json"), b"{}").unwrap();
+        let before = key_for(&dir.path().join("m")).unwrap();
+        assert!(matches!(before.dep_paths["<model>"].as_slice(), [p] if p.ends_with("m")));
+        fs::write(dir.path().join("m/unet/config.json"), b"{\"x\": 1}").unwrap();
+        assert_ne!(before.key, key_for(&dir.path().join("m")).unwrap().key);
+    }
+
+    #[test]
+    fn a_hub_snapshot_file_is_keyed_on_the_blob_it_links_to() {
+        let cache = tempfile::tempdir().unwrap();
+        let snapshot = hub_cache(cache.path(), "c0ffee", &[("unet/config.json", b"{\"a\": 1}")]);
+        let link = snapshot.join("unet/config.json");
+        assert!(fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert_eq!(dep_digest(&link), Digest::of_bytes(b"{\"a\": 1}"));
+
+        // Another revision sharing the blob, in another cache: the same digest.
+        let other = tempfile::tempdir().unwrap();
+        let moved = hub_cache(other.path(), "beef", &[("unet/config.json", b"{\"a\": 1}")]);
+        assert_eq!(dep_digest(&link), dep_digest(&moved.join("unet/config.json")));
+    }
+
+    #[test]
+    fn a_hub_snapshot_folder_is_hashed_through_its_links() {
+        let cache = tempfile::tempdir().unwrap();
+        let files: &[(&str, &[u8])] = &[("model_index.json", b"{}"), ("vae/config.json", b"[]")];
+        let snapshot = hub_cache(cache.path(), "c0ffee", files);
+        let plain = tempfile::tempdir().unwrap();
+        for (name, bytes) in files {
+            let path = plain.path().join(name);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, bytes).unwrap();
+        }
+        assert_eq!(dep_digest(&snapshot), dep_digest(plain.path()));
+    }
+
+    #[test]
+    fn a_dangling_link_names_the_dependency_and_the_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("config.json");
+        std::os::unix::fs::symlink("../blobs/gone", &link).unwrap();
+        let err = key_for(&link).err().expect("a dangling link cannot be hashed");
+        let message = err.to_string();
+        assert!(message.starts_with("dependency `model`"), "{message}");
+        assert!(message.contains("config.json"), "{message}");
+    }
 }

@@ -550,6 +550,36 @@ pub fn hash_path(
     }
 }
 
+/// Hash content a stage kind resolved outside the project (`StageKind::external_deps`): a
+/// file or a directory at `path`, which is absolute.
+///
+/// Unlike a project dependency, symbolic links are followed, in `path` itself and inside a
+/// directory: the Hugging Face cache lays out every snapshot file as a relative link into
+/// `blobs/`, and what the result depends on is the bytes the link leads to, never where the link
+/// sits (so two revisions sharing a blob, or the same model found in another cache, give one
+/// digest). A dangling link is an error naming the link.
+pub fn hash_external(path: &Path, memo: &dyn DigestMemo) -> io::Result<Hashed> {
+    let scope = memo_scope(path, "", false);
+    let meta = fs::metadata(path).map_err(|e| annotate(e, path))?;
+    if !meta.is_dir() {
+        let file = FileEntry { rel: String::new(), abs: path.to_path_buf() };
+        let tree = hash_stated(std::slice::from_ref(&file), &[FileMeta::of(&meta)], &scope, memo)?;
+        return Ok(Hashed::File(tree.entries[0].digest));
+    }
+    let mut files = Vec::new();
+    for entry in walkdir::WalkDir::new(path).follow_links(true) {
+        // walkdir's error names the path (and the link loop, if any).
+        let entry = entry.map_err(io::Error::other)?;
+        if entry.file_type().is_file() {
+            files.push(FileEntry { rel: rel_path(path, entry.path()), abs: entry.into_path() });
+        }
+    }
+    files.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
+    let metas = stat_all(&files)?;
+    let (digest, files) = hash_tree(files, &metas, &scope, memo)?;
+    Ok(Hashed::Tree { digest, files })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
