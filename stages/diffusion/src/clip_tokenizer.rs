@@ -1,5 +1,8 @@
 //! CLIP's byte-level BPE tokenizer, as transformers' `CLIPTokenizer` runs it, built with the
-//! `tokenizers` crate from a pipeline's `tokenizer/vocab.json` + `merges.txt`.
+//! `tokenizers` crate from a pipeline's `tokenizer/vocab.json` + `merges.txt` (what SD1.5 and
+//! other older repos ship) or from the BPE model inside `tokenizer/tokenizer.json` (all that
+//! transformers 5's `save_pretrained` writes). Both become the same pipeline below: the file
+//! only supplies the vocabulary and the merges.
 //!
 //! The pieces are transformers' (5.x `CLIPTokenizer`, identical to 4.x `CLIPTokenizerFast`):
 //! normalise (NFC, runs of whitespace → one space, lowercase); split on CLIP's regex
@@ -102,19 +105,11 @@ impl std::fmt::Debug for ClipTokenizer {
 }
 
 impl ClipTokenizer {
-    /// Load from a `tokenizer/` folder: `vocab.json`, `merges.txt`, and (optional, but every
-    /// SD1.x pipeline has them) `tokenizer_config.json` and `special_tokens_map.json`.
+    /// Load from a `tokenizer/` folder: `vocab.json` + `merges.txt`, or else `tokenizer.json`,
+    /// and (optional, but every SD1.x pipeline has them) `tokenizer_config.json` and
+    /// `special_tokens_map.json`.
     pub fn from_dir(dir: &Path) -> Result<ClipTokenizer, PipelineError> {
-        let vocab = dir.join("vocab.json");
-        let merges = dir.join("merges.txt");
-        for (path, what) in [(&vocab, "the BPE vocabulary"), (&merges, "the BPE merges")] {
-            if !path.is_file() {
-                return Err(PipelineError::Missing {
-                    path: path.to_path_buf(),
-                    hint: format!("{what} of the CLIP tokenizer"),
-                });
-            }
-        }
+        let bpe = BpeFiles::find(dir)?;
         let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
         let special_map = read_optional_json(&dir.join("special_tokens_map.json"))?;
         let token = |key: &str, default: &str| -> SpecialToken {
@@ -136,13 +131,14 @@ impl ClipTokenizer {
             .unwrap_or(77) as usize;
 
         let bad = |message: String| PipelineError::Tokenizer { path: dir.to_path_buf(), message };
-        let model = BPE::from_file(&path_str(&vocab)?, &path_str(&merges)?)
+        let model = bpe
+            .builder()?
             .unk_token(unk.content.clone())
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".into())
             .fuse_unk(false)
             .build()
-            .map_err(|e| bad(format!("vocab.json/merges.txt: {e}")))?;
+            .map_err(|e| bad(format!("{}: {e}", bpe.describe())))?;
         let mut tokenizer = Tokenizer::new(model);
         let whitespace = Replace::new(
             tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
@@ -180,9 +176,9 @@ impl ClipTokenizer {
         tokenizer.add_special_tokens(added).map_err(|e| bad(e.to_string()))?;
 
         let id = |t: &SpecialToken| {
-            tokenizer
-                .token_to_id(&t.content)
-                .ok_or_else(|| bad(format!("special token {:?} is not in vocab.json", t.content)))
+            tokenizer.token_to_id(&t.content).ok_or_else(|| {
+                bad(format!("special token {:?} is not in {}", t.content, bpe.describe()))
+            })
         };
         let (bos_id, eos_id, pad_id) = (id(&bos)?, id(&eos)?, id(&pad)?);
         tokenizer.with_post_processor(Some(
@@ -239,6 +235,86 @@ impl ClipTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }
+}
+
+/// Where a folder's BPE vocabulary and merges are.
+enum BpeFiles {
+    /// `vocab.json` + `merges.txt`.
+    Separate { vocab: PathBuf, merges: PathBuf },
+    /// The `model` of a `tokenizer.json`.
+    Json(PathBuf),
+}
+
+impl BpeFiles {
+    /// The separate files when both are there (every tokenizer that has them was saved from
+    /// them), else `tokenizer.json`.
+    fn find(dir: &Path) -> Result<BpeFiles, PipelineError> {
+        let (vocab, merges, json) =
+            (dir.join("vocab.json"), dir.join("merges.txt"), dir.join("tokenizer.json"));
+        match (vocab.is_file(), merges.is_file(), json.is_file()) {
+            (true, true, _) => Ok(BpeFiles::Separate { vocab, merges }),
+            (_, _, true) => Ok(BpeFiles::Json(json)),
+            (has_vocab, _, false) => Err(PipelineError::Missing {
+                path: if has_vocab { merges } else { json },
+                hint: "the CLIP tokenizer needs `tokenizer.json`, or `vocab.json` and \
+                       `merges.txt`"
+                    .into(),
+            }),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            BpeFiles::Separate { .. } => "vocab.json/merges.txt".into(),
+            BpeFiles::Json(_) => "tokenizer.json".into(),
+        }
+    }
+
+    fn builder(&self) -> Result<tokenizers::models::bpe::BpeBuilder, PipelineError> {
+        match self {
+            BpeFiles::Separate { vocab, merges } => {
+                Ok(BPE::from_file(&path_str(vocab)?, &path_str(merges)?))
+            }
+            BpeFiles::Json(path) => {
+                let (vocab, merges) = bpe_of_tokenizer_json(path)?;
+                Ok(BPE::builder().vocab_and_merges(vocab, merges))
+            }
+        }
+    }
+}
+
+/// The vocabulary and merges of `tokenizer.json`'s `model`, which must be a byte-level BPE
+/// with CLIP's `</w>` word ends (anything else is not a CLIP tokenizer and is refused, rather
+/// than tokenised differently). Merges are `"a b"` strings in older files, `["a", "b"]` pairs
+/// in newer ones.
+fn bpe_of_tokenizer_json(
+    path: &Path,
+) -> Result<(tokenizers::models::bpe::Vocab, tokenizers::models::bpe::Merges), PipelineError> {
+    let bad = |message: String| PipelineError::Tokenizer { path: path.to_path_buf(), message };
+    let value: Value = crate::config::read_json(path)?;
+    let model = &value["model"];
+    if model["type"].as_str() != Some("BPE") {
+        return Err(bad(format!("the model is {}, not CLIP's BPE", model["type"])));
+    }
+    if model["end_of_word_suffix"].as_str() != Some("</w>") {
+        return Err(bad("the BPE model has no `</w>` end-of-word suffix: not CLIP's".into()));
+    }
+    let vocab: tokenizers::models::bpe::Vocab = serde_json::from_value(model["vocab"].clone())
+        .map_err(|e| bad(format!("model.vocab: {e}")))?;
+    let merges = model["merges"].as_array().ok_or_else(|| bad("no model.merges".into()))?;
+    let merges = merges
+        .iter()
+        .map(|m| match m {
+            Value::String(pair) => pair.split_once(' ').map(|(a, b)| (a.into(), b.into())),
+            Value::Array(pair) => match pair.as_slice() {
+                [Value::String(a), Value::String(b)] => Some((a.clone(), b.clone())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| bad("model.merges: each merge is \"a b\" or [\"a\", \"b\"]".into()))?;
+    Ok((vocab, merges))
 }
 
 fn read_optional_json(path: &Path) -> Result<Value, PipelineError> {

@@ -34,9 +34,15 @@ use crate::error::PipelineError;
 pub const MODEL_INDEX: &str = "model_index.json";
 pub const UNET_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 pub const TEXT_ENCODER_WEIGHTS: &str = "model.safetensors";
-/// The tokenizer files sdpipe reads (as SD1.x ships them).
-pub const TOKENIZER_FILES: [&str; 4] =
-    ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"];
+/// The tokenizer files sdpipe reads: SD1.x ships `vocab.json` + `merges.txt`, transformers 5
+/// writes `tokenizer.json` alone; either is enough (see [`crate::clip_tokenizer`]).
+pub const TOKENIZER_FILES: [&str; 5] = [
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
 
 /// Resolve `model` (a hub repo id or a local folder) at `revision` to a local pipeline folder
 /// holding every file the loaders read — local folder, Hugging Face cache, then the hub — so
@@ -46,11 +52,20 @@ pub fn resolve_folder(
     model: &str,
     revision: &str,
 ) -> Result<PathBuf, sdpipe_hub::HubError> {
+    Ok(sdpipe_hub::resolve_with(hub, model, revision, &wanted_files())?.root)
+}
+
+/// What [`resolve_folder`] asks of a model: [`required_files`], the tokenizer's vocabulary
+/// in either layout, and the optional tokenizer files.
+fn wanted_files() -> Vec<sdpipe_hub::Want<'static>> {
     use sdpipe_hub::Want;
-    let files = required_files();
-    let mut wants: Vec<Want<'_>> = files.iter().map(|f| Want::File(f)).collect();
+    let mut wants: Vec<Want<'static>> = required_files().into_iter().map(Want::File).collect();
+    // The separate files first: a repo that has both was saved from them, and a tokenizer.json
+    // beside them is derived. `merges.txt` is checked with the vocabulary when loading.
+    wants.push(Want::OneOf(&["tokenizer/vocab.json", "tokenizer/tokenizer.json"]));
+    wants.push(Want::Optional("tokenizer/merges.txt"));
     wants.push(Want::Optional("tokenizer/special_tokens_map.json"));
-    Ok(sdpipe_hub::resolve_with(hub, model, revision, &wants)?.root)
+    wants
 }
 
 /// A pipeline folder's content as a kind's `external_deps`: `model/<relative path>` → file.
@@ -62,8 +77,8 @@ pub fn model_deps(root: &Path) -> Result<BTreeMap<String, PathBuf>, PipelineErro
         .collect())
 }
 
-/// Every file of a pipeline folder that sampling depends on, relative to its root: what a stage
-/// resolves from a hub and hashes into its key. `special_tokens_map.json` is optional.
+/// The files every pipeline folder has, relative to its root (the tokenizer's vocabulary comes
+/// in two layouts: see [`resolve_folder`]).
 pub fn required_files() -> Vec<&'static str> {
     vec![
         MODEL_INDEX,
@@ -73,8 +88,6 @@ pub fn required_files() -> Vec<&'static str> {
         "vae/diffusion_pytorch_model.safetensors",
         "text_encoder/config.json",
         "text_encoder/model.safetensors",
-        "tokenizer/vocab.json",
-        "tokenizer/merges.txt",
         "tokenizer/tokenizer_config.json",
         "scheduler/scheduler_config.json",
     ]

@@ -1,5 +1,5 @@
-//! A loopback stand-in for the Hugging Face hub, for tests: it serves a local folder as one
-//! model repository, speaking the subset of the hub's HTTP API that the `hf-hub` client uses,
+//! A loopback stand-in for the Hugging Face hub, for tests: it serves local folders as model
+//! repositories, speaking the subset of the hub's HTTP API that the `hf-hub` client uses,
 //! and counts the requests it gets (so tests can assert that a cache hit made none).
 //!
 //! What it reproduces, from the real hub's behaviour as `hf-hub` 0.4 relies on it:
@@ -13,6 +13,10 @@
 //!   `X-Error-Code` for unknown repositories, revisions and files.
 //!
 //! The commit hash and etags are derived from the content, so they are stable across runs.
+//!
+//! [`install_in_cache`] lays a folder out in a Hugging Face cache as `huggingface_hub` does after
+//! a download (`blobs/`, `snapshots/<commit>/` of relative links, `refs/main`), with the same
+//! commit and etags this server would give, for tests of the offline path.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -26,7 +30,7 @@ use std::thread::JoinHandle;
 const LFS_EXTENSIONS: &[&str] =
     &["safetensors", "bin", "pt", "pth", "ckpt", "onnx", "msgpack", "h5"];
 
-/// A hub serving one repository from a folder, on `127.0.0.1` at a free port, until dropped.
+/// A hub serving repositories from folders, on `127.0.0.1` at a free port, until dropped.
 pub struct HubServer {
     addr: SocketAddr,
     state: Arc<State>,
@@ -35,33 +39,20 @@ pub struct HubServer {
 }
 
 struct State {
-    repo_id: String,
-    commit: String,
+    /// Repository id → its files.
+    repos: BTreeMap<String, Repo>,
     token: Option<String>,
-    /// Relative path → (absolute path, git-style etag, LFS content etag when an LFS file).
-    files: BTreeMap<String, ServedFile>,
     log: Mutex<Vec<String>>,
 }
 
-struct ServedFile {
-    path: PathBuf,
-    etag: String,
-    lfs_etag: Option<String>,
-    size: u64,
+struct Repo {
+    commit: String,
+    /// Relative path → (absolute path, git-style etag, LFS content etag when an LFS file).
+    files: BTreeMap<String, ServedFile>,
 }
 
-impl HubServer {
-    /// Serve `folder` as the model repository `repo_id` (e.g. `org/name`).
-    pub fn serve(repo_id: &str, folder: &Path) -> std::io::Result<HubServer> {
-        HubServer::start(repo_id, folder, None)
-    }
-
-    /// Like [`HubServer::serve`], but every API and download request must carry `token`.
-    pub fn serve_private(repo_id: &str, folder: &Path, token: &str) -> std::io::Result<HubServer> {
-        HubServer::start(repo_id, folder, Some(token.to_string()))
-    }
-
-    fn start(repo_id: &str, folder: &Path, token: Option<String>) -> std::io::Result<HubServer> {
+impl Repo {
+    fn read(folder: &Path) -> std::io::Result<Repo> {
         let mut names = Vec::new();
         list_files(folder, folder, &mut names)?;
         names.sort();
@@ -85,13 +76,39 @@ impl HubServer {
             files.insert(name, file);
         }
         let commit = commit_hasher.finalize().to_hex()[..40].to_string();
-        let state = Arc::new(State {
-            repo_id: repo_id.to_string(),
-            commit,
-            token,
-            files,
-            log: Mutex::default(),
-        });
+        Ok(Repo { commit, files })
+    }
+}
+
+struct ServedFile {
+    path: PathBuf,
+    etag: String,
+    lfs_etag: Option<String>,
+    size: u64,
+}
+
+impl HubServer {
+    /// Serve `folder` as the model repository `repo_id` (e.g. `org/name`).
+    pub fn serve(repo_id: &str, folder: &Path) -> std::io::Result<HubServer> {
+        HubServer::start(&[(repo_id, folder)], None)
+    }
+
+    /// Serve each `(repo_id, folder)`, as one hub serves many repositories.
+    pub fn serve_all(repos: &[(&str, &Path)]) -> std::io::Result<HubServer> {
+        HubServer::start(repos, None)
+    }
+
+    /// Like [`HubServer::serve`], but every API and download request must carry `token`.
+    pub fn serve_private(repo_id: &str, folder: &Path, token: &str) -> std::io::Result<HubServer> {
+        HubServer::start(&[(repo_id, folder)], Some(token.to_string()))
+    }
+
+    fn start(repos: &[(&str, &Path)], token: Option<String>) -> std::io::Result<HubServer> {
+        let repos = repos
+            .iter()
+            .map(|(id, folder)| Ok((id.to_string(), Repo::read(folder)?)))
+            .collect::<std::io::Result<_>>()?;
+        let state = Arc::new(State { repos, token, log: Mutex::default() });
 
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
@@ -119,9 +136,9 @@ impl HubServer {
         format!("http://{}", self.addr)
     }
 
-    /// The commit hash the repository's `main` points at.
+    /// The commit hash the (first) repository's `main` points at.
     pub fn commit(&self) -> &str {
-        &self.state.commit
+        &self.state.repos.values().next().expect("a hub serves a repository").commit
     }
 
     /// How many requests were answered so far.
@@ -248,7 +265,8 @@ fn route(state: &State, addr: SocketAddr, request: &Request) -> Response {
     }
     // The CDN answers signed URLs without a token, as the real one does.
     if let Some(etag) = request.path.strip_prefix("/lfs-cdn/") {
-        return match state.files.values().find(|f| f.lfs_etag.as_deref() == Some(etag)) {
+        let mut files = state.repos.values().flat_map(|r| r.files.values());
+        return match files.find(|f| f.lfs_etag.as_deref() == Some(etag)) {
             Some(file) => serve_bytes(file, request, Vec::new()),
             None => Response::error(404, "EntryNotFound", "no such LFS object"),
         };
@@ -260,17 +278,22 @@ fn route(state: &State, addr: SocketAddr, request: &Request) -> Response {
             return Response::error(401, "RepoNotFound", "Repository not found");
         }
     }
-    let api_prefix = format!("/api/models/{}/revision/", state.repo_id);
-    if let Some(revision) = request.path.strip_prefix(&api_prefix) {
-        if !known_revision(state, revision) {
+    let Some((repo_id, repo, endpoint, rest)) = find_repo(state, &request.path) else {
+        return Response::error(404, "RepoNotFound", "Repository not found");
+    };
+    if endpoint == "api" {
+        let Some(revision) = rest.strip_prefix("revision/") else {
+            return Response::error(404, "EntryNotFound", "unknown API");
+        };
+        if !known_revision(repo, revision) {
             return Response::error(404, "RevisionNotFound", "Invalid rev id");
         }
         let siblings: Vec<_> =
-            state.files.keys().map(|name| serde_json::json!({ "rfilename": name })).collect();
+            repo.files.keys().map(|name| serde_json::json!({ "rfilename": name })).collect();
         let body = serde_json::json!({
-            "id": state.repo_id,
-            "modelId": state.repo_id,
-            "sha": state.commit,
+            "id": repo_id,
+            "modelId": repo_id,
+            "sha": repo.commit,
             "private": state.token.is_some(),
             "siblings": siblings,
         });
@@ -278,20 +301,16 @@ fn route(state: &State, addr: SocketAddr, request: &Request) -> Response {
         response.body = body.to_string().into_bytes();
         return response;
     }
-    let resolve_prefix = format!("/{}/resolve/", state.repo_id);
-    let Some(rest) = request.path.strip_prefix(&resolve_prefix) else {
-        return Response::error(404, "RepoNotFound", "Repository not found");
-    };
     let Some((revision, name)) = rest.split_once('/') else {
         return Response::error(404, "EntryNotFound", "no file given");
     };
-    if !known_revision(state, revision) {
+    if !known_revision(repo, revision) {
         return Response::error(404, "RevisionNotFound", "Invalid rev id");
     }
-    let Some(file) = state.files.get(name) else {
+    let Some(file) = repo.files.get(name) else {
         return Response::error(404, "EntryNotFound", "Entry not found");
     };
-    let commit = ("X-Repo-Commit".to_string(), state.commit.clone());
+    let commit = ("X-Repo-Commit".to_string(), repo.commit.clone());
     match &file.lfs_etag {
         Some(lfs_etag) => Response::new(302)
             .header("Location", format!("http://{addr}/lfs-cdn/{lfs_etag}"))
@@ -303,8 +322,49 @@ fn route(state: &State, addr: SocketAddr, request: &Request) -> Response {
     }
 }
 
-fn known_revision(state: &State, revision: &str) -> bool {
-    revision == "main" || revision == state.commit
+/// The repository a request is for, and the rest of its path: `/api/models/<id>/<rest>` gives
+/// `"api"`, `/<id>/resolve/<rest>` gives `"resolve"`.
+fn find_repo<'a>(
+    state: &'a State,
+    path: &'a str,
+) -> Option<(&'a str, &'a Repo, &'static str, &'a str)> {
+    state.repos.iter().find_map(|(id, repo)| {
+        if let Some(rest) =
+            path.strip_prefix("/api/models/").and_then(|p| p.strip_prefix(id.as_str()))
+        {
+            return rest.strip_prefix('/').map(|rest| (id.as_str(), repo, "api", rest));
+        }
+        let rest = path.strip_prefix('/')?.strip_prefix(id.as_str())?.strip_prefix("/resolve/")?;
+        Some((id.as_str(), repo, "resolve", rest))
+    })
+}
+
+fn known_revision(repo: &Repo, revision: &str) -> bool {
+    revision == "main" || revision == repo.commit
+}
+
+/// Lay `folder` out in the Hugging Face cache `cache_dir` as the repository `repo_id`, the way
+/// `huggingface_hub` leaves it after downloading `main`: `models--org--name/blobs/<etag>`
+/// holding the bytes, `snapshots/<commit>/<path>` as relative links into `blobs/`, and
+/// `refs/main` naming the commit. Returns the commit, the same one [`HubServer`] would serve.
+pub fn install_in_cache(cache_dir: &Path, repo_id: &str, folder: &Path) -> std::io::Result<String> {
+    let repo = Repo::read(folder)?;
+    let root = cache_dir.join(format!("models--{}", repo_id.replace('/', "--")));
+    let snapshot = root.join("snapshots").join(&repo.commit);
+    std::fs::create_dir_all(root.join("blobs"))?;
+    std::fs::create_dir_all(root.join("refs"))?;
+    std::fs::write(root.join("refs/main"), &repo.commit)?;
+    for (name, file) in &repo.files {
+        let blob = file.lfs_etag.as_deref().unwrap_or(&file.etag);
+        std::fs::copy(&file.path, root.join("blobs").join(blob))?;
+        let link = snapshot.join(name);
+        std::fs::create_dir_all(link.parent().expect("a file has a parent"))?;
+        // From snapshots/<commit>/<name>: up past each folder of `name`, the commit and
+        // `snapshots`.
+        let up = "../".repeat(name.matches('/').count() + 2);
+        std::os::unix::fs::symlink(format!("{up}blobs/{blob}"), &link)?;
+    }
+    Ok(repo.commit)
 }
 
 /// The file, or the byte range the request asks for (`bytes=a-b`, `bytes=a-`).

@@ -54,6 +54,8 @@ pub enum WeightsError {
     NotFound(Box<NotFound>),
     #[error("cannot read weights file {path}: {message}")]
     Read { path: PathBuf, message: String },
+    #[error("cannot write weights file {path}: {message}")]
+    Write { path: PathBuf, message: String },
     #[error(
         "weights file {path} lacks tensor `{name}` (is it the converted {what} file? convert \
          the published file with `sdpipe convert-weights`)"
@@ -130,6 +132,19 @@ impl Weights {
             tensors.insert(spec.name.clone(), tensor);
         }
         Ok(Weights { tensors, source: Source::File(path.to_owned()) })
+    }
+
+    /// Write the tensors as a converted weights file (what `sdpipe convert-weights` writes):
+    /// f32 safetensors, through a temporary file renamed into place. Tests use it to put the
+    /// random stand-in where a user puts the converted published weights.
+    pub fn save(&self, path: &Path) -> Result<(), WeightsError> {
+        let write_err = |e: &dyn fmt::Display| WeightsError::Write {
+            path: path.to_owned(),
+            message: e.to_string(),
+        };
+        let tmp = path.with_extension("safetensors.partial");
+        candle_core::safetensors::save(&self.tensors, &tmp).map_err(|e| write_err(&e))?;
+        std::fs::rename(&tmp, path).map_err(|e| write_err(&e))
     }
 
     /// The deterministic random stand-in for `specs` (see [`crate::recipe`]).

@@ -1,0 +1,323 @@
+//! The seed experiment as a user runs it: the committed `pipelines/unsplash.yaml`, changed only
+//! by `--set` (the release URL, a small photo count, resolution and step count), against
+//! miniatures of everything it reaches outside the project:
+//!
+//! - the Unsplash Lite release: a loopback server with a zip of two `photos.tsv00N` shards in
+//!   the published 31 columns, a premium row whose photo is gone (404), ids with `-` and `_`,
+//!   and JPEG photos written by Pillow (baseline and progressive, 4:2:0 and 4:4:4, three aspect
+//!   ratios);
+//! - BLIP and Stable Diffusion 1.5 under their hub ids, as tiny random models written by
+//!   transformers and diffusers themselves (tests/parity/seed.py, tests/parity/blip.py), once
+//!   in a Hugging Face cache laid out as `huggingface_hub` leaves it (snapshots of links into
+//!   `blobs/`) and once served by a loopback hub (the download path);
+//! - the FID and LPIPS weights as converted files in `$SDPIPE_WEIGHTS_DIR`: the published LPIPS
+//!   linear layers through `sdpipe convert-weights`, the Inception and AlexNet trunks as random
+//!   stand-ins written in the same format (the published ones are 100 MB and more).
+//!
+//! The pipeline file is copied byte for byte into a scratch project (so the run directory is not
+//! the repository's); its project-relative path, and so every stage identity, is the user's.
+
+mod common;
+use common::*;
+
+#[allow(dead_code)]
+#[path = "../stages/tests/support/http_server.rs"]
+mod http_server;
+#[allow(dead_code)]
+#[path = "../stages/tests/support/unsplash_fixture.rs"]
+mod unsplash_fixture;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use http_server::{Reply, Server};
+use sdpipe_metrics::weights::Weights;
+use sdpipe_metrics::WeightsKind;
+use serde_json::Value;
+
+const BLIP_REPO: &str = "Salesforce/blip-image-captioning-large";
+const SD_REPO: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
+/// A premium photo: listed in the release, but its image URL answers 404.
+const DEAD: &str = "premium-Gone_x9";
+const STAGES: [&str; 11] = [
+    "download",
+    "caption",
+    "dataset",
+    "finetune",
+    "sample_base",
+    "sample_finetuned",
+    "fid_base",
+    "fid_finetuned",
+    "lpips_base",
+    "lpips_finetuned",
+    "report",
+];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The live photos' ids, from the fixture folder.
+fn photo_ids() -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(fixtures().join("seed/photos"))
+        .unwrap()
+        .map(|e| e.unwrap().path().file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The release: two shards in the published column order, the dead row in the first.
+fn release_zip(base_url: &str) -> Vec<u8> {
+    let ids = photo_ids();
+    let (first, second) = ids.split_at(ids.len() / 2);
+    let mut first: Vec<&str> = first.iter().map(String::as_str).collect();
+    first.insert(1, DEAD);
+    let second: Vec<&str> = second.iter().map(String::as_str).collect();
+    let options = zip::write::SimpleFileOptions::default();
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, rows) in [("photos.tsv000", &first), ("photos.tsv001", &second)] {
+        zip.start_file(name, options).unwrap();
+        let text = unsplash_fixture::shard(&unsplash_fixture::COLUMNS, rows, base_url);
+        zip.write_all(text.as_bytes()).unwrap();
+    }
+    zip.finish().unwrap().into_inner()
+}
+
+/// `/lite.zip` and `/img/<id>` (the fixture's JPEG whatever the resize query: they are small
+/// already).
+fn unsplash_server() -> Server {
+    let zip = std::sync::Arc::new(std::sync::OnceLock::new());
+    let served = zip.clone();
+    let server = Server::start(move |path, _query, _previous| {
+        if path == "/lite.zip" {
+            return Reply::ok(served.get().cloned().expect("zip is built"), "application/zip");
+        }
+        let photo =
+            path.strip_prefix("/img/").map(|id| fixtures().join(format!("seed/photos/{id}.jpg")));
+        match photo.and_then(|p| std::fs::read(p).ok()) {
+            Some(bytes) => Reply::ok(bytes, "image/jpeg"),
+            None => Reply::status(404),
+        }
+    });
+    zip.set(release_zip(&server.url(""))).unwrap();
+    server
+}
+
+/// Everything the pipeline finds outside the project, and the scratch project itself.
+struct World {
+    project: Project,
+    unsplash: Server,
+    weights: tempfile::TempDir,
+    hf_cache: tempfile::TempDir,
+}
+
+impl World {
+    fn new() -> World {
+        let project = Project::new();
+        let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/unsplash.yaml");
+        std::fs::create_dir_all(project.path().join("pipelines")).unwrap();
+        std::fs::copy(&committed, project.path().join("pipelines/unsplash.yaml")).unwrap();
+        let world = World {
+            project,
+            unsplash: unsplash_server(),
+            weights: tempfile::tempdir().unwrap(),
+            hf_cache: tempfile::tempdir().unwrap(),
+        };
+        world.convert_metric_weights();
+        world
+    }
+
+    fn convert_metric_weights(&self) {
+        let lin = self.weights.path().join(WeightsKind::LpipsAlex.default_file_name());
+        let pth = fixtures().join("metrics/pth/lpips_v0.1_alex.pth");
+        let out = self.project.sdpipe(&[
+            "convert-weights",
+            "lpips-alex",
+            pth.to_str().unwrap(),
+            lin.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "convert-weights: {}", stderr(&out));
+        for (kind, seed) in [(WeightsKind::FidInception, 1), (WeightsKind::Alexnet, 2)] {
+            let path = self.weights.path().join(kind.default_file_name());
+            Weights::random(&kind.specs(), seed).save(&path).unwrap();
+        }
+    }
+
+    /// Install both models in the HF cache, as `huggingface_hub` would have after a download.
+    fn install_models(&self) {
+        for (repo, folder) in [(BLIP_REPO, "blip/model"), (SD_REPO, "seed/sd")] {
+            sdpipe_hub::testing::install_in_cache(
+                self.hf_cache.path(),
+                repo,
+                &fixtures().join(folder),
+            )
+            .unwrap();
+        }
+    }
+
+    /// `sdpipe <args> pipelines/unsplash.yaml --set …` with the world's environment.
+    fn command(&self, verb: &str, extra: &[&str]) -> std::process::Command {
+        let mut c = self.project.cmd();
+        c.arg(verb).arg("pipelines/unsplash.yaml");
+        for set in [
+            format!("download.source={}", self.unsplash.url("/lite.zip")),
+            "download.limit=4".into(),
+            "download.test_count=3".into(),
+            "finetune.resolution=32".into(),
+            "finetune.max_train_steps=2".into(),
+        ] {
+            c.arg("--set").arg(set);
+        }
+        c.args(extra)
+            .env("HF_HUB_CACHE", self.hf_cache.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("HF_HOME")
+            .env_remove("HF_ENDPOINT")
+            .env("SDPIPE_WEIGHTS_DIR", self.weights.path());
+        c
+    }
+
+    fn run(&self, extra: &[&str]) -> Value {
+        let mut args = vec!["--json"];
+        args.extend_from_slice(extra);
+        let (summary, code) = json_of(&mut self.command("run", &args));
+        assert_eq!(code, 0, "run failed: {summary:#}");
+        summary
+    }
+
+    fn output(&self, rel: &str) -> PathBuf {
+        self.project.path().join("runs/unsplash").join(rel)
+    }
+
+    fn captions(&self) -> BTreeMap<String, String> {
+        std::fs::read_to_string(self.output("caption/captions.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let v: Value = serde_json::from_str(line).unwrap();
+                (v["id"].as_str().unwrap().to_string(), v["text"].as_str().unwrap().to_string())
+            })
+            .collect()
+    }
+}
+
+fn reference_captions() -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(fixtures().join("seed/captions.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    serde_json::from_value(v["captions"].clone()).unwrap()
+}
+
+fn sorted<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Vec<String> {
+    let mut names: Vec<String> = names.into_iter().map(|s| s.as_ref().to_string()).collect();
+    names.sort();
+    names
+}
+
+fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_committed_seed_pipeline_runs_every_stage_from_a_hub_cache_and_then_reruns_nothing() {
+    let world = World::new();
+    world.install_models();
+    let first = world.run(&[]);
+    assert_eq!(sorted(in_state(&first, "ran")), sorted(STAGES), "{first:#}");
+
+    // The dead premium row is skipped and recorded; the other photos are all there.
+    let failures = jsonl(&world.output("download/failures.jsonl"));
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0]["id"], DEAD);
+    // BLIP's captions on the JPEGs, exactly as transformers' generate gives them.
+    assert_eq!(world.captions(), reference_captions());
+
+    // The imagefolder: train/ and test/, each a folder of JPEGs and metadata.jsonl.
+    let dataset = world.output("dataset/dataset");
+    let mut rows = 0;
+    for split in ["train", "test"] {
+        for row in jsonl(&dataset.join(split).join("metadata.jsonl")) {
+            let file = row["file_name"].as_str().unwrap();
+            assert!(dataset.join(split).join(file).is_file(), "{split}/{file}");
+            assert_eq!(
+                row["text"].as_str(),
+                world.captions().get(file.trim_end_matches(".jpg")).map(String::as_str)
+            );
+            rows += 1;
+        }
+    }
+    assert_eq!(rows, photo_ids().len());
+
+    // The finetuned model is a whole diffusers pipeline folder.
+    let model = world.output("finetune/model");
+    for part in [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "scheduler/scheduler_config.json",
+    ] {
+        assert!(model.join(part).is_file(), "the finetuned folder lacks {part}");
+    }
+    let report = std::fs::read_to_string(world.output("report/report/README.md")).unwrap();
+    assert!(report.contains("LPIPS") && report.contains("FID"), "{report}");
+
+    // For tests/parity/check_seed_outputs.py, which loads these outputs with the reference tools.
+    if let Some(keep) = std::env::var_os("SDPIPE_SEED_KEEP") {
+        let status = std::process::Command::new("cp")
+            .arg("-rL")
+            .arg(world.output(""))
+            .arg(&keep)
+            .status()
+            .unwrap();
+        assert!(status.success(), "copying the outputs to {keep:?}");
+    }
+
+    let second = world.run(&[]);
+    assert_eq!(sorted(in_state(&second, "cached")), sorted(STAGES), "{second:#}");
+
+    // A caption parameter that changes the captions reruns the captions and everything
+    // downstream of them, and nothing upstream.
+    let third = world.run(&["--set", "caption.min_length=12"]);
+    assert_eq!(in_state(&third, "cached"), ["download"], "{third:#}");
+    assert_ne!(world.captions(), reference_captions());
+}
+
+#[test]
+fn the_seed_pipeline_downloads_its_models_from_the_hub_into_the_cache() {
+    let world = World::new();
+    let hub = sdpipe_hub::testing::HubServer::serve_all(&[
+        (BLIP_REPO, &fixtures().join("blip/model")),
+        (SD_REPO, &fixtures().join("seed/sd")),
+    ])
+    .unwrap();
+    let mut run = world.command("run", &["--json", "sample_base"]);
+    run.env_remove("HF_HUB_OFFLINE").env("HF_ENDPOINT", hub.endpoint());
+    let (summary, code) = json_of(&mut run);
+    assert_eq!(code, 0, "run failed: {summary:#}");
+    assert_eq!(
+        sorted(in_state(&summary, "ran")),
+        sorted(["download", "caption", "dataset", "sample_base"]),
+        "{summary:#}"
+    );
+    assert_eq!(world.captions(), reference_captions());
+    for (repo, file) in [(BLIP_REPO, "model.safetensors"), (SD_REPO, "unet/config.json")] {
+        let snapshots = world
+            .hf_cache
+            .path()
+            .join(format!("models--{}", repo.replace('/', "--")))
+            .join("snapshots");
+        let commit = std::fs::read_dir(&snapshots).unwrap().next().unwrap().unwrap().path();
+        assert!(commit.join(file).is_file(), "{repo}: {file} not in {}", commit.display());
+    }
+
+    // Offline now, the same stages come from sdpipe's cache and the models from the HF cache.
+    let again = world.run(&["sample_base"]);
+    assert_eq!(in_state(&again, "ran"), Vec::<String>::new(), "{again:#}");
+}
