@@ -206,11 +206,18 @@ impl StageKind for ImageFolder {
         let out = ctx.output_path(DATASET);
         let mut counts = (0, 0);
         for (split, is_test) in [("train", false), ("test", true)] {
+            let in_split: Vec<_> =
+                rows.iter().filter(|(p, _)| test_ids.contains(&p.id) == is_test).collect();
+            // No folder for an empty split: `datasets` would fail on an empty one
+            // ("no data files"), while a missing split is simply not there.
+            if in_split.is_empty() {
+                continue;
+            }
             let dir = out.join(split);
             fs::create_dir_all(&dir)
                 .map_err(|e| StageError::io(format!("creating {split}/"), e))?;
             let mut metadata = String::new();
-            for (p, text) in rows.iter().filter(|(p, _)| test_ids.contains(&p.id) == is_test) {
+            for (p, text) in in_split {
                 let src = image_path(&images, p).expect("checked above");
                 let file_name = format!("{}.jpg", p.id);
                 link_or_copy(&src, &dir.join(&file_name))?;
@@ -367,7 +374,15 @@ mod tests {
             assert!(h.out_dir().join(DATASET).join("train").join(name).is_file());
             assert!(!row["text"].as_str().unwrap().is_empty());
         }
-        assert!(metadata(&h, "test").is_empty());
+    }
+
+    #[test]
+    fn an_empty_split_gets_no_folder() {
+        let data = dataset(3);
+        let (h, result) = run(&data, &[("test_count", json!(0))]);
+        result.unwrap();
+        assert!(h.out_dir().join(DATASET).join("train/metadata.jsonl").is_file());
+        assert!(!h.out_dir().join(DATASET).join("test").exists());
     }
 
     #[test]

@@ -129,15 +129,12 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CaptionEr
 }
 
 /// Decode an image file into RGB8 as `image.convert("RGB")` does in Pillow for 8-bit images:
-/// alpha dropped (not composited), grey replicated. EXIF orientation is not applied, as
+/// JPEG with libjpeg-turbo set up as Pillow sets it up (byte-identical), alpha dropped (not
+/// composited), grey replicated. EXIF orientation is not applied, as
 /// transformers does not apply it to an opened image either.
 pub fn load_rgb(path: &Path) -> Result<(Vec<u8>, usize, usize), CaptionError> {
-    let image = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| CaptionError::Image { path: path.to_path_buf(), message: e.to_string() })?
-        .decode()
+    let rgb = sdpipe_jpeg::open_rgb(path)
         .map_err(|e| CaptionError::Image { path: path.to_path_buf(), message: e.to_string() })?;
-    let rgb = image.to_rgb8();
     let (w, h) = rgb.dimensions();
     Ok((rgb.into_raw(), w as usize, h as usize))
 }

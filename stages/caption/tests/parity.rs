@@ -42,13 +42,10 @@ const BEAM: Decoding = Decoding { num_beams: 3, max_length: 20, min_length: 5 };
 const GREEDY: Decoding = Decoding { num_beams: 1, max_length: 20, min_length: 5 };
 
 #[test]
-fn resize_matches_pillow_exactly_for_lossless_images() {
+fn resize_matches_pillow_exactly_for_png_and_jpeg_images() {
     let refs = reference();
     for (name, r) in refs["images"].as_object().unwrap() {
         let file = r["file"].as_str().unwrap();
-        if !file.ends_with(".png") {
-            continue;
-        }
         let (rgb, w, h) = load_rgb(&fixtures().join("images").join(file)).unwrap();
         let ours = sdpipe_caption::resize::resize_bicubic_rgb(&rgb, w, h, 384, 384);
         let (pil, _, _) =
@@ -56,24 +53,6 @@ fn resize_matches_pillow_exactly_for_lossless_images() {
         let diff = ours.iter().zip(&pil).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
         assert_eq!(diff, 0, "{name}: max difference {diff} levels");
     }
-}
-
-/// JPEG decoders differ (libjpeg-turbo in Pillow, zune-jpeg in the image crate: IDCT precision
-/// and chroma upsampling), so the fixture's JPEG is compared with a tolerance. Measured: at most
-/// 4 levels at any pixel, 0.32 level on average, after resizing; the bounds leave a little room
-/// for other decoder versions while still catching a wrong filter or channel order (tens of
-/// levels).
-#[test]
-fn jpeg_pixels_are_within_decoder_rounding_of_pillow() {
-    let path = fixtures().join("images/photo.jpg");
-    let (rgb, w, h) = load_rgb(&path).unwrap();
-    let ours = sdpipe_caption::resize::resize_bicubic_rgb(&rgb, w, h, 384, 384);
-    let (pil, _, _) = load_rgb(&fixtures().join("resized/photo.png")).unwrap();
-    let diffs: Vec<u8> = ours.iter().zip(&pil).map(|(a, b)| a.abs_diff(*b)).collect();
-    let max = *diffs.iter().max().unwrap();
-    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
-    eprintln!("photo.jpg vs Pillow: max {max} levels, mean {mean:.4} levels");
-    assert!(max <= 6 && mean < 0.5, "max {max}, mean {mean}");
 }
 
 /// Normalisation in f32 against transformers' float tensor: statistics and an 8x8 crop agree to

@@ -34,6 +34,9 @@ pub enum PipelineError {
     /// The UNet folder could not be loaded (the message names the file and what is wrong).
     #[error("loading the UNet: {0}")]
     UNet(String),
+    /// The model could not be found or fetched (local folder, Hugging Face cache, hub).
+    #[error(transparent)]
+    Hub(#[from] sdpipe_hub::HubError),
     #[error("{path}: bad tokenizer files: {message}")]
     Tokenizer { path: PathBuf, message: String },
 }

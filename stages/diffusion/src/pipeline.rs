@@ -23,6 +23,7 @@ use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModelConfig,
 };
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use sdpipe_stages::api::{Params, StageError};
 use serde_json::Value;
 
 use crate::clip_tokenizer::ClipTokenizer;
@@ -44,19 +45,97 @@ pub const TOKENIZER_FILES: [&str; 5] = [
     "special_tokens_map.json",
 ];
 
+/// The components whose weights sdpipe loads.
+pub const WEIGHT_COMPONENTS: [&str; 3] = ["unet", "vae", "text_encoder"];
+
+/// The names a component's weights can have, in the order diffusers prefers them: one
+/// safetensors file, a sharded safetensors checkpoint (its index names the shards), a PyTorch
+/// pickle. With a `variant` (diffusers' `variant="fp16"`) the variant's files only, named as
+/// diffusers' `_add_variant` names them (`diffusion_pytorch_model.fp16.safetensors`,
+/// `diffusion_pytorch_model.safetensors.index.fp16.json`, `diffusion_pytorch_model.fp16.bin`);
+/// the text encoder follows transformers (`model…safetensors`, `pytorch_model….bin`).
+pub fn weight_names(component: &str, variant: Option<&str>) -> [String; 3] {
+    let (stem, bin_stem) = if component == "text_encoder" {
+        ("model", "pytorch_model")
+    } else {
+        ("diffusion_pytorch_model", "diffusion_pytorch_model")
+    };
+    let v = variant.map(|v| format!(".{v}")).unwrap_or_default();
+    [
+        format!("{stem}{v}.safetensors"),
+        format!("{stem}.safetensors.index{v}.json"),
+        format!("{bin_stem}{v}.bin"),
+    ]
+}
+
+/// A `variant` as a pipeline may name it: a short name that becomes part of file names.
+pub fn check_variant(variant: &str) -> Result<(), String> {
+    let ok = !variant.is_empty()
+        && variant.len() <= 32
+        && variant.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{variant}` is not a weight variant name (diffusers' are like `fp16`, `bf16`, `ema`: \
+             letters, digits, `_` and `-`)"
+        ))
+    }
+}
+
+/// A kind's `variant` parameter, checked (it becomes part of file names).
+pub fn variant_param(params: &Params) -> Result<Option<&str>, StageError> {
+    match params.get("variant") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(v)) => {
+            check_variant(v)
+                .map_err(|message| StageError::InvalidParam { param: "variant".into(), message })?;
+            Ok(Some(v))
+        }
+        Some(other) => Err(StageError::InvalidParam {
+            param: "variant".into(),
+            message: format!("expected a string or null, found {other}"),
+        }),
+    }
+}
+
 /// Resolve `model` (a hub repo id or a local folder) at `revision` to a local pipeline folder
 /// holding every file the loaders read — local folder, Hugging Face cache, then the hub — so
-/// every stage that loads a pipeline sees the same files.
+/// every stage that loads a pipeline sees the same files. `variant` picks diffusers' weight
+/// variant (see [`weight_names`]). A sharded checkpoint takes two passes: the first finds its
+/// index, the second fetches the shards the index lists.
 pub fn resolve_folder(
     hub: &sdpipe_hub::HubConfig,
     model: &str,
     revision: &str,
-) -> Result<PathBuf, sdpipe_hub::HubError> {
-    Ok(sdpipe_hub::resolve_with(hub, model, revision, &wanted_files())?.root)
+    variant: Option<&str>,
+) -> Result<PathBuf, PipelineError> {
+    let names: Vec<[String; 3]> = WEIGHT_COMPONENTS
+        .iter()
+        .map(|c| weight_names(c, variant).map(|name| format!("{c}/{name}")))
+        .collect();
+    let alternatives: Vec<Vec<&str>> =
+        names.iter().map(|n| n.iter().map(String::as_str).collect()).collect();
+    let mut wants = wanted_files();
+    wants.extend(alternatives.iter().map(|a| sdpipe_hub::Want::OneOf(a)));
+    let resolved = sdpipe_hub::resolve_with(hub, model, revision, &wants)?;
+    let mut shards = Vec::new();
+    for (component, [_, index, _]) in WEIGHT_COMPONENTS.iter().zip(&names) {
+        if let Some(path) = resolved.files.get(index) {
+            for shard in shard_names(path)? {
+                shards.push(format!("{component}/{shard}"));
+            }
+        }
+    }
+    if shards.is_empty() {
+        return Ok(resolved.root);
+    }
+    wants.extend(shards.iter().map(|s| sdpipe_hub::Want::File(s)));
+    Ok(sdpipe_hub::resolve_with(hub, model, revision, &wants)?.root)
 }
 
-/// What [`resolve_folder`] asks of a model: [`required_files`], the tokenizer's vocabulary
-/// in either layout, and the optional tokenizer files.
+/// What [`resolve_folder`] asks of every model besides the weights: [`required_files`], the
+/// tokenizer's vocabulary in either layout, and the optional tokenizer files.
 fn wanted_files() -> Vec<sdpipe_hub::Want<'static>> {
     use sdpipe_hub::Want;
     let mut wants: Vec<Want<'static>> = required_files().into_iter().map(Want::File).collect();
@@ -68,26 +147,50 @@ fn wanted_files() -> Vec<sdpipe_hub::Want<'static>> {
     wants
 }
 
+/// The shard file names a `*.safetensors.index*.json` lists (its `weight_map` values), sorted.
+fn shard_names(index: &Path) -> Result<Vec<String>, PipelineError> {
+    let value: Value = read_json(index)?;
+    let bad = |message: &str| PipelineError::BadConfig {
+        path: index.to_path_buf(),
+        message: message.into(),
+    };
+    let map =
+        value.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no `weight_map`"))?;
+    let mut shards = Vec::new();
+    for name in map.values() {
+        let name = name.as_str().ok_or_else(|| bad("a `weight_map` value is not a file name"))?;
+        // A shard is a file beside the index: anything else would read outside the component.
+        if name.is_empty() || name.contains(['/', '\\']) || name == ".." {
+            return Err(bad(&format!("shard `{name}` is not a file name in the index's folder")));
+        }
+        shards.push(name.to_string());
+    }
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
 /// A pipeline folder's content as a kind's `external_deps`: `model/<relative path>` → file.
-pub fn model_deps(root: &Path) -> Result<BTreeMap<String, PathBuf>, PipelineError> {
-    Ok(SdPipeline::open(root)?
+pub fn model_deps(
+    root: &Path,
+    variant: Option<&str>,
+) -> Result<BTreeMap<String, PathBuf>, PipelineError> {
+    Ok(SdPipeline::open_variant(root, variant)?
         .dependency_files()?
         .into_iter()
         .map(|(rel, path)| (format!("model/{rel}"), path))
         .collect())
 }
 
-/// The files every pipeline folder has, relative to its root (the tokenizer's vocabulary comes
-/// in two layouts: see [`resolve_folder`]).
+/// The configs every pipeline folder has, relative to its root (the weights' names depend on
+/// the layout and the variant: see [`weight_names`]; the tokenizer's vocabulary comes in two
+/// layouts: see [`resolve_folder`]).
 pub fn required_files() -> Vec<&'static str> {
     vec![
         MODEL_INDEX,
         "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors",
         "vae/config.json",
-        "vae/diffusion_pytorch_model.safetensors",
         "text_encoder/config.json",
-        "text_encoder/model.safetensors",
         "tokenizer/tokenizer_config.json",
         "scheduler/scheduler_config.json",
     ]
@@ -102,6 +205,8 @@ pub struct SdPipeline {
     pub vae: VaeConfig,
     pub text_encoder: TextEncoderConfig,
     pub scheduler: SchedulerConfig,
+    /// diffusers' weight variant to read (`fp16` reads `*.fp16.safetensors`), if any.
+    pub variant: Option<String>,
 }
 
 /// The CLIP text encoder; `encode` returns the last hidden state, what SD conditions on.
@@ -120,6 +225,11 @@ impl SdPipeline {
     /// Open `root` and parse its configs. Fails with the file and the fix when something is
     /// missing or not an SD1.x pipeline.
     pub fn open(root: &Path) -> Result<SdPipeline, PipelineError> {
+        Self::open_variant(root, None)
+    }
+
+    /// [`SdPipeline::open`], reading the weights of `variant` (see [`weight_names`]).
+    pub fn open_variant(root: &Path, variant: Option<&str>) -> Result<SdPipeline, PipelineError> {
         if !root.is_dir() {
             return Err(PipelineError::Missing {
                 path: root.to_path_buf(),
@@ -150,6 +260,7 @@ impl SdPipeline {
             text_encoder: read_json(&config("text_encoder", "config.json")?)?,
             scheduler: read_json(&config("scheduler", "scheduler_config.json")?)?,
             model_index,
+            variant: variant.map(str::to_string),
         };
         Ok(pipeline)
     }
@@ -160,43 +271,42 @@ impl SdPipeline {
     }
 
     /// The weight files of a component (`unet`, `vae`, `text_encoder`): one safetensors file,
-    /// or the shards its `.index.json` lists.
+    /// the shards its index lists, or one PyTorch pickle, as [`weight_names`] orders them.
     pub fn weight_files(&self, component: &str) -> Result<Vec<PathBuf>, PipelineError> {
-        let file = if component == "text_encoder" { TEXT_ENCODER_WEIGHTS } else { UNET_WEIGHTS };
         let dir = self.root.join(component);
-        let single = dir.join(file);
-        if single.is_file() {
-            return Ok(vec![single]);
+        let [single, index, bin] = weight_names(component, self.variant.as_deref());
+        if dir.join(&single).is_file() {
+            return Ok(vec![dir.join(single)]);
         }
-        let index = dir.join(format!("{file}.index.json"));
+        let index = dir.join(index);
         if index.is_file() {
-            let value: Value = read_json(&index)?;
-            let map = value.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
-                PipelineError::BadConfig { path: index.clone(), message: "no `weight_map`".into() }
-            })?;
-            let mut shards: Vec<PathBuf> =
-                map.values().filter_map(Value::as_str).map(|s| dir.join(s)).collect();
-            shards.sort();
-            shards.dedup();
+            let shards: Vec<PathBuf> =
+                shard_names(&index)?.into_iter().map(|s| dir.join(s)).collect();
             for shard in &shards {
                 require(shard, "listed in the shard index")?;
             }
             return Ok(shards);
         }
-        let bin = if component == "text_encoder" {
-            "pytorch_model.bin"
-        } else {
-            "diffusion_pytorch_model.bin"
+        if dir.join(&bin).is_file() {
+            return Ok(vec![dir.join(bin)]);
+        }
+        let hint = match &self.variant {
+            Some(v) => format!(
+                "the `{component}` weights of variant `{v}` ({single}, a sharded {single} or \
+                 {bin}) are needed; leave `variant` unset to read the default weights"
+            ),
+            None => format!(
+                "the `{component}` weights ({single}, a sharded {single} or {bin}) are needed"
+            ),
         };
-        let hint = if dir.join(bin).is_file() {
-            format!(
-                "only the pickled `{bin}` is there; sdpipe reads safetensors only — re-save the \
-                 pipeline with diffusers' `save_pretrained(..., safe_serialization=True)`"
-            )
-        } else {
-            format!("the `{component}` weights ({file}) are needed")
-        };
-        Err(PipelineError::Missing { path: single, hint })
+        Err(PipelineError::Missing { path: dir.join(single), hint })
+    }
+
+    /// The index of a sharded component, which [`SdPipeline::weight_files`] read, if any.
+    fn weight_index(&self, component: &str) -> Option<PathBuf> {
+        let dir = self.root.join(component);
+        let [single, index, _] = weight_names(component, self.variant.as_deref());
+        (!dir.join(single).is_file() && dir.join(&index).is_file()).then(|| dir.join(index))
     }
 
     /// Every file sampling reads, keyed by its path relative to the root: a stage's
@@ -216,9 +326,12 @@ impl SdPipeline {
         ] {
             add(self.root.join(dir).join(file));
         }
-        for component in ["unet", "vae", "text_encoder"] {
+        for component in WEIGHT_COMPONENTS {
             for path in self.weight_files(component)? {
                 add(path);
+            }
+            if let Some(index) = self.weight_index(component) {
+                add(index);
             }
         }
         for file in TOKENIZER_FILES {
@@ -272,7 +385,7 @@ impl SdPipeline {
     pub fn load_vae(&self, device: &Device, dtype: DType) -> Result<AutoEncoderKL, PipelineError> {
         let config = self.candle_vae_config()?;
         let files = self.weight_files("vae")?;
-        let vb = mmap(&files, dtype, device)?;
+        let vb = var_builder(&files, dtype, device)?;
         AutoEncoderKL::new(vb, self.vae.in_channels, self.vae.out_channels, config)
             .map_err(|source| PipelineError::Weights { path: files[0].clone(), source })
     }
@@ -286,7 +399,7 @@ impl SdPipeline {
     ) -> Result<TextEncoder, PipelineError> {
         let config = self.candle_clip_config()?;
         let files = self.weight_files("text_encoder")?;
-        let vb = mmap(&files, dtype, device)?;
+        let vb = var_builder(&files, dtype, device)?;
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
         } else {
@@ -310,15 +423,28 @@ fn require(path: &Path, what: &str) -> Result<(), PipelineError> {
     }
 }
 
-fn mmap(
+/// A candle `VarBuilder` over a component's weight files (from [`SdPipeline::weight_files`]):
+/// memory-mapped safetensors (one file or shards), or a PyTorch pickle (`.bin`, read with
+/// candle's pickle reader). Tensors are converted to `dtype` as they are read, so an fp16
+/// variant loads into f32.
+pub fn var_builder(
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>, PipelineError> {
-    // SAFETY: the files are mmapped read-only; sdpipe never writes a pipeline folder it is
-    // reading, and the engine's cached outputs are immutable.
-    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
-        .map_err(|source| PipelineError::Weights { path: files[0].clone(), source })
+    let weights_error = |source| PipelineError::Weights { path: files[0].clone(), source };
+    match files {
+        [one] if is_pickle(one) => VarBuilder::from_pth(one, dtype, device).map_err(weights_error),
+        // SAFETY: the files are mmapped read-only; sdpipe never writes a pipeline folder it is
+        // reading, and the engine's cached outputs are immutable.
+        _ => unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+            .map_err(weights_error),
+    }
+}
+
+/// Whether a weight file is a PyTorch pickle rather than safetensors, by its name.
+pub fn is_pickle(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "bin" || e == "pt" || e == "pth")
 }
 
 /// Keys of `extra` that change the architecture, with the only value candle's modules support.
@@ -487,11 +613,22 @@ pub fn clip_to_candle(c: &TextEncoderConfig) -> Result<ClipTextConfig, String> {
     })
 }
 
-/// Copy a pipeline folder's `model_index.json` and every component folder except those named
-/// in `except` (e.g. `&["unet"]` for a trainer that writes its own UNet). Files are hard-linked
+/// Copy a pipeline's `model_index.json` and every component folder except those named in
+/// `except` (e.g. `&["unet"]` for a trainer that writes its own UNet). Files are hard-linked
 /// when possible (pipeline weights are gigabytes and never modified in place), else copied;
 /// symlinks (as in the Hugging Face cache) are followed, so `to` holds real files.
-pub fn copy_components(from: &Path, to: &Path, except: &[&str]) -> Result<(), PipelineError> {
+///
+/// Of a component's weights only those the pipeline reads are copied, under the default names
+/// (`vae/diffusion_pytorch_model.fp16.safetensors` of variant `fp16` becomes
+/// `vae/diffusion_pytorch_model.safetensors`, as diffusers' `save_pretrained` writes a pipeline
+/// loaded with a variant): the copy opens without a variant, and other weights the source
+/// folder may hold (another variant, a pickle beside safetensors) are not duplicated.
+pub fn copy_components(
+    pipeline: &SdPipeline,
+    to: &Path,
+    except: &[&str],
+) -> Result<(), PipelineError> {
+    let from = pipeline.root.as_path();
     let index = from.join(MODEL_INDEX);
     require(&index, "every diffusers pipeline folder has one at its root")?;
     fs::create_dir_all(to).map_err(|source| PipelineError::Write { path: to.into(), source })?;
@@ -508,12 +645,37 @@ pub fn copy_components(from: &Path, to: &Path, except: &[&str]) -> Result<(), Pi
         }
     }
     for (path, name) in dirs {
-        copy_tree(&path, &to.join(name))?;
+        let dest = to.join(&name);
+        if !WEIGHT_COMPONENTS.contains(&name.as_str()) {
+            copy_tree(&path, &dest, &|_| true)?;
+            continue;
+        }
+        copy_tree(&path, &dest, &|file| !is_weight_file(file))?;
+        let [single, index, bin] = weight_names(&name, None);
+        let files = pipeline.weight_files(&name)?;
+        if let Some(source_index) = pipeline.weight_index(&name) {
+            link_or_copy(&source_index, &dest.join(index))?;
+            for shard in &files {
+                link_or_copy(shard, &dest.join(shard.file_name().expect("a shard is a file")))?;
+            }
+        } else {
+            let plain = if is_pickle(&files[0]) { bin } else { single };
+            link_or_copy(&files[0], &dest.join(plain))?;
+        }
     }
     Ok(())
 }
 
-fn copy_tree(from: &Path, to: &Path) -> Result<(), PipelineError> {
+/// Whether a file in a component folder holds weights (of any layout or framework).
+fn is_weight_file(name: &str) -> bool {
+    [".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".index.json"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+        || (name.contains(".safetensors.index.") && name.ends_with(".json"))
+}
+
+/// Copy `from` into `to`, files for which `keep(file name)` holds (at the top level).
+fn copy_tree(from: &Path, to: &Path, keep: &dyn Fn(&str) -> bool) -> Result<(), PipelineError> {
     fs::create_dir_all(to).map_err(|source| PipelineError::Write { path: to.into(), source })?;
     let entries =
         fs::read_dir(from).map_err(|source| PipelineError::Read { path: from.into(), source })?;
@@ -522,8 +684,8 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), PipelineError> {
         let path = entry.path();
         let dest = to.join(entry.file_name());
         if path.is_dir() {
-            copy_tree(&path, &dest)?;
-        } else {
+            copy_tree(&path, &dest, &|_| true)?;
+        } else if keep(&entry.file_name().to_string_lossy()) {
             link_or_copy(&path, &dest)?;
         }
     }
@@ -617,7 +779,8 @@ mod tests {
         let from = tempfile::tempdir().unwrap();
         write_tiny(from.path(), &TinySpec::default()).unwrap();
         let to = tempfile::tempdir().unwrap();
-        copy_components(from.path(), to.path(), &["unet"]).unwrap();
+        let pipeline = SdPipeline::open(from.path()).unwrap();
+        copy_components(&pipeline, to.path(), &["unet"]).unwrap();
         assert!(to.path().join(MODEL_INDEX).is_file());
         assert!(to.path().join("vae/diffusion_pytorch_model.safetensors").is_file());
         assert!(to.path().join("tokenizer/merges.txt").is_file());
@@ -625,13 +788,51 @@ mod tests {
     }
 
     #[test]
-    fn missing_weights_are_named_with_the_fix() {
+    fn missing_weights_name_every_layout_looked_for() {
         let dir = tempfile::tempdir().unwrap();
         write_tiny(dir.path(), &TinySpec::default()).unwrap();
-        let weights = dir.path().join("vae/diffusion_pytorch_model.safetensors");
-        std::fs::rename(&weights, dir.path().join("vae/diffusion_pytorch_model.bin")).unwrap();
+        std::fs::remove_file(dir.path().join("vae/diffusion_pytorch_model.safetensors")).unwrap();
         let pipeline = SdPipeline::open(dir.path()).unwrap();
         let err = pipeline.weight_files("vae").unwrap_err().to_string();
-        assert!(err.contains("safe_serialization"), "{err}");
+        assert!(err.contains("diffusion_pytorch_model.bin"), "{err}");
+        let err = SdPipeline::open_variant(dir.path(), Some("fp16"))
+            .unwrap()
+            .weight_files("unet")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("diffusion_pytorch_model.fp16.safetensors"), "{err}");
+        assert!(err.contains("leave `variant` unset"), "{err}");
+    }
+
+    #[test]
+    fn weight_names_follow_diffusers_and_transformers() {
+        assert_eq!(
+            weight_names("unet", Some("fp16")),
+            [
+                "diffusion_pytorch_model.fp16.safetensors",
+                "diffusion_pytorch_model.safetensors.index.fp16.json",
+                "diffusion_pytorch_model.fp16.bin",
+            ]
+        );
+        assert_eq!(
+            weight_names("text_encoder", None),
+            ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
+        );
+    }
+
+    #[test]
+    fn a_shard_index_naming_a_path_outside_its_folder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("model.safetensors.index.json");
+        std::fs::write(&index, r#"{"weight_map": {"a": "../../etc/passwd"}}"#).unwrap();
+        let err = shard_names(&index).unwrap_err().to_string();
+        assert!(err.contains("not a file name"), "{err}");
+    }
+
+    #[test]
+    fn variant_names_are_checked() {
+        assert!(check_variant("fp16").is_ok());
+        assert!(check_variant("../x").is_err());
+        assert!(check_variant("").is_err());
     }
 }

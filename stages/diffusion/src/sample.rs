@@ -66,8 +66,13 @@ impl Sample {
     /// crate (local folder, Hugging Face cache, download).
     fn resolve_model(&self, params: &Params) -> Result<PathBuf, StageError> {
         let text = |name: &str| params.get(name).and_then(Value::as_str).unwrap_or_default();
-        crate::pipeline::resolve_folder(&self.hub_config(), text("model"), text("revision"))
-            .map_err(|e| StageError::failed(e.to_string()))
+        let variant = crate::pipeline::variant_param(params)?;
+        Ok(crate::pipeline::resolve_folder(
+            &self.hub_config(),
+            text("model"),
+            text("revision"),
+            variant,
+        )?)
     }
 }
 
@@ -206,7 +211,7 @@ impl StageKind for Sample {
             ParamSpec::optional(
                 "model",
                 ParamType::String,
-                json!("runwayml/stable-diffusion-v1-5"),
+                json!("stable-diffusion-v1-5/stable-diffusion-v1-5"),
                 "Hugging Face repository id or local folder of the pipeline.",
             ),
             ParamSpec::optional(
@@ -214,6 +219,13 @@ impl StageKind for Sample {
                 ParamType::String,
                 json!("main"),
                 "Revision of `model` on the hub.",
+            ),
+            ParamSpec::optional(
+                "variant",
+                ParamType::String,
+                Value::Null,
+                "diffusers' weight variant of `model` to read (`fp16`: `*.fp16.safetensors`, \
+                 loaded into f32); null reads the default weights.",
             ),
             ParamSpec::optional(
                 "split",
@@ -301,7 +313,10 @@ impl StageKind for Sample {
         if params.get("pipeline").is_some_and(|v| !v.is_null()) {
             return Ok(BTreeMap::new());
         }
-        Ok(crate::pipeline::model_deps(&self.resolve_model(params)?)?)
+        Ok(crate::pipeline::model_deps(
+            &self.resolve_model(params)?,
+            crate::pipeline::variant_param(params)?,
+        )?)
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
@@ -312,7 +327,8 @@ impl StageKind for Sample {
             Some(path) => path.clone(),
             None => self.resolve_model(ctx.params)?,
         };
-        let pipeline = SdPipeline::open(&root)?;
+        let pipeline =
+            SdPipeline::open_variant(&root, crate::pipeline::variant_param(ctx.params)?)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(ctx.threads.max(1))
             .build()

@@ -46,48 +46,27 @@ pub const MAX_PIXELS: u64 = 100_000_000;
 #[derive(Debug, thiserror::Error)]
 pub enum JpegError {
     #[error("{}: cannot read: {source}", .path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{}not a JPEG file (no SOI marker)", at(.path))]
     NotJpeg { path: Option<PathBuf> },
     /// libjpeg's own message for corrupt or unsupported data.
     #[error("{}corrupt JPEG data: {message}", at(.path))]
-    Corrupt {
-        path: Option<PathBuf>,
-        message: String,
-    },
+    Corrupt { path: Option<PathBuf>, message: String },
     /// The data ends before the image does (what Pillow calls "image file is truncated").
     #[error("{}truncated JPEG file: {message}", at(.path))]
-    Truncated {
-        path: Option<PathBuf>,
-        message: String,
-    },
+    Truncated { path: Option<PathBuf>, message: String },
     #[error("{}JPEG is {width}x{height}, more than the {MAX_PIXELS}-pixel limit", at(.path))]
-    TooLarge {
-        path: Option<PathBuf>,
-        width: u32,
-        height: u32,
-    },
+    TooLarge { path: Option<PathBuf>, width: u32, height: u32 },
     /// Pillow opens only 1-, 3- and 4-component JPEGs.
     #[error("{}unsupported JPEG with {components} colour components", at(.path))]
-    UnsupportedComponents {
-        path: Option<PathBuf>,
-        components: i32,
-    },
+    UnsupportedComponents { path: Option<PathBuf>, components: i32 },
     /// A non-JPEG file that the `image` crate could not decode either.
     #[error("{}{source}", at(.path))]
-    Image {
-        path: Option<PathBuf>,
-        source: image::ImageError,
-    },
+    Image { path: Option<PathBuf>, source: image::ImageError },
 }
 
 fn at(path: &Option<PathBuf>) -> String {
-    path.as_ref()
-        .map(|p| format!("{}: ", p.display()))
-        .unwrap_or_default()
+    path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default()
 }
 
 impl JpegError {
@@ -136,14 +115,8 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, JpegError> {
         Ok(result) => result,
         Err(payload) => match payload.downcast::<Failure>() {
             Ok(failure) => Err(match *failure {
-                Failure::Error(message) => JpegError::Corrupt {
-                    path: None,
-                    message,
-                },
-                Failure::Truncated(message) => JpegError::Truncated {
-                    path: None,
-                    message,
-                },
+                Failure::Error(message) => JpegError::Corrupt { path: None, message },
+                Failure::Truncated(message) => JpegError::Truncated { path: None, message },
             }),
             // A panic of our own, not libjpeg's: not ours to swallow.
             Err(other) => panic::resume_unwind(other),
@@ -158,17 +131,12 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, JpegError> {
 /// format is told from the content first (as Pillow does) and from the extension only if the
 /// content does not say.
 pub fn open_rgb(path: &Path) -> Result<RgbImage, JpegError> {
-    let bytes = std::fs::read(path).map_err(|source| JpegError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes =
+        std::fs::read(path).map_err(|source| JpegError::Io { path: path.to_path_buf(), source })?;
     if is_jpeg(&bytes) {
         return decode_rgb(&bytes).map_err(|e| e.with_path(path));
     }
-    let image_err = |source| JpegError::Image {
-        path: Some(path.to_path_buf()),
-        source,
-    };
+    let image_err = |source| JpegError::Image { path: Some(path.to_path_buf()), source };
     let mut reader = ImageReader::new(Cursor::new(&bytes))
         .with_guessed_format()
         .expect("reading from memory cannot fail");
@@ -224,11 +192,7 @@ impl Decompressor {
         }
         let (width, height) = (cinfo.image_width, cinfo.image_height);
         if u64::from(width) * u64::from(height) > MAX_PIXELS {
-            return Err(JpegError::TooLarge {
-                path: None,
-                width,
-                height,
-            });
+            return Err(JpegError::TooLarge { path: None, width, height });
         }
         // Pillow picks its mode from the component count and asks libjpeg for that colour
         // space; it leaves jpeg_color_space to libjpeg's guess (JFIF/Adobe markers) and keeps
@@ -238,12 +202,7 @@ impl Decompressor {
             1 => ffi::J_COLOR_SPACE::JCS_GRAYSCALE,
             3 => ffi::J_COLOR_SPACE::JCS_RGB,
             4 => ffi::J_COLOR_SPACE::JCS_CMYK,
-            _ => {
-                return Err(JpegError::UnsupportedComponents {
-                    path: None,
-                    components,
-                })
-            }
+            _ => return Err(JpegError::UnsupportedComponents { path: None, components }),
         };
         cinfo.dct_method = ffi::J_DCT_METHOD::JDCT_ISLOW;
         cinfo.do_fancy_upsampling = 1;
@@ -261,8 +220,7 @@ impl Decompressor {
                 .chunks_exact_mut(stride)
                 .map(|row| row.as_mut_ptr())
                 .collect();
-            let read =
-                unsafe { ffi::jpeg_read_scanlines(cinfo, ptrs.as_mut_ptr(), rows as u32) };
+            let read = unsafe { ffi::jpeg_read_scanlines(cinfo, ptrs.as_mut_ptr(), rows as u32) };
             if read == 0 {
                 // Only a suspending source returns 0 rows; ours never suspends.
                 return Err(JpegError::Corrupt {
@@ -315,9 +273,7 @@ unsafe fn message(cinfo: &mut ffi::jpeg_common_struct) -> String {
             mem::transmute(format);
         format(cinfo, buf.as_mut_ptr());
     }
-    CStr::from_bytes_until_nul(&buf)
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    CStr::from_bytes_until_nul(&buf).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// libjpeg's fatal-error callback: must not return, so it unwinds to `decode_rgb`.
@@ -378,9 +334,6 @@ mod tests {
     fn empty_and_garbage_input_are_errors() {
         assert!(matches!(decode_rgb(&[]), Err(JpegError::NotJpeg { .. })));
         let err = decode_rgb(&[0xFF, 0xD8, 0xFF, 0xFF, 0x00, 0x01]).unwrap_err();
-        assert!(matches!(
-            err,
-            JpegError::Corrupt { .. } | JpegError::Truncated { .. }
-        ));
+        assert!(matches!(err, JpegError::Corrupt { .. } | JpegError::Truncated { .. }));
     }
 }

@@ -29,12 +29,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn short_hashes(entry: &Value, key: &str) -> Vec<String> {
-    entry[key]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect()
+    entry[key].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
 }
 
 /// Compares a decode with Pillow's reference entry; `None` when identical, otherwise where the
@@ -43,24 +38,23 @@ fn short_hashes(entry: &Value, key: &str) -> Vec<String> {
 fn mismatch(image: &image::RgbImage, entry: &Value) -> Option<String> {
     let (w, h) = (entry["width"].as_u64().unwrap(), entry["height"].as_u64().unwrap());
     if (u64::from(image.width()), u64::from(image.height())) != (w, h) {
-        return Some(format!(
-            "size {}x{}, Pillow {w}x{h}",
-            image.width(),
-            image.height()
-        ));
+        return Some(format!("size {}x{}, Pillow {w}x{h}", image.width(), image.height()));
     }
     if sha256_hex(image.as_raw()) == entry["rgb_sha256"].as_str().unwrap() {
         return None;
     }
     let rows = short_hashes(entry, "row_sha256_6");
     let cols = short_hashes(entry, "col_sha256_6");
-    let row_bytes = |y: u32| -> Vec<u8> { (0..image.width()).flat_map(|x| image.get_pixel(x, y).0).collect() };
-    let col_bytes = |x: u32| -> Vec<u8> { (0..image.height()).flat_map(|y| image.get_pixel(x, y).0).collect() };
-    let first_row = (0..image.height()).find(|&y| sha256_hex(&row_bytes(y))[..6] != rows[y as usize]);
-    let first_col = (0..image.width()).find(|&x| sha256_hex(&col_bytes(x))[..6] != cols[x as usize]);
-    let differing_rows = (0..image.height())
-        .filter(|&y| sha256_hex(&row_bytes(y))[..6] != rows[y as usize])
-        .count();
+    let row_bytes =
+        |y: u32| -> Vec<u8> { (0..image.width()).flat_map(|x| image.get_pixel(x, y).0).collect() };
+    let col_bytes =
+        |x: u32| -> Vec<u8> { (0..image.height()).flat_map(|y| image.get_pixel(x, y).0).collect() };
+    let first_row =
+        (0..image.height()).find(|&y| sha256_hex(&row_bytes(y))[..6] != rows[y as usize]);
+    let first_col =
+        (0..image.width()).find(|&x| sha256_hex(&col_bytes(x))[..6] != cols[x as usize]);
+    let differing_rows =
+        (0..image.height()).filter(|&y| sha256_hex(&row_bytes(y))[..6] != rows[y as usize]).count();
     Some(match (first_row, first_col) {
         (Some(y), Some(x)) => format!(
             "first differing row {y}, first differing column {x} (ours {:?} there); \
@@ -109,10 +103,7 @@ fn open_rgb_of_a_jpeg_file_matches_pillow() {
 fn corrupt_header_is_an_error_with_libjpegs_message() {
     // Sample precision 8 -> 9 in the SOF: libjpeg refuses it (Pillow too, before libjpeg).
     let mut bytes = read_fixture("baseline_420_q75.jpg");
-    let sof = bytes
-        .windows(2)
-        .position(|w| w == [0xFF, 0xC0])
-        .expect("baseline SOF0");
+    let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).expect("baseline SOF0");
     assert_eq!(bytes[sof + 4], 8);
     bytes[sof + 4] = 9;
     match decode_rgb(&bytes) {
@@ -127,10 +118,7 @@ fn corrupt_header_is_an_error_with_libjpegs_message() {
 fn corrupt_huffman_table_is_an_error() {
     // A DHT whose code counts add up to more codes than its length allows.
     let mut bytes = read_fixture("baseline_420_q75.jpg");
-    let dht = bytes
-        .windows(2)
-        .position(|w| w == [0xFF, 0xC4])
-        .expect("DHT");
+    let dht = bytes.windows(2).position(|w| w == [0xFF, 0xC4]).expect("DHT");
     for count in &mut bytes[dht + 5..dht + 21] {
         *count = 0xFF;
     }
@@ -189,10 +177,7 @@ fn truncated_file_error_names_the_path() {
 fn header_over_the_pixel_limit_is_refused_before_decoding() {
     // The 1x1 file with its SOF claiming 20000x20000 (400 megapixels).
     let mut bytes = read_fixture("tiny_1x1.jpg");
-    let sof = bytes
-        .windows(2)
-        .position(|w| w == [0xFF, 0xC0])
-        .expect("SOF0");
+    let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).expect("SOF0");
     bytes[sof + 5..sof + 9].copy_from_slice(&[0x4E, 0x20, 0x4E, 0x20]);
     match decode_rgb(&bytes) {
         Err(JpegError::TooLarge { width: 20000, height: 20000, .. }) => {}
@@ -210,7 +195,9 @@ fn non_jpeg_bytes_are_refused_by_decode_rgb() {
 #[test]
 fn png_passes_through_open_rgb_unchanged() {
     let dir = tempfile::tempdir().unwrap();
-    let rgb = image::RgbImage::from_fn(37, 23, |x, y| image::Rgb([x as u8 * 7, y as u8 * 11, (x ^ y) as u8]));
+    let rgb = image::RgbImage::from_fn(37, 23, |x, y| {
+        image::Rgb([x as u8 * 7, y as u8 * 11, (x ^ y) as u8])
+    });
     let png = dir.path().join("picture.png");
     rgb.save(&png).unwrap();
     assert_eq!(open_rgb(&png).unwrap(), rgb);
@@ -219,10 +206,7 @@ fn png_passes_through_open_rgb_unchanged() {
     let gray = image::GrayImage::from_fn(9, 5, |x, y| image::Luma([(x * 29 + y * 3) as u8]));
     let gray_png = dir.path().join("gray.png");
     gray.save(&gray_png).unwrap();
-    assert_eq!(
-        open_rgb(&gray_png).unwrap(),
-        image::open(&gray_png).unwrap().to_rgb8()
-    );
+    assert_eq!(open_rgb(&gray_png).unwrap(), image::open(&gray_png).unwrap().to_rgb8());
 
     // The format comes from the content: a PNG named .jpg still opens.
     let misnamed = dir.path().join("really_a_png.jpg");

@@ -117,16 +117,10 @@ fn from_dir(dir: &Path) -> Result<Vec<Entry>, StageError> {
     Ok(entries)
 }
 
-/// Decode an image as 8-bit RGB (PIL's `convert('RGB')`: alpha dropped, grey replicated).
+/// Decode an image as 8-bit RGB, as pytorch-fid and lpips read it (PIL's `convert('RGB')`:
+/// JPEG through libjpeg-turbo with Pillow's settings, alpha dropped, grey replicated).
 pub fn load_rgb(path: &Path) -> Result<RgbImage, StageError> {
-    let reader = image::ImageReader::open(path)
-        .map_err(io_err(format!("opening image {}", path.display())))?
-        .with_guessed_format()
-        .map_err(io_err(format!("reading image {}", path.display())))?;
-    let image = reader
-        .decode()
-        .map_err(|e| StageError::failed(format!("cannot decode image {}: {e}", path.display())))?;
-    Ok(image.into_rgb8())
+    sdpipe_jpeg::open_rgb(path).map_err(|e| StageError::failed(format!("cannot decode image: {e}")))
 }
 
 /// How ground-truth images are brought to the samples' size before the metric's own

@@ -21,7 +21,6 @@ struct Stage<'a> {
     params: Option<&'a Map<String, Value>>,
     key: &'a str,
     seconds: Option<f64>,
-    cached: Option<bool>,
     point: &'a str,
 }
 
@@ -36,7 +35,6 @@ fn stages(provenance: &Value) -> Vec<Stage<'_>> {
             params: s.get("params").and_then(Value::as_object),
             key: s.get("key").and_then(Value::as_str).unwrap_or(""),
             seconds: s.get("seconds").and_then(Value::as_f64),
-            cached: s.get("cached").and_then(Value::as_bool),
             point: s.get("point").and_then(Value::as_str).unwrap_or(""),
         })
         .collect()
@@ -67,7 +65,6 @@ pub fn build(provenance: &Value, models: &[Model]) -> Option<Section> {
             order.push(point);
         }
     }
-    let any_cached = all.iter().any(|s| s.cached.is_some());
     let shared_seconds: f64 =
         all.iter().filter(|s| s.point.is_empty()).filter_map(|s| s.seconds).sum();
 
@@ -99,9 +96,6 @@ pub fn build(provenance: &Value, models: &[Model]) -> Option<Section> {
             ("Key", Align::Left),
             ("Seconds", Align::Right),
         ]);
-        if any_cached {
-            table.column("Cached", Align::Center);
-        }
         let mut details = String::new();
         let mut json_stages = Vec::new();
         for s in &group {
@@ -112,13 +106,6 @@ pub fn build(provenance: &Value, models: &[Model]) -> Option<Section> {
                 format::code(&s.key.chars().take(SHORT_KEY).collect::<String>()),
                 s.seconds.map(format::num).unwrap_or_else(|| "—".into()),
             ];
-            if any_cached {
-                row.push(match s.cached {
-                    Some(true) => "yes".into(),
-                    Some(false) => "no".into(),
-                    None => "—".into(),
-                });
-            }
             table.row(row);
             details.push_str(&format!(
                 "**{}** ({}{version}), key {}\n\n",
@@ -144,7 +131,6 @@ pub fn build(provenance: &Value, models: &[Model]) -> Option<Section> {
                 "version": s.version,
                 "key": s.key,
                 "seconds": s.seconds,
-                "cached": s.cached,
                 "params": s.params,
             }));
         }

@@ -1,15 +1,15 @@
 //! Accepting a downloaded image: it must decode completely, and what is saved is a JPEG.
 //!
-//! JPEGs are decoded with zune-jpeg in strict mode. The `image` crate runs the same decoder
-//! leniently, which paints the missing part of a truncated file grey and reports success, so
-//! it cannot tell a cut-off download from a whole one. A JPEG that decodes strictly is kept
-//! byte for byte; any other format the server may send (PNG, WebP) is decoded by the `image`
+//! JPEGs are decoded with the decoder every later stage reads them with (`sdpipe-jpeg`,
+//! libjpeg-turbo set up as Pillow sets it up), so a photo is kept exactly when the captioner,
+//! the trainer and the metrics can read it. It refuses a file whose data ends before the image
+//! does, where the `image` crate's decoder paints the missing part grey and reports success,
+//! which cannot tell a cut-off download from a whole one. A JPEG that decodes is kept byte for
+//! byte; any other format the server may send (PNG, WebP) is decoded by the `image`
 //! crate, whose decoders fail on truncation, and re-encoded as JPEG.
 
 use image::codecs::jpeg::JpegEncoder;
 use image::ImageFormat;
-use zune_jpeg::zune_core::bytestream::ZCursor;
-use zune_jpeg::zune_core::options::DecoderOptions;
 
 /// An image that decoded completely, as the JPEG bytes to save.
 #[derive(Debug)]
@@ -44,11 +44,8 @@ pub fn to_jpeg(bytes: Vec<u8>, quality: u8) -> Result<Verified, String> {
 }
 
 fn decode_jpeg_strictly(bytes: &[u8]) -> Result<(u32, u32), String> {
-    let options = DecoderOptions::default().set_strict_mode(true);
-    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
-    decoder.decode().map_err(|e| format!("undecodable JPEG: {e:?}"))?;
-    let info = decoder.info().ok_or("undecodable JPEG: no frame header")?;
-    Ok((u32::from(info.width), u32::from(info.height)))
+    let rgb = sdpipe_jpeg::decode_rgb(bytes).map_err(|e| format!("undecodable JPEG: {e}"))?;
+    Ok(rgb.dimensions())
 }
 
 /// What a non-image body looks like, for the failure record (an HTML error page, say).

@@ -8,7 +8,6 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use sdpipe_diffusion::{ClipTokenizer, PipelineError, SdPipeline, TextEncoder};
 
 use crate::posterior::{Posterior, VaeEncoder};
@@ -28,10 +27,7 @@ impl Frozen {
             let path = path.clone();
             move |source| PipelineError::Weights { path, source }
         };
-        // SAFETY: the weight files are memory-mapped read-only for the life of the builder; a
-        // concurrent writer would be a misuse of the pipeline folder, as for every mmap reader.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&vae_files, DType::F32, device) }
-            .map_err(weights_error(&vae_files[0]))?;
+        let vb = sdpipe_diffusion::pipeline::var_builder(&vae_files, DType::F32, device)?;
         let config = pipeline.candle_vae_config()?;
         let vae = VaeEncoder::new(vb, pipeline.vae.in_channels, &config)
             .map_err(weights_error(&vae_files[0]))?;

@@ -125,12 +125,17 @@ impl Train {
         inputs: &BTreeMap<String, PathBuf>,
         model: &str,
         revision: &str,
+        variant: Option<&str>,
     ) -> Result<PathBuf, StageError> {
         if let Some(path) = inputs.get("pipeline") {
             return Ok(path.clone());
         }
-        sdpipe_diffusion::pipeline::resolve_folder(&self.hub_config(), model, revision)
-            .map_err(|e| StageError::failed(e.to_string()))
+        Ok(sdpipe_diffusion::pipeline::resolve_folder(
+            &self.hub_config(),
+            model,
+            revision,
+            variant,
+        )?)
     }
 }
 
@@ -177,10 +182,18 @@ impl StageKind for Train {
             ParamSpec::optional(
                 "model",
                 ParamType::String,
-                json!("runwayml/stable-diffusion-v1-5"),
+                json!("stable-diffusion-v1-5/stable-diffusion-v1-5"),
                 "Hub repository id or local folder of a diffusers SD1.x pipeline (safetensors).",
             ),
             ParamSpec::optional("revision", ParamType::String, json!("main"), "Hub revision."),
+            ParamSpec::optional(
+                "variant",
+                ParamType::String,
+                Value::Null,
+                "diffusers' weight variant of `model` to read (`fp16`: `*.fp16.safetensors`, \
+                 loaded into f32); null reads the default weights. The finetuned folder is written \
+                 without a variant, as diffusers' `save_pretrained` writes it.",
+            ),
         ];
         params.extend(recipe::transform_params());
         params.extend([
@@ -281,8 +294,9 @@ impl StageKind for Train {
         }
         let model = params.get("model").and_then(Value::as_str).unwrap_or_default();
         let revision = params.get("revision").and_then(Value::as_str).unwrap_or("main");
-        let root = self.base_folder(&BTreeMap::new(), model, revision)?;
-        Ok(sdpipe_diffusion::pipeline::model_deps(&root)?)
+        let variant = sdpipe_diffusion::pipeline::variant_param(params)?;
+        let root = self.base_folder(&BTreeMap::new(), model, revision, variant)?;
+        Ok(sdpipe_diffusion::pipeline::model_deps(&root, variant)?)
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
@@ -290,8 +304,9 @@ impl StageKind for Train {
         // Check the dataset before loading any model: a bad dataset fails in milliseconds.
         let dataset = ctx.input("dataset")?.to_path_buf();
         let examples = load_train_split(&dataset).map_err(|e| StageError::failed(e.to_string()))?;
-        let base = self.base_folder(ctx.inputs, &settings.model, &settings.revision)?;
-        let pipeline = SdPipeline::open(&base)?;
+        let variant = sdpipe_diffusion::pipeline::variant_param(ctx.params)?;
+        let base = self.base_folder(ctx.inputs, &settings.model, &settings.revision, variant)?;
+        let pipeline = SdPipeline::open_variant(&base, variant)?;
         let scheduler = &pipeline.scheduler;
         let prediction = match settings.prediction_override {
             Some(p) => p,
@@ -341,7 +356,8 @@ impl Train {
     ) -> Result<(), StageError> {
         let device = device()?;
         let frozen = Frozen::load(pipeline, &device)?;
-        let unet = sdpipe_unet::UNet::from_pretrained(&pipeline.root.join("unet"), &device)
+        let unet_files = pipeline.weight_files("unet")?;
+        let unet = sdpipe_unet::UNet::from_files(&pipeline.root.join("unet"), &unet_files, &device)
             .map_err(|e| StageError::failed(e.to_string()))?;
         let config = settings.config.clone();
         let max_steps = config.max_train_steps;
@@ -405,7 +421,7 @@ fn write_outputs(
     trainer: &Trainer<'_, sdpipe_unet::UNet>,
 ) -> Result<(), StageError> {
     let model_dir = out_dir.join(MODEL);
-    copy_components(&pipeline.root, &model_dir, &["unet"])?;
+    copy_components(pipeline, &model_dir, &["unet"])?;
     // The saved weights are the EMA's when use_ema: load them into the model, then save it.
     if let Some(shadow) = trainer.ema_weights() {
         for ((_, var), weights) in Denoiser::parameters(unet).iter().zip(shadow) {

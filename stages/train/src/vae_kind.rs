@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
-use sdpipe_diffusion::copy_components;
+use sdpipe_diffusion::{copy_components, SdPipeline};
 use sdpipe_stages::api::{
     OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError, StageKind,
 };
@@ -227,7 +227,7 @@ fn train(
     drop(trainer);
 
     let model_dir = ctx.out_dir.join(MODEL);
-    copy_components(base, &model_dir, &["vae"])?;
+    copy_components(&SdPipeline::open(base)?, &model_dir, &["vae"])?;
     // The UNet is trained on `posterior sample × scaling_factor` and sampling decodes
     // `latents / scaling_factor`: with 1/std the diffusion model sees unit-variance latents,
     // as LDM chose SD's 0.18215 for its own VAE.

@@ -57,7 +57,8 @@ impl ParamBuilder {
     }
 
     /// Parameters read from the shards of one state dict (or a single file); a tensor found in
-    /// two shards is an error.
+    /// two shards is an error. Files are safetensors, or PyTorch pickles (`.bin`, `.pt`,
+    /// `.pth`: diffusers' `safe_serialization=False`), told apart by extension.
     pub(crate) fn from_files(paths: &[PathBuf], device: &Device) -> Result<Self, UNetError> {
         let Some(first) = paths.first() else {
             return Err(UNetError::Input("no UNet weights file given".into()));
@@ -69,8 +70,16 @@ impl ParamBuilder {
             if !path.is_file() {
                 return Err(weights_error("weights file not found".into()));
             }
-            let shard = candle_core::safetensors::load(path, &Device::Cpu)
-                .map_err(|e| weights_error(format!("not a readable safetensors file: {e}")))?;
+            let pickle = path.extension().is_some_and(|e| e == "bin" || e == "pt" || e == "pth");
+            let shard: Vec<(String, Tensor)> = if pickle {
+                candle_core::pickle::read_all(path)
+                    .map_err(|e| weights_error(format!("not a readable PyTorch state dict: {e}")))?
+            } else {
+                candle_core::safetensors::load(path, &Device::Cpu)
+                    .map_err(|e| weights_error(format!("not a readable safetensors file: {e}")))?
+                    .into_iter()
+                    .collect()
+            };
             for (name, tensor) in shard {
                 if tensors.insert(name.clone(), tensor).is_some() {
                     return Err(weights_error(format!(

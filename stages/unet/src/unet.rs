@@ -168,6 +168,13 @@ impl UNet {
         Self::build(config, config_json, pb, device)
     }
 
+    /// Loads a diffusers UNet for training: `config.json` from `dir` and the weights from
+    /// `weights` (one safetensors file, the shards of a sharded checkpoint, or a `.bin`).
+    pub fn from_files(dir: &Path, weights: &[PathBuf], device: &Device) -> Result<Self, UNetError> {
+        let (config, json) = UNetConfig::read(&dir.join("config.json"))?;
+        Self::build(config, json, ParamBuilder::from_files(weights, device)?, device)
+    }
+
     /// Loads a diffusers UNet for inference only (sampling): `config.json` from `dir` and the
     /// weights from `weights` (one file, or the shards of a sharded checkpoint). The parameters
     /// are not trainable: the forward records no graph, and [`UNet::loss_and_grads`] refuses.

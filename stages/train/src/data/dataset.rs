@@ -94,11 +94,8 @@ pub fn read_rgb(image: &Path, metadata_dir: &Path) -> Result<RgbImage, DatasetEr
         metadata: metadata_dir.join("metadata.jsonl"),
         message,
     };
-    let reader = image::ImageReader::open(image)
-        .map_err(|e| bad(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| bad(e.to_string()))?;
-    Ok(reader.decode().map_err(|e| bad(e.to_string()))?.to_rgb8())
+    // Pillow's decoder (libjpeg-turbo) exactly, as diffusers' dataset reads it.
+    sdpipe_jpeg::open_rgb(image).map_err(|e| bad(e.to_string()))
 }
 
 #[cfg(test)]
