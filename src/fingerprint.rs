@@ -9,6 +9,7 @@ use crate::hash::{self, Digest, DigestMemo, Hashed};
 use crate::key::{self, DepDigest, KeyManifest, Reason, KEY_SCHEMA};
 use crate::materialize;
 use crate::spec::{Action, Pipeline, Stage};
+use sdpipe_stages::api::{Fetch, StageError};
 use serde_json::Value as Json;
 
 /// A stage whose key is known.
@@ -29,15 +30,21 @@ pub enum FingerprintError {
     MissingInput(String),
     #[error("{0}")]
     Kind(String),
+    /// Under [`Fetch::LocalOnly`]: the kind's external content is not local yet, and a run
+    /// would fetch it, so the key cannot be known before the run.
+    #[error("{0}")]
+    NotLocal(String),
 }
 
 /// Hash everything `stage` depends on. `upstream` holds the records of its finished upstream
-/// stages (all ancestors, for provenance).
+/// stages (all ancestors, for provenance). `fetch` says whether a kind may download what it
+/// resolves outside the project (a run may; `status` only looks).
 pub fn fingerprint(
     pipeline: &Pipeline,
     stage: &Stage,
     upstream: &HashMap<String, Record>,
     memo: &dyn DigestMemo,
+    fetch: Fetch,
 ) -> Result<Fingerprint, FingerprintError> {
     let mut inputs = BTreeMap::new();
     for (name, binding) in &stage.inputs {
@@ -80,8 +87,10 @@ pub fn fingerprint(
             for (name, binding) in stage.inputs.iter().filter(|(n, _)| !n.contains('@')) {
                 params.insert(name.clone(), Json::String(binding.to_string()));
             }
-            let external =
-                kind.external_deps(&params).map_err(|e| FingerprintError::Kind(e.to_string()))?;
+            let external = kind.external_deps(&params, fetch).map_err(|e| match e {
+                StageError::NotLocal(message) => FingerprintError::NotLocal(message),
+                e => FingerprintError::Kind(e.to_string()),
+            })?;
             for (name, path) in external {
                 let hashed =
                     hash::hash_external(&path, memo).map_err(|source| FingerprintError::Dep {
@@ -240,8 +249,15 @@ mod tests {
         fn outputs(&self) -> Vec<OutputSpec> {
             vec![OutputSpec { name: "out", path: "out", kind: OutputKind::File, doc: "" }]
         }
-        fn external_deps(&self, params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+        fn external_deps(
+            &self,
+            params: &Params,
+            fetch: Fetch,
+        ) -> Result<BTreeMap<String, PathBuf>, StageError> {
             let model = params["model"].as_str().unwrap_or_default();
+            if matches!(fetch, Fetch::LocalOnly) && !Path::new(model).exists() {
+                return Err(StageError::NotLocal(format!("{model} would be downloaded")));
+            }
             Ok(BTreeMap::from([("model".to_string(), PathBuf::from(model))]))
         }
         fn run(&self, _ctx: &mut StageContext<'_>) -> Result<(), StageError> {
@@ -250,6 +266,10 @@ mod tests {
     }
 
     fn key_for(model: &Path) -> Result<Fingerprint, FingerprintError> {
+        key_with(model, Fetch::allowed())
+    }
+
+    fn key_with(model: &Path, fetch: Fetch) -> Result<Fingerprint, FingerprintError> {
         let project = tempfile::tempdir().unwrap();
         let mut registry = Registry::new();
         registry.register(Arc::new(ExternalKind));
@@ -260,7 +280,7 @@ mod tests {
         let file = project.path().join("p.yaml");
         let pipeline = Pipeline::from_source(&file, "p.yaml".into(), text, &registry, &[])
             .unwrap_or_else(|e| panic!("{e:?}"));
-        fingerprint(&pipeline, &pipeline.stages["s"], &HashMap::new(), &hash::NoMemo)
+        fingerprint(&pipeline, &pipeline.stages["s"], &HashMap::new(), &hash::NoMemo, fetch)
     }
 
     /// The digest the key holds for the external dependency (the key itself also holds the
@@ -289,6 +309,14 @@ mod tests {
     }
 
     use std::fs;
+
+    #[test]
+    fn content_a_kind_would_fetch_is_not_local_when_only_looking() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("not-downloaded");
+        let err = key_with(&missing, Fetch::LocalOnly).err().expect("no key without the content");
+        assert!(matches!(err, FingerprintError::NotLocal(_)), "{err}");
+    }
 
     #[test]
     fn an_external_file_is_keyed_on_its_content() {

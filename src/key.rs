@@ -142,6 +142,11 @@ pub enum Reason {
     UpstreamWillRun {
         stage: String,
     },
+    /// Content the stage's kind fetches (a hub model) is not local yet: `status` does not
+    /// download, so the key is unknown until a run fetches it.
+    NotLocal {
+        detail: String,
+    },
     /// Something else changed (e.g. sdpipe's key schema).
     Other {
         detail: String,
@@ -195,7 +200,7 @@ impl std::fmt::Display for Reason {
             Reason::OutputsChanged => write!(f, "declared outputs changed"),
             Reason::ResultMissing => write!(f, "previous result is no longer in the cache"),
             Reason::UpstreamWillRun { stage } => write!(f, "upstream {stage} will run"),
-            Reason::Other { detail } => write!(f, "{detail}"),
+            Reason::NotLocal { detail } | Reason::Other { detail } => write!(f, "{detail}"),
         }
     }
 }

@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use sdpipe_stages::api::{CancelToken, OutputKind};
+use sdpipe_stages::api::{CancelToken, Fetch, OutputKind};
 
 use crate::cache::{Cache, Index, ObjectStore, OutputRecord, Record};
 use crate::dag::Dag;
 use crate::executor::{ExecError, Executor, Job};
-use crate::fingerprint::{self, Fingerprint};
+use crate::fingerprint::{self, Fingerprint, FingerprintError};
 use crate::hash;
 use crate::key::Reason;
 use crate::materialize;
@@ -195,7 +195,13 @@ impl Engine<'_> {
         };
         let identity = self.project.identity(&stage.name);
         let memo = self.cache.memo();
-        let fp = match fingerprint::fingerprint(self.pipeline, stage, upstream, &memo) {
+        // Resolving the stage's models may download them: the bar shows the bytes, and
+        // Ctrl-C stops the download (the next run resumes it).
+        let downloads = ui.download_bar(&stage.name);
+        let fetch = Fetch::Allowed { progress: &downloads, cancel: &self.cancel };
+        let fingerprinted = fingerprint::fingerprint(self.pipeline, stage, upstream, &memo, fetch);
+        drop(downloads);
+        let fp = match fingerprinted {
             Ok(fp) => fp,
             Err(e) => return fail(None, e.to_string(), None),
         };
@@ -658,7 +664,12 @@ impl Engine<'_> {
                 continue;
             }
             let upstream = self.ancestor_records(name, &records);
-            match fingerprint::fingerprint(self.pipeline, stage, &upstream, &memo) {
+            // `status` only looks: a model a run would download is reported, not fetched.
+            match fingerprint::fingerprint(self.pipeline, stage, &upstream, &memo, Fetch::LocalOnly)
+            {
+                Err(FingerprintError::NotLocal(detail)) => {
+                    s.reasons = vec![ReasonOut::from(Reason::NotLocal { detail })];
+                }
                 Err(e) => s.error = Some(e.to_string()),
                 Ok(fp) => {
                     s.key = Some(fp.key.to_hex());

@@ -60,6 +60,17 @@ impl Ui {
         StageBar { bar }
     }
 
+    /// A bar for the files a stage downloads before it runs (its models): drawn only once a
+    /// download starts, with a line per file, and removed when dropped.
+    pub fn download_bar(&self, stage: &str) -> DownloadBar<'_> {
+        DownloadBar {
+            ui: self,
+            stage: stage.to_string(),
+            bar: std::sync::OnceLock::new(),
+            last: std::sync::Mutex::new(String::new()),
+        }
+    }
+
     pub fn finish_stage(&self, bar: StageBar) {
         bar.bar.finish_and_clear();
         self.multi.remove(&bar.bar);
@@ -88,6 +99,60 @@ impl Progress for StageBar {
         self.bar.inc(n);
         if !message.is_empty() {
             self.bar.set_message(message.to_string());
+        }
+    }
+}
+
+/// See [`Ui::download_bar`].
+pub struct DownloadBar<'a> {
+    ui: &'a Ui,
+    stage: String,
+    bar: std::sync::OnceLock<ProgressBar>,
+    last: std::sync::Mutex<String>,
+}
+
+impl DownloadBar<'_> {
+    fn bar(&self) -> &ProgressBar {
+        self.bar.get_or_init(|| {
+            let bar = self.ui.multi.add(ProgressBar::new(0));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "  {spinner} {prefix:.bold} {wide_msg} {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .expect("valid template"),
+            );
+            bar.set_prefix(self.stage.clone());
+            if self.ui.interactive {
+                bar.enable_steady_tick(Duration::from_millis(120));
+            }
+            bar
+        })
+    }
+}
+
+impl Progress for DownloadBar<'_> {
+    fn set_total(&self, total: u64) {
+        self.bar().set_length(total);
+    }
+
+    fn advance(&self, n: u64, message: &str) {
+        let bar = self.bar();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if *last != message {
+            // A line per file, so that logs without a terminal show what was fetched.
+            self.ui.line(&format!("↓ {}: {message}", self.stage));
+            bar.set_message(message.to_string());
+            *last = message.to_string();
+        }
+        bar.inc(n);
+    }
+}
+
+impl Drop for DownloadBar<'_> {
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.get() {
+            bar.finish_and_clear();
+            self.ui.multi.remove(bar);
         }
     }
 }

@@ -297,13 +297,28 @@ fn the_seed_pipeline_downloads_its_models_from_the_hub_into_the_cache() {
         (SD_REPO, &fixtures().join("seed/sd")),
     ])
     .unwrap();
+    // `status` only looks: no request reaches the hub, and the stages whose models are not
+    // in the cache say that `run` will download them (`download` needs no model: run it first
+    // so that `caption` is the next stage to decide).
+    world.run(&["download"]);
+    let mut status = world.command("status", &["--json", "sample_base"]);
+    status.env_remove("HF_HUB_OFFLINE").env("HF_ENDPOINT", hub.endpoint());
+    let (summary, code) = json_of(&mut status);
+    assert_eq!(code, 0, "status failed: {summary:#}");
+    assert_eq!(hub.requests(), 0, "status contacted the hub: {:?}", hub.request_log());
+    let caption = stage_of(&summary, "caption");
+    assert_eq!(caption["reasons"][0]["code"], "not_local", "{summary:#}");
+    let message = caption["reasons"][0]["message"].as_str().unwrap();
+    assert!(message.contains(BLIP_REPO) && message.contains("will download"), "{message}");
+    assert_eq!(stage_of(&summary, "sample_base")["reasons"][0]["code"], "upstream_will_run");
+
     let mut run = world.command("run", &["--json", "sample_base"]);
     run.env_remove("HF_HUB_OFFLINE").env("HF_ENDPOINT", hub.endpoint());
     let (summary, code) = json_of(&mut run);
     assert_eq!(code, 0, "run failed: {summary:#}");
     assert_eq!(
         sorted(in_state(&summary, "ran")),
-        sorted(["download", "caption", "dataset", "sample_base"]),
+        sorted(["caption", "dataset", "sample_base"]),
         "{summary:#}"
     );
     assert_eq!(world.captions(), reference_captions());

@@ -14,6 +14,7 @@ use crate::dag::Dag;
 use crate::fingerprint;
 use crate::project::Project;
 use crate::spec::Pipeline;
+use sdpipe_stages::api::Fetch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -103,7 +104,9 @@ pub fn sync(
             .filter(|s| s != name)
             .filter_map(|s| records.get(&s).map(|r| (s, r.clone())))
             .collect();
-        let fp = match fingerprint::fingerprint(pipeline, stage, &upstream, &memo) {
+        // Pushing and pulling results never downloads a model to compute a key.
+        let fp = match fingerprint::fingerprint(pipeline, stage, &upstream, &memo, Fetch::LocalOnly)
+        {
             Ok(fp) => fp,
             Err(e) => {
                 out.outcome = Outcome::Failed;

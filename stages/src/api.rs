@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -122,8 +122,80 @@ pub enum StageError {
     },
     #[error("cancelled")]
     Cancelled,
+    /// From [`StageKind::external_deps`] under [`Fetch::LocalOnly`]: content the kind would
+    /// download is not here yet (the message names it and where it was looked for).
+    #[error("{0}")]
+    NotLocal(String),
     #[error("{0}")]
     Failed(String),
+}
+
+/// Whether [`StageKind::external_deps`] may fetch what it resolves (a model from the hub).
+/// `sdpipe run` allows it; `status` and the remote commands only look, so that asking what
+/// would run never starts a multi-gigabyte download.
+#[derive(Clone, Copy)]
+pub enum Fetch<'a> {
+    /// Download what is missing, reporting it through `progress` ([`Downloads`]) and stopping
+    /// when `cancel` is set (Ctrl-C).
+    Allowed { progress: &'a dyn Progress, cancel: &'a CancelToken },
+    /// Resolve from local places only; what is missing there is [`StageError::NotLocal`]
+    /// when a run would fetch it.
+    LocalOnly,
+}
+
+impl Fetch<'_> {
+    /// Allowed, reporting to nothing and never cancelled (tests, one-off tools).
+    pub fn allowed() -> Fetch<'static> {
+        static NEVER: std::sync::OnceLock<CancelToken> = std::sync::OnceLock::new();
+        Fetch::Allowed { progress: &NoProgress, cancel: NEVER.get_or_init(CancelToken::new) }
+    }
+}
+
+/// `bytes` as a person reads a download's size (decimal units, as the hub shows them).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+/// Downloads as a [`Progress`] shows them: the total grows by each file's size as the file
+/// starts, the position by the bytes that arrive, the message names the file.
+pub struct Downloads<'a> {
+    progress: &'a dyn Progress,
+    cancel: &'a CancelToken,
+    total: AtomicU64,
+    file: std::sync::Mutex<String>,
+}
+
+impl<'a> Downloads<'a> {
+    pub fn new(progress: &'a dyn Progress, cancel: &'a CancelToken) -> Self {
+        Downloads { progress, cancel, total: AtomicU64::new(0), file: Default::default() }
+    }
+    /// `file` of `bytes` starts downloading.
+    pub fn started(&self, file: &str, bytes: u64) {
+        let total = self.total.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        self.progress.set_total(total);
+        let message = format!("downloading {file} ({})", human_bytes(bytes));
+        self.progress.advance(0, &message);
+        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = message;
+    }
+    /// `bytes` more arrived.
+    pub fn advanced(&self, bytes: u64) {
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        self.progress.advance(bytes, &file);
+    }
+    pub fn should_stop(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
 }
 
 impl StageError {
@@ -274,7 +346,12 @@ pub trait StageKind: Send + Sync {
     /// Extra content the result depends on that is not a parameter or input, such as model
     /// weights resolved from a hub cache: name → path whose content the engine hashes into the key.
     /// `params` also holds each bound input under its name, as its `stage.output` binding text.
-    fn external_deps(&self, _params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+    /// Under [`Fetch::LocalOnly`] nothing may be downloaded.
+    fn external_deps(
+        &self,
+        _params: &Params,
+        _fetch: Fetch,
+    ) -> Result<BTreeMap<String, PathBuf>, StageError> {
         Ok(BTreeMap::new())
     }
     /// A file among the outputs that a person opens after the run (the report's
@@ -311,5 +388,54 @@ impl Registry {
     }
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn StageKind>> {
         self.kinds.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn download_sizes_read_as_the_hub_shows_them() {
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(3_438_167_536), "3.44 GB");
+        assert_eq!(human_bytes(1_500), "1.50 kB");
+    }
+
+    /// Keeps what a progress sink was told.
+    #[derive(Default)]
+    struct Seen {
+        total: AtomicU64,
+        position: AtomicU64,
+        message: Mutex<String>,
+    }
+    impl Progress for Seen {
+        fn set_total(&self, total: u64) {
+            self.total.store(total, Ordering::SeqCst);
+        }
+        fn advance(&self, n: u64, message: &str) {
+            self.position.fetch_add(n, Ordering::SeqCst);
+            *self.message.lock().unwrap() = message.to_string();
+        }
+    }
+
+    #[test]
+    fn downloads_add_up_the_files_and_name_the_current_one() {
+        let (seen, cancel) = (Seen::default(), CancelToken::new());
+        let downloads = Downloads::new(&seen, &cancel);
+        downloads.started("unet/config.json", 2_000);
+        downloads.advanced(2_000);
+        downloads.started("unet/diffusion_pytorch_model.safetensors", 3_000_000);
+        downloads.advanced(1_000);
+        assert_eq!(seen.total.load(Ordering::SeqCst), 3_002_000);
+        assert_eq!(seen.position.load(Ordering::SeqCst), 3_000);
+        assert_eq!(
+            *seen.message.lock().unwrap(),
+            "downloading unet/diffusion_pytorch_model.safetensors (3.00 MB)"
+        );
+        assert!(!downloads.should_stop());
+        cancel.cancel();
+        assert!(downloads.should_stop());
     }
 }

@@ -29,7 +29,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::api::{
-    OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
+    human_bytes, OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
 };
 use fetch::{Downloader, Job, Outcome};
 use http::{Budget, Cache, Client, FetchError, Policy};
@@ -440,7 +440,18 @@ fn fetch_release_zip(
     let mut temp = cache.temp_file().map_err(|e| {
         StageError::io(format!("creating a file in {}", ctx.downloads.display()), e)
     })?;
-    let bytes = client.get_to_file(url, temp.as_file_mut()).map_err(|e| match e {
+    // The release is tens of megabytes: show it arriving, at most once per megabyte.
+    let progress = ctx.progress;
+    let shown = std::sync::atomic::AtomicU64::new(0);
+    let report = |received: u64, length: Option<u64>| {
+        let step = received / 1_000_000;
+        if step > shown.load(std::sync::atomic::Ordering::Relaxed) {
+            shown.store(step, std::sync::atomic::Ordering::Relaxed);
+            let of = length.map(|l| format!(" of {}", human_bytes(l))).unwrap_or_default();
+            progress.advance(0, &format!("release: {}{of}", human_bytes(received)));
+        }
+    };
+    let bytes = client.get_to_file(url, temp.as_file_mut(), &report).map_err(|e| match e {
         FetchError::Cancelled => StageError::Cancelled,
         e => StageError::failed(format!(
             "downloading the Unsplash Lite release from {url}: {e}. Check the URL and your \

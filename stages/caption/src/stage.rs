@@ -11,9 +11,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use sdpipe_hub::{HubConfig, HubError, ResolvedModel, Want};
+use sdpipe_hub::{FnObserver, HubConfig, HubError, ResolvedModel, Want};
 use sdpipe_stages::api::{
-    OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError, StageKind,
+    Downloads, Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext,
+    StageError, StageKind,
 };
 use serde_json::{json, Value};
 
@@ -114,9 +115,28 @@ impl Caption {
         self.hub.clone().unwrap_or_else(HubConfig::from_env)
     }
 
-    fn resolve(&self, model: &str, revision: &str) -> Result<ResolvedModel, StageError> {
-        sdpipe_hub::resolve_with(&self.hub_config(), model, revision, WANTS).map_err(|e| {
+    fn resolve(
+        &self,
+        model: &str,
+        revision: &str,
+        fetch: Fetch,
+    ) -> Result<ResolvedModel, StageError> {
+        let config = self.hub_config();
+        let resolved = match fetch {
+            Fetch::Allowed { progress, cancel } => {
+                let downloads = Downloads::new(progress, cancel);
+                let observer = FnObserver {
+                    started: |file: &str, bytes| downloads.started(file, bytes),
+                    advanced: |bytes| downloads.advanced(bytes),
+                    should_stop: || downloads.should_stop(),
+                };
+                sdpipe_hub::resolve_observed(&config, model, revision, WANTS, &observer)
+            }
+            Fetch::LocalOnly => sdpipe_hub::resolve_local(&config, model, revision, WANTS),
+        };
+        resolved.map_err(|e| {
             let note = match &e {
+                HubError::NotLocal { .. } => return StageError::NotLocal(e.to_string()),
                 HubError::NotFound { .. } if e.to_string().contains(WEIGHTS) => {
                     "\n  note: sdpipe loads safetensors weights only; a model with only \
                      pytorch_model.bin must be converted first (transformers: \
@@ -224,13 +244,18 @@ impl StageKind for Caption {
         params.get("threads").and_then(Value::as_u64).unwrap_or(4).max(1) as usize
     }
 
-    fn external_deps(&self, params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+    fn external_deps(
+        &self,
+        params: &Params,
+        fetch: Fetch,
+    ) -> Result<BTreeMap<String, PathBuf>, StageError> {
         let text = |name: &str, default: &str| {
             params.get(name).and_then(Value::as_str).unwrap_or(default).to_string()
         };
         let resolved = self.resolve(
             &text("model", "Salesforce/blip-image-captioning-large"),
             &text("revision", "main"),
+            fetch,
         )?;
         Ok(resolved.files.into_iter().map(|(name, path)| (format!("model/{name}"), path)).collect())
     }
@@ -238,7 +263,7 @@ impl StageKind for Caption {
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
         let settings = Settings::from(ctx)?;
         let images = list_images(ctx.input("images")?)?;
-        let resolved = self.resolve(&settings.model, &settings.revision)?;
+        let resolved = self.resolve(&settings.model, &settings.revision, Fetch::allowed())?;
         log(ctx, &format!("model: {}", resolved.describe()))?;
         let file = |name: &str| resolved.file(name).expect("required files are resolved");
         let files = ModelFiles {

@@ -97,7 +97,7 @@ fn downloads_the_model_through_the_hub_and_lists_its_files_as_dependencies() {
     let kind = Caption { hub: Some(online) };
     let params = testing::params(&kind, &[("model", json!("Salesforce/blip-tiny"))]);
 
-    let deps = kind.external_deps(&params).unwrap();
+    let deps = kind.external_deps(&params, sdpipe_stages::api::Fetch::allowed()).unwrap();
     let names: Vec<&str> = deps.keys().map(String::as_str).collect();
     assert_eq!(
         names,

@@ -43,6 +43,11 @@ pub enum PipelineError {
 
 impl From<PipelineError> for StageError {
     fn from(e: PipelineError) -> Self {
-        StageError::Failed(e.to_string())
+        match e {
+            PipelineError::Hub(e @ sdpipe_hub::HubError::NotLocal { .. }) => {
+                StageError::NotLocal(e.to_string())
+            }
+            e => StageError::Failed(e.to_string()),
+        }
     }
 }

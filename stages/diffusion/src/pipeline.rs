@@ -23,7 +23,7 @@ use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModelConfig,
 };
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
-use sdpipe_stages::api::{Params, StageError};
+use sdpipe_stages::api::{Downloads, Fetch, Params, StageError};
 use serde_json::Value;
 
 use crate::clip_tokenizer::ClipTokenizer;
@@ -103,13 +103,30 @@ pub fn variant_param(params: &Params) -> Result<Option<&str>, StageError> {
 /// holding every file the loaders read — local folder, Hugging Face cache, then the hub — so
 /// every stage that loads a pipeline sees the same files. `variant` picks diffusers' weight
 /// variant (see [`weight_names`]). A sharded checkpoint takes two passes: the first finds its
-/// index, the second fetches the shards the index lists.
+/// index, the second fetches the shards the index lists. Under [`Fetch::LocalOnly`] nothing is
+/// downloaded ([`sdpipe_hub::resolve_local`]).
 pub fn resolve_folder(
     hub: &sdpipe_hub::HubConfig,
     model: &str,
     revision: &str,
     variant: Option<&str>,
+    fetch: Fetch,
 ) -> Result<PathBuf, PipelineError> {
+    let downloads = match fetch {
+        Fetch::Allowed { progress, cancel } => Some(Downloads::new(progress, cancel)),
+        Fetch::LocalOnly => None,
+    };
+    let resolve = |wants: &[sdpipe_hub::Want<'_>]| match &downloads {
+        Some(downloads) => {
+            let observer = sdpipe_hub::FnObserver {
+                started: |file: &str, bytes| downloads.started(file, bytes),
+                advanced: |bytes| downloads.advanced(bytes),
+                should_stop: || downloads.should_stop(),
+            };
+            sdpipe_hub::resolve_observed(hub, model, revision, wants, &observer)
+        }
+        None => sdpipe_hub::resolve_local(hub, model, revision, wants),
+    };
     let names: Vec<[String; 3]> = WEIGHT_COMPONENTS
         .iter()
         .map(|c| weight_names(c, variant).map(|name| format!("{c}/{name}")))
@@ -118,7 +135,7 @@ pub fn resolve_folder(
         names.iter().map(|n| n.iter().map(String::as_str).collect()).collect();
     let mut wants = wanted_files();
     wants.extend(alternatives.iter().map(|a| sdpipe_hub::Want::OneOf(a)));
-    let resolved = sdpipe_hub::resolve_with(hub, model, revision, &wants)?;
+    let resolved = resolve(&wants)?;
     let mut shards = Vec::new();
     for (component, [_, index, _]) in WEIGHT_COMPONENTS.iter().zip(&names) {
         if let Some(path) = resolved.files.get(index) {
@@ -131,7 +148,7 @@ pub fn resolve_folder(
         return Ok(resolved.root);
     }
     wants.extend(shards.iter().map(|s| sdpipe_hub::Want::File(s)));
-    Ok(sdpipe_hub::resolve_with(hub, model, revision, &wants)?.root)
+    Ok(resolve(&wants)?.root)
 }
 
 /// What [`resolve_folder`] asks of every model besides the weights: [`required_files`], the

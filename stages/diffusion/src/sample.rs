@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
-    OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError, StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
+    StageKind,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -64,7 +65,7 @@ impl Sample {
 
     /// The pipeline folder: the bound `pipeline` input, else `model` resolved through the hub
     /// crate (local folder, Hugging Face cache, download).
-    fn resolve_model(&self, params: &Params) -> Result<PathBuf, StageError> {
+    fn resolve_model(&self, params: &Params, fetch: Fetch) -> Result<PathBuf, StageError> {
         let text = |name: &str| params.get(name).and_then(Value::as_str).unwrap_or_default();
         let variant = crate::pipeline::variant_param(params)?;
         Ok(crate::pipeline::resolve_folder(
@@ -72,6 +73,7 @@ impl Sample {
             text("model"),
             text("revision"),
             variant,
+            fetch,
         )?)
     }
 }
@@ -308,13 +310,17 @@ impl StageKind for Sample {
         params.get("threads").and_then(Value::as_u64).unwrap_or(4).max(1) as usize
     }
 
-    fn external_deps(&self, params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+    fn external_deps(
+        &self,
+        params: &Params,
+        fetch: Fetch,
+    ) -> Result<BTreeMap<String, PathBuf>, StageError> {
         // A bound `pipeline` is an upstream output, already part of the key.
         if params.get("pipeline").is_some_and(|v| !v.is_null()) {
             return Ok(BTreeMap::new());
         }
         Ok(crate::pipeline::model_deps(
-            &self.resolve_model(params)?,
+            &self.resolve_model(params, fetch)?,
             crate::pipeline::variant_param(params)?,
         )?)
     }
@@ -325,7 +331,7 @@ impl StageKind for Sample {
             jobs(ctx.input("prompts")?, &settings.split, settings.seed, settings.n_per_prompt)?;
         let root = match ctx.inputs.get("pipeline") {
             Some(path) => path.clone(),
-            None => self.resolve_model(ctx.params)?,
+            None => self.resolve_model(ctx.params, Fetch::allowed())?,
         };
         let pipeline =
             SdPipeline::open_variant(&root, crate::pipeline::variant_param(ctx.params)?)?;

@@ -218,7 +218,7 @@ fn a_local_model_folder_is_used_and_its_files_are_external_deps() {
     let (_t, model) = tiny_pipeline();
     let kind = Sample::default();
     let p = params(&kind, &quick(&[("model", json!(model.to_str().unwrap()))]));
-    let deps = kind.external_deps(&p).unwrap();
+    let deps = kind.external_deps(&p, sdpipe_stages::api::Fetch::allowed()).unwrap();
     assert!(deps.contains_key("model/unet/diffusion_pytorch_model.safetensors"));
     assert!(deps.contains_key("model/tokenizer/vocab.json"));
     let data = prompts(&[("a.jpg", "a cat")]);

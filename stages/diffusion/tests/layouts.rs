@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sdpipe_diffusion::{SdPipeline, StableDiffusion};
+use sdpipe_stages::api::Fetch;
 use serde_json::Value;
 
 fn seed_fixtures() -> PathBuf {
@@ -149,7 +150,8 @@ fn resolving_from_the_hub_fetches_the_shards_an_index_lists_and_a_variants_files
         offline: false,
     };
     let resolve = |repo: &str, variant| {
-        sdpipe_diffusion::pipeline::resolve_folder(&config, repo, "main", variant).unwrap()
+        sdpipe_diffusion::pipeline::resolve_folder(&config, repo, "main", variant, Fetch::allowed())
+            .unwrap()
     };
 
     let root = resolve("org/sharded", None);
@@ -161,9 +163,13 @@ fn resolving_from_the_hub_fetches_the_shards_an_index_lists_and_a_variants_files
     assert!(root.join("unet/diffusion_pytorch_model.fp16.safetensors").is_file());
     matches_diffusers_at(&root, &fp16, Some("fp16"));
 
-    // Offline, the cache alone resolves both.
+    // Offline, or only looking, the cache alone resolves it, without a request.
+    let requests = hub.requests();
     let offline = sdpipe_hub::HubConfig { offline: true, ..config.clone() };
-    sdpipe_diffusion::pipeline::resolve_folder(&offline, "org/sharded", "main", None).unwrap();
+    let resolve = sdpipe_diffusion::pipeline::resolve_folder;
+    resolve(&offline, "org/sharded", "main", None, Fetch::allowed()).unwrap();
+    resolve(&config, "org/sharded", "main", None, Fetch::LocalOnly).unwrap();
+    assert_eq!(hub.requests(), requests);
 }
 
 /// [`matches_diffusers`] on a copy of `folder` (a cache snapshot) with the reference of `of`.

@@ -6,13 +6,17 @@
 //! the branch halfway through cannot mix files of two commits.
 
 use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
 
-use hf_hub::api::sync::{ApiBuilder, ApiError};
+use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
+use hf_hub::api::Progress;
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::cache;
 use crate::config::HubConfig;
 use crate::error::HubError;
+use crate::observe::Observer;
 use crate::want::{self, Want};
 
 /// A model found on the hub, its files now in the cache.
@@ -28,6 +32,7 @@ pub(crate) fn fetch(
     repo_id: &str,
     revision: &str,
     wants: &[Want<'_>],
+    observer: &dyn Observer,
 ) -> Result<Result<Fetched, String>, HubError> {
     let failed = |what: &str, message: String| HubError::Download {
         repo: repo_id.to_string(),
@@ -65,14 +70,19 @@ pub(crate) fn fetch(
     }
 
     let snapshot = cache::repo_dir(&config.cache_dir, repo_id).join("snapshots").join(&info.sha);
-    let pinned = api.repo(repo(repo_id, &info.sha));
+    let pinned = repo(repo_id, &info.sha);
     let mut files = Vec::new();
     for name in selection.chosen {
         let cached = snapshot.join(&name);
         let path = if cached.is_file() {
             cached
         } else {
-            pinned.download(&name).map_err(|e| failed(&format!("`{name}`"), e.to_string()))?
+            match download(&api, &pinned, &name, observer) {
+                Some(result) => result.map_err(|e| failed(&format!("`{name}`"), e.to_string()))?,
+                None => {
+                    return Err(HubError::Cancelled { repo: repo_id.into(), file: name.clone() })
+                }
+            }
         };
         files.push((name, path));
     }
@@ -83,6 +93,64 @@ pub(crate) fn fetch(
         let _ = std::fs::remove_file(stray);
     }
     Ok(Ok(Fetched { snapshot, commit: info.sha, files }))
+}
+
+/// A report from a download thread.
+enum Report {
+    Started(u64),
+    Advanced(u64),
+}
+
+/// Sends a download thread's progress to the calling thread.
+struct Reporter(mpsc::Sender<Report>);
+
+impl Progress for Reporter {
+    fn init(&mut self, size: usize, _filename: &str) {
+        let _ = self.0.send(Report::Started(size as u64));
+    }
+    fn update(&mut self, size: usize) {
+        let _ = self.0.send(Report::Advanced(size as u64));
+    }
+    fn finish(&mut self) {}
+}
+
+/// Download one file on a thread of its own (see [`crate::observe`]); `None` when the
+/// observer stopped it.
+fn download(
+    api: &Api,
+    repo: &Repo,
+    name: &str,
+    observer: &dyn Observer,
+) -> Option<Result<PathBuf, ApiError>> {
+    let (reports, received) = mpsc::channel();
+    let (done, finished) = mpsc::channel();
+    let (api, repo, file) = (api.clone(), repo.clone(), name.to_string());
+    std::thread::spawn(move || {
+        let result = api.repo(repo).download_with_progress(&file, Reporter(reports));
+        let _ = done.send(result);
+    });
+    // hf-hub announces a file once per request (again on a retry): tell the observer once.
+    let mut announced = false;
+    loop {
+        if observer.should_stop() {
+            return None;
+        }
+        match received.recv_timeout(Duration::from_millis(100)) {
+            Ok(Report::Started(bytes)) if !announced => {
+                announced = true;
+                observer.started(name, bytes);
+            }
+            Ok(Report::Started(_)) => {}
+            Ok(Report::Advanced(bytes)) => observer.advanced(bytes),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // The thread dropped its reporter: it is done (or panicked).
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Some(finished.recv().unwrap_or_else(|_| {
+                    Err(ApiError::IoError(std::io::Error::other("the download thread panicked")))
+                }));
+            }
+        }
+    }
 }
 
 fn repo(repo_id: &str, revision: &str) -> Repo {

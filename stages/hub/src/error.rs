@@ -36,6 +36,18 @@ pub enum HubError {
         hint: String,
     },
 
+    /// From [`crate::resolve_local`]: not in the cache, and a run would download it.
+    #[error(
+        "model `{spec}` (revision `{revision}`) is not in the Hugging Face cache ({}) yet; \
+         `sdpipe run` will download it",
+        cache_dir.display()
+    )]
+    NotLocal { spec: String, revision: String, cache_dir: std::path::PathBuf },
+
+    /// The caller stopped a download (Ctrl-C). The partial file resumes next time.
+    #[error("downloading `{file}` of `{repo}`: stopped (the next run resumes the download)")]
+    Cancelled { repo: String, file: String },
+
     /// The hub was reachable in principle but a request failed (network, server error).
     #[error("downloading {what} of `{repo}` from {endpoint}: {message}")]
     Download { repo: String, endpoint: String, what: String, message: String },

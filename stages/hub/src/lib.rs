@@ -20,6 +20,7 @@ mod cache;
 mod config;
 mod download;
 mod error;
+mod observe;
 pub mod testing;
 mod want;
 
@@ -28,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{HubConfig, DEFAULT_ENDPOINT};
 pub use error::{HubError, Looked};
+pub use observe::{FnObserver, Observer, Quiet};
 pub use want::Want;
 
 /// Where a resolved model's files are.
@@ -85,6 +87,32 @@ pub fn resolve(spec: &str, revision: &str, files: &[&str]) -> Result<ResolvedMod
     resolve_with(&HubConfig::from_env(), spec, revision, &wants)
 }
 
+/// [`resolve_with`] that never touches the network, for a caller that only looks (`sdpipe
+/// status`): a hub model the local folder and the cache lack is [`HubError::NotLocal`] when
+/// `config` would let a run download it, and [`HubError::NotFound`] as usual when it would not
+/// (offline) or when the spec is a folder.
+pub fn resolve_local(
+    config: &HubConfig,
+    spec: &str,
+    revision: &str,
+    wants: &[Want<'_>],
+) -> Result<ResolvedModel, HubError> {
+    if config.offline {
+        return resolve_with(config, spec, revision, wants);
+    }
+    let local = HubConfig { offline: true, ..config.clone() };
+    match resolve_with(&local, spec, revision, wants) {
+        Err(HubError::NotFound { .. }) if matches!(classify(spec), Ok(Spec::Repo(_))) => {
+            Err(HubError::NotLocal {
+                spec: spec.into(),
+                revision: revision.into(),
+                cache_dir: config.cache_dir.clone(),
+            })
+        }
+        other => other,
+    }
+}
+
 /// Resolve `spec` (a folder, or a repository id at `revision`) to the `wants`' files.
 pub fn resolve_with(
     config: &HubConfig,
@@ -92,11 +120,23 @@ pub fn resolve_with(
     revision: &str,
     wants: &[Want<'_>],
 ) -> Result<ResolvedModel, HubError> {
+    resolve_observed(config, spec, revision, wants, &Quiet)
+}
+
+/// [`resolve_with`], telling `observer` about downloads as they happen and stopping them when
+/// it says so ([`HubError::Cancelled`]).
+pub fn resolve_observed(
+    config: &HubConfig,
+    spec: &str,
+    revision: &str,
+    wants: &[Want<'_>],
+    observer: &dyn Observer,
+) -> Result<ResolvedModel, HubError> {
     match classify(spec)? {
         Spec::Folder(dir) => from_folder(spec, revision, dir, wants),
         Spec::Repo(repo_id) => {
             check_revision(spec, revision)?;
-            from_repo(config, spec, repo_id, revision, wants)
+            from_repo(config, spec, repo_id, revision, wants, observer)
         }
         Spec::MissingFolder(dir) => Err(HubError::NotFound {
             spec: spec.to_string(),
@@ -214,6 +254,7 @@ fn from_repo(
     repo_id: &str,
     revision: &str,
     wants: &[Want<'_>],
+    observer: &dyn Observer,
 ) -> Result<ResolvedModel, HubError> {
     let mut looked = vec![Looked::new(
         format!("local folder {}", absolute(Path::new(spec)).display()),
@@ -257,7 +298,7 @@ fn from_repo(
              folder holding these files",
         ));
     }
-    match download::fetch(config, repo_id, revision, wants)? {
+    match download::fetch(config, repo_id, revision, wants, observer)? {
         Ok(fetched) => Ok(ResolvedModel {
             root: fetched.snapshot,
             files: fetched.files.into_iter().collect(),

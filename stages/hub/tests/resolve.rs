@@ -254,3 +254,89 @@ fn python_huggingface_hub_finds_our_downloads_when_installed() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3000");
 }
+
+#[test]
+fn resolving_locally_never_contacts_the_hub_and_says_a_run_would_download() {
+    let model = model_folder();
+    let server = HubServer::serve(REPO, model.path()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let config = config(cache.path(), &server.endpoint());
+    let err = sdpipe_hub::resolve_local(&config, REPO, "main", WANTS).unwrap_err();
+    assert!(matches!(err, HubError::NotLocal { .. }), "{err}");
+    assert!(err.to_string().contains("`sdpipe run` will download it"), "{err}");
+    assert_eq!(server.requests(), 0);
+
+    // Once a run has filled the cache, the local resolution finds it.
+    resolve_with(&config, REPO, "main", WANTS).unwrap();
+    let requests = server.requests();
+    let resolved = sdpipe_hub::resolve_local(&config, REPO, "main", WANTS).unwrap();
+    assert_eq!(resolved.origin, Origin::Cache);
+    assert_eq!(server.requests(), requests);
+}
+
+#[test]
+fn resolving_locally_when_offline_is_the_usual_not_found() {
+    let cache = tempfile::tempdir().unwrap();
+    let offline = HubConfig { offline: true, ..config(cache.path(), "http://127.0.0.1:9") };
+    let err = sdpipe_hub::resolve_local(&offline, REPO, "main", WANTS).unwrap_err();
+    assert!(matches!(err, HubError::NotFound { .. }), "{err}");
+}
+
+/// Records what a download reported, and stops once `stop_after` files have started.
+#[derive(Default)]
+struct Recorder {
+    started: std::sync::Mutex<Vec<(String, u64)>>,
+    bytes: std::sync::atomic::AtomicU64,
+    stop_after: Option<usize>,
+}
+
+impl sdpipe_hub::Observer for Recorder {
+    fn started(&self, file: &str, bytes: u64) {
+        self.started.lock().unwrap().push((file.to_string(), bytes));
+    }
+    fn advanced(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn should_stop(&self) -> bool {
+        self.stop_after.is_some_and(|n| self.started.lock().unwrap().len() >= n)
+    }
+}
+
+#[test]
+fn a_download_reports_each_file_with_its_size_and_every_byte() {
+    let model = model_folder();
+    let server = HubServer::serve(REPO, model.path()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let recorder = Recorder::default();
+    let config = config(cache.path(), &server.endpoint());
+    sdpipe_hub::resolve_observed(&config, REPO, "main", WANTS, &recorder).unwrap();
+    let started = recorder.started.lock().unwrap().clone();
+    let size = |name: &str| fs::metadata(model.path().join(name)).unwrap().len();
+    assert_eq!(
+        started,
+        vec![
+            ("config.json".to_string(), size("config.json")),
+            ("model.safetensors".to_string(), size("model.safetensors")),
+        ]
+    );
+    let total = size("config.json") + size("model.safetensors");
+    assert_eq!(recorder.bytes.load(std::sync::atomic::Ordering::SeqCst), total);
+}
+
+#[test]
+fn a_stopped_download_is_an_error_and_the_next_resolution_completes_it() {
+    let model = model_folder();
+    let server = HubServer::serve(REPO, model.path()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let config = config(cache.path(), &server.endpoint());
+    let stopping = Recorder { stop_after: Some(1), ..Recorder::default() };
+    let err = sdpipe_hub::resolve_observed(&config, REPO, "main", WANTS, &stopping).unwrap_err();
+    assert!(matches!(err, HubError::Cancelled { .. }), "{err}");
+    assert!(err.to_string().contains("resumes"), "{err}");
+
+    let resolved = resolve_with(&config, REPO, "main", WANTS).unwrap();
+    for name in ["config.json", "model.safetensors"] {
+        let got = fs::read(resolved.file(name).unwrap()).unwrap();
+        assert_eq!(got, fs::read(model.path().join(name)).unwrap(), "{name}");
+    }
+}

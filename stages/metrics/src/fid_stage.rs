@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use image::RgbImage;
 use sdpipe_stages::api::{
-    OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError, StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
+    StageKind,
 };
 use serde_json::json;
 
@@ -79,7 +80,11 @@ impl StageKind for Fid {
         common::wanted_threads()
     }
 
-    fn external_deps(&self, params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+    fn external_deps(
+        &self,
+        params: &Params,
+        _fetch: Fetch,
+    ) -> Result<BTreeMap<String, PathBuf>, StageError> {
         let mut deps = BTreeMap::new();
         common::add_dep(&mut deps, params, "weights", WeightsKind::FidInception, None)?;
         Ok(deps)

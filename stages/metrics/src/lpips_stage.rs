@@ -10,7 +10,8 @@ use std::path::PathBuf;
 
 use candle_core::Tensor;
 use sdpipe_stages::api::{
-    OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError, StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
+    StageKind,
 };
 use serde_json::json;
 
@@ -116,7 +117,11 @@ impl StageKind for LpipsKind {
         common::wanted_threads()
     }
 
-    fn external_deps(&self, params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+    fn external_deps(
+        &self,
+        params: &Params,
+        _fetch: Fetch,
+    ) -> Result<BTreeMap<String, PathBuf>, StageError> {
         let (lin_kind, trunk_kind) = kinds_for(net_param(params));
         let mut deps = BTreeMap::new();
         common::add_dep(&mut deps, params, "weights", lin_kind, None)?;

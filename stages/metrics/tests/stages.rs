@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use common::{f64s, fixtures, reference, relative_error};
 use sdpipe_metrics::{kinds, Fid, LpipsKind};
-use sdpipe_stages::api::StageKind;
+use sdpipe_stages::api::{Fetch, StageKind};
 use sdpipe_stages::testing::{params, Harness};
 use serde_json::{json, Value};
 
@@ -107,10 +107,17 @@ fn fid_external_deps_are_the_weights_file_unless_random() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("inception.safetensors");
     std::fs::write(&file, b"x").unwrap();
-    let deps = Fid.external_deps(&params(&Fid, &[("weights", json!(file))])).unwrap();
+    let deps =
+        Fid.external_deps(&params(&Fid, &[("weights", json!(file))]), Fetch::allowed()).unwrap();
     assert_eq!(deps.get("weights"), Some(&file));
-    assert!(Fid.external_deps(&params(&Fid, &[("weights", json!("random"))])).unwrap().is_empty());
-    let missing = Fid.external_deps(&params(&Fid, &[("weights", json!("/no/such.safetensors"))]));
+    assert!(Fid
+        .external_deps(&params(&Fid, &[("weights", json!("random"))]), Fetch::allowed())
+        .unwrap()
+        .is_empty());
+    let missing = Fid.external_deps(
+        &params(&Fid, &[("weights", json!("/no/such.safetensors"))]),
+        Fetch::allowed(),
+    );
     assert!(missing.unwrap_err().to_string().contains("convert-weights"));
 }
 
@@ -212,8 +219,8 @@ fn lpips_external_deps_cover_linear_layers_and_trunk() {
     std::fs::write(&lin, b"x").unwrap();
     std::fs::write(&trunk, b"x").unwrap();
     let p = params(&LpipsKind, &[("weights", json!(lin)), ("trunk_weights", json!(trunk))]);
-    let deps = LpipsKind.external_deps(&p).unwrap();
+    let deps = LpipsKind.external_deps(&p, Fetch::allowed()).unwrap();
     assert_eq!((deps.get("weights"), deps.get("trunk_weights")), (Some(&lin), Some(&trunk)));
     let random = params(&LpipsKind, &[("weights", json!("random"))]);
-    assert!(LpipsKind.external_deps(&random).unwrap().is_empty());
+    assert!(LpipsKind.external_deps(&random, Fetch::allowed()).unwrap().is_empty());
 }

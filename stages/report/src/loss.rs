@@ -253,10 +253,6 @@ fn plot(curves: &[Curve]) -> Result<String, ReportError> {
 mod tests {
     use super::*;
 
-    fn step(step: u64, loss: Option<f64>) -> TrainStep {
-        TrainStep { step, loss, lr: None, grad_norm: None }
-    }
-
     #[test]
     fn step_labels_are_whole_numbers_when_they_can_be() {
         assert_eq!(step_label(1000.0), "1000");

@@ -100,7 +100,7 @@ pub fn build(provenance: &Value, models: &[Model]) -> Option<Section> {
         let mut json_stages = Vec::new();
         for s in &group {
             let version = s.version.map(|v| format!(" v{v}")).unwrap_or_default();
-            let mut row = vec![
+            let row = vec![
                 format::code(s.name),
                 format!("{}{version}", format::code(s.kind)),
                 format::code(&s.key.chars().take(SHORT_KEY).collect::<String>()),

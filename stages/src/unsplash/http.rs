@@ -114,20 +114,26 @@ impl Client {
 
     /// The body of `url`, at most `max_bytes` long.
     pub fn get_bytes(&self, url: &str, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
-        self.fetch(url, |body| {
+        self.fetch(url, |body, _| {
             let mut bytes = Vec::new();
-            self.copy_body(body, &mut bytes, max_bytes)?;
+            self.copy_body(body, &mut bytes, max_bytes, &mut |_| {})?;
             Ok(bytes)
         })
     }
 
-    /// Stream the body of `url` into `file` (rewound and truncated before every try).
-    pub fn get_to_file(&self, url: &str, file: &mut fs::File) -> Result<u64, FetchError> {
+    /// Stream the body of `url` into `file` (rewound and truncated before every try), telling
+    /// `progress` the bytes received so far and the length the server announced.
+    pub fn get_to_file(
+        &self,
+        url: &str,
+        file: &mut fs::File,
+        progress: &dyn Fn(u64, Option<u64>),
+    ) -> Result<u64, FetchError> {
         use std::io::Seek;
-        self.fetch(url, |body| {
+        self.fetch(url, |body, length| {
             file.set_len(0).and_then(|_| file.rewind()).map_err(fatal_local)?;
             let mut writer = io::BufWriter::new(&mut *file);
-            let n = self.copy_body(body, &mut writer, u64::MAX)?;
+            let n = self.copy_body(body, &mut writer, u64::MAX, &mut |n| progress(n, length))?;
             writer.flush().map_err(fatal_local)?;
             Ok(n)
         })
@@ -137,7 +143,7 @@ impl Client {
     fn fetch<T>(
         &self,
         url: &str,
-        mut read: impl FnMut(&mut dyn Read) -> Result<T, TryError>,
+        mut read: impl FnMut(&mut dyn Read, Option<u64>) -> Result<T, TryError>,
     ) -> Result<T, FetchError> {
         if !is_http_url(url) {
             return Err(FetchError::Scheme(url.to_string()));
@@ -163,7 +169,7 @@ impl Client {
     fn try_once<T>(
         &self,
         url: &str,
-        read: &mut impl FnMut(&mut dyn Read) -> Result<T, TryError>,
+        read: &mut impl FnMut(&mut dyn Read, Option<u64>) -> Result<T, TryError>,
     ) -> Result<T, TryError> {
         let mut response = match self.agent.get(url).call() {
             Ok(response) => response,
@@ -174,7 +180,14 @@ impl Client {
         };
         let status = response.status().as_u16();
         match status {
-            200..=299 => read(&mut response.body_mut().as_reader()),
+            200..=299 => {
+                let length = response
+                    .headers()
+                    .get("content-length")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                read(&mut response.body_mut().as_reader(), length)
+            }
             404 | 410 => Err(TryError::Final(FetchError::Gone(status))),
             408 | 429 | 500..=599 => {
                 let after = response
@@ -189,13 +202,15 @@ impl Client {
         }
     }
 
-    /// Copy a body in chunks, checking for cancellation and the size limit between them. A
-    /// read error (a dropped connection, a stalled read) is worth another try.
+    /// Copy a body in chunks, checking for cancellation and the size limit between them and
+    /// telling `received` the running total. A read error (a dropped connection, a stalled
+    /// read) is worth another try.
     fn copy_body(
         &self,
         body: &mut dyn Read,
         out: &mut dyn Write,
         max_bytes: u64,
+        received: &mut dyn FnMut(u64),
     ) -> Result<u64, TryError> {
         let mut buffer = vec![0u8; 64 * 1024];
         let mut total = 0u64;
@@ -217,6 +232,7 @@ impl Client {
                 return Err(TryError::Final(FetchError::TooLarge(max_bytes)));
             }
             out.write_all(&buffer[..n]).map_err(fatal_local)?;
+            received(total);
         }
     }
 

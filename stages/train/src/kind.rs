@@ -17,7 +17,8 @@ use candle_core::Device;
 use sdpipe_diffusion::{copy_components, SdPipeline};
 use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
-    OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError, StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
+    StageKind,
 };
 use serde_json::{json, Value};
 
@@ -126,6 +127,7 @@ impl Train {
         model: &str,
         revision: &str,
         variant: Option<&str>,
+        fetch: Fetch,
     ) -> Result<PathBuf, StageError> {
         if let Some(path) = inputs.get("pipeline") {
             return Ok(path.clone());
@@ -135,6 +137,7 @@ impl Train {
             model,
             revision,
             variant,
+            fetch,
         )?)
     }
 }
@@ -286,7 +289,11 @@ impl StageKind for Train {
         recipe::threads(params)
     }
 
-    fn external_deps(&self, params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+    fn external_deps(
+        &self,
+        params: &Params,
+        fetch: Fetch,
+    ) -> Result<BTreeMap<String, PathBuf>, StageError> {
         // Called before inputs are bound: a bound `pipeline` is already in the key, and its
         // parameter value is the binding, not a model name.
         if params.get("pipeline").is_some_and(|v| !v.is_null()) {
@@ -295,7 +302,7 @@ impl StageKind for Train {
         let model = params.get("model").and_then(Value::as_str).unwrap_or_default();
         let revision = params.get("revision").and_then(Value::as_str).unwrap_or("main");
         let variant = sdpipe_diffusion::pipeline::variant_param(params)?;
-        let root = self.base_folder(&BTreeMap::new(), model, revision, variant)?;
+        let root = self.base_folder(&BTreeMap::new(), model, revision, variant, fetch)?;
         Ok(sdpipe_diffusion::pipeline::model_deps(&root, variant)?)
     }
 
@@ -305,7 +312,13 @@ impl StageKind for Train {
         let dataset = ctx.input("dataset")?.to_path_buf();
         let examples = load_train_split(&dataset).map_err(|e| StageError::failed(e.to_string()))?;
         let variant = sdpipe_diffusion::pipeline::variant_param(ctx.params)?;
-        let base = self.base_folder(ctx.inputs, &settings.model, &settings.revision, variant)?;
+        let base = self.base_folder(
+            ctx.inputs,
+            &settings.model,
+            &settings.revision,
+            variant,
+            Fetch::allowed(),
+        )?;
         let pipeline = SdPipeline::open_variant(&base, variant)?;
         let scheduler = &pipeline.scheduler;
         let prediction = match settings.prediction_override {

@@ -12,7 +12,8 @@ use std::time::Instant;
 use candle_core::Device;
 use sdpipe_diffusion::{copy_components, SdPipeline};
 use sdpipe_stages::api::{
-    OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError, StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
+    StageKind,
 };
 use sdpipe_unet::vae::Vae;
 use serde_json::{json, Value};
@@ -164,7 +165,11 @@ impl StageKind for TrainVae {
         recipe::threads(params)
     }
 
-    fn external_deps(&self, _params: &Params) -> Result<BTreeMap<String, PathBuf>, StageError> {
+    fn external_deps(
+        &self,
+        _params: &Params,
+        _fetch: Fetch,
+    ) -> Result<BTreeMap<String, PathBuf>, StageError> {
         // Every model file comes from a bound input, which is already part of the key.
         Ok(BTreeMap::new())
     }
