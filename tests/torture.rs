@@ -160,6 +160,11 @@ fn committed(p: &Project) -> BTreeSet<String> {
 
 /// `cache verify` after a kill: nothing corrupt, no record without its objects.
 fn assert_cache_intact(p: &Project, context: &str) {
+    // A kill that lands before the run has created its cache leaves none; `cache verify`
+    // rightly refuses a folder that holds no cache (seen once when a kill landed ~0 ms in).
+    if !p.path().join("cache").exists() {
+        return;
+    }
     let (report, code) = p.json(&["cache", "verify", "--json"]);
     assert_eq!(code, 0, "{context}: cache verify failed: {report:#}");
     assert_eq!(report["corrupt_objects"], serde_json::json!([]), "{context}: {report:#}");

@@ -186,7 +186,7 @@ impl StageKind for Train {
                 "model",
                 ParamType::String,
                 json!("stable-diffusion-v1-5/stable-diffusion-v1-5"),
-                "Hub repository id or local folder of a diffusers SD1.x pipeline (safetensors).",
+                "Hub repository id or local folder of a diffusers SD1.x pipeline.",
             ),
             ParamSpec::optional("revision", ParamType::String, json!("main"), "Hub revision."),
             ParamSpec::optional(
