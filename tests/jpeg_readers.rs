@@ -55,9 +55,7 @@ fn the_trainer_reads_jpeg_as_diffusers_dataset_does() {
 
 #[test]
 fn the_metrics_read_jpeg_as_pytorch_fid_and_lpips_do() {
-    reads_as_pillow("fid/lpips", |path| {
-        sdpipe_metrics::images::load_rgb(path).unwrap().into_raw()
-    });
+    reads_as_pillow("fid/lpips", |path| sdpipe_metrics::images::load_rgb(path).unwrap().into_raw());
 }
 
 /// Pillow (with `LOAD_TRUNCATED_IMAGES` off, its default) refuses a file whose data stops

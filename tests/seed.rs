@@ -147,7 +147,12 @@ impl World {
 
     /// Install both models in the HF cache, as `huggingface_hub` would have after a download.
     fn install_models(&self) {
-        for (repo, folder) in [(BLIP_REPO, "blip/model"), (SD_REPO, "seed/sd")] {
+        self.install_models_with_sd("seed/sd");
+    }
+
+    /// [`World::install_models`] with the SD repository's files from `sd` (under fixtures/).
+    fn install_models_with_sd(&self, sd: &str) {
+        for (repo, folder) in [(BLIP_REPO, "blip/model"), (SD_REPO, sd)] {
             sdpipe_hub::testing::install_in_cache(
                 self.hf_cache.path(),
                 repo,
@@ -335,4 +340,37 @@ fn the_seed_pipeline_downloads_its_models_from_the_hub_into_the_cache() {
     // Offline now, the same stages come from sdpipe's cache and the models from the HF cache.
     let again = world.run(&["sample_base"]);
     assert_eq!(in_state(&again, "ran"), Vec::<String>::new(), "{again:#}");
+}
+
+/// A repository that holds only diffusers' fp16 variant (as a user who downloaded
+/// `--include '*.fp16.safetensors'` has it): with `variant: fp16` the base model samples and
+/// finetunes from it, and the finetuned folder is written with the default file names, as
+/// diffusers' `save_pretrained` writes a pipeline loaded with a variant.
+#[test]
+fn the_seed_pipeline_runs_on_the_fp16_variant_when_asked() {
+    let world = World::new();
+    world.install_models_with_sd("seed/sd-variants/fp16");
+    let variant = ["--set", "finetune.variant=fp16", "--set", "sample_base.variant=fp16"];
+    let mut args = vec!["sample_base", "sample_finetuned"];
+    args.extend(variant);
+    let summary = world.run(&args);
+    for stage in ["finetune", "sample_base", "sample_finetuned"] {
+        assert!(in_state(&summary, "ran").contains(&stage.to_string()), "{summary:#}");
+    }
+    let model = world.output("finetune/model");
+    for file in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
+        assert!(model.join(file).is_file(), "{file} missing from the finetuned folder");
+    }
+    assert!(!model.join("vae/diffusion_pytorch_model.fp16.safetensors").exists());
+
+    // Without the variant the fp16-only repository has no weights to read: named in the error.
+    let mut plain = world.command("run", &["--json", "sample_base"]);
+    let (summary, code) = json_of(&mut plain);
+    assert_ne!(code, 0, "{summary:#}");
+    let error = stage_of(&summary, "sample_base")["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("diffusion_pytorch_model.safetensors"), "{error}");
 }
