@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use sdpipe_stages::api::{CancelToken, Registry};
+use sdpipe_stages::api::{human_bytes, CancelToken, Registry};
 
 use crate::cache::{Cache, Index, ObjectStore};
 use crate::dag::Dag;
@@ -843,17 +843,3 @@ fn print_stages(registry: &Registry, only: Option<&str>, json: bool) -> Result<i
     Ok(exit::OK)
 }
 
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}

@@ -151,19 +151,20 @@ impl Fetch<'_> {
     }
 }
 
-/// `bytes` as a person reads a download's size (decimal units, as the hub shows them).
+/// `bytes` as a person reads a size, in binary units as the progress bars show them
+/// (`3.2 GiB`).
 pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
     let mut unit = 0;
-    while value >= 1000.0 && unit + 1 < UNITS.len() {
-        value /= 1000.0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
         unit += 1;
     }
     if unit == 0 {
         format!("{bytes} B")
     } else {
-        format!("{value:.2} {}", UNITS[unit])
+        format!("{value:.1} {}", UNITS[unit])
     }
 }
 
@@ -397,10 +398,10 @@ mod tests {
     use std::sync::Mutex;
 
     #[test]
-    fn download_sizes_read_as_the_hub_shows_them() {
+    fn sizes_read_in_binary_units_as_the_bars_show_them() {
         assert_eq!(human_bytes(999), "999 B");
-        assert_eq!(human_bytes(3_438_167_536), "3.44 GB");
-        assert_eq!(human_bytes(1_500), "1.50 kB");
+        assert_eq!(human_bytes(3_438_167_536), "3.2 GiB");
+        assert_eq!(human_bytes(1_536), "1.5 KiB");
     }
 
     /// Keeps what a progress sink was told.
@@ -432,7 +433,7 @@ mod tests {
         assert_eq!(seen.position.load(Ordering::SeqCst), 3_000);
         assert_eq!(
             *seen.message.lock().unwrap(),
-            "downloading unet/diffusion_pytorch_model.safetensors (3.00 MB)"
+            "downloading unet/diffusion_pytorch_model.safetensors (2.9 MiB)"
         );
         assert!(!downloads.should_stop());
         cancel.cancel();
