@@ -842,4 +842,3 @@ fn print_stages(registry: &Registry, only: Option<&str>, json: bool) -> Result<i
     }
     Ok(exit::OK)
 }
-

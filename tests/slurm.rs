@@ -423,19 +423,6 @@ fn a_stage_wanting_more_threads_than_any_node_has_gets_the_largest_node() {
     assert!(log.unwrap().contains(&format!("asking for {largest}")));
 }
 
-/// The demo pipeline at a size a test affords: fewer images, training and sampling steps; the
-/// same 19 stages, sweep and kinds.
-const DEMO_AT_TEST_SIZE: &[&str] = &[
-    "--set=base_data.count=8",
-    "--set=target_data.count=10",
-    "--set=target_set.test_count=4",
-    "--set=vae.max_train_steps=3",
-    "--set=pretrain.max_train_steps=3",
-    "--set=finetune.max_train_steps=2",
-    "--set=sample_base.steps=3",
-    "--set=sample_finetuned.steps=3",
-];
-
 /// The demo pipeline, plus one CPU per job: two jobs share the test node, and the outputs are
 /// then compared with a local run's on two threads. Resources are not part of any key, so every
 /// run below shares keys whatever it declares.
@@ -493,8 +480,8 @@ fn the_demo_through_slurm_matches_a_local_run_and_a_second_machine_on_its_remote
     let mut c = machine.cmd();
     with_remote(&mut c);
     let on_slurm = run(&mut c, "slurm");
-    assert_eq!(in_state(&on_slurm, "ran").len(), 19, "{on_slurm:#}");
-    assert_eq!(machine.calls("sbatch").len(), 19, "one job per stage");
+    assert_eq!(in_state(&on_slurm, "ran").len(), 21, "{on_slurm:#}");
+    assert_eq!(machine.calls("sbatch").len(), 21, "one job per stage");
     let states = remote_states(&on_slurm);
     assert!(states.iter().all(|s| s == "pushed" || s == "push_failed"), "{on_slurm:#}");
     if states.iter().any(|s| s == "push_failed") {
@@ -532,7 +519,7 @@ fn the_demo_through_slurm_matches_a_local_run_and_a_second_machine_on_its_remote
     let mut c = teammate.cmd();
     with_remote(&mut c);
     let pulled = run(&mut c, "local");
-    assert_eq!(in_state(&pulled, "cached").len(), 19, "{pulled:#}");
+    assert_eq!(in_state(&pulled, "cached").len(), 21, "{pulled:#}");
     assert!(remote_states(&pulled).iter().all(|s| s == "pulled"), "{pulled:#}");
     assert_eq!(differing(&teammate, &machine.p), Vec::<String>::new(), "pulled outputs differ");
 }

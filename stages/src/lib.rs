@@ -18,6 +18,7 @@ pub fn builtin() -> Registry {
     let mut registry = Registry::new();
     let kinds: Vec<Arc<dyn StageKind>> = vec![
         Arc::new(synthetic::Synthetic),
+        Arc::new(synthetic::SceneAccuracy),
         Arc::new(imagefolder::ImageFolder),
         Arc::new(unsplash::UnsplashLite),
     ];

@@ -9,8 +9,12 @@
 //! `scene` decides what an image shows and says it; `render` draws it. Both are pure
 //! functions of the parameters, and the bytes written are identical across runs and machines.
 
+mod judge;
 mod render;
 mod scene;
+mod scene_accuracy;
+
+pub use scene_accuracy::SceneAccuracy;
 
 use std::fs;
 use std::io::{BufWriter, Write};

@@ -189,3 +189,16 @@ pub fn chain_project() -> Project {
     p.write("pipeline.yaml", CHAIN);
     p
 }
+
+/// `pipelines/demo.yaml` at a size CI affords: fewer images and steps, the same stages and
+/// wiring (tests/demo.rs, tests/slurm.rs).
+pub const DEMO_AT_TEST_SIZE: &[&str] = &[
+    "--set=base_data.count=8",
+    "--set=target_data.count=10",
+    "--set=target_set.test_count=4",
+    "--set=vae.max_train_steps=3",
+    "--set=pretrain.max_train_steps=3",
+    "--set=finetune.max_train_steps=2",
+    "--set=sample_base.steps=3",
+    "--set=sample_finetuned.steps=3",
+];

@@ -85,6 +85,18 @@ pub struct LpipsMetrics {
     pub per_image: Option<BTreeMap<String, f64>>,
 }
 
+/// A `scene-accuracy` stage's `metrics.json`: shares of the judged images (higher is better).
+#[derive(Debug, Clone)]
+pub struct SceneMetrics {
+    pub background: f64,
+    pub colours: f64,
+    /// `None` when no caption states a relation (one-shape scenes).
+    pub relations: Option<f64>,
+    pub all: f64,
+    pub images: u64,
+    pub raw: Map<String, Value>,
+}
+
 /// One line of `train_log.jsonl`. A diverged step's loss is serialised as `null`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct TrainStep {
@@ -313,6 +325,28 @@ pub fn read_fid(input: &str, path: &Path) -> Result<FidMetrics, ReportError> {
             n_real: field_u64(&raw, "n_real")?,
             n_fake: field_u64(&raw, "n_fake")?,
             weights: raw.get("weights").and_then(Value::as_str).map(str::to_string),
+            raw: raw.clone(),
+        })
+    };
+    parse().map_err(|message| ReportError::Malformed {
+        input: input.into(),
+        path: file_in(path, "metrics.json"),
+        expected: EXPECTED,
+        message,
+    })
+}
+
+/// A `scene-accuracy` stage's `metrics.json`.
+pub fn read_scene(input: &str, path: &Path) -> Result<SceneMetrics, ReportError> {
+    const EXPECTED: &str = "scene-accuracy metrics.json";
+    let raw = read_metrics_object(input, path, "scene-accuracy", EXPECTED)?;
+    let parse = || -> Result<SceneMetrics, String> {
+        Ok(SceneMetrics {
+            background: required(field_f64(&raw, "background")?, "background")?,
+            colours: required(field_f64(&raw, "colours")?, "colours")?,
+            relations: field_f64(&raw, "relations")?,
+            all: required(field_f64(&raw, "all")?, "all")?,
+            images: field_u64(&raw, "images")?,
             raw: raw.clone(),
         })
     };

@@ -21,6 +21,7 @@ pub mod metrics_table;
 pub mod models;
 pub mod provenance;
 pub mod qualitative;
+pub mod scene_table;
 pub mod section;
 pub mod thumbs;
 
@@ -100,11 +101,13 @@ impl StageKind for Report {
             input("base_fid", "The original model's fid `metrics` (metrics.json)."),
             input("base_lpips", "The original model's lpips `metrics` (metrics.json)."),
             input("base_lpips_per_image", "The original model's lpips `per_image` output."),
+            input("base_scene", "The original model's scene-accuracy `metrics`."),
             input("samples", "Each variant's sample `images` (gathered over a sweep)."),
             input("samples_jsonl", "Each variant's `samples.jsonl` (gathered)."),
             input("fid", "Each variant's fid `metrics` (gathered)."),
             input("lpips", "Each variant's lpips `metrics` (gathered)."),
             input("lpips_per_image", "Each variant's lpips `per_image` output (gathered)."),
+            input("scene", "Each variant's scene-accuracy `metrics` (gathered)."),
             input("train_log", "Each variant's train stage `train_log` (gathered)."),
         ]
     }
@@ -143,6 +146,7 @@ impl StageKind for Report {
 
         let mut sections: Vec<Section> = Vec::new();
         sections.extend(metrics_table::build(&models));
+        sections.extend(scene_table::build(&models));
         let options = qualitative::Options { report: &report, max_rows, thumb_size };
         sections.extend(qualitative::build(items.as_deref(), &models, &options)?);
         ctx.cancel.check()?;

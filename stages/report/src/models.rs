@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::error::ReportError;
 use crate::format;
-use crate::inputs::{self, FidMetrics, LpipsMetrics, Samples, TrainStep};
+use crate::inputs::{self, FidMetrics, LpipsMetrics, Samples, SceneMetrics, TrainStep};
 
 /// One compared model and everything read about it.
 #[derive(Debug, Clone)]
@@ -27,6 +27,7 @@ pub struct Model {
     pub samples: Option<Samples>,
     pub fid: Option<FidMetrics>,
     pub lpips: Option<LpipsMetrics>,
+    pub scene: Option<SceneMetrics>,
     pub train_log: Option<Vec<TrainStep>>,
 }
 
@@ -37,6 +38,7 @@ pub struct InputNames {
     pub fid: &'static str,
     pub lpips: &'static str,
     pub lpips_per_image: &'static str,
+    pub scene: &'static str,
     pub train_log: Option<&'static str>,
 }
 
@@ -46,6 +48,7 @@ pub const BASE: InputNames = InputNames {
     fid: "base_fid",
     lpips: "base_lpips",
     lpips_per_image: "base_lpips_per_image",
+    scene: "base_scene",
     train_log: None,
 };
 
@@ -55,6 +58,7 @@ pub const VARIANT: InputNames = InputNames {
     fid: "fid",
     lpips: "lpips",
     lpips_per_image: "lpips_per_image",
+    scene: "scene",
     train_log: Some("train_log"),
 };
 
@@ -89,11 +93,15 @@ impl Bound {
             }
             None => None,
         };
+        let scene = match get(names.scene) {
+            Some((input, path)) => Some(inputs::read_scene(&input, path)?),
+            None => None,
+        };
         let train_log = match names.train_log.and_then(get) {
             Some((input, path)) => Some(inputs::read_train_log(&input, path)?),
             None => None,
         };
-        Ok(Loaded { samples, fid, lpips, train_log })
+        Ok(Loaded { samples, fid, lpips, scene, train_log })
     }
 }
 
@@ -101,6 +109,7 @@ struct Loaded {
     samples: Option<Samples>,
     fid: Option<FidMetrics>,
     lpips: Option<LpipsMetrics>,
+    scene: Option<SceneMetrics>,
     train_log: Option<Vec<TrainStep>>,
 }
 
@@ -109,13 +118,20 @@ impl Loaded {
         self.samples.is_none()
             && self.fid.is_none()
             && self.lpips.is_none()
+            && self.scene.is_none()
             && self.train_log.is_none()
     }
 }
 
 fn names_of(names: &InputNames) -> Vec<&'static str> {
-    let mut all =
-        vec![names.samples, names.samples_jsonl, names.fid, names.lpips, names.lpips_per_image];
+    let mut all = vec![
+        names.samples,
+        names.samples_jsonl,
+        names.fid,
+        names.lpips,
+        names.lpips_per_image,
+        names.scene,
+    ];
     all.extend(names.train_log);
     all
 }
@@ -204,6 +220,7 @@ fn model(
         samples: loaded.samples,
         fid: loaded.fid,
         lpips: loaded.lpips,
+        scene: loaded.scene,
         train_log: loaded.train_log,
     }
 }

@@ -42,7 +42,7 @@ impl Style {
     }
 
     /// Appended to every caption of the style, so a finetune learns the domain as a phrase.
-    fn caption_suffix(self) -> &'static str {
+    pub(crate) fn caption_suffix(self) -> &'static str {
         match self {
             Style::Flat => "",
             Style::Textured => ", photographic lighting",
@@ -79,7 +79,8 @@ pub(crate) enum ShapeKind {
 }
 
 impl ShapeKind {
-    const ALL: [ShapeKind; 3] = [ShapeKind::Circle, ShapeKind::Square, ShapeKind::Triangle];
+    pub(crate) const ALL: [ShapeKind; 3] =
+        [ShapeKind::Circle, ShapeKind::Square, ShapeKind::Triangle];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -122,7 +123,11 @@ impl Relation {
     /// Layouts put related shapes in one row or column of the grid, so that axis is never a
     /// close call and the boxes are disjoint along it.
     pub(crate) fn between(a: &Shape, b: &Shape) -> Relation {
-        let (dx, dy) = (a.cx - b.cx, a.cy - b.cy);
+        Relation::of_offset(a.cx - b.cx, a.cy - b.cy)
+    }
+
+    /// The relation of a point at offset `(dx, dy)` (y down) from another.
+    pub(crate) fn of_offset(dx: f64, dy: f64) -> Relation {
         if dy.abs() >= dx.abs() {
             if dy < 0.0 {
                 Relation::Above
@@ -249,6 +254,80 @@ impl Scene {
         text += style.caption_suffix();
         text
     }
+}
+
+/// What a caption of the grammar states: enough to judge an image against it without knowing
+/// where the shapes were (a model is told relations, not positions).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Described {
+    pub(crate) background: Colour,
+    /// Colour and kind of each shape, subject first, then the anchor, then the third.
+    pub(crate) shapes: Vec<(Colour, ShapeKind)>,
+    /// `(a, relation, b)`: shape `a` lies `relation` shape `b` (indices into `shapes`).
+    pub(crate) relations: Vec<(usize, Relation, usize)>,
+    pub(crate) style: Style,
+}
+
+impl Described {
+    /// Reads a caption [`Scene::caption`] writes; `None` for any other text.
+    pub(crate) fn parse(caption: &str) -> Option<Described> {
+        // The longest suffix first: the dusk one contains the textured one.
+        let (body, style) = [Style::Dusk, Style::Textured, Style::Flat]
+            .into_iter()
+            .find_map(|style| caption.strip_suffix(style.caption_suffix()).map(|b| (b, style)))?;
+        let (things, background) = body.rsplit_once(" on ")?;
+        let background = colour_named(article_and(background)?.strip_suffix(" background")?)?;
+        let (first, third) = match things.split_once(" and ") {
+            Some((first, third)) => (first, Some(third)),
+            None => (things, None),
+        };
+        let mut shapes = Vec::new();
+        let mut relations = Vec::new();
+        match relation_split(first) {
+            None => shapes.push(noun(article_and(first)?)?),
+            Some((subject, relation, anchor)) => {
+                shapes.push(noun(article_and(subject)?)?);
+                shapes.push(noun(article_and(anchor)?)?);
+                relations.push((0, relation, 1));
+            }
+        }
+        if let Some(third) = third {
+            let (shape, relation, anchor) = relation_split(third)?;
+            // "... and a green triangle below the blue square": the anchor, named again.
+            if shapes.len() != 2 || noun(anchor.strip_prefix("the ")?)? != shapes[1] {
+                return None;
+            }
+            shapes.push(noun(article_and(shape)?)?);
+            relations.push((2, relation, 1));
+        }
+        Some(Described { background, shapes, relations, style })
+    }
+}
+
+/// `text` without its leading "a " or "an ".
+fn article_and(text: &str) -> Option<&str> {
+    text.strip_prefix("a ").or_else(|| text.strip_prefix("an "))
+}
+
+fn colour_named(name: &str) -> Option<Colour> {
+    PALETTE.iter().copied().find(|c| c.name == name)
+}
+
+/// "red circle" → (red, circle).
+fn noun(text: &str) -> Option<(Colour, ShapeKind)> {
+    let (colour, kind) = text.split_once(' ')?;
+    let kind = ShapeKind::ALL.into_iter().find(|k| k.name() == kind)?;
+    Some((colour_named(colour)?, kind))
+}
+
+/// "a red circle above a blue square" → ("a red circle", Above, "a blue square").
+fn relation_split(text: &str) -> Option<(&str, Relation, &str)> {
+    [Relation::Above, Relation::Below, Relation::LeftOf, Relation::RightOf].into_iter().find_map(
+        |relation| {
+            let (a, b) = text.split_once(&format!(" {} ", relation.phrase()))?;
+            Some((a, relation, b))
+        },
+    )
 }
 
 /// "a red circle", "an orange square".

@@ -109,8 +109,8 @@ impl Settings {
     }
 }
 
-/// The device training runs on: the first CUDA GPU when sdpipe is built with CUDA (the `cuda`
-/// feature; untested here), else the CPU.
+/// The device training runs on. sdpipe's builds have no CUDA backend yet (issue 15), so
+/// `cuda_if_available` gives the CPU; it is kept so that a CUDA build needs no change here.
 fn device() -> Result<Device, StageError> {
     Device::cuda_if_available(0).map_err(|e| StageError::failed(format!("opening the GPU: {e}")))
 }

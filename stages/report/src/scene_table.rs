@@ -1,0 +1,71 @@
+//! Section: scene accuracy — how often each model's samples show what their synthetic captions
+//! say (`scene-accuracy` stages: background colour, shape colours, relations, all at once).
+//! Higher is better; the best value of each column is bold.
+
+use serde_json::{json, Value};
+
+use crate::format::{self, Align, Table};
+use crate::inputs::SceneMetrics;
+use crate::models::Model;
+use crate::section::Section;
+
+const COLUMNS: [(&str, &str, fn(&SceneMetrics) -> Option<f64>); 4] = [
+    ("Background ↑", "background", |s| Some(s.background)),
+    ("Shape colours ↑", "colours", |s| Some(s.colours)),
+    ("Relations ↑", "relations", |s| s.relations),
+    ("All ↑", "all", |s| Some(s.all)),
+];
+
+pub fn build(models: &[Model]) -> Option<Section> {
+    let rows: Vec<(&Model, &SceneMetrics)> =
+        models.iter().filter_map(|m| m.scene.as_ref().map(|s| (m, s))).collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let mut table = Table::new(&[("Model", Align::Left)]);
+    for (title, _, _) in COLUMNS {
+        table.column(title.to_string(), Align::Right);
+    }
+    table.column("Images".to_string(), Align::Right);
+    let mut json_rows = Vec::new();
+    for (m, s) in &rows {
+        let name = if m.is_original { "**original**".to_string() } else { format::code(&m.name) };
+        let mut cells = vec![name];
+        for (_, _, value) in COLUMNS {
+            let v = value(s);
+            let best = rows.len() > 1
+                && v.is_some_and(|v| rows.iter().filter_map(|(_, o)| value(o)).all(|o| v >= o));
+            cells.push(match v {
+                Some(v) if best => format!("**{}**", percent(v)),
+                Some(v) => percent(v),
+                None => "—".into(),
+            });
+        }
+        cells.push(s.images.to_string());
+        table.row(cells);
+        json_rows.push(json!({
+            "model": m.name,
+            "label": m.label,
+            "values": m.values,
+            "scene": Value::Object(s.raw.clone()),
+        }));
+    }
+    let mut markdown = table.render();
+    markdown.push_str(
+        "\nThe share of samples that show what their caption states, judged as GenEval judges \
+         real models but with a colour classifier that knows the synthetic styles: the \
+         background colour, every named shape colour, the stated left/right/above/below \
+         relations (by the centroids of the shapes' colours), and all of them at once. Higher \
+         is better; the best value of each column is bold.\n",
+    );
+    Some(Section {
+        title: "Scene accuracy",
+        markdown,
+        json: Value::Array(json_rows),
+        notes: vec![],
+    })
+}
+
+fn percent(v: f64) -> String {
+    format!("{:.0}%", v * 100.0)
+}
