@@ -33,8 +33,10 @@ pub fn build(models: &[Model]) -> Option<Section> {
         let mut cells = vec![name];
         for (_, _, value) in COLUMNS {
             let v = value(s);
-            let best = rows.len() > 1
-                && v.is_some_and(|v| rows.iter().filter_map(|(_, o)| value(o)).all(|o| v >= o));
+            // Bold only a lead: when every model scores the same, none is best.
+            let others: Vec<f64> = rows.iter().filter_map(|(_, o)| value(o)).collect();
+            let best =
+                v.is_some_and(|v| others.iter().all(|&o| v >= o) && others.iter().any(|&o| o < v));
             cells.push(match v {
                 Some(v) if best => format!("**{}**", percent(v)),
                 Some(v) => percent(v),
@@ -56,7 +58,7 @@ pub fn build(models: &[Model]) -> Option<Section> {
          real models but with a colour classifier that knows the synthetic styles: the \
          background colour, every named shape colour, the stated left/right/above/below \
          relations (by the centroids of the shapes' colours), and all of them at once. Higher \
-         is better; the best value of each column is bold.\n",
+         is better; the best value of each column is bold (none when all are equal).\n",
     );
     Some(Section {
         title: "Scene accuracy",
