@@ -89,6 +89,8 @@ pub struct LpipsMetrics {
 #[derive(Debug, Clone)]
 pub struct SceneMetrics {
     pub background: f64,
+    /// Absent in metrics written before the style was judged.
+    pub style: Option<f64>,
     pub colours: f64,
     /// `None` when no caption states a relation (one-shape scenes).
     pub relations: Option<f64>,
@@ -343,6 +345,7 @@ pub fn read_scene(input: &str, path: &Path) -> Result<SceneMetrics, ReportError>
     let parse = || -> Result<SceneMetrics, String> {
         Ok(SceneMetrics {
             background: required(field_f64(&raw, "background")?, "background")?,
+            style: field_f64(&raw, "style")?,
             colours: required(field_f64(&raw, "colours")?, "colours")?,
             relations: field_f64(&raw, "relations")?,
             all: required(field_f64(&raw, "all")?, "all")?,

@@ -53,7 +53,8 @@ impl StageKind for Report {
     }
 
     fn version(&self) -> u32 {
-        2
+        // 3: the provenance table lost its never-filled `Cached` column.
+        3
     }
 
     fn doc(&self) -> &'static str {

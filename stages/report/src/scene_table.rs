@@ -9,8 +9,9 @@ use crate::inputs::SceneMetrics;
 use crate::models::Model;
 use crate::section::Section;
 
-const COLUMNS: [(&str, &str, fn(&SceneMetrics) -> Option<f64>); 4] = [
+const COLUMNS: [(&str, &str, fn(&SceneMetrics) -> Option<f64>); 5] = [
     ("Background ↑", "background", |s| Some(s.background)),
+    ("Style ↑", "style", |s| s.style),
     ("Shape colours ↑", "colours", |s| Some(s.colours)),
     ("Relations ↑", "relations", |s| s.relations),
     ("All ↑", "all", |s| Some(s.all)),
@@ -56,7 +57,7 @@ pub fn build(models: &[Model]) -> Option<Section> {
     markdown.push_str(
         "\nThe share of samples that show what their caption states, judged as GenEval judges \
          real models but with a colour classifier that knows the synthetic styles: the \
-         background colour, every named shape colour, the stated left/right/above/below \
+         background colour, the style (flat, textured, dusk), every named shape colour, the stated left/right/above/below \
          relations (by the centroids of the shapes' colours), and all of them at once. Higher \
          is better; the best value of each column is bold (none when all are equal).\n",
     );

@@ -3,13 +3,21 @@
 //! colour there, and do the shapes stand in the stated relation?
 //!
 //! The "detector" is a per-pixel colour classifier that knows the synthetic styles: each pixel
-//! goes to the palette colour whose rendering *in the caption's style, at that pixel* (lit,
-//! shaded, dimmed, cast blue, vignetted) is nearest in RGB. References are empty scenes of each
-//! palette colour rendered by [`render`] with a fixed, central light, so the lighting falloff
-//! and the vignette are part of the reference rather than read as another colour. Then:
+//! goes to the palette colour and style whose rendering *at that pixel* (flat; lit and shaded;
+//! dimmed, cast blue and vignetted) is nearest in RGB. References are empty scenes of each
+//! palette colour in each style, rendered by [`render`] with a fixed, central light, so the
+//! lighting falloff and the vignette are part of the reference rather than read as another
+//! colour. Colours are judged whatever the style they are drawn in (a model that draws a flat
+//! red background where the caption asks for red at dusk has the colour right and the style
+//! wrong: a dim dusk white is close to a flat blue, so references of the caption's style alone
+//! would call that blue "white"). Then:
 //!
-//! - background: the most frequent class in the border ring (the outer eighth on each side),
+//! - background: the most frequent colour in the border ring (the outer eighth on each side),
 //!   where the grammar's layouts never put more than a sliver of a shape;
+//! - style: the style whose rendering of each pixel's colour is nearest to the image, in the
+//!   least-squares sense over all pixels (a whole-image decision: one pixel of a lit scene can
+//!   look flat, the falloff across all of them cannot; a black background alone cannot tell,
+//!   its shapes can);
 //! - a shape's colour is present when at least [`PRESENT_FRACTION`] of the pixels have it
 //!   (a fifth of the smallest shape the grammar draws);
 //! - a relation holds when the centroids of the two colours' pixels differ along the stated
@@ -32,6 +40,9 @@ pub(crate) struct Judgement {
     /// The background colour found, and whether it is the caption's.
     pub(crate) background: &'static str,
     pub(crate) background_correct: bool,
+    /// The style most pixels are drawn in, and whether it is the caption's.
+    pub(crate) style: &'static str,
+    pub(crate) style_correct: bool,
     /// Per named shape (caption order): its colour, the share of pixels of that colour, and
     /// whether that counts as present.
     pub(crate) shapes: Vec<(&'static str, f64, bool)>,
@@ -49,36 +60,76 @@ impl Judgement {
     }
     /// Everything the caption states is shown.
     pub(crate) fn all_correct(&self) -> bool {
-        self.background_correct && self.colours_correct() && self.relations_correct() != Some(false)
+        self.background_correct
+            && self.style_correct
+            && self.colours_correct()
+            && self.relations_correct() != Some(false)
     }
 }
 
-/// The per-pixel references of one style at one size: `refs[c][pixel]` is palette colour `c`
-/// as an empty scene of that colour renders it.
+/// The per-pixel references at one size: `refs[s][c][pixel]` is palette colour `c` as an empty
+/// scene of that colour renders it in style `s` of [`STYLES`].
 pub(crate) struct References {
     side: u32,
-    style: Style,
-    refs: Vec<Vec<[u8; 3]>>,
+    refs: Vec<Vec<Vec<[u8; 3]>>>,
 }
 
+/// The styles a pixel can be drawn in, in the references' order.
+const STYLES: [Style; 3] = [Style::Flat, Style::Textured, Style::Dusk];
+
 impl References {
-    pub(crate) fn new(style: Style, side: u32) -> References {
-        let refs = PALETTE
+    pub(crate) fn new(side: u32) -> References {
+        let refs = STYLES
             .iter()
-            .map(|&background| {
-                let scene =
-                    Scene { background, shapes: Vec::new(), light: (0.5, -0.25), noise_seed: 0 };
-                render(&scene, style, side).pixels().map(|p| p.0).collect()
+            .map(|&style| {
+                PALETTE
+                    .iter()
+                    .map(|&background| {
+                        let scene = Scene {
+                            background,
+                            shapes: Vec::new(),
+                            light: (0.5, -0.25),
+                            noise_seed: 0,
+                        };
+                        render(&scene, style, side).pixels().map(|p| p.0).collect()
+                    })
+                    .collect()
             })
             .collect();
-        References { side, style, refs }
+        References { side, refs }
     }
 
-    fn classify(&self, pixel: usize, rgb: [u8; 3]) -> usize {
+    /// The (style, colour) indices whose reference at `pixel` is nearest to `rgb`.
+    fn classify(&self, pixel: usize, rgb: [u8; 3]) -> (usize, usize) {
         let distance = |r: &[u8; 3]| -> u32 {
             (0..3).map(|i| (i32::from(r[i]) - i32::from(rgb[i])).pow(2) as u32).sum()
         };
-        (0..self.refs.len()).min_by_key(|&c| distance(&self.refs[c][pixel])).unwrap_or(0)
+        let mut best = (0, 0, u32::MAX);
+        for (s, colours) in self.refs.iter().enumerate() {
+            for (c, reference) in colours.iter().enumerate() {
+                let d = distance(&reference[pixel]);
+                if d < best.2 {
+                    best = (s, c, d);
+                }
+            }
+        }
+        (best.0, best.1)
+    }
+
+    /// The index in [`STYLES`] whose rendering of each pixel's colour (`classes`) is nearest
+    /// to `image` over all its pixels (sum of squared differences).
+    fn style_of(&self, image: &RgbImage, classes: &[usize]) -> usize {
+        let error = |s: usize| -> u64 {
+            image
+                .pixels()
+                .enumerate()
+                .map(|(i, p)| {
+                    let r = &self.refs[s][classes[i]][i];
+                    (0..3).map(|k| (i64::from(r[k]) - i64::from(p.0[k])).pow(2) as u64).sum::<u64>()
+                })
+                .sum()
+        };
+        (0..STYLES.len()).min_by_key(|&s| error(s)).unwrap_or(0)
     }
 }
 
@@ -86,13 +137,12 @@ fn palette_index(colour: Colour) -> usize {
     PALETTE.iter().position(|c| *c == colour).expect("captions name palette colours")
 }
 
-/// Judge a square `image` against `described`; `refs` must be for its style and size.
+/// Judge a square `image` against `described`; `refs` must be for its size.
 pub(crate) fn judge(image: &RgbImage, described: &Described, refs: &References) -> Judgement {
     assert_eq!((image.width(), image.height()), (refs.side, refs.side), "references' size");
-    assert_eq!(refs.style, described.style, "references' style");
     let side = refs.side as usize;
     let classes: Vec<usize> =
-        image.pixels().enumerate().map(|(i, p)| refs.classify(i, p.0)).collect();
+        image.pixels().enumerate().map(|(i, p)| refs.classify(i, p.0).1).collect();
 
     let ring = (side / 8).max(1);
     let mut border = vec![0usize; PALETTE.len()];
@@ -103,6 +153,7 @@ pub(crate) fn judge(image: &RgbImage, described: &Described, refs: &References) 
         }
     }
     let found = (0..PALETTE.len()).max_by_key(|&c| (border[c], usize::MAX - c)).unwrap_or(0);
+    let style = refs.style_of(image, &classes);
 
     // Pixel count and centroid of each colour.
     let mut count = vec![0usize; PALETTE.len()];
@@ -139,6 +190,8 @@ pub(crate) fn judge(image: &RgbImage, described: &Described, refs: &References) 
     Judgement {
         background: PALETTE[found].name,
         background_correct: found == palette_index(described.background),
+        style: STYLES[style].name(),
+        style_correct: STYLES[style] == described.style,
         shapes,
         relations,
     }
@@ -146,7 +199,7 @@ pub(crate) fn judge(image: &RgbImage, described: &Described, refs: &References) 
 
 #[cfg(test)]
 mod tests {
-    use super::super::scene::{Scene, Style};
+    use super::super::scene::Scene;
     use super::*;
 
     #[test]
@@ -189,10 +242,11 @@ mod tests {
     fn a_uniform_image_has_that_background_and_no_shapes() {
         let scene = Scene::generate(3, 0, 2);
         let described = Described::parse(&scene.caption(Style::Flat)).unwrap();
-        let refs = References::new(Style::Flat, 32);
+        let refs = References::new(32);
         let image = RgbImage::from_pixel(32, 32, image::Rgb(described.background.rgb));
         let j = judge(&image, &described, &refs);
         assert!(j.background_correct);
+        assert!(j.style_correct);
         assert!(!j.colours_correct());
         assert_eq!(j.relations_correct(), Some(false));
     }
