@@ -160,9 +160,10 @@ fn committed(p: &Project) -> BTreeSet<String> {
 
 /// `cache verify` after a kill: nothing corrupt, no record without its objects.
 fn assert_cache_intact(p: &Project, context: &str) {
-    // A kill that lands before the run has created its cache leaves none; `cache verify`
-    // rightly refuses a folder that holds no cache (seen once when a kill landed ~0 ms in).
-    if !p.path().join("cache").exists() {
+    // A kill that lands before the run has created its cache's index has recorded nothing;
+    // `cache verify` rightly refuses a folder without an index ("no sdpipe cache"), seen when a
+    // kill landed within the first milliseconds, before or just after `cache/` was made.
+    if !p.path().join("cache/index").exists() {
         return;
     }
     let (report, code) = p.json(&["cache", "verify", "--json"]);
