@@ -317,46 +317,48 @@ fn required(value: Option<f64>, name: &str) -> Result<f64, String> {
 
 /// An `fid` stage's `metrics.json` (`path` is the file or a folder holding it).
 pub fn read_fid(input: &str, path: &Path) -> Result<FidMetrics, ReportError> {
-    const EXPECTED: &str = "fid metrics.json";
-    let raw = read_metrics_object(input, path, "fid", EXPECTED)?;
-    let parse = || -> Result<FidMetrics, String> {
+    read_typed_metrics(input, path, "fid", "fid metrics.json", |raw| {
         Ok(FidMetrics {
-            fid: required(field_f64(&raw, "fid")?, "fid")?,
-            kid_mean: field_f64(&raw, "kid_mean")?,
-            kid_std: field_f64(&raw, "kid_std")?,
-            n_real: field_u64(&raw, "n_real")?,
-            n_fake: field_u64(&raw, "n_fake")?,
+            fid: required(field_f64(raw, "fid")?, "fid")?,
+            kid_mean: field_f64(raw, "kid_mean")?,
+            kid_std: field_f64(raw, "kid_std")?,
+            n_real: field_u64(raw, "n_real")?,
+            n_fake: field_u64(raw, "n_fake")?,
             weights: raw.get("weights").and_then(Value::as_str).map(str::to_string),
             raw: raw.clone(),
         })
-    };
-    parse().map_err(|message| ReportError::Malformed {
-        input: input.into(),
-        path: file_in(path, "metrics.json"),
-        expected: EXPECTED,
-        message,
     })
 }
 
 /// A `scene-accuracy` stage's `metrics.json`.
 pub fn read_scene(input: &str, path: &Path) -> Result<SceneMetrics, ReportError> {
-    const EXPECTED: &str = "scene-accuracy metrics.json";
-    let raw = read_metrics_object(input, path, "scene-accuracy", EXPECTED)?;
-    let parse = || -> Result<SceneMetrics, String> {
+    read_typed_metrics(input, path, "scene-accuracy", "scene-accuracy metrics.json", |raw| {
         Ok(SceneMetrics {
-            background: required(field_f64(&raw, "background")?, "background")?,
-            style: field_f64(&raw, "style")?,
-            colours: required(field_f64(&raw, "colours")?, "colours")?,
-            relations: field_f64(&raw, "relations")?,
-            all: required(field_f64(&raw, "all")?, "all")?,
-            images: field_u64(&raw, "images")?,
+            background: required(field_f64(raw, "background")?, "background")?,
+            style: field_f64(raw, "style")?,
+            colours: required(field_f64(raw, "colours")?, "colours")?,
+            relations: field_f64(raw, "relations")?,
+            all: required(field_f64(raw, "all")?, "all")?,
+            images: field_u64(raw, "images")?,
             raw: raw.clone(),
         })
-    };
-    parse().map_err(|message| ReportError::Malformed {
+    })
+}
+
+/// A metric stage's `metrics.json` (its `metric` field checked), read into a typed value by
+/// `parse`, whose message names the field that is wrong.
+fn read_typed_metrics<T>(
+    input: &str,
+    path: &Path,
+    metric: &str,
+    expected: &'static str,
+    parse: impl FnOnce(&Map<String, Value>) -> Result<T, String>,
+) -> Result<T, ReportError> {
+    let raw = read_metrics_object(input, path, metric, expected)?;
+    parse(&raw).map_err(|message| ReportError::Malformed {
         input: input.into(),
         path: file_in(path, "metrics.json"),
-        expected: EXPECTED,
+        expected,
         message,
     })
 }

@@ -72,3 +72,49 @@ pub fn build(models: &[Model]) -> Option<Section> {
 fn percent(v: f64) -> String {
     format!("{:.0}%", v * 100.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Map;
+
+    fn model(name: &str, is_original: bool, background: f64, all: f64) -> Model {
+        Model {
+            name: name.into(),
+            label: if is_original { String::new() } else { name.into() },
+            values: Default::default(),
+            slug: name.into(),
+            is_original,
+            samples: None,
+            fid: None,
+            lpips: None,
+            scene: Some(SceneMetrics {
+                background,
+                style: Some(0.5),
+                colours: 0.25,
+                relations: None,
+                all,
+                images: 16,
+                raw: Map::new(),
+            }),
+            train_log: None,
+        }
+    }
+
+    #[test]
+    fn the_lead_is_bold_and_a_tie_is_not() {
+        let models = [model("original", true, 0.19, 0.0), model("lr", false, 0.75, 0.0)];
+        let section = build(&models).unwrap();
+        let table = section.markdown;
+        assert!(table.contains("| **75%** |"), "{table}");
+        assert!(!table.contains("**0%**") && !table.contains("**50%**"), "{table}");
+        assert!(table.contains("| — |"), "no relations stated: {table}");
+    }
+
+    #[test]
+    fn no_section_without_scene_metrics() {
+        let mut m = model("original", true, 0.5, 0.5);
+        m.scene = None;
+        assert!(build(&[m]).is_none());
+    }
+}
