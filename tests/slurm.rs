@@ -480,8 +480,8 @@ fn the_demo_through_slurm_matches_a_local_run_and_a_second_machine_on_its_remote
     let mut c = machine.cmd();
     with_remote(&mut c);
     let on_slurm = run(&mut c, "slurm");
-    assert_eq!(in_state(&on_slurm, "ran").len(), 21, "{on_slurm:#}");
-    assert_eq!(machine.calls("sbatch").len(), 21, "one job per stage");
+    assert_eq!(in_state(&on_slurm, "ran").len(), 22, "{on_slurm:#}");
+    assert_eq!(machine.calls("sbatch").len(), 22, "one job per stage");
     let states = remote_states(&on_slurm);
     assert!(states.iter().all(|s| s == "pushed" || s == "push_failed"), "{on_slurm:#}");
     if states.iter().any(|s| s == "push_failed") {
@@ -519,7 +519,7 @@ fn the_demo_through_slurm_matches_a_local_run_and_a_second_machine_on_its_remote
     let mut c = teammate.cmd();
     with_remote(&mut c);
     let pulled = run(&mut c, "local");
-    assert_eq!(in_state(&pulled, "cached").len(), 21, "{pulled:#}");
+    assert_eq!(in_state(&pulled, "cached").len(), 22, "{pulled:#}");
     assert!(remote_states(&pulled).iter().all(|s| s == "pulled"), "{pulled:#}");
     assert_eq!(differing(&teammate, &machine.p), Vec::<String>::new(), "pulled outputs differ");
 }
