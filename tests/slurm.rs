@@ -483,10 +483,13 @@ fn the_demo_through_slurm_matches_a_local_run_and_a_second_machine_on_its_remote
     assert_eq!(in_state(&on_slurm, "ran").len(), 22, "{on_slurm:#}");
     assert_eq!(machine.calls("sbatch").len(), 22, "one job per stage");
     let states = remote_states(&on_slurm);
-    assert!(states.iter().all(|s| s == "pushed" || s == "push_failed"), "{on_slurm:#}");
-    if states.iter().any(|s| s == "push_failed") {
+    let failed = |s: &String| s == "push_failed" || s == "pull_failed";
+    assert!(states.iter().all(|s| s == "pushed" || failed(s)), "{on_slurm:#}");
+    if states.iter().any(failed) {
         // Seen in about 1 of 6 runs on a loaded 2-core machine: from some stage on, pushes to
-        // the test's in-process S3 server fail and the run goes on locally, as designed.
+        // the test's in-process S3 server fail and the run goes on locally, as designed; the
+        // stages after that report their failed lookup first (`pull_failed`, seen once with
+        // the demo's 22 stages).
         // Unexplained yet (see the session notes); the documented remedy is `sdpipe push`,
         // which must then upload everything.
         let mut c = machine.cmd();
