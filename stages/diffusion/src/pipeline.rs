@@ -33,8 +33,6 @@ use crate::config::{
 use crate::error::PipelineError;
 
 pub const MODEL_INDEX: &str = "model_index.json";
-pub const UNET_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
-pub const TEXT_ENCODER_WEIGHTS: &str = "model.safetensors";
 /// The tokenizer files sdpipe reads: SD1.x ships `vocab.json` + `merges.txt`, transformers 5
 /// writes `tokenizer.json` alone; either is enough (see [`crate::clip_tokenizer`]).
 pub const TOKENIZER_FILES: [&str; 5] = [
@@ -226,6 +224,14 @@ pub struct SdPipeline {
     pub variant: Option<String>,
 }
 
+/// The weight files a pipeline reads for one component.
+struct ComponentWeights {
+    /// One file, or the shards of a sharded checkpoint.
+    files: Vec<PathBuf>,
+    /// The shard index `files` came from, for a sharded checkpoint.
+    index: Option<PathBuf>,
+}
+
 /// The CLIP text encoder; `encode` returns the last hidden state, what SD conditions on.
 pub struct TextEncoder {
     model: ClipTextTransformer,
@@ -290,10 +296,16 @@ impl SdPipeline {
     /// The weight files of a component (`unet`, `vae`, `text_encoder`): one safetensors file,
     /// the shards its index lists, or one PyTorch pickle, as [`weight_names`] orders them.
     pub fn weight_files(&self, component: &str) -> Result<Vec<PathBuf>, PipelineError> {
+        Ok(self.weights(component)?.files)
+    }
+
+    /// Which of a component's weight files this pipeline reads (see
+    /// [`SdPipeline::weight_files`]), with the shard index they came from.
+    fn weights(&self, component: &str) -> Result<ComponentWeights, PipelineError> {
         let dir = self.root.join(component);
         let [single, index, bin] = weight_names(component, self.variant.as_deref());
         if dir.join(&single).is_file() {
-            return Ok(vec![dir.join(single)]);
+            return Ok(ComponentWeights { files: vec![dir.join(single)], index: None });
         }
         let index = dir.join(index);
         if index.is_file() {
@@ -302,10 +314,10 @@ impl SdPipeline {
             for shard in &shards {
                 require(shard, "listed in the shard index")?;
             }
-            return Ok(shards);
+            return Ok(ComponentWeights { files: shards, index: Some(index) });
         }
         if dir.join(&bin).is_file() {
-            return Ok(vec![dir.join(bin)]);
+            return Ok(ComponentWeights { files: vec![dir.join(bin)], index: None });
         }
         let hint = match &self.variant {
             Some(v) => format!(
@@ -317,13 +329,6 @@ impl SdPipeline {
             ),
         };
         Err(PipelineError::Missing { path: dir.join(single), hint })
-    }
-
-    /// The index of a sharded component, which [`SdPipeline::weight_files`] read, if any.
-    fn weight_index(&self, component: &str) -> Option<PathBuf> {
-        let dir = self.root.join(component);
-        let [single, index, _] = weight_names(component, self.variant.as_deref());
-        (!dir.join(single).is_file() && dir.join(&index).is_file()).then(|| dir.join(index))
     }
 
     /// Every file sampling reads, keyed by its path relative to the root: a stage's
@@ -344,12 +349,8 @@ impl SdPipeline {
             add(self.root.join(dir).join(file));
         }
         for component in WEIGHT_COMPONENTS {
-            for path in self.weight_files(component)? {
-                add(path);
-            }
-            if let Some(index) = self.weight_index(component) {
-                add(index);
-            }
+            let weights = self.weights(component)?;
+            weights.files.into_iter().chain(weights.index).for_each(&mut add);
         }
         for file in TOKENIZER_FILES {
             let path = self.root.join("tokenizer").join(file);
@@ -451,17 +452,14 @@ pub fn var_builder(
 ) -> Result<VarBuilder<'static>, PipelineError> {
     let weights_error = |source| PipelineError::Weights { path: files[0].clone(), source };
     match files {
-        [one] if is_pickle(one) => VarBuilder::from_pth(one, dtype, device).map_err(weights_error),
+        [one] if sdpipe_unet::is_pickle(one) => {
+            VarBuilder::from_pth(one, dtype, device).map_err(weights_error)
+        }
         // SAFETY: the files are mmapped read-only; sdpipe never writes a pipeline folder it is
         // reading, and the engine's cached outputs are immutable.
         _ => unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
             .map_err(weights_error),
     }
-}
-
-/// Whether a weight file is a PyTorch pickle rather than safetensors, by its name.
-pub fn is_pickle(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "bin" || e == "pt" || e == "pth")
 }
 
 /// Keys of `extra` that change the architecture, with the only value candle's modules support.
@@ -669,14 +667,14 @@ pub fn copy_components(
         }
         copy_tree(&path, &dest, &|file| !is_weight_file(file))?;
         let [single, index, bin] = weight_names(&name, None);
-        let files = pipeline.weight_files(&name)?;
-        if let Some(source_index) = pipeline.weight_index(&name) {
+        let ComponentWeights { files, index: source_index } = pipeline.weights(&name)?;
+        if let Some(source_index) = source_index {
             link_or_copy(&source_index, &dest.join(index))?;
             for shard in &files {
                 link_or_copy(shard, &dest.join(shard.file_name().expect("a shard is a file")))?;
             }
         } else {
-            let plain = if is_pickle(&files[0]) { bin } else { single };
+            let plain = if sdpipe_unet::is_pickle(&files[0]) { bin } else { single };
             link_or_copy(&files[0], &dest.join(plain))?;
         }
     }

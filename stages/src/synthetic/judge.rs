@@ -101,13 +101,10 @@ impl References {
 
     /// The (style, colour) indices whose reference at `pixel` is nearest to `rgb`.
     fn classify(&self, pixel: usize, rgb: [u8; 3]) -> (usize, usize) {
-        let distance = |r: &[u8; 3]| -> u32 {
-            (0..3).map(|i| (i32::from(r[i]) - i32::from(rgb[i])).pow(2) as u32).sum()
-        };
         let mut best = (0, 0, u32::MAX);
         for (s, colours) in self.refs.iter().enumerate() {
             for (c, reference) in colours.iter().enumerate() {
-                let d = distance(&reference[pixel]);
+                let d = squared_distance(reference[pixel], rgb);
                 if d < best.2 {
                     best = (s, c, d);
                 }
@@ -123,14 +120,16 @@ impl References {
             image
                 .pixels()
                 .enumerate()
-                .map(|(i, p)| {
-                    let r = &self.refs[s][classes[i]][i];
-                    (0..3).map(|k| (i64::from(r[k]) - i64::from(p.0[k])).pow(2) as u64).sum::<u64>()
-                })
+                .map(|(i, p)| u64::from(squared_distance(self.refs[s][classes[i]][i], p.0)))
                 .sum()
         };
         (0..STYLES.len()).min_by_key(|&s| error(s)).unwrap_or(0)
     }
+}
+
+/// The squared RGB distance of two colours.
+fn squared_distance(a: [u8; 3], b: [u8; 3]) -> u32 {
+    (0..3).map(|i| (i32::from(a[i]) - i32::from(b[i])).pow(2) as u32).sum()
 }
 
 fn palette_index(colour: Colour) -> usize {

@@ -40,6 +40,7 @@ use sdpipe_stages::api::StageKind;
 
 pub use config::{BlockKind, UNetConfig};
 pub use error::UNetError;
+pub use params::is_pickle;
 pub use unet::UNet;
 
 /// This crate is a model library for the `train` stage; it defines no stage kind of its own.

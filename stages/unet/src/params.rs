@@ -31,6 +31,12 @@ pub(crate) enum Init {
     Zeros,
 }
 
+/// Whether a weight file is a PyTorch pickle (`.bin`, `.pt`, `.pth`) rather than safetensors,
+/// by its name, as diffusers and transformers name them.
+pub fn is_pickle(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "bin" || e == "pt" || e == "pth")
+}
+
 enum Source {
     /// Tensors of one or more safetensors files (shards); `path` names them in errors.
     File {
@@ -70,8 +76,7 @@ impl ParamBuilder {
             if !path.is_file() {
                 return Err(weights_error("weights file not found".into()));
             }
-            let pickle = path.extension().is_some_and(|e| e == "bin" || e == "pt" || e == "pth");
-            let shard: Vec<(String, Tensor)> = if pickle {
+            let shard: Vec<(String, Tensor)> = if is_pickle(path) {
                 candle_core::pickle::read_all(path)
                     .map_err(|e| weights_error(format!("not a readable PyTorch state dict: {e}")))?
             } else {
