@@ -1,0 +1,19 @@
+//! The element types a convolution runs in.
+
+/// f32 (what the networks run in) or f64 (what gradient checks run in).
+pub trait Element:
+    Copy + Default + PartialOrd + Send + Sync + std::ops::AddAssign + std::fmt::Debug + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+}
+
+impl Element for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+}
+
+impl Element for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+}
