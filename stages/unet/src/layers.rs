@@ -5,8 +5,8 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::ops;
 use crate::params::{Init, ParamBuilder};
+use crate::{conv, ops};
 
 /// `nn.Linear`: `y = x Wᵀ + b` over the last dimension of any-rank input.
 #[derive(Debug, Clone)]
@@ -74,8 +74,7 @@ impl Conv2d {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, self.bias.dim(0)?, 1, 1))?)
+        conv::conv2d(x, &self.weight, &self.bias, self.stride, self.padding)
     }
 }
 

@@ -25,6 +25,7 @@
 mod blocks;
 mod checkpoint;
 pub mod config;
+pub mod conv;
 pub mod error;
 mod fused_attention;
 mod layers;

@@ -14,8 +14,10 @@
 //! - Attention composed of matmul + softmax would keep the `N×M` scores and probabilities of every
 //!   layer for the backward; [`attention`] keeps neither and recomputes them (flash-attention
 //!   style), which is what makes SD-sized training fit.
+//! - `conv2d` has a backward, but a slow one on the CPU: the UNet's and VAE's convolutions are
+//!   in [`crate::conv`].
 //!
-//! Everything else the UNet uses (conv2d, matmul, broadcasting binary ops, silu, narrow, cat,
+//! Everything else the UNet uses (matmul, broadcasting binary ops, silu, narrow, cat,
 //! reshape/transpose, sums) has a correct backward in candle 0.11.1.
 //!
 //! Each op here computes its forward with candle's (fused where available) kernels on *detached*
@@ -228,23 +230,8 @@ fn attach1(
     x.apply_op1_arc(Arc::new(Box::new(op)))
 }
 
-/// `value` (computed from `x`, `a` without a graph) with `backward` attached to both.
-fn attach2(
-    x: &Tensor,
-    a: &Tensor,
-    value: Tensor,
-    name: &'static str,
-    backward: Box<Backward>,
-) -> Result<Tensor> {
-    if !(x.track_op() || a.track_op()) {
-        return Ok(value);
-    }
-    let op = Precomputed { name, value: Mutex::new(Some(standalone(value)?)), backward };
-    x.apply_op2_arc(a, Arc::new(Box::new(op)))
-}
-
 /// `value` (computed from `x`, `a`, `b` without a graph) with `backward` attached to all three.
-fn attach3(
+pub(crate) fn attach3(
     x: &Tensor,
     a: &Tensor,
     b: &Tensor,
@@ -496,50 +483,13 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     )
 }
 
-/// A stride-1 convolution `x ⋆ w` (`(B, Cin, H, W)` by `(Cout, Cin, k, k)`, zero padding
-/// `padding`) whose input gradient is itself a convolution — of the output gradient with the
-/// kernel flipped spatially and transposed (`Cin`↔`Cout`), padding `k − 1 − padding` — which
-/// candle runs as im2col + GEMM.
-///
-/// Why: candle 0.11.1 takes the input gradient of `conv2d` with `conv_transpose2d`, which on the
-/// CPU is a direct loop of `Cin`-long dot products per output pixel, parallel over `Cout` only.
-/// That is negligible at the UNet's 8×8 latents but dominates a VAE step, whose convolutions run
-/// at full image resolution on few channels. The kernel gradient keeps candle's formula.
-pub fn conv2d_stride1(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
-    // Other devices keep candle's own backward.
-    if !x.device().is_cpu() {
-        return x.conv2d(w, padding, 1, 1, 1);
-    }
-    let value = x.detach().conv2d(&w.detach(), padding, 1, 1, 1)?;
-    attach2(
-        x,
-        w,
-        value,
-        "sdpipe-conv2d-stride1",
-        Box::new(move |inputs, _, grad| {
-            let (x, w) = (inputs[0], inputs[1]);
-            let k = w.dim(2)?;
-            let reversed = Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), w.device())?;
-            let flipped = w.index_select(&reversed, 2)?.index_select(&reversed, 3)?;
-            let flipped = flipped.transpose(0, 1)?.contiguous()?;
-            let grad = grad.detach();
-            let grad_x = grad.conv2d(&flipped, k - 1 - padding, 1, 1, 1)?;
-            let grad_w = x
-                .transpose(0, 1)?
-                .conv2d(&grad.transpose(0, 1)?, padding, 1, 1, 1)?
-                .transpose(0, 1)?;
-            Ok(vec![Some(grad_x), Some(grad_w)])
-        }),
-    )
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
     /// A deterministic f64 tensor of the given shape with values spread over about [-2, 2].
-    fn sample(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn sample(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
         let values: Vec<f64> = (0..n)
@@ -555,7 +505,7 @@ mod tests {
 
     /// Checks the gradients of `f(inputs) · r` (r a fixed random projection) against central
     /// finite differences for every element of every input.
-    fn check_gradients(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    pub(crate) fn check_gradients(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
         let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
         let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let out = f(&tracked).unwrap();
@@ -586,26 +536,9 @@ mod tests {
         }
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
         d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
-
-    #[test]
-    fn conv2d_stride1_gradients_match_finite_differences() {
-        let (x, w) = (sample(&[2, 3, 5, 4], 1), sample(&[2, 3, 3, 3], 2));
-        check_gradients(&[x, w], |t| conv2d_stride1(&t[0], &t[1], 1));
-        let (x, w) = (sample(&[1, 2, 3, 3], 3), sample(&[3, 2, 1, 1], 4));
-        check_gradients(&[x, w], |t| conv2d_stride1(&t[0], &t[1], 0));
-    }
-
-    #[test]
-    fn conv2d_stride1_forward_equals_candles_conv2d() {
-        let (x, w) = (sample(&[2, 3, 6, 6], 5), sample(&[4, 3, 3, 3], 6));
-        let tracked = Var::from_tensor(&x).unwrap();
-        let ours = conv2d_stride1(tracked.as_tensor(), &w, 1).unwrap();
-        let want = x.conv2d(&w, 1, 1, 1, 1).unwrap();
-        assert_eq!(max_abs_diff(&ours, &want), 0.0);
     }
 
     #[test]

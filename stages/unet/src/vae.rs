@@ -17,43 +17,12 @@ use serde_json::{json, Value};
 
 use crate::blocks::Downsample2D;
 use crate::error::UNetError;
-use crate::layers::{GroupNorm, Linear};
+use crate::layers::{Conv2d, GroupNorm, Linear};
 use crate::ops;
-use crate::params::{self, Init, ParamBuilder};
+use crate::params::{self, ParamBuilder};
 
 /// diffusers' `AutoencoderKL` hard-codes eps 1e-6 in every norm of the encoder and decoder.
 const NORM_EPS: f64 = 1e-6;
-
-/// `nn.Conv2d` with a bias, square kernel, stride 1 (every VAE convolution but the
-/// downsamplers'), on [`ops::conv2d_stride1`].
-#[derive(Debug, Clone)]
-struct Conv2d {
-    weight: Tensor,
-    bias: Tensor,
-    padding: usize,
-}
-
-impl Conv2d {
-    fn new(
-        pb: &mut ParamBuilder,
-        prefix: &str,
-        inputs: usize,
-        outputs: usize,
-        kernel: usize,
-        padding: usize,
-    ) -> Result<Self> {
-        let init = Init::Uniform { fan_in: inputs * kernel * kernel };
-        let weight =
-            pb.get(&format!("{prefix}.weight"), &[outputs, inputs, kernel, kernel], init)?;
-        let bias = pb.get(&format!("{prefix}.bias"), &[outputs], init)?;
-        Ok(Conv2d { weight, bias, padding })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = ops::conv2d_stride1(x, &self.weight, self.padding)?;
-        y.broadcast_add(&self.bias.reshape((1, self.bias.dim(0)?, 1, 1))?)
-    }
-}
 
 /// `Upsample2D`: nearest ×2, then a 3×3 convolution.
 #[derive(Debug, Clone)]
@@ -64,7 +33,7 @@ struct Upsample2D {
 impl Upsample2D {
     fn new(pb: &mut ParamBuilder, prefix: &str, channels: usize) -> Result<Self> {
         Ok(Upsample2D {
-            conv: Conv2d::new(pb, &format!("{prefix}.conv"), channels, channels, 3, 1)?,
+            conv: Conv2d::new(pb, &format!("{prefix}.conv"), channels, channels, 3, 1, 1)?,
         })
     }
 
@@ -224,11 +193,11 @@ impl Resnet {
         let p = |name: &str| format!("{prefix}.{name}");
         Ok(Resnet {
             norm1: GroupNorm::new(pb, &p("norm1"), groups, inputs, NORM_EPS)?,
-            conv1: Conv2d::new(pb, &p("conv1"), inputs, outputs, 3, 1)?,
+            conv1: Conv2d::new(pb, &p("conv1"), inputs, outputs, 3, 1, 1)?,
             norm2: GroupNorm::new(pb, &p("norm2"), groups, outputs, NORM_EPS)?,
-            conv2: Conv2d::new(pb, &p("conv2"), outputs, outputs, 3, 1)?,
+            conv2: Conv2d::new(pb, &p("conv2"), outputs, outputs, 3, 1, 1)?,
             conv_shortcut: if inputs != outputs {
-                Some(Conv2d::new(pb, &p("conv_shortcut"), inputs, outputs, 1, 0)?)
+                Some(Conv2d::new(pb, &p("conv_shortcut"), inputs, outputs, 1, 1, 0)?)
             } else {
                 None
             },
@@ -344,7 +313,7 @@ impl Half {
     fn encoder(pb: &mut ParamBuilder, c: &VaeConfig) -> Result<Self> {
         let widths = &c.block_out_channels;
         let g = c.norm_num_groups;
-        let conv_in = Conv2d::new(pb, "encoder.conv_in", c.in_channels, widths[0], 3, 1)?;
+        let conv_in = Conv2d::new(pb, "encoder.conv_in", c.in_channels, widths[0], 3, 1, 1)?;
         let mut blocks = Vec::with_capacity(widths.len());
         for (i, &out) in widths.iter().enumerate() {
             let mut input = if i == 0 { widths[0] } else { widths[i - 1] };
@@ -368,7 +337,7 @@ impl Half {
             blocks,
             mid: MidBlock::new(pb, "encoder.mid_block", last, g)?,
             conv_norm_out: GroupNorm::new(pb, "encoder.conv_norm_out", g, last, NORM_EPS)?,
-            conv_out: Conv2d::new(pb, "encoder.conv_out", last, 2 * c.latent_channels, 3, 1)?,
+            conv_out: Conv2d::new(pb, "encoder.conv_out", last, 2 * c.latent_channels, 3, 1, 1)?,
             mid_first: false,
         })
     }
@@ -377,7 +346,7 @@ impl Half {
         let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let g = c.norm_num_groups;
         let last = reversed[0];
-        let conv_in = Conv2d::new(pb, "decoder.conv_in", c.latent_channels, last, 3, 1)?;
+        let conv_in = Conv2d::new(pb, "decoder.conv_in", c.latent_channels, last, 3, 1, 1)?;
         let mid = MidBlock::new(pb, "decoder.mid_block", last, g)?;
         let mut blocks = Vec::with_capacity(reversed.len());
         for (i, &out) in reversed.iter().enumerate() {
@@ -401,7 +370,7 @@ impl Half {
             blocks,
             mid,
             conv_norm_out: GroupNorm::new(pb, "decoder.conv_norm_out", g, first, NORM_EPS)?,
-            conv_out: Conv2d::new(pb, "decoder.conv_out", first, c.out_channels, 3, 1)?,
+            conv_out: Conv2d::new(pb, "decoder.conv_out", first, c.out_channels, 3, 1, 1)?,
             mid_first: true,
         })
     }
@@ -502,13 +471,13 @@ impl Vae {
         let decoder = Half::decoder(&mut pb, &config)?;
         let l2 = 2 * config.latent_channels;
         let quant_conv = if config.use_quant_conv {
-            Some(Conv2d::new(&mut pb, "quant_conv", l2, l2, 1, 0)?)
+            Some(Conv2d::new(&mut pb, "quant_conv", l2, l2, 1, 1, 0)?)
         } else {
             None
         };
         let l = config.latent_channels;
         let post_quant_conv = if config.use_post_quant_conv {
-            Some(Conv2d::new(&mut pb, "post_quant_conv", l, l, 1, 0)?)
+            Some(Conv2d::new(&mut pb, "post_quant_conv", l, l, 1, 1, 0)?)
         } else {
             None
         };
