@@ -54,6 +54,7 @@ def ops(threads):
     q4, k4, v4 = (torch.randn(2, 8, 1024, 4) for _ in range(3))
     x, w128 = torch.randn(2, 128, 32, 32), torch.randn(128, 128, 3, 3) * 0.03
     x256, w256 = torch.randn(2, 256, 16, 16), torch.randn(256, 256, 3, 3) * 0.02
+    b128, b256 = torch.randn(128), torch.randn(256)
     gamma, beta = torch.ones(128), torch.zeros(128)
     tokens, w_ff, h = torch.randn(2048, 128), torch.randn(1024, 128) * 0.09, torch.randn(2048, 512)
     cases = [
@@ -63,8 +64,8 @@ def ops(threads):
          lambda: F.scaled_dot_product_attention(q4, k4, v4)),
         ("cross-attention (2x8 heads, 1024x77, d 16)",
          lambda: F.scaled_dot_product_attention(q, kc, vc)),
-        ("conv3x3 128->128 on 2x32x32", lambda: F.conv2d(x, w128, padding=1)),
-        ("conv3x3 256->256 on 2x16x16", lambda: F.conv2d(x256, w256, padding=1)),
+        ("conv3x3 128->128 on 2x32x32", lambda: F.conv2d(x, w128, b128, padding=1)),
+        ("conv3x3 256->256 on 2x16x16", lambda: F.conv2d(x256, w256, b256, padding=1)),
         ("group norm 32 groups, 2x128x32x32", lambda: F.group_norm(x, 32, gamma, beta, 1e-5)),
         ("linear 128->1024 on 2048 tokens", lambda: F.linear(tokens, w_ff)),
         ("gelu (erf) on 2048x512", lambda: F.gelu(h)),

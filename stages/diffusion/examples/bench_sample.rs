@@ -125,7 +125,7 @@ fn median_seconds(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> candle_
 }
 
 fn ops() -> candle_core::Result<()> {
-    use sdpipe_unet::ops;
+    use sdpipe_unet::{conv, ops, pointwise};
     let dev = Device::Cpu;
     let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev);
     let (q, k, v) =
@@ -137,6 +137,7 @@ fn ops() -> candle_core::Result<()> {
     let w128 = (randn(&[128, 128, 3, 3])? * 0.03)?;
     let x256 = randn(&[2, 256, 16, 16])?;
     let w256 = (randn(&[256, 256, 3, 3])? * 0.02)?;
+    let (b128, b256) = (randn(&[128])?, randn(&[256])?);
     let (gamma, beta) =
         (Tensor::ones(128, DType::F32, &dev)?, Tensor::zeros(128, DType::F32, &dev)?);
     let tokens = randn(&[2048, 128])?;
@@ -152,14 +153,14 @@ fn ops() -> candle_core::Result<()> {
             "cross-attention (2x8 heads, 1024x77, d 16)",
             Box::new(|| ops::attention(&q, &kc, &vc, 0.25)),
         ),
-        ("conv3x3 128->128 on 2x32x32", Box::new(|| x.conv2d(&w128, 1, 1, 1, 1))),
-        ("conv3x3 256->256 on 2x16x16", Box::new(|| x256.conv2d(&w256, 1, 1, 1, 1))),
+        ("conv3x3 128->128 on 2x32x32", Box::new(|| conv::conv2d(&x, &w128, &b128, 1, 1))),
+        ("conv3x3 256->256 on 2x16x16", Box::new(|| conv::conv2d(&x256, &w256, &b256, 1, 1))),
         (
             "group norm 32 groups, 2x128x32x32",
             Box::new(|| ops::group_norm(&x, &gamma, &beta, 32, 1e-5)),
         ),
         ("linear 128->1024 on 2048 tokens", Box::new(|| tokens.matmul(&w_ff.t()?))),
-        ("gelu (erf) on 2048x512", Box::new(|| ops::gelu(&h))),
+        ("gelu (erf) on 2048x512", Box::new(|| pointwise::gelu(&h))),
     ];
     for (name, mut f) in cases {
         println!("{name}: {:.2} ms", median_seconds(&mut f)? * 1e3);

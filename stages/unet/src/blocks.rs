@@ -8,6 +8,7 @@ use candle_core::{DType, Result, Tensor, D};
 use crate::layers::{Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::ops;
 use crate::params::ParamBuilder;
+use crate::pointwise;
 
 /// diffusers' `get_timestep_embedding` with `scale` 1 and `max_period` 10000: for timesteps `t`
 /// (shape `(B,)`), `[sin(t·f), cos(t·f)]` (or cos first when `flip_sin_to_cos`) with
@@ -60,7 +61,7 @@ impl TimestepEmbedding {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+        self.linear_2.forward(&pointwise::silu(&self.linear_1.forward(x)?)?)
     }
 }
 
@@ -110,10 +111,10 @@ impl ResnetBlock2D {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let t = self.time_emb_proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+        let h = self.conv1.forward(&pointwise::silu(&self.norm1.forward(x)?)?)?;
+        let t = self.time_emb_proj.forward(&pointwise::silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&pointwise::silu(&self.norm2.forward(&h)?)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
@@ -200,7 +201,7 @@ impl FeedForward {
         let projected = self.proj.forward(x)?;
         let hidden = projected.narrow(D::Minus1, 0, self.inner)?;
         let gate = projected.narrow(D::Minus1, self.inner, self.inner)?;
-        self.out.forward(&(hidden * ops::gelu(&gate)?)?)
+        self.out.forward(&(hidden * pointwise::gelu(&gate)?)?)
     }
 }
 

@@ -9,10 +9,11 @@
 //! shapes convolutions were 3–6× slower than PyTorch's. Other devices and dtypes keep candle's
 //! op and its backward.
 
-use candle_core::{DType, Device, Result, Storage, Tensor, WithDType};
+use candle_core::{DType, Device, Result, Tensor, WithDType};
 use sdpipe_conv::{Activation, ConvShape};
 
 use crate::ops::attach3;
+use crate::slices::with_slice;
 
 /// `conv(x, weight) + bias`: `x` `[B, c_in, H, W]`, `weight` `[c_out, c_in, kh, kw]`, `bias`
 /// `[c_out]`, the same zero `padding` on every side.
@@ -98,19 +99,6 @@ fn backward<T: WithDType + sdpipe_conv::Element>(
         Tensor::from_vec(grad_x, x.dims(), &Device::Cpu)?,
         Tensor::from_vec(grad_w, weight.dims(), &Device::Cpu)?,
     ))
-}
-
-/// Runs `f` on the elements of a CPU tensor of element type `T`, in row-major order (copied
-/// only if the tensor is not contiguous).
-fn with_slice<T: WithDType, R>(x: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("expected a CPU tensor") };
-    let data = cpu.as_slice::<T>()?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("tensor not contiguous".into()))?;
-    Ok(f(&data[start..end]))
 }
 
 #[cfg(test)]

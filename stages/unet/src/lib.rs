@@ -32,6 +32,8 @@ mod layers;
 pub mod memory;
 pub mod ops;
 mod params;
+pub mod pointwise;
+mod slices;
 mod unet;
 pub mod vae;
 

@@ -5,7 +5,8 @@
 //! - `candle_nn::ops::softmax_last_dim` and `layer_norm` are fused custom ops applied with
 //!   `apply_op*_no_bwd`: the graph stops there.
 //! - `gelu_erf` has a backward, but with the constant 1/√(2π) rounded to 0.398942, which is off by
-//!   7e-7 relative; ours is exact, as torch's `F.gelu` derivative is.
+//!   7e-7 relative; ours is exact, as torch's `F.gelu` derivative is (in [`crate::pointwise`],
+//!   with SiLU: candle's CPU unary ops run on one thread).
 //! - `upsample_nearest2d`'s backward *overwrites* the input's accumulated gradient (a bug whenever
 //!   the input has another consumer) and runs a grouped convolution with one group per channel,
 //!   which candle's CPU backend executes as C separate convolutions.
@@ -17,7 +18,7 @@
 //! - `conv2d` has a backward, but a slow one on the CPU: the UNet's and VAE's convolutions are
 //!   in [`crate::conv`].
 //!
-//! Everything else the UNet uses (matmul, broadcasting binary ops, silu, narrow, cat,
+//! Everything else the UNet uses (matmul, broadcasting binary ops, narrow, cat,
 //! reshape/transpose, sums) has a correct backward in candle 0.11.1.
 //!
 //! Each op here computes its forward with candle's (fused where available) kernels on *detached*
@@ -25,7 +26,6 @@
 //! custom op (`Precomputed`) whose only saved state is the inputs and the output. That is both
 //! what makes them differentiable and what keeps training memory low.
 
-use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
@@ -217,7 +217,7 @@ fn standalone(value: Tensor) -> Result<Tensor> {
 }
 
 /// `value` (computed from `x` without a graph) with `backward` attached to `x`.
-fn attach1(
+pub(crate) fn attach1(
     x: &Tensor,
     value: Tensor,
     name: &'static str,
@@ -446,25 +446,6 @@ pub fn group_norm(
     )
 }
 
-/// GELU with the exact erf formulation, torch's `F.gelu` default: `x · Φ(x)`.
-///
-/// Backward: `Φ(x) + x · φ(x)` with `φ(x) = exp(−x²/2)/√(2π)`.
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    let value = x.detach().gelu_erf()?;
-    attach1(
-        x,
-        value,
-        "sdpipe-gelu-erf",
-        Box::new(|args, _, g| {
-            let x = args[0];
-            let cdf = (((x * FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
-            let pdf = ((x.sqr()? * -0.5)?.exp()? * (FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5))?;
-            let dx = (cdf + (x * pdf)?)?;
-            Ok(vec![Some((g * dx)?)])
-        }),
-    )
-}
-
 /// Nearest-neighbour ×2 upsampling of `(B, C, H, W)`, as `F.interpolate(scale_factor=2.0,
 /// mode="nearest")`.
 ///
@@ -643,18 +624,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn gelu_gradient_matches_finite_differences() {
-        check_gradients(&[sample(&[3, 7], 15)], |t| gelu(&t[0]));
-    }
-
-    #[test]
-    fn gelu_forward_equals_candles_erf_gelu() {
-        let x = sample(&[4, 9], 16).to_dtype(DType::F32).unwrap();
-        let tracked = Var::from_tensor(&x).unwrap();
-        assert_eq!(max_abs_diff(&gelu(tracked.as_tensor()).unwrap(), &x.gelu_erf().unwrap()), 0.0);
-    }
-
-    #[test]
     fn upsample_gradient_matches_finite_differences() {
         check_gradients(&[sample(&[1, 2, 2, 3], 17)], |t| upsample_nearest2x(&t[0]));
     }
@@ -682,6 +651,5 @@ pub(crate) mod tests {
     fn untracked_inputs_build_no_graph() {
         let x = sample(&[2, 4], 20);
         assert!(!softmax_last_dim(&x).unwrap().track_op());
-        assert!(!gelu(&x).unwrap().track_op());
     }
 }

@@ -27,6 +27,7 @@ use crate::config::{BlockKind, UNetConfig};
 use crate::error::UNetError;
 use crate::layers::{Conv2d, GroupNorm};
 use crate::params::{self, ParamBuilder};
+use crate::pointwise;
 
 /// Where a step's input comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -484,7 +485,9 @@ impl UNet {
             StepOp::Transformer(i) => self.transformers[i].forward(&inputs[0], &inputs[1]),
             StepOp::Downsample(i) => self.downsamplers[i].forward(&inputs[0]),
             StepOp::Upsample(i) => self.upsamplers[i].forward(&inputs[0]),
-            StepOp::Out => self.conv_out.forward(&self.conv_norm_out.forward(&inputs[0])?.silu()?),
+            StepOp::Out => {
+                self.conv_out.forward(&pointwise::silu(&self.conv_norm_out.forward(&inputs[0])?)?)
+            }
         }
     }
 

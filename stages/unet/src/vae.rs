@@ -20,6 +20,7 @@ use crate::error::UNetError;
 use crate::layers::{Conv2d, GroupNorm, Linear};
 use crate::ops;
 use crate::params::{self, ParamBuilder};
+use crate::pointwise;
 
 /// diffusers' `AutoencoderKL` hard-codes eps 1e-6 in every norm of the encoder and decoder.
 const NORM_EPS: f64 = 1e-6;
@@ -205,8 +206,8 @@ impl Resnet {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&pointwise::silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv2.forward(&pointwise::silu(&self.norm2.forward(&h)?)?)?;
         match &self.conv_shortcut {
             Some(conv) => conv.forward(x)? + h,
             None => x + h,
@@ -386,7 +387,7 @@ impl Half {
         if !self.mid_first {
             x = self.mid.forward(&x)?;
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&pointwise::silu(&self.conv_norm_out.forward(&x)?)?)
     }
 }
 
