@@ -1,12 +1,21 @@
-//! Attention for inference (no graph): `softmax(q·kᵀ·scale)·v` computed a block of query rows at
-//! a time, each block's scores, softmax and product in one per-thread buffer, the blocks of all
-//! heads in parallel on the current rayon pool.
+//! Attention on the CPU as blocked kernels, forward and backward: `softmax(q·kᵀ·scale)·v`
+//! computed a block of query rows at a time, each block's scores and probabilities in
+//! per-thread buffers that never leave L2.
 //!
 //! Why: composed of candle ops, attention over SD's 32×32 latents writes a 1024×1024 score
-//! matrix per head, softmaxes it in another pass and reads it back for the product — memory
-//! traffic that made it ~8× slower than torch's fused CPU kernel, and most of a sampling step.
-//! Here a block's scores (64 rows × the keys) stay in L2 between the two products. The training
-//! path ([`crate::ops::attention`]) keeps its own forward, whose backward recomputes the scores.
+//! matrix per head, softmaxes it in another pass (libm's scalar `expf`, one thread) and reads it
+//! back for the product — memory traffic that made it ~8× slower than torch's fused CPU kernel
+//! in sampling, and a quarter of a training step.
+//!
+//! - [`attention`]: the blocks of all heads in parallel on the current rayon pool.
+//! - [`attention_backward`]: flash attention's backward. Per block it recomputes the
+//!   probabilities `P` exactly as the forward did, then `dV += Pᵀ·dO`, `dP = dO·vᵀ`,
+//!   `dS = P ⊙ (dP − rowsum(dP ⊙ P))`, `dq = dS·k·scale`, `dk += dSᵀ·q·scale`. `dk` and `dv`
+//!   sum over every query block, so the blocks of one head run in order on one thread and the
+//!   heads in parallel: sums never depend on the thread count.
+//!
+//! Nothing score-sized outlives a block, in the forward or the backward, so the graph keeps
+//! only `q`, `k` and `v` per attention layer.
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::iter::{IndexedParallelIterator, ParallelIterator};
@@ -58,35 +67,33 @@ fn block(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    scores.resize(r * m, 0.0);
-    assert!(q.len() == r * d && k.len() == m * d && v.len() == m * e && out.len() == r * e);
-    // SAFETY: every operand lies inside its slice (the assert above): `scores` `(r, m)` row-major
-    // is written; `q` `(r, d)` row-major and `k` read as `kᵀ` `(d, m)` (element (i, j) at
-    // `k[j·d + i]`: columns `d` apart, rows 1 apart).
-    unsafe {
-        gemm::gemm(
-            r,
-            m,
-            d,
-            scores.as_mut_ptr(),
-            1,
-            m as isize,
-            false,
-            q.as_ptr(),
-            1,
-            d as isize,
-            k.as_ptr(),
-            d as isize,
-            1,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-    // Softmax per row, as candle's fused kernel: subtract the max, exponentiate, divide by the sum.
+    assert!(v.len() == m * e && out.len() == r * e);
+    probabilities(q, k, (r, m, d), scale, scores);
+    // SAFETY: `scores` `(r, m)` and `v` `(m, e)` row-major are read, `out` `(r, e)` row-major is
+    // written, all inside their slices (the asserts here and in `probabilities`).
+    unsafe { product(out, (r, e, m), false, 0.0, 1.0, (&scores[..], Major::Row), (v, Major::Row)) }
+}
+
+/// `p` `(r, m)` = softmax(`q` `(r, d)` · `k`ᵀ · scale) by rows, `k` `(m, d)`: the forward's
+/// probabilities, which the backward recomputes bit for bit.
+fn probabilities(
+    q: &[f32],
+    k: &[f32],
+    (r, m, d): (usize, usize, usize),
+    scale: f32,
+    p: &mut Vec<f32>,
+) {
+    p.resize(r * m, 0.0);
+    assert!(q.len() == r * d && k.len() == m * d);
+    // SAFETY: `q` `(r, d)` and `k` `(m, d)` (read as `kᵀ`) are read, `p` `(r, m)` written, all
+    // inside their slices (the assert above).
+    unsafe { product(p, (r, m, d), false, 0.0, scale, (q, Major::Row), (k, Major::Column)) }
+    softmax_rows(p, m);
+}
+
+/// Softmax of each row of `m` values in place, as candle's fused kernel: subtract the row's
+/// max, exponentiate, divide by the sum.
+fn softmax_rows(scores: &mut [f32], m: usize) {
     for row in scores.chunks_exact_mut(m.max(1)) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         for x in row.iter_mut() {
@@ -97,31 +104,164 @@ fn block(
             *x /= sum;
         }
     }
-    // SAFETY: `scores` `(r, m)` and `v` `(m, e)` row-major are read, `out` `(r, e)` row-major is
-    // written, all inside their slices (the assert above).
-    unsafe {
-        gemm::gemm(
-            r,
-            e,
-            m,
-            out.as_mut_ptr(),
-            1,
-            e as isize,
-            false,
-            scores.as_ptr(),
-            1,
-            m as isize,
-            v.as_ptr(),
-            1,
-            e as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+}
+
+/// How a matrix operand of [`product`] lies in its slice: `Row` is the matrix stored row-major,
+/// `Column` is the transpose of a row-major matrix (e.g. `kᵀ` read from `k`).
+#[derive(Clone, Copy)]
+enum Major {
+    Row,
+    Column,
+}
+
+/// `dst` `(rows, cols)` row-major ← `alpha·dst` (when `read_dst`) `+ beta · lhs · rhs`, where
+/// `lhs` is `(rows, inner)` and `rhs` `(inner, cols)`, each laid out as its [`Major`] says; on
+/// the calling thread.
+///
+/// # Safety
+/// Every operand must hold its whole matrix: `dst` `rows·cols`, `lhs` `rows·inner` and `rhs`
+/// `inner·cols` elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    dst: &mut [f32],
+    (rows, cols, inner): (usize, usize, usize),
+    read_dst: bool,
+    alpha: f32,
+    beta: f32,
+    (lhs, lhs_major): (&[f32], Major),
+    (rhs, rhs_major): (&[f32], Major),
+) {
+    debug_assert!(
+        dst.len() >= rows * cols && lhs.len() >= rows * inner && rhs.len() >= inner * cols
+    );
+    // gemm takes each operand's (column stride, row stride).
+    let strides = |major: Major, row_len: usize, col_len: usize| match major {
+        Major::Row => (1, row_len as isize),
+        Major::Column => (col_len as isize, 1),
+    };
+    let (lhs_cs, lhs_rs) = strides(lhs_major, inner, rows);
+    let (rhs_cs, rhs_rs) = strides(rhs_major, cols, inner);
+    gemm::gemm(
+        rows,
+        cols,
+        inner,
+        dst.as_mut_ptr(),
+        1,
+        cols as isize,
+        read_dst,
+        lhs.as_ptr(),
+        lhs_cs,
+        lhs_rs,
+        rhs.as_ptr(),
+        rhs_cs,
+        rhs_rs,
+        alpha,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// The gradients `(dq, dk, dv)` of [`attention`] for the output gradient `grad` `(groups, n,
+/// e)`, shapes as there.
+pub(crate) fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (groups, n, d) = q.dims3()?;
+    let (_, m, e) = v.dims3()?;
+    if k.dims() != [groups, m, d] || v.dim(0)? != groups || grad.dims() != [groups, n, e] {
+        candle_core::bail!(
+            "attention backward: q {:?}, k {:?}, v {:?}, grad {:?} do not fit together",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            grad.dims()
         )
     }
+    let host = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1::<f32>() };
+    let (q, k, v, g) = (host(q)?, host(k)?, host(v)?, host(grad)?);
+    let (mut dq, mut dk, mut dv) =
+        (vec![0f32; groups * n * d], vec![0f32; groups * m * d], vec![0f32; groups * m * e]);
+    if n * m * d * e > 0 {
+        let rows = (BLOCK_SCORES / m).clamp(1, n);
+        let scale = scale as f32;
+        dq.par_chunks_mut(n * d)
+            .zip(dk.par_chunks_mut(m * d))
+            .zip(dv.par_chunks_mut(m * e))
+            .enumerate()
+            .for_each(|(h, ((dq, dk), dv))| {
+                let (qh, kh) = (&q[h * n * d..][..n * d], &k[h * m * d..][..m * d]);
+                let (vh, gh) = (&v[h * m * e..][..m * e], &g[h * n * e..][..n * e]);
+                let (mut p, mut dp) = (Vec::new(), Vec::new());
+                for first in (0..n).step_by(rows) {
+                    let r = rows.min(n - first);
+                    let (qb, gb) = (&qh[first * d..][..r * d], &gh[first * e..][..r * e]);
+                    let dqb = &mut dq[first * d..][..r * d];
+                    probabilities(qb, kh, (r, m, d), scale, &mut p);
+                    dp.resize(r * m, 0.0);
+                    // SAFETY: every operand holds its whole matrix: p, dp `(r, m)`, gb `(r, e)`,
+                    // vh, dv `(m, e)`, qb, dqb `(r, d)`, kh, dk `(m, d)` (sliced above).
+                    unsafe {
+                        product(
+                            dv,
+                            (m, e, r),
+                            true,
+                            1.0,
+                            1.0,
+                            (&p[..], Major::Column),
+                            (gb, Major::Row),
+                        );
+                        product(
+                            &mut dp,
+                            (r, m, e),
+                            false,
+                            0.0,
+                            1.0,
+                            (gb, Major::Row),
+                            (vh, Major::Column),
+                        );
+                    }
+                    for (dp_row, p_row) in dp.chunks_exact_mut(m).zip(p.chunks_exact(m)) {
+                        let dot = dot_f32(dp_row, p_row);
+                        for (ds, &p) in dp_row.iter_mut().zip(p_row) {
+                            *ds = p * (*ds - dot);
+                        }
+                    }
+                    // SAFETY: as above; `dp` now holds dS `(r, m)`.
+                    unsafe {
+                        product(
+                            dqb,
+                            (r, d, m),
+                            false,
+                            0.0,
+                            scale,
+                            (&dp[..], Major::Row),
+                            (kh, Major::Row),
+                        );
+                        product(
+                            dk,
+                            (m, d, r),
+                            true,
+                            1.0,
+                            scale,
+                            (&dp[..], Major::Column),
+                            (qb, Major::Row),
+                        );
+                    }
+                }
+            });
+    }
+    Ok((
+        Tensor::from_vec(dq, (groups, n, d), &Device::Cpu)?,
+        Tensor::from_vec(dk, (groups, m, d), &Device::Cpu)?,
+        Tensor::from_vec(dv, (groups, m, e), &Device::Cpu)?,
+    ))
 }
 
 /// `e^x` for `x ≤ 0` (a softmax's shifted scores), within 2 ulp of libm's `expf`, in
@@ -172,9 +312,22 @@ fn sum_f32(values: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
-/// Whether [`attention`] can serve these tensors (f32 on the CPU; no gradient wanted).
+/// `Σ a_i·b_i`, in eight running sums as [`sum_f32`].
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
+            *lane += x * y;
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
+/// Whether these kernels can serve these tensors: f32 on the CPU.
 pub(crate) fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    [q, k, v].iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op())
+    [q, k, v].iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
 }
 
 #[cfg(test)]
@@ -224,6 +377,62 @@ mod tests {
         assert!(diff < TOLERANCE, "max |Δ| {diff}");
     }
 
+    /// `(dq, dk, dv)` by candle's autograd through the plain formula (its composed softmax),
+    /// for the output gradient `g`.
+    fn plain_gradients(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, scale: f64) -> [Tensor; 3] {
+        let vars = [q, k, v].map(|t| candle_core::Var::from_tensor(t).unwrap());
+        let scores = (vars[0].as_tensor() * scale).unwrap().matmul(&vars[1].t().unwrap()).unwrap();
+        let probs = candle_nn::ops::softmax(&scores, candle_core::D::Minus1).unwrap();
+        let out = probs.matmul(vars[2].as_tensor()).unwrap();
+        let grads = (out * g).unwrap().sum_all().unwrap().backward().unwrap();
+        vars.map(|var| grads.get(&var).unwrap().clone())
+    }
+
+    /// Each of `ours` within float rounding of `theirs`, relative to the largest gradient.
+    fn assert_gradients_close(ours: (Tensor, Tensor, Tensor), theirs: [Tensor; 3]) {
+        for (name, (a, b)) in
+            ["dq", "dk", "dv"].iter().zip([ours.0, ours.1, ours.2].iter().zip(&theirs))
+        {
+            let largest: f32 =
+                b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+            let diff = max_abs_diff(a, b);
+            assert!(diff <= 1e-5 * largest.max(1.0), "{name}: max |Δ| {diff}, largest {largest}");
+        }
+    }
+
+    #[test]
+    fn backward_equals_autograd_of_the_plain_formula_within_float_rounding() {
+        let (q, k, v) = (sample(&[3, 10, 4], 11), sample(&[3, 7, 4], 12), sample(&[3, 7, 5], 13));
+        let g = sample(&[3, 10, 5], 14);
+        let ours = attention_backward(&q, &k, &v, &g, 0.5).unwrap();
+        assert_gradients_close(ours, plain_gradients(&q, &k, &v, &g, 0.5));
+    }
+
+    #[test]
+    fn backward_over_several_blocks_sums_every_blocks_share_of_dk_and_dv() {
+        // 2048 keys: 32 rows per block, so 100 queries make three full blocks and a partial one.
+        let (q, k, v) =
+            (sample(&[2, 100, 3], 15), sample(&[2, 2048, 3], 16), sample(&[2, 2048, 6], 17));
+        let g = sample(&[2, 100, 6], 18);
+        let ours = attention_backward(&q, &k, &v, &g, 0.3).unwrap();
+        assert_gradients_close(ours, plain_gradients(&q, &k, &v, &g, 0.3));
+    }
+
+    #[test]
+    fn backward_does_not_depend_on_the_thread_count() {
+        let (q, k, v) =
+            (sample(&[4, 70, 3], 19), sample(&[4, 1500, 3], 20), sample(&[4, 1500, 2], 21));
+        let g = sample(&[4, 70, 2], 22);
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| attention_backward(&q, &k, &v, &g, 0.7).unwrap())
+        };
+        let (one, three) = (run(1), run(3));
+        for (a, b) in [(&one.0, &three.0), (&one.1, &three.1), (&one.2, &three.2)] {
+            assert_eq!(max_abs_diff(a, b), 0.0);
+        }
+    }
+
     #[test]
     fn the_fast_exponential_is_within_two_ulp_of_libm_zero_far_below_and_nan_for_nan() {
         let mut worst = 0f32;
@@ -247,11 +456,11 @@ mod tests {
     }
 
     #[test]
-    fn serves_only_untracked_f32_tensors() {
+    fn serves_f32_tensors_tracked_or_not_and_nothing_else() {
         let x = sample(&[1, 2, 2], 1);
         let var = candle_core::Var::from_tensor(&x).unwrap();
         assert!(applies(&x, &x, &x));
-        assert!(!applies(var.as_tensor(), &x, &x));
+        assert!(applies(var.as_tensor(), &x, &x));
         assert!(!applies(&x.to_dtype(DType::F16).unwrap(), &x, &x));
     }
 }
