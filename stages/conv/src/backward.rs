@@ -1,6 +1,6 @@
 //! The gradients of a convolution: of its input (a convolution of the output gradient with the
 //! kernel flipped and transposed at stride 1; col2im of `wᵀ · grad` otherwise) and of its kernel
-//! (`grad · columnsᵀ` summed over tiles).
+//! (`grad · columnsᵀ` summed over tiles), and of its bias (`grad` summed per channel).
 
 use rayon::iter::{IndexedParallelIterator, IntoParallelIterator, ParallelIterator};
 use rayon::slice::ParallelSliceMut;
@@ -214,5 +214,31 @@ impl ConvShape {
             }
         }
         Ok(grad)
+    }
+
+    /// The gradient of the bias `[c_out]` from the output gradient `[batch, c_out, H', W']`
+    /// of an input of `h × w`: each channel's sum over images and pixels, channels in
+    /// parallel, each summed in one fixed order (image by image, pixel by pixel).
+    pub fn backward_bias<T: Element>(
+        &self,
+        batch: usize,
+        (h, w): (usize, usize),
+        grad_out: &[T],
+    ) -> Result<Vec<T>, ConvError> {
+        let g = self.geometry(h, w)?;
+        let out_plane = g.out_h * g.out_w;
+        Self::check_len("output gradient", grad_out.len(), batch * self.c_out * out_plane)?;
+        Ok((0..self.c_out)
+            .into_par_iter()
+            .map(|c| {
+                let mut total = T::ZERO;
+                for image in 0..batch {
+                    for &v in &grad_out[(image * self.c_out + c) * out_plane..][..out_plane] {
+                        total += v;
+                    }
+                }
+                total
+            })
+            .collect())
     }
 }

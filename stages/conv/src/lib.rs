@@ -12,9 +12,9 @@
 //! - [`ConvShape::forward`]: `act(conv(x, w) + b)` — each image unfolded (im2col) straight from
 //!   NCHW a tile of output rows at a time, one `gemm` per tile writing into the output in place
 //!   (`unfold.rs`, `forward.rs`);
-//! - [`ConvShape::backward_input`] and [`ConvShape::backward_weight`]: the gradients of the
-//!   input and of the kernel (`backward.rs`). The bias gradient is a plain sum over the output
-//!   gradient and stays with the caller's autograd.
+//! - [`ConvShape::backward_input`], [`ConvShape::backward_weight`] and
+//!   [`ConvShape::backward_bias`]: the gradients of the input, the kernel and the bias
+//!   (`backward.rs`).
 //!
 //! Data are plain row-major slices (`[B, C, H, W]` images, `[c_out, c_in, kh, kw]` kernels, as
 //! PyTorch stores them), in f32 or f64, so the crate knows nothing of any tensor library.

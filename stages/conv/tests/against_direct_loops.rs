@@ -72,6 +72,10 @@ impl Case {
             *o = bias[(i / (oh * ow)) % self.c_out];
         }
         let (mut grad_x, mut grad_w) = (vec![0.0; x.len()], vec![0.0; k.len()]);
+        let mut grad_b = vec![0.0; self.c_out];
+        for (o, g) in grad.iter().enumerate() {
+            grad_b[(o / (oh * ow)) % self.c_out] += g;
+        }
         self.for_each_tap(|i, o, wi| {
             out[o] += x[i] * k[wi];
             grad_x[i] += grad[o] * k[wi];
@@ -94,6 +98,8 @@ impl Case {
                 assert_close("input gradient", &got, &grad_x);
                 let got = shape.backward_weight(self.batch, self.hw, &x, &grad).unwrap();
                 assert_close("kernel gradient", &got, &grad_w);
+                let got = shape.backward_bias(self.batch, self.hw, &grad).unwrap();
+                assert_close("bias gradient", &got, &grad_b);
             });
         }
     }

@@ -1,6 +1,6 @@
 //! `nn.Conv2d` as a differentiable op on the shared CPU convolution (`sdpipe-conv`): forward
 //! with the bias added in place, input and kernel gradients from the same im2col + `gemm`
-//! tiles, the bias gradient a sum of the output gradient.
+//! tiles, the bias gradient the output gradient summed per channel.
 //!
 //! Why not candle's `conv2d`: its CPU forward gathers and scatters tiles element by element on
 //! top of a one-thread NHWC transpose, and its backward takes the input gradient with
@@ -47,11 +47,10 @@ pub fn conv2d(
         "sdpipe-conv2d",
         Box::new(move |inputs, _, grad| {
             let (x, weight) = (inputs[0], inputs[1]);
-            let (grad_x, grad_w) = match x.dtype() {
+            let (grad_x, grad_w, grad_b) = match x.dtype() {
                 DType::F32 => backward::<f32>(&shape, x, weight, grad)?,
                 _ => backward::<f64>(&shape, x, weight, grad)?,
             };
-            let grad_b = grad.sum((0, 2, 3))?;
             Ok(vec![Some(grad_x), Some(grad_w), Some(grad_b)])
         }),
     )
@@ -79,13 +78,13 @@ fn forward<T: WithDType + sdpipe_conv::Element>(
     Tensor::from_vec(out, (b, shape.c_out, out_h, out_w), &Device::Cpu)
 }
 
-/// The gradients of the input and the kernel.
+/// The gradients of the input, the kernel and the bias.
 fn backward<T: WithDType + sdpipe_conv::Element>(
     shape: &ConvShape,
     x: &Tensor,
     weight: &Tensor,
     grad: &Tensor,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, _, h, w) = x.dims4()?;
     let grad_x = with_slice::<T, _>(grad, |grad| {
         with_slice::<T, _>(weight, |weight| shape.backward_input(b, (h, w), grad, weight))
@@ -95,9 +94,12 @@ fn backward<T: WithDType + sdpipe_conv::Element>(
         with_slice::<T, _>(grad, |grad| shape.backward_weight(b, (h, w), x, grad))
     })??
     .map_err(candle_core::Error::wrap)?;
+    let grad_b = with_slice::<T, _>(grad, |grad| shape.backward_bias(b, (h, w), grad))?
+        .map_err(candle_core::Error::wrap)?;
     Ok((
         Tensor::from_vec(grad_x, x.dims(), &Device::Cpu)?,
         Tensor::from_vec(grad_w, weight.dims(), &Device::Cpu)?,
+        Tensor::from_vec(grad_b, shape.c_out, &Device::Cpu)?,
     ))
 }
 
