@@ -21,6 +21,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use rayon::iter::{IndexedParallelIterator, ParallelIterator};
 use rayon::slice::ParallelSliceMut;
 
+use crate::fastmath::exp_nonpositive;
+
 /// Scores held per block: 64 Ki f32 (256 KiB, within a core's L2), i.e. 64 query rows against
 /// 1024 keys.
 const BLOCK_SCORES: usize = 1 << 16;
@@ -308,40 +310,6 @@ fn softmax_backward_rows_portable(dp: &mut [f32], p: &[f32], m: usize) {
     }
 }
 
-/// `e^x` for `x ≤ 0` (a softmax's shifted scores), within 2 ulp of libm's `expf`, in
-/// straight-line arithmetic the compiler vectorises (libm's scalar call was most of the
-/// attention's time): `x = n·ln2 + r` with `|r| ≤ ln2/2` (ln2 split in two for an exact
-/// reduction), Cephes' degree-6 polynomial for `e^r`, and `2^n` built in the exponent bits.
-/// Below −87.3 the true value is under f32's smallest normal: 0.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding 1.5·2^23 rounds to the nearest integer without a (non-vectorisable) floor call.
-    const ROUND: f32 = 12_582_912.0;
-    let clamped = x.max(-87.3);
-    let t = clamped * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e_r = p * r * r + r + 1.0;
-    // n is in [-126, 0]: its biased exponent fits the field.
-    let two_n = f32::from_bits(((t.to_bits() as i32 - ROUND.to_bits() as i32 + 127) as u32) << 23);
-    if x > -87.3 {
-        e_r * two_n
-    } else if x <= -87.3 {
-        0.0
-    } else {
-        x // NaN stays NaN: a diverged model must not look finite
-    }
-}
-
 /// The sum of `values`, in eight running sums so that it vectorises (a single running sum is a
 /// dependency chain the compiler may not reorder).
 #[inline(always)]
@@ -524,22 +492,6 @@ mod tests {
         assert_eq!(max_f32(&row), fold(&row));
         assert_eq!(max_f32(&[]), f32::NEG_INFINITY);
         assert_eq!(max_f32(&[f32::NAN; 9]), fold(&[f32::NAN; 9]));
-    }
-
-    #[test]
-    fn the_fast_exponential_is_within_two_ulp_of_libm_zero_far_below_and_nan_for_nan() {
-        let mut worst = 0f32;
-        for i in 0..=200_000u32 {
-            let x = -(i as f32) * 87.0 / 200_000.0;
-            let (ours, libm) = (exp_nonpositive(x), x.exp());
-            worst = worst.max((ours - libm).abs() / libm);
-        }
-        // 2 ulp of f32 is 2.4e-7 relative.
-        assert!(worst <= 2.4e-7, "worst relative error {worst:e}");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert_eq!(exp_nonpositive(-100.0), 0.0);
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 
     #[test]

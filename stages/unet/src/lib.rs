@@ -27,6 +27,7 @@ mod checkpoint;
 pub mod config;
 pub mod conv;
 pub mod error;
+mod fastmath;
 mod fused_attention;
 mod layers;
 pub mod memory;
