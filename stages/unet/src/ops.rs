@@ -5,8 +5,8 @@
 //! - `candle_nn::ops::softmax_last_dim` and `layer_norm` are fused custom ops applied with
 //!   `apply_op*_no_bwd`: the graph stops there.
 //! - `gelu_erf` has a backward, but with the constant 1/√(2π) rounded to 0.398942, which is off by
-//!   7e-7 relative; ours is exact, as torch's `F.gelu` derivative is (in [`crate::pointwise`],
-//!   with SiLU: candle's CPU unary ops run on one thread).
+//!   7e-7 relative; ours uses the exact constant, as torch's `F.gelu` derivative does (in
+//!   [`crate::pointwise`], with SiLU: candle's CPU unary ops run on one thread).
 //! - `upsample_nearest2d`'s backward *overwrites* the input's accumulated gradient (a bug whenever
 //!   the input has another consumer) and runs a grouped convolution with one group per channel,
 //!   which candle's CPU backend executes as C separate convolutions.
