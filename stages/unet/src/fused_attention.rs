@@ -71,9 +71,7 @@ fn block(
 ) {
     assert!(v.len() == m * e && out.len() == r * e);
     probabilities(q, k, (r, m, d), scale, scores);
-    // SAFETY: `scores` `(r, m)` and `v` `(m, e)` row-major are read, `out` `(r, e)` row-major is
-    // written, all inside their slices (the asserts here and in `probabilities`).
-    unsafe { product(out, (r, e, m), false, 0.0, 1.0, (&scores[..], Major::Row), (v, Major::Row)) }
+    product(out, (r, e, m), false, 0.0, 1.0, (&scores[..], Major::Row), (v, Major::Row));
 }
 
 /// `p` `(r, m)` = softmax(`q` `(r, d)` · `k`ᵀ · scale) by rows, `k` `(m, d)`: the forward's
@@ -87,9 +85,7 @@ fn probabilities(
 ) {
     p.resize(r * m, 0.0);
     assert!(q.len() == r * d && k.len() == m * d);
-    // SAFETY: `q` `(r, d)` and `k` `(m, d)` (read as `kᵀ`) are read, `p` `(r, m)` written, all
-    // inside their slices (the assert above).
-    unsafe { product(p, (r, m, d), false, 0.0, scale, (q, Major::Row), (k, Major::Column)) }
+    product(p, (r, m, d), false, 0.0, scale, (q, Major::Row), (k, Major::Column));
     softmax_rows(p, m);
 }
 
@@ -142,11 +138,10 @@ enum Major {
 /// `lhs` is `(rows, inner)` and `rhs` `(inner, cols)`, each laid out as its [`Major`] says; on
 /// the calling thread.
 ///
-/// # Safety
-/// Every operand must hold its whole matrix: `dst` `rows·cols`, `lhs` `rows·inner` and `rhs`
-/// `inner·cols` elements.
+/// Panics unless every operand holds its whole matrix (`dst` `rows·cols`, `lhs` `rows·inner`
+/// and `rhs` `inner·cols` elements), which is what makes the `gemm` call sound.
 #[allow(clippy::too_many_arguments)]
-unsafe fn product(
+fn product(
     dst: &mut [f32],
     (rows, cols, inner): (usize, usize, usize),
     read_dst: bool,
@@ -155,9 +150,7 @@ unsafe fn product(
     (lhs, lhs_major): (&[f32], Major),
     (rhs, rhs_major): (&[f32], Major),
 ) {
-    debug_assert!(
-        dst.len() >= rows * cols && lhs.len() >= rows * inner && rhs.len() >= inner * cols
-    );
+    assert!(dst.len() >= rows * cols && lhs.len() >= rows * inner && rhs.len() >= inner * cols);
     // gemm takes each operand's (column stride, row stride).
     let strides = |major: Major, row_len: usize, col_len: usize| match major {
         Major::Row => (1, row_len as isize),
@@ -165,27 +158,31 @@ unsafe fn product(
     };
     let (lhs_cs, lhs_rs) = strides(lhs_major, inner, rows);
     let (rhs_cs, rhs_rs) = strides(rhs_major, cols, inner);
-    gemm::gemm(
-        rows,
-        cols,
-        inner,
-        dst.as_mut_ptr(),
-        1,
-        cols as isize,
-        read_dst,
-        lhs.as_ptr(),
-        lhs_cs,
-        lhs_rs,
-        rhs.as_ptr(),
-        rhs_cs,
-        rhs_rs,
-        alpha,
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+    // SAFETY: each operand holds its whole matrix (the assert above), read or written at
+    // these strides, and `dst` does not alias the operands (it is borrowed mutably).
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            inner,
+            dst.as_mut_ptr(),
+            1,
+            cols as isize,
+            read_dst,
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            alpha,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// The gradients `(dq, dk, dv)` of [`attention`] for the output gradient `grad` `(groups, n,
@@ -229,50 +226,45 @@ pub(crate) fn attention_backward(
                     let dqb = &mut dq[first * d..][..r * d];
                     probabilities(qb, kh, (r, m, d), scale, &mut p);
                     dp.resize(r * m, 0.0);
-                    // SAFETY: every operand holds its whole matrix: p, dp `(r, m)`, gb `(r, e)`,
-                    // vh, dv `(m, e)`, qb, dqb `(r, d)`, kh, dk `(m, d)` (sliced above).
-                    unsafe {
-                        product(
-                            dv,
-                            (m, e, r),
-                            true,
-                            1.0,
-                            1.0,
-                            (&p[..], Major::Column),
-                            (gb, Major::Row),
-                        );
-                        product(
-                            &mut dp,
-                            (r, m, e),
-                            false,
-                            0.0,
-                            1.0,
-                            (gb, Major::Row),
-                            (vh, Major::Column),
-                        );
-                    }
+                    // dV += Pᵀ·dO, then dP = dO·vᵀ.
+                    product(
+                        dv,
+                        (m, e, r),
+                        true,
+                        1.0,
+                        1.0,
+                        (&p[..], Major::Column),
+                        (gb, Major::Row),
+                    );
+                    product(
+                        &mut dp,
+                        (r, m, e),
+                        false,
+                        0.0,
+                        1.0,
+                        (gb, Major::Row),
+                        (vh, Major::Column),
+                    );
                     softmax_backward_rows(&mut dp, &p, m);
-                    // SAFETY: as above; `dp` now holds dS `(r, m)`.
-                    unsafe {
-                        product(
-                            dqb,
-                            (r, d, m),
-                            false,
-                            0.0,
-                            scale,
-                            (&dp[..], Major::Row),
-                            (kh, Major::Row),
-                        );
-                        product(
-                            dk,
-                            (m, d, r),
-                            true,
-                            1.0,
-                            scale,
-                            (&dp[..], Major::Column),
-                            (qb, Major::Row),
-                        );
-                    }
+                    // dq = dS·k·scale, dk += dSᵀ·q·scale.
+                    product(
+                        dqb,
+                        (r, d, m),
+                        false,
+                        0.0,
+                        scale,
+                        (&dp[..], Major::Row),
+                        (kh, Major::Row),
+                    );
+                    product(
+                        dk,
+                        (m, d, r),
+                        true,
+                        1.0,
+                        scale,
+                        (&dp[..], Major::Column),
+                        (qb, Major::Row),
+                    );
                 }
             });
     }
