@@ -60,7 +60,8 @@ pub struct TinySpec {
     pub clip_layers: usize,
     pub clip_heads: usize,
     pub clip_intermediate: usize,
-    /// Number of BPE merges learned for the tiny tokenizer.
+    /// The most BPE merges the tiny tokenizer learns; it stops once every word of its corpus
+    /// is one token (about 450 merges).
     pub bpe_merges: usize,
 }
 
@@ -79,7 +80,7 @@ impl Default for TinySpec {
             clip_layers: 2,
             clip_heads: 4,
             clip_intermediate: 37,
-            bpe_merges: 300,
+            bpe_merges: 2000,
         }
     }
 }

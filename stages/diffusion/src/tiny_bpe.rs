@@ -5,7 +5,11 @@
 //! with `</w>`, one token per merge, then `<|startoftext|>` and `<|endoftext|>`; `merges.txt`
 //! with a `#version` header — so any CLIP tokenizer reads them; only the merges are fewer.
 //! Merges are learned the classic way: repeatedly merge the most frequent adjacent pair
-//! (ties broken by the pair's text), words ending in `</w>`.
+//! (ties broken by the pair's text), words ending in `</w>`, until every corpus word is one
+//! token. That is what CLIP's 49k merges do for common English words, and it matters: a
+//! caption split into letters gives a tiny random text encoder almost nothing a UNet can
+//! condition on (a colour spread over six letter tokens differs from another by ~5% of the
+//! hidden states), while one token per word gives each colour its own embedding.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,7 +19,9 @@ use serde_json::json;
 use crate::config::write_json;
 use crate::error::PipelineError;
 
-/// Words the tiny vocabulary learns its merges from: the register of SD captions.
+/// Words the tiny vocabulary learns its merges from: the register of SD captions, and the
+/// words of the `synthetic` kind's scene grammar (colours, shapes, relations, styles), which
+/// the demo's captions are written in.
 const CORPUS: &str = "there is a photo of a man and a woman standing on a beach at sunset \
     there are two dogs playing in the grass near a house with a red door \
     a cat sitting on a wooden table next to a window in the morning light \
@@ -25,7 +31,11 @@ const CORPUS: &str = "there is a photo of a man and a woman standing on a beach 
     a close up of a bowl of fruit on a kitchen counter with a white wall behind it \
     there is a boat on the water near the shore with birds flying over the sea \
     a person riding a bicycle down a road through a green forest in the summer \
-    there is a building with large windows and a blue sky with white clouds above it";
+    there is a building with large windows and a blue sky with white clouds above it \
+    a red circle above a blue square on a yellow background \
+    an orange triangle below a green circle and a purple square to the left of the circle \
+    a white square to the right of a black triangle on an orange background \
+    photographic lighting at dusk on a flat textured purple background";
 
 pub const BOS: &str = "<|startoftext|>";
 pub const EOS: &str = "<|endoftext|>";
@@ -36,7 +46,7 @@ pub(crate) struct TinyVocab {
 }
 
 impl TinyVocab {
-    /// Learn up to `max_merges` merges (fewer if the corpus runs out of repeated pairs).
+    /// Learn up to `max_merges` merges (fewer once every corpus word is a single token).
     pub fn train(max_merges: usize) -> TinyVocab {
         let (symbols, vocab_order) = byte_symbols();
         let mut counts: BTreeMap<Vec<String>, usize> = BTreeMap::new();
@@ -57,15 +67,12 @@ impl TinyVocab {
                 }
             }
             // The most frequent pair; among equals the first in text order (BTreeMap order).
-            let Some((best, n)) = pairs.into_iter().fold(None, |best, (pair, n)| match best {
+            let Some((best, _)) = pairs.into_iter().fold(None, |best, (pair, n)| match best {
                 Some((_, m)) if m >= n => best,
                 _ => Some((pair, n)),
             }) else {
                 break;
             };
-            if n < 2 {
-                break;
-            }
             counts = counts.into_iter().map(|(word, n)| (merge_word(&word, &best), n)).fold(
                 BTreeMap::new(),
                 |mut acc, (word, n)| {
@@ -180,4 +187,30 @@ pub fn byte_symbols() -> (Vec<char>, Vec<char>) {
         by_byte[*b as usize] = *c;
     }
     (by_byte, chars)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClipTokenizer;
+
+    #[test]
+    fn the_words_of_sd_captions_and_of_the_scene_grammar_are_single_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        TinyVocab::train(2000).write(dir.path()).unwrap();
+        let tokenizer = ClipTokenizer::from_dir(dir.path()).unwrap();
+        let caption = "a yellow triangle to the left of a red circle on a purple background, \
+                       photographic lighting at dusk";
+        // Tokens up to and including the first EOS (padding repeats it).
+        let length = |text: &str| {
+            let ids = tokenizer.encode(text).unwrap();
+            ids.iter().position(|&id| id == tokenizer.eos_id()).unwrap() + 1
+        };
+        // BOS, one token per word and the comma, EOS: as CLIP's own vocabulary splits it.
+        let words = caption.replace(',', " ,").split_whitespace().count();
+        assert_eq!(length(caption), words + 2);
+        for word in ["orange", "green", "blue", "white", "black", "square", "below", "above"] {
+            assert_eq!(length(word), 3, "{word}");
+        }
+    }
 }
