@@ -25,6 +25,17 @@ pub trait Denoiser {
         checkpointing: bool,
         loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<(f32, Vec<Option<Tensor>>)>;
+
+    /// [`Denoiser::loss_and_grads`], and also the gradient of the loss with respect to
+    /// `context`, shaped like it: what training the text encoder back-propagates.
+    fn loss_and_grads_with_context(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        checkpointing: bool,
+        loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(f32, Vec<Option<Tensor>>, Tensor)>;
 }
 
 /// Gradients from a `GradStore` in the order of `params`.
@@ -57,5 +68,27 @@ impl Denoiser for sdpipe_unet::UNet {
         let loss = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         let params = Denoiser::parameters(self);
         Ok((loss, ordered_grads(&params, &mut grads)))
+    }
+
+    fn loss_and_grads_with_context(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        checkpointing: bool,
+        loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(f32, Vec<Option<Tensor>>, Tensor)> {
+        let (loss, mut grads, context_grad) = sdpipe_unet::UNet::loss_and_grads_with_context(
+            self,
+            sample,
+            timesteps,
+            context,
+            checkpointing,
+            loss_fn,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let loss = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let params = Denoiser::parameters(self);
+        Ok((loss, ordered_grads(&params, &mut grads), context_grad))
     }
 }

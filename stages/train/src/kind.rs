@@ -14,17 +14,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
+use sdpipe_diffusion::config::{write_json, SchedulerConfig};
 use sdpipe_diffusion::{copy_components, SdPipeline};
 use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
     Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
     StageKind,
 };
+use sdpipe_unet::ClipText;
 use serde_json::{json, Value};
 
 use crate::checkpoint;
 use crate::data::load_train_split;
-use crate::denoiser::Denoiser;
 use crate::frozen::Frozen;
 use crate::objective::{NoiseSchedule, Prediction, ScheduleConfig};
 use crate::recipe::{self, float, int, invalid, OptimiserDefaults};
@@ -49,6 +50,7 @@ struct Settings {
     model: String,
     revision: String,
     prediction_override: Option<Prediction>,
+    train_text_encoder: bool,
 }
 
 /// An optional number given as a JSON number or null.
@@ -105,6 +107,7 @@ impl Settings {
             model: ctx.param("model")?,
             revision: ctx.param("revision")?,
             prediction_override,
+            train_text_encoder: ctx.param("train_text_encoder")?,
         })
     }
 }
@@ -258,6 +261,13 @@ impl StageKind for Train {
                 "`epsilon` or `v_prediction`; null uses the model's scheduler config.",
             ),
             ParamSpec::optional(
+                "train_text_encoder",
+                ParamType::Bool,
+                json!(false),
+                "Train the CLIP text encoder with the UNet (diffusers' --train_text_encoder): \
+                 same optimiser, clipping and EMA; the output's text_encoder is the trained one.",
+            ),
+            ParamSpec::optional(
                 "checkpointing_steps",
                 int(1, None),
                 json!(500),
@@ -372,11 +382,25 @@ impl Train {
         let unet_files = pipeline.weight_files("unet")?;
         let unet = sdpipe_unet::UNet::from_files(&pipeline.root.join("unet"), &unet_files, &device)
             .map_err(|e| StageError::failed(e.to_string()))?;
+        let text_encoder = if settings.train_text_encoder {
+            let text = ClipText::from_pretrained(&pipeline.root.join("text_encoder"), &device)
+                .map_err(|e| StageError::failed(format!("text encoder: {e}")))?;
+            Some(text)
+        } else {
+            None
+        };
         let config = settings.config.clone();
         let max_steps = config.max_train_steps;
-        let mut trainer =
-            Trainer::new(config, &unet, &frozen, examples, dataset.join("train"), schedule)
-                .map_err(train_error)?;
+        let mut trainer = Trainer::new(
+            config,
+            &unet,
+            &frozen,
+            text_encoder.as_ref(),
+            examples,
+            dataset.join("train"),
+            schedule,
+        )
+        .map_err(train_error)?;
         let names = trainer.parameter_names().to_vec();
         let checkpoint_error = |e: checkpoint::CheckpointError| StageError::failed(e.to_string());
         if let Some(snapshot) =
@@ -422,24 +446,61 @@ impl Train {
                 saved = line.step;
             }
         }
-        write_outputs(ctx.out_dir, pipeline, &unet, &trainer)
+        let trained = Trained { unet: &unet, text_encoder: text_encoder.as_ref() };
+        write_outputs(ctx.out_dir, pipeline, trained, &trainer, settings.config.prediction)
     }
 }
 
-/// `model/` (the base pipeline with the finetuned UNet) and `train_log.jsonl`.
+/// The models a run trained.
+struct Trained<'a> {
+    unet: &'a sdpipe_unet::UNet,
+    text_encoder: Option<&'a ClipText>,
+}
+
+/// `model/` (the base pipeline with the finetuned UNet, and text encoder when trained) and
+/// `train_log.jsonl`.
 fn write_outputs(
     out_dir: &Path,
     pipeline: &SdPipeline,
-    unet: &sdpipe_unet::UNet,
+    trained: Trained<'_>,
     trainer: &Trainer<'_, sdpipe_unet::UNet>,
+    prediction: Prediction,
 ) -> Result<(), StageError> {
+    let Trained { unet, text_encoder } = trained;
     let model_dir = out_dir.join(MODEL);
-    copy_components(pipeline, &model_dir, &["unet"])?;
-    // The saved weights are the EMA's when use_ema: load them into the model, then save it.
+    let mut replaced = vec!["unet"];
+    if text_encoder.is_some() {
+        replaced.push("text_encoder");
+    }
+    copy_components(pipeline, &model_dir, &replaced)?;
+    // The scheduler says what the UNet predicts, so a `prediction_type` override must reach
+    // it, or every sampler would read a v-prediction UNet's output as noise. (diffusers'
+    // script saves the base's scheduler unchanged; its users fix the config by hand.)
+    let base_prediction = pipeline.scheduler.prediction_type.as_deref().unwrap_or("epsilon");
+    if base_prediction != prediction.name() {
+        let path = model_dir.join("scheduler/scheduler_config.json");
+        // The copy may be a hard link to the base's file in the cache: replace, never edit.
+        std::fs::remove_file(&path)
+            .map_err(|e| StageError::io(format!("replacing {}", path.display()), e))?;
+        let scheduler = SchedulerConfig {
+            prediction_type: Some(prediction.name().to_string()),
+            ..pipeline.scheduler.clone()
+        };
+        write_json(&path, &scheduler)?;
+    }
+    // The saved weights are the EMA's when use_ema: load them into the models, then save them.
     if let Some(shadow) = trainer.ema_weights() {
-        for ((_, var), weights) in Denoiser::parameters(unet).iter().zip(shadow) {
+        for (var, weights) in trainer.vars().iter().zip(shadow) {
             var.set(weights).map_err(|e| StageError::failed(format!("EMA weights: {e}")))?;
         }
+    }
+    if let Some(text) = text_encoder {
+        let dir = model_dir.join("text_encoder");
+        let config = pipeline.root.join("text_encoder/config.json");
+        std::fs::create_dir_all(&dir)
+            .and_then(|_| std::fs::copy(&config, dir.join("config.json")))
+            .map_err(|e| StageError::io(format!("copying {}", config.display()), e))?;
+        text.save(&dir).map_err(|e| StageError::failed(e.to_string()))?;
     }
     unet.save_pretrained(&model_dir.join("unet")).map_err(|e| StageError::failed(e.to_string()))?;
     let mut text = String::new();

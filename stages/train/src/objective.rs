@@ -27,6 +27,14 @@ impl Prediction {
             _ => None,
         }
     }
+
+    /// The name `scheduler_config.json` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Prediction::Epsilon => "epsilon",
+            Prediction::VPrediction => "v_prediction",
+        }
+    }
 }
 
 /// The scheduler config values the objective needs.

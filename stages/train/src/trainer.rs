@@ -17,6 +17,8 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_rgb, Example, MicroBatch, Plan, Transform};
+use sdpipe_unet::ClipText;
+
 use crate::denoiser::Denoiser;
 use crate::ema::Ema;
 use crate::frozen::Frozen;
@@ -24,6 +26,9 @@ use crate::lr::LrSchedule;
 use crate::objective::{mse_loss, NoiseSchedule, Prediction};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Moments};
 use crate::rng::{Draws, Purpose, Seeds};
+
+/// The prefix of the text encoder's parameter names among the trainer's (and in checkpoints).
+pub const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
 
 /// Everything that determines a run besides the model and the data (the script's flags).
 #[derive(Debug, Clone, PartialEq)]
@@ -110,6 +115,34 @@ impl Objective<'_> {
         timesteps: &[u32],
         context: &Tensor,
     ) -> candle_core::Result<(f32, Vec<Option<Tensor>>)> {
+        let (loss, grads, _) = self.run(model, latents, noise, timesteps, context, false)?;
+        Ok((loss, grads))
+    }
+
+    /// [`Objective::loss_and_grads`], and the gradient (divided by the accumulation count, as
+    /// the others) with respect to `context`.
+    pub fn loss_and_grads_with_context<D: Denoiser>(
+        &self,
+        model: &D,
+        latents: &Tensor,
+        noise: &Tensor,
+        timesteps: &[u32],
+        context: &Tensor,
+    ) -> candle_core::Result<(f32, Vec<Option<Tensor>>, Tensor)> {
+        let (loss, grads, context_grad) =
+            self.run(model, latents, noise, timesteps, context, true)?;
+        Ok((loss, grads, context_grad.expect("asked for")))
+    }
+
+    fn run<D: Denoiser>(
+        &self,
+        model: &D,
+        latents: &Tensor,
+        noise: &Tensor,
+        timesteps: &[u32],
+        context: &Tensor,
+        context_grad: bool,
+    ) -> candle_core::Result<(f32, Vec<Option<Tensor>>, Option<Tensor>)> {
         let noisy = self.schedule.add_noise(latents, noise, timesteps)?;
         let target = match self.prediction {
             Prediction::Epsilon => noise.clone(),
@@ -123,9 +156,20 @@ impl Objective<'_> {
         let loss_fn = |pred: &Tensor| -> candle_core::Result<Tensor> {
             mse_loss(pred, &target, weights.as_deref())?.affine(1.0 / accumulation, 0.0)
         };
-        let (scaled, grads) =
-            model.loss_and_grads(&noisy, &t, context, self.checkpointing, &loss_fn)?;
-        Ok(((scaled as f64 * accumulation) as f32, grads))
+        let (scaled, grads, context_grad) = if context_grad {
+            let (l, g, c) = model.loss_and_grads_with_context(
+                &noisy,
+                &t,
+                context,
+                self.checkpointing,
+                &loss_fn,
+            )?;
+            (l, g, Some(c))
+        } else {
+            let (l, g) = model.loss_and_grads(&noisy, &t, context, self.checkpointing, &loss_fn)?;
+            (l, g, None)
+        };
+        Ok(((scaled as f64 * accumulation) as f32, grads, context_grad))
     }
 }
 
@@ -168,6 +212,9 @@ pub struct Trainer<'m, D: Denoiser> {
     names: Vec<String>,
     vars: Vec<Var>,
     frozen: &'m Frozen,
+    /// The text encoder trained with the UNet (`train_text_encoder`); its parameters follow
+    /// the model's in `names`/`vars`, and the frozen encoder is not used.
+    text_encoder: Option<&'m ClipText>,
     examples: Vec<Example>,
     split_dir: PathBuf,
     schedule: NoiseSchedule,
@@ -188,6 +235,7 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
         config: TrainConfig,
         model: &'m D,
         frozen: &'m Frozen,
+        text_encoder: Option<&'m ClipText>,
         examples: Vec<Example>,
         split_dir: PathBuf,
         schedule: NoiseSchedule,
@@ -200,7 +248,13 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
                 "train_batch_size and gradient_accumulation_steps must be positive".into(),
             ));
         }
-        let (names, vars): (Vec<String>, Vec<Var>) = model.parameters().into_iter().unzip();
+        let (mut names, mut vars): (Vec<String>, Vec<Var>) = model.parameters().into_iter().unzip();
+        if let Some(text) = text_encoder {
+            for (name, var) in text.vars() {
+                names.push(format!("{TEXT_ENCODER_PREFIX}{name}"));
+                vars.push(var.clone());
+            }
+        }
         let seeds = Seeds::new(config.seed);
         let plan = Plan {
             examples: examples.len(),
@@ -221,6 +275,7 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
             names,
             vars,
             frozen,
+            text_encoder,
             examples,
             split_dir,
             schedule,
@@ -250,6 +305,11 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
 
     pub fn parameter_names(&self) -> &[String] {
         &self.names
+    }
+
+    /// The trained variables, in the order of [`Trainer::parameter_names`].
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
     }
 
     /// The EMA shadow of the weights (with `use_ema`): what gets saved instead of the weights.
@@ -312,13 +372,24 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
             let (mean, logvar) = self.posterior(index, &mut draws)?;
             means.push(mean);
             logvars.push(logvar);
-            contexts.push(self.text(index)?);
+            if self.text_encoder.is_none() {
+                contexts.push(self.text(index)?);
+            }
         }
         let posterior = crate::posterior::Posterior {
             mean: Tensor::cat(&means, 0).map_err(compute)?,
             logvar: Tensor::cat(&logvars, 0).map_err(compute)?,
         };
-        let context = Tensor::cat(&contexts, 0).map_err(compute)?;
+        let context = match self.text_encoder {
+            // Encoded with the graph kept, so the context's gradient reaches the encoder.
+            Some(text) => {
+                let captions: Vec<&str> =
+                    batch.examples.iter().map(|&i| self.examples[i].caption.as_str()).collect();
+                let ids = self.frozen.tokenize(&captions)?;
+                text.forward(&ids).map_err(compute)?
+            }
+            None => Tensor::cat(&contexts, 0).map_err(compute)?,
+        };
         let noise_like = |draws: &mut Draws| -> candle_core::Result<Tensor> {
             let mean = &posterior.mean;
             Tensor::from_vec(draws.normals(mean.elem_count()), mean.shape(), mean.device())
@@ -346,9 +417,22 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
             accumulation: self.config.accumulation,
             checkpointing: self.config.gradient_checkpointing,
         };
-        objective
-            .loss_and_grads(self.model, &latents, &noise, &timesteps, &context)
-            .map_err(compute)
+        let Some(text) = self.text_encoder else {
+            return objective
+                .loss_and_grads(self.model, &latents, &noise, &timesteps, &context)
+                .map_err(compute);
+        };
+        let (loss, mut grads, context_grad) = objective
+            .loss_and_grads_with_context(self.model, &latents, &noise, &timesteps, &context)
+            .map_err(compute)?;
+        // The encoder's gradients: back-propagate the context's through it (the
+        // vector-Jacobian product `∂/∂θ Σ(context ⊙ g)` with g held constant).
+        let mut store = (context * context_grad.detach())
+            .and_then(|s| s.sum_all())
+            .and_then(|s| s.backward())
+            .map_err(compute)?;
+        grads.extend(text.vars().values().map(|v| store.remove(v.as_tensor()).map(|g| g.detach())));
+        Ok((loss, grads))
     }
 
     /// The posterior of example `index` after its transform. Only a deterministic transform

@@ -163,6 +163,76 @@ fn ema_weights_are_what_gets_saved_with_use_ema() {
     assert_ne!(plain, ema);
 }
 
+/// A short run on the tiny pipeline with `overrides`; returns the harness and the base.
+fn short_run(overrides: &[(&str, serde_json::Value)]) -> (Harness, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = tiny_pipeline(dir.path());
+    let (_images, dataset) = synthetic_dataset(4);
+    let mut h = Harness::new()
+        .input("dataset", dataset.out_dir().join("dataset"))
+        .input("pipeline", &pipeline);
+    let mut settings = vec![("max_train_steps", json!(2))];
+    settings.extend(overrides.iter().cloned());
+    h.run(&Train::default(), &train_params(&settings)).unwrap();
+    (h, dir)
+}
+
+#[test]
+fn a_prediction_type_override_is_written_into_the_output_scheduler() {
+    let (h, dir) = short_run(&[("prediction_type", json!("v_prediction"))]);
+    let config = |root: &Path| -> serde_json::Value {
+        serde_json::from_slice(&read(&root.join("scheduler/scheduler_config.json"))).unwrap()
+    };
+    let base = config(&dir.path().join("tiny-sd"));
+    let mut trained = config(&h.out_dir().join("model"));
+    assert_eq!(base["prediction_type"], json!("epsilon"), "the base is left as it was");
+    assert_eq!(trained["prediction_type"], json!("v_prediction"));
+    trained["prediction_type"] = json!("epsilon");
+    assert_eq!(trained, base, "nothing else changes");
+}
+
+#[test]
+fn with_train_text_encoder_the_output_has_a_trained_text_encoder_that_loads() {
+    let (h, dir) = short_run(&[("train_text_encoder", json!(true))]);
+    let (base, model) = (dir.path().join("tiny-sd"), h.out_dir().join("model"));
+    let weights = "text_encoder/model.safetensors";
+    assert_ne!(read(&model.join(weights)), read(&base.join(weights)), "text encoder trained");
+    let config = "text_encoder/config.json";
+    assert_eq!(read(&model.join(config)), read(&base.join(config)));
+    // Sampling's (candle-transformers') encoder reads it.
+    SdPipeline::open(&model).unwrap().load_text_encoder(&Device::Cpu, DType::F32).unwrap();
+}
+
+#[test]
+fn a_resumed_run_that_trains_the_text_encoder_ends_with_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = tiny_pipeline(dir.path());
+    let (_images, dataset) = synthetic_dataset(4);
+    let settings = train_params(&[
+        ("max_train_steps", json!(4)),
+        ("checkpointing_steps", json!(2)),
+        ("train_text_encoder", json!(true)),
+        ("use_ema", json!(true)),
+        ("gradient_checkpointing", json!(true)),
+    ]);
+    let harness = || {
+        Harness::new()
+            .input("dataset", dataset.out_dir().join("dataset"))
+            .input("pipeline", &pipeline)
+    };
+    let mut whole = harness();
+    whole.run(&Train::default(), &settings).unwrap();
+    let mut resumed = harness();
+    let killed = Train { interrupt_after: Some(3), ..Train::default() };
+    assert!(matches!(resumed.run(&killed, &settings), Err(StageError::Cancelled)));
+    resumed.run(&Train::default(), &settings).unwrap();
+    assert!(resumed.log_text().contains("resuming from the checkpoint at step 2"));
+    for file in ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"] {
+        let path = |h: &Harness| h.out_dir().join("model").join(file);
+        assert_eq!(read(&path(&whole)), read(&path(&resumed)), "{file}");
+    }
+}
+
 #[test]
 fn a_cancelled_run_stops_without_outputs() {
     let dir = tempfile::tempdir().unwrap();

@@ -53,6 +53,43 @@ impl UNet {
     where
         F: Fn(&Tensor) -> candle_core::Result<Tensor>,
     {
+        let pass = self.pass(sample, timesteps, encoder_hidden_states, checkpointing, false)?;
+        let (loss, grads, _) = pass.run(loss_fn)?;
+        Ok((loss, grads))
+    }
+
+    /// [`UNet::loss_and_grads`], and also the gradient of the loss with respect to
+    /// `encoder_hidden_states`, for training the text encoder that produced them: its own
+    /// parameters' gradients follow from back-propagating this one through it.
+    pub fn loss_and_grads_with_context<F>(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        checkpointing: bool,
+        loss_fn: F,
+    ) -> Result<(Tensor, GradStore, Tensor), UNetError>
+    where
+        F: Fn(&Tensor) -> candle_core::Result<Tensor>,
+    {
+        let pass = self.pass(sample, timesteps, encoder_hidden_states, checkpointing, true)?;
+        let (loss, grads, context) = pass.run(loss_fn)?;
+        let context = match context {
+            Some(g) => g,
+            // Only a UNet without cross-attention ignores its context.
+            None => encoder_hidden_states.detach().zeros_like()?,
+        };
+        Ok((loss, grads, context))
+    }
+
+    fn pass(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        checkpointing: bool,
+        context_grad: bool,
+    ) -> Result<Pass<'_>, UNetError> {
         if !self.is_trainable() {
             return Err(UNetError::Input(
                 "this UNet was loaded for inference (UNet::for_inference); load it with \
@@ -61,16 +98,51 @@ impl UNet {
             ));
         }
         let inputs = self.prepare_inputs(sample, timesteps, encoder_hidden_states)?;
-        // The inputs are data here: gradients flow to parameters only.
-        let inputs = inputs.map(|t| t.detach());
-        if checkpointing {
-            self.checkpointed(&inputs, loss_fn)
+        // The inputs are data here: gradients flow to parameters (and, when asked, to the
+        // context through a variable standing in for it).
+        let mut inputs = inputs.map(|t| t.detach());
+        let context = if context_grad {
+            let var = Var::from_tensor(&inputs[2])?;
+            inputs[2] = var.as_tensor().clone();
+            Some(var)
         } else {
-            self.plain(&inputs, loss_fn)
+            None
+        };
+        Ok(Pass { unet: self, inputs, context, checkpointing })
+    }
+}
+
+/// One training pass's inputs; `context` is the variable of the encoder hidden states when
+/// their gradient is wanted.
+struct Pass<'a> {
+    unet: &'a UNet,
+    inputs: [Tensor; 3],
+    context: Option<Var>,
+    checkpointing: bool,
+}
+
+type PassResult = (Tensor, GradStore, Option<Tensor>);
+
+impl Pass<'_> {
+    fn run<F>(self, loss_fn: F) -> Result<PassResult, UNetError>
+    where
+        F: Fn(&Tensor) -> candle_core::Result<Tensor>,
+    {
+        if self.checkpointing {
+            self.unet.checkpointed(&self.inputs, self.context.as_ref(), loss_fn)
+        } else {
+            self.unet.plain(&self.inputs, self.context.as_ref(), loss_fn)
         }
     }
+}
 
-    fn plain<F>(&self, inputs: &[Tensor; 3], loss_fn: F) -> Result<(Tensor, GradStore), UNetError>
+impl UNet {
+    fn plain<F>(
+        &self,
+        inputs: &[Tensor; 3],
+        context: Option<&Var>,
+        loss_fn: F,
+    ) -> Result<PassResult, UNetError>
     where
         F: Fn(&Tensor) -> candle_core::Result<Tensor>,
     {
@@ -83,14 +155,16 @@ impl UNet {
                 grads.insert(var.as_tensor(), g.detach());
             }
         }
-        Ok((loss.detach(), grads))
+        let context = context.and_then(|c| all.remove(c.as_tensor())).map(|g| g.detach());
+        Ok((loss.detach(), grads, context))
     }
 
     fn checkpointed<F>(
         &self,
         inputs: &[Tensor; 3],
+        context: Option<&Var>,
         loss_fn: F,
-    ) -> Result<(Tensor, GradStore), UNetError>
+    ) -> Result<PassResult, UNetError>
     where
         F: Fn(&Tensor) -> candle_core::Result<Tensor>,
     {
@@ -111,6 +185,7 @@ impl UNet {
         let mut act_grads: Vec<Option<Tensor>> = vec![None; acts.len()];
         act_grads[last] = Some(g_out);
         let mut grads = GradStore::default();
+        let mut context_grad: Option<Tensor> = None;
         for step in plan.iter().rev() {
             // Nothing reached this step's output (cannot happen for a connected plan): skip it.
             let Some(g) = act_grads[step.output].take().map(|g| g.detach()) else {
@@ -145,10 +220,18 @@ impl UNet {
                     accumulate(&mut grads, var.as_tensor(), gp.detach())?;
                 }
             }
+            // Every step reading the context recomputed it from the one variable, so its
+            // gradient contributions land on that variable and are summed here.
+            if let Some(gc) = context.and_then(|c| step_grads.remove(c.as_tensor())) {
+                context_grad = Some(match context_grad.take() {
+                    Some(previous) => (previous + gc.detach())?,
+                    None => gc.detach(),
+                });
+            }
             // Every consumer of this step's output came later in the plan and is done.
             acts[step.output] = None;
         }
-        Ok((loss.detach(), grads))
+        Ok((loss.detach(), grads, context_grad))
     }
 }
 

@@ -24,6 +24,7 @@
 
 mod blocks;
 mod checkpoint;
+pub mod clip_text;
 pub mod config;
 pub mod conv;
 pub mod error;
@@ -42,6 +43,7 @@ use std::sync::Arc;
 
 use sdpipe_stages::api::StageKind;
 
+pub use clip_text::ClipText;
 pub use config::{BlockKind, UNetConfig};
 pub use error::UNetError;
 pub use params::is_pickle;

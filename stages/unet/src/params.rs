@@ -124,6 +124,19 @@ impl ParamBuilder {
         self.tracked
     }
 
+    /// Whether the file holds a tensor `name` (always false for random parameters).
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        matches!(&self.source, Source::File { tensors, .. } if tensors.contains_key(name))
+    }
+
+    /// Drops the file's tensor `name`, if any: a buffer saved beside the parameters that the
+    /// model does not use, so [`ParamBuilder::finish`] does not report it as unexpected.
+    pub(crate) fn discard(&mut self, name: &str) {
+        if let Source::File { tensors, .. } = &mut self.source {
+            tensors.remove(name);
+        }
+    }
+
     /// The parameter `name` of the given shape, as a tracked tensor (detached when
     /// [`ParamBuilder::frozen`]; it shares the variable's storage either way).
     ///

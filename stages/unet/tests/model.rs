@@ -328,3 +328,38 @@ fn a_tensor_in_two_shards_is_an_error_naming_it() {
     let err = UNet::for_inference(&tiny_dir(), &shards, &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains(&name) && err.contains("b.safetensors"), "{err}");
 }
+
+#[test]
+fn the_context_gradient_matches_finite_differences_with_and_without_checkpointing() {
+    let unet = tiny();
+    let (x, t, c) = inputs(2, 5);
+    let target = (&x * 0.5).unwrap();
+    let loss_fn = |p: &Tensor| (p - &target)?.sqr()?.mean_all();
+    let loss_at = |c: &Tensor| {
+        let (loss, _) = unet.loss_and_grads(&x, &t, c, false, loss_fn).unwrap();
+        loss.to_scalar::<f32>().unwrap() as f64
+    };
+    let values = c.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for checkpointing in [false, true] {
+        let (_, _, grad) =
+            unet.loss_and_grads_with_context(&x, &t, &c, checkpointing, loss_fn).unwrap();
+        assert_eq!(grad.dims(), c.dims());
+        let grad = grad.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut largest: Vec<usize> = (0..grad.len()).collect();
+        largest.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));
+        for &i in &largest[..3] {
+            let h = 1e-2f32;
+            let shifted = |delta: f32| {
+                let mut v = values.clone();
+                v[i] += delta;
+                Tensor::from_vec(v, c.dims(), c.device()).unwrap()
+            };
+            let numeric = (loss_at(&shifted(h)) - loss_at(&shifted(-h))) / (2.0 * h as f64);
+            let analytic = grad[i] as f64;
+            assert!(
+                (numeric - analytic).abs() <= 0.05 * analytic.abs() + 1e-5,
+                "checkpointing {checkpointing}, context[{i}]: numeric {numeric}, analytic {analytic}"
+            );
+        }
+    }
+}
