@@ -97,6 +97,7 @@ impl Settings {
             use_ema: ctx.param("use_ema")?,
             seed: seed as u64,
             noise_offset: ctx.param("noise_offset")?,
+            proportion_empty_prompts: ctx.param("proportion_empty_prompts")?,
             snr_gamma,
             // Filled in from the scheduler config once the model is open.
             prediction: Prediction::Epsilon,
@@ -247,6 +248,14 @@ impl StageKind for Train {
                 float(0.0, None),
                 json!(0.0),
                 "Offset-noise scale: adds noise_offset·N(0,1) per image and channel (0: off).",
+            ),
+            ParamSpec::optional(
+                "proportion_empty_prompts",
+                float(0.0, Some(1.0)),
+                json!(0.0),
+                "Share of captions replaced by the empty prompt (diffusers' \
+                 --proportion_empty_prompts; SD was pretrained with 0.1), so that \
+                 classifier-free guidance has an unconditional prediction to subtract.",
             ),
             ParamSpec::optional(
                 "snr_gamma",

@@ -4,7 +4,7 @@
 //! Every random draw of a run comes from a ChaCha8 stream picked by (seed, purpose, index): the
 //! data order of epoch `e` from stream (Shuffle, e), everything a micro-batch needs (crop, flip,
 //! posterior noise, diffusion noise, timesteps) from stream (MicroBatch, global micro-batch
-//! number). The state of the randomness at any optimiser step is therefore a pure function of the
+//! number), the captions it drops from (CaptionDropout, the same number). The state of the randomness at any optimiser step is therefore a pure function of the
 //! step, so resuming from a checkpoint reproduces the uninterrupted run bit for bit without
 //! serialising generator internals. ChaCha is value-stable across platforms and crate versions.
 //!
@@ -22,6 +22,9 @@ pub enum Purpose {
     Shuffle = 1,
     /// Augmentation and noise of one micro-batch (index: the global micro-batch number).
     MicroBatch = 2,
+    /// Which captions of one micro-batch are dropped (index: the global micro-batch number);
+    /// a stream of its own, so enabling caption dropout changes no other draw.
+    CaptionDropout = 3,
 }
 
 /// The source of all of a run's streams.

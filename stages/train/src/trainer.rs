@@ -44,6 +44,10 @@ pub struct TrainConfig {
     pub use_ema: bool,
     pub seed: u64,
     pub noise_offset: f64,
+    /// The share of captions replaced by the empty prompt (diffusers'
+    /// `--proportion_empty_prompts`): what teaches the UNet the unconditional prediction that
+    /// classifier-free guidance subtracts.
+    pub proportion_empty_prompts: f64,
     pub snr_gamma: Option<f64>,
     pub prediction: Prediction,
 }
@@ -226,6 +230,8 @@ pub struct Trainer<'m, D: Denoiser> {
     log: Vec<LogLine>,
     /// Text-encoder output per example, `(1, 77, D)`.
     text_cache: Vec<Option<Tensor>>,
+    /// The empty prompt's, for dropped captions.
+    empty_text: Option<Tensor>,
     /// Posterior (mean, logvar) per example, kept only when the transform is deterministic.
     posterior_cache: HashMap<usize, (Tensor, Tensor)>,
 }
@@ -286,6 +292,7 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
             step: 0,
             log: Vec::new(),
             text_cache,
+            empty_text: None,
             posterior_cache: HashMap::new(),
         })
     }
@@ -368,12 +375,13 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
         let mut means = Vec::with_capacity(batch.examples.len());
         let mut logvars = Vec::with_capacity(batch.examples.len());
         let mut contexts = Vec::with_capacity(batch.examples.len());
-        for &index in &batch.examples {
+        let dropped = self.dropped_captions(batch);
+        for (&index, &dropped) in batch.examples.iter().zip(&dropped) {
             let (mean, logvar) = self.posterior(index, &mut draws)?;
             means.push(mean);
             logvars.push(logvar);
             if self.text_encoder.is_none() {
-                contexts.push(self.text(index)?);
+                contexts.push(if dropped { self.empty_text()? } else { self.text(index)? });
             }
         }
         let posterior = crate::posterior::Posterior {
@@ -383,8 +391,12 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
         let context = match self.text_encoder {
             // Encoded with the graph kept, so the context's gradient reaches the encoder.
             Some(text) => {
-                let captions: Vec<&str> =
-                    batch.examples.iter().map(|&i| self.examples[i].caption.as_str()).collect();
+                let captions: Vec<&str> = batch
+                    .examples
+                    .iter()
+                    .zip(&dropped)
+                    .map(|(&i, &d)| if d { "" } else { self.examples[i].caption.as_str() })
+                    .collect();
                 let ids = self.frozen.tokenize(&captions)?;
                 text.forward(&ids).map_err(compute)?
             }
@@ -463,6 +475,29 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
             self.posterior_cache.insert(index, moments.clone());
         }
         Ok(moments)
+    }
+
+    /// Per example of `batch`, whether its caption is replaced by the empty prompt.
+    fn dropped_captions(&self, batch: &MicroBatch) -> Vec<bool> {
+        let p = self.config.proportion_empty_prompts;
+        if p <= 0.0 {
+            return vec![false; batch.examples.len()];
+        }
+        let mut draws = self.seeds.stream(Purpose::CaptionDropout, batch.index);
+        batch.examples.iter().map(|_| draws.uniform() < p).collect()
+    }
+
+    /// The frozen encoder's embedding of the empty prompt, `(1, 77, D)`.
+    fn empty_text(&mut self) -> Result<Tensor, TrainError> {
+        if let Some(cached) = &self.empty_text {
+            return Ok(cached.clone());
+        }
+        let ids = self.frozen.tokenize(&[""])?;
+        let step = self.step + 1;
+        let hidden =
+            self.frozen.encode_ids(&ids).map_err(|source| TrainError::Compute { step, source })?;
+        self.empty_text = Some(hidden.clone());
+        Ok(hidden)
     }
 
     /// The text conditioning of example `index`, `(1, 77, D)`.

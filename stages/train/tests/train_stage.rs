@@ -234,6 +234,39 @@ fn a_resumed_run_that_trains_the_text_encoder_ends_with_the_same_weights() {
 }
 
 #[test]
+fn with_every_caption_dropped_the_captions_do_not_matter() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = tiny_pipeline(dir.path());
+    let (_images, dataset) = synthetic_dataset(4);
+    // The same images under other captions.
+    let renamed = tempfile::tempdir().unwrap();
+    let train = renamed.path().join("train");
+    std::fs::create_dir(&train).unwrap();
+    let source = dataset.out_dir().join("dataset/train");
+    let mut metadata = String::new();
+    for line in std::fs::read_to_string(source.join("metadata.jsonl")).unwrap().lines() {
+        let mut row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let file = row["file_name"].as_str().unwrap().to_string();
+        std::fs::copy(source.join(&file), train.join(&file)).unwrap();
+        row["text"] = json!("a green square on a black background");
+        metadata.push_str(&format!("{row}\n"));
+    }
+    std::fs::write(train.join("metadata.jsonl"), metadata).unwrap();
+    let weights = |data: &Path, dropped: f64| {
+        let mut h = Harness::new().input("dataset", data).input("pipeline", &pipeline);
+        let settings = train_params(&[
+            ("max_train_steps", json!(2)),
+            ("proportion_empty_prompts", json!(dropped)),
+        ]);
+        h.run(&Train::default(), &settings).unwrap();
+        read(&h.out_dir().join("model/unet/diffusion_pytorch_model.safetensors"))
+    };
+    let original = dataset.out_dir().join("dataset");
+    assert_eq!(weights(&original, 1.0), weights(renamed.path(), 1.0));
+    assert_ne!(weights(&original, 0.0), weights(renamed.path(), 0.0), "captions matter");
+}
+
+#[test]
 fn a_cancelled_run_stops_without_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = tiny_pipeline(dir.path());
