@@ -44,7 +44,7 @@ impl StageKind for TinySd {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn doc(&self) -> &'static str {

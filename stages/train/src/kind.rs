@@ -156,17 +156,19 @@ impl StageKind for Train {
     }
 
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn doc(&self) -> &'static str {
         "Finetunes a Stable Diffusion pipeline's UNet on an imagefolder dataset's `train/` split \
-         exactly as diffusers' train_text_to_image.py: frozen VAE and CLIP text encoder, Pillow \
+         exactly as diffusers' train_text_to_image.py: frozen VAE and CLIP text encoder (the \
+         encoder trained too with train_text_encoder, as the DreamBooth script does), Pillow \
          bilinear resize, centre or random crop, optional flip; VAE posterior sample × \
          scaling_factor; DDPM noising with the model's scheduler config; ε or v target; MSE \
          (optionally min-SNR weighted); gradient accumulation; global-norm clipping; AdamW; \
          diffusers' learning-rate schedules; EMA. Writes `model/` (the complete pipeline folder, \
-         with the EMA weights when use_ema) and `train_log.jsonl` (step, loss, lr, grad_norm \
+         with the EMA weights when use_ema and a scheduler config that names the prediction \
+         type trained) and `train_log.jsonl` (step, loss, lr, grad_norm \
          per optimiser step; wall time per step goes to the stage's log, so the output depends \
          on the inputs alone). Checkpoints go to the stage's state directory, so an \
          interrupted run resumes."

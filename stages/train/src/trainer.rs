@@ -16,9 +16,9 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{read_rgb, Example, MicroBatch, Plan, Transform};
 use sdpipe_unet::ClipText;
 
+use crate::data::{read_rgb, Example, MicroBatch, Plan, Transform};
 use crate::denoiser::Denoiser;
 use crate::ema::Ema;
 use crate::frozen::Frozen;
@@ -492,10 +492,7 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
         if let Some(cached) = &self.empty_text {
             return Ok(cached.clone());
         }
-        let ids = self.frozen.tokenize(&[""])?;
-        let step = self.step + 1;
-        let hidden =
-            self.frozen.encode_ids(&ids).map_err(|source| TrainError::Compute { step, source })?;
+        let hidden = self.encode_frozen("")?;
         self.empty_text = Some(hidden.clone());
         Ok(hidden)
     }
@@ -505,12 +502,16 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
         if let Some(cached) = &self.text_cache[index] {
             return Ok(cached.clone());
         }
-        let ids = self.frozen.tokenize(&[self.examples[index].caption.as_str()])?;
-        let step = self.step + 1;
-        let hidden =
-            self.frozen.encode_ids(&ids).map_err(|source| TrainError::Compute { step, source })?;
+        let hidden = self.encode_frozen(&self.examples[index].caption)?;
         self.text_cache[index] = Some(hidden.clone());
         Ok(hidden)
+    }
+
+    /// The frozen encoder's last hidden state for one caption, `(1, 77, D)`.
+    fn encode_frozen(&self, caption: &str) -> Result<Tensor, TrainError> {
+        let ids = self.frozen.tokenize(&[caption])?;
+        let step = self.step + 1;
+        self.frozen.encode_ids(&ids).map_err(|source| TrainError::Compute { step, source })
     }
 
     /// The run's state, for a checkpoint.
