@@ -1,5 +1,6 @@
-//! The training entry point: a loss and the gradients of every UNet parameter, computed either by
-//! one ordinary backward pass or with gradient checkpointing.
+//! The training entry point: a loss and the gradients of every UNet parameter (and, when the
+//! text encoder is trained too, of the encoder hidden states), computed either by one ordinary
+//! backward pass or with gradient checkpointing.
 //!
 //! With checkpointing, the forward runs the UNet's plan (see [`crate::unet`]) keeping only each
 //! step's output, detached: the graph of one step (its norms, attention scores, GEGLU
