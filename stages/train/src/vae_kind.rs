@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Device;
-use sdpipe_diffusion::{copy_components, SdPipeline};
+use candle_core::{Device, Tensor};
+use sdpipe_diffusion::{copy_components, to_rgb8, SdPipeline};
 use sdpipe_stages::api::{
     Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
     StageKind,
@@ -18,12 +18,15 @@ use sdpipe_stages::api::{
 use sdpipe_unet::vae::Vae;
 use serde_json::{json, Value};
 
-use crate::data::{load_train_split, Example};
+use crate::data::{load_split, load_train_split, read_rgb, Example, Transform};
 use crate::recipe::{self, float, int, invalid, OptimiserDefaults};
+use crate::rng::{Purpose, Seeds};
 use crate::vae_training::{ReconLoss, VaeTrainConfig, VaeTrainer};
 
 const MODEL: &str = "model";
 const LOG: &str = "train_log.jsonl";
+const RECONSTRUCTIONS: &str = "reconstructions";
+const RECONSTRUCTIONS_JSONL: &str = "reconstructions.jsonl";
 
 /// The `train-vae` kind.
 #[derive(Default)]
@@ -68,7 +71,7 @@ impl StageKind for TrainVae {
     }
 
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn doc(&self) -> &'static str {
@@ -79,8 +82,11 @@ impl StageKind for TrainVae {
          MSE) reconstruction error on [-1, 1] pixels + kl_weight × KL (per example, summed over \
          latents); global-norm clipping; AdamW; seeded. Writes `model/` (the pipeline with the \
          new VAE and everything else unchanged; vae/config.json's scaling_factor set to 1/std of \
-         the training images' latents, the LDM practice) and `train_log.jsonl` (step, loss, \
-         recon, kl, lr, grad_norm; wall time per step goes to the stage's log)."
+         the training images' latents, the LDM practice), `train_log.jsonl` (step, loss, \
+         recon, kl, lr, grad_norm; wall time per step goes to the stage's log) and \
+         `reconstructions/` with `reconstructions.jsonl` (the datasets' `test/` images through \
+         the trained VAE, listed as a `sample` stage lists its images, so `scene-accuracy` can \
+         judge what any sample can at most show)."
     }
 
     fn params(&self) -> Vec<ParamSpec> {
@@ -158,6 +164,20 @@ impl StageKind for TrainVae {
                 kind: OutputKind::File,
                 doc: "One JSON line per optimiser step: step, loss, recon, kl, lr, grad_norm.",
             },
+            OutputSpec {
+                name: "reconstructions",
+                path: RECONSTRUCTIONS,
+                kind: OutputKind::Dir,
+                doc: "The bound datasets' held-out `test/` images through the trained VAE, as \
+                      PNGs (what any sample decoded by it can at most show).",
+            },
+            OutputSpec {
+                name: "reconstructions_jsonl",
+                path: RECONSTRUCTIONS_JSONL,
+                kind: OutputKind::File,
+                doc: "One line per reconstruction in the `sample` stage's `samples` format \
+                      (id, file_name, prompt = the caption), so `scene-accuracy` can judge them.",
+            },
         ]
     }
 
@@ -199,6 +219,7 @@ fn train(
         .map_err(|e| StageError::failed(format!("opening the GPU: {e}")))?;
     let mut vae = Vae::from_pretrained(&base.join("vae"), &device).map_err(|e| failed(&e))?;
     let max_steps = config.max_train_steps;
+    let transform = config.transform;
     let mut trainer = VaeTrainer::new(config, &vae, examples).map_err(|e| failed(&e))?;
     let _ = writeln!(
         ctx.log,
@@ -238,6 +259,61 @@ fn train(
     // as LDM chose SD's 0.18215 for its own VAE.
     vae.set_scaling_factor(scaling_factor);
     vae.save_pretrained(&model_dir.join("vae")).map_err(|e| failed(&e))?;
+    write_reconstructions(ctx, &vae, transform)?;
     let log = ctx.out_dir.join(LOG);
     std::fs::write(&log, text).map_err(|e| StageError::io(format!("writing {}", log.display()), e))
+}
+
+/// `reconstructions/` and its list: every `test/` image of the bound datasets, resized and centre-cropped as
+/// for training, encoded to its posterior mean and decoded (what diffusers'
+/// `train_autoencoderkl.py` logs as validation images). Judged like samples, they bound what
+/// a diffusion model sampling through this VAE can show.
+fn write_reconstructions(
+    ctx: &mut StageContext<'_>,
+    vae: &Vae,
+    transform: Transform,
+) -> Result<(), StageError> {
+    let failed = |e: &dyn std::fmt::Display| StageError::failed(e.to_string());
+    let images = ctx.out_dir.join(RECONSTRUCTIONS);
+    std::fs::create_dir_all(&images)
+        .map_err(|e| StageError::io(format!("creating {}", images.display()), e))?;
+    let transform = Transform { center_crop: true, random_flip: false, ..transform };
+    // A centre crop without flips draws nothing; the stream is only the signature's.
+    let mut draws = Seeds::new(0).stream(Purpose::MicroBatch, 0);
+    let mut lines = String::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for name in ["dataset", "extra_dataset"] {
+        let Some(dataset) = ctx.inputs.get(name) else { continue };
+        if !dataset.join("test/metadata.jsonl").is_file() {
+            continue;
+        }
+        let split = dataset.join("test");
+        for example in load_split(dataset, "test").map_err(|e| failed(&e))? {
+            ctx.cancel.check()?;
+            let id = example.image.file_stem().unwrap_or_default().to_string_lossy().to_string();
+            if !seen.insert(id.clone()) {
+                return Err(StageError::failed(format!(
+                    "two test images are named `{id}` ({}): reconstructions are kept by name",
+                    split.display()
+                )));
+            }
+            let image = read_rgb(&example.image, &split).map_err(|e| failed(&e))?;
+            let (pixels, _) = transform.apply(&image, &mut draws);
+            let size = transform.resolution as usize;
+            let decoded = Tensor::from_vec(pixels, (1, 3, size, size), vae.device())
+                .and_then(|x| vae.encode(&x))
+                .and_then(|posterior| vae.decode(&posterior.mean))
+                .and_then(|y| y.affine(0.5, 0.5))
+                .map_err(|e| failed(&e))?;
+            let file_name = format!("{id}.png");
+            let rgb = to_rgb8(&decoded)?.remove(0);
+            rgb.save(images.join(&file_name)).map_err(|e| failed(&e))?;
+            let line = json!({"id": id, "file_name": file_name, "prompt": example.caption});
+            lines.push_str(&line.to_string());
+            lines.push('\n');
+        }
+    }
+    let path = ctx.out_dir.join(RECONSTRUCTIONS_JSONL);
+    std::fs::write(&path, lines)
+        .map_err(|e| StageError::io(format!("writing {}", path.display()), e))
 }

@@ -241,3 +241,33 @@ fn a_folder_that_is_not_a_dataset_fails_with_its_path() {
     let message = run.run(&TrainVae, &vae_params(&[])).unwrap_err().to_string();
     assert!(message.contains("metadata.jsonl"), "{message}");
 }
+
+#[test]
+fn reconstructions_hold_every_test_image_with_its_caption() {
+    let t = trained();
+    let test = t.data.1.out_dir().join("dataset/test");
+    let captions: Vec<(String, String)> = std::fs::read_to_string(test.join("metadata.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let row: Value = serde_json::from_str(l).unwrap();
+            let stem = Path::new(row["file_name"].as_str().unwrap()).file_stem().unwrap();
+            (stem.to_string_lossy().to_string(), row["text"].as_str().unwrap().to_string())
+        })
+        .collect();
+    assert!(!captions.is_empty());
+    let dir = t.run.out_dir().join("reconstructions");
+    let samples: Vec<Value> =
+        std::fs::read_to_string(t.run.out_dir().join("reconstructions.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(samples.len(), captions.len());
+    for (sample, (id, caption)) in samples.iter().zip(&captions) {
+        assert_eq!(sample["id"], json!(id));
+        assert_eq!(sample["prompt"], json!(caption));
+        let image = image::open(dir.join(sample["file_name"].as_str().unwrap())).unwrap();
+        assert_eq!((image.width(), image.height()), (SIZE, SIZE), "the training resolution");
+    }
+}

@@ -47,7 +47,12 @@ struct MetadataLine {
 
 /// The examples of `<dataset>/train/`, in metadata order.
 pub fn load_train_split(dataset: &Path) -> Result<Vec<Example>, DatasetError> {
-    let split = dataset.join("train");
+    load_split(dataset, "train")
+}
+
+/// The examples of `<dataset>/<split>/`, in metadata order.
+pub fn load_split(dataset: &Path, split: &str) -> Result<Vec<Example>, DatasetError> {
+    let split = dataset.join(split);
     let metadata = split.join("metadata.jsonl");
     if !metadata.is_file() {
         return Err(DatasetError::MissingMetadata(dataset.to_path_buf()));
@@ -73,7 +78,7 @@ pub fn load_train_split(dataset: &Path) -> Result<Vec<Example>, DatasetError> {
             other => return Err(bad(format!("`text` must be a string, found {other}"))),
         };
         if line.file_name.is_empty() || Path::new(&line.file_name).is_absolute() {
-            return Err(bad("`file_name` must be a path relative to train/".into()));
+            return Err(bad("`file_name` must be a path relative to its split's folder".into()));
         }
         let image = split.join(&line.file_name);
         if !image.is_file() {

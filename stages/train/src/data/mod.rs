@@ -6,6 +6,6 @@ pub mod plan;
 pub mod resize;
 pub mod transform;
 
-pub use dataset::{load_train_split, read_rgb, DatasetError, Example};
+pub use dataset::{load_split, load_train_split, read_rgb, DatasetError, Example};
 pub use plan::{MicroBatch, Plan, StepPlan};
 pub use transform::{Augmentation, Transform};
