@@ -54,7 +54,8 @@ impl StageKind for Report {
 
     fn version(&self) -> u32 {
         // 3: the provenance table lost its never-filled `Cached` column.
-        3
+        // 4: the scene-accuracy table can end with the test images through the VAE.
+        4
     }
 
     fn doc(&self) -> &'static str {
@@ -110,6 +111,11 @@ impl StageKind for Report {
             input("lpips_per_image", "Each variant's lpips `per_image` output (gathered)."),
             input("scene", "Each variant's scene-accuracy `metrics` (gathered)."),
             input("train_log", "Each variant's train stage `train_log` (gathered)."),
+            input(
+                "vae_scene",
+                "Scene-accuracy `metrics` of the test images through the VAE (a train-vae \
+                 stage's reconstructions): a reference row for what the VAE preserves.",
+            ),
         ]
     }
 
@@ -147,7 +153,11 @@ impl StageKind for Report {
 
         let mut sections: Vec<Section> = Vec::new();
         sections.extend(metrics_table::build(&models));
-        sections.extend(scene_table::build(&models));
+        let vae_scene = match ctx.inputs.get("vae_scene") {
+            Some(path) => Some(inputs::read_scene("vae_scene", path)?),
+            None => None,
+        };
+        sections.extend(scene_table::build(&models, vae_scene.as_ref()));
         let options = qualitative::Options { report: &report, max_rows, thumb_size };
         sections.extend(qualitative::build(items.as_deref(), &models, &options)?);
         ctx.cancel.check()?;

@@ -17,7 +17,9 @@ const COLUMNS: [(&str, &str, fn(&SceneMetrics) -> Option<f64>); 5] = [
     ("All ↑", "all", |s| Some(s.all)),
 ];
 
-pub fn build(models: &[Model]) -> Option<Section> {
+/// The table's rows are the models; `vae_bound`, when given, adds the test images decoded by
+/// the VAE as a last row for reference, never bold (it is not a model).
+pub fn build(models: &[Model], vae_bound: Option<&SceneMetrics>) -> Option<Section> {
     let rows: Vec<(&Model, &SceneMetrics)> =
         models.iter().filter_map(|m| m.scene.as_ref().map(|s| (m, s))).collect();
     if rows.is_empty() {
@@ -53,6 +55,13 @@ pub fn build(models: &[Model]) -> Option<Section> {
             "scene": Value::Object(s.raw.clone()),
         }));
     }
+    if let Some(s) = vae_bound {
+        let mut cells = vec!["*test images through the VAE*".to_string()];
+        cells.extend(COLUMNS.iter().map(|(_, _, value)| value(s).map_or("—".into(), percent)));
+        cells.push(s.images.to_string());
+        table.row(cells);
+        json_rows.push(json!({"model": "vae_bound", "scene": Value::Object(s.raw.clone())}));
+    }
     let mut markdown = table.render();
     markdown.push_str(
         "\nThe share of samples that show what their caption states, judged as GenEval judges \
@@ -61,6 +70,13 @@ pub fn build(models: &[Model]) -> Option<Section> {
          relations (by the centroids of the shapes' colours), and all of them at once. Higher \
          is better; the best value of each column is bold (none when all are equal).\n",
     );
+    if vae_bound.is_some() {
+        markdown.push_str(
+            "\nFor reference, the last row judges the test images themselves after encoding and \
+             decoding by the VAE the models sample through: how much of their content the VAE \
+             preserves, which limits what samples of their domain show.\n",
+        );
+    }
     Some(Section {
         title: "Scene accuracy",
         markdown,
@@ -104,7 +120,7 @@ mod tests {
     #[test]
     fn the_lead_is_bold_and_a_tie_is_not() {
         let models = [model("original", true, 0.19, 0.0), model("lr", false, 0.75, 0.0)];
-        let section = build(&models).unwrap();
+        let section = build(&models, None).unwrap();
         let table = section.markdown;
         assert!(table.contains("| **75%** |"), "{table}");
         assert!(!table.contains("**0%**") && !table.contains("**50%**"), "{table}");
@@ -115,6 +131,16 @@ mod tests {
     fn no_section_without_scene_metrics() {
         let mut m = model("original", true, 0.5, 0.5);
         m.scene = None;
-        assert!(build(&[m]).is_none());
+        assert!(build(&[m], None).is_none());
+    }
+
+    #[test]
+    fn the_vae_bound_is_a_last_row_that_is_never_bold() {
+        let models = [model("original", true, 0.19, 0.0), model("lr", false, 0.5, 0.0)];
+        let bound = model("bound", false, 0.9, 0.0).scene.unwrap();
+        let table = build(&models, Some(&bound)).unwrap().markdown;
+        let last_row = table.lines().filter(|l| l.starts_with('|')).last().unwrap();
+        assert!(last_row.contains("through the VAE") && last_row.contains("| 90% |"), "{table}");
+        assert!(table.contains("| **50%** |"), "the best model stays bold: {table}");
     }
 }

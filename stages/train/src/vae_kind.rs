@@ -86,7 +86,7 @@ impl StageKind for TrainVae {
          recon, kl, lr, grad_norm; wall time per step goes to the stage's log) and \
          `reconstructions/` with `reconstructions.jsonl` (the datasets' `test/` images through \
          the trained VAE, listed as a `sample` stage lists its images, so `scene-accuracy` can \
-         judge what any sample can at most show)."
+         judge how much of their domain the VAE preserves)."
     }
 
     fn params(&self) -> Vec<ParamSpec> {
@@ -169,7 +169,7 @@ impl StageKind for TrainVae {
                 path: RECONSTRUCTIONS,
                 kind: OutputKind::Dir,
                 doc: "The bound datasets' held-out `test/` images through the trained VAE, as \
-                      PNGs (what any sample decoded by it can at most show).",
+                      PNGs (how much of their domain the VAE preserves).",
             },
             OutputSpec {
                 name: "reconstructions_jsonl",
@@ -264,10 +264,10 @@ fn train(
     std::fs::write(&log, text).map_err(|e| StageError::io(format!("writing {}", log.display()), e))
 }
 
-/// `reconstructions/` and its list: every `test/` image of the bound datasets, resized and centre-cropped as
-/// for training, encoded to its posterior mean and decoded (what diffusers'
-/// `train_autoencoderkl.py` logs as validation images). Judged like samples, they bound what
-/// a diffusion model sampling through this VAE can show.
+/// `reconstructions/` and its list: every `test/` image of the bound datasets, resized and
+/// centre-cropped as for training, encoded to its posterior mean and decoded (what diffusers'
+/// `train_autoencoderkl.py` logs as validation images). Judged like samples, they show how much
+/// of their domain the VAE preserves, which limits what a model sampling through it can show.
 fn write_reconstructions(
     ctx: &mut StageContext<'_>,
     vae: &Vae,
