@@ -32,6 +32,19 @@ fn sleeping(pid: u32, secs: u32) -> bool {
     ours && !zombie
 }
 
+/// Wait up to `limit` for the background process to be running `sleep`: the stage records
+/// its pid right after forking it, possibly before the child has exec'd.
+fn running_within(pid: u32, secs: u32, limit: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if sleeping(pid, secs) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 /// Wait up to `limit` for the background process to be gone.
 fn gone_within(pid: u32, secs: u32, limit: Duration) -> bool {
     let t = Instant::now();
@@ -55,7 +68,10 @@ fn sigkill_of_sdpipe_leaves_no_background_process_of_a_stage_behind() {
     p.write("pipeline.yaml", &background_pipeline(secs, "sleep 60; echo > o"));
     let mut child = start_until_started(p.cmd().args(["run", "pipeline.yaml"]), p.path());
     let pid = background_pid(&p);
-    assert!(sleeping(pid, secs), "the background process should be running");
+    assert!(
+        running_within(pid, secs, Duration::from_secs(10)),
+        "the background process should be running"
+    );
     child.kill().unwrap(); // SIGKILL: sdpipe runs no cleanup code
     child.wait().unwrap();
     let survived = !gone_within(pid, secs, Duration::from_secs(10));
