@@ -34,6 +34,9 @@ pub enum PipelineError {
     /// The UNet folder could not be loaded (the message names the file and what is wrong).
     #[error("loading the UNet: {0}")]
     UNet(String),
+    /// The text encoder could not be loaded for training (the message names the file).
+    #[error("loading the text encoder for training: {0}")]
+    TrainableTextEncoder(String),
     /// The model could not be found or fetched (local folder, Hugging Face cache, hub).
     #[error(transparent)]
     Hub(#[from] sdpipe_hub::HubError),

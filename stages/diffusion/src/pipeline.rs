@@ -428,6 +428,29 @@ impl SdPipeline {
         Ok(TextEncoder { model })
     }
 
+    /// The text encoder with trainable parameters (`train_text_encoder`): the same files and
+    /// config as [`SdPipeline::load_text_encoder`], passing the same support checks.
+    pub fn load_trainable_text_encoder(
+        &self,
+        device: &Device,
+    ) -> Result<sdpipe_unet::ClipText, PipelineError> {
+        self.candle_clip_config()?;
+        let c = &self.text_encoder;
+        let config = sdpipe_unet::clip_text::ClipTextConfig {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            max_position_embeddings: c.max_position_embeddings,
+            hidden_act: c.hidden_act.clone(),
+            layer_norm_eps: c.layer_norm_eps,
+        };
+        let files = self.weight_files("text_encoder")?;
+        sdpipe_unet::ClipText::from_files(config, &files, device)
+            .map_err(|e| PipelineError::TrainableTextEncoder(e.to_string()))
+    }
+
     pub fn tokenizer(&self) -> Result<ClipTokenizer, PipelineError> {
         ClipTokenizer::from_dir(&self.root.join("tokenizer"))
     }

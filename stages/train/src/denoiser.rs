@@ -15,27 +15,18 @@ pub trait Denoiser {
     /// Predicts from `sample` `(B, C, h, w)`, `timesteps` `(B,)` and `context` `(B, L, D)`,
     /// applies `loss_fn` to the prediction (a scalar) and returns the loss value and the
     /// gradient of that loss for each parameter of [`Denoiser::parameters`] (`None` when a
-    /// parameter does not influence it). `checkpointing` recomputes activations in the backward
-    /// pass instead of keeping them.
+    /// parameter does not influence it), and with `context_grad` also its gradient with respect
+    /// to `context`, shaped like it (what training the text encoder back-propagates).
+    /// `checkpointing` recomputes activations in the backward pass instead of keeping them.
     fn loss_and_grads(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
         checkpointing: bool,
+        context_grad: bool,
         loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
-    ) -> Result<(f32, Vec<Option<Tensor>>)>;
-
-    /// [`Denoiser::loss_and_grads`], and also the gradient of the loss with respect to
-    /// `context`, shaped like it: what training the text encoder back-propagates.
-    fn loss_and_grads_with_context(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        context: &Tensor,
-        checkpointing: bool,
-        loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
-    ) -> Result<(f32, Vec<Option<Tensor>>, Tensor)>;
+    ) -> Result<(f32, Vec<Option<Tensor>>, Option<Tensor>)>;
 }
 
 /// Gradients from a `GradStore` in the order of `params`.
@@ -54,39 +45,27 @@ impl Denoiser for sdpipe_unet::UNet {
         timesteps: &Tensor,
         context: &Tensor,
         checkpointing: bool,
+        context_grad: bool,
         loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
-    ) -> Result<(f32, Vec<Option<Tensor>>)> {
-        let (loss, mut grads) = sdpipe_unet::UNet::loss_and_grads(
-            self,
-            sample,
-            timesteps,
-            context,
-            checkpointing,
-            loss_fn,
-        )
-        .map_err(candle_core::Error::wrap)?;
-        let loss = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-        let params = Denoiser::parameters(self);
-        Ok((loss, ordered_grads(&params, &mut grads)))
-    }
-
-    fn loss_and_grads_with_context(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        context: &Tensor,
-        checkpointing: bool,
-        loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
-    ) -> Result<(f32, Vec<Option<Tensor>>, Tensor)> {
-        let (loss, mut grads, context_grad) = sdpipe_unet::UNet::loss_and_grads_with_context(
-            self,
-            sample,
-            timesteps,
-            context,
-            checkpointing,
-            loss_fn,
-        )
-        .map_err(candle_core::Error::wrap)?;
+    ) -> Result<(f32, Vec<Option<Tensor>>, Option<Tensor>)> {
+        use sdpipe_unet::UNet;
+        let (loss, mut grads, context_grad) = if context_grad {
+            let (l, g, c) = UNet::loss_and_grads_with_context(
+                self,
+                sample,
+                timesteps,
+                context,
+                checkpointing,
+                loss_fn,
+            )
+            .map_err(candle_core::Error::wrap)?;
+            (l, g, Some(c))
+        } else {
+            let (l, g) =
+                UNet::loss_and_grads(self, sample, timesteps, context, checkpointing, loss_fn)
+                    .map_err(candle_core::Error::wrap)?;
+            (l, g, None)
+        };
         let loss = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         let params = Denoiser::parameters(self);
         Ok((loss, ordered_grads(&params, &mut grads), context_grad))

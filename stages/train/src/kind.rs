@@ -394,9 +394,7 @@ impl Train {
         let unet = sdpipe_unet::UNet::from_files(&pipeline.root.join("unet"), &unet_files, &device)
             .map_err(|e| StageError::failed(e.to_string()))?;
         let text_encoder = if settings.train_text_encoder {
-            let text = ClipText::from_pretrained(&pipeline.root.join("text_encoder"), &device)
-                .map_err(|e| StageError::failed(format!("text encoder: {e}")))?;
-            Some(text)
+            Some(pipeline.load_trainable_text_encoder(&device)?)
         } else {
             None
         };

@@ -160,19 +160,14 @@ impl Objective<'_> {
         let loss_fn = |pred: &Tensor| -> candle_core::Result<Tensor> {
             mse_loss(pred, &target, weights.as_deref())?.affine(1.0 / accumulation, 0.0)
         };
-        let (scaled, grads, context_grad) = if context_grad {
-            let (l, g, c) = model.loss_and_grads_with_context(
-                &noisy,
-                &t,
-                context,
-                self.checkpointing,
-                &loss_fn,
-            )?;
-            (l, g, Some(c))
-        } else {
-            let (l, g) = model.loss_and_grads(&noisy, &t, context, self.checkpointing, &loss_fn)?;
-            (l, g, None)
-        };
+        let (scaled, grads, context_grad) = model.loss_and_grads(
+            &noisy,
+            &t,
+            context,
+            self.checkpointing,
+            context_grad,
+            &loss_fn,
+        )?;
         Ok(((scaled as f64 * accumulation) as f32, grads, context_grad))
     }
 }

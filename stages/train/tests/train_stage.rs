@@ -101,22 +101,25 @@ fn the_output_reloads_in_both_unets_with_the_same_tensors() {
     assert_eq!(names(&reloaded), names(&base));
 }
 
-#[test]
-fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
+/// An uninterrupted run and one killed after step 3 and resumed (checkpoints every 2 steps),
+/// on the same data and settings; the temporary folders live as long as the value.
+struct Resumed {
+    whole: Harness,
+    resumed: Harness,
+    _dir: tempfile::TempDir,
+    _data: (Harness, Harness),
+}
+
+fn whole_and_resumed(images: u32, overrides: &[(&str, serde_json::Value)]) -> Resumed {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = tiny_pipeline(dir.path());
-    let (_images, dataset) = synthetic_dataset(6);
-    let settings = train_params(&[
-        ("max_train_steps", json!(6)),
-        ("gradient_accumulation_steps", json!(2)),
-        ("checkpointing_steps", json!(2)),
-        ("use_ema", json!(true)),
-        ("random_flip", json!(true)),
-        ("center_crop", json!(false)),
-    ]);
+    let data = synthetic_dataset(images);
+    let mut all = vec![("checkpointing_steps", json!(2))];
+    all.extend(overrides.iter().cloned());
+    let settings = train_params(&all);
     let harness = || {
         let mut h = Harness::new()
-            .input("dataset", dataset.out_dir().join("dataset"))
+            .input("dataset", data.1.out_dir().join("dataset"))
             .input("pipeline", &pipeline);
         h.threads = 2;
         h
@@ -131,7 +134,21 @@ fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
     assert!(!resumed.out_dir().join("model").exists(), "no output from an interrupted run");
     resumed.run(&Train::default(), &settings).unwrap();
     assert!(resumed.log_text().contains("resuming from the checkpoint at step 2"));
+    Resumed { whole, resumed, _dir: dir, _data: data }
+}
 
+#[test]
+fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
+    let Resumed { whole, resumed, .. } = whole_and_resumed(
+        6,
+        &[
+            ("max_train_steps", json!(6)),
+            ("gradient_accumulation_steps", json!(2)),
+            ("use_ema", json!(true)),
+            ("random_flip", json!(true)),
+            ("center_crop", json!(false)),
+        ],
+    );
     let weights = "model/unet/diffusion_pytorch_model.safetensors";
     assert_eq!(read(&whole.out_dir().join(weights)), read(&resumed.out_dir().join(weights)));
     let log = "train_log.jsonl";
@@ -205,28 +222,15 @@ fn with_train_text_encoder_the_output_has_a_trained_text_encoder_that_loads() {
 
 #[test]
 fn a_resumed_run_that_trains_the_text_encoder_ends_with_the_same_weights() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = tiny_pipeline(dir.path());
-    let (_images, dataset) = synthetic_dataset(4);
-    let settings = train_params(&[
-        ("max_train_steps", json!(4)),
-        ("checkpointing_steps", json!(2)),
-        ("train_text_encoder", json!(true)),
-        ("use_ema", json!(true)),
-        ("gradient_checkpointing", json!(true)),
-    ]);
-    let harness = || {
-        Harness::new()
-            .input("dataset", dataset.out_dir().join("dataset"))
-            .input("pipeline", &pipeline)
-    };
-    let mut whole = harness();
-    whole.run(&Train::default(), &settings).unwrap();
-    let mut resumed = harness();
-    let killed = Train { interrupt_after: Some(3), ..Train::default() };
-    assert!(matches!(resumed.run(&killed, &settings), Err(StageError::Cancelled)));
-    resumed.run(&Train::default(), &settings).unwrap();
-    assert!(resumed.log_text().contains("resuming from the checkpoint at step 2"));
+    let Resumed { whole, resumed, .. } = whole_and_resumed(
+        4,
+        &[
+            ("max_train_steps", json!(4)),
+            ("train_text_encoder", json!(true)),
+            ("use_ema", json!(true)),
+            ("gradient_checkpointing", json!(true)),
+        ],
+    );
     for file in ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"] {
         let path = |h: &Harness| h.out_dir().join("model").join(file);
         assert_eq!(read(&path(&whole)), read(&path(&resumed)), "{file}");

@@ -5,68 +5,33 @@
 //! computation over tracked tensors whose every op has a backward (candle's fused layer norm has
 //! none): token + position embeddings, pre-norm blocks of causal self-attention and a
 //! `quick_gelu` (or exact `gelu`) MLP, and the final layer norm, whose output (the last hidden
-//! state) is what Stable Diffusion conditions on. Weights load from and save to
-//! `model.safetensors` under transformers' names, with or without the `text_model.` prefix,
-//! as the file had them.
+//! state) is what Stable Diffusion conditions on. Weights load from a pipeline's
+//! `text_encoder/` files and save to `model.safetensors` under transformers' names, with or
+//! without the `text_model.` prefix, as the files had them.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use serde::Deserialize;
 
 use crate::error::UNetError;
 use crate::layers::{LayerNorm, Linear};
 use crate::ops;
 use crate::params::{self, Init, ParamBuilder};
 
-/// The fields of `text_encoder/config.json` the computation depends on (transformers'
-/// defaults where a field is absent).
-#[derive(Debug, Clone, Deserialize)]
+/// The sizes the computation depends on: the fields of `text_encoder/config.json` (which
+/// sdpipe-diffusion parses, with transformers' defaults) that shape the network.
+#[derive(Debug, Clone)]
 pub struct ClipTextConfig {
-    #[serde(default = "defaults::vocab")]
     pub vocab_size: usize,
-    #[serde(default = "defaults::hidden")]
     pub hidden_size: usize,
-    #[serde(default = "defaults::intermediate")]
     pub intermediate_size: usize,
-    #[serde(default = "defaults::layers")]
     pub num_hidden_layers: usize,
-    #[serde(default = "defaults::heads")]
     pub num_attention_heads: usize,
-    #[serde(default = "defaults::positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "defaults::act")]
+    /// `quick_gelu` (CLIP's) or `gelu` (exact).
     pub hidden_act: String,
-    #[serde(default = "defaults::eps")]
     pub layer_norm_eps: f64,
-}
-
-mod defaults {
-    pub fn vocab() -> usize {
-        49408
-    }
-    pub fn hidden() -> usize {
-        512
-    }
-    pub fn intermediate() -> usize {
-        2048
-    }
-    pub fn layers() -> usize {
-        12
-    }
-    pub fn heads() -> usize {
-        8
-    }
-    pub fn positions() -> usize {
-        77
-    }
-    pub fn act() -> String {
-        "quick_gelu".into()
-    }
-    pub fn eps() -> f64 {
-        1e-5
-    }
 }
 
 /// Bounds that keep a lying config from allocating without limit before the weights are read.
@@ -123,17 +88,16 @@ pub struct ClipText {
 }
 
 impl ClipText {
-    /// Loads `config.json` and `model.safetensors` from a pipeline's `text_encoder/` folder.
-    pub fn from_pretrained(dir: &Path, device: &Device) -> Result<Self, UNetError> {
-        let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|source| UNetError::Io { path: config_path.clone(), source })?;
-        let config: ClipTextConfig = serde_json::from_str(&text)
-            .map_err(|e| UNetError::Config { path: config_path.clone(), message: e.to_string() })?;
-        config
-            .validate()
-            .map_err(|message| UNetError::Config { path: config_path.clone(), message })?;
-        let mut pb = ParamBuilder::from_file(&dir.join("model.safetensors"), device)?;
+    /// The encoder described by `config` with its weights from `files` (one safetensors or
+    /// PyTorch file, or the shards of one state dict: a pipeline's `text_encoder/` weights).
+    pub fn from_files(
+        config: ClipTextConfig,
+        files: &[PathBuf],
+        device: &Device,
+    ) -> Result<Self, UNetError> {
+        let path = files.first().cloned().unwrap_or_default();
+        config.validate().map_err(|message| UNetError::Weights { path, message })?;
+        let mut pb = ParamBuilder::from_files(files, device)?;
         let prefix = if pb.contains("text_model.embeddings.token_embedding.weight") {
             "text_model."
         } else {
@@ -258,11 +222,16 @@ mod tests {
     use candle_core::backprop::GradStore;
 
     fn tiny() -> ClipTextConfig {
-        serde_json::from_str(
-            r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 12}"#,
-        )
-        .unwrap()
+        ClipTextConfig {
+            vocab_size: 40,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            max_position_embeddings: 12,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+        }
     }
 
     fn ids() -> Tensor {
@@ -351,13 +320,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let model = ClipText::random(tiny(), 5, &Device::Cpu).unwrap();
         model.save(dir.path()).unwrap();
-        std::fs::write(
-            dir.path().join("config.json"),
-            r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "max_position_embeddings": 12, "hidden_act": "quick_gelu"}"#,
-        )
-        .unwrap();
-        let loaded = ClipText::from_pretrained(dir.path(), &Device::Cpu).unwrap();
+        let files = [dir.path().join("model.safetensors")];
+        let loaded = ClipText::from_files(tiny(), &files, &Device::Cpu).unwrap();
         assert_eq!(
             loaded.vars().keys().collect::<Vec<_>>(),
             model.vars().keys().collect::<Vec<_>>()
@@ -368,9 +332,9 @@ mod tests {
 
     #[test]
     fn refuses_a_config_that_claims_absurd_sizes() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("config.json"), r#"{"hidden_size": 1000000000}"#).unwrap();
-        let error = ClipText::from_pretrained(dir.path(), &Device::Cpu).err().expect("refused");
+        let config = ClipTextConfig { hidden_size: 1_000_000_000, ..tiny() };
+        let files = [PathBuf::from("model.safetensors")];
+        let error = ClipText::from_files(config, &files, &Device::Cpu).err().expect("refused");
         assert!(error.to_string().contains("hidden_size"), "{error}");
     }
 }
