@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use sdpipe_stages::api::{human_bytes, CancelToken, Registry};
+use sdpipe_stages::api::{human_bytes, CancelToken, DeviceChoice, Registry};
 
 use crate::cache::{Cache, Index, ObjectStore};
 use crate::dag::Dag;
@@ -75,6 +75,10 @@ enum Command {
         /// Run every stage with this executor (`local` or `slurm`), whatever the pipeline says.
         #[arg(long, value_name = "EXECUTOR")]
         executor: Option<String>,
+        /// Run every built-in kind on this device (`auto`, `cpu`, `cuda`, `cuda:N`), whatever the
+        /// pipeline says. Not part of any key: cached results are reused.
+        #[arg(long, value_name = "DEVICE")]
+        device: Option<DeviceChoice>,
         /// Print one JSON summary on stdout.
         #[arg(long)]
         json: bool,
@@ -371,7 +375,7 @@ fn standalone_cache(cache_dir: Option<&Path>) -> Result<Cache, CliError> {
 fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
     let cache_dir = cli.cache_dir.as_deref();
     match cli.command {
-        Command::Run { p, stages, jobs, force, force_all, executor, json } => {
+        Command::Run { p, stages, jobs, force, force_all, executor, device, json } => {
             let mut l = load(&p, cache_dir, registry, json)?;
             if let Some(name) = executor {
                 let choice =
@@ -380,6 +384,11 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                     })?;
                 for stage in l.pipeline.stages.values_mut() {
                     stage.executor = choice;
+                }
+            }
+            if let Some(device) = device {
+                for stage in l.pipeline.stages.values_mut() {
+                    stage.device = device;
                 }
             }
             check_stage_names(&l.pipeline, &stages, json)?;

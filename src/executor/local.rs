@@ -73,6 +73,7 @@ pub(super) fn run_kind(
         state_dir: &job.state_dir,
         downloads: &job.downloads_dir,
         threads: job.threads,
+        device: job.device,
         log: &mut log,
         progress,
         cancel,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sdpipe_stages::api::{CancelToken, NoProgress, Params, Progress, Registry, StageKind};
+use sdpipe_stages::device::DeviceChoice;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
@@ -20,7 +21,7 @@ use crate::spec::Action;
 
 /// Bumped when the job file's meaning changes: a node running another sdpipe version refuses a
 /// file it would misread.
-pub const NODE_JOB_SCHEMA: u32 = 1;
+pub const NODE_JOB_SCHEMA: u32 = 2;
 
 /// One stage invocation, every path absolute.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +36,8 @@ pub struct NodeJob {
     pub downloads_dir: PathBuf,
     /// Threads the stage is granted.
     pub threads: usize,
+    /// Where a kind computes (`device:`); shell commands see it as `SDPIPE_DEVICE`.
+    pub device: DeviceChoice,
 }
 
 /// What the stage does.
@@ -121,6 +124,7 @@ impl NodeJob {
                     // Common thread-count knobs, so tools the command calls respect the grant.
                     ("OMP_NUM_THREADS".to_string(), threads.clone()),
                     ("RAYON_NUM_THREADS".to_string(), threads),
+                    ("SDPIPE_DEVICE".to_string(), job.stage.device.to_string()),
                 ]);
                 for (name, value) in job.params {
                     env.insert(
@@ -190,6 +194,7 @@ impl NodeJob {
             state_dir: job.state_dir.clone(),
             downloads_dir: job.downloads_dir.clone(),
             threads: job.threads,
+            device: job.stage.device,
         })
     }
 

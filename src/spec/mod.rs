@@ -139,6 +139,9 @@ pub struct Stage {
     pub executor: resources::ExecutorChoice,
     /// What it asks a cluster for (`resources:`, the pipeline's overlaid with the stage's).
     pub resources: resources::Resources,
+    /// Where a built-in kind computes (`device:`, the pipeline's unless the stage sets its own;
+    /// `auto` by default). Not in the key, like `executor:`.
+    pub device: sdpipe_stages::device::DeviceChoice,
 }
 
 /// Which sweep point a stage instance computes.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use indexmap::IndexMap;
 use sdpipe_stages::api::{ParamType, Registry};
+use sdpipe_stages::device::DeviceChoice;
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
 
@@ -16,7 +17,7 @@ use super::template::{self, Namespace};
 use super::yaml::{Document, Seg};
 use super::{Action, Dep, InputRef, Output, Pipeline, SourceFile, Stage};
 
-const TOP_KEYS: &[&str] = &["vars", "stages", "sweep", "remote", "executor", "resources"];
+const TOP_KEYS: &[&str] = &["vars", "stages", "sweep", "remote", "executor", "resources", "device"];
 const STAGE_KEYS: &[&str] = &[
     "uses",
     "with",
@@ -31,7 +32,15 @@ const STAGE_KEYS: &[&str] = &[
     "gather",
     "executor",
     "resources",
+    "device",
 ];
+
+/// The pipeline-level placement settings a stage inherits unless it sets its own.
+struct Placement<'a> {
+    executor: ExecutorChoice,
+    resources: &'a Resources,
+    device: DeviceChoice,
+}
 
 /// Validate `doc` (the file at `file`) against the registry's kinds.
 pub fn validate(
@@ -315,6 +324,7 @@ impl<'a> Validator<'a> {
         let mut raw_stages = None;
         let mut default_executor = ExecutorChoice::Local;
         let mut default_resources = Resources::default();
+        let mut default_device = DeviceChoice::Auto;
         for (k, v) in top {
             match k.as_str() {
                 "vars" => {
@@ -335,6 +345,11 @@ impl<'a> Validator<'a> {
                     }
                 }
                 "resources" => default_resources = self.resources(v, &[key("resources")]),
+                "device" => {
+                    if let Some(d) = self.device_choice(v, &[key("device")]) {
+                        default_device = d;
+                    }
+                }
                 _ => unreachable!("filtered by mapping()"),
             }
         }
@@ -358,7 +373,12 @@ impl<'a> Validator<'a> {
                 continue;
             }
             if let Some((mut stage, inputs)) = self.stage(&name, raw, &path, registry, &vars) {
-                self.placement(&mut stage, raw, &path, default_executor, &default_resources);
+                let defaults = Placement {
+                    executor: default_executor,
+                    resources: &default_resources,
+                    device: default_device,
+                };
+                self.placement(&mut stage, raw, &path, &defaults);
                 bindings.push((name.clone(), inputs));
                 stages.insert(name, stage);
             }
@@ -410,6 +430,7 @@ impl<'a> Validator<'a> {
             point: None,
             executor: ExecutorChoice::Local,
             resources: Resources::default(),
+            device: DeviceChoice::Auto,
         };
         let mut pending_inputs = Vec::new();
         let builtin_only = ["with"];
@@ -606,6 +627,19 @@ impl<'a> Validator<'a> {
         choice
     }
 
+    /// `device: auto | cpu | cuda | cuda:N`.
+    fn device_choice(&mut self, value: &Yaml, path: &[Seg]) -> Option<DeviceChoice> {
+        let text = self.string(value, path, "`device`")?;
+        match DeviceChoice::parse(&text) {
+            Ok(choice) => Some(choice),
+            Err(message) => {
+                let e = self.err_value(path, message);
+                *e = e.clone().label("unknown device");
+                None
+            }
+        }
+    }
+
     /// `resources: {cpus, gpus, mem, time, partition}`: every field optional, each checked.
     fn resources(&mut self, value: &Yaml, path: &[Seg]) -> Resources {
         let mut r = Resources::default();
@@ -650,15 +684,8 @@ impl<'a> Validator<'a> {
         r
     }
 
-    /// Where a stage runs: its own `executor`/`resources` over the pipeline's.
-    fn placement(
-        &mut self,
-        stage: &mut Stage,
-        raw: &Yaml,
-        path: &[Seg],
-        default_executor: ExecutorChoice,
-        default_resources: &Resources,
-    ) {
+    /// Where a stage runs: its own `executor`/`resources`/`device` over the pipeline's.
+    fn placement(&mut self, stage: &mut Stage, raw: &Yaml, path: &[Seg], defaults: &Placement) {
         let at = |k: &str| {
             let mut p = path.to_vec();
             p.push(key(k));
@@ -669,14 +696,18 @@ impl<'a> Validator<'a> {
             _ => None,
         };
         stage.executor = match field("executor") {
-            Some(v) => self.executor_choice(v, &at("executor")).unwrap_or(default_executor),
-            None => default_executor,
+            Some(v) => self.executor_choice(v, &at("executor")).unwrap_or(defaults.executor),
+            None => defaults.executor,
+        };
+        stage.device = match field("device") {
+            Some(v) => self.device_choice(v, &at("device")).unwrap_or(defaults.device),
+            None => defaults.device,
         };
         let own = match field("resources") {
             Some(v) => self.resources(v, &at("resources")),
             None => Resources::default(),
         };
-        stage.resources = default_resources.overlaid(&own);
+        stage.resources = defaults.resources.overlaid(&own);
     }
 
     /// A list of strings (names derived from the values) or a mapping name → string.
@@ -1089,4 +1120,38 @@ fn cycle_errors(pipeline: &Pipeline) -> Vec<SpecError> {
             .help("a stage cannot (transitively) consume its own output")
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Pipeline;
+
+    fn load(text: &str) -> Result<Pipeline, SpecErrors> {
+        let file = Path::new("/project/p.yaml");
+        Pipeline::from_source(file, "p.yaml".into(), text.into(), &crate::kinds::builtin(), &[])
+    }
+
+    #[test]
+    fn a_stage_takes_the_pipelines_device_unless_it_sets_its_own() {
+        let pipeline = load(
+            "device: cpu\nstages:\n  a:\n    run: 'true'\n  b:\n    run: 'true'\n    device: cuda:1\n",
+        )
+        .unwrap();
+        assert_eq!(pipeline.stages["a"].device, DeviceChoice::Cpu);
+        assert_eq!(pipeline.stages["b"].device, DeviceChoice::Cuda(1));
+    }
+
+    #[test]
+    fn the_device_is_auto_when_nothing_sets_it() {
+        let pipeline = load("stages:\n  a:\n    run: 'true'\n").unwrap();
+        assert_eq!(pipeline.stages["a"].device, DeviceChoice::Auto);
+    }
+
+    #[test]
+    fn an_unknown_device_is_refused_at_its_line() {
+        let errors = load("stages:\n  a:\n    run: 'true'\n    device: tpu\n").err().unwrap();
+        let located = errors.0[0].located();
+        assert!(located.starts_with("p.yaml:4:13: `tpu` is not a device"), "{located}");
+    }
 }

@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+pub use crate::device::DeviceChoice;
+
 /// The type of one parameter, used to validate and canonicalise the pipeline's values.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParamType {
@@ -268,6 +270,9 @@ pub struct StageContext<'a> {
     pub downloads: &'a Path,
     /// The number of threads the stage was granted; it must not use more.
     pub threads: usize,
+    /// Where the stage computes (`device:`); kinds that use candle open it with
+    /// [`StageContext::candle_device`].
+    pub device: DeviceChoice,
     /// The stage's log (kept with its result).
     pub log: &'a mut (dyn Write + Send),
     pub progress: &'a dyn Progress,
@@ -318,6 +323,18 @@ impl StageContext<'_> {
     /// Where the declared output `name` (with the given relative path) is written.
     pub fn output_path(&self, relative: &str) -> PathBuf {
         self.out_dir.join(relative)
+    }
+    /// The candle device the stage's `device:` names, noted in the stage's log.
+    #[cfg(feature = "candle")]
+    pub fn candle_device(&mut self) -> Result<candle_core::Device, StageError> {
+        let device = self.device.open()?;
+        let _ = writeln!(
+            self.log,
+            "device: {} (`device: {}`)",
+            crate::device::describe(&device),
+            self.device
+        );
+        Ok(device)
     }
     /// A typed parameter, deserialised from its canonical JSON value.
     pub fn param<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, StageError> {

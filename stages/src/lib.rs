@@ -4,6 +4,7 @@
 //! machinery one kind needs) and knows nothing of caching or scheduling.
 
 pub mod api;
+pub mod device;
 pub mod imagefolder;
 pub mod synthetic;
 pub mod testing;

@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::api::{
     CancelToken, GatheredInput, NoProgress, Params, StageContext, StageError, StageKind,
 };
+use crate::device::DeviceChoice;
 
 /// The kind's defaults (required parameters left out), overridden by `overrides`.
 pub fn params(kind: &dyn StageKind, overrides: &[(&str, Value)]) -> Params {
@@ -23,6 +24,16 @@ pub fn params(kind: &dyn StageKind, overrides: &[(&str, Value)]) -> Params {
     params
 }
 
+/// The device kind tests run on: `SDPIPE_TEST_DEVICE` when set, else the CPU.
+pub fn test_device() -> DeviceChoice {
+    match std::env::var("SDPIPE_TEST_DEVICE") {
+        Ok(text) => {
+            DeviceChoice::parse(&text).unwrap_or_else(|e| panic!("SDPIPE_TEST_DEVICE: {e}"))
+        }
+        Err(_) => DeviceChoice::Cpu,
+    }
+}
+
 /// Temporary directories and bindings for one or more runs of a kind.
 pub struct Harness {
     pub out: tempfile::TempDir,
@@ -32,6 +43,9 @@ pub struct Harness {
     pub paths: BTreeMap<String, PathBuf>,
     pub cancel: CancelToken,
     pub threads: usize,
+    /// `SDPIPE_TEST_DEVICE` (e.g. `cuda:0`, as scripts/gpu-check.sh sets it), else the CPU: the
+    /// same kind tests run on whatever device a machine offers.
+    pub device: DeviceChoice,
     pub gathered: BTreeMap<String, Vec<GatheredInput>>,
     pub provenance: Value,
     /// Everything the stage wrote to its log.
@@ -54,6 +68,7 @@ impl Harness {
             paths: BTreeMap::new(),
             cancel: CancelToken::new(),
             threads: 1,
+            device: test_device(),
             gathered: BTreeMap::new(),
             provenance: Value::Null,
             log: Vec::new(),
@@ -92,6 +107,7 @@ impl Harness {
             state_dir: self.state.path(),
             downloads: self.downloads.path(),
             threads: self.threads,
+            device: self.device,
             log: &mut self.log,
             progress: &NoProgress,
             cancel: &self.cancel,

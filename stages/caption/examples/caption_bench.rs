@@ -44,12 +44,15 @@ fn main() {
     let load_started = Instant::now();
     let blip = match which {
         "large" => random_large(&model_dir),
-        "tiny" => Blip::load(&ModelFiles {
-            config: &model_dir.join("config.json"),
-            weights: &model_dir.join("model.safetensors"),
-            tokenizer: &model_dir.join("tokenizer.json"),
-            root: &model_dir,
-        })
+        "tiny" => Blip::load(
+            &ModelFiles {
+                config: &model_dir.join("config.json"),
+                weights: &model_dir.join("model.safetensors"),
+                tokenizer: &model_dir.join("tokenizer.json"),
+                root: &model_dir,
+            },
+            &candle_core::Device::Cpu,
+        )
         .expect("the fixture model loads"),
         other => panic!("unknown model `{other}`: tiny or large"),
     };

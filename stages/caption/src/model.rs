@@ -206,10 +206,9 @@ const TIED: (&str, &str) = (
 );
 
 impl Blip {
-    /// Load the model folder's files (on the first CUDA GPU when candle was built with CUDA and
-    /// one is present, else on the CPU).
-    pub fn load(files: &ModelFiles<'_>) -> Result<Blip, CaptionError> {
-        let device = Device::cuda_if_available(0)?;
+    /// Load the model folder's files onto `device`.
+    pub fn load(files: &ModelFiles<'_>, device: &Device) -> Result<Blip, CaptionError> {
+        let device = device.clone();
         let config = BlipConfig::from_file(files.config)?;
         let processor = ImageProcessorConfig::from_model_dir(files.root)?;
         let mut tensors = candle_core::safetensors::load(files.weights, &device).map_err(|e| {
@@ -373,12 +372,15 @@ mod tests {
 
     fn fixture_model() -> Blip {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/blip/model");
-        Blip::load(&ModelFiles {
-            config: &dir.join("config.json"),
-            weights: &dir.join("model.safetensors"),
-            tokenizer: &dir.join("tokenizer.json"),
-            root: &dir,
-        })
+        Blip::load(
+            &ModelFiles {
+                config: &dir.join("config.json"),
+                weights: &dir.join("model.safetensors"),
+                tokenizer: &dir.join("tokenizer.json"),
+                root: &dir,
+            },
+            &Device::Cpu,
+        )
         .unwrap()
     }
 

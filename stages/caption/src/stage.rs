@@ -333,7 +333,8 @@ fn caption_all(
     images: &BTreeMap<String, PathBuf>,
 ) -> Result<(), StageError> {
     let failed = |e: crate::error::CaptionError| StageError::failed(e.to_string());
-    let model = Blip::load(files).map_err(failed)?;
+    let device = ctx.candle_device()?;
+    let model = Blip::load(files, &device).map_err(failed)?;
     let prompt = model.prompt_ids(&settings.prompt).map_err(failed)?;
 
     let partial_path = ctx.state_dir.join(PARTIAL);

@@ -18,12 +18,15 @@ fn reference() -> Value {
 
 fn model() -> Blip {
     let dir = fixtures().join("model");
-    Blip::load(&ModelFiles {
-        config: &dir.join("config.json"),
-        weights: &dir.join("model.safetensors"),
-        tokenizer: &dir.join("tokenizer.json"),
-        root: &dir,
-    })
+    Blip::load(
+        &ModelFiles {
+            config: &dir.join("config.json"),
+            weights: &dir.join("model.safetensors"),
+            tokenizer: &dir.join("tokenizer.json"),
+            root: &dir,
+        },
+        &candle_core::Device::Cpu,
+    )
     .unwrap()
 }
 

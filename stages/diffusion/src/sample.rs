@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
     Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
@@ -351,8 +351,7 @@ fn run_jobs(
     settings: &Settings,
     jobs: &[Job],
 ) -> Result<(), StageError> {
-    let device = Device::cuda_if_available(0)
-        .map_err(|e| StageError::failed(format!("opening the GPU: {e}")))?;
+    let device = ctx.candle_device()?;
     let sd = StableDiffusion::load(pipeline, &device, DType::F32)?;
     let factor = sd.vae_scale_factor;
     let default_side = pipeline.unet.sample_size * factor;

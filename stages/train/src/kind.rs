@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Device;
 use sdpipe_diffusion::config::{write_json, SchedulerConfig};
 use sdpipe_diffusion::{copy_components, SdPipeline};
 use sdpipe_hub::HubConfig;
@@ -111,12 +110,6 @@ impl Settings {
             train_text_encoder: ctx.param("train_text_encoder")?,
         })
     }
-}
-
-/// The device training runs on. sdpipe's builds have no CUDA backend yet (issue 15), so
-/// `cuda_if_available` gives the CPU; it is kept so that a CUDA build needs no change here.
-fn device() -> Result<Device, StageError> {
-    Device::cuda_if_available(0).map_err(|e| StageError::failed(format!("opening the GPU: {e}")))
 }
 
 impl Train {
@@ -388,7 +381,7 @@ impl Train {
         dataset: &Path,
         schedule: NoiseSchedule,
     ) -> Result<(), StageError> {
-        let device = device()?;
+        let device = ctx.candle_device()?;
         let frozen = Frozen::load(pipeline, &device)?;
         let unet_files = pipeline.weight_files("unet")?;
         let unet = sdpipe_unet::UNet::from_files(&pipeline.root.join("unet"), &unet_files, &device)

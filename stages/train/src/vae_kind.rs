@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use sdpipe_diffusion::{copy_components, to_rgb8, SdPipeline};
 use sdpipe_stages::api::{
     Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
@@ -215,8 +215,7 @@ fn train(
     examples: &[(Example, PathBuf)],
 ) -> Result<(), StageError> {
     let failed = |e: &dyn std::fmt::Display| StageError::failed(e.to_string());
-    let device = Device::cuda_if_available(0)
-        .map_err(|e| StageError::failed(format!("opening the GPU: {e}")))?;
+    let device = ctx.candle_device()?;
     let mut vae = Vae::from_pretrained(&base.join("vae"), &device).map_err(|e| failed(&e))?;
     let max_steps = config.max_train_steps;
     let transform = config.transform;
