@@ -119,7 +119,9 @@ fn run_fid(ctx: &mut StageContext<'_>) -> Result<(), StageError> {
     };
 
     let weights = common::load(&weights_value, WeightsKind::FidInception, "weights", seed)?;
-    let model = FidInception::new(&weights).map_err(candle_err("building Inception"))?;
+    let device = ctx.candle_device()?;
+    let model =
+        FidInception::on_device(&weights, &device).map_err(candle_err("building Inception"))?;
     let _ = writeln!(
         ctx.log,
         "fid: {} real, {} fake images; weights {}",

@@ -3,6 +3,9 @@
 //! deterministically.
 //!
 //! Ids are file stems: `<id>.png` from the `sample` stage pairs with `<id>.jpg` in the dataset.
+//!
+//! Images become tensors on the CPU, where they are decoded; the networks move each batch to
+//! the device they run on.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

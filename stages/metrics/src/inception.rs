@@ -13,8 +13,12 @@
 //!   then 2x − 1.
 //!
 //! Tensor names are pytorch-fid's state-dict names (`Mixed_5b.branch1x1.conv.weight`, ...).
+//!
+//! The network runs on the device it was loaded on ([`FidInception::on_device`]); its convs and
+//! max pools pick their CPU or generic path themselves ([`crate::device_path`]), the rest is
+//! candle's ops on the input's device.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::conv::ConvRelu;
 use crate::pool::max_pool2d;
@@ -164,7 +168,8 @@ pub fn tensor_specs() -> Vec<TensorSpec> {
 struct ConvUnit(ConvRelu);
 
 impl ConvUnit {
-    fn load(w: &Weights, spec: &ConvSpec) -> candle_core::Result<ConvUnit> {
+    /// The unit on `device`.
+    fn load(w: &Weights, spec: &ConvSpec, device: &Device) -> candle_core::Result<ConvUnit> {
         let n = &spec.name;
         let kernel = w.get(&format!("{n}.conv.weight"))?;
         let gamma = w.get(&format!("{n}.bn.weight"))?;
@@ -175,6 +180,9 @@ impl ConvUnit {
         let scale = gamma.broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
         let weight = kernel.broadcast_mul(&scale.reshape((spec.c_out, 1, 1, 1))?)?;
         let bias = (beta - mean.mul(&scale)?)?;
+        // Folded where the weights were read (the CPU), then moved: every device runs the same
+        // folded f32 weights.
+        let (weight, bias) = (weight.to_device(device)?, bias.to_device(device)?);
         Ok(ConvUnit(ConvRelu::new(&weight, &bias, spec.stride, spec.padding)?))
     }
 }
@@ -186,7 +194,8 @@ impl Module for ConvUnit {
 }
 
 /// 3×3, stride 1, padding 1 average pool with `count_include_pad=False`: each output is the
-/// mean of the real (unpadded) pixels in its window.
+/// mean of the real (unpadded) pixels in its window. Candle's ops only (its CPU average pool is
+/// fast enough here), on `x`'s device.
 fn avg_pool_3x3_exclude_pad(x: &Tensor) -> candle_core::Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let summed_over_9 =
@@ -211,7 +220,8 @@ fn avg_pool_3x3_exclude_pad(x: &Tensor) -> candle_core::Result<Tensor> {
     summed_over_9.broadcast_mul(&rescale)
 }
 
-/// 3×3, stride 1, padding 1 max pool (padding never wins: it is −∞, as in PyTorch).
+/// 3×3, stride 1, padding 1 max pool (padding never wins: it is −∞, as in PyTorch), on `x`'s
+/// device.
 fn max_pool_3x3_same(x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let col = Tensor::full(f32::NEG_INFINITY, (b, c, h, 1), x.device())?;
@@ -325,15 +335,22 @@ impl Module for Block {
 pub struct FidInception {
     stem: Vec<ConvUnit>,
     blocks: Vec<Block>,
+    device: Device,
 }
 
 impl FidInception {
+    /// The network on the CPU (see [`FidInception::on_device`]).
     pub fn new(weights: &Weights) -> candle_core::Result<FidInception> {
+        FidInception::on_device(weights, &Device::Cpu)
+    }
+
+    /// The network with its weights on `device`, where it then runs (inputs are moved there).
+    pub fn on_device(weights: &Weights, device: &Device) -> candle_core::Result<FidInception> {
         let specs = conv_specs();
         let mut stem = Vec::new();
         let mut blocks: Vec<Block> = Vec::new();
         for spec in &specs {
-            let unit = ConvUnit::load(weights, spec)?;
+            let unit = ConvUnit::load(weights, spec, device)?;
             match spec.name.split_once('.') {
                 None => stem.push(unit),
                 Some((block, unit_name)) => {
@@ -351,12 +368,18 @@ impl FidInception {
                 }
             }
         }
-        Ok(FidInception { stem, blocks })
+        Ok(FidInception { stem, blocks, device: device.clone() })
     }
 
-    /// Pool3 features `[B, 2048]` of a batch `[B, 3, 299, 299]` already scaled to [-1, 1].
+    /// The device the network runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Pool3 features `[B, 2048]` of a batch `[B, 3, 299, 299]` already scaled to [-1, 1], on
+    /// the network's device (the batch is moved there first).
     pub fn forward_scaled(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut x = x.clone();
+        let mut x = x.to_device(&self.device)?;
         for (i, unit) in self.stem.iter().enumerate() {
             x = unit.forward(&x)?;
             // Block 0 ends with a 3/2 max pool after Conv2d_2b; block 1 after Conv2d_4a.
@@ -370,8 +393,10 @@ impl FidInception {
         x.mean(D::Minus1)?.mean(D::Minus1)
     }
 
-    /// Pool3 features `[B, 2048]` of images `[B, 3, 299, 299]` in [0, 1] (see [`preprocess`]).
+    /// Pool3 features `[B, 2048]` of images `[B, 3, 299, 299]` in [0, 1] (see [`preprocess`]),
+    /// on the network's device (the batch is moved there first).
     pub fn features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.to_device(&self.device)?;
         self.forward_scaled(&((x * 2.0)? - 1.0)?)
     }
 }
@@ -389,7 +414,7 @@ fn block_kind(name: &str) -> candle_core::Result<BlockKind> {
 }
 
 /// An image `[3, H, W]` in [0, 1] resized to 299×299 as pytorch-fid does: bilinear,
-/// align_corners=False, no antialiasing (even when shrinking).
+/// align_corners=False, no antialiasing (even when shrinking); on the image's device.
 pub fn preprocess(image: &Tensor) -> candle_core::Result<Tensor> {
     let x = image.unsqueeze(0)?.to_dtype(DType::F32)?;
     x.upsample_bilinear2d(INPUT_SIZE, INPUT_SIZE, false)?.squeeze(0)
@@ -403,7 +428,6 @@ pub fn stack(images: &[Tensor]) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     fn grid(values: &[f32], h: usize, w: usize) -> Tensor {
         Tensor::from_slice(values, (1, 1, h, w), &Device::Cpu).unwrap()

@@ -3,7 +3,8 @@
 //! package), and the weights conversion behind `sdpipe convert-weights`.
 //!
 //! Modules: [`inception`] and [`lpips`] are the networks (their convolutions in [`conv`], their
-//! max pooling in [`pool`]), [`frechet`] and [`kid`] the statistics, [`images`] the image inputs
+//! max pooling in [`pool`]; [`device_path`] chooses between the CPU kernels and candle's ops,
+//! which run on any device), [`frechet`] and [`kid`] the statistics, [`images`] the image inputs
 //! and their deterministic resizing, [`weights`], [`convert`] and [`pth`] the weights files,
 //! [`recipe`] the deterministic random stand-in weights; the kinds live in `fid_stage` and
 //! `lpips_stage`.
@@ -14,6 +15,7 @@ use sdpipe_stages::api::StageKind;
 
 pub mod conv;
 pub mod convert;
+pub mod device_path;
 mod fid_stage;
 pub mod frechet;
 pub mod images;

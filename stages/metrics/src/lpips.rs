@@ -5,12 +5,18 @@
 //!
 //! Tensor names: the trunk keeps torchvision's names (`features.0.weight`, ...), the linear
 //! layers lpips' (`lin0.model.1.weight`, ...), so converted published files load unchanged.
+//!
+//! The network runs on the device it was loaded on ([`Lpips::on_device`]). On the CPU the
+//! scaling layer and the heads run on slices, the pairs split across the rayon pool; elsewhere
+//! (or with the generic path forced, see [`crate::device_path`]) the same arithmetic runs as
+//! candle's ops.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use rayon::iter::{IndexedParallelIterator, IntoParallelIterator, ParallelIterator};
 use rayon::slice::{ParallelSlice, ParallelSliceMut};
 
 use crate::conv::{with_f32_slice, ConvRelu};
+use crate::device_path::use_cpu_kernels;
 use crate::pool::max_pool2d;
 use crate::recipe::Init;
 use crate::weights::{TensorSpec, Weights};
@@ -135,20 +141,28 @@ const SCALE: [f32; 3] = [0.458, 0.448, 0.450];
 pub struct Lpips {
     pub net: Net,
     ops: Vec<Op>,
-    /// The five linear layers' weights, one per tap channel.
-    lins: Vec<Vec<f32>>,
+    /// The five linear layers' weights `[C]` f32, one per tap channel, on the network's device.
+    lins: Vec<Tensor>,
+    device: Device,
 }
 
 impl Lpips {
-    /// `weights` holds both [`trunk_specs`] and [`lin_specs`] tensors.
+    /// The network on the CPU (see [`Lpips::on_device`]).
     pub fn new(net: Net, weights: &Weights) -> candle_core::Result<Lpips> {
+        Lpips::on_device(net, weights, &Device::Cpu)
+    }
+
+    /// The network with its weights on `device`, where it then runs (inputs are moved there);
+    /// `weights` holds both [`trunk_specs`] and [`lin_specs`] tensors.
+    pub fn on_device(net: Net, weights: &Weights, device: &Device) -> candle_core::Result<Lpips> {
+        let get = |name: String| weights.get(&name)?.to_device(device);
         let mut ops = Vec::new();
         for layer in net.layers() {
             ops.push(match layer {
                 Layer::Conv { index, stride, pad, tap, .. } => Op::Conv {
                     conv: ConvRelu::new(
-                        weights.get(&format!("features.{index}.weight"))?,
-                        weights.get(&format!("features.{index}.bias"))?,
+                        &get(format!("features.{index}.weight"))?,
+                        &get(format!("features.{index}.bias"))?,
                         stride,
                         (pad, pad),
                     )?,
@@ -158,9 +172,14 @@ impl Lpips {
             });
         }
         let lins = (0..5)
-            .map(|i| weights.get(&format!("lin{i}.model.1.weight"))?.flatten_all()?.to_vec1())
+            .map(|i| get(format!("lin{i}.model.1.weight"))?.to_dtype(DType::F32)?.flatten_all())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Lpips { net, ops, lins })
+        Ok(Lpips { net, ops, lins, device: device.clone() })
+    }
+
+    /// The device the network runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// The five tapped activations of a batch after the [`scaling_layer`].
@@ -181,11 +200,12 @@ impl Lpips {
         Ok(taps)
     }
 
-    /// LPIPS distance per pair of two batches `[B, 3, H, W]` in [-1, 1] of equal shape: `[B]`.
+    /// LPIPS distance per pair of two batches `[B, 3, H, W]` in [-1, 1] of equal shape: `[B]`,
+    /// on the network's device (the batches are moved there first).
     ///
-    /// Both batches go through the trunk together (the convolutions run the images in parallel
-    /// on the current rayon pool), then the pairs' heads run in parallel; each pair's distance
-    /// is computed the same way whatever batch it is in.
+    /// Both batches go through the trunk together (on the CPU the convolutions run the images
+    /// in parallel on the current rayon pool), then the pairs' heads (on the CPU in parallel);
+    /// each pair's distance is computed the same way whatever batch it is in.
     pub fn distance(&self, x0: &Tensor, x1: &Tensor) -> candle_core::Result<Tensor> {
         if x0.dims() != x1.dims() {
             candle_core::bail!(
@@ -194,29 +214,70 @@ impl Lpips {
                 x1.dims()
             )
         }
+        let (x0, x1) = (x0.to_device(&self.device)?, x1.to_device(&self.device)?);
         let b = x0.dim(0)?;
-        let taps = self.taps(&scaling_layer(&[x0, x1])?)?;
+        let taps = self.taps(&scaling_layer(&[&x0, &x1])?)?;
+        for (tap, lin) in taps.iter().zip(&self.lins) {
+            let c = tap.dim(1)?;
+            if lin.dim(0)? != c {
+                candle_core::bail!(
+                    "LPIPS linear layer has {} weights for {c} channels",
+                    lin.dim(0)?
+                )
+            }
+        }
+        // Decided here, on the calling thread, before the pairs are split across threads.
+        if !use_cpu_kernels(&x0) {
+            return heads_generic(&taps, &self.lins, b);
+        }
         let mut total = vec![0f64; b];
         for (tap, lin) in taps.iter().zip(&self.lins) {
             let (_, c, h, w) = tap.dims4()?;
-            if lin.len() != c {
-                candle_core::bail!("LPIPS linear layer has {} weights for {c} channels", lin.len())
-            }
-            let per_pair: Vec<f64> = with_f32_slice(tap, |f| {
-                let (f0, f1) = f.split_at(b * c * h * w);
-                (0..b)
-                    .into_par_iter()
-                    .map(|i| {
-                        let image = i * c * h * w..(i + 1) * c * h * w;
-                        tap_distance(&f0[image.clone()], &f1[image], lin, h * w)
-                    })
-                    .collect()
-            })?;
+            let per_pair: Vec<f64> = with_f32_slice(lin, |lin| {
+                with_f32_slice(tap, |f| {
+                    let (f0, f1) = f.split_at(b * c * h * w);
+                    (0..b)
+                        .into_par_iter()
+                        .map(|i| {
+                            let image = i * c * h * w..(i + 1) * c * h * w;
+                            tap_distance(&f0[image.clone()], &f1[image], lin, h * w)
+                        })
+                        .collect()
+                })
+            })??;
             for (t, d) in total.iter_mut().zip(per_pair) {
                 *t += d;
             }
         }
-        Tensor::from_vec(total.into_iter().map(|d| d as f32).collect(), b, &Device::Cpu)
+        Tensor::from_vec(total.into_iter().map(|d| d as f32).collect(), b, x0.device())
+    }
+}
+
+/// The heads of [`Lpips::distance`] from candle's ops (any device): [`tap_distance`]'s
+/// arithmetic on whole taps `[2B, C, H, W]` (the first `B` images against the last `B`), the
+/// spatial mean and the sum over taps in f64 as there. `lins`: `[C]` per tap.
+fn heads_generic(taps: &[Tensor], lins: &[Tensor], b: usize) -> candle_core::Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (tap, lin) in taps.iter().zip(lins) {
+        let (_, c, h, w) = tap.dims4()?;
+        // normalize_tensor: each feature vector times 1/(‖f‖₂ + 1e-10) over the channels.
+        let unit = |f: Tensor| -> candle_core::Result<Tensor> {
+            let inverse_norm = (f.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-10)?.recip()?;
+            f.broadcast_mul(&inverse_norm)
+        };
+        let d = (unit(tap.narrow(0, 0, b)?)? - unit(tap.narrow(0, b, b)?)?)?;
+        // The 1×1 linear layer without bias: a weighted sum over channels, `[B, H, W]`.
+        let weighted = d.sqr()?.broadcast_mul(&lin.reshape((1, c, 1, 1))?)?.sum(1)?;
+        let mean =
+            (weighted.to_dtype(DType::F64)?.flatten_from(1)?.sum(D::Minus1)? / (h * w) as f64)?;
+        total = Some(match total {
+            None => mean,
+            Some(t) => (t + mean)?,
+        });
+    }
+    match total {
+        Some(t) => t.to_dtype(DType::F32),
+        None => candle_core::bail!("LPIPS has no taps"),
     }
 }
 
@@ -232,7 +293,31 @@ fn scaling_layer(batches: &[&Tensor]) -> candle_core::Result<Tensor> {
         }
         images += b;
     }
-    let (_, _, h, w) = batches.first().map_or(Ok((0, 3, 0, 0)), |x| x.dims4())?;
+    let Some(first) = batches.first() else {
+        candle_core::bail!("LPIPS scaling layer without a batch")
+    };
+    let (_, _, h, w) = first.dims4()?;
+    let device = first.device();
+    if use_cpu_kernels(first) {
+        return scaling_layer_on_cpu(batches, images, (h, w), device);
+    }
+    // The same f32 arithmetic as candle's ops, on the batches' device.
+    let shift = Tensor::from_slice(&SHIFT, (1, 3, 1, 1), device)?;
+    let scale = Tensor::from_slice(&SCALE, (1, 3, 1, 1), device)?;
+    let scaled = batches
+        .iter()
+        .map(|x| x.broadcast_sub(&shift)?.broadcast_div(&scale))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&scaled, 0)
+}
+
+/// [`scaling_layer`] on the CPU: the planes split across the rayon pool.
+fn scaling_layer_on_cpu(
+    batches: &[&Tensor],
+    images: usize,
+    (h, w): (usize, usize),
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let plane = h * w;
     let mut out = vec![0f32; images * 3 * plane];
     let mut rest = &mut out[..];
@@ -249,7 +334,7 @@ fn scaling_layer(batches: &[&Tensor]) -> candle_core::Result<Tensor> {
             })
         })?;
     }
-    Tensor::from_vec(out, (images, 3, h, w), &Device::Cpu)
+    Tensor::from_vec(out, (images, 3, h, w), device)
 }
 
 /// One tap's term of one pair, as lpips computes it: each feature vector divided by its

@@ -151,7 +151,9 @@ fn run_lpips(ctx: &mut StageContext<'_>) -> Result<(), StageError> {
     let lins = common::load(&lin_value, lin_kind, "weights", seed)?;
     let trunk = common::load(&trunk_value, trunk_kind, "trunk_weights", seed)?;
     let (lin_desc, trunk_desc) = (common::describe(&lins), common::describe(&trunk));
-    let model = Lpips::new(net, &trunk.merged(lins)).map_err(candle_err("building LPIPS"))?;
+    let device = ctx.candle_device()?;
+    let model = Lpips::on_device(net, &trunk.merged(lins), &device)
+        .map_err(candle_err("building LPIPS"))?;
     let _ = writeln!(ctx.log, "lpips ({}): {} pairs", net.name(), pairs.len());
     ctx.progress.set_total(pairs.len() as u64);
 

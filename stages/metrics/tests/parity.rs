@@ -12,7 +12,9 @@
 //! - Bilinear resize: 1e-6 (PyTorch weights the four neighbours in f32, candle in f64).
 //! - KID on identical features: 1e-9 relative (both f64).
 
+// The generic (GPU) path against the CPU kernels, in this binary to save a link.
 mod common;
+mod device_paths;
 
 use std::sync::OnceLock;
 

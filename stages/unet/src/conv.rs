@@ -6,12 +6,13 @@
 //! top of a one-thread NHWC transpose, and its backward takes the input gradient with
 //! `conv_transpose2d` (a direct loop parallel over output channels only) and the kernel
 //! gradient as a convolution whose kernel is the whole output gradient; at the UNet's and VAE's
-//! shapes convolutions were 3–6× slower than PyTorch's. Other devices and dtypes keep candle's
-//! op and its backward.
+//! shapes convolutions were 3–6× slower than PyTorch's. Other devices (and the CPU under
+//! [`crate::device_path::force_generic_path`]) and dtypes keep candle's op and its backward.
 
-use candle_core::{DType, Device, Result, Tensor, WithDType};
+use candle_core::{DType, Result, Tensor, WithDType};
 use sdpipe_conv::{Activation, ConvShape};
 
+use crate::device_path::use_cpu_kernels;
 use crate::ops::attach3;
 use crate::slices::with_slice;
 
@@ -24,7 +25,7 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let fast = x.device().is_cpu()
+    let fast = use_cpu_kernels(x)
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && weight.dtype() == x.dtype()
         && bias.dtype() == x.dtype();
@@ -75,7 +76,7 @@ fn forward<T: WithDType + sdpipe_conv::Element>(
         })
     })???
     .map_err(candle_core::Error::wrap)?;
-    Tensor::from_vec(out, (b, shape.c_out, out_h, out_w), &Device::Cpu)
+    Tensor::from_vec(out, (b, shape.c_out, out_h, out_w), x.device())
 }
 
 /// The gradients of the input, the kernel and the bias.
@@ -97,16 +98,16 @@ fn backward<T: WithDType + sdpipe_conv::Element>(
     let grad_b = with_slice::<T, _>(grad, |grad| shape.backward_bias(b, (h, w), grad))?
         .map_err(candle_core::Error::wrap)?;
     Ok((
-        Tensor::from_vec(grad_x, x.dims(), &Device::Cpu)?,
-        Tensor::from_vec(grad_w, weight.dims(), &Device::Cpu)?,
-        Tensor::from_vec(grad_b, shape.c_out, &Device::Cpu)?,
+        Tensor::from_vec(grad_x, x.dims(), x.device())?,
+        Tensor::from_vec(grad_w, weight.dims(), x.device())?,
+        Tensor::from_vec(grad_b, shape.c_out, x.device())?,
     ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tests::{check_gradients, max_abs_diff, sample};
+    use crate::ops::tests::{assert_paths_agree, check_gradients, max_abs_diff, sample};
     use candle_core::Var;
 
     #[test]
@@ -133,6 +134,21 @@ mod tests {
                 .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
                 .unwrap();
             assert!(max_abs_diff(&ours, &want) < 1e-5, "stride {stride}");
+        }
+    }
+
+    #[test]
+    fn the_generic_path_matches_the_cpu_kernels_forward_and_gradients() {
+        let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        // 3×3 padded, 1×1, and strided on odd sides (the downsamplers' case).
+        for (x, w, stride, padding) in [
+            ([2, 3, 6, 5], [4, 3, 3, 3], 1, 1),
+            ([1, 5, 4, 4], [3, 5, 1, 1], 1, 0),
+            ([2, 4, 7, 9], [4, 4, 3, 3], 2, 1),
+            ([1, 2, 8, 8], [3, 2, 3, 3], 2, 0),
+        ] {
+            let inputs = [f32(sample(&x, 51)), f32(sample(&w, 52)), f32(sample(&[w[0]], 53))];
+            assert_paths_agree(&inputs, 1e-5, |t| conv2d(&t[0], &t[1], &t[2], stride, padding));
         }
     }
 }

@@ -17,10 +17,11 @@
 //! Nothing score-sized outlives a block, in the forward or the backward, so the graph keeps
 //! only `q`, `k` and `v` per attention layer.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rayon::iter::{IndexedParallelIterator, ParallelIterator};
 use rayon::slice::ParallelSliceMut;
 
+use crate::device_path::use_cpu_kernels;
 use crate::fastmath::exp_nonpositive;
 
 /// Scores held per block: 64 Ki f32 (256 KiB, within a core's L2), i.e. 64 query rows against
@@ -40,10 +41,11 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
         )
     }
     let host = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1::<f32>() };
+    let device = q.device().clone();
     let (q, k, v) = (host(q)?, host(k)?, host(v)?);
     let mut out = vec![0f32; groups * n * e];
     if n * e == 0 {
-        return Tensor::from_vec(out, (groups, n, e), &Device::Cpu);
+        return Tensor::from_vec(out, (groups, n, e), &device);
     }
     let rows = (BLOCK_SCORES / m.max(1)).clamp(1, n);
     let scale = scale as f32;
@@ -56,7 +58,7 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
             block(&qg[first * d..][..r * d], kg, vg, (r, m, d, e), scale, scores, o);
         });
     });
-    Tensor::from_vec(out, (groups, n, e), &Device::Cpu)
+    Tensor::from_vec(out, (groups, n, e), &device)
 }
 
 /// One block of `r` query rows: `out` `(r, e)` = softmax(`q` `(r, d)` · `k`ᵀ · scale) · `v`.
@@ -206,6 +208,7 @@ pub(crate) fn attention_backward(
         )
     }
     let host = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1::<f32>() };
+    let device = q.device().clone();
     let (q, k, v, g) = (host(q)?, host(k)?, host(v)?, host(grad)?);
     let (mut dq, mut dk, mut dv) =
         (vec![0f32; groups * n * d], vec![0f32; groups * m * d], vec![0f32; groups * m * e]);
@@ -269,9 +272,9 @@ pub(crate) fn attention_backward(
             });
     }
     Ok((
-        Tensor::from_vec(dq, (groups, n, d), &Device::Cpu)?,
-        Tensor::from_vec(dk, (groups, m, d), &Device::Cpu)?,
-        Tensor::from_vec(dv, (groups, m, e), &Device::Cpu)?,
+        Tensor::from_vec(dq, (groups, n, d), &device)?,
+        Tensor::from_vec(dk, (groups, m, d), &device)?,
+        Tensor::from_vec(dv, (groups, m, e), &device)?,
     ))
 }
 
@@ -346,14 +349,15 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
-/// Whether these kernels can serve these tensors: f32 on the CPU.
+/// Whether these kernels serve these tensors: f32 on the CPU (see [`crate::device_path`]).
 pub(crate) fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    [q, k, v].iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+    [q, k, v].iter().all(|t| t.dtype() == DType::F32 && use_cpu_kernels(t))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn sample(dims: &[usize], seed: u64) -> Tensor {
         // Deterministic values in [-2, 2) without a random generator.

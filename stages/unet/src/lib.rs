@@ -27,6 +27,7 @@ mod checkpoint;
 pub mod clip_text;
 pub mod config;
 pub mod conv;
+pub mod device_path;
 pub mod error;
 mod fastmath;
 mod fused_attention;

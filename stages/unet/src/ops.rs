@@ -24,7 +24,9 @@
 //! Each op here computes its forward with candle's (fused where available) kernels on *detached*
 //! inputs, so no graph and no intermediates are kept, then attaches an analytic backward with a
 //! custom op (`Precomputed`) whose only saved state is the inputs and the output. That is both
-//! what makes them differentiable and what keeps training memory low.
+//! what makes them differentiable and what keeps training memory low. `Precomputed` hands over a
+//! value already on the inputs' device, so these ops run on every device candle does; only
+//! [`attention`] has a CPU-only kernel, chosen by [`crate::device_path::use_cpu_kernels`].
 
 use std::sync::{Arc, Mutex};
 
@@ -553,6 +555,55 @@ pub(crate) mod tests {
         d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
 
+    /// The output of `f` on `inputs` (tracked, moved to `device`) and the gradients of
+    /// `Σ f(inputs) ⊙ r` (r a fixed projection) with respect to each input, all on the CPU.
+    fn value_and_gradients(
+        inputs: &[Tensor],
+        device: &Device,
+        f: &impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> (Tensor, Vec<Tensor>) {
+        let on = |t: &Tensor, d: &Device| t.to_device(d).unwrap();
+        let vars: Vec<Var> =
+            inputs.iter().map(|t| Var::from_tensor(&on(t, device)).unwrap()).collect();
+        let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&tracked).unwrap();
+        let r = on(&sample(out.dims(), 99).to_dtype(out.dtype()).unwrap(), device);
+        let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = vars.iter().map(|v| on(grads.get(v).expect("gradient"), &Device::Cpu));
+        (on(&out.detach(), &Device::Cpu), grads.collect())
+    }
+
+    /// Asserts that `f` gives the same output and input gradients through the CPU kernels and
+    /// through the generic path (forced on the CPU; on every other device of
+    /// [`crate::device_path::test_devices`]): within `tolerance` relative to the largest
+    /// magnitude of each of the CPU kernels' tensors.
+    pub(crate) fn assert_paths_agree(
+        inputs: &[Tensor],
+        tolerance: f64,
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) {
+        let (fast, fast_grads) = value_and_gradients(inputs, &Device::Cpu, &f);
+        for device in crate::device_path::test_devices() {
+            let (generic, generic_grads) = {
+                let _generic = crate::device_path::force_generic_path();
+                value_and_gradients(inputs, &device, &f)
+            };
+            assert_eq!(fast.dims(), generic.dims());
+            let pairs =
+                std::iter::once((&fast, &generic)).chain(fast_grads.iter().zip(&generic_grads));
+            for (i, (fast, generic)) in pairs.enumerate() {
+                let what = if i == 0 { "output".into() } else { format!("gradient {}", i - 1) };
+                let largest = max_abs_diff(fast, &fast.zeros_like().unwrap());
+                let diff = max_abs_diff(fast, generic);
+                assert!(
+                    diff <= tolerance * largest,
+                    "{what} on {device:?}: max |Δ| {diff:e}, largest {largest:e}, \
+                     tolerance {tolerance:e} relative"
+                );
+            }
+        }
+    }
+
     #[test]
     fn softmax_gradient_matches_finite_differences() {
         check_gradients(&[sample(&[2, 3, 5], 1)], |t| softmax_last_dim(&t[0]));
@@ -615,6 +666,20 @@ pub(crate) mod tests {
                 let a = grads.get(whole).unwrap().narrow(0, i, 1).unwrap();
                 assert!(max_abs_diff(&a, g1.get(single).unwrap()) < 1e-6);
             }
+        }
+    }
+
+    #[test]
+    fn attention_on_the_generic_path_matches_the_cpu_kernels_forward_and_gradients() {
+        let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        // Self-attention (four heads) and cross-attention shapes, one spanning several blocks.
+        for (q, k, v) in [
+            ([2, 4, 16, 8], [2, 4, 16, 8], [2, 4, 16, 8]),
+            ([1, 2, 100, 4], [1, 2, 2048, 4], [1, 2, 2048, 6]),
+            ([2, 3, 9, 5], [2, 3, 7, 5], [2, 3, 7, 3]),
+        ] {
+            let inputs = [f32(sample(&q, 41)), f32(sample(&k, 42)), f32(sample(&v, 43))];
+            assert_paths_agree(&inputs, 1e-5, |t| attention(&t[0], &t[1], &t[2], 0.4));
         }
     }
 

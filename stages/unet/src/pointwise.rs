@@ -9,15 +9,16 @@
 //! `x·(1 + erf(x/√2))/2` with, in f32, the vectorisable erf PyTorch's own CPU GELU uses
 //! ([`crate::fastmath::erf`], within 6e-7 of libm's); in f64 (gradient checks) libm's `erf`.
 //! The loops are compiled twice, for the baseline x86-64 and for AVX2, chosen at run time;
-//! both give the same bits (same operations per element, no contraction). Other devices and
-//! dtypes keep candle's ops.
+//! both give the same bits (same operations per element, no contraction). Other devices (and
+//! the CPU under [`crate::device_path::force_generic_path`]) and dtypes keep candle's ops.
 
 use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
 
-use candle_core::{DType, Device, Result, Tensor, WithDType};
+use candle_core::{DType, Result, Tensor, WithDType};
 use rayon::iter::{IndexedParallelIterator, ParallelIterator};
 use rayon::slice::{ParallelSlice, ParallelSliceMut};
 
+use crate::device_path::use_cpu_kernels;
 use crate::ops::attach1;
 use crate::slices::with_slice;
 
@@ -102,7 +103,7 @@ fn map<T: Activations>(x: &Tensor, f: impl Fn(T) -> T + Sync) -> Result<Tensor> 
         });
         out
     })?;
-    Tensor::from_vec(out, x.dims(), &Device::Cpu)
+    Tensor::from_vec(out, x.dims(), x.device())
 }
 
 /// `f(x, g)` for every pair of elements, in parallel.
@@ -116,12 +117,12 @@ fn map2<T: Activations>(x: &Tensor, g: &Tensor, f: impl Fn(T, T) -> T + Sync) ->
             out
         })
     })??;
-    Tensor::from_vec(out, x.dims(), &Device::Cpu)
+    Tensor::from_vec(out, x.dims(), x.device())
 }
 
-/// Whether the parallel kernels apply: f32 or f64 on the CPU.
+/// Whether the parallel kernels apply: f32 or f64 on the CPU (see [`crate::device_path`]).
 fn fast(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    use_cpu_kernels(x) && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// Runs the kernel of `x`'s dtype (f32 or f64).
@@ -168,7 +169,8 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     )
 }
 
-/// Exact GELU and its backward from candle's tensor ops, for other devices and dtypes.
+/// Exact GELU and its backward from candle's tensor ops (which every device has), for other
+/// devices and dtypes.
 fn gelu_composed(x: &Tensor) -> Result<Tensor> {
     let value = x.detach().gelu_erf()?;
     attach1(
@@ -188,7 +190,7 @@ fn gelu_composed(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tests::{check_gradients, max_abs_diff, sample};
+    use crate::ops::tests::{assert_paths_agree, check_gradients, max_abs_diff, sample};
     use candle_core::Var;
 
     #[test]
@@ -254,6 +256,18 @@ mod tests {
                 assert!(portable.iter().zip(&avx2).all(|(a, b)| a.to_bits() == b.to_bits()));
             }
         }
+    }
+
+    #[test]
+    fn silu_on_the_generic_path_matches_the_cpu_kernels_forward_and_gradient() {
+        let x = sample(&[3, 40000], 35).to_dtype(DType::F32).unwrap();
+        assert_paths_agree(&[x], 1e-5, |t| silu(&t[0]));
+    }
+
+    #[test]
+    fn gelu_on_the_generic_path_matches_the_cpu_kernels_forward_and_gradient() {
+        let x = sample(&[3, 40000], 36).to_dtype(DType::F32).unwrap();
+        assert_paths_agree(&[x], 1e-5, |t| gelu(&t[0]));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Loading, saving, input checking and training behaviour of the UNet (no reference tool needed).
 
+// The generic (GPU) path against the CPU kernels, in this binary to save a link.
+mod device_path;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
