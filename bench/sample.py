@@ -3,7 +3,7 @@
 StableDiffusionPipeline on PyTorch CPU, on a pipeline folder written by
 `stages/diffusion/examples/bench_sample.rs write` (the diffusers layout, loaded as is).
 
-    python3 bench/sample.py <folder> <steps> <threads>
+    python3 bench/sample.py <folder> <steps> <threads> [device] [f32|f16|bf16]
     python3 bench/sample.py ops <threads>
 
 Same call as the sdpipe side: one prompt, guidance 7.5 with the empty negative prompt (a UNet
@@ -79,10 +79,14 @@ def main():
     if sys.argv[1] == "ops":
         return ops(int(sys.argv[2]))
     folder, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    device = torch.device(sys.argv[4] if len(sys.argv) > 4 else "cpu")
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[
+        sys.argv[5] if len(sys.argv) > 5 else "f32"]
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
     logging.set_verbosity_error()
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, torch_dtype=dtype)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.scheduler).__name__ == "PNDMScheduler", type(pipe.scheduler)
 
@@ -91,10 +95,15 @@ def main():
             return pipe(PROMPT, num_inference_steps=n, guidance_scale=GUIDANCE,
                         output_type="latent", generator=torch.Generator().manual_seed(0)).images
 
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     sample(WARMUP_STEPS)
     load_before = load_average()
     start = time.perf_counter()
     out = sample(steps)
+    synchronize()
     seconds = time.perf_counter() - start
     # The pipeline's scheduler keeps the timesteps of the last call: PNDM makes steps + 1.
     calls = len(pipe.scheduler.timesteps)

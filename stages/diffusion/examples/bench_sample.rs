@@ -2,8 +2,10 @@
 //! same pipeline folders; results in docs/bench/sample.md).
 //!
 //! ```text
-//! bench_sample write <dir>                  # writes <dir>/tiny and <dir>/mid (diffusers layout)
-//! bench_sample time <folder> <steps>        # one warm-up call, then one timed call
+//! bench_sample write <dir> [model...]       # <dir>/tiny and <dir>/mid (diffusers layout), or
+//!                                           # the models named (tiny, mid, sd15)
+//! bench_sample time <folder> <steps> [device] [f32|f16|bf16]
+//!                                           # one warm-up call, then one timed call
 //! bench_sample ops                          # the UNet's main ops alone, at the mid model's shapes
 //! ```
 //!
@@ -27,16 +29,18 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use sdpipe_diffusion::schedulers::SamplerKind;
 use sdpipe_diffusion::{write_tiny, SdPipeline, StableDiffusion, TinySpec};
+use sdpipe_stages::api::DeviceChoice;
 
 const PROMPT: &str = "a cat on a table";
 const GUIDANCE: f64 = 7.5;
 /// Steps of the warm-up call: enough to run every kind of PLMS update once.
 const WARMUP_STEPS: usize = 2;
 
-/// The two pipelines the benchmark compares on: the test suite's tiny one (UNet 32/64, 64 px →
-/// 32² latents), and a mid-size one (UNet 128/256/256 with two layers per block, 256 px → 32²
-/// latents).
-fn specs() -> [(&'static str, TinySpec); 2] {
+/// The pipelines the benchmark compares on: the test suite's tiny one (UNet 32/64, 64 px → 32²
+/// latents), a mid-size one (UNet 128/256/256 with two layers per block, 256 px → 32² latents),
+/// and, for scripts/gpu-check.sh, one of SD1.5's sizes with random weights (UNet 320/640/1280/
+/// 1280, 860 M parameters; CLIP ViT-L/14's text encoder; 512 px → 64² latents).
+fn specs() -> [(&'static str, TinySpec); 3] {
     [
         ("tiny", TinySpec::default()),
         (
@@ -50,6 +54,20 @@ fn specs() -> [(&'static str, TinySpec); 2] {
                 ..TinySpec::default()
             },
         ),
+        (
+            "sd15",
+            TinySpec {
+                unet_channels: vec![320, 640, 1280, 1280],
+                layers_per_block: 2,
+                vae_channels: vec![128, 256, 512, 512],
+                image_size: 512,
+                clip_hidden: 768,
+                clip_layers: 12,
+                clip_heads: 12,
+                clip_intermediate: 3072,
+                ..TinySpec::default()
+            },
+        ),
     ]
 }
 
@@ -60,8 +78,13 @@ fn load_average() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn write(dir: &Path) -> Result<(), String> {
-    for (name, spec) in specs() {
+fn write(dir: &Path, names: &[&str]) -> Result<(), String> {
+    let names = if names.is_empty() { &["tiny", "mid"][..] } else { names };
+    for name in names {
+        let spec = specs()
+            .into_iter()
+            .find_map(|(n, spec)| (n == *name).then_some(spec))
+            .ok_or_else(|| format!("unknown model `{name}`: tiny, mid or sd15"))?;
         let folder = dir.join(name);
         write_tiny(&folder, &spec).map_err(|e| format!("{}: {e}", folder.display()))?;
         println!("{}", folder.display());
@@ -83,15 +106,23 @@ fn sample(sd: &StableDiffusion, pipeline: &SdPipeline, steps: usize) -> Result<u
     let out = sd
         .denoise(&latents, &cond, Some(&uncond), GUIDANCE, sampler.as_mut(), &mut |_, _| Ok(()))
         .map_err(|e| e.to_string())?;
-    // candle's CPU ops are eager, but make sure the result exists before the clock stops.
+    // candle's CPU ops are eager, but a GPU's are queued: the result must exist before the clock
+    // stops.
     out.flatten_all().and_then(|x| x.sum_all()).map_err(|e| e.to_string())?;
+    sd.device.synchronize().map_err(|e| e.to_string())?;
     Ok(calls)
 }
 
-fn time(folder: &Path, steps: usize) -> Result<(), String> {
+fn time(folder: &Path, steps: usize, device: &str, dtype: &str) -> Result<(), String> {
+    let device = DeviceChoice::parse(device)?.open().map_err(|e| e.to_string())?;
+    let dtype = match dtype {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => return Err(format!("unknown dtype `{other}`: f32, f16 or bf16")),
+    };
     let pipeline = SdPipeline::open(folder).map_err(|e| e.to_string())?;
-    let sd =
-        StableDiffusion::load(&pipeline, &Device::Cpu, DType::F32).map_err(|e| e.to_string())?;
+    let sd = StableDiffusion::load(&pipeline, &device, dtype).map_err(|e| e.to_string())?;
     sample(&sd, &pipeline, WARMUP_STEPS)?;
     let load_before = load_average();
     let start = Instant::now();
@@ -171,13 +202,18 @@ fn ops() -> candle_core::Result<()> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["write", dir] => write(&PathBuf::from(dir)),
+        ["write", dir, names @ ..] => write(&PathBuf::from(dir), names),
         ["ops"] => ops().map_err(|e| e.to_string()),
-        ["time", folder, steps] => match steps.parse::<usize>() {
-            Ok(steps) if steps > 0 => time(&PathBuf::from(folder), steps),
+        ["time", folder, steps, rest @ ..] if rest.len() <= 2 => match steps.parse::<usize>() {
+            Ok(steps) if steps > 0 => {
+                let device = rest.first().copied().unwrap_or("cpu");
+                time(&PathBuf::from(folder), steps, device, rest.get(1).copied().unwrap_or("f32"))
+            }
             _ => Err(format!("steps must be a positive integer, got {steps:?}")),
         },
-        _ => Err("usage: bench_sample write <dir> | time <folder> <steps> | ops".into()),
+        _ => Err("usage: bench_sample write <dir> [model...] | time <folder> <steps> [device] \
+                  [dtype] | ops"
+            .into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,8 @@
 //! Seconds per optimiser step and peak memory of sdpipe's training step on a random UNet (not a
 //! test; see docs/bench/train.md). One configuration per process, so the peak RSS is its own.
 //!
-//! cargo run --release -p sdpipe-train --example train_bench -- <tiny|mid> <plain|checkpointing> \
-//!     <steps> <threads>
+//! cargo run --release -p sdpipe-train --example train_bench -- <tiny|mid|sd15> \
+//!     <plain|checkpointing> <steps> <threads> [device]
 //!
 //! The step is the real one (`Objective::loss_and_grads` + `apply_update`: MSE on ε, backward,
 //! clipping, AdamW, EMA) on random latents and text states; the frozen VAE and text encoder are
@@ -10,7 +10,8 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
+use sdpipe_stages::api::DeviceChoice;
 use sdpipe_train::denoiser::Denoiser;
 use sdpipe_train::ema::Ema;
 use sdpipe_train::objective::{NoiseSchedule, Prediction, ScheduleConfig};
@@ -18,8 +19,9 @@ use sdpipe_train::optim::{AdamW, AdamWConfig};
 use sdpipe_train::trainer::{apply_update, Objective};
 use sdpipe_unet::{BlockKind, UNet, UNetConfig};
 
-/// `(config, latent side)`: the tiny test model at 16×16 latents, and a mid-size SD-shaped model
-/// (channels 64/128/256, two resnets per block, cross-attention in the first two) at 32×32.
+/// `(config, latent side)`: the tiny test model at 16×16 latents, a mid-size SD-shaped model
+/// (channels 64/128/256, two resnets per block, cross-attention in the first two) at 32×32, and
+/// SD1.5's UNet (860 M parameters) at 64×64 latents (512 px), for scripts/gpu-check.sh.
 fn config(name: &str) -> (UNetConfig, usize) {
     match name {
         "tiny" => (UNetConfig::tiny(), 16),
@@ -37,7 +39,21 @@ fn config(name: &str) -> (UNetConfig, usize) {
             };
             (c, 32)
         }
-        other => panic!("unknown config {other} (tiny, mid)"),
+        "sd15" => {
+            use BlockKind::{CrossAttn, Plain};
+            let c = UNetConfig {
+                block_out_channels: vec![320, 640, 1280, 1280],
+                down_blocks: vec![CrossAttn, CrossAttn, CrossAttn, Plain],
+                up_blocks: vec![Plain, CrossAttn, CrossAttn, CrossAttn],
+                layers_per_block: vec![2, 2, 2, 2],
+                attention_heads: vec![8, 8, 8, 8],
+                transformer_layers_per_block: vec![1, 1, 1, 1],
+                cross_attention_dim: vec![768, 768, 768, 768],
+                ..UNetConfig::tiny()
+            };
+            (c, 64)
+        }
+        other => panic!("unknown config {other} (tiny, mid, sd15)"),
     }
 }
 
@@ -57,11 +73,12 @@ fn main() {
     let checkpointing = args.get(2).map(String::as_str) == Some("checkpointing");
     let steps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
     let threads: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(2);
+    let device = args.get(5).map_or("cpu", String::as_str);
+    let device = DeviceChoice::parse(device).unwrap().open().unwrap();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {
         let (config, side) = config(name);
         let context_dim = config.cross_attention_dim[0];
-        let device = Device::Cpu;
         let unet = UNet::random(config, 0, &device).unwrap();
         let vars: Vec<Var> = Denoiser::parameters(&unet).into_iter().map(|(_, v)| v).collect();
         let mut adam = AdamW::new(
@@ -94,6 +111,7 @@ fn main() {
             let (_, grads) =
                 objective.loss_and_grads(&unet, &latents, &noise, &t, &context).unwrap();
             apply_update(&vars, grads, 1.0, &mut adam, 1e-5, Some(&mut ema)).unwrap();
+            device.synchronize().unwrap(); // a GPU queues its work: time the step, not its launch
             if step > 0 {
                 times.push(started.elapsed().as_secs_f64()); // the first step is warm-up
             }
@@ -102,8 +120,10 @@ fn main() {
         println!(
             "{{\"impl\": \"sdpipe\", \"config\": \"{name}\", \"params\": {}, \"latent\": {side}, \
              \"checkpointing\": {checkpointing}, \"threads\": {threads}, \"steps\": {steps}, \
+             \"device\": \"{}\", \
              \"median_s_per_step\": {:.4}, \"peak_rss_mib\": {:.1}}}",
             unet.parameter_count(),
+            sdpipe_stages::device::describe(&device),
             times[times.len() / 2],
             peak_rss_mib()
         );
