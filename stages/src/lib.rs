@@ -5,6 +5,8 @@
 
 pub mod api;
 pub mod device;
+#[cfg(feature = "candle")]
+pub mod device_path;
 pub mod imagefolder;
 pub mod synthetic;
 pub mod testing;

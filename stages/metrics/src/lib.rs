@@ -15,7 +15,8 @@ use sdpipe_stages::api::StageKind;
 
 pub mod conv;
 pub mod convert;
-pub mod device_path;
+/// The CPU-kernel-or-generic-path rule, shared with the other computing crates.
+pub use sdpipe_stages::device_path;
 mod fid_stage;
 pub mod frechet;
 pub mod images;

@@ -27,7 +27,8 @@ mod checkpoint;
 pub mod clip_text;
 pub mod config;
 pub mod conv;
-pub mod device_path;
+/// The CPU-kernel-or-generic-path rule, shared with the other computing crates.
+pub use sdpipe_stages::device_path;
 pub mod error;
 mod fastmath;
 mod fused_attention;

@@ -1,11 +1,13 @@
-//! Which implementation an op runs: this crate's CPU kernels, or the generic path built from
-//! candle's tensor ops, which every candle device (CUDA included) can run.
+//! Which implementation an op runs: a hand-written CPU kernel (sdpipe-unet's convolution,
+//! activations and blocked attention; sdpipe-metrics' convolution, pooling and LPIPS heads), or
+//! the generic path built from candle's tensor ops, which every candle device (CUDA included)
+//! can run.
 //!
-//! The CPU kernels ([`crate::conv`], [`crate::pointwise`], the blocked attention) read host
-//! slices, so they serve CPU tensors only; every other tensor takes the generic path, with the
-//! same forward and gradients up to float rounding. [`use_cpu_kernels`] is the one place that
-//! decides. [`force_generic_path`] makes the CPU take the generic path too, so that tests and
-//! verification on a machine without a GPU run the code a GPU would.
+//! The CPU kernels read host slices, so they serve CPU tensors only; every other tensor takes
+//! the generic path, with the same forward and gradients up to float rounding.
+//! [`use_cpu_kernels`] is the one place that decides, for every crate. [`force_generic_path`]
+//! makes the CPU take the generic path too, so that tests and verification on a machine without
+//! a GPU run the code a GPU would.
 
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -17,8 +19,9 @@ thread_local! {
     static FORCED_GENERIC: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Whether an op on `t` runs this crate's CPU kernels: `t` is on the CPU and the generic path
-/// is not forced on this thread. (Each op also checks the dtypes its kernels take.)
+/// Whether an op on `t` runs its CPU kernel: `t` is on the CPU and the generic path is not
+/// forced on this thread. (Each op also checks the dtypes its kernel takes.) The flag is per
+/// thread: call this on the calling thread before work is split across rayon's pool.
 pub fn use_cpu_kernels(t: &Tensor) -> bool {
     t.device().is_cpu() && !forced_generic()
 }
