@@ -1,4 +1,4 @@
-//! What the fuzz targets assert, shared with the corpus replay in `tests/hostile_input.rs`
+//! What the fuzz targets assert, shared with the corpus replay in `tests/integration/hostile_input.rs`
 //! (included there with `#[path]`), so a corpus file is checked the same way in both places.
 //!
 //! Beyond "never panics", each check states the invariants a caller relies on: a rejected

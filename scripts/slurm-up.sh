@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start a single-node Slurm cluster on this machine, for sdpipe's Slurm executor tests
-# (`SDPIPE_SLURM_TESTS=1 cargo test --test slurm`) and for trying `executor: slurm` by hand.
+# (`SDPIPE_SLURM_TESTS=1 cargo test --test integration slurm::`) and for trying `executor: slurm` by hand.
 #
 # Installs Debian's slurm-wlm (slurmctld, slurmd, the client commands) and munge with apt-get
 # when they are missing, writes a minimal slurm.conf describing this host with its real CPU

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Load what `pipelines/unsplash.yaml` wrote with the reference tools themselves.
 
-The Rust end-to-end test (tests/seed.rs) checks the layouts; this script checks that the tools
-a researcher would hand them to accept them. Run by hand:
+The Rust end-to-end test (tests/integration/seed.rs) checks the layouts; this script checks that
+the tools a researcher would hand them to accept them. Run by hand:
 
-    SDPIPE_SEED_KEEP=/tmp/seed cargo test --test seed the_committed
+    SDPIPE_SEED_KEEP=/tmp/seed cargo test --test integration seed::the_committed
     python3 tests/parity/check_seed_outputs.py /tmp/seed
 
 Needs datasets, diffusers, transformers and torch. Checks:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Fixtures for the end-to-end test of the committed `pipelines/unsplash.yaml` (tests/seed.rs).
+"""Fixtures for the end-to-end test of the committed `pipelines/unsplash.yaml`
+(tests/integration/seed.rs).
 
 Run by hand from the repository root (CI reads the committed outputs only):
 

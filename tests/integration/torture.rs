@@ -7,10 +7,11 @@
 //!   again by the next run;
 //! - once a run completes, the run directory is byte-for-byte a clean run's.
 //!
-//! `SDPIPE_TORTURE_KILLS=500 cargo test --test torture -- --nocapture` runs a longer campaign
-//! (default 30 kills, well under a minute); `SDPIPE_TORTURE_SEED` picks another seed.
+//! `SDPIPE_TORTURE_KILLS=500 cargo test --test integration torture:: -- --nocapture` runs a
+//! longer campaign (default 30 kills, well under a minute); `SDPIPE_TORTURE_SEED` picks another
+//! seed.
 
-mod common;
+use crate::common;
 use common::*;
 
 use std::collections::{BTreeMap, BTreeSet};

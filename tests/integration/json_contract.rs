@@ -1,7 +1,7 @@
 //! `run --json` and `status --json` are a public contract: these snapshots change only when the
 //! contract does (add fields, never rename or remove them).
 
-mod common;
+use crate::common;
 use common::*;
 use serde_json::Value;
 

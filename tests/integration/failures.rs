@@ -1,6 +1,6 @@
 //! Failures, crashes and concurrency: the cache never records a failed or half-written result.
 
-mod common;
+use crate::common;
 use common::*;
 
 use std::time::{Duration, Instant};

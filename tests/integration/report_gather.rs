@@ -1,7 +1,7 @@
 //! A gathering stage (the report) downstream of a sweep: one stage, every point's results, and
 //! the provenance of each.
 
-mod common;
+use crate::common;
 use common::*;
 
 /// Shell stages stand in for train and fid, writing files in those kinds' formats.

@@ -4,10 +4,10 @@
 //! literal, harmless result; nothing is ever written outside the project and its cache (a
 //! sibling directory is snapshotted around each case).
 
-mod common;
+use crate::common;
 use common::*;
 
-#[path = "../fuzz/checks.rs"]
+#[path = "../../fuzz/checks.rs"]
 mod fuzz_checks;
 
 use std::collections::{BTreeMap, BTreeSet};

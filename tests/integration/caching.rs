@@ -1,6 +1,6 @@
 //! What the cache promises: reruns do only what changed, and say why.
 
-mod common;
+use crate::common;
 use common::*;
 
 #[test]

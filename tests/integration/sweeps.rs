@@ -1,6 +1,6 @@
 //! Sweeps: every point is a full pipeline variant, and the cache shares what the points share.
 
-mod common;
+use crate::common;
 use common::*;
 
 /// `prepare` is shared by every point; `train` varies with `lr`; `eval` follows `train` and

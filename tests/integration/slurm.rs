@@ -7,8 +7,8 @@
 //! Every `sbatch` and `scancel` call goes through a wrapper on `PATH` that records it, so the
 //! tests can count submissions and see cancellations.
 
-mod common;
-mod s3_server;
+use crate::common;
+use crate::s3_server;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

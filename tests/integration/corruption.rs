@@ -2,7 +2,7 @@
 //! read-only object store during a commit. In every case sdpipe says what is wrong, records
 //! nothing it cannot stand behind, never serves bad bytes, and recovers once the fault is gone.
 
-mod common;
+use crate::common;
 use common::*;
 
 use std::os::unix::fs::PermissionsExt;

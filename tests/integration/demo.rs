@@ -2,7 +2,7 @@
 //! only: every stage runs, the report compares the original and the finetuned model on FID,
 //! LPIPS and scene accuracy, and a second run comes entirely from the cache.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! The other commands: dag, show, stages, gc, cache stats/verify, and built-in kinds in a run.
 
-mod common;
+use crate::common;
 use common::*;
 
 #[test]

@@ -1,7 +1,7 @@
 //! The whole seed experiment in miniature through the real binary: data, a tiny SD, finetuning,
 //! sampling, FID/KID and LPIPS, and the report — then a rerun served from the cache.
 
-mod common;
+use crate::common;
 use common::*;
 
 const PIPELINE: &str = r#"

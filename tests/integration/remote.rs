@@ -2,8 +2,8 @@
 //! verified pulls, read-only mode, interrupted uploads, a server answering 500s, concurrent
 //! writers and multipart uploads, through the real `sdpipe` binary.
 
-mod common;
-mod s3_server;
+use crate::common;
+use crate::s3_server;
 use common::*;
 use s3_server::*;
 

@@ -1,6 +1,6 @@
 //! The data stages wired through the engine: synthetic → imagefolder.
 
-mod common;
+use crate::common;
 use common::*;
 
 const PIPELINE: &str = r#"

@@ -1,6 +1,6 @@
 //! Bad pipelines fail before anything runs, with file:line:column and a suggestion.
 
-mod common;
+use crate::common;
 use common::*;
 
 fn one_error(p: &Project, pipeline: &str) -> serde_json::Value {

@@ -191,7 +191,7 @@ pub fn chain_project() -> Project {
 }
 
 /// `pipelines/demo.yaml` at a size CI affords: fewer images and steps, the same stages and
-/// wiring (tests/demo.rs, tests/slurm.rs).
+/// wiring (the `demo` and `slurm` tests).
 pub const DEMO_AT_TEST_SIZE: &[&str] = &[
     "--set=base_data.count=8",
     "--set=target_data.count=10",

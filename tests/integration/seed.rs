@@ -17,14 +17,14 @@
 //! The pipeline file is copied byte for byte into a scratch project (so the run directory is not
 //! the repository's); its project-relative path, and so every stage identity, is the user's.
 
-mod common;
+use crate::common;
 use common::*;
 
 #[allow(dead_code)]
-#[path = "../stages/tests/support/http_server.rs"]
+#[path = "../../stages/tests/support/http_server.rs"]
 mod http_server;
 #[allow(dead_code)]
-#[path = "../stages/tests/support/unsplash_fixture.rs"]
+#[path = "../../stages/tests/support/unsplash_fixture.rs"]
 mod unsplash_fixture;
 
 use std::collections::BTreeMap;

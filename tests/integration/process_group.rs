@@ -2,7 +2,7 @@
 //! run is interrupted, and not when sdpipe itself is killed with SIGKILL (issue 8). And sdpipe's
 //! own process is never killed by a closed pipe.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
