@@ -29,7 +29,17 @@ pub struct StableDiffusion {
     /// Pixels per latent along each side.
     pub vae_scale_factor: usize,
     pub device: Device,
+    /// What the text encoder and the VAE are loaded and computed in (f32, f16 or bf16:
+    /// diffusers' `torch_dtype`). The UNet computes in f32 whatever this is (sdpipe-unet has no
+    /// half-precision path: it converts its inputs), and the latents and the sampler's
+    /// arithmetic stay f32 throughout: the text embeddings are converted by the UNet, and only
+    /// the VAE decode's input and output cross to and from this dtype (see
+    /// [`StableDiffusion::denoise`], [`StableDiffusion::decode`]).
     pub dtype: DType,
+    /// What the VAE computes in: `dtype`, except bf16 on the CPU, where candle has no bf16
+    /// convolution and the VAE computes in f32 on bf16-rounded weights and inputs
+    /// ([`crate::pipeline::vae_compute_dtype`]).
+    pub vae_dtype: DType,
 }
 
 /// Map a candle error to a stage failure with what was being done.
@@ -53,6 +63,7 @@ impl StableDiffusion {
             vae_scale_factor: pipeline.vae_scale_factor(),
             device: device.clone(),
             dtype,
+            vae_dtype: crate::pipeline::vae_compute_dtype(dtype, device),
         })
     }
 
@@ -73,6 +84,13 @@ impl StableDiffusion {
     /// ε = ε_uncond + g·(ε_cond − ε_uncond); otherwise only the conditional branch runs, as in
     /// diffusers. `on_step(i, n)` runs after each of the `n` model calls (progress,
     /// cancellation); an error from it stops the loop.
+    ///
+    /// Precision: the latents are f32 from start to end, whatever [`StableDiffusion::dtype`]
+    /// is. diffusers keeps the latents and the scheduler's step in the pipeline's dtype; here
+    /// the UNet computes in f32 (and returns f32) anyway, so the step is done in f32 and
+    /// nothing is rounded to half between steps: with a half `dtype` only the text
+    /// embeddings (`cond`, `uncond`, which the UNet converts to f32) and the VAE decode are
+    /// half. That is more precise than diffusers' fp16 loop, never less.
     pub fn denoise(
         &self,
         latents: &Tensor,
@@ -101,7 +119,6 @@ impl StableDiffusion {
                 None => Ok(latents.clone()),
             }
             .and_then(|x| sampler.scale_model_input(&x, i))
-            .and_then(|x| x.to_dtype(self.dtype))
             .map_err(failed("the UNet input"))?;
             // diffusers passes the scheduler's timestep tensor; the UNet's sinusoidal
             // projection reads it as float32.
@@ -129,7 +146,10 @@ impl StableDiffusion {
     }
 
     /// Decode latents to images in [0, 1], (batch, 3, H, W) f32: `vae.decode(z / scaling)`,
-    /// then x/2 + 0.5 clamped, as diffusers' image processor denormalises.
+    /// then x/2 + 0.5 clamped, as diffusers' image processor denormalises. `z` is rounded to
+    /// [`StableDiffusion::dtype`] and the VAE computes in [`StableDiffusion::vae_dtype`] (the
+    /// same but for bf16 on the CPU); its output is converted to f32 before the
+    /// denormalisation, so the result is f32 whatever the dtype.
     ///
     /// One latent at a time: candle 0.11.1's VAE attention block (`AttentionBlock`, in the
     /// decoder's mid block) computes wrong values for batches larger than one (tested against
@@ -137,6 +157,7 @@ impl StableDiffusion {
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, StageError> {
         let z = (latents / self.scaling_factor)
             .and_then(|z| z.to_dtype(self.dtype))
+            .and_then(|z| z.to_dtype(self.vae_dtype))
             .map_err(failed("latents"))?;
         let batch = z.dim(0).map_err(failed("latents"))?;
         let decoded = (0..batch)
@@ -152,14 +173,16 @@ impl StableDiffusion {
 }
 
 /// Images in [0, 1] (batch, 3, H, W) → 8-bit RGB, rounding as numpy (ties to even), which is
-/// what diffusers' `numpy_to_pil` does with `(x * 255).round()`.
+/// what diffusers' `numpy_to_pil` does with `(x * 255).round()`. Images of any float dtype are
+/// read (f16 and bf16 are converted to f32 first, exactly: both are subsets of f32).
 pub fn to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>, StageError> {
     let (batch, channels, height, width) = images.dims4().map_err(failed("images"))?;
     if channels != 3 {
         return Err(StageError::failed(format!("expected 3 image channels, got {channels}")));
     }
     let hwc = images
-        .permute((0, 2, 3, 1))
+        .to_dtype(DType::F32)
+        .and_then(|x| x.permute((0, 2, 3, 1)))
         .and_then(|x| x.contiguous())
         .and_then(|x| x.flatten_all())
         .and_then(|x| x.to_vec1::<f32>())
@@ -174,4 +197,20 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>, StageError> {
             RgbImage::from_raw(width as u32, height as u32, bytes).expect("sized buffer")
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision_images_convert_to_the_same_bytes_as_f32_ones() {
+        // Values exact in f16 and bf16 (multiples of 1/64 in [0, 1]), so all three agree.
+        let values: Vec<f32> = (0..3 * 4 * 5).map(|i| (i % 65) as f32 / 64.0).collect();
+        let images = Tensor::from_vec(values, (1, 3, 4, 5), &Device::Cpu).unwrap();
+        let full = to_rgb8(&images).unwrap();
+        for dtype in [DType::F16, DType::BF16] {
+            assert_eq!(to_rgb8(&images.to_dtype(dtype).unwrap()).unwrap(), full, "{dtype:?}");
+        }
+    }
 }

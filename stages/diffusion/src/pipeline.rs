@@ -15,6 +15,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig, ClipTextTransformer,
@@ -400,10 +401,12 @@ impl SdPipeline {
             .map_err(|e| PipelineError::UNet(e.to_string()))
     }
 
+    /// The VAE in `dtype`; it computes in [`vae_compute_dtype`] (f32 for bf16 on the CPU), the
+    /// dtype its input must have.
     pub fn load_vae(&self, device: &Device, dtype: DType) -> Result<AutoEncoderKL, PipelineError> {
         let config = self.candle_vae_config()?;
         let files = self.weight_files("vae")?;
-        let vb = var_builder(&files, dtype, device)?;
+        let (vb, _) = vae_var_builder(&files, dtype, device)?;
         AutoEncoderKL::new(vb, self.vae.in_channels, self.vae.out_channels, config)
             .map_err(|source| PipelineError::Weights { path: files[0].clone(), source })
     }
@@ -473,15 +476,84 @@ pub fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>, PipelineError> {
+    Ok(VarBuilder::from_backend(weights_backend(files)?, dtype, device.clone()))
+}
+
+/// The tensors of a component's weight files (see [`var_builder`]).
+fn weights_backend(files: &[PathBuf]) -> Result<Box<dyn SimpleBackend>, PipelineError> {
     let weights_error = |source| PipelineError::Weights { path: files[0].clone(), source };
     match files {
         [one] if sdpipe_unet::is_pickle(one) => {
-            VarBuilder::from_pth(one, dtype, device).map_err(weights_error)
+            Ok(Box::new(candle_core::pickle::PthTensors::new(one, None).map_err(weights_error)?))
         }
         // SAFETY: the files are mmapped read-only; sdpipe never writes a pipeline folder it is
         // reading, and the engine's cached outputs are immutable.
-        _ => unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
-            .map_err(weights_error),
+        _ => Ok(Box::new(
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+                .map_err(weights_error)?,
+        )),
+    }
+}
+
+/// The dtype a VAE loaded in `dtype` computes in on `device`: `dtype`, except bf16 on the CPU.
+/// candle 0.11.1 has no bf16 convolution on the CPU (its CPU matmul widens bf16 to f32, its
+/// convolution refuses bf16), and the VAE is mostly convolutions; there a bf16 VAE keeps
+/// bf16-rounded weights and inputs but computes in f32 (see [`vae_var_builder`]). fp16 has
+/// CPU kernels, and every dtype has CUDA ones.
+pub fn vae_compute_dtype(dtype: DType, device: &Device) -> DType {
+    if dtype == DType::BF16 && device.is_cpu() {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// A VAE's weights for `dtype` on `device` and the dtype the VAE computes in
+/// ([`vae_compute_dtype`]): a [`var_builder`] in `dtype`, or, where the VAE cannot compute in
+/// `dtype`, one whose tensors are rounded to `dtype` and then widened to the compute dtype
+/// (exactly: bf16 values are f32 values), so the weights are the bf16 model's.
+pub fn vae_var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, DType), PipelineError> {
+    let compute = vae_compute_dtype(dtype, device);
+    if compute == dtype {
+        return Ok((var_builder(files, dtype, device)?, dtype));
+    }
+    let rounded = RoundedThrough { inner: weights_backend(files)?, through: dtype };
+    Ok((VarBuilder::from_backend(Box::new(rounded), compute, device.clone()), compute))
+}
+
+/// Weights read in `through` and then converted to the dtype asked for.
+struct RoundedThrough {
+    inner: Box<dyn SimpleBackend>,
+    through: DType,
+}
+
+impl SimpleBackend for RoundedThrough {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.inner.get(shape, name, init, self.through, device)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.inner.get_unchecked(name, self.through, device)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
     }
 }
 
@@ -865,6 +937,28 @@ mod tests {
         std::fs::write(&index, r#"{"weight_map": {"a": "../../etc/passwd"}}"#).unwrap();
         let err = shard_names(&index).unwrap_err().to_string();
         assert!(err.contains("not a file name"), "{err}");
+    }
+
+    #[test]
+    fn a_bf16_vae_on_the_cpu_computes_in_f32_on_bf16_rounded_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), &TinySpec::default()).unwrap();
+        let files = SdPipeline::open(dir.path()).unwrap().weight_files("vae").unwrap();
+        let name = "encoder.conv_in.weight";
+        let get = |dtype: DType| {
+            let (vb, compute) = vae_var_builder(&files, dtype, &Device::Cpu).unwrap();
+            (vb.get_unchecked(name).unwrap(), compute)
+        };
+        let (full, compute) = get(DType::F32);
+        assert_eq!(compute, DType::F32);
+        let (half, compute) = get(DType::F16);
+        assert_eq!((half.dtype(), compute), (DType::F16, DType::F16), "fp16 has CPU kernels");
+        let (rounded, compute) = get(DType::BF16);
+        assert_eq!((rounded.dtype(), compute), (DType::F32, DType::F32));
+        let expected = full.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values(&rounded), values(&expected));
+        assert_ne!(values(&rounded), values(&full), "the weights are rounded");
     }
 
     #[test]

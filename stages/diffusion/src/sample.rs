@@ -141,6 +141,19 @@ struct Settings {
     height: usize,
     width: usize,
     batch_size: usize,
+    /// What the text encoder and the VAE are loaded and computed in (`precision`).
+    dtype: DType,
+}
+
+/// The `precision` parameter's values: the dtype the text encoder and the VAE are loaded in,
+/// as diffusers' `torch_dtype` (`fp16`: torch.float16, `bf16`: torch.bfloat16).
+fn precision_dtype(name: &str) -> Option<DType> {
+    match name {
+        "f32" => Some(DType::F32),
+        "fp16" => Some(DType::F16),
+        "bf16" => Some(DType::BF16),
+        _ => None,
+    }
 }
 
 fn settings(ctx: &StageContext<'_>) -> Result<Settings, StageError> {
@@ -157,6 +170,10 @@ fn settings(ctx: &StageContext<'_>) -> Result<Settings, StageError> {
         usize::try_from(v).map_err(|_| invalid(name, "must be ≥ 0 (0: the model's default)"))
     };
     let seed: i64 = ctx.param("seed")?;
+    let precision: String = ctx.param("precision")?;
+    let dtype = precision_dtype(&precision).ok_or_else(|| {
+        invalid("precision", format!("`{precision}`: expected f32, fp16 or bf16"))
+    })?;
     Ok(Settings {
         split: ctx.param("split")?,
         sampler,
@@ -168,6 +185,7 @@ fn settings(ctx: &StageContext<'_>) -> Result<Settings, StageError> {
         height: size("height")?,
         width: size("width")?,
         batch_size: positive("batch_size")?,
+        dtype,
     })
 }
 
@@ -178,7 +196,8 @@ impl StageKind for Sample {
 
     fn version(&self) -> u32 {
         // 2: the UNet is sdpipe-unet's (exact GELU, as diffusers); version 1 ran
-        // candle-transformers' (tanh GELU), so its samples differ slightly.
+        // candle-transformers' (tanh GELU), so its samples differ slightly. `precision`
+        // (default f32) left outputs of existing parameter sets bit-identical: no bump.
         2
     }
 
@@ -281,6 +300,16 @@ impl StageKind for Sample {
                 "Images denoised together (results do not depend on it).",
             ),
             ParamSpec::optional(
+                "precision",
+                ParamType::Enum(&["f32", "fp16", "bf16"]),
+                json!("f32"),
+                "What the text encoder and the VAE are loaded and run in, as diffusers' \
+                 `torch_dtype` (`fp16`: float16, `bf16`: bfloat16). The UNet computes in f32 \
+                 whatever this says (sdpipe's UNet has no half-precision path), and the \
+                 sampler's arithmetic is f32, so half precision changes images by rounding in \
+                 the text embeddings and the VAE decode only.",
+            ),
+            ParamSpec::optional(
                 "threads",
                 int(1),
                 json!(4),
@@ -352,7 +381,7 @@ fn run_jobs(
     jobs: &[Job],
 ) -> Result<(), StageError> {
     let device = ctx.candle_device()?;
-    let sd = StableDiffusion::load(pipeline, &device, DType::F32)?;
+    let sd = StableDiffusion::load(pipeline, &device, settings.dtype)?;
     let factor = sd.vae_scale_factor;
     let default_side = pipeline.unet.sample_size * factor;
     let height = if settings.height == 0 { default_side } else { settings.height };
@@ -376,7 +405,8 @@ fn run_jobs(
     writeln!(
         ctx.log,
         "sampling {} images ({} already done) at {width}x{height} with {} from {}: {} steps \
-         ({calls} UNet calls), guidance {}, negative prompt {:?}, batch {}",
+         ({calls} UNet calls), guidance {}, negative prompt {:?}, batch {}, text encoder and \
+         VAE in {:?}",
         jobs.len(),
         jobs.len() - todo.len(),
         settings.sampler.class_name(),
@@ -384,7 +414,8 @@ fn run_jobs(
         settings.steps,
         settings.guidance_scale,
         settings.negative_prompt,
-        settings.batch_size
+        settings.batch_size,
+        settings.dtype
     )
     .map_err(io("writing the log"))?;
     ctx.progress.set_total(todo.len() as u64 * calls);

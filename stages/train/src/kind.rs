@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::DType;
+
 use sdpipe_diffusion::config::{write_json, SchedulerConfig};
 use sdpipe_diffusion::{copy_components, SdPipeline};
 use sdpipe_hub::HubConfig;
@@ -50,6 +52,19 @@ struct Settings {
     revision: String,
     prediction_override: Option<Prediction>,
     train_text_encoder: bool,
+    /// The frozen VAE's and text encoder's dtype (`mixed_precision`; the script's
+    /// `weight_dtype`).
+    weight_dtype: DType,
+}
+
+/// The `mixed_precision` values and the `weight_dtype` each gives the frozen models.
+fn weight_dtype(mixed_precision: &str) -> Option<DType> {
+    match mixed_precision {
+        "no" => Some(DType::F32),
+        "fp16" => Some(DType::F16),
+        "bf16" => Some(DType::BF16),
+        _ => None,
+    }
 }
 
 /// An optional number given as a JSON number or null.
@@ -84,6 +99,10 @@ impl Settings {
             }
         };
         let seed: i64 = ctx.param("seed")?;
+        let mixed_precision: String = ctx.param("mixed_precision")?;
+        let weight_dtype = weight_dtype(&mixed_precision).ok_or_else(|| {
+            invalid("mixed_precision", format!("`{mixed_precision}`: expected no, fp16 or bf16"))
+        })?;
         let config = TrainConfig {
             transform: recipe::transform(ctx)?,
             batch_size: ctx.param("train_batch_size")?,
@@ -108,6 +127,7 @@ impl Settings {
             revision: ctx.param("revision")?,
             prediction_override,
             train_text_encoder: ctx.param("train_text_encoder")?,
+            weight_dtype,
         })
     }
 }
@@ -149,6 +169,8 @@ impl StageKind for Train {
     }
 
     fn version(&self) -> u32 {
+        // `mixed_precision` (default `no`) left outputs of existing parameter sets bit-identical,
+        // so it did not bump this.
         3
     }
 
@@ -159,7 +181,8 @@ impl StageKind for Train {
          bilinear resize, centre or random crop, optional flip; VAE posterior sample × \
          scaling_factor; DDPM noising with the model's scheduler config; ε or v target; MSE \
          (optionally min-SNR weighted); gradient accumulation; global-norm clipping; AdamW; \
-         diffusers' learning-rate schedules; EMA. Writes `model/` (the complete pipeline folder, \
+         diffusers' learning-rate schedules; EMA; mixed_precision (frozen VAE and text encoder \
+         in fp16/bf16, the UNet in f32). Writes `model/` (the complete pipeline folder, \
          with the EMA weights when use_ema and a scheduler config that names the prediction \
          type trained) and `train_log.jsonl` (step, loss, lr, grad_norm \
          per optimiser step; wall time per step goes to the stage's log, so the output depends \
@@ -216,6 +239,19 @@ impl StageKind for Train {
                 ParamType::Bool,
                 json!(false),
                 "Recompute UNet block activations in the backward pass to save memory.",
+            ),
+            ParamSpec::optional(
+                "mixed_precision",
+                ParamType::Enum(&["no", "fp16", "bf16"]),
+                json!("no"),
+                "diffusers' --mixed_precision. `fp16` or `bf16`: the frozen VAE and text \
+                 encoder are loaded and run in that dtype (the script's weight_dtype) and their \
+                 outputs (posterior, text states) are converted to f32; the UNet's weights, \
+                 AdamW state and EMA stay f32, a text encoder trained with train_text_encoder \
+                 stays f32, and the saved weights are f32. UNet autocast is not implemented: \
+                 the UNet computes in f32, so no loss scaling (fp16 GradScaler) is needed. On \
+                 the CPU a bf16 VAE computes in f32 on bf16-rounded weights (candle has no \
+                 bf16 CPU convolution).",
             ),
             ParamSpec::optional("max_train_steps", int(1, None), json!(150), "Optimiser steps."),
         ]);
@@ -382,7 +418,14 @@ impl Train {
         schedule: NoiseSchedule,
     ) -> Result<(), StageError> {
         let device = ctx.candle_device()?;
-        let frozen = Frozen::load(pipeline, &device)?;
+        // Mixed precision as diffusers' script: the frozen models in `weight_dtype`, their outputs
+        // converted to f32 (in `Frozen`), so the posterior sample and the noising are f32 (the
+        // script does them in weight_dtype). UNet autocast is not implemented; the UNet computes
+        // in f32. The script scales the loss (GradScaler) for fp16 because its UNet's autocast
+        // forward and backward would underflow small fp16 gradients; here the UNet's activations
+        // and gradients are f32 throughout, and nothing the gradients pass through is half (the
+        // frozen models are outside the graph), so there is nothing to underflow and no scaling.
+        let frozen = Frozen::load(pipeline, &device, settings.weight_dtype)?;
         let unet_files = pipeline.weight_files("unet")?;
         let unet = sdpipe_unet::UNet::from_files(&pipeline.root.join("unet"), &unet_files, &device)
             .map_err(|e| StageError::failed(e.to_string()))?;
