@@ -16,7 +16,7 @@ const DEFAULT_FID_DIMS: u64 = 2048;
 /// Sample sizes in published FIDs (10k–50k); below this the bias is worth stating.
 const FID_USUAL_N: u64 = 10_000;
 /// Sampling parameters worth repeating in the notes.
-const SAMPLING_PARAMS: [&str; 8] = [
+const SAMPLING_PARAMS: [&str; 9] = [
     "scheduler",
     "steps",
     "guidance_scale",
@@ -25,6 +25,7 @@ const SAMPLING_PARAMS: [&str; 8] = [
     "n_per_prompt",
     "height",
     "width",
+    "precision",
 ];
 
 pub fn build(models: &[Model], provenance: &Value, notes: Vec<String>) -> Option<Section> {
@@ -32,6 +33,7 @@ pub fn build(models: &[Model], provenance: &Value, notes: Vec<String>) -> Option
     fid_sample_size(models, &mut items);
     weights(models, &mut items);
     lpips_meaning(models, &mut items);
+    intervals(models, &mut items);
     sampling(models, provenance, &mut items);
     if models.iter().any(|m| !m.is_original && (m.fid.is_some() || m.lpips.is_some()))
         && !models.iter().any(|m| m.is_original && (m.fid.is_some() || m.lpips.is_some()))
@@ -150,6 +152,48 @@ fn lpips_meaning(models: &[Model], items: &mut Vec<String>) {
          image. It is averaged over {n} pairs, and a different seed moves it about as much as a \
          different model does."
     ));
+}
+
+/// Below this many items a percentile bootstrap's intervals are noticeably too narrow.
+const BOOTSTRAP_SMALL_N: usize = 20;
+
+/// How the intervals were computed and what they cannot say; FID and KID have none.
+fn intervals(models: &[Model], items: &mut Vec<String>) {
+    let sizes: Vec<usize> = models
+        .iter()
+        .flat_map(|m| {
+            let lpips = m.lpips.as_ref().and_then(|l| l.per_pair.as_ref()).map(|p| p.len());
+            let scene = m.scene.as_ref().and_then(|s| s.per_image.as_ref());
+            lpips.into_iter().chain(scene.into_iter().flat_map(|c| c.values().map(|p| p.len())))
+        })
+        .collect();
+    if let Some(n) = sizes.iter().min() {
+        let mut item = format!(
+            "The intervals [low, high] are 95% percentile-bootstrap intervals of the mean over \
+             images ({} resamples from a fixed seed, so the same inputs give the same \
+             intervals). Two models evaluated on the same images are compared by \
+             bootstrapping their per-image differences, and a difference counts as significant \
+             only when its interval excludes 0 (on different images: only when the two models' \
+             intervals do not overlap).",
+            crate::bootstrap::RESAMPLES
+        );
+        if *n < BOOTSTRAP_SMALL_N {
+            item.push_str(&format!(
+                " With as few as N = {n} images the percentile bootstrap's intervals are too \
+                 narrow (its coverage falls below 95% under about {BOOTSTRAP_SMALL_N} images): \
+                 read them as a lower bound on the uncertainty."
+            ));
+        }
+        items.push(item);
+    }
+    if models.iter().any(|m| m.fid.is_some()) {
+        items.push(
+            "FID and KID compare whole sets of images, not images one by one, so they have no \
+             bootstrap interval here: their bold and Δ compare point values (KID's ± std is its \
+             spread over subsets of the images, not an interval of its mean)."
+                .to_string(),
+        );
+    }
 }
 
 fn sampling(models: &[Model], provenance: &Value, items: &mut Vec<String>) {

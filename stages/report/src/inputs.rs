@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::bootstrap::PerItem;
 use crate::error::ReportError;
 
 /// One test image with its caption, from the imagefolder's `<split>/metadata.jsonl`.
@@ -83,6 +84,9 @@ pub struct LpipsMetrics {
     pub raw: Map<String, Value>,
     /// Fake image stem (= id) → LPIPS to its ground truth.
     pub per_image: Option<BTreeMap<String, f64>>,
+    /// One value per line of `per_image.jsonl`, keyed by the item (see [`item_key`]): the
+    /// per-image values whose mean is `lpips`, for its bootstrap interval.
+    pub per_pair: Option<PerItem>,
 }
 
 /// A `scene-accuracy` stage's `metrics.json`: shares of the judged images (higher is better).
@@ -97,6 +101,10 @@ pub struct SceneMetrics {
     pub all: f64,
     pub images: u64,
     pub raw: Map<String, Value>,
+    /// From its `per_image.jsonl`, when available: column (`background`, `style`, `colours`,
+    /// `relations`, `all`) → per-item 1 (shown) or 0 (not). A column no line judges (the style
+    /// in files written before it was judged, relations in one-shape scenes) is absent.
+    pub per_image: Option<BTreeMap<&'static str, PerItem>>,
 }
 
 /// One line of `train_log.jsonl`. A diverged step's loss is serialised as `null`.
@@ -330,19 +338,104 @@ pub fn read_fid(input: &str, path: &Path) -> Result<FidMetrics, ReportError> {
     })
 }
 
-/// A `scene-accuracy` stage's `metrics.json`.
-pub fn read_scene(input: &str, path: &Path) -> Result<SceneMetrics, ReportError> {
-    read_typed_metrics(input, path, "scene-accuracy", "scene-accuracy metrics.json", |raw| {
-        Ok(SceneMetrics {
-            background: required(field_f64(raw, "background")?, "background")?,
-            style: field_f64(raw, "style")?,
-            colours: required(field_f64(raw, "colours")?, "colours")?,
-            relations: field_f64(raw, "relations")?,
-            all: required(field_f64(raw, "all")?, "all")?,
-            images: field_u64(raw, "images")?,
-            raw: raw.clone(),
-        })
-    })
+/// A `scene-accuracy` stage's `metrics.json`, and its `per_image.jsonl` from `per_image` (the
+/// bound output) or, when `path` is a folder, from beside the metrics.
+pub fn read_scene(
+    input: &str,
+    path: &Path,
+    per_image: Option<(&str, &Path)>,
+) -> Result<SceneMetrics, ReportError> {
+    let mut scene =
+        read_typed_metrics(input, path, "scene-accuracy", "scene-accuracy metrics.json", |raw| {
+            Ok(SceneMetrics {
+                background: required(field_f64(raw, "background")?, "background")?,
+                style: field_f64(raw, "style")?,
+                colours: required(field_f64(raw, "colours")?, "colours")?,
+                relations: field_f64(raw, "relations")?,
+                all: required(field_f64(raw, "all")?, "all")?,
+                images: field_u64(raw, "images")?,
+                raw: raw.clone(),
+                per_image: None,
+            })
+        })?;
+    if let Some((pi_input, file)) = per_image_file(input, path, per_image) {
+        scene.per_image = Some(read_scene_per_image(&pi_input, &file)?);
+    }
+    Ok(scene)
+}
+
+/// Where a metric's `per_image.jsonl` is: the bound `per_image` input, else beside its
+/// `metrics.json` when `path` is a folder.
+fn per_image_file(
+    input: &str,
+    path: &Path,
+    per_image: Option<(&str, &Path)>,
+) -> Option<(String, PathBuf)> {
+    match per_image {
+        Some((i, p)) => Some((i.to_string(), file_in(p, "per_image.jsonl"))),
+        None if path.is_dir() && path.join("per_image.jsonl").exists() => {
+            Some((input.to_string(), path.join("per_image.jsonl")))
+        }
+        None => None,
+    }
+}
+
+/// The key of one item of a `per_image.jsonl`: the stem of its image (unique per draw, and the
+/// same for every model sampled from the same prompts and seeds), else its id. A key seen
+/// before gets its line number appended, so no value is lost (such items do not pair).
+fn item_key(items: &PerItem, id: &str, file: Option<&str>, line: usize) -> String {
+    let key = file.and_then(safe_name).map(stem).unwrap_or_else(|| id.to_string());
+    if items.contains_key(&key) {
+        format!("{key}#{line}")
+    } else {
+        key
+    }
+}
+
+fn read_scene_per_image(
+    input: &str,
+    file: &Path,
+) -> Result<BTreeMap<&'static str, PerItem>, ReportError> {
+    const EXPECTED: &str = "scene-accuracy per_image.jsonl ({\"id\", \"file_name\", \
+                            \"background_correct\", \"style_correct\", \"shapes\", \
+                            \"relations\", \"all_correct\"} lines)";
+    #[derive(Deserialize)]
+    struct Shape {
+        present: bool,
+    }
+    #[derive(Deserialize)]
+    struct Line {
+        id: String,
+        #[serde(default)]
+        file_name: Option<String>,
+        background_correct: bool,
+        #[serde(default)]
+        style_correct: Option<bool>,
+        #[serde(default)]
+        shapes: Vec<Shape>,
+        #[serde(default)]
+        relations: Vec<bool>,
+        all_correct: bool,
+    }
+    let lines: Vec<Line> = read_jsonl(input, file, EXPECTED)?;
+    let mut keys = PerItem::new();
+    let mut columns: BTreeMap<&'static str, PerItem> = BTreeMap::new();
+    let one = |b: bool| if b { 1.0 } else { 0.0 };
+    for (n, line) in lines.iter().enumerate() {
+        let key = item_key(&keys, &line.id, line.file_name.as_deref(), n + 1);
+        keys.insert(key.clone(), 0.0);
+        let mut put = |column: &'static str, value: Option<bool>| {
+            if let Some(v) = value {
+                columns.entry(column).or_default().insert(key.clone(), one(v));
+            }
+        };
+        put("background", Some(line.background_correct));
+        put("style", line.style_correct);
+        put("colours", Some(line.shapes.iter().all(|s| s.present)));
+        put("relations", (!line.relations.is_empty()).then(|| line.relations.iter().all(|&r| r)));
+        put("all", Some(line.all_correct));
+    }
+    Ok(columns)
 }
 
 /// A metric stage's `metrics.json` (its `metric` field checked), read into a typed value by
@@ -384,15 +477,8 @@ pub fn read_lpips(
     let n = field_u64(&raw, "n").map_err(malformed)?;
     let weights = raw.get("weights").and_then(Value::as_str).map(str::to_string);
 
-    let per_image_file = match per_image {
-        Some((i, p)) => Some((i.to_string(), file_in(p, "per_image.jsonl"))),
-        None if path.is_dir() && path.join("per_image.jsonl").exists() => {
-            Some((input.to_string(), path.join("per_image.jsonl")))
-        }
-        None => None,
-    };
-    let per_image = match per_image_file {
-        None => None,
+    let (per_image, per_pair) = match per_image_file(input, path, per_image) {
+        None => (None, None),
         Some((pi_input, file)) => {
             #[derive(Deserialize)]
             struct Line {
@@ -403,18 +489,20 @@ pub fn read_lpips(
             }
             let lines: Vec<Line> = read_jsonl(&pi_input, &file, EXPECTED_PER_IMAGE)?;
             let mut map = BTreeMap::new();
-            for line in lines {
+            let mut pairs = PerItem::new();
+            for (n, line) in lines.iter().enumerate() {
                 // Keyed by the fake image's stem when given (it is what the qualitative table
                 // shows), which is the id itself for one draw per prompt.
                 map.insert(line.id.clone(), line.lpips);
                 if let Some(fake) = line.fake.as_deref().and_then(safe_name) {
                     map.entry(stem(fake)).or_insert(line.lpips);
                 }
+                pairs.insert(item_key(&pairs, &line.id, line.fake.as_deref(), n + 1), line.lpips);
             }
-            Some(map)
+            (Some(map), Some(pairs))
         }
     };
-    Ok(LpipsMetrics { lpips, n, weights, raw, per_image })
+    Ok(LpipsMetrics { lpips, n, weights, raw, per_image, per_pair })
 }
 
 /// A train stage's `train_log.jsonl`, sorted by step.

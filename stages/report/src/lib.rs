@@ -9,9 +9,11 @@
 //! bytes.
 //!
 //! Modules: [`inputs`] reads the upstream files, [`models`] joins them into the compared
-//! models, and each section has its own module: [`metrics_table`], [`qualitative`], [`loss`],
-//! [`provenance`], [`caveats`].
+//! models, and each section has its own module: [`metrics_table`], [`scene_table`],
+//! [`qualitative`], [`loss`], [`provenance`], [`caveats`]. Per-image metrics get bootstrap
+//! intervals and significance tests from [`bootstrap`] through [`significance`].
 
+pub mod bootstrap;
 pub mod caveats;
 pub mod error;
 pub mod format;
@@ -23,6 +25,7 @@ pub mod provenance;
 pub mod qualitative;
 pub mod scene_table;
 pub mod section;
+pub mod significance;
 pub mod thumbs;
 
 use std::fs;
@@ -55,19 +58,23 @@ impl StageKind for Report {
     fn version(&self) -> u32 {
         // 3: the provenance table lost its never-filled `Cached` column.
         // 4: the scene-accuracy table can end with the test images through the VAE.
-        4
+        // 5: per-image metrics (LPIPS, scene accuracy) with bootstrap 95% intervals; marks
+        //    only for significant differences, and a sentence per metric saying which is better.
+        5
     }
 
     fn doc(&self) -> &'static str {
         "Writes the experiment's report: `report/README.md` with a metrics table (FID, KID, \
          LPIPS of the original model and of each finetuned variant, with the change from the \
-         original), a qualitative table (caption | ground truth | each model's sample with its \
+         original), a scene-accuracy table, a qualitative table (caption | ground truth | each model's sample with its \
          LPIPS), the training-loss plot `loss.svg` with a table of steps, losses and time, the \
          provenance of every variant (each stage's parameters, cache key and compute time) and \
          caveats worked out from the inputs; plus `report.json` with the same numbers and \
          downscaled copies of the images under `images/`. Every input is optional and its \
          section is left out when unbound; mark the stage `gather: true` to get one row or \
-         column per sweep point."
+         column per sweep point. Per-image metrics (LPIPS, scene accuracy) whose `*_per_image` \
+         outputs are bound get a bootstrap 95% interval, and a model is marked better only \
+         when the (paired, per image) bootstrap finds the difference significant."
     }
 
     fn params(&self) -> Vec<ParamSpec> {
@@ -104,18 +111,21 @@ impl StageKind for Report {
             input("base_lpips", "The original model's lpips `metrics` (metrics.json)."),
             input("base_lpips_per_image", "The original model's lpips `per_image` output."),
             input("base_scene", "The original model's scene-accuracy `metrics`."),
+            input("base_scene_per_image", "The original model's scene-accuracy `per_image`."),
             input("samples", "Each variant's sample `images` (gathered over a sweep)."),
             input("samples_jsonl", "Each variant's `samples.jsonl` (gathered)."),
             input("fid", "Each variant's fid `metrics` (gathered)."),
             input("lpips", "Each variant's lpips `metrics` (gathered)."),
             input("lpips_per_image", "Each variant's lpips `per_image` output (gathered)."),
             input("scene", "Each variant's scene-accuracy `metrics` (gathered)."),
+            input("scene_per_image", "Each variant's scene-accuracy `per_image` (gathered)."),
             input("train_log", "Each variant's train stage `train_log` (gathered)."),
             input(
                 "vae_scene",
                 "Scene-accuracy `metrics` of the test images through the VAE (a train-vae \
                  stage's reconstructions): a reference row for what the VAE preserves.",
             ),
+            input("vae_scene_per_image", "The same stage's scene-accuracy `per_image`."),
         ]
     }
 
@@ -154,7 +164,11 @@ impl StageKind for Report {
         let mut sections: Vec<Section> = Vec::new();
         sections.extend(metrics_table::build(&models));
         let vae_scene = match ctx.inputs.get("vae_scene") {
-            Some(path) => Some(inputs::read_scene("vae_scene", path)?),
+            Some(path) => {
+                let per_image = ctx.inputs.get("vae_scene_per_image");
+                let per_image = per_image.map(|p| ("vae_scene_per_image", p.as_path()));
+                Some(inputs::read_scene("vae_scene", path, per_image)?)
+            }
             None => None,
         };
         sections.extend(scene_table::build(&models, vae_scene.as_ref()));

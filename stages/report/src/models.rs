@@ -39,6 +39,7 @@ pub struct InputNames {
     pub lpips: &'static str,
     pub lpips_per_image: &'static str,
     pub scene: &'static str,
+    pub scene_per_image: &'static str,
     pub train_log: Option<&'static str>,
 }
 
@@ -49,6 +50,7 @@ pub const BASE: InputNames = InputNames {
     lpips: "base_lpips",
     lpips_per_image: "base_lpips_per_image",
     scene: "base_scene",
+    scene_per_image: "base_scene_per_image",
     train_log: None,
 };
 
@@ -59,6 +61,7 @@ pub const VARIANT: InputNames = InputNames {
     lpips: "lpips",
     lpips_per_image: "lpips_per_image",
     scene: "scene",
+    scene_per_image: "scene_per_image",
     train_log: Some("train_log"),
 };
 
@@ -94,7 +97,11 @@ impl Bound {
             None => None,
         };
         let scene = match get(names.scene) {
-            Some((input, path)) => Some(inputs::read_scene(&input, path)?),
+            Some((input, path)) => {
+                let per_image = get(names.scene_per_image);
+                let per_image = per_image.as_ref().map(|(i, p)| (i.as_str(), *p));
+                Some(inputs::read_scene(&input, path, per_image)?)
+            }
             None => None,
         };
         let train_log = match names.train_log.and_then(get) {
@@ -131,6 +138,7 @@ fn names_of(names: &InputNames) -> Vec<&'static str> {
         names.lpips,
         names.lpips_per_image,
         names.scene,
+        names.scene_per_image,
     ];
     all.extend(names.train_log);
     all

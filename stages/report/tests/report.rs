@@ -500,6 +500,239 @@ fn several_draws_per_caption_show_the_first_draw() {
     assert!(caveats.contains("Captions were sampled 2 times per model"), "{caveats}");
 }
 
+/// Per-image metrics of 16 images for the original (`base/`) and one variant (`finetuned/`):
+/// LPIPS from `lpips(model, i)` and scene judgements from `scene(model, i)` (background right,
+/// shapes right), written as the lpips and scene-accuracy stages write them.
+struct PerImage {
+    dir: tempfile::TempDir,
+}
+
+const N: usize = 16;
+
+impl PerImage {
+    fn new(
+        lpips: impl Fn(&str, usize) -> f64,
+        scene: impl Fn(&str, usize) -> (bool, bool),
+    ) -> Self {
+        let p = PerImage { dir: tempfile::tempdir().unwrap() };
+        for model in ["base", "finetuned"] {
+            let dir = p.path(model);
+            fs::create_dir_all(&dir).unwrap();
+            let id = |i: usize| format!("s{i:02}");
+            let values: Vec<f64> = (0..N).map(|i| lpips(model, i)).collect();
+            let lines: Vec<Value> = (0..N)
+                .map(|i| {
+                    json!({"id": id(i), "real": format!("{}.png", id(i)),
+                    "fake": format!("{}.png", id(i)), "lpips": values[i]})
+                })
+                .collect();
+            write_jsonl(&dir.join("lpips_per_image.jsonl"), &lines);
+            let mean = values.iter().sum::<f64>() / N as f64;
+            let metrics = json!({"metric": "lpips", "lpips": mean, "n": N, "weights": "alex"});
+            fs::write(dir.join("lpips.json"), metrics.to_string()).unwrap();
+
+            let judged: Vec<(bool, bool)> = (0..N).map(|i| scene(model, i)).collect();
+            let lines: Vec<Value> = judged
+                .iter()
+                .enumerate()
+                .map(|(i, (bg, shape))| {
+                    json!({"id": id(i), "file_name": format!("{}.png", id(i)),
+                    "prompt": "a red circle on a blue background", "background": "blue",
+                    "background_correct": bg, "style": "flat", "style_correct": true,
+                    "shapes": [{"colour": "red", "share": 0.2, "present": shape}],
+                    "relations": [], "all_correct": *bg && *shape})
+                })
+                .collect();
+            write_jsonl(&dir.join("scene_per_image.jsonl"), &lines);
+            let share = |f: &dyn Fn(&(bool, bool)) -> bool| {
+                judged.iter().filter(|j| f(j)).count() as f64 / N as f64
+            };
+            let metrics = json!({"metric": "scene-accuracy", "images": N,
+                "background": share(&|j| j.0), "style": 1.0, "colours": share(&|j| j.1),
+                "relations": null, "all": share(&|j| j.0 && j.1)});
+            fs::write(dir.join("scene.json"), metrics.to_string()).unwrap();
+        }
+        p
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn harness(&self) -> Harness {
+        let mut h = Harness::new();
+        for (prefix, model) in [("base_", "base"), ("", "finetuned")] {
+            for input in ["lpips", "lpips_per_image", "scene", "scene_per_image"] {
+                let file = format!(
+                    "{model}/{}.{}",
+                    input,
+                    if input.ends_with("image") { "jsonl" } else { "json" }
+                );
+                h = h.input(&format!("{prefix}{input}"), self.path(&file));
+            }
+        }
+        h
+    }
+}
+
+/// LPIPS that varies a lot between images, lowered by `shift` for the finetuned model.
+fn lpips_shifted(shift: f64) -> impl Fn(&str, usize) -> f64 {
+    move |model, i| {
+        let v = 0.3 + 0.04 * ((i * 7) % 11) as f64;
+        if model == "finetuned" {
+            v - shift
+        } else {
+            v
+        }
+    }
+}
+
+#[test]
+fn a_clearly_better_lpips_is_bold_and_said_to_be_significant() {
+    let p = PerImage::new(lpips_shifted(0.1), |_, _| (true, true));
+    let text = readme(&run(p.harness(), &[]));
+    let metrics = section(&text, "Metrics");
+    let rows = table_rows(&metrics);
+    assert!(!rows[0].contains("**0."), "the original is not bold: {}", rows[0]);
+    // The mean with its interval, bold; Δ with the interval of the paired difference.
+    assert!(rows[1].contains("| **0.4025 [0.3"), "{}", rows[1]);
+    assert!(rows[1].contains("| -0.1000 [-0.1000, -0.1000] ▼ better |"), "{}", rows[1]);
+    assert!(
+        metrics.contains(
+            "- `finetuned` has lower LPIPS than the original at N = 16 image pairs (-0.1000 \
+             [-0.1000, -0.1000], paired): the difference is significant, so `finetuned` is \
+             better on LPIPS than the original.\n"
+        ),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn identical_per_image_lpips_is_not_bold_and_no_significant_difference() {
+    let p = PerImage::new(lpips_shifted(0.0), |_, _| (true, true));
+    let h = run(p.harness(), &[]);
+    let metrics = section(&readme(&h), "Metrics");
+    let rows = table_rows(&metrics);
+    assert!(rows.iter().all(|r| !r.contains("**0.")), "nothing bold: {metrics}");
+    assert!(rows[1].contains("| 0 [0, 0] (not significant) |"), "{}", rows[1]);
+    assert!(
+        metrics.contains(
+            "- `finetuned` and the original show no significant difference in LPIPS at N = 16 \
+             image pairs (0 [0, 0], paired).\n"
+        ),
+        "{metrics}"
+    );
+    let json = report_json(&h);
+    let versus = &json["metrics"][1]["intervals"]["lpips"]["versus_reference"];
+    assert_eq!(versus["paired"], true);
+    assert_eq!(versus["significant"], false);
+}
+
+#[test]
+fn a_small_noisy_lpips_difference_is_not_significant() {
+    // The finetuned model is better on half the images and worse on the other half.
+    let lpips = |model: &str, i: usize| {
+        let v = 0.3 + 0.04 * ((i * 7) % 11) as f64;
+        match model {
+            "finetuned" if i.is_multiple_of(2) => v - 0.1,
+            "finetuned" => v + 0.09,
+            _ => v,
+        }
+    };
+    let p = PerImage::new(lpips, |_, _| (true, true));
+    let metrics = section(&readme(&run(p.harness(), &[])), "Metrics");
+    let rows = table_rows(&metrics);
+    assert!(rows.iter().all(|r| !r.contains("**0.")), "lower on average, not bold: {metrics}");
+    assert!(rows[1].contains("(not significant)"), "{}", rows[1]);
+    assert!(metrics.contains("show no significant difference in LPIPS at N = 16"), "{metrics}");
+}
+
+#[test]
+fn a_clearly_better_scene_accuracy_is_bold_and_said_to_be_significant() {
+    // The original draws the caption's background on 4 of 16 images, the finetuned on all;
+    // both draw the shape colours on every other image.
+    let p = PerImage::new(lpips_shifted(0.0), |model, i| {
+        (model == "finetuned" || i % 4 == 0, i % 2 == 0)
+    });
+    let h = run(p.harness(), &[]);
+    let scene = section(&readme(&h), "Scene accuracy");
+    let rows = table_rows(&scene);
+    assert!(rows[0].starts_with("| **original** | 25% [6%, 50%] |"), "{}", rows[0]);
+    assert!(rows[1].starts_with("| `finetuned` | **100% [100%, 100%]** |"), "{}", rows[1]);
+    // Equal shape colours: not bold; all at once (never worse, 4 images better): bold.
+    assert!(rows[1].ends_with("| 50% [25%, 75%] | — | **50% [25%, 75%]** | 16 |"), "{}", rows[1]);
+    assert!(
+        scene.contains(
+            "- `finetuned` has higher background accuracy than the original at N = 16 images \
+             (+75 percentage points [+56, +94], paired): the difference is significant, so \
+             `finetuned` is better on background accuracy than the original.\n"
+        ),
+        "{scene}"
+    );
+    assert!(
+        scene.contains(
+            "- `finetuned` and the original show no significant difference in shape-colour \
+             accuracy at N = 16 images (0 percentage points [0, 0], paired).\n"
+        ),
+        "{scene}"
+    );
+    let json = report_json(&h);
+    let background = &json["scene_accuracy"][1]["intervals"]["background"];
+    assert_eq!(background["n"], 16);
+    assert_eq!(background["versus_reference"]["significant"], true);
+}
+
+#[test]
+fn identical_per_image_scene_judgements_are_not_bold_and_no_significant_difference() {
+    let p = PerImage::new(lpips_shifted(0.0), |_, i| (i % 4 != 0, i % 2 == 0));
+    let scene = section(&readme(&run(p.harness(), &[])), "Scene accuracy");
+    assert!(!table_rows(&scene).iter().any(|r| r.contains("%**")), "{scene}");
+    for noun in ["background", "style", "shape-colour", "all-at-once"] {
+        assert!(
+            scene.contains(&format!(
+                "- `finetuned` and the original show no significant difference in {noun} \
+                 accuracy at N = 16 images"
+            )),
+            "{noun}: {scene}"
+        );
+    }
+    assert!(!scene.contains("relation accuracy"), "no caption states a relation: {scene}");
+}
+
+#[test]
+fn images_that_cannot_be_paired_are_compared_by_overlapping_intervals() {
+    let p = PerImage::new(lpips_shifted(0.2), |_, _| (true, true));
+    // Renumber the finetuned model's images: the same values, but no id in common.
+    let file = p.path("finetuned/lpips_per_image.jsonl");
+    let text = fs::read_to_string(&file).unwrap().replace("\"s", "\"t");
+    fs::write(&file, text).unwrap();
+    let metrics = section(&readme(&run(p.harness(), &[])), "Metrics");
+    let rows = table_rows(&metrics);
+    assert!(rows[1].contains("| -0.2000 ▼ better (intervals do not overlap) |"), "{}", rows[1]);
+    assert!(
+        metrics.contains("(-0.2000; evaluated on different image pairs, so their 95% intervals are compared: they do not overlap): the difference is significant"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn without_per_image_values_lpips_is_marked_by_point_values_and_the_caveats_say_so() {
+    let e = Experiment::new();
+    let h = run(
+        Harness::new()
+            .input("base_lpips", e.path("base/lpips.json"))
+            .gathered("lpips", e.gathered("lpips.json")),
+        &[],
+    );
+    let text = readme(&h);
+    let metrics = section(&text, "Metrics");
+    assert!(metrics.contains("| **0.5100** | -0.1000 (-16.4%) ▼ better |"), "{metrics}");
+    assert!(!metrics.contains("significant"), "{metrics}");
+    let caveats = section(&text, "Caveats");
+    assert!(caveats.contains("No per-image values were bound for the LPIPS of the original, `learning_rate=3e-05`, `learning_rate=0.0001`"), "{caveats}");
+    assert!(!caveats.contains("percentile-bootstrap"), "{caveats}");
+}
+
 #[test]
 #[ignore = "writes the example report to $REPORT_DUMP for a person to look at"]
 fn dump_example_report() {
