@@ -8,6 +8,7 @@ pub mod device;
 #[cfg(feature = "candle")]
 pub mod device_path;
 pub mod imagefolder;
+pub mod limits;
 pub mod synthetic;
 pub mod testing;
 pub mod unsplash;

@@ -19,6 +19,7 @@ mod demo;
 mod device;
 mod failures;
 mod hostile_input;
+mod hostile_models;
 mod jpeg_readers;
 mod json_contract;
 mod ml_pipeline;

@@ -99,7 +99,7 @@ pub struct BlipConfig {
 
 impl BlipConfig {
     pub fn from_file(path: &Path) -> Result<BlipConfig, CaptionError> {
-        let text = std::fs::read_to_string(path)
+        let text = sdpipe_stages::limits::read_config_text(path)
             .map_err(|e| CaptionError::Model(format!("reading {}: {e}", path.display())))?;
         BlipConfig::from_json(&text, path)
     }
@@ -117,6 +117,9 @@ impl BlipConfig {
         }
         // As BlipConfig.__init__ does: the decoder attends to the vision encoder's width.
         config.text_config.encoder_hidden_size = config.vision_config.hidden_size;
+        config
+            .check_sizes()
+            .map_err(|e| CaptionError::Model(format!("{}: {e}", path.display())))?;
         let t = &config.text_config;
         let v = &config.vision_config;
         if !t.hidden_size.is_multiple_of(t.num_attention_heads)
@@ -134,6 +137,38 @@ impl BlipConfig {
             )));
         }
         Ok(config)
+    }
+
+    /// Every size within sdpipe's caps ([`sdpipe_stages::limits`]), so that nothing is built,
+    /// allocated or divided by from a number of the file alone.
+    fn check_sizes(&self) -> Result<(), String> {
+        use sdpipe_stages::limits::*;
+        let t = &self.text_config;
+        let v = &self.vision_config;
+        for (key, value, max) in [
+            ("text_config.vocab_size", t.vocab_size, MAX_VOCAB),
+            ("text_config.hidden_size", t.hidden_size, MAX_CHANNELS),
+            ("text_config.intermediate_size", t.intermediate_size, 4 * MAX_CHANNELS),
+            ("text_config.num_hidden_layers", t.num_hidden_layers, MAX_LAYERS),
+            ("text_config.num_attention_heads", t.num_attention_heads, MAX_CHANNELS),
+            ("text_config.max_position_embeddings", t.max_position_embeddings, MAX_POSITIONS),
+            ("vision_config.hidden_size", v.hidden_size, MAX_CHANNELS),
+            ("vision_config.intermediate_size", v.intermediate_size, 4 * MAX_CHANNELS),
+            ("vision_config.num_hidden_layers", v.num_hidden_layers, MAX_LAYERS),
+            ("vision_config.num_attention_heads", v.num_attention_heads, MAX_CHANNELS),
+            ("vision_config.image_size", v.image_size, MAX_IMAGE_SIZE),
+            ("vision_config.patch_size", v.patch_size, MAX_IMAGE_SIZE),
+        ] {
+            check(key, value, max)?;
+        }
+        let patches = (v.image_size / v.patch_size).pow(2);
+        if patches > MAX_POSITIONS {
+            return Err(format!(
+                "`vision_config.image_size` / `patch_size` gives {patches} patches, more than \
+                 {MAX_POSITIONS}"
+            ));
+        }
+        Ok(())
     }
 
     fn candle(&self) -> blip::Config {
@@ -428,5 +463,51 @@ mod tests {
         std::fs::write(&path, r#"{"model_type": "clip"}"#).unwrap();
         let err = BlipConfig::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("`clip`"), "{err}");
+    }
+
+    fn refusal(config: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, config).unwrap();
+        let err = BlipConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "names the file: {err}");
+        err
+    }
+
+    #[test]
+    fn an_absurd_text_width_is_refused_by_its_cap() {
+        let err =
+            refusal(r#"{"text_config": {"hidden_size": 1000000000, "num_attention_heads": 8}}"#);
+        assert!(
+            err.contains("`text_config.hidden_size` = 1000000000 is outside 1..=16384"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn zero_attention_heads_are_refused_before_anything_divides_by_them() {
+        let err = refusal(r#"{"vision_config": {"num_attention_heads": 0}}"#);
+        assert!(err.contains("`vision_config.num_attention_heads` = 0"), "{err}");
+    }
+
+    #[test]
+    fn an_absurd_image_size_is_refused() {
+        let err = refusal(r#"{"vision_config": {"image_size": 1000000000, "patch_size": 1}}"#);
+        assert!(err.contains("`vision_config.image_size` = 1000000000"), "{err}");
+    }
+
+    #[test]
+    fn more_image_patches_than_positions_are_refused() {
+        let err = refusal(r#"{"vision_config": {"image_size": 4096, "patch_size": 1}}"#);
+        assert!(err.contains("16777216 patches"), "{err}");
+    }
+
+    #[test]
+    fn an_oversized_config_file_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::File::create(&path).unwrap().set_len(1 << 40).unwrap();
+        let err = BlipConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("too large for a model config"), "{err}");
     }
 }

@@ -59,19 +59,24 @@ impl ImageProcessorConfig {
     pub fn from_model_dir(model_dir: &Path) -> Result<Self, CaptionError> {
         let legacy = model_dir.join("preprocessor_config.json");
         let bundled = model_dir.join("processor_config.json");
-        let config: ImageProcessorConfig = if legacy.is_file() {
-            read_json(&legacy)?
+        let (config, path): (ImageProcessorConfig, _) = if legacy.is_file() {
+            (read_json(&legacy)?, Some(legacy))
         } else if bundled.is_file() {
             #[derive(Deserialize)]
             struct Bundle {
                 #[serde(default)]
                 image_processor: ImageProcessorConfig,
             }
-            read_json::<Bundle>(&bundled)?.image_processor
+            (read_json::<Bundle>(&bundled)?.image_processor, Some(bundled))
         } else {
-            ImageProcessorConfig::default()
+            (ImageProcessorConfig::default(), None)
         };
-        config.check()?;
+        config.check().map_err(|e| match (e, path) {
+            (CaptionError::Model(message), Some(path)) => {
+                CaptionError::Model(format!("{}: {message}", path.display()))
+            }
+            (e, _) => e,
+        })?;
         Ok(config)
     }
 
@@ -95,6 +100,14 @@ impl ImageProcessorConfig {
         }
         if self.size.height == 0 || self.size.width == 0 {
             return Err(unsupported("an empty image size".into()));
+        }
+        let max = sdpipe_stages::limits::MAX_IMAGE_SIZE;
+        if self.size.height > max || self.size.width > max {
+            return Err(CaptionError::Model(format!(
+                "the image processor config resizes to {}x{}, more than sdpipe's cap of {max} a \
+                 side",
+                self.size.width, self.size.height
+            )));
         }
         Ok(())
     }
@@ -122,7 +135,7 @@ impl ImageProcessorConfig {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CaptionError> {
-    let text = std::fs::read_to_string(path)
+    let text = sdpipe_stages::limits::read_config_text(path)
         .map_err(|e| CaptionError::Model(format!("reading {}: {e}", path.display())))?;
     serde_json::from_str(&text)
         .map_err(|e| CaptionError::Model(format!("{} is not a valid config: {e}", path.display())))
@@ -137,4 +150,21 @@ pub fn load_rgb(path: &Path) -> Result<(Vec<u8>, usize, usize), CaptionError> {
         .map_err(|e| CaptionError::Image { path: path.to_path_buf(), message: e.to_string() })?;
     let (w, h) = rgb.dimensions();
     Ok((rgb.into_raw(), w as usize, h as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absurd_resize_target_is_refused_before_any_image_is_resized() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("preprocessor_config.json"),
+            r#"{"size": {"height": 1000000000, "width": 1000000000}}"#,
+        )
+        .unwrap();
+        let err = ImageProcessorConfig::from_model_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("resizes to 1000000000x1000000000, more than sdpipe's cap"), "{err}");
+    }
 }

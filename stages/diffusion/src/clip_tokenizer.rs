@@ -273,7 +273,7 @@ impl BpeFiles {
     fn builder(&self) -> Result<tokenizers::models::bpe::BpeBuilder, PipelineError> {
         match self {
             BpeFiles::Separate { vocab, merges } => {
-                Ok(BPE::from_file(&path_str(vocab)?, &path_str(merges)?))
+                Ok(BPE::builder().vocab_and_merges(read_vocab(vocab)?, read_merges(merges)?))
             }
             BpeFiles::Json(path) => {
                 let (vocab, merges) = bpe_of_tokenizer_json(path)?;
@@ -291,7 +291,7 @@ fn bpe_of_tokenizer_json(
     path: &Path,
 ) -> Result<(tokenizers::models::bpe::Vocab, tokenizers::models::bpe::Merges), PipelineError> {
     let bad = |message: String| PipelineError::Tokenizer { path: path.to_path_buf(), message };
-    let value: Value = crate::config::read_json(path)?;
+    let value: Value = crate::config::read_json_at_most(path, crate::config::MAX_TOKENIZER_BYTES)?;
     let model = &value["model"];
     if model["type"].as_str() != Some("BPE") {
         return Err(bad(format!("the model is {}, not CLIP's BPE", model["type"])));
@@ -317,6 +317,41 @@ fn bpe_of_tokenizer_json(
     Ok((vocab, merges))
 }
 
+/// `vocab.json`: token → id, as `tokenizers`' `BPE::from_file` reads it; the error names the
+/// file.
+fn read_vocab(path: &Path) -> Result<tokenizers::models::bpe::Vocab, PipelineError> {
+    let value: Value = crate::config::read_json_at_most(path, crate::config::MAX_TOKENIZER_BYTES)?;
+    serde_json::from_value(value).map_err(|e| PipelineError::Tokenizer {
+        path: path.to_path_buf(),
+        message: format!("not a JSON object of token → id: {e}"),
+    })
+}
+
+/// `merges.txt`: one `a b` pair per line after an optional `#version` line, as `tokenizers`'
+/// `BPE::from_file` reads it; the error names the file and the line.
+fn read_merges(path: &Path) -> Result<tokenizers::models::bpe::Merges, PipelineError> {
+    let bad = |message: String| PipelineError::Tokenizer { path: path.to_path_buf(), message };
+    crate::config::check_file_size(path, crate::config::MAX_TOKENIZER_BYTES)?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| PipelineError::Read { path: path.to_path_buf(), source })?;
+    let mut merges = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("#version") {
+            continue;
+        }
+        match line.split(' ').collect::<Vec<_>>().as_slice() {
+            [a, b] => merges.push((a.to_string(), b.to_string())),
+            _ => {
+                return Err(bad(format!(
+                    "line {}: {line:?} is not a merge (two tokens separated by one space)",
+                    i + 1
+                )))
+            }
+        }
+    }
+    Ok(merges)
+}
+
 fn read_optional_json(path: &Path) -> Result<Value, PipelineError> {
     if !path.is_file() {
         return Ok(Value::Null);
@@ -324,9 +359,49 @@ fn read_optional_json(path: &Path) -> Result<Value, PipelineError> {
     crate::config::read_json(path)
 }
 
-fn path_str(path: &Path) -> Result<String, PipelineError> {
-    path.to_str().map(str::to_string).ok_or_else(|| PipelineError::Tokenizer {
-        path: path.to_path_buf(),
-        message: "the path is not valid UTF-8".into(),
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_merges_line_that_is_not_a_pair_is_refused_naming_the_file_and_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "merges.txt", "#version: 0.2\na b\na b c\n");
+        let err = read_merges(&path).unwrap_err().to_string();
+        assert!(err.contains("merges.txt: bad tokenizer files: line 3: \"a b c\""), "{err}");
+    }
+
+    #[test]
+    fn merges_are_read_as_tokenizers_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "merges.txt", "#version: 0.2\nt h\nth e</w>\n");
+        let merges = read_merges(&path).unwrap();
+        assert_eq!(merges, vec![("t".into(), "h".into()), ("th".into(), "e</w>".into())]);
+    }
+
+    #[test]
+    fn a_vocab_that_is_not_a_token_map_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "vocab.json", r#"{"a": "not an id"}"#);
+        let err = read_vocab(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("vocab.json: bad tokenizer files: not a JSON object of token"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_huge_merges_file_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("merges.txt");
+        std::fs::File::create(&path).unwrap().set_len(1 << 40).unwrap();
+        let err = read_merges(&path).unwrap_err().to_string();
+        assert!(err.contains("1099511627776 bytes, more than"), "{err}");
+    }
 }

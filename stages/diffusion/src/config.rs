@@ -377,12 +377,124 @@ impl SchedulerConfig {
     }
 }
 
-/// Read and parse one JSON config file, naming the file in every error.
+/// The largest tokenizer file sdpipe reads (`tokenizer.json`, `vocab.json`, `merges.txt`):
+/// CLIP's are 1 to 2.2 MB, the largest tokenizers in use some tens of MB.
+pub const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
+
+/// Read and parse one JSON config file, naming the file in every error. Files over
+/// [`sdpipe_unet::limits::MAX_CONFIG_BYTES`] are refused before they are read.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, PipelineError> {
+    read_json_at_most(path, sdpipe_unet::limits::MAX_CONFIG_BYTES)
+}
+
+/// [`read_json`] for a file of at most `max` bytes.
+pub fn read_json_at_most<T: DeserializeOwned>(path: &Path, max: u64) -> Result<T, PipelineError> {
+    check_file_size(path, max)?;
     let text = std::fs::read_to_string(path)
         .map_err(|source| PipelineError::Read { path: path.to_path_buf(), source })?;
     serde_json::from_str(&text)
         .map_err(|e| PipelineError::BadConfig { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// Refuses a file over `max` bytes, before anything reads it.
+pub fn check_file_size(path: &Path, max: u64) -> Result<(), PipelineError> {
+    let len = std::fs::metadata(path)
+        .map_err(|source| PipelineError::Read { path: path.to_path_buf(), source })?
+        .len();
+    if len > max {
+        return Err(PipelineError::BadConfig {
+            path: path.to_path_buf(),
+            message: format!("{len} bytes, more than the {max} a file of this kind may have"),
+        });
+    }
+    Ok(())
+}
+
+/// The most training timesteps a scheduler config may name (SD: 1000): the noise schedule
+/// allocates one entry per timestep.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
+impl UNetConfig {
+    /// Every size within sdpipe's caps ([`sdpipe_unet::limits`]), so that nothing is built,
+    /// allocated or shifted by a number from the file alone. (Whether the architecture is one
+    /// sdpipe builds is the loaders' business.)
+    pub fn check_sizes(&self) -> Result<(), String> {
+        use sdpipe_unet::limits::*;
+        check_blocks(&self.block_out_channels)?;
+        check("in_channels", self.in_channels, MAX_CHANNELS)?;
+        check("out_channels", self.out_channels, MAX_CHANNELS)?;
+        check("layers_per_block", self.layers_per_block, MAX_LAYERS)?;
+        check("cross_attention_dim", self.cross_attention_dim, MAX_CHANNELS)?;
+        check("norm_num_groups", self.norm_num_groups, MAX_CHANNELS)?;
+        check("sample_size", self.sample_size, MAX_SAMPLE_SIZE)?;
+        let per_block = |key: &str, values: &PerBlock<usize>, max: usize| match values {
+            PerBlock::One(v) => check(key, *v, max),
+            PerBlock::Each(list) => check_each(key, list, max),
+        };
+        per_block("transformer_layers_per_block", &self.transformer_layers_per_block, MAX_LAYERS)?;
+        per_block("attention_head_dim", &self.attention_head_dim, MAX_CHANNELS)?;
+        if let Some(heads) = &self.num_attention_heads {
+            per_block("num_attention_heads", heads, MAX_CHANNELS)?;
+        }
+        Ok(())
+    }
+}
+
+/// A `block_out_channels` list: 1 to [`sdpipe_unet::limits::MAX_BLOCKS`] widths, each capped.
+fn check_blocks(channels: &[usize]) -> Result<(), String> {
+    use sdpipe_unet::limits::{check_each, MAX_BLOCKS, MAX_CHANNELS};
+    if channels.is_empty() || channels.len() > MAX_BLOCKS {
+        return Err(format!(
+            "`block_out_channels` lists {} blocks; sdpipe builds 1 to {MAX_BLOCKS}",
+            channels.len()
+        ));
+    }
+    check_each("block_out_channels", channels, MAX_CHANNELS)
+}
+
+impl VaeConfig {
+    /// Every size within sdpipe's caps, and the group norms' groups dividing every width
+    /// (candle's group norm divides by the number of groups).
+    pub fn check_sizes(&self) -> Result<(), String> {
+        use sdpipe_unet::limits::*;
+        check_blocks(&self.block_out_channels)?;
+        check("in_channels", self.in_channels, MAX_CHANNELS)?;
+        check("out_channels", self.out_channels, MAX_CHANNELS)?;
+        check("latent_channels", self.latent_channels, MAX_CHANNELS)?;
+        check("layers_per_block", self.layers_per_block, MAX_LAYERS)?;
+        check("norm_num_groups", self.norm_num_groups, MAX_CHANNELS)?;
+        if let Some(c) = self.block_out_channels.iter().find(|&&c| c % self.norm_num_groups != 0) {
+            return Err(format!(
+                "`norm_num_groups` = {} does not divide the block width {c}",
+                self.norm_num_groups
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TextEncoderConfig {
+    /// Every size within sdpipe's caps (the limits of sdpipe-unet's trainable CLIP).
+    pub fn check_sizes(&self) -> Result<(), String> {
+        use sdpipe_unet::limits::*;
+        check("vocab_size", self.vocab_size, MAX_VOCAB)?;
+        check("hidden_size", self.hidden_size, MAX_CHANNELS)?;
+        check("intermediate_size", self.intermediate_size, 4 * MAX_CHANNELS)?;
+        check("projection_dim", self.projection_dim, MAX_CHANNELS)?;
+        check("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
+        check("num_attention_heads", self.num_attention_heads, MAX_CHANNELS)?;
+        check("max_position_embeddings", self.max_position_embeddings, MAX_POSITIONS)
+    }
+}
+
+impl SchedulerConfig {
+    /// `num_train_timesteps` within 1..=[`MAX_TRAIN_TIMESTEPS`].
+    pub fn check_sizes(&self) -> Result<(), String> {
+        match self.num_train_timesteps {
+            Some(n) => sdpipe_unet::limits::check("num_train_timesteps", n, MAX_TRAIN_TIMESTEPS),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Write a config the way diffusers' `save_pretrained` does: keys sorted, two-space indent,
@@ -450,6 +562,77 @@ mod tests {
         assert_eq!(index.extra["requires_safety_checker"], Value::Bool(false));
         let again = ModelIndex::from_value(index.to_value()).unwrap();
         assert_eq!(again, index);
+    }
+
+    #[test]
+    fn an_absurd_unet_width_is_refused_by_its_cap() {
+        let config: UNetConfig =
+            serde_json::from_str(r#"{"block_out_channels": [1000000000, 1000000000]}"#).unwrap();
+        let err = config.check_sizes().unwrap_err();
+        assert!(err.contains("`block_out_channels`[0] = 1000000000 is outside 1..=16384"), "{err}");
+    }
+
+    #[test]
+    fn an_absurd_unet_sample_size_is_refused() {
+        let config: UNetConfig = serde_json::from_str(r#"{"sample_size": 1000000000000}"#).unwrap();
+        assert!(config.check_sizes().unwrap_err().contains("`sample_size`"));
+    }
+
+    #[test]
+    fn per_block_head_counts_are_capped_each() {
+        let config: UNetConfig =
+            serde_json::from_str(r#"{"attention_head_dim": [8, 8, 8, 1000000000]}"#).unwrap();
+        let err = config.check_sizes().unwrap_err();
+        assert!(err.contains("`attention_head_dim`[3]"), "{err}");
+    }
+
+    #[test]
+    fn more_unet_blocks_than_the_cap_are_refused() {
+        let config: UNetConfig =
+            serde_json::from_str(&format!(r#"{{"block_out_channels": {:?}}}"#, vec![32; 100]))
+                .unwrap();
+        assert!(config.check_sizes().unwrap_err().contains("lists 100 blocks"));
+    }
+
+    #[test]
+    fn a_vae_with_zero_norm_groups_is_refused() {
+        let config: VaeConfig = serde_json::from_str(r#"{"norm_num_groups": 0}"#).unwrap();
+        assert!(config.check_sizes().unwrap_err().contains("`norm_num_groups` = 0"));
+    }
+
+    #[test]
+    fn a_vae_whose_groups_do_not_divide_a_width_is_refused() {
+        let config: VaeConfig =
+            serde_json::from_str(r#"{"block_out_channels": [32, 48], "norm_num_groups": 32}"#)
+                .unwrap();
+        assert!(config.check_sizes().unwrap_err().contains("does not divide the block width 48"));
+    }
+
+    #[test]
+    fn an_absurd_text_encoder_position_count_is_refused() {
+        let config: TextEncoderConfig =
+            serde_json::from_str(r#"{"max_position_embeddings": 4000000000}"#).unwrap();
+        let err = config.check_sizes().unwrap_err();
+        assert!(
+            err.contains("`max_position_embeddings` = 4000000000 is outside 1..=65536"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_absurd_number_of_training_timesteps_is_refused() {
+        let config: SchedulerConfig =
+            serde_json::from_str(r#"{"num_train_timesteps": 1000000000000000}"#).unwrap();
+        assert!(config.check_sizes().unwrap_err().contains("`num_train_timesteps`"));
+    }
+
+    #[test]
+    fn a_config_file_over_the_size_cap_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::File::create(&path).unwrap().set_len(1 << 40).unwrap();
+        let err = read_json::<Value>(&path).unwrap_err().to_string();
+        assert!(err.contains("1099511627776 bytes, more than the 16777216"), "{err}");
     }
 
     #[test]

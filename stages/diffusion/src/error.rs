@@ -42,6 +42,13 @@ pub enum PipelineError {
     Hub(#[from] sdpipe_hub::HubError),
     #[error("{path}: bad tokenizer files: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// A weight file that is not what it claims to be (a lying or truncated header).
+    #[error("{path}: {message}")]
+    BadWeights { path: PathBuf, message: String },
+    /// A config whose sizes disagree with the shapes its weight files hold (read from their
+    /// headers, before anything is loaded).
+    #[error("{config}: {message}, in {weights} (is config.json from the same model?)")]
+    ConfigDisagrees { config: PathBuf, weights: PathBuf, message: String },
 }
 
 impl From<PipelineError> for StageError {

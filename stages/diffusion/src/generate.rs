@@ -48,16 +48,21 @@ fn failed(what: &str) -> impl Fn(candle_core::Error) -> StageError + '_ {
 }
 
 impl StableDiffusion {
+    /// Loads the pipeline's models: the tokenizer first (small files, checked against the text
+    /// encoder's config), then each model's weights, each checked against its config from the
+    /// weight files' headers before any tensor is read.
     pub fn load(
         pipeline: &SdPipeline,
         device: &Device,
         dtype: DType,
     ) -> Result<StableDiffusion, PipelineError> {
+        let tokenizer = pipeline.tokenizer()?;
+        pipeline.check_tokenizer_fits(&tokenizer)?;
         Ok(StableDiffusion {
             unet: pipeline.load_unet(device, dtype)?,
             vae: pipeline.load_vae(device, dtype)?,
             text_encoder: pipeline.load_text_encoder(device, dtype)?,
-            tokenizer: pipeline.tokenizer()?,
+            tokenizer,
             scaling_factor: pipeline.vae.scaling_factor,
             latent_channels: pipeline.unet.in_channels,
             vae_scale_factor: pipeline.vae_scale_factor(),

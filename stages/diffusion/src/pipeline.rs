@@ -286,7 +286,29 @@ impl SdPipeline {
             model_index,
             variant: variant.map(str::to_string),
         };
+        pipeline.check_sizes()?;
         Ok(pipeline)
+    }
+
+    /// Every size the configs name within sdpipe's caps, and the tokenizer files of a sane
+    /// size, so that a hostile folder is refused here (before a stage hashes its files or
+    /// loads anything) with the file and the key.
+    fn check_sizes(&self) -> Result<(), PipelineError> {
+        let bad = |file: &str, message: String| PipelineError::BadConfig {
+            path: self.root.join(file),
+            message,
+        };
+        self.unet.check_sizes().map_err(|m| bad("unet/config.json", m))?;
+        self.vae.check_sizes().map_err(|m| bad("vae/config.json", m))?;
+        self.text_encoder.check_sizes().map_err(|m| bad("text_encoder/config.json", m))?;
+        self.scheduler.check_sizes().map_err(|m| bad("scheduler/scheduler_config.json", m))?;
+        for file in TOKENIZER_FILES {
+            let path = self.root.join("tokenizer").join(file);
+            if path.is_file() {
+                crate::config::check_file_size(&path, crate::config::MAX_TOKENIZER_BYTES)?;
+            }
+        }
+        Ok(())
     }
 
     /// Pixels per latent (8 for SD1.x).
@@ -406,6 +428,12 @@ impl SdPipeline {
     pub fn load_vae(&self, device: &Device, dtype: DType) -> Result<AutoEncoderKL, PipelineError> {
         let config = self.candle_vae_config()?;
         let files = self.weight_files("vae")?;
+        let weights = weight_headers(&files)?;
+        vae_agrees_with(&self.vae, &weights).map_err(|message| PipelineError::ConfigDisagrees {
+            config: self.root.join("vae/config.json"),
+            weights: files[0].clone(),
+            message,
+        })?;
         let (vb, _) = vae_var_builder(&files, dtype, device)?;
         AutoEncoderKL::new(vb, self.vae.in_channels, self.vae.out_channels, config)
             .map_err(|source| PipelineError::Weights { path: files[0].clone(), source })
@@ -420,6 +448,7 @@ impl SdPipeline {
     ) -> Result<TextEncoder, PipelineError> {
         let config = self.candle_clip_config()?;
         let files = self.weight_files("text_encoder")?;
+        self.check_text_encoder_weights(&files)?;
         let vb = var_builder(&files, dtype, device)?;
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
@@ -450,12 +479,190 @@ impl SdPipeline {
             layer_norm_eps: c.layer_norm_eps,
         };
         let files = self.weight_files("text_encoder")?;
+        self.check_text_encoder_weights(&files)?;
         sdpipe_unet::ClipText::from_files(config, &files, device)
             .map_err(|e| PipelineError::TrainableTextEncoder(e.to_string()))
     }
 
     pub fn tokenizer(&self) -> Result<ClipTokenizer, PipelineError> {
         ClipTokenizer::from_dir(&self.root.join("tokenizer"))
+    }
+
+    /// The text encoder's weights (`files`) hold the shapes its config implies, read from
+    /// their headers (see [`text_encoder_agrees_with`]).
+    fn check_text_encoder_weights(&self, files: &[PathBuf]) -> Result<(), PipelineError> {
+        let weights = weight_headers(files)?;
+        text_encoder_agrees_with(&self.text_encoder, &weights).map_err(|message| {
+            PipelineError::ConfigDisagrees {
+                config: self.root.join("text_encoder/config.json"),
+                weights: files[0].clone(),
+                message,
+            }
+        })
+    }
+
+    /// Whether the tokenizer's ids and lengths fit the text encoder: at most
+    /// `max_position_embeddings` tokens per prompt, and no id past its vocabulary (either
+    /// would fail, or index out of range, in the middle of sampling).
+    pub fn check_tokenizer_fits(&self, tokenizer: &ClipTokenizer) -> Result<(), PipelineError> {
+        let c = &self.text_encoder;
+        let encoder_config = self.root.join("text_encoder/config.json");
+        if tokenizer.max_length() > c.max_position_embeddings {
+            return Err(PipelineError::Tokenizer {
+                path: self.root.join("tokenizer/tokenizer_config.json"),
+                message: format!(
+                    "prompts are {} tokens long (`model_max_length`) but the text encoder reads \
+                     at most {} (`max_position_embeddings` of {})",
+                    tokenizer.max_length(),
+                    c.max_position_embeddings,
+                    encoder_config.display()
+                ),
+            });
+        }
+        if tokenizer.vocab_size() > c.vocab_size {
+            return Err(PipelineError::BadConfig {
+                path: encoder_config,
+                message: format!(
+                    "`vocab_size` = {} is smaller than the tokenizer's {} tokens ({})",
+                    c.vocab_size,
+                    tokenizer.vocab_size(),
+                    self.root.join("tokenizer").display()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The tensor shapes of weight files, read from their headers alone (no data): a lying or
+/// truncated header is refused here, naming the file and what is wrong.
+fn weight_headers(files: &[PathBuf]) -> Result<sdpipe_unet::weights::WeightFiles, PipelineError> {
+    sdpipe_unet::weights::WeightFiles::open(files).map_err(|e| match e {
+        sdpipe_unet::UNetError::Weights { path, message } => {
+            PipelineError::BadWeights { path, message }
+        }
+        e => PipelineError::BadWeights { path: files[0].clone(), message: e.to_string() },
+    })
+}
+
+/// `name` has `want` as its shape in `weights`; the error says which setting implies it.
+fn expect_shape(
+    weights: &sdpipe_unet::weights::WeightFiles,
+    name: &str,
+    want: &[usize],
+    setting: &str,
+) -> Result<(), String> {
+    match weights.shape(name) {
+        Some(have) if have == want => Ok(()),
+        Some(have) => Err(format!(
+            "{setting} imply `{name}` of shape {want:?}, but the weights have {have:?}"
+        )),
+        None => Err(format!("{setting} imply a tensor `{name}` the weights do not have")),
+    }
+}
+
+/// The VAE's config agrees with its weights' shapes at the points every size shows: the input
+/// and output convolutions of the encoder and the decoder (channels, latent channels, first and
+/// last widths), each encoder block's width, the number of blocks and of resnets per block.
+/// Names are diffusers' (those of every SD VAE file, old or new; only the attention's changed).
+pub fn vae_agrees_with(
+    c: &VaeConfig,
+    weights: &sdpipe_unet::weights::WeightFiles,
+) -> Result<(), String> {
+    let widths = &c.block_out_channels;
+    let (Some(&first), Some(&last)) = (widths.first(), widths.last()) else {
+        return Err("`block_out_channels` is empty".into());
+    };
+    let latent = c.latent_channels;
+    expect_shape(
+        weights,
+        "encoder.conv_in.weight",
+        &[first, c.in_channels, 3, 3],
+        "`in_channels` and `block_out_channels`[0]",
+    )?;
+    expect_shape(
+        weights,
+        "encoder.conv_out.weight",
+        &[2 * latent, last, 3, 3],
+        "`latent_channels` and the last `block_out_channels`",
+    )?;
+    expect_shape(
+        weights,
+        "decoder.conv_in.weight",
+        &[last, latent, 3, 3],
+        "`latent_channels` and the last `block_out_channels`",
+    )?;
+    expect_shape(
+        weights,
+        "decoder.conv_out.weight",
+        &[c.out_channels, first, 3, 3],
+        "`out_channels` and `block_out_channels`[0]",
+    )?;
+    let layers = c.layers_per_block;
+    for (i, &width) in widths.iter().enumerate() {
+        // The last resnet's second convolution maps the block's width to itself.
+        if let Some(j) = layers.checked_sub(1) {
+            let name = format!("encoder.down_blocks.{i}.resnets.{j}.conv2.weight");
+            let setting = format!("`block_out_channels`[{i}] and `layers_per_block`");
+            expect_shape(weights, &name, &[width, width, 3, 3], &setting)?;
+        }
+        let past = format!("encoder.down_blocks.{i}.resnets.{}.", c.layers_per_block);
+        if weights.tensors().keys().any(|k| k.starts_with(&past)) {
+            return Err(format!(
+                "`layers_per_block` = {} but the weights have more resnets in encoder block {i}",
+                c.layers_per_block
+            ));
+        }
+    }
+    let past = format!("encoder.down_blocks.{}.", widths.len());
+    if weights.tensors().keys().any(|k| k.starts_with(&past)) {
+        return Err(format!(
+            "`block_out_channels` lists {} blocks but the weights have more",
+            widths.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The text encoder's config agrees with its weights' shapes: the token and position
+/// embeddings (vocabulary, positions, width), the MLP's width, and the last layer's presence.
+/// Both layouts of names are read (with and without transformers 4's `text_model.` prefix).
+pub fn text_encoder_agrees_with(
+    c: &TextEncoderConfig,
+    weights: &sdpipe_unet::weights::WeightFiles,
+) -> Result<(), String> {
+    let p = if weights.shape("text_model.embeddings.token_embedding.weight").is_some() {
+        "text_model."
+    } else {
+        ""
+    };
+    let d = c.hidden_size;
+    expect_shape(
+        weights,
+        &format!("{p}embeddings.token_embedding.weight"),
+        &[c.vocab_size, d],
+        "`vocab_size` and `hidden_size`",
+    )?;
+    expect_shape(
+        weights,
+        &format!("{p}embeddings.position_embedding.weight"),
+        &[c.max_position_embeddings, d],
+        "`max_position_embeddings` and `hidden_size`",
+    )?;
+    expect_shape(
+        weights,
+        &format!("{p}encoder.layers.0.mlp.fc1.weight"),
+        &[c.intermediate_size, d],
+        "`intermediate_size` and `hidden_size`",
+    )?;
+    match c.num_hidden_layers.checked_sub(1) {
+        Some(last) => expect_shape(
+            weights,
+            &format!("{p}encoder.layers.{last}.layer_norm1.weight"),
+            &[d],
+            "`num_hidden_layers` and `hidden_size`",
+        ),
+        None => Err("`num_hidden_layers` is 0".into()),
     }
 }
 
@@ -959,6 +1166,151 @@ mod tests {
         let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(values(&rounded), values(&expected));
         assert_ne!(values(&rounded), values(&full), "the weights are rounded");
+    }
+
+    /// A tiny pipeline with `edit` applied to the JSON of `file`.
+    fn tiny_with(file: &str, edit: impl Fn(&mut Value)) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), &TinySpec::default()).unwrap();
+        let path = dir.path().join(file);
+        let mut value: Value = read_json(&path).unwrap();
+        edit(&mut value);
+        std::fs::write(&path, value.to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn open_refuses_a_config_size_over_its_cap_naming_the_file() {
+        let dir = tiny_with("unet/config.json", |c| {
+            c["block_out_channels"] = serde_json::json!([1_000_000_000u64, 1_000_000_000u64])
+        });
+        let err = SdPipeline::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("unet/config.json: not a valid config"), "{err}");
+        assert!(err.contains("`block_out_channels`[0] = 1000000000"), "{err}");
+    }
+
+    #[test]
+    fn open_refuses_a_huge_tokenizer_file_before_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), &TinySpec::default()).unwrap();
+        let vocab = dir.path().join("tokenizer/vocab.json");
+        std::fs::File::create(&vocab).unwrap().set_len(1 << 40).unwrap();
+        let err = SdPipeline::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("tokenizer/vocab.json: not a valid config: 1099511627776 bytes"));
+    }
+
+    #[test]
+    fn a_vae_config_whose_widths_disagree_with_the_weights_is_refused_before_loading() {
+        let dir = tiny_with("vae/config.json", |c| {
+            c["block_out_channels"] = serde_json::json!([64, 64, 128])
+        });
+        let err = SdPipeline::open(dir.path())
+            .unwrap()
+            .load_vae(&Device::Cpu, DType::F32)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("vae/config.json: `in_channels` and `block_out_channels`[0]"));
+        assert!(err.contains("vae/diffusion_pytorch_model.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn a_vae_config_with_fewer_blocks_than_the_weights_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TinySpec { vae_channels: vec![32, 32, 32], ..TinySpec::default() };
+        write_tiny(dir.path(), &spec).unwrap();
+        let pipeline = SdPipeline::open(dir.path()).unwrap();
+        let weights = weight_headers(&pipeline.weight_files("vae").unwrap()).unwrap();
+        let mut config = pipeline.vae.clone();
+        let widths = &mut config.block_out_channels;
+        widths.truncate(widths.len() - 1);
+        let err = vae_agrees_with(&config, &weights).unwrap_err();
+        assert!(err.contains("blocks but the weights have more"), "{err}");
+    }
+
+    #[test]
+    fn a_vae_config_with_fewer_resnets_than_the_weights_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), &TinySpec { layers_per_block: 2, ..TinySpec::default() }).unwrap();
+        let pipeline = SdPipeline::open(dir.path()).unwrap();
+        let weights = weight_headers(&pipeline.weight_files("vae").unwrap()).unwrap();
+        let config = VaeConfig { layers_per_block: 1, ..pipeline.vae.clone() };
+        let err = vae_agrees_with(&config, &weights).unwrap_err();
+        assert!(err.contains("the weights have more resnets in encoder block 0"), "{err}");
+    }
+
+    #[test]
+    fn a_text_encoder_config_whose_vocabulary_disagrees_with_the_weights_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), &TinySpec::default()).unwrap();
+        let pipeline = SdPipeline::open(dir.path()).unwrap();
+        let weights = weight_headers(&pipeline.weight_files("text_encoder").unwrap()).unwrap();
+        let config = TextEncoderConfig { vocab_size: 1000, ..pipeline.text_encoder.clone() };
+        let err = text_encoder_agrees_with(&config, &weights).unwrap_err();
+        assert!(err.contains("imply `text_model.embeddings.token_embedding.weight` of shape [1000"));
+    }
+
+    #[test]
+    fn a_text_encoder_config_with_more_layers_than_the_weights_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), &TinySpec::default()).unwrap();
+        let pipeline = SdPipeline::open(dir.path()).unwrap();
+        let weights = weight_headers(&pipeline.weight_files("text_encoder").unwrap()).unwrap();
+        let config = TextEncoderConfig { num_hidden_layers: 60, ..pipeline.text_encoder.clone() };
+        let err = text_encoder_agrees_with(&config, &weights).unwrap_err();
+        assert!(
+            err.contains("a tensor `text_model.encoder.layers.59.layer_norm1.weight`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_trainable_text_encoder_is_checked_against_its_weights_too() {
+        let dir =
+            tiny_with("text_encoder/config.json", |c| c["max_position_embeddings"] = 99.into());
+        let err = SdPipeline::open(dir.path())
+            .unwrap()
+            .load_trainable_text_encoder(&Device::Cpu)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("text_encoder/config.json: `max_position_embeddings`"), "{err}");
+    }
+
+    #[test]
+    fn a_tokenizer_longer_than_the_text_encoder_reads_is_refused() {
+        let dir =
+            tiny_with("tokenizer/tokenizer_config.json", |c| c["model_max_length"] = 1000.into());
+        let pipeline = SdPipeline::open(dir.path()).unwrap();
+        let err = pipeline.check_tokenizer_fits(&pipeline.tokenizer().unwrap()).unwrap_err();
+        let err = err.to_string();
+        assert!(err.contains("tokenizer_config.json: bad tokenizer files: prompts are 1000"));
+    }
+
+    #[test]
+    fn a_text_encoder_vocabulary_smaller_than_the_tokenizer_is_refused() {
+        let dir = tiny_with("text_encoder/config.json", |c| c["vocab_size"] = 10.into());
+        let pipeline = SdPipeline::open(dir.path()).unwrap();
+        let err = pipeline.check_tokenizer_fits(&pipeline.tokenizer().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("`vocab_size` = 10 is smaller than the tokenizer's"));
+    }
+
+    #[test]
+    fn a_lying_weights_header_is_refused_naming_the_file_and_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), &TinySpec::default()).unwrap();
+        let path = dir.path().join("vae/diffusion_pytorch_model.safetensors");
+        let header = r#"{"encoder.conv_in.weight": {"dtype": "F32", "shape": [9, 9], "data_offsets": [0, 8]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend([0u8; 8]);
+        std::fs::write(&path, bytes).unwrap();
+        let err = SdPipeline::open(dir.path())
+            .unwrap()
+            .load_vae(&Device::Cpu, DType::F32)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("vae/diffusion_pytorch_model.safetensors: not a readable"), "{err}");
+        assert!(err.contains("tensor `encoder.conv_in.weight`: shape [9, 9] of F32 is 324 bytes"));
     }
 
     #[test]

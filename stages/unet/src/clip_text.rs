@@ -34,24 +34,21 @@ pub struct ClipTextConfig {
     pub layer_norm_eps: f64,
 }
 
-/// Bounds that keep a lying config from allocating without limit before the weights are read.
-const MAX_WIDTH: usize = 1 << 16;
-const MAX_LAYERS: usize = 256;
-
 impl ClipTextConfig {
+    /// Every size within sdpipe's caps ([`crate::limits`]), so a lying config allocates
+    /// nothing before the weights are read.
     fn validate(&self) -> Result<(), String> {
+        use crate::limits::{MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB};
         let sizes = [
-            ("vocab_size", self.vocab_size, 1 << 20),
-            ("hidden_size", self.hidden_size, MAX_WIDTH),
-            ("intermediate_size", self.intermediate_size, 4 * MAX_WIDTH),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_CHANNELS),
+            ("intermediate_size", self.intermediate_size, 4 * MAX_CHANNELS),
             ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
-            ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
-            ("max_position_embeddings", self.max_position_embeddings, 1 << 16),
+            ("num_attention_heads", self.num_attention_heads, MAX_CHANNELS),
+            ("max_position_embeddings", self.max_position_embeddings, MAX_POSITIONS),
         ];
         for (name, value, max) in sizes {
-            if value == 0 || value > max {
-                return Err(format!("{name} = {value} is outside 1..={max}"));
-            }
+            crate::limits::check(name, value, max)?;
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
@@ -97,7 +94,7 @@ impl ClipText {
     ) -> Result<Self, UNetError> {
         let path = files.first().cloned().unwrap_or_default();
         config.validate().map_err(|message| UNetError::Weights { path, message })?;
-        let mut pb = ParamBuilder::from_files(files, device)?;
+        let mut pb = ParamBuilder::from_files(files, device)?.for_model("text encoder");
         let prefix = if pb.contains("text_model.embeddings.token_embedding.weight") {
             "text_model."
         } else {
@@ -105,7 +102,7 @@ impl ClipText {
         };
         // A buffer older transformers versions saved with the weights; not a parameter.
         pb.discard(&format!("{prefix}embeddings.position_ids"));
-        Self::build(config, pb, prefix)
+        pb.build_checked(|pb| Self::build(config.clone(), pb, prefix))
     }
 
     /// A randomly initialised encoder (for tests).
@@ -336,5 +333,17 @@ mod tests {
         let files = [PathBuf::from("model.safetensors")];
         let error = ClipText::from_files(config, &files, &Device::Cpu).err().expect("refused");
         assert!(error.to_string().contains("hidden_size"), "{error}");
+    }
+
+    #[test]
+    fn weights_that_disagree_with_the_config_are_named_from_their_header() {
+        let dir = tempfile::tempdir().unwrap();
+        ClipText::random(tiny(), 5, &Device::Cpu).unwrap().save(dir.path()).unwrap();
+        let files = [dir.path().join("model.safetensors")];
+        let config = ClipTextConfig { vocab_size: 900_000, ..tiny() };
+        let error = ClipText::from_files(config, &files, &Device::Cpu).err().expect("refused");
+        let error = error.to_string();
+        assert!(error.contains("do not match the text encoder"), "{error}");
+        assert!(error.contains("token_embedding.weight` has shape [40, 16]"), "{error}");
     }
 }

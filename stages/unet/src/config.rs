@@ -57,7 +57,7 @@ impl UNetConfig {
 
     /// Like [`UNetConfig::from_file`], also returning the JSON as read.
     pub fn read(path: &Path) -> Result<(Self, Value), UNetError> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::limits::read_config_text(path)
             .map_err(|source| UNetError::Io { path: path.to_path_buf(), source })?;
         let json: Value = serde_json::from_str(&text).map_err(|e| UNetError::Config {
             path: path.to_path_buf(),
@@ -262,8 +262,29 @@ impl UNetConfig {
         Ok(config)
     }
 
-    /// Checks the shape constraints diffusers would hit at construction time.
+    /// Checks the shape constraints diffusers would hit at construction time, and that every
+    /// size is within sdpipe's caps ([`crate::limits`]): nothing is built from a number alone.
     fn validate(&self) -> Result<(), String> {
+        use crate::limits::{check, check_each, MAX_BLOCKS, MAX_CHANNELS, MAX_LAYERS};
+        let n = self.block_out_channels.len();
+        if n > MAX_BLOCKS {
+            return Err(format!(
+                "`block_out_channels` lists {n} blocks; sdpipe builds at most {MAX_BLOCKS}"
+            ));
+        }
+        check_each("block_out_channels", &self.block_out_channels, MAX_CHANNELS)?;
+        check("in_channels", self.in_channels, MAX_CHANNELS)?;
+        check("out_channels", self.out_channels, MAX_CHANNELS)?;
+        check_each("cross_attention_dim", &self.cross_attention_dim, MAX_CHANNELS)?;
+        check_each("layers_per_block", &self.layers_per_block, MAX_LAYERS)?;
+        check_each("transformer_layers_per_block", &self.transformer_layers_per_block, MAX_LAYERS)?;
+        // Padding beyond the 3×3 kernel only adds borders of zeros, ever larger activations.
+        if self.downsample_padding > 3 {
+            return Err(format!(
+                "`downsample_padding` = {} is more than the 3×3 kernel's 3",
+                self.downsample_padding
+            ));
+        }
         let groups = self.norm_num_groups;
         if groups == 0 {
             return Err("`norm_num_groups` must be positive".into());
@@ -413,6 +434,49 @@ mod tests {
         assert_eq!(c.attention_heads, vec![8; 4]);
         assert_eq!(c.layers_per_block, vec![2; 4]);
         assert_eq!(c.time_embed_dim(), 1280);
+    }
+
+    #[test]
+    fn absurd_channels_are_refused_before_anything_is_built() {
+        let config = json!({"block_out_channels": [1_000_000_000u64, 1_000_000_000u64],
+                            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]});
+        let err = UNetConfig::from_json(&config).unwrap_err();
+        assert!(err.contains("`block_out_channels`[0] = 1000000000 is outside 1..=16384"), "{err}");
+    }
+
+    #[test]
+    fn more_blocks_than_the_cap_are_refused() {
+        let n = crate::limits::MAX_BLOCKS + 1;
+        let config = json!({"block_out_channels": vec![32; n],
+                            "down_block_types": vec!["DownBlock2D"; n],
+                            "up_block_types": vec!["UpBlock2D"; n]});
+        let err = UNetConfig::from_json(&config).unwrap_err();
+        assert!(err.contains("lists 9 blocks; sdpipe builds at most 8"), "{err}");
+    }
+
+    #[test]
+    fn absurd_layer_counts_are_refused() {
+        let err = UNetConfig::from_json(&json!({"layers_per_block": 1_000_000})).unwrap_err();
+        assert!(err.contains("`layers_per_block`[0] = 1000000 is outside 1..=64"), "{err}");
+    }
+
+    #[test]
+    fn an_absurd_cross_attention_width_is_refused() {
+        let err = UNetConfig::from_json(&json!({"cross_attention_dim": 1u64 << 40})).unwrap_err();
+        assert!(err.contains("`cross_attention_dim`[0]"), "{err}");
+    }
+
+    #[test]
+    fn absurd_input_channels_are_refused() {
+        let err = UNetConfig::from_json(&json!({"in_channels": 1u64 << 40})).unwrap_err();
+        assert!(err.contains("`in_channels` = 1099511627776"), "{err}");
+    }
+
+    #[test]
+    fn downsample_padding_beyond_the_kernel_is_refused() {
+        let err = UNetConfig::from_json(&json!({"downsample_padding": 1_000_000})).unwrap_err();
+        assert!(err.contains("`downsample_padding` = 1000000"), "{err}");
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub mod error;
 mod fastmath;
 mod fused_attention;
 mod layers;
+/// The caps on what a model config may ask for, shared by every model loader.
+pub use sdpipe_stages::limits;
 pub mod memory;
 pub mod ops;
 mod params;
@@ -40,6 +42,7 @@ pub mod pointwise;
 mod slices;
 mod unet;
 pub mod vae;
+pub mod weights;
 
 use std::sync::Arc;
 

@@ -10,14 +10,16 @@
 //! views of the same storage: ops on them record no graph, so a sampling forward neither
 //! builds backward state nor pays for the copies the differentiable ops make to attach one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::UNetError;
+use crate::weights::WeightFiles;
 
 /// How a parameter is initialised when it is not loaded from a file.
 #[derive(Debug, Clone, Copy)]
@@ -38,10 +40,13 @@ pub fn is_pickle(path: &Path) -> bool {
 }
 
 enum Source {
-    /// Tensors of one or more safetensors files (shards); `path` names them in errors.
+    /// Tensors of one or more weight files (shards), read one at a time when asked for.
     File {
-        path: PathBuf,
-        tensors: HashMap<String, Tensor>,
+        weights: Arc<WeightFiles>,
+        /// The files' tensors not yet handed out (or discarded).
+        remaining: HashSet<String>,
+        /// Check names and shapes against the headers only: nothing is read or allocated.
+        dry: bool,
     },
     Random(Box<ChaCha8Rng>),
 }
@@ -51,9 +56,13 @@ pub(crate) struct ParamBuilder {
     source: Source,
     device: Device,
     vars: BTreeMap<String, Var>,
+    /// Every name asked for (a name asked twice is a bug in the model definition).
+    requested: HashSet<String>,
     problems: Vec<String>,
     /// Hand out tracked tensors (training) or detached ones (inference).
     tracked: bool,
+    /// What is being built, for errors (`UNet`, `VAE`, `text encoder`).
+    model: &'static str,
 }
 
 impl ParamBuilder {
@@ -64,41 +73,23 @@ impl ParamBuilder {
 
     /// Parameters read from the shards of one state dict (or a single file); a tensor found in
     /// two shards is an error. Files are safetensors, or PyTorch pickles (`.bin`, `.pt`,
-    /// `.pth`: diffusers' `safe_serialization=False`), told apart by extension.
+    /// `.pth`: diffusers' `safe_serialization=False`), told apart by extension. Only the
+    /// files' headers are read here (see [`WeightFiles`]); each tensor's data is read when the
+    /// model asks for it, after its shape has been checked.
     pub(crate) fn from_files(paths: &[PathBuf], device: &Device) -> Result<Self, UNetError> {
-        let Some(first) = paths.first() else {
-            return Err(UNetError::Input("no UNet weights file given".into()));
-        };
-        let mut tensors = HashMap::new();
-        for path in paths {
-            let weights_error =
-                |message: String| UNetError::Weights { path: path.to_path_buf(), message };
-            if !path.is_file() {
-                return Err(weights_error("weights file not found".into()));
-            }
-            let shard: Vec<(String, Tensor)> = if is_pickle(path) {
-                candle_core::pickle::read_all(path)
-                    .map_err(|e| weights_error(format!("not a readable PyTorch state dict: {e}")))?
-            } else {
-                candle_core::safetensors::load(path, &Device::Cpu)
-                    .map_err(|e| weights_error(format!("not a readable safetensors file: {e}")))?
-                    .into_iter()
-                    .collect()
-            };
-            for (name, tensor) in shard {
-                if tensors.insert(name.clone(), tensor).is_some() {
-                    return Err(weights_error(format!(
-                        "tensor `{name}` is also in another shard of the same weights"
-                    )));
-                }
-            }
-        }
+        let weights = WeightFiles::open(paths).map_err(|e| match e {
+            UNetError::Input(_) => UNetError::Input("no UNet weights file given".into()),
+            e => e,
+        })?;
+        let remaining = weights.tensors().keys().cloned().collect();
         Ok(ParamBuilder {
-            source: Source::File { path: first.clone(), tensors },
+            source: Source::File { weights: Arc::new(weights), remaining, dry: false },
             device: device.clone(),
             vars: BTreeMap::new(),
+            requested: HashSet::new(),
             problems: Vec::new(),
             tracked: true,
+            model: "UNet",
         })
     }
 
@@ -108,14 +99,22 @@ impl ParamBuilder {
             source: Source::Random(Box::new(ChaCha8Rng::seed_from_u64(seed))),
             device: device.clone(),
             vars: BTreeMap::new(),
+            requested: HashSet::new(),
             problems: Vec::new(),
             tracked: true,
+            model: "UNet",
         }
     }
 
     /// The same parameters handed out detached, for a model that only runs inference.
     pub(crate) fn frozen(mut self) -> Self {
         self.tracked = false;
+        self
+    }
+
+    /// Names the model in errors (default `UNet`).
+    pub(crate) fn for_model(mut self, model: &'static str) -> Self {
+        self.model = model;
         self
     }
 
@@ -126,76 +125,123 @@ impl ParamBuilder {
 
     /// Whether the file holds a tensor `name` (always false for random parameters).
     pub(crate) fn contains(&self, name: &str) -> bool {
-        matches!(&self.source, Source::File { tensors, .. } if tensors.contains_key(name))
+        matches!(&self.source, Source::File { remaining, .. } if remaining.contains(name))
     }
 
     /// Drops the file's tensor `name`, if any: a buffer saved beside the parameters that the
     /// model does not use, so [`ParamBuilder::finish`] does not report it as unexpected.
     pub(crate) fn discard(&mut self, name: &str) {
-        if let Source::File { tensors, .. } = &mut self.source {
-            tensors.remove(name);
+        if let Source::File { remaining, .. } = &mut self.source {
+            remaining.remove(name);
         }
+    }
+
+    /// Builds the model with `build` twice when the parameters come from files: first over the
+    /// files' headers alone, so every missing, unexpected or mis-shaped tensor is reported
+    /// before any tensor data is read and nothing is allocated from the config's sizes; then
+    /// for real. (Building is cheap: the modules only hold the tensors handed out.)
+    pub(crate) fn build_checked<T>(
+        self,
+        build: impl Fn(ParamBuilder) -> Result<T, UNetError>,
+    ) -> Result<T, UNetError> {
+        if let Source::File { weights, remaining, .. } = &self.source {
+            let dry = ParamBuilder {
+                source: Source::File {
+                    weights: weights.clone(),
+                    remaining: remaining.clone(),
+                    dry: true,
+                },
+                device: self.device.clone(),
+                vars: BTreeMap::new(),
+                requested: HashSet::new(),
+                problems: Vec::new(),
+                tracked: self.tracked,
+                model: self.model,
+            };
+            build(dry)?;
+        }
+        build(self)
     }
 
     /// The parameter `name` of the given shape, as a tracked tensor (detached when
     /// [`ParamBuilder::frozen`]; it shares the variable's storage either way).
     ///
     /// Problems (missing or mis-shaped in the file) are recorded and reported together by
-    /// [`ParamBuilder::finish`]; a zero placeholder keeps construction going until then.
+    /// [`ParamBuilder::finish`]; until then a placeholder keeps construction going: zeros
+    /// broadcast to the shape, which allocate nothing whatever the shape (nor does a dry run's
+    /// placeholder for a tensor that is fine).
     pub(crate) fn get(
         &mut self,
         name: &str,
         shape: &[usize],
         init: Init,
     ) -> candle_core::Result<Tensor> {
-        let value = match &mut self.source {
-            Source::File { tensors, .. } => match tensors.remove(name) {
-                None => {
-                    self.problems.push(format!("missing tensor `{name}` (shape {shape:?})"));
-                    None
-                }
-                Some(t) if t.dims() != shape => {
-                    self.problems.push(format!(
-                        "tensor `{name}` has shape {:?}, the config implies {shape:?}",
-                        t.dims()
-                    ));
-                    None
-                }
-                Some(t) if !t.dtype().is_float() => {
-                    self.problems
-                        .push(format!("tensor `{name}` has non-float dtype {:?}", t.dtype()));
-                    None
-                }
-                Some(t) => Some(t.to_dtype(DType::F32)?.to_device(&self.device)?),
-            },
-            Source::Random(rng) => Some(random_tensor(rng, shape, init, &self.device)?),
-        };
-        let value = match value {
-            Some(v) => v,
-            None => Tensor::zeros(shape, DType::F32, &self.device)?,
-        };
-        let var = Var::from_tensor(&value)?;
-        let tensor = if self.tracked { var.as_tensor().clone() } else { var.as_tensor().detach() };
-        if self.vars.insert(name.to_string(), var).is_some() {
+        if !self.requested.insert(name.to_string()) {
             candle_core::bail!(
                 "parameter `{name}` requested twice (a bug in the model definition)"
             );
         }
+        let value = match &mut self.source {
+            Source::File { weights, remaining, dry } => {
+                let stored =
+                    if remaining.remove(name) { weights.tensors().get(name) } else { None };
+                match stored {
+                    None => {
+                        self.problems.push(format!("missing tensor `{name}` (shape {shape:?})"));
+                        None
+                    }
+                    Some(t) if t.shape != shape => {
+                        self.problems.push(format!(
+                            "tensor `{name}` has shape {:?}, the config implies {shape:?}",
+                            t.shape
+                        ));
+                        None
+                    }
+                    Some(t) if !t.dtype.as_ref().is_ok_and(|d| d.is_float()) => {
+                        let dtype = match &t.dtype {
+                            Ok(d) => format!("{d:?}"),
+                            Err(name) => name.clone(),
+                        };
+                        self.problems.push(format!("tensor `{name}` has non-float dtype {dtype}"));
+                        None
+                    }
+                    // Nothing is read once the build is known to fail.
+                    Some(_) if *dry || !self.problems.is_empty() => None,
+                    Some(_) => Some(
+                        weights
+                            .load(name)
+                            .map_err(candle_core::Error::wrap)?
+                            .to_dtype(DType::F32)?
+                            .to_device(&self.device)?,
+                    ),
+                }
+            }
+            Source::Random(rng) => Some(random_tensor(rng, shape, init, &self.device)?),
+        };
+        let Some(value) = value else {
+            return Tensor::zeros((), DType::F32, &self.device)?.broadcast_as(shape);
+        };
+        let var = Var::from_tensor(&value)?;
+        let tensor = if self.tracked { var.as_tensor().clone() } else { var.as_tensor().detach() };
+        self.vars.insert(name.to_string(), var);
         Ok(tensor)
     }
 
-    /// All parameters, or one error listing everything that did not match the file.
+    /// All parameters, or one error listing everything that did not match the file. (A dry
+    /// run's are none: it only checks.)
     pub(crate) fn finish(self) -> Result<BTreeMap<String, Var>, UNetError> {
         let mut problems = self.problems;
-        if let Source::File { path, tensors } = self.source {
-            let mut unexpected: Vec<&String> = tensors.keys().collect();
+        if let Source::File { weights, remaining, .. } = self.source {
+            let path = weights.paths()[0].clone();
+            let mut unexpected: Vec<&String> = remaining.iter().collect();
             unexpected.sort();
             problems.extend(unexpected.iter().map(|n| format!("unexpected tensor `{n}`")));
             if !problems.is_empty() {
                 let total = problems.len();
+                let model = self.model;
                 let mut message = format!(
-                    "the weights do not match the UNet described by config.json ({total} problems; \
-                     is config.json from the same model?):"
+                    "the weights do not match the {model} described by config.json ({total} \
+                     problems; is config.json from the same model?):"
                 );
                 for p in problems.iter().take(12) {
                     message.push_str("\n  - ");
@@ -253,4 +299,75 @@ pub(crate) fn save(vars: &BTreeMap<String, Var>, path: &Path) -> Result<(), UNet
             message: format!("cannot write: {e}"),
         })?;
     std::fs::rename(&tmp, path).map_err(io_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file holding `a` = [[0, 1, 2], [3, 4, 5]] (f32).
+    fn weights(dir: &Path) -> PathBuf {
+        let path = dir.join("w.safetensors");
+        let a = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        candle_core::safetensors::save(&HashMap::from([("a", a)]), &path).unwrap();
+        path
+    }
+
+    fn is_broadcast_zeros(t: &Tensor) -> bool {
+        t.layout().stride().iter().all(|&s| s == 0)
+    }
+
+    #[test]
+    fn a_tensor_the_config_makes_huge_gets_a_placeholder_that_allocates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pb = ParamBuilder::from_file(&weights(dir.path()), &Device::Cpu).unwrap();
+        // 9.7 GB if it were allocated.
+        let t = pb.get("a", &[16384, 16384, 3, 3], Init::Zeros).unwrap();
+        assert_eq!(t.dims(), &[16384, 16384, 3, 3]);
+        assert!(is_broadcast_zeros(&t), "{:?}", t.layout());
+        let err = pb.finish().unwrap_err().to_string();
+        assert!(
+            err.contains("tensor `a` has shape [2, 3], the config implies [16384, 16384, 3, 3]")
+        );
+    }
+
+    #[test]
+    fn a_missing_tensor_gets_a_placeholder_that_allocates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pb = ParamBuilder::from_file(&weights(dir.path()), &Device::Cpu).unwrap();
+        let t = pb.get("b", &[1 << 20, 1 << 20], Init::Zeros).unwrap();
+        assert!(is_broadcast_zeros(&t));
+        pb.discard("a");
+        let err = pb.finish().unwrap_err().to_string();
+        assert!(err.contains("missing tensor `b`"), "{err}");
+    }
+
+    #[test]
+    fn a_checked_build_runs_first_over_the_headers_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let pb = ParamBuilder::from_file(&weights(dir.path()), &Device::Cpu).unwrap();
+        let seen = std::cell::RefCell::new(Vec::new());
+        pb.build_checked(|mut pb| {
+            let t = pb.get("a", &[2, 3], Init::Zeros)?;
+            seen.borrow_mut().push(is_broadcast_zeros(&t));
+            pb.finish()
+        })
+        .unwrap();
+        assert_eq!(*seen.borrow(), vec![true, false], "dry run first, then the real load");
+    }
+
+    #[test]
+    fn a_checked_build_stops_at_the_dry_run_when_the_shapes_disagree() {
+        let dir = tempfile::tempdir().unwrap();
+        let pb = ParamBuilder::from_file(&weights(dir.path()), &Device::Cpu).unwrap();
+        let calls = std::cell::Cell::new(0);
+        let err = pb
+            .build_checked(|mut pb| {
+                calls.set(calls.get() + 1);
+                pb.get("a", &[3, 2], Init::Zeros)?;
+                pb.finish()
+            })
+            .unwrap_err();
+        assert_eq!(calls.get(), 1, "nothing is loaded after a failed dry run: {err}");
+    }
 }

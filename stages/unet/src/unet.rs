@@ -166,14 +166,15 @@ impl UNet {
         device: &Device,
     ) -> Result<Self, UNetError> {
         let pb = ParamBuilder::from_file(weights, device)?;
-        Self::build(config, config_json, pb, device)
+        pb.build_checked(|pb| Self::build(config.clone(), config_json.clone(), pb, device))
     }
 
     /// Loads a diffusers UNet for training: `config.json` from `dir` and the weights from
     /// `weights` (one safetensors file, the shards of a sharded checkpoint, or a `.bin`).
     pub fn from_files(dir: &Path, weights: &[PathBuf], device: &Device) -> Result<Self, UNetError> {
         let (config, json) = UNetConfig::read(&dir.join("config.json"))?;
-        Self::build(config, json, ParamBuilder::from_files(weights, device)?, device)
+        let pb = ParamBuilder::from_files(weights, device)?;
+        pb.build_checked(|pb| Self::build(config.clone(), json.clone(), pb, device))
     }
 
     /// Loads a diffusers UNet for inference only (sampling): `config.json` from `dir` and the
@@ -186,7 +187,7 @@ impl UNet {
     ) -> Result<Self, UNetError> {
         let (config, json) = UNetConfig::read(&dir.join("config.json"))?;
         let pb = ParamBuilder::from_files(weights, device)?.frozen();
-        Self::build(config, json, pb, device)
+        pb.build_checked(|pb| Self::build(config.clone(), json.clone(), pb, device))
     }
 
     /// A randomly initialised model (torch's default initialisation), reproducible from `seed`.

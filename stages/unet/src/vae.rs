@@ -143,7 +143,32 @@ impl VaeConfig {
                 "`in_channels`, `out_channels` and `latent_channels` must be positive".into()
             );
         }
+        config.check_sizes()?;
         Ok(config)
+    }
+
+    /// Every size within sdpipe's caps ([`crate::limits`]): nothing is built from a number
+    /// alone.
+    fn check_sizes(&self) -> std::result::Result<(), String> {
+        use crate::limits::{check, check_each, MAX_BLOCKS, MAX_CHANNELS, MAX_LAYERS};
+        let n = self.block_out_channels.len();
+        if n > MAX_BLOCKS {
+            return Err(format!(
+                "`block_out_channels` lists {n} blocks; sdpipe builds at most {MAX_BLOCKS}"
+            ));
+        }
+        check_each("block_out_channels", &self.block_out_channels, MAX_CHANNELS)?;
+        check("in_channels", self.in_channels, MAX_CHANNELS)?;
+        check("out_channels", self.out_channels, MAX_CHANNELS)?;
+        check("latent_channels", self.latent_channels, MAX_CHANNELS)?;
+        if self.layers_per_block > MAX_LAYERS {
+            return Err(format!(
+                "`layers_per_block` = {} is more than {MAX_LAYERS} (sdpipe's cap on what a \
+                 config may ask for)",
+                self.layers_per_block
+            ));
+        }
+        Ok(())
     }
 
     /// The config as diffusers writes it.
@@ -441,15 +466,15 @@ impl Vae {
     /// Loads a diffusers VAE folder: `config.json` + `diffusion_pytorch_model.safetensors`.
     pub fn from_pretrained(dir: &Path, device: &Device) -> std::result::Result<Self, UNetError> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
+        let text = crate::limits::read_config_text(&config_path)
             .map_err(|source| UNetError::Io { path: config_path.clone(), source })?;
         let config_error =
             |message: String| UNetError::Config { path: config_path.clone(), message };
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| config_error(format!("not valid JSON: {e}")))?;
         let config = VaeConfig::from_json(&json).map_err(config_error)?;
-        let pb = ParamBuilder::from_file(&dir.join(WEIGHTS), device)?;
-        Self::build(config, json, pb, device)
+        let pb = ParamBuilder::from_file(&dir.join(WEIGHTS), device)?.for_model("VAE");
+        pb.build_checked(|pb| Self::build(config.clone(), json.clone(), pb, device))
     }
 
     /// A randomly initialised VAE (torch's default initialisation), reproducible from `seed`.
@@ -814,5 +839,38 @@ mod tests {
         let diff = max_abs_diff(&decoded, &reference_decoded);
         eprintln!("decoder: max |Δ| {diff:e} at scale {scale}");
         assert!(diff <= 1e-4 * scale, "decoder: max |Δ| {diff} at scale {scale}");
+    }
+
+    #[test]
+    fn absurd_channels_are_refused_by_the_config() {
+        let err = VaeConfig::from_json(&json!({"block_out_channels": [32, 1_000_000_000u64]}))
+            .unwrap_err();
+        assert!(err.contains("`block_out_channels`[1] = 1000000000 is outside"), "{err}");
+    }
+
+    #[test]
+    fn more_blocks_than_the_cap_are_refused() {
+        let err = VaeConfig::from_json(&json!({"block_out_channels": vec![32; 65]})).unwrap_err();
+        assert!(err.contains("lists 65 blocks"), "{err}");
+    }
+
+    #[test]
+    fn absurd_latent_channels_are_refused() {
+        let err = VaeConfig::from_json(&json!({"latent_channels": 1u64 << 40})).unwrap_err();
+        assert!(err.contains("`latent_channels`"), "{err}");
+    }
+
+    #[test]
+    fn weights_that_disagree_with_the_config_are_named_from_their_header() {
+        let dir = tempfile::tempdir().unwrap();
+        Vae::random(small_config(), 3, &Device::Cpu).unwrap().save_pretrained(dir.path()).unwrap();
+        let config = dir.path().join("config.json");
+        let mut json: Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        json["block_out_channels"] = json!([16, 16]);
+        std::fs::write(&config, json.to_string()).unwrap();
+        let err = Vae::from_pretrained(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("do not match the VAE described by config.json"), "{err}");
+        assert!(err.contains("encoder.conv_in.weight` has shape [8, 3, 3, 3]"), "{err}");
     }
 }

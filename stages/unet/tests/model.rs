@@ -142,6 +142,17 @@ fn weights_of_another_architecture_are_rejected_with_the_mismatches() {
 }
 
 #[test]
+fn weights_that_disagree_with_a_config_at_the_size_caps_are_refused_without_allocating() {
+    // 16384 channels: every parameter the config implies is gigabytes. The weights' headers
+    // disagree, so nothing is read or allocated (before, a zero placeholder per parameter was).
+    let dir = altered_copy(None, |c| c["block_out_channels"] = serde_json::json!([16384, 16384]));
+    let started = std::time::Instant::now();
+    let message = UNet::from_pretrained(dir.path(), &Device::Cpu).unwrap_err().to_string();
+    assert!(message.contains("the config implies [16384, 4, 3, 3]"), "{message}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+}
+
+#[test]
 fn an_unsupported_block_type_is_rejected_naming_the_key() {
     let dir = altered_copy(None, |c| {
         c["down_block_types"] = serde_json::json!(["AttnDownBlock2D", "DownBlock2D"])

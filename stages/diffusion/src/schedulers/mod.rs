@@ -127,6 +127,8 @@ impl NoiseSchedule {
         if steps == 0 {
             return Err("`num_train_timesteps` is 0".into());
         }
+        // One entry per timestep is allocated below: never from an absurd number.
+        config.check_sizes()?;
         if config.extra.get("rescale_betas_zero_snr").and_then(|v| v.as_bool()) == Some(true) {
             return Err("`rescale_betas_zero_snr` is not supported".into());
         }
@@ -315,6 +317,14 @@ mod tests {
         assert!((schedule.betas[999] - 0.012).abs() < 1e-12);
         // ᾱ at the last step: numpy in f64 gives 0.00466010, diffusers in f32 0.00466010 too.
         assert!((schedule.alphas_cumprod[999] - 0.004_660_10).abs() < 1e-8);
+    }
+
+    #[test]
+    fn an_absurd_number_of_training_timesteps_is_refused_before_allocating() {
+        let config =
+            SchedulerConfig { num_train_timesteps: Some(1 << 50), ..SchedulerConfig::sd15() };
+        let err = NoiseSchedule::from_config(&config).unwrap_err();
+        assert!(err.contains("`num_train_timesteps` = 1125899906842624 is outside"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,100 @@
+//! Hard caps on every size a model config can name (Stable Diffusion's components, BLIP), so
+//! that nothing is ever allocated, looped over or shifted by a number read from a file alone. A
+//! model folder is untrusted input: a `config.json` claiming `block_out_channels: [1000000000,
+//! ...]` must be refused with the key and the cap, not reach an allocator (or a `capacity
+//! overflow` panic). The model crates check their configs against these.
+//!
+//! The caps are generous: each is many times what any published model of these families uses,
+//! and beyond each the model could not be loaded anyway.
+//!
+//! - [`MAX_CHANNELS`] 16384: SD 1.x/2.x/XL blocks are at most 1280 wide, CLIP ViT-bigG's hidden
+//!   size is 1280, T5-XXL's widest layer 10240. One 3×3 convolution 16384 channels wide in and
+//!   out is 9.7 GB of f32.
+//! - [`MAX_BLOCKS`] 8: SD has 4 resolution levels (SDXL 3); each halves the latents, and 8
+//!   halvings take a 4096-pixel image's 512-wide latent to 4.
+//! - [`MAX_LAYERS`] 64: resnets or transformer blocks per block (SD: 2; SDXL's deepest
+//!   transformer: 10) and text encoder layers (CLIP ViT-bigG: 32).
+//! - [`MAX_VOCAB`] 1,000,000: CLIP's vocabulary is 49,408; the largest tokenizers in use have
+//!   about 256,000 entries.
+//! - [`MAX_POSITIONS`] 65,536: CLIP reads 77 tokens.
+//! - [`MAX_SAMPLE_SIZE`] 1024: the latent side of the default image (SD1.5: 64, SDXL: 128).
+//! - [`MAX_IMAGE_SIZE`] 4096: the side of an image encoder's input (BLIP: 384); one such image
+//!   is 200 MB of f32 pixels.
+//! - [`MAX_CONFIG_BYTES`] 16 MiB: diffusers' configs are a few kilobytes (a scheduler's
+//!   `trained_betas` some tens).
+
+use std::path::Path;
+
+pub const MAX_CHANNELS: usize = 16_384;
+pub const MAX_BLOCKS: usize = 8;
+pub const MAX_LAYERS: usize = 64;
+pub const MAX_VOCAB: usize = 1_000_000;
+pub const MAX_POSITIONS: usize = 65_536;
+pub const MAX_SAMPLE_SIZE: usize = 1024;
+pub const MAX_IMAGE_SIZE: usize = 4096;
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// `value` of config key `key` is within `1..=max`; the error names both.
+pub fn check(key: &str, value: usize, max: usize) -> Result<(), String> {
+    within(&format!("`{key}`"), value, max)
+}
+
+/// [`check`] for each value of a per-block list, naming the index.
+pub fn check_each(key: &str, values: &[usize], max: usize) -> Result<(), String> {
+    for (i, &value) in values.iter().enumerate() {
+        within(&format!("`{key}`[{i}]"), value, max)?;
+    }
+    Ok(())
+}
+
+fn within(label: &str, value: usize, max: usize) -> Result<(), String> {
+    if value == 0 || value > max {
+        return Err(format!(
+            "{label} = {value} is outside 1..={max} (sdpipe's cap on what a config may ask for)"
+        ));
+    }
+    Ok(())
+}
+
+/// A config file's text, refusing files over [`MAX_CONFIG_BYTES`] before reading them.
+pub fn read_config_text(path: &Path) -> std::io::Result<String> {
+    let len = std::fs::metadata(path)?.len();
+    if len > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{len} bytes, too large for a model config (at most {MAX_CONFIG_BYTES})"
+        )));
+    }
+    std::fs::read_to_string(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_over_its_cap_is_named_with_the_cap() {
+        let error = check("hidden_size", 1_000_000_000, MAX_CHANNELS).unwrap_err();
+        assert!(error.contains("`hidden_size` = 1000000000 is outside 1..=16384"), "{error}");
+    }
+
+    #[test]
+    fn zero_is_outside_every_range() {
+        assert!(check("x", 0, 10).is_err());
+        assert!(check("x", 10, 10).is_ok());
+    }
+
+    #[test]
+    fn a_list_entry_over_its_cap_is_named_by_index() {
+        let error = check_each("block_out_channels", &[32, 1 << 30], MAX_CHANNELS).unwrap_err();
+        assert!(error.contains("`block_out_channels`[1] = 1073741824"), "{error}");
+    }
+
+    #[test]
+    fn an_oversized_config_file_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::File::create(&path).unwrap().set_len(MAX_CONFIG_BYTES + 1).unwrap();
+        let error = read_config_text(&path).unwrap_err().to_string();
+        assert!(error.contains("too large for a model config"), "{error}");
+    }
+}
