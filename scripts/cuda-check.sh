@@ -15,4 +15,6 @@ export CUDA_ROOT="$root" CUDA_PATH="$root" PATH="$root/bin:$PATH"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 # The toolkit's version for cudarc's bindings: 13.4, as pinned in scripts/cuda-toolkit.sh.
 export CUDARC_CUDA_VERSION=13040
+# candle's kernel build (cudaforge) runs nvcc on half the cores by default; use them all.
+export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
 cargo check --locked --features cuda "$@"
