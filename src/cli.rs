@@ -75,8 +75,8 @@ enum Command {
         /// Run every stage with this executor (`local` or `slurm`), whatever the pipeline says.
         #[arg(long, value_name = "EXECUTOR")]
         executor: Option<String>,
-        /// Run every built-in kind on this device (`auto`, `cpu`, `cuda`, `cuda:N`), whatever the
-        /// pipeline says. Not part of any key: cached results are reused.
+        /// Run every stage on this device (`auto`, `cpu`, `cuda`, `cuda:N`), whatever the pipeline
+        /// says. Not part of any key: cached results are reused.
         #[arg(long, value_name = "DEVICE")]
         device: Option<DeviceChoice>,
         /// Print one JSON summary on stdout.

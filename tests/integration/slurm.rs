@@ -499,7 +499,12 @@ fn the_demo_through_slurm_matches_a_local_run_and_a_second_machine_on_its_remote
         with_remote(&mut c);
         c.args(["push", "pipelines/demo.yaml", "--json"]).args(DEMO_AT_TEST_SIZE);
         let out = c.output().unwrap();
-        assert!(out.status.success(), "sdpipe push: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "sdpipe push: {}\nstdout: {}\nfirst run: {on_slurm:#}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 
     // The same pipeline run locally, without the bucket: the same keys and the same bytes.
