@@ -37,7 +37,8 @@ if [ "$DEVICE" != cpu ]; then
 fi
 
 WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$WORK"' EXIT
+# `|| true`: under `set -e` a failing command in the trap (kill with no jobs) sets the exit code.
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 log() { echo "gpu-check: $*" >&2; }
 
 # Peak memory of a command: on a GPU, the most `nvidia-smi` saw the process use (polled every
@@ -136,6 +137,12 @@ gpu=$([ "$DEVICE" = cpu ] && grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 |
 {
     echo "# GPU check (scripts/gpu-check.sh)"
     echo
+    if [ "$DEVICE" = cpu ]; then
+        echo "No GPU has been lent to this project yet: this is the script's run on the CPU, at" \
+            "a size the CPU affords, which proves that it works. On a GPU machine," \
+            "\`scripts/gpu-check.sh\` (cuda:0, sd15) replaces this file with the real figures."
+        echo
+    fi
     echo "\`scripts/gpu-check.sh $DEVICE $MODEL $TRAIN_STEPS\`, $(date -u +%Y-%m-%d), commit" \
         "$(git rev-parse --short HEAD), on $gpu ($THREADS CPU threads)."
     python3 -c 'import torch, diffusers; print(f"torch {torch.__version__}, diffusers {diffusers.__version__}.")'
@@ -162,8 +169,9 @@ gpu=$([ "$DEVICE" = cpu ] && grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 |
     echo
     echo "Peak memory: $([ "$DEVICE" = cpu ] && echo "peak RSS (GNU time)" ||
         echo "the most nvidia-smi saw the process use, CUDA context included")."
-    echo "sdpipe trains in f32 only (mixed precision is not implemented yet); diffusers-fp16 is" \
-        "the recipe's \`--mixed_precision fp16\` (autocast and a GradScaler)."
+    echo "sdpipe's UNet computes in f32 (\`mixed_precision\` covers only the frozen VAE and text" \
+        "encoder, which this step leaves out); diffusers-fp16 is the recipe's" \
+        "\`--mixed_precision fp16\` (autocast and a GradScaler)."
 } >"$OUT"
 cat "$OUT"
 [ "$tests_status" = passed ]
