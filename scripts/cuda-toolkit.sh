@@ -43,8 +43,8 @@ if [ ! -e "$stamp" ]; then
     # One pip call for every wheel: they share the top-level folder `nvidia`, which a second
     # `pip install --target` would skip (or, with --upgrade, replace). --target installs into a
     # folder of ours: nothing touches the system's Python.
-    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$dir" \
-        "${packages[@]}" >&2
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps --retries 10 \
+        --timeout 60 --target "$dir" "${packages[@]}" >&2
     [ -x "$root/bin/nvcc" ] || { echo "cuda-toolkit.sh: no nvcc under $root/bin" >&2; exit 1; }
     if [ "${1:-}" = --libraries ]; then
         # The wheels ship libX.so.N only; `-lX` looks for libX.so.
