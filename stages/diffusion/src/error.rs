@@ -38,8 +38,9 @@ pub enum PipelineError {
     #[error("loading the text encoder for training: {0}")]
     TrainableTextEncoder(String),
     /// The model could not be found or fetched (local folder, Hugging Face cache, hub).
+    /// Boxed: a hub error is 120 bytes, and every `Result` of this crate would carry that.
     #[error(transparent)]
-    Hub(#[from] sdpipe_hub::HubError),
+    Hub(Box<sdpipe_hub::HubError>),
     #[error("{path}: bad tokenizer files: {message}")]
     Tokenizer { path: PathBuf, message: String },
     /// A weight file that is not what it claims to be (a lying or truncated header).
@@ -51,10 +52,16 @@ pub enum PipelineError {
     ConfigDisagrees { config: PathBuf, weights: PathBuf, message: String },
 }
 
+impl From<sdpipe_hub::HubError> for PipelineError {
+    fn from(e: sdpipe_hub::HubError) -> Self {
+        PipelineError::Hub(Box::new(e))
+    }
+}
+
 impl From<PipelineError> for StageError {
     fn from(e: PipelineError) -> Self {
         match e {
-            PipelineError::Hub(e @ sdpipe_hub::HubError::NotLocal { .. }) => {
+            PipelineError::Hub(e) if matches!(*e, sdpipe_hub::HubError::NotLocal { .. }) => {
                 StageError::NotLocal(e.to_string())
             }
             e => StageError::Failed(e.to_string()),
