@@ -56,6 +56,18 @@ fn within(label: &str, value: usize, max: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// A `block_out_channels` list: at most [`MAX_BLOCKS`] blocks, each width within
+/// [`MAX_CHANNELS`]. (Whether an empty list is an error is the caller's: each says it its way.)
+pub fn check_block_widths(channels: &[usize]) -> Result<(), String> {
+    let n = channels.len();
+    if n > MAX_BLOCKS {
+        return Err(format!(
+            "`block_out_channels` lists {n} blocks; sdpipe builds at most {MAX_BLOCKS}"
+        ));
+    }
+    check_each("block_out_channels", channels, MAX_CHANNELS)
+}
+
 /// A config file's text, refusing files over [`MAX_CONFIG_BYTES`] before reading them.
 pub fn read_config_text(path: &Path) -> std::io::Result<String> {
     let len = std::fs::metadata(path)?.len();
@@ -87,6 +99,13 @@ mod tests {
     fn a_list_entry_over_its_cap_is_named_by_index() {
         let error = check_each("block_out_channels", &[32, 1 << 30], MAX_CHANNELS).unwrap_err();
         assert!(error.contains("`block_out_channels`[1] = 1073741824"), "{error}");
+    }
+
+    #[test]
+    fn more_blocks_than_the_cap_are_counted_in_the_refusal() {
+        let error = check_block_widths(&[32; MAX_BLOCKS + 1]).unwrap_err();
+        assert!(error.contains("lists 9 blocks; sdpipe builds at most 8"), "{error}");
+        assert!(check_block_widths(&[32; MAX_BLOCKS]).is_ok());
     }
 
     #[test]

@@ -440,16 +440,12 @@ impl UNetConfig {
     }
 }
 
-/// A `block_out_channels` list: 1 to [`sdpipe_unet::limits::MAX_BLOCKS`] widths, each capped.
+/// A `block_out_channels` list: not empty, and within [`sdpipe_unet::limits`]' caps.
 fn check_blocks(channels: &[usize]) -> Result<(), String> {
-    use sdpipe_unet::limits::{check_each, MAX_BLOCKS, MAX_CHANNELS};
-    if channels.is_empty() || channels.len() > MAX_BLOCKS {
-        return Err(format!(
-            "`block_out_channels` lists {} blocks; sdpipe builds 1 to {MAX_BLOCKS}",
-            channels.len()
-        ));
+    if channels.is_empty() {
+        return Err("`block_out_channels` lists no blocks".into());
     }
-    check_each("block_out_channels", channels, MAX_CHANNELS)
+    sdpipe_unet::limits::check_block_widths(channels)
 }
 
 impl VaeConfig {

@@ -265,14 +265,8 @@ impl UNetConfig {
     /// Checks the shape constraints diffusers would hit at construction time, and that every
     /// size is within sdpipe's caps ([`crate::limits`]): nothing is built from a number alone.
     fn validate(&self) -> Result<(), String> {
-        use crate::limits::{check, check_each, MAX_BLOCKS, MAX_CHANNELS, MAX_LAYERS};
-        let n = self.block_out_channels.len();
-        if n > MAX_BLOCKS {
-            return Err(format!(
-                "`block_out_channels` lists {n} blocks; sdpipe builds at most {MAX_BLOCKS}"
-            ));
-        }
-        check_each("block_out_channels", &self.block_out_channels, MAX_CHANNELS)?;
+        use crate::limits::{check, check_block_widths, check_each, MAX_CHANNELS, MAX_LAYERS};
+        check_block_widths(&self.block_out_channels)?;
         check("in_channels", self.in_channels, MAX_CHANNELS)?;
         check("out_channels", self.out_channels, MAX_CHANNELS)?;
         check_each("cross_attention_dim", &self.cross_attention_dim, MAX_CHANNELS)?;

@@ -150,14 +150,8 @@ impl VaeConfig {
     /// Every size within sdpipe's caps ([`crate::limits`]): nothing is built from a number
     /// alone.
     fn check_sizes(&self) -> std::result::Result<(), String> {
-        use crate::limits::{check, check_each, MAX_BLOCKS, MAX_CHANNELS, MAX_LAYERS};
-        let n = self.block_out_channels.len();
-        if n > MAX_BLOCKS {
-            return Err(format!(
-                "`block_out_channels` lists {n} blocks; sdpipe builds at most {MAX_BLOCKS}"
-            ));
-        }
-        check_each("block_out_channels", &self.block_out_channels, MAX_CHANNELS)?;
+        use crate::limits::{check, check_block_widths, MAX_CHANNELS, MAX_LAYERS};
+        check_block_widths(&self.block_out_channels)?;
         check("in_channels", self.in_channels, MAX_CHANNELS)?;
         check("out_channels", self.out_channels, MAX_CHANNELS)?;
         check("latent_channels", self.latent_channels, MAX_CHANNELS)?;
