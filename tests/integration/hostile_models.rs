@@ -277,7 +277,10 @@ fn replay(corpus: &Corpus) {
     p.write("hostile.yaml", &pipeline);
 
     let started = Instant::now();
-    let (summary, code) = p.run_json("hostile.yaml", &[]);
+    // As a user debugging a failure would run it: with RUST_BACKTRACE set, which must neither
+    // bury the cause under library frames nor slow the refusal down.
+    let (summary, code) =
+        json_of(p.cmd().env("RUST_BACKTRACE", "1").args(["run", "hostile.yaml", "--json"]));
     let elapsed = started.elapsed();
     assert_eq!(code, 1, "{summary:#}");
     assert_eq!(state_of(&summary, "base"), "ran", "the base model runs: {summary:#}");
@@ -292,6 +295,8 @@ fn replay(corpus: &Corpus) {
             wrong.push(format!("{case}: {} instead of failed", stage["state"]));
         } else if error.contains("panicked") {
             wrong.push(format!("{case}: the stage panicked: {error}"));
+        } else if error.contains("Error::bt") || error.contains("backtrace") {
+            wrong.push(format!("{case}: the error carries a backtrace: {error}"));
         } else if !error.contains(&named.display().to_string()) {
             wrong.push(format!("{case}: the error does not name {file}: {error}"));
         } else if !error.contains(cause) {
