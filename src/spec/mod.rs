@@ -5,6 +5,7 @@
 //! fails before anything runs, with every error located at `file:line:column`.
 
 pub mod error;
+pub mod nesting;
 pub mod overrides;
 pub mod resources;
 pub mod source;

@@ -12,6 +12,7 @@ use serde_yaml_ng::Value;
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
+use super::nesting;
 use super::source::{SourceFile, Span};
 
 /// One step of a path from the document root to a node.
@@ -72,6 +73,8 @@ pub struct SyntaxError {
 
 /// Parse a document; on a syntax error return it located.
 pub fn parse(source: Arc<SourceFile>) -> Result<Document, SyntaxError> {
+    refuse_deep_nesting(source.text())
+        .map_err(|(message, offset)| SyntaxError { message, span: Span { offset, len: 1 } })?;
     let value: Value = serde_yaml_ng::from_str(source.text()).map_err(|e| {
         let span =
             e.location().map(|l| source.span_at(l.line(), l.column(), 1)).unwrap_or_default();
@@ -87,7 +90,22 @@ pub fn parse(source: Arc<SourceFile>) -> Result<Document, SyntaxError> {
 /// Parse a single YAML scalar given on the command line (`--set lr=3e-5`), with the same typing
 /// rules as the pipeline file.
 pub fn parse_scalar(text: &str) -> Result<Value, String> {
+    refuse_deep_nesting(text).map_err(|(message, _)| message)?;
     serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+}
+
+/// Nesting the parser would refuse after quadratic time, refused first (see [`nesting`]).
+fn refuse_deep_nesting(text: &str) -> Result<(), (String, usize)> {
+    match nesting::too_deep(text) {
+        None => Ok(()),
+        Some(offset) => Err((
+            format!(
+                "recursion limit exceeded: `[`/`{{` nested deeper than {} levels",
+                nesting::MAX_FLOW_DEPTH
+            ),
+            offset,
+        )),
+    }
 }
 
 /// Record the start of every node. A failure here is ignored: serde_yaml_ng accepted the

@@ -125,6 +125,32 @@ fn assert_no_panic(stderr: &str, context: &str) {
 }
 
 #[test]
+fn a_200_kb_pipeline_of_nested_brackets_is_refused_at_its_129th_bracket_without_delay() {
+    // 100,000 levels: the YAML scanner's cost grows with the depth at every token, so before the
+    // nesting guard this took over 30 s to be refused (1.1 s at 20,000 levels).
+    let depth = 100_000;
+    let arena = Arena::new();
+    let text = format!(
+        "stages:\n  a:\n    run: echo\n    params: {{x: {}{}}}\n",
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
+    arena.write("hostile.yaml", text.as_bytes());
+    let started = std::time::Instant::now();
+    let (summary, code, err) = arena.run_json(&["run", "hostile.yaml", "--json"]);
+    let elapsed = started.elapsed();
+    assert_no_panic(&err, "nested brackets");
+    assert_eq!(code, 2, "{summary:#}");
+    let error = &summary["errors"][0];
+    assert!(error["message"].as_str().unwrap().contains("recursion limit exceeded"), "{error:#}");
+    assert_eq!(error["line"], 4, "{error:#}");
+    // `params: {x: ` is 16 characters, then 127 brackets; the 128th `[` is the 129th level.
+    assert_eq!(error["column"], 17 + 127, "{error:#}");
+    // A bound on the class of bug, not a benchmark: one linear pass takes milliseconds.
+    assert!(elapsed < std::time::Duration::from_secs(5), "refused after {elapsed:?}");
+}
+
+#[test]
 fn every_corpus_pipeline_is_refused_with_a_located_error_and_nothing_written() {
     let dir = repo_path("tests/hostile/pipelines");
     let files: BTreeSet<String> = std::fs::read_dir(&dir)
