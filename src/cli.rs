@@ -10,6 +10,8 @@ use sdpipe_stages::api::{human_bytes, CancelToken, DeviceChoice, Registry};
 use crate::cache::{Cache, Index, ObjectStore};
 use crate::dag::Dag;
 use crate::executor::{Dispatch, LocalExecutor};
+use crate::experiments;
+use crate::journal;
 use crate::maintenance;
 use crate::project::Project;
 use crate::remote::sync::{self as remote_sync, Direction, Outcome};
@@ -160,6 +162,21 @@ enum Command {
         /// Where to write how the stage ended.
         result: PathBuf,
     },
+    /// Compare the pipeline's recorded runs: one row per run and sweep point.
+    Exp {
+        #[command(subcommand)]
+        action: ExpAction,
+    },
+    /// The metrics of a recorded run (outputs named `metrics`), or how two runs' differ.
+    Metrics {
+        #[command(subcommand)]
+        action: CompareAction,
+    },
+    /// How two recorded runs' parameters differ.
+    Params {
+        #[command(subcommand)]
+        action: ParamsAction,
+    },
     /// Built-in stage kinds and their parameters.
     Stages {
         /// Only this kind.
@@ -181,6 +198,93 @@ enum CacheAction {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ExpAction {
+    /// Every recorded run of the pipeline (newest last), parameters and metrics as columns.
+    Show {
+        /// The pipeline file whose runs to show.
+        pipeline: PathBuf,
+        /// Only the parameter and metric columns whose values differ between rows.
+        #[arg(long)]
+        only_changed: bool,
+        /// Sort rows by this column (its full name, or the part after the stage name).
+        #[arg(long, value_name = "COLUMN")]
+        sort_by: Option<String>,
+        /// With --sort-by: ascending or descending.
+        #[arg(long, value_enum, default_value_t = SortOrder::Asc)]
+        sort_order: SortOrder,
+        /// Only the last N runs.
+        #[arg(short = 'n', long, value_name = "N")]
+        num: Option<usize>,
+        #[command(flatten)]
+        format: TableFormat,
+    },
+}
+
+#[derive(Subcommand)]
+enum CompareAction {
+    /// One run's metrics (default: the latest).
+    Show {
+        /// The pipeline file whose runs to read.
+        pipeline: PathBuf,
+        /// The run: an id (or its start) from `exp show`, `latest` or `latest~N`.
+        #[arg(long, default_value = "latest")]
+        run: String,
+        #[command(flatten)]
+        format: TableFormat,
+    },
+    /// The metrics that differ between two runs (default: the one before the latest, and the
+    /// latest).
+    Diff(DiffArgs),
+}
+
+#[derive(Subcommand)]
+enum ParamsAction {
+    /// The parameters that differ between two runs (default: the one before the latest, and
+    /// the latest).
+    Diff(DiffArgs),
+}
+
+#[derive(clap::Args)]
+struct DiffArgs {
+    /// The pipeline file whose runs to compare.
+    pipeline: PathBuf,
+    /// The older run: an id (or its start) from `exp show`, `latest` or `latest~N`.
+    #[arg(default_value = "latest~1")]
+    a: String,
+    /// The newer run.
+    #[arg(default_value = "latest")]
+    b: String,
+    /// List unchanged values too.
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    format: TableFormat,
+}
+
+/// How a comparison is printed (an aligned table by default).
+#[derive(clap::Args)]
+struct TableFormat {
+    /// A Markdown table (for a pull request or a report).
+    #[arg(long, group = "format")]
+    md: bool,
+    /// CSV.
+    #[arg(long, group = "format")]
+    csv: bool,
+    /// JSON, with every digit.
+    #[arg(long, group = "format")]
+    json: bool,
+    /// Significant digits of metric values.
+    #[arg(long, default_value_t = 5, value_name = "DIGITS")]
+    precision: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SortOrder {
+    Asc,
+    Desc,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -213,6 +317,63 @@ macro_rules! out {
 macro_rules! outln {
     () => { write_out(format_args!("\n")) };
     ($($arg:tt)*) => { write_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+impl TableFormat {
+    fn style(&self) -> experiments::Format {
+        if self.md {
+            experiments::Format::Markdown
+        } else if self.csv {
+            experiments::Format::Csv
+        } else {
+            experiments::Format::Plain
+        }
+    }
+}
+
+/// The recorded runs of the pipeline file at `pipeline`, oldest first. The file itself is not
+/// read: its runs stay comparable after it changed or was removed.
+fn journal_entries(
+    pipeline: &Path,
+    cache_dir: Option<&Path>,
+) -> Result<Vec<journal::RunEntry>, CliError> {
+    let file = std::path::absolute(pipeline).map_err(io_err("cannot resolve the pipeline path"))?;
+    let project = Project::locate(&file, cache_dir);
+    journal::Journal::new(&project.cache_dir, &project.pipeline_rel)
+        .entries()
+        .map_err(io_err("cannot read the run journal"))
+}
+
+/// Add the finished run to the pipeline's journal (`exp show`). An interrupted run is not a
+/// run to compare; a journal that cannot be written costs only the comparison, so a warning.
+fn record_run(l: &Loaded, summary: &Summary) {
+    if summary.interrupted {
+        return;
+    }
+    let entry = journal::RunEntry::of_run(&l.pipeline, &l.project.pipeline_rel, summary);
+    let journal = journal::Journal::new(&l.project.cache_dir, &l.project.pipeline_rel);
+    if let Err(e) = journal.append(&entry) {
+        tracing::warn!("could not record the run for `sdpipe exp show`: {e}");
+    }
+}
+
+/// `metrics diff` and `params diff`.
+fn diff_command(
+    args: DiffArgs,
+    cache_dir: Option<&Path>,
+    of: experiments::DiffOf,
+) -> Result<i32, CliError> {
+    let entries = journal_entries(&args.pipeline, cache_dir)?;
+    let a = journal::resolve(&entries, &args.a).map_err(CliError::Usage)?;
+    let b = journal::resolve(&entries, &args.b).map_err(CliError::Usage)?;
+    let lines = experiments::diff(a, b, of, args.all);
+    if args.format.json {
+        print_json(&serde_json::json!({"a": a.id, "b": b.id, "changes": lines}));
+        return Ok(exit::OK);
+    }
+    let table = experiments::diff_table(&lines, &a.id, &b.id, of, args.format.precision);
+    out!("{}", experiments::render(&table, args.format.style()));
+    Ok(exit::OK)
 }
 
 /// Parse arguments, run, and return the exit code.
@@ -418,6 +579,7 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                 remote: l.remote.as_ref(),
             };
             let summary = engine.run(&RunOptions { jobs, force, targets: stages, quiet: json });
+            record_run(&l, &summary);
             if json {
                 print_json(&summary);
             } else {
@@ -548,6 +710,49 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
             }
         }
         Command::Stages { kind, json } => print_stages(registry, kind.as_deref(), json),
+        Command::Exp {
+            action: ExpAction::Show { pipeline, only_changed, sort_by, sort_order, num, format },
+        } => {
+            let entries = journal_entries(&pipeline, cache_dir)?;
+            let skip = num.map_or(0, |n| entries.len().saturating_sub(n));
+            let rows: Vec<experiments::Row> =
+                entries[skip..].iter().flat_map(experiments::rows).collect();
+            if format.json {
+                print_json(&rows);
+                return Ok(exit::OK);
+            }
+            let opts = experiments::ShowOptions {
+                only_changed,
+                sort_by,
+                descending: matches!(sort_order, SortOrder::Desc),
+                precision: format.precision,
+            };
+            let table = experiments::show_table(rows, &opts).map_err(CliError::Usage)?;
+            out!("{}", experiments::render(&table, format.style()));
+            Ok(exit::OK)
+        }
+        Command::Metrics { action: CompareAction::Show { pipeline, run, format } } => {
+            let entries = journal_entries(&pipeline, cache_dir)?;
+            let entry = journal::resolve(&entries, &run).map_err(CliError::Usage)?;
+            let rows = experiments::rows(entry);
+            if format.json {
+                let json: Vec<_> = rows
+                    .iter()
+                    .map(|r| serde_json::json!({"run": r.run, "point": r.point, "metrics": r.metrics}))
+                    .collect();
+                print_json(&json);
+                return Ok(exit::OK);
+            }
+            let table = experiments::metrics_table(&rows, format.precision);
+            out!("{}", experiments::render(&table, format.style()));
+            Ok(exit::OK)
+        }
+        Command::Metrics { action: CompareAction::Diff(args) } => {
+            diff_command(args, cache_dir, experiments::DiffOf::Metrics)
+        }
+        Command::Params { action: ParamsAction::Diff(args) } => {
+            diff_command(args, cache_dir, experiments::DiffOf::Params)
+        }
         Command::ExecStage { job, result } => {
             Ok(crate::executor::exec_stage_main(&job, &result, registry))
         }

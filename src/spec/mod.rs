@@ -40,6 +40,21 @@ pub struct Pipeline {
     /// The shared remote cache (`remote:`) as written; `SDPIPE_REMOTE*` variables override it.
     /// Never part of a key.
     pub remote: Option<crate::remote::RemoteSettings>,
+    /// The sweep's points, each with the stage instances that compute it (empty outside a
+    /// sweep, where every stage belongs to the one implicit point). What `exp show` makes rows
+    /// of.
+    pub points: Vec<SweepPoint>,
+}
+
+/// One point of a sweep, as run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepPoint {
+    /// `stage.param=value,...`, every swept value of the point.
+    pub label: String,
+    /// `stage.param` → value.
+    pub values: BTreeMap<String, Json>,
+    /// The instance of every stage at this point (shared stages and gathering stages too).
+    pub instances: Vec<String>,
 }
 
 /// What a stage does.

@@ -21,7 +21,7 @@ use serde_yaml_ng::Value as Yaml;
 use super::error::{SpecError, SpecErrors};
 use super::overrides::Override;
 use super::yaml::{Document, Seg};
-use super::{GatherBinding, InputRef, Pipeline, Stage, StagePoint};
+use super::{GatherBinding, InputRef, Pipeline, Stage, StagePoint, SweepPoint};
 
 /// The most points one sweep may expand to.
 pub const MAX_POINTS: usize = 1000;
@@ -453,7 +453,24 @@ pub fn merge(
     if !errors.is_empty() {
         return Err(SpecErrors(errors));
     }
-    Ok(Pipeline { stages, ..base })
+    let points = points
+        .iter()
+        .enumerate()
+        .map(|(i, point)| SweepPoint {
+            label: point.describe(),
+            values: point
+                .assignments
+                .iter()
+                .map(|(t, v)| (t.clone(), serde_json::to_value(v).unwrap_or(Json::Null)))
+                .collect(),
+            instances: base
+                .stages
+                .keys()
+                .map(|name| instance_of[&(name.clone(), i)].clone())
+                .collect(),
+        })
+        .collect();
+    Ok(Pipeline { stages, points, ..base })
 }
 
 /// Bind a stage's inputs to the upstream instances of `point`.

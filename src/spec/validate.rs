@@ -64,6 +64,7 @@ pub fn validate(
         vars,
         stages,
         remote,
+        points: Vec::new(),
     };
     // Cycles are checked even when other errors were found, so one pass reports everything.
     let mut errors = errors;

@@ -17,6 +17,7 @@ mod corruption;
 mod data_stages;
 mod demo;
 mod device;
+mod experiments;
 mod failures;
 mod hostile_input;
 mod hostile_models;
