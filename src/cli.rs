@@ -44,6 +44,10 @@ struct Cli {
     /// More log output on stderr (repeat for more); `SDPIPE_LOG` takes a tracing filter.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// No progress and no per-stage lines: only warnings, errors and what was asked for
+    /// (`--json`, tables, failures).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,7 +93,9 @@ enum Command {
     Status {
         #[command(flatten)]
         p: PipelineArgs,
+        /// Only these stages (and what they need).
         stages: Vec<String>,
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -97,6 +103,7 @@ enum Command {
     Dag {
         #[command(flatten)]
         p: PipelineArgs,
+        /// `text` for a terminal, `dot` for Graphviz, `mermaid` for a Markdown page.
         #[arg(long, value_enum, default_value_t = DagFormat::Text)]
         format: DagFormat,
     },
@@ -106,6 +113,7 @@ enum Command {
         p: PipelineArgs,
         /// Only these stages (and what they need).
         stages: Vec<String>,
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -115,6 +123,7 @@ enum Command {
         p: PipelineArgs,
         /// Only these stages (and what they need).
         stages: Vec<String>,
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -122,7 +131,9 @@ enum Command {
     Show {
         #[command(flatten)]
         p: PipelineArgs,
+        /// The stage (or sweep instance, `stage@point`) to show.
         stage: String,
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -134,6 +145,7 @@ enum Command {
         /// Results to keep per stage (most recent first).
         #[arg(long, default_value_t = 1)]
         keep_last: usize,
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -177,10 +189,17 @@ enum Command {
         #[command(subcommand)]
         action: ParamsAction,
     },
+    /// Print a shell completion script: `sdpipe completions bash > /etc/bash_completion.d/sdpipe`
+    /// (also zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
     /// Built-in stage kinds and their parameters.
     Stages {
         /// Only this kind.
         kind: Option<String>,
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -190,11 +209,13 @@ enum Command {
 enum CacheAction {
     /// Sizes and counts.
     Stats {
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Rehash every object; evict corrupt ones and the records that need them.
     Verify {
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -419,7 +440,8 @@ fn init_tracing(verbose: u8) {
     let filter = EnvFilter::try_from_env("SDPIPE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Through the progress bars while they are drawn, so a warning never tears them.
+        .with_writer(crate::ui::LogWriter)
         .with_target(false)
         .try_init();
 }
@@ -578,12 +600,13 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
                 cancel: cancel.clone(),
                 remote: l.remote.as_ref(),
             };
-            let summary = engine.run(&RunOptions { jobs, force, targets: stages, quiet: json });
+            let quiet = json || cli.quiet;
+            let summary = engine.run(&RunOptions { jobs, force, targets: stages, quiet });
             record_run(&l, &summary);
             if json {
                 print_json(&summary);
             } else {
-                print_run(&summary, &l.project);
+                print_run(&summary, &l.project, cli.quiet);
             }
             Ok(if summary.interrupted {
                 exit::INTERRUPTED
@@ -710,6 +733,17 @@ fn run_command(cli: Cli, registry: &Registry) -> Result<i32, CliError> {
             }
         }
         Command::Stages { kind, json } => print_stages(registry, kind.as_deref(), json),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "sdpipe",
+                &mut script,
+            );
+            out!("{}", String::from_utf8_lossy(&script));
+            Ok(exit::OK)
+        }
         Command::Exp {
             action: ExpAction::Show { pipeline, only_changed, sort_by, sort_order, num, format },
         } => {
@@ -867,9 +901,10 @@ fn state_word(state: State) -> &'static str {
     }
 }
 
-fn print_run(summary: &Summary, project: &Project) {
+/// The run's table, totals and outputs; with `quiet`, only its failures.
+fn print_run(summary: &Summary, project: &Project, quiet: bool) {
     let width = summary.stages.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
-    for s in &summary.stages {
+    for s in summary.stages.iter().filter(|_| !quiet) {
         let why = s.reasons.iter().map(|r| r.message.as_str()).collect::<Vec<_>>().join("; ");
         let why = if s.state == State::Ran { why } else { String::new() };
         let word = match (s.state, s.remote) {
@@ -878,14 +913,16 @@ fn print_run(summary: &Summary, project: &Project) {
         };
         outln!("{:width$}  {:8} {:>7}  {}", s.name, word, seconds(s.duration_ms), why);
     }
-    outln!(
-        "{} ran, {} cached, {} failed, {} skipped in {}",
-        summary.count(State::Ran),
-        summary.count(State::Cached),
-        summary.count(State::Failed),
-        summary.count(State::Skipped),
-        seconds(Some(summary.duration_ms))
-    );
+    if !quiet {
+        outln!(
+            "{} ran, {} cached, {} failed, {} skipped in {}",
+            summary.count(State::Ran),
+            summary.count(State::Cached),
+            summary.count(State::Failed),
+            summary.count(State::Skipped),
+            seconds(Some(summary.duration_ms))
+        );
+    }
     for s in summary.stages.iter().filter(|s| s.state == State::Failed) {
         outln!("\nstage `{}` failed: {}", s.name, s.error.as_deref().unwrap_or("unknown error"));
         if let Some(log) = &s.log {
@@ -894,7 +931,7 @@ fn print_run(summary: &Summary, project: &Project) {
     }
     if summary.interrupted {
         outln!("interrupted: finished stages are cached; run again to resume");
-    } else if summary.count(State::Ran) + summary.count(State::Cached) > 0 {
+    } else if !quiet && summary.count(State::Ran) + summary.count(State::Cached) > 0 {
         outln!("outputs: {}", project.runs_dir.display());
         for s in &summary.stages {
             if let Some(headline) = &s.headline {
@@ -1055,4 +1092,34 @@ fn print_stages(registry: &Registry, only: Option<&str>, json: bool) -> Result<i
         outln!();
     }
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `(command path, argument)` of every argument and subcommand without help text.
+    fn undocumented(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+            if !builtin && arg.get_help().is_none() {
+                out.push(format!("{path} {}", arg.get_id()));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            let sub_path = format!("{path} {}", sub.get_name());
+            if sub.get_name() != "help" && sub.get_about().is_none() {
+                out.push(sub_path.clone());
+            }
+            undocumented(sub, &sub_path, out);
+        }
+    }
+
+    #[test]
+    fn every_argument_and_subcommand_has_help_text() {
+        let mut missing = Vec::new();
+        undocumented(&Cli::command(), "sdpipe", &mut missing);
+        assert!(missing.is_empty(), "no help text:\n{}", missing.join("\n"));
+    }
 }

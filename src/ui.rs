@@ -1,16 +1,54 @@
 //! What a person sees while a pipeline runs: progress bars on a terminal, plain lines otherwise.
 
-use std::io::IsTerminal;
+use std::io::{self, IsTerminal, Write};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sdpipe_stages::api::Progress;
+
+/// The bars on screen, if any: log lines are printed above them through [`LogWriter`].
+static BARS: Mutex<Option<MultiProgress>> = Mutex::new(None);
+
+/// Where log lines go (the tracing subscriber's writer): stderr, or, while progress bars are
+/// drawn, stderr with the bars lifted for the line, so a warning never tears them.
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let bars = BARS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match bars {
+            Some(bars) => bars.suspend(|| io::stderr().write(buf)),
+            None => io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+
+    fn make_writer(&'a self) -> LogWriter {
+        LogWriter
+    }
+}
 
 pub struct Ui {
     multi: MultiProgress,
     overall: ProgressBar,
     interactive: bool,
     quiet: bool,
+}
+
+impl Drop for Ui {
+    fn drop(&mut self) {
+        if self.interactive {
+            *BARS.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
 }
 
 impl Ui {
@@ -29,6 +67,7 @@ impl Ui {
         );
         if interactive {
             overall.enable_steady_tick(Duration::from_millis(120));
+            *BARS.lock().unwrap_or_else(|p| p.into_inner()) = Some(multi.clone());
         }
         Ui { multi, overall, interactive, quiet }
     }

@@ -207,3 +207,35 @@ fn convert_weights_writes_the_safetensors_file_the_lpips_stage_reads() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("fid-inception"), "{}", stderr(&bad));
 }
+
+#[test]
+fn a_quiet_run_prints_nothing_when_it_succeeds() {
+    let p = chain_project();
+    let out = p.sdpipe(&["run", "pipeline.yaml", "-q"]);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), "");
+    assert_eq!(stderr(&out), "");
+}
+
+#[test]
+fn a_quiet_run_still_reports_its_failure() {
+    let p = Project::new();
+    p.write("p.yaml", "stages:\n  broken:\n    run: exit 3\n    outs: {o: o.txt}\n");
+    let out = p.sdpipe(&["run", "p.yaml", "--quiet"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(text.starts_with("\nstage `broken` failed:"), "{text}");
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    let p = Project::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = p.sdpipe(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        // Every subcommand is completed, the newest included.
+        let text = stdout(&out);
+        assert!(text.contains("exp") && text.contains("convert-weights"), "{shell}: {text}");
+    }
+    assert_eq!(p.sdpipe(&["completions", "tcsh"]).status.code(), Some(2));
+}

@@ -155,6 +155,10 @@ pub fn reasons(summary: &Value, stage: &str) -> Vec<String> {
         .collect()
 }
 
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
