@@ -15,9 +15,10 @@ use crate::journal;
 use crate::maintenance;
 use crate::project::Project;
 use crate::remote::sync::{self as remote_sync, Direction, Outcome};
-use crate::remote::{Remote, RemoteConfig, RemoteSettings};
+use crate::remote::{Remote, RemoteConfig};
 use crate::scheduler::{Engine, RunOptions};
 use crate::spec::overrides::Override;
+use crate::spec::remote_settings::RemoteSettings;
 use crate::spec::{Pipeline, SpecErrors};
 use crate::summary::{RemoteState, State, Summary};
 

@@ -3,7 +3,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 
-use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::spec::Pipeline;
@@ -122,47 +121,4 @@ impl Dag {
 /// Mermaid node ids must be plain words; stage names may contain `-`.
 fn mermaid_id(name: &str) -> String {
     format!("s_{}", name.replace('-', "_h_"))
-}
-
-/// Every cycle (strongly connected component with more than one stage, or a self-loop), each
-/// listed in the order a reader follows the edges, starting at the stage defined first.
-pub fn cycles(pipeline: &Pipeline) -> Vec<Vec<String>> {
-    let dag = Dag::build(pipeline);
-    let order: HashMap<&String, usize> =
-        pipeline.stages.keys().enumerate().map(|(i, k)| (k, i)).collect();
-    let mut out = Vec::new();
-    for scc in tarjan_scc(&dag.graph) {
-        let is_cycle = scc.len() > 1 || dag.graph.contains_edge(scc[0], scc[0]);
-        if !is_cycle {
-            continue;
-        }
-        // Walk the cycle from its first-defined stage, following edges inside the component.
-        let members: std::collections::HashSet<NodeIndex> = scc.iter().copied().collect();
-        let start = *scc.iter().min_by_key(|n| order[&dag.graph[**n]]).unwrap();
-        let mut walk = vec![start];
-        let mut current = start;
-        while walk.len() < scc.len() {
-            let next = dag
-                .graph
-                .neighbors(current)
-                .filter(|n| members.contains(n) && !walk.contains(n))
-                .min_by_key(|n| order[&dag.graph[*n]]);
-            match next {
-                Some(n) => {
-                    walk.push(n);
-                    current = n;
-                }
-                None => break,
-            }
-        }
-        // Components that are not a simple ring still list every member.
-        for n in &scc {
-            if !walk.contains(n) {
-                walk.push(*n);
-            }
-        }
-        out.push(walk.into_iter().map(|n| dag.graph[n].clone()).collect());
-    }
-    out.sort();
-    out
 }

@@ -471,6 +471,11 @@ fn rel_path(base: &Path, path: &Path) -> String {
     rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
 }
 
+/// Whether a dependency path is a pattern (`*`, `?`, `[…]`, `{…}`) rather than one path.
+pub fn is_glob(pattern: &str) -> bool {
+    pattern.contains(['*', '?', '[', '{'])
+}
+
 /// The files matching a glob, relative to `base`, sorted. The walk starts at the pattern's
 /// literal prefix so `data/raw/*.csv` never walks the whole project.
 pub fn expand_glob(base: &Path, pattern: &str) -> io::Result<Vec<FileEntry>> {
@@ -479,7 +484,7 @@ pub fn expand_glob(base: &Path, pattern: &str) -> io::Result<Vec<FileEntry>> {
         .build()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
         .compile_matcher();
-    let literal: Vec<&str> = pattern.split('/').take_while(|c| !crate::spec::is_glob(c)).collect();
+    let literal: Vec<&str> = pattern.split('/').take_while(|c| !is_glob(c)).collect();
     let root = base.join(literal.join("/"));
     if !root.is_dir() {
         return Ok(Vec::new());

@@ -6,6 +6,17 @@
 //! [`fingerprint`], [`hash`]); results live in a content-addressed cache ([`cache`]); the
 //! [`scheduler`] runs stale stages through an [`executor`] and commits their outputs. Stage kinds
 //! come from the `sdpipe-stages` crate through its `api` module.
+//!
+//! The modules form layers, and each imports only from its own layer or those below (the
+//! integration test `architecture` checks this, and that no two modules import each other):
+//!
+//! | layer | modules | what it owns |
+//! |---|---|---|
+//! | core | [`hash`], [`key`], [`lock`], [`cache`], [`materialize`] | digests, keys, the store and index, files on disk |
+//! | spec | [`spec`] | the pipeline file: parsing, validation, sweeps |
+//! | plan | [`dag`], [`fingerprint`], [`project`], [`summary`] | what a run would do and why |
+//! | run | [`scheduler`], [`executor`], [`remote`], [`journal`], [`ui`], [`maintenance`], [`kinds`] | doing it |
+//! | cli | [`cli`], [`experiments`] | commands and what they print |
 
 pub mod cache;
 pub mod cli;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::remote::RemoteSettings;
+use crate::spec::remote_settings::RemoteSettings;
 use crate::spec::{SourceFile, Span, SpecError};
 
 /// `sdpipe.toml`: what every pipeline of the project shares. Empty (or absent) is valid: the

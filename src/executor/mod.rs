@@ -7,8 +7,10 @@
 //! to a batch script, and the node runs it through `sdpipe exec-stage`. So a stage computes the
 //! same thing wherever it runs. [`Dispatch`] picks the executor each stage asks for.
 
+mod exec_stage;
 mod local;
 mod node;
+mod shell;
 pub mod slurm;
 mod watchdog;
 
@@ -20,8 +22,9 @@ use std::time::Duration;
 use sdpipe_stages::api::{CancelToken, Params, Progress, StageError};
 use serde_json::Value as Json;
 
+pub use exec_stage::exec_stage_main;
 pub use local::LocalExecutor;
-pub use node::{exec_stage_main, NodeGathered, NodeJob, NodeResult, Work};
+pub use node::{NodeGathered, NodeJob, NodeResult, Work};
 pub use slurm::SlurmExecutor;
 
 use crate::spec::resources::ExecutorChoice;

@@ -1,7 +1,7 @@
 //! A stage invocation as plain data ([`NodeJob`]): what the scheduler's [`Job`] becomes once its
 //! command is rendered and its environment and paths are resolved. It runs here
 //! ([`LocalExecutor`](super::LocalExecutor)) or is written to a file and run on a cluster node by
-//! `sdpipe exec-stage` ([`exec_stage_main`]), through the same [`NodeJob::run`]: a stage does
+//! `sdpipe exec-stage` ([`exec_stage_main`](super::exec_stage_main)), through the same [`NodeJob::run`]: a stage does
 //! the same work wherever it runs.
 
 use std::collections::BTreeMap;
@@ -10,12 +10,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sdpipe_stages::api::{CancelToken, NoProgress, Params, Progress, Registry, StageKind};
+use sdpipe_stages::api::{
+    CancelToken, GatheredInput, Params, Progress, StageContext, StageError, StageKind,
+};
 use sdpipe_stages::device::DeviceChoice;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{env_name, local, render_command, ExecError, Job};
+use super::{env_name, render_command, shell, ExecError, Job};
 use crate::spec::template;
 use crate::spec::Action;
 
@@ -209,7 +211,7 @@ impl NodeJob {
     ) -> Result<(), ExecError> {
         match &self.work {
             Work::Shell { command, env, path_env, outputs } => {
-                local::run_shell(command, env, path_env, outputs, &self.out_dir, log, cancel)
+                shell::run_shell(command, env, path_env, outputs, &self.out_dir, log, cancel)
             }
             Work::Kind { kind: name, version, .. } => {
                 let kind = resolve(name).ok_or_else(|| {
@@ -226,84 +228,72 @@ impl NodeJob {
                         kind.version()
                     )));
                 }
-                local::run_kind(self, &kind, log, progress, cancel)
+                run_kind(self, &kind, log, progress, cancel)
             }
         }
     }
 }
 
-/// `sdpipe exec-stage JOB RESULT`: run a job file on this machine (a cluster node) and write
-/// how it ended to `RESULT`. The job's log is this process's stdout and stderr (the batch
-/// system's output file). Returns the exit code: 0 done, 1 failed, 130 cancelled (SIGTERM from
-/// `scancel`), 2 unreadable job file.
-pub fn exec_stage_main(job_file: &Path, result_file: &Path, registry: &Registry) -> i32 {
-    let job: NodeJob = match std::fs::read(job_file)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
-        Ok(job) => job,
-        Err(e) => {
-            let message = format!("cannot read the job file {}: {e}", job_file.display());
-            eprintln!("sdpipe exec-stage: {message}");
-            let _ =
-                NodeResult { ok: false, cancelled: false, error: Some(message) }.write(result_file);
-            return 2;
-        }
+/// Run a built-in kind with the job's context.
+fn run_kind(
+    job: &NodeJob,
+    kind: &Arc<dyn StageKind>,
+    mut log: File,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<(), ExecError> {
+    let Work::Kind { params, inputs, paths, gathered, provenance, .. } = &job.work else {
+        unreachable!("run_kind is called for kinds only");
     };
-    if job.schema != NODE_JOB_SCHEMA {
-        let message = format!(
-            "the job file {} has format {} but this sdpipe reads format {NODE_JOB_SCHEMA}: run \
-             the same sdpipe version on the nodes",
-            job_file.display(),
-            job.schema
-        );
-        eprintln!("sdpipe exec-stage: {message}");
-        let _ = NodeResult { ok: false, cancelled: false, error: Some(message) }.write(result_file);
-        return 2;
-    }
-    // `scancel` sends SIGTERM (then SIGKILL after the cluster's KillWait): stop the stage as
-    // Ctrl-C does locally, so its command's whole process group goes too.
-    let cancel = CancelToken::new();
-    let token = cancel.clone();
-    let _ = ctrlc::set_handler(move || token.cancel());
-    // The submitting process's budget (inherited through sbatch) is not this node's grant.
-    std::env::set_var("CANDLE_NUM_THREADS", job.threads.to_string());
-    let log = match stdout_file() {
-        Ok(f) => f,
-        Err(e) => {
-            let message = format!("cannot use stdout as the stage log: {e}");
-            let _ =
-                NodeResult { ok: false, cancelled: false, error: Some(message) }.write(result_file);
-            return 1;
-        }
+    let gathered: BTreeMap<String, Vec<GatheredInput>> = gathered
+        .iter()
+        .map(|(name, points)| {
+            let points = points
+                .iter()
+                .map(|p| GatheredInput {
+                    label: p.label.clone(),
+                    values: p.values.clone(),
+                    path: p.path.clone(),
+                })
+                .collect();
+            (name.clone(), points)
+        })
+        .collect();
+    let mut ctx = StageContext {
+        stage: &job.stage,
+        params,
+        inputs,
+        paths,
+        out_dir: &job.out_dir,
+        state_dir: &job.state_dir,
+        downloads: &job.downloads_dir,
+        threads: job.threads,
+        device: job.device,
+        log: &mut log,
+        progress,
+        cancel,
+        gathered: &gathered,
+        provenance,
     };
-    let resolve = |name: &str| registry.get(name);
-    eprintln!("sdpipe exec-stage: stage `{}` on {}", job.stage, hostname());
-    let result = job.run(&resolve, log, &NoProgress, &cancel);
-    let outcome = NodeResult::of(&result);
-    if let Some(e) = &outcome.error {
-        eprintln!("sdpipe exec-stage: stage `{}` failed: {e}", job.stage);
-    }
-    let _ = std::io::stderr().flush();
-    if let Err(e) = outcome.write(result_file) {
-        eprintln!("sdpipe exec-stage: cannot write {}: {e}", result_file.display());
-        return 1;
-    }
+    // Keep the kind's thread pools within the granted threads.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(job.threads)
+        .build()
+        .map_err(|e| ExecError::Stage(StageError::failed(e.to_string())))?;
+    let result = pool
+        .install(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kind.run(&mut ctx))));
     match result {
-        Ok(()) => 0,
-        Err(ExecError::Cancelled) => 130,
-        Err(_) => 1,
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(StageError::Cancelled)) => Err(ExecError::Cancelled),
+        Ok(Err(e)) => Err(ExecError::Stage(e)),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            let _ = writeln!(log, "panic: {msg}");
+            Err(ExecError::Panic(msg))
+        }
     }
-}
-
-/// This process's stdout as a `File` (a batch job's stdout is its output file).
-fn stdout_file() -> std::io::Result<File> {
-    use std::os::fd::AsFd;
-    Ok(File::from(std::io::stdout().as_fd().try_clone_to_owned()?))
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "this node".into())
 }

@@ -36,7 +36,7 @@ use crate::cache::{Cache, LocalStore, ObjectStore, Record};
 use crate::hash::Digest;
 use crate::key::KeyManifest;
 use crate::materialize;
-pub use config::{RemoteConfig, RemoteSettings};
+pub use config::RemoteConfig;
 use s3::{Bucket, GetError, PutFileError, S3Error};
 
 /// Version of the bucket layout, part of every key: a future layout lives beside this one.

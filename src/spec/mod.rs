@@ -4,9 +4,11 @@
 //! Everything that can be checked without running a stage is checked here, so a bad pipeline
 //! fails before anything runs, with every error located at `file:line:column`.
 
+pub mod cycles;
 pub mod error;
 pub mod nesting;
 pub mod overrides;
+pub mod remote_settings;
 pub mod resources;
 pub mod source;
 pub mod sweep;
@@ -39,7 +41,7 @@ pub struct Pipeline {
     pub stages: IndexMap<String, Stage>,
     /// The shared remote cache (`remote:`) as written; `SDPIPE_REMOTE*` variables override it.
     /// Never part of a key.
-    pub remote: Option<crate::remote::RemoteSettings>,
+    pub remote: Option<remote_settings::RemoteSettings>,
     /// The sweep's points, each with the stage instances that compute it (empty outside a
     /// sweep, where every stage belongs to the one implicit point). What `exp show` makes rows
     /// of.
@@ -109,12 +111,8 @@ pub struct Dep {
 
 impl Dep {
     pub fn new(pattern: &str) -> Self {
-        Dep { pattern: pattern.to_string(), is_glob: is_glob(pattern) }
+        Dep { pattern: pattern.to_string(), is_glob: crate::hash::is_glob(pattern) }
     }
-}
-
-pub fn is_glob(pattern: &str) -> bool {
-    pattern.contains(['*', '?', '[', '{'])
 }
 
 /// One declared output.

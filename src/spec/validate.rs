@@ -81,7 +81,7 @@ struct Validator<'a> {
     errors: Vec<SpecError>,
     dir: &'a Path,
     /// The `remote:` setting, once validated.
-    remote: Option<crate::remote::RemoteSettings>,
+    remote: Option<super::remote_settings::RemoteSettings>,
 }
 
 fn key(k: &str) -> Seg {
@@ -234,8 +234,8 @@ impl<'a> Validator<'a> {
     }
 
     /// `remote: s3://bucket/prefix`, or a mapping with `url` and connection options.
-    fn remote_settings(&mut self, value: &Yaml) -> Option<crate::remote::RemoteSettings> {
-        use crate::remote::{config, RemoteSettings};
+    fn remote_settings(&mut self, value: &Yaml) -> Option<super::remote_settings::RemoteSettings> {
+        use super::remote_settings::{parse_url, RemoteSettings};
         const KEYS: &[&str] = &["url", "endpoint", "region", "read_only", "allow_http"];
         let top = [key("remote")];
         let mut settings = RemoteSettings::default();
@@ -292,7 +292,7 @@ impl<'a> Validator<'a> {
         };
         match &settings.url {
             Some(url) => {
-                if let Err(e) = config::parse_url(url) {
+                if let Err(e) = parse_url(url) {
                     self.err_value(&url_path, e);
                     return None;
                 }
@@ -760,7 +760,7 @@ impl<'a> Validator<'a> {
             self.err_value(path, "empty dependency path");
             return false;
         }
-        if super::is_glob(pattern) {
+        if crate::hash::is_glob(pattern) {
             match crate::hash::expand_glob(self.dir, pattern) {
                 Ok(files) if !files.is_empty() => true,
                 Ok(_) => {
@@ -1106,7 +1106,7 @@ fn relative_path_problem(path: &str) -> Option<&'static str> {
 
 /// Report every cycle, naming each stage on it, at the first stage's definition.
 fn cycle_errors(pipeline: &Pipeline) -> Vec<SpecError> {
-    crate::dag::cycles(pipeline)
+    super::cycles::cycles(pipeline)
         .into_iter()
         .map(|cycle| {
             let first = &pipeline.stages[&cycle[0]];

@@ -11,6 +11,7 @@
 mod common;
 mod s3_server;
 
+mod architecture;
 mod caching;
 mod commands;
 mod corruption;
