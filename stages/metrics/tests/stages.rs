@@ -53,9 +53,9 @@ fn copy_set(set: &str, ids: &[&str], imagefolder_split: Option<&str>) -> tempfil
 }
 
 #[test]
-fn the_crate_exports_the_fid_and_lpips_kinds() {
+fn the_crate_exports_its_metric_kinds() {
     let names: Vec<&str> = kinds().iter().map(|k| k.name()).collect();
-    assert_eq!(names, ["fid", "lpips"]);
+    assert_eq!(names, ["fid", "lpips", "cmmd", "clip-score"]);
 }
 
 #[test]
