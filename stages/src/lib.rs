@@ -9,6 +9,8 @@ pub mod device;
 pub mod device_path;
 pub mod imagefolder;
 pub mod limits;
+#[cfg(feature = "hub")]
+pub mod model_fetch;
 pub mod synthetic;
 pub mod testing;
 pub mod unsplash;

@@ -11,10 +11,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use sdpipe_hub::{FnObserver, HubConfig, HubError, ResolvedModel, Want};
+use sdpipe_hub::{HubConfig, ResolvedModel, Want};
 use sdpipe_stages::api::{
-    Downloads, Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext,
-    StageError, StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
+    StageKind,
 };
 use serde_json::{json, Value};
 
@@ -121,31 +121,8 @@ impl Caption {
         revision: &str,
         fetch: Fetch,
     ) -> Result<ResolvedModel, StageError> {
-        let config = self.hub_config();
-        let resolved = match fetch {
-            Fetch::Allowed { progress, cancel } => {
-                let downloads = Downloads::new(progress, cancel);
-                let observer = FnObserver {
-                    started: |file: &str, bytes| downloads.started(file, bytes),
-                    advanced: |bytes| downloads.advanced(bytes),
-                    should_stop: || downloads.should_stop(),
-                };
-                sdpipe_hub::resolve_observed(&config, model, revision, WANTS, &observer)
-            }
-            Fetch::LocalOnly => sdpipe_hub::resolve_local(&config, model, revision, WANTS),
-        };
-        resolved.map_err(|e| {
-            let note = match &e {
-                HubError::NotLocal { .. } => return StageError::NotLocal(e.to_string()),
-                HubError::NotFound { .. } if e.to_string().contains(WEIGHTS) => {
-                    "\n  note: sdpipe loads safetensors weights only; a model with only \
-                     pytorch_model.bin must be converted first (transformers: \
-                     `model.save_pretrained(dir, safe_serialization=True)`)"
-                }
-                _ => "",
-            };
-            StageError::failed(format!("{e}{note}"))
-        })
+        sdpipe_stages::model_fetch::resolve(&self.hub_config(), model, revision, WANTS, fetch)
+            .map_err(|e| sdpipe_stages::model_fetch::stage_error(e, WEIGHTS))
     }
 }
 

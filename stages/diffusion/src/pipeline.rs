@@ -24,7 +24,7 @@ use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModelConfig,
 };
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
-use sdpipe_stages::api::{Downloads, Fetch, Params, StageError};
+use sdpipe_stages::api::{Fetch, Params, StageError};
 use serde_json::Value;
 
 use crate::clip_tokenizer::ClipTokenizer;
@@ -111,20 +111,8 @@ pub fn resolve_folder(
     variant: Option<&str>,
     fetch: Fetch,
 ) -> Result<PathBuf, PipelineError> {
-    let downloads = match fetch {
-        Fetch::Allowed { progress, cancel } => Some(Downloads::new(progress, cancel)),
-        Fetch::LocalOnly => None,
-    };
-    let resolve = |wants: &[sdpipe_hub::Want<'_>]| match &downloads {
-        Some(downloads) => {
-            let observer = sdpipe_hub::FnObserver {
-                started: |file: &str, bytes| downloads.started(file, bytes),
-                advanced: |bytes| downloads.advanced(bytes),
-                should_stop: || downloads.should_stop(),
-            };
-            sdpipe_hub::resolve_observed(hub, model, revision, wants, &observer)
-        }
-        None => sdpipe_hub::resolve_local(hub, model, revision, wants),
+    let resolve = |wants: &[sdpipe_hub::Want<'_>]| {
+        sdpipe_stages::model_fetch::resolve(hub, model, revision, wants, fetch)
     };
     let names: Vec<[String; 3]> = WEIGHT_COMPONENTS
         .iter()

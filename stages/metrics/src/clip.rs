@@ -30,8 +30,8 @@ use candle_transformers::models::clip::text_model::{
 use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
 use image::RgbImage;
 use sdpipe_caption::resize::resize_bicubic_rgb;
-use sdpipe_hub::{FnObserver, HubConfig, HubError, ResolvedModel, Want};
-use sdpipe_stages::api::{Downloads, Fetch, StageError};
+use sdpipe_hub::{HubConfig, ResolvedModel, Want};
+use sdpipe_stages::api::{Fetch, StageError};
 use serde::Deserialize;
 
 pub const CONFIG: &str = "config.json";
@@ -81,30 +81,8 @@ pub fn resolve(
     fetch: Fetch,
 ) -> Result<ResolvedModel, StageError> {
     let config = hub.cloned().unwrap_or_else(HubConfig::from_env);
-    let resolved = match fetch {
-        Fetch::Allowed { progress, cancel } => {
-            let downloads = Downloads::new(progress, cancel);
-            let observer = FnObserver {
-                started: |file: &str, bytes| downloads.started(file, bytes),
-                advanced: |bytes| downloads.advanced(bytes),
-                should_stop: || downloads.should_stop(),
-            };
-            sdpipe_hub::resolve_observed(&config, model, revision, wants, &observer)
-        }
-        Fetch::LocalOnly => sdpipe_hub::resolve_local(&config, model, revision, wants),
-    };
-    resolved.map_err(|e| {
-        let note = match &e {
-            HubError::NotLocal { .. } => return StageError::NotLocal(e.to_string()),
-            HubError::NotFound { .. } if e.to_string().contains(WEIGHTS) => {
-                "\n  note: sdpipe loads safetensors weights only; a model with only \
-                 pytorch_model.bin must be converted first (transformers: \
-                 `model.save_pretrained(dir, safe_serialization=True)`)"
-            }
-            _ => "",
-        };
-        StageError::failed(format!("{e}{note}"))
-    })
+    sdpipe_stages::model_fetch::resolve(&config, model, revision, wants, fetch)
+        .map_err(|e| sdpipe_stages::model_fetch::stage_error(e, WEIGHTS))
 }
 
 /// A resolved model's files as the stage key's external dependencies (`model/<name>`).
