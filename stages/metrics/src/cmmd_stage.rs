@@ -22,8 +22,7 @@ use std::path::PathBuf;
 
 use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
-    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
-    StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, Params, StageContext, StageError, StageKind,
 };
 use serde_json::{json, Value};
 
@@ -63,31 +62,7 @@ impl StageKind for Cmmd {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let mut params = vec![
-            ParamSpec::required(
-                "real",
-                ParamType::Input,
-                "Reference images: a folder of images, or an imagefolder `dataset/` (then \
-                 `real_split` is read).",
-            ),
-            ParamSpec::required(
-                "fake",
-                ParamType::Input,
-                "Generated images: a folder of images (e.g. `sample.images`), or an imagefolder.",
-            ),
-            ParamSpec::optional(
-                "real_split",
-                ParamType::String,
-                json!("test"),
-                "Split read when `real` is an imagefolder dataset.",
-            ),
-            ParamSpec::optional(
-                "fake_split",
-                ParamType::String,
-                json!("test"),
-                "Split read when `fake` is an imagefolder dataset.",
-            ),
-        ];
+        let mut params = common::set_params();
         params.extend(model_params(
             DEFAULT_MODEL,
             "Hub repository id or local folder of a CLIP model (transformers layout: \

@@ -15,7 +15,8 @@ use crate::weights::{self, Weights};
 /// The `weights` value that selects the deterministic random stand-in network.
 pub const RANDOM: &str = "random";
 
-pub fn input_params() -> Vec<ParamSpec> {
+/// The two image sets a set-to-set metric compares (`real`, `fake` and their splits).
+pub fn set_params() -> Vec<ParamSpec> {
     vec![
         ParamSpec::required(
             "real",
@@ -40,6 +41,13 @@ pub fn input_params() -> Vec<ParamSpec> {
             json!("test"),
             "Split read when `fake` is an imagefolder dataset.",
         ),
+    ]
+}
+
+/// [`set_params`], how ground truth is resized, and the stand-in weights' seed (`fid`, `lpips`).
+pub fn input_params() -> Vec<ParamSpec> {
+    let mut params = set_params();
+    params.extend([
         ParamSpec::optional(
             "resize",
             ParamType::Enum(&Resize::NAMES),
@@ -54,7 +62,8 @@ pub fn input_params() -> Vec<ParamSpec> {
             json!(0),
             "Seed of the `random` stand-in weights (and of KID's subsets).",
         ),
-    ]
+    ]);
+    params
 }
 
 pub fn batch_size_param(default: i64) -> ParamSpec {
