@@ -4,10 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use crate::cache::{Cache, Index, ObjectStore, Record};
+use crate::cache::Record;
 use crate::hash::{self, Digest, DigestMemo, Hashed};
-use crate::key::{self, DepDigest, KeyManifest, Reason, KEY_SCHEMA};
-use crate::materialize;
+use crate::key::{DepDigest, KeyManifest, KEY_SCHEMA};
 use crate::spec::{Action, Pipeline, Stage};
 use sdpipe_stages::api::{Fetch, StageError};
 use serde_json::Value as Json;
@@ -170,52 +169,6 @@ fn without_timings(provenance: &Json) -> Json {
         }
     }
     p
-}
-
-/// A record for `key` whose objects are all present.
-pub fn usable_record(
-    cache: &Cache,
-    index: &dyn Index,
-    key: &Digest,
-) -> std::io::Result<Option<Record>> {
-    let Some(record) = index.record(key)? else {
-        return Ok(None);
-    };
-    let complete = record.outputs.values().all(|o| materialize::is_complete(cache.store(), o));
-    Ok(complete.then_some(record))
-}
-
-/// `identity`'s result for `key` from its result hint, without opening the index, when the
-/// hint is current and every object it needs is present (see [`Cache::result_hint`]).
-pub fn hinted_record(cache: &Cache, identity: &str, key: &Digest) -> Option<Record> {
-    let record = cache.result_hint(identity, key)?;
-    let complete = record.outputs.values().all(|o| materialize::is_complete(cache.store(), o));
-    complete.then_some(record)
-}
-
-/// Why `manifest` has no usable result: a diff against the stage's previous run.
-pub fn explain(
-    cache: &Cache,
-    index: &dyn Index,
-    identity: &str,
-    manifest: &KeyManifest,
-) -> std::io::Result<Vec<Reason>> {
-    let history = index.history(identity)?;
-    let Some(last) = history.entries.last() else {
-        return Ok(vec![Reason::NewStage]);
-    };
-    let previous = index
-        .record(&last.key)?
-        .and_then(|r| std::fs::read(cache.store().path(&r.manifest)).ok())
-        .and_then(|bytes| serde_json::from_slice::<KeyManifest>(&bytes).ok());
-    Ok(match previous {
-        Some(previous) => key::diff(&previous, manifest),
-        // The last run's record was collected or evicted: nothing left to compare with.
-        None if last.key == manifest.key() => vec![Reason::ResultMissing],
-        None => vec![Reason::Other {
-            detail: "previous run's record is gone; inputs not comparable".into(),
-        }],
-    })
 }
 
 #[cfg(test)]

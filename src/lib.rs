@@ -14,7 +14,7 @@
 //! |---|---|---|
 //! | core | [`hash`], [`key`], [`lock`], [`cache`], [`materialize`] | digests, keys, the store and index, files on disk |
 //! | spec | [`spec`] | the pipeline file: parsing, validation, sweeps |
-//! | plan | [`dag`], [`fingerprint`], [`project`], [`summary`] | what a run would do and why |
+//! | plan | [`dag`], [`fingerprint`], [`freshness`], [`project`], [`summary`] | what a run would do and why |
 //! | run | [`scheduler`], [`executor`], [`remote`], [`journal`], [`ui`], [`maintenance`], [`kinds`] | doing it |
 //! | cli | [`cli`], [`experiments`] | commands and what they print |
 
@@ -24,6 +24,7 @@ pub mod dag;
 pub mod executor;
 pub mod experiments;
 pub mod fingerprint;
+pub mod freshness;
 pub mod hash;
 pub mod journal;
 pub mod key;

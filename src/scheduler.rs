@@ -15,6 +15,7 @@ use crate::cache::{Cache, Index, ObjectStore, OutputRecord, Record};
 use crate::dag::Dag;
 use crate::executor::{ExecError, Executor, Job};
 use crate::fingerprint::{self, Fingerprint, FingerprintError};
+use crate::freshness::{self, Freshness, Mode};
 use crate::hash;
 use crate::key::Reason;
 use crate::materialize;
@@ -207,41 +208,20 @@ impl Engine<'_> {
         };
         let key_hex = fp.key.to_hex();
 
-        let lookup = |force: bool| -> io::Result<(Option<Record>, Vec<Reason>)> {
-            self.cache.with_index(|index| {
-                let record = if force {
-                    None
-                } else {
-                    fingerprint::usable_record(self.cache, index, &fp.key)?
-                };
-                if let Some(record) = &record {
-                    // Note the reuse in the stage's history in the session that found it: a
-                    // second session would cost a no-op run another sled open.
-                    let file = self.pipeline.file.to_string_lossy();
-                    match index.commit(record, &identity, &file) {
-                        Ok(()) => self.cache.note_result(index, &identity, record),
-                        Err(e) => tracing::warn!("could not update history of {}: {e}", stage.name),
-                    }
-                }
-                let reasons = match (&record, force) {
-                    (Some(_), _) => Vec::new(),
-                    (None, true) => vec![Reason::Forced],
-                    (None, false) => {
-                        fingerprint::explain(self.cache, index, &identity, &fp.manifest)?
-                    }
-                };
-                Ok((record, reasons))
+        let file = self.pipeline.file.to_string_lossy();
+        let lookup = || -> io::Result<(Option<Record>, Vec<Reason>)> {
+            Ok(match freshness::decide(self.cache, &identity, &file, &fp, Mode::Run)? {
+                Freshness::Fresh(record) => (Some(record), Vec::new()),
+                Freshness::Dirty(reasons) => (None, reasons),
             })
         };
-        // An unchanged stage of an unchanged index is found without opening the index.
-        let hinted =
-            if force { None } else { fingerprint::hinted_record(self.cache, &identity, &fp.key) };
-        let (mut record, mut reasons) = match hinted {
-            Some(record) => (Some(record), Vec::new()),
-            None => match lookup(force) {
+        let (mut record, mut reasons) = if force {
+            (None, vec![Reason::Forced])
+        } else {
+            match lookup() {
                 Ok(found) => found,
                 Err(e) => return fail(Some(key_hex), format!("cache index: {e}"), None),
-            },
+            }
         };
 
         // Another process may be computing the same key: wait for it instead of duplicating work.
@@ -264,7 +244,7 @@ impl Engine<'_> {
             None
         };
         if waited && !force {
-            match lookup(false) {
+            match lookup() {
                 Ok((r, why)) => {
                     record = r;
                     reasons = why;
@@ -674,28 +654,10 @@ impl Engine<'_> {
                 Ok(fp) => {
                     s.key = Some(fp.key.to_hex());
                     let identity = self.project.identity(name);
-                    let hinted = fingerprint::hinted_record(self.cache, &identity, &fp.key);
-                    let found = hinted.map(|r| Ok((Some(r), Vec::new()))).unwrap_or_else(|| {
-                        self.cache
-                            .with_index_if_present(|index| {
-                                match fingerprint::usable_record(self.cache, index, &fp.key)? {
-                                    Some(r) => Ok((Some(r), Vec::new())),
-                                    None => Ok((
-                                        None,
-                                        fingerprint::explain(
-                                            self.cache,
-                                            index,
-                                            &identity,
-                                            &fp.manifest,
-                                        )?,
-                                    )),
-                                }
-                            })
-                            // No index yet: nothing was ever recorded.
-                            .map(|found| found.unwrap_or((None, vec![Reason::NewStage])))
-                    });
+                    let file = self.pipeline.file.to_string_lossy();
+                    let found = freshness::decide(self.cache, &identity, &file, &fp, Mode::Look);
                     match found {
-                        Ok((Some(record), _)) => {
+                        Ok(Freshness::Fresh(record)) => {
                             s.state = State::Cached;
                             let dir = self.project.runs_dir.join(name);
                             s.outputs = record
@@ -705,19 +667,21 @@ impl Engine<'_> {
                                 .collect();
                             records.insert(name.clone(), record);
                         }
-                        Ok((None, reasons)) => match self.remote.map(|r| r.fetch_record(&fp.key)) {
-                            Some(Ok(Some(record))) => {
-                                s.state = State::Cached;
-                                s.remote = Some(RemoteState::Available);
-                                records.insert(name.clone(), record);
-                            }
-                            other => {
-                                if let Some(Err(e)) = other {
-                                    warn_remote(&e, "remote results not shown");
+                        Ok(Freshness::Dirty(reasons)) => {
+                            match self.remote.map(|r| r.fetch_record(&fp.key)) {
+                                Some(Ok(Some(record))) => {
+                                    s.state = State::Cached;
+                                    s.remote = Some(RemoteState::Available);
+                                    records.insert(name.clone(), record);
                                 }
-                                s.reasons = reasons.into_iter().map(ReasonOut::from).collect()
+                                other => {
+                                    if let Some(Err(e)) = other {
+                                        warn_remote(&e, "remote results not shown");
+                                    }
+                                    s.reasons = reasons.into_iter().map(ReasonOut::from).collect()
+                                }
                             }
-                        },
+                        }
                         Err(e) => s.error = Some(format!("cache index: {e}")),
                     }
                 }

@@ -116,7 +116,8 @@ pub fn sync(
             }
         };
         out.key = Some(fp.key.to_hex());
-        let local = cache.with_index(|index| fingerprint::usable_record(cache, index, &fp.key));
+        let local =
+            cache.with_index(|index| crate::freshness::usable_record(cache, index, &fp.key));
         let local = match local {
             Ok(local) => local,
             Err(e) => {

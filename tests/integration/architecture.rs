@@ -8,7 +8,7 @@ use std::path::Path;
 const LAYERS: &[(&str, &[&str])] = &[
     ("core", &["hash", "key", "lock", "cache", "materialize"]),
     ("spec", &["spec"]),
-    ("plan", &["dag", "fingerprint", "project", "summary"]),
+    ("plan", &["dag", "fingerprint", "freshness", "project", "summary"]),
     ("run", &["scheduler", "executor", "remote", "journal", "ui", "maintenance", "kinds"]),
     ("cli", &["cli", "experiments"]),
 ];
