@@ -5,23 +5,23 @@
 //! - [`model`]: a BLIP model folder loaded into candle (vision transformer from
 //!   candle-transformers, text decoder from [`decoder`]);
 //! - [`generate`]: transformers' beam search and greedy decoding;
-//! - [`stage`]: the `caption` kind.
+//! - [`caption_stage`]: the `caption` kind.
 
+pub mod caption_stage;
 pub mod decoder;
 pub mod error;
 pub mod generate;
 pub mod model;
 pub mod preprocess;
 pub mod resize;
-pub mod stage;
 
 use std::sync::Arc;
 
 use sdpipe_stages::api::StageKind;
 
+pub use caption_stage::Caption;
 pub use error::CaptionError;
 pub use model::{Blip, Decoding, ModelFiles};
-pub use stage::Caption;
 
 /// The stage kinds this crate provides.
 pub fn kinds() -> Vec<Arc<dyn StageKind>> {

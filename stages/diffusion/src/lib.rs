@@ -9,11 +9,11 @@ pub mod error;
 pub mod generate;
 pub mod noise;
 pub mod pipeline;
-pub mod sample;
+pub mod sample_stage;
 pub mod schedulers;
 pub mod tiny;
 mod tiny_bpe;
-pub mod tiny_sd;
+pub mod tiny_sd_stage;
 
 use std::sync::Arc;
 
@@ -27,5 +27,5 @@ pub use tiny::{write_tiny, TinySpec};
 
 /// The stage kinds this crate provides: `tiny-sd` and `sample`.
 pub fn kinds() -> Vec<Arc<dyn StageKind>> {
-    vec![Arc::new(tiny_sd::TinySd), Arc::new(sample::Sample::default())]
+    vec![Arc::new(tiny_sd_stage::TinySd), Arc::new(sample_stage::Sample::default())]
 }

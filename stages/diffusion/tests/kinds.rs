@@ -3,8 +3,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use sdpipe_diffusion::sample::Sample;
-use sdpipe_diffusion::tiny_sd::TinySd;
+use sdpipe_diffusion::sample_stage::Sample;
+use sdpipe_diffusion::tiny_sd_stage::TinySd;
 use sdpipe_diffusion::SdPipeline;
 use sdpipe_stages::api::{StageError, StageKind};
 use sdpipe_stages::testing::{params, Harness};

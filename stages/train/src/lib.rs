@@ -6,23 +6,23 @@
 //! [`rng`] (seeded, resumable randomness), [`data`] (dataset, transform, batching),
 //! [`objective`] (noising, targets, loss), [`posterior`] and [`frozen`] (the frozen VAE encoder
 //! and text encoder), [`denoiser`] (what is trained), [`trainer`] (the loop), [`checkpoint`]
-//! (resumable state) and [`kind`] (the `train` stage kind); [`vae_training`] and [`vae_kind`]
-//! train the pipeline's VAE as an autoencoder (the `train-vae` stage kind).
+//! (resumable state) and [`train_stage`] (the `train` stage kind); [`vae_training`] and
+//! [`train_vae_stage`] train the pipeline's VAE as an autoencoder (the `train-vae` stage kind).
 
 pub mod checkpoint;
 pub mod data;
 pub mod denoiser;
 pub mod ema;
 pub mod frozen;
-pub mod kind;
 pub mod lr;
 pub mod objective;
 pub mod optim;
 pub mod posterior;
 pub mod recipe;
 pub mod rng;
+pub mod train_stage;
+pub mod train_vae_stage;
 pub mod trainer;
-pub mod vae_kind;
 pub mod vae_training;
 
 use std::sync::Arc;
@@ -31,5 +31,5 @@ use sdpipe_stages::StageKind;
 
 /// The stage kinds this crate provides: `train` and `train-vae`.
 pub fn kinds() -> Vec<Arc<dyn StageKind>> {
-    vec![Arc::new(kind::Train::default()), Arc::new(vae_kind::TrainVae)]
+    vec![Arc::new(train_stage::Train::default()), Arc::new(train_vae_stage::TrainVae)]
 }

@@ -10,7 +10,7 @@ use common::{log_lines, synthetic_dataset, tiny_pipeline, train_params};
 use sdpipe_diffusion::SdPipeline;
 use sdpipe_stages::api::StageError;
 use sdpipe_stages::testing::Harness;
-use sdpipe_train::kind::Train;
+use sdpipe_train::train_stage::Train;
 use serde_json::json;
 
 const STEPS: usize = 30;

@@ -10,9 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use common::{log_lines, synthetic_dataset, tiny_pipeline, train_params, SIZE};
 use sdpipe_diffusion::SdPipeline;
 use sdpipe_stages::testing::{params, Harness};
-use sdpipe_train::kind::Train;
 use sdpipe_train::posterior::VaeEncoder;
-use sdpipe_train::vae_kind::TrainVae;
+use sdpipe_train::train_stage::Train;
+use sdpipe_train::train_vae_stage::TrainVae;
 use sdpipe_unet::vae::Vae;
 use serde_json::{json, Value};
 

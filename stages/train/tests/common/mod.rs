@@ -40,7 +40,7 @@ pub fn synthetic_dataset(count: u32) -> (Harness, Harness) {
 
 /// Settings for fast tiny runs; `overrides` win.
 pub fn train_params(overrides: &[(&str, Value)]) -> sdpipe_stages::api::Params {
-    let kind = sdpipe_train::kind::Train::default();
+    let kind = sdpipe_train::train_stage::Train::default();
     let mut all: Vec<(&str, Value)> = vec![
         ("resolution", json!(SIZE)),
         ("center_crop", json!(true)),
