@@ -11,6 +11,7 @@ pub mod imagefolder;
 pub mod limits;
 #[cfg(feature = "hub")]
 pub mod model_fetch;
+pub mod pillow;
 pub mod synthetic;
 pub mod testing;
 pub mod unsplash;

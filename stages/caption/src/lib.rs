@@ -1,7 +1,7 @@
 //! BLIP image captioning for sdpipe: the `caption` stage kind and the model behind it.
 //!
-//! - [`preprocess`] / [`resize`]: images to pixel tensors exactly as transformers'
-//!   `BlipImageProcessor` (Pillow backend) makes them;
+//! - [`preprocess`]: images to pixel tensors exactly as transformers' `BlipImageProcessor`
+//!   (Pillow backend) makes them (with `sdpipe_stages::pillow`'s bicubic);
 //! - [`model`]: a BLIP model folder loaded into candle (vision transformer from
 //!   candle-transformers, text decoder from [`decoder`]);
 //! - [`generate`]: transformers' beam search and greedy decoding;
@@ -13,7 +13,6 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod preprocess;
-pub mod resize;
 
 use std::sync::Arc;
 

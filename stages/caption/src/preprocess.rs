@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::CaptionError;
-use crate::resize::resize_bicubic_rgb;
+use sdpipe_stages::pillow::{resize_rgb, Filter};
 
 /// The processor settings sdpipe honours; anything else in the file must be at its default.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -115,7 +115,7 @@ impl ImageProcessorConfig {
     /// Resize an RGB8 image and normalise it: `3 * height * width` floats, channels first.
     pub fn pixels(&self, rgb: &[u8], width: usize, height: usize) -> Vec<f32> {
         let Size { height: out_h, width: out_w } = self.size;
-        let resized = resize_bicubic_rgb(rgb, width, height, out_w, out_h);
+        let resized = resize_rgb(rgb, width, height, out_w, out_h, Filter::Bicubic);
         self.normalise(&resized)
     }
 

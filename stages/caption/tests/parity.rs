@@ -50,7 +50,14 @@ fn resize_matches_pillow_exactly_for_png_and_jpeg_images() {
     for (name, r) in refs["images"].as_object().unwrap() {
         let file = r["file"].as_str().unwrap();
         let (rgb, w, h) = load_rgb(&fixtures().join("images").join(file)).unwrap();
-        let ours = sdpipe_caption::resize::resize_bicubic_rgb(&rgb, w, h, 384, 384);
+        let ours = sdpipe_stages::pillow::resize_rgb(
+            &rgb,
+            w,
+            h,
+            384,
+            384,
+            sdpipe_stages::pillow::Filter::Bicubic,
+        );
         let (pil, _, _) =
             load_rgb(&fixtures().join("resized").join(format!("{name}.png"))).unwrap();
         let diff = ours.iter().zip(&pil).map(|(a, b)| a.abs_diff(*b)).max().unwrap();

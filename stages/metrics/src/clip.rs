@@ -17,7 +17,7 @@
 //!   level of the config, as `CLIPModel` reads it);
 //! - preprocessing ([`ProcessorConfig::clip_pixels`] as `CLIPImageProcessor` with its PIL
 //!   backend, [`ProcessorConfig::cmmd_pixels`] as the CMMD reader), with Pillow's bicubic
-//!   resampling reproduced byte for byte by sdpipe-caption's [`resize_bicubic_rgb`].
+//!   resampling reproduced byte for byte by [`sdpipe_stages::pillow`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,9 +29,9 @@ use candle_transformers::models::clip::text_model::{
 };
 use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
 use image::RgbImage;
-use sdpipe_caption::resize::resize_bicubic_rgb;
 use sdpipe_hub::{HubConfig, ResolvedModel, Want};
 use sdpipe_stages::api::{Fetch, StageError};
+use sdpipe_stages::pillow::{resize_rgb, Filter};
 use serde::Deserialize;
 
 pub const CONFIG: &str = "config.json";
@@ -489,7 +489,7 @@ impl ProcessorConfig {
                 }
             }
         };
-        let resized = resize_bicubic_rgb(image.as_raw(), w, h, new_w, new_h);
+        let resized = resize_rgb(image.as_raw(), w, h, new_w, new_h, Filter::Bicubic);
         let (ch, cw) = self.crop()?;
         let (top, left) = ((new_h - ch) / 2, (new_w - cw) / 2);
         let mut out = Vec::with_capacity(ch * cw * 3);
@@ -518,7 +518,7 @@ impl ProcessorConfig {
         for y in top..top + side {
             square.extend_from_slice(&raw[(y * w + left) * 3..(y * w + left + side) * 3]);
         }
-        resize_bicubic_rgb(&square, side, side, size, size)
+        resize_rgb(&square, side, side, size, size, Filter::Bicubic)
     }
 
     /// CMMD's scaling of `cmmd_pixels`' output: float32 `v / 255` (numpy on the float32

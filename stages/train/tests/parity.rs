@@ -25,7 +25,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use sdpipe_train::data::resize::resize_bilinear;
+use sdpipe_stages::pillow::{self, Filter};
 use sdpipe_train::data::{Augmentation, Transform};
 use sdpipe_train::denoiser::Denoiser;
 use sdpipe_train::ema::Ema;
@@ -94,7 +94,7 @@ fn pillow_bilinear_resizing_is_reproduced_bit_for_bit() {
     for size in [16u32, 40] {
         let transform = Transform { resolution: size, center_crop: true, random_flip: false };
         let (w, h) = transform.resized_size(23, 17);
-        let ours = resize_bilinear(&image(), w, h);
+        let ours = pillow::resize(&image(), w, h, Filter::Bilinear);
         let reference = &io[&format!("resized_{size}")];
         assert_eq!(reference.dims(), &[h as usize, w as usize, 3], "size {size}");
         let reference: Vec<u8> = reference.flatten_all().unwrap().to_vec1().unwrap();
@@ -107,7 +107,7 @@ fn the_train_transform_matches_torchvision_exactly() {
     let io = io();
     let transform = Transform { resolution: 16, center_crop: true, random_flip: true };
     let (w, h) = transform.resized_size(23, 17);
-    let resized = resize_bilinear(&image(), w, h);
+    let resized = pillow::resize(&image(), w, h, Filter::Bilinear);
     // Resize(16) gives 21x16: the centre crop starts at column round(2.5) = 2 (half to even).
     for (flipped, key) in [(false, "pixels"), (true, "pixels_flipped")] {
         let ours = transform.render(&resized, Augmentation { crop_top: 0, crop_left: 2, flipped });

@@ -3,7 +3,6 @@
 
 pub mod dataset;
 pub mod plan;
-pub mod resize;
 pub mod transform;
 
 pub use dataset::{load_split, load_train_split, read_rgb, DatasetError, Example};

@@ -11,8 +11,8 @@
 
 use image::RgbImage;
 
-use super::resize::resize_bilinear;
 use crate::rng::Draws;
+use sdpipe_stages::pillow::{self, Filter};
 
 /// The transform's settings (the script's `--resolution`, `--center_crop`, `--random_flip`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +48,7 @@ impl Transform {
     /// [-1, 1], and what the random steps chose.
     pub fn apply(&self, image: &RgbImage, draws: &mut Draws) -> (Vec<f32>, Augmentation) {
         let (w, h) = self.resized_size(image.width(), image.height());
-        let resized = resize_bilinear(image, w, h);
+        let resized = pillow::resize(image, w, h, Filter::Bilinear);
         let augmentation = self.decide(w, h, draws);
         (self.render(&resized, augmentation), augmentation)
     }
