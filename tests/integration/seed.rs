@@ -9,7 +9,9 @@
 //! - BLIP and Stable Diffusion 1.5 under their hub ids, as tiny random models written by
 //!   transformers and diffusers themselves (tests/parity/seed.py, tests/parity/blip.py), once
 //!   in a Hugging Face cache laid out as `huggingface_hub` leaves it (snapshots of links into
-//!   `blobs/`) and once served by a loopback hub (the download path);
+//!   `blobs/`) and once served by a loopback hub (the download path); the two CLIP models of
+//!   CMMD and the CLIP score are one tiny random CLIPModel written by transformers
+//!   (tests/parity/clip.py), installed in the cache under both ids;
 //! - the FID and LPIPS weights as converted files in `$SDPIPE_WEIGHTS_DIR`: the published LPIPS
 //!   linear layers through `sdpipe convert-weights`, the Inception and AlexNet trunks as random
 //!   stand-ins written in the same format (the published ones are 100 MB and more).
@@ -38,9 +40,13 @@ use serde_json::Value;
 
 const BLIP_REPO: &str = "Salesforce/blip-image-captioning-large";
 const SD_REPO: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
+/// The `clip-score` kind's default model.
+const CLIP_REPO: &str = "openai/clip-vit-large-patch14";
+/// The `cmmd` kind's default model.
+const CLIP_336_REPO: &str = "openai/clip-vit-large-patch14-336";
 /// A premium photo: listed in the release, but its image URL answers 404.
 const DEAD: &str = "premium-Gone_x9";
-const STAGES: [&str; 11] = [
+const STAGES: [&str; 15] = [
     "download",
     "caption",
     "dataset",
@@ -51,6 +57,10 @@ const STAGES: [&str; 11] = [
     "fid_finetuned",
     "lpips_base",
     "lpips_finetuned",
+    "cmmd_base",
+    "cmmd_finetuned",
+    "clip_base",
+    "clip_finetuned",
     "report",
 ];
 
@@ -145,14 +155,19 @@ impl World {
         }
     }
 
-    /// Install both models in the HF cache, as `huggingface_hub` would have after a download.
+    /// Install the models in the HF cache, as `huggingface_hub` would have after a download.
     fn install_models(&self) {
         self.install_models_with_sd("seed/sd");
     }
 
     /// [`World::install_models`] with the SD repository's files from `sd` (under fixtures/).
     fn install_models_with_sd(&self, sd: &str) {
-        for (repo, folder) in [(BLIP_REPO, "blip/model"), (SD_REPO, sd)] {
+        for (repo, folder) in [
+            (BLIP_REPO, "blip/model"),
+            (SD_REPO, sd),
+            (CLIP_REPO, "clip/model"),
+            (CLIP_336_REPO, "clip/model"),
+        ] {
             sdpipe_hub::testing::install_in_cache(
                 self.hf_cache.path(),
                 repo,
@@ -272,6 +287,19 @@ fn the_committed_seed_pipeline_runs_every_stage_from_a_hub_cache_and_then_reruns
     }
     let report = std::fs::read_to_string(world.output("report/report/README.md")).unwrap();
     assert!(report.contains("LPIPS") && report.contains("FID"), "{report}");
+    // CMMD and the CLIP score of both models, the CLIP score with its interval (3 test photos).
+    let header = report.lines().find(|l| l.starts_with("| Model | FID")).unwrap_or_default();
+    assert!(header.contains("| CMMD ↓ | Δ CMMD |"), "{report}");
+    assert!(header.contains("| CLIP score ↑ | Δ CLIP score |"), "{report}");
+    assert!(header.contains("CMMD real / fake") && header.contains("CLIP score images"));
+    assert!(report.contains("CLIP score at N = 3 images"), "{report}");
+    for stage in ["cmmd_base", "cmmd_finetuned", "clip_base", "clip_finetuned"] {
+        let metrics = std::fs::read_to_string(world.output(&format!("{stage}/metrics.json")));
+        let metrics: Value = serde_json::from_str(&metrics.unwrap()).unwrap();
+        let model = metrics["model"].as_str().unwrap_or_default();
+        let repo = if stage.starts_with("cmmd") { CLIP_336_REPO } else { CLIP_REPO };
+        assert!(model.starts_with(&format!("{repo}@")), "{stage}: {metrics:#}");
+    }
 
     // For tests/parity/check_seed_outputs.py, which loads these outputs with the reference tools.
     if let Some(keep) = std::env::var_os("SDPIPE_SEED_KEEP") {

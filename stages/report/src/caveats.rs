@@ -1,6 +1,7 @@
 //! Section 5: what a reader must know before trusting the numbers, worked out from the inputs:
-//! how many images the FID saw, whether the metric networks had their published weights, how
-//! the samples were drawn, plus any problem the other sections met.
+//! how many images the FID saw, whether the metric networks had their published weights, what
+//! CMMD and the CLIP score can and cannot say, how the samples were drawn, plus any problem the
+//! other sections met.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,12 +32,14 @@ const SAMPLING_PARAMS: [&str; 9] = [
 pub fn build(models: &[Model], provenance: &Value, notes: Vec<String>) -> Option<Section> {
     let mut items = Vec::new();
     fid_sample_size(models, &mut items);
+    cmmd_meaning(models, &mut items);
     weights(models, &mut items);
     lpips_meaning(models, &mut items);
+    clip_score_meaning(models, &mut items);
     intervals(models, &mut items);
     sampling(models, provenance, &mut items);
-    if models.iter().any(|m| !m.is_original && (m.fid.is_some() || m.lpips.is_some()))
-        && !models.iter().any(|m| m.is_original && (m.fid.is_some() || m.lpips.is_some()))
+    if models.iter().any(|m| !m.is_original && m.has_table_metrics())
+        && !models.iter().any(|m| m.is_original && m.has_table_metrics())
     {
         items.push(
             "No metrics of the original model were bound (`base_fid`, `base_lpips`), so the \
@@ -88,6 +91,58 @@ fn fid_sample_size(models: &[Model], items: &mut Vec<String>) {
         items.push(format!(
             "The FID rows use different numbers of images ({counts}); FID's bias depends on N, \
              so those rows are not directly comparable."
+        ));
+    }
+}
+
+/// CMMD's estimator and what a set-level number cannot say (it has no interval).
+fn cmmd_meaning(models: &[Model], items: &mut Vec<String>) {
+    let cmmds: Vec<_> = models.iter().filter_map(|m| m.cmmd.as_ref()).collect();
+    let Some(n) = cmmds.iter().map(|c| c.n_real.min(c.n_fake)).min() else {
+        return;
+    };
+    items.push(format!(
+        "CMMD was computed from as few as N = {n} images per side with the biased estimator \
+         that google-research/cmmd's code implements (its paper names the unbiased one): a set \
+         compared with itself scores exactly 0, but two different sets from the same \
+         distribution score above 0 by a term that shrinks like 1/N, so compare CMMDs only at \
+         equal N. Like FID it compares whole sets of images, not images one by one, so it has \
+         no bootstrap interval here: its bold and Δ compare point values. Its CLIP embeddings, \
+         too, mean nothing with random weights (as in sdpipe's tests and demo)."
+    ));
+    same_model("CMMD", cmmds.iter().map(|c| c.model.as_deref()).collect(), items);
+}
+
+/// What the CLIP score measures, and what it does not.
+fn clip_score_meaning(models: &[Model], items: &mut Vec<String>) {
+    let scores: Vec<_> = models.iter().filter_map(|m| m.clip_score.as_ref()).collect();
+    let (Some(low), Some(high)) =
+        (scores.iter().map(|c| c.n).min(), scores.iter().map(|c| c.n).max())
+    else {
+        return;
+    };
+    let n = if low == high { low.to_string() } else { format!("{low}–{high}") };
+    items.push(format!(
+        "The CLIP score is 100 × the cosine between CLIP's embeddings of each generated image \
+         and the caption it was sampled from (below 0 counted as 0), averaged over {n} images: it measures how well the images match their captions as CLIP sees them, with \
+         CLIP's own biases, not image quality or closeness to the ground truth. With random \
+         CLIP weights (as in sdpipe's tests and demo) it means nothing."
+    ));
+    same_model("CLIP score", scores.iter().map(|c| c.model.as_deref()).collect(), items);
+}
+
+/// A note when rows of one metric were computed with different CLIP models.
+fn same_model(metric: &str, used: Vec<Option<&str>>, items: &mut Vec<String>) {
+    let distinct: BTreeSet<Option<&str>> = used.into_iter().collect();
+    if distinct.len() > 1 {
+        items.push(format!(
+            "The {metric} rows were computed with different CLIP models ({}): they are not \
+             comparable with each other.",
+            distinct
+                .iter()
+                .map(|w| w.map(format::code).unwrap_or_else(|| "unknown".into()))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
 }
@@ -163,8 +218,12 @@ fn intervals(models: &[Model], items: &mut Vec<String>) {
         .iter()
         .flat_map(|m| {
             let lpips = m.lpips.as_ref().and_then(|l| l.per_pair.as_ref()).map(|p| p.len());
+            let clip = m.clip_score.as_ref().and_then(|c| c.per_image.as_ref()).map(|p| p.len());
             let scene = m.scene.as_ref().and_then(|s| s.per_image.as_ref());
-            lpips.into_iter().chain(scene.into_iter().flat_map(|c| c.values().map(|p| p.len())))
+            lpips
+                .into_iter()
+                .chain(clip)
+                .chain(scene.into_iter().flat_map(|c| c.values().map(|p| p.len())))
         })
         .collect();
     if let Some(n) = sizes.iter().min() {

@@ -45,15 +45,26 @@ pub fn mean_std(mean: f64, std: Option<f64>) -> String {
 /// A change against the original, for a metric where lower is better: the signed difference,
 /// the relative change where it is defined, and an arrow saying which way is better.
 pub fn delta(value: f64, base: f64) -> String {
+    delta_towards(value, base, false)
+}
+
+/// [`delta`] for a metric where higher is better (a CLIP score): ▲ is better.
+pub fn delta_higher(value: f64, base: f64) -> String {
+    delta_towards(value, base, true)
+}
+
+fn delta_towards(value: f64, base: f64, higher_is_better: bool) -> String {
     let d = value - base;
     let sign = if d > 0.0 { "+" } else { "" };
     let mut s = format!("{sign}{}", num(d));
     if base != 0.0 && d != 0.0 {
         let _ = write!(s, " ({sign}{:.1}%)", 100.0 * d / base.abs());
     }
-    s.push_str(match d.partial_cmp(&0.0) {
-        Some(std::cmp::Ordering::Less) => " ▼ better",
-        Some(std::cmp::Ordering::Greater) => " ▲ worse",
+    s.push_str(match (d.partial_cmp(&0.0), higher_is_better) {
+        (Some(std::cmp::Ordering::Less), false) => " ▼ better",
+        (Some(std::cmp::Ordering::Less), true) => " ▼ worse",
+        (Some(std::cmp::Ordering::Greater), false) => " ▲ worse",
+        (Some(std::cmp::Ordering::Greater), true) => " ▲ better",
         _ => " = same",
     });
     s
@@ -199,6 +210,8 @@ mod tests {
         assert_eq!(delta(90.0, 100.0), "-10.00 (-10.0%) ▼ better");
         assert_eq!(delta(0.5, 0.25), "+0.2500 (+100.0%) ▲ worse");
         assert_eq!(delta(1.0, 1.0), "0 = same");
+        assert_eq!(delta_higher(90.0, 100.0), "-10.00 (-10.0%) ▼ worse");
+        assert_eq!(delta_higher(0.5, 0.25), "+0.2500 (+100.0%) ▲ better");
     }
 
     #[test]

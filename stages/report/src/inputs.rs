@@ -1,6 +1,7 @@
 //! Reading the upstream outputs a report is made from, checked against their data contracts
 //! (see the sdpipe docs on formats): imagefolder metadata, sample images and `samples.jsonl`,
-//! `metrics.json` of `fid` and `lpips`, `per_image.jsonl`, and `train_log.jsonl`.
+//! `metrics.json` of `fid`, `lpips`, `cmmd`, `clip-score` and `scene-accuracy`, their
+//! `per_image.jsonl`, and `train_log.jsonl`.
 //!
 //! Each reader takes the input's name so that an error says which binding and which file is
 //! wrong. Inputs are accepted either as the file itself (how the engine hands over a file
@@ -87,6 +88,34 @@ pub struct LpipsMetrics {
     /// One value per line of `per_image.jsonl`, keyed by the item (see [`item_key`]): the
     /// per-image values whose mean is `lpips`, for its bootstrap interval.
     pub per_pair: Option<PerItem>,
+}
+
+/// A `cmmd` stage's `metrics.json` (a set-level distance: lower is better).
+#[derive(Debug, Clone)]
+pub struct CmmdMetrics {
+    pub cmmd: f64,
+    pub n_real: u64,
+    pub n_fake: u64,
+    /// The CLIP model that embedded the images (`repo@commit` or a folder name).
+    pub model: Option<String>,
+    pub raw: Map<String, Value>,
+}
+
+/// A `clip-score` stage's `metrics.json`, with its `per_image.jsonl` when available (higher is
+/// better).
+#[derive(Debug, Clone)]
+pub struct ClipScoreMetrics {
+    /// torchmetrics' CLIPScore: `max(mean of 100·cos, 0)`.
+    pub clip_score: f64,
+    /// The mean of the per-image clamped scores `max(100·cos, 0)`: the value the report shows,
+    /// so that it is the mean its bootstrap interval is of.
+    pub mean_clamped: f64,
+    pub n: u64,
+    pub model: Option<String>,
+    pub raw: Map<String, Value>,
+    /// One clamped per-image score (`clip_score`) per line of `per_image.jsonl`, keyed by the
+    /// item (see [`item_key`]), for its bootstrap interval.
+    pub per_image: Option<PerItem>,
 }
 
 /// A `scene-accuracy` stage's `metrics.json`: shares of the judged images (higher is better).
@@ -503,6 +532,73 @@ pub fn read_lpips(
         }
     };
     Ok(LpipsMetrics { lpips, n, weights, raw, per_image, per_pair })
+}
+
+/// A `cmmd` stage's `metrics.json` (`path` is the file or a folder holding it).
+pub fn read_cmmd(input: &str, path: &Path) -> Result<CmmdMetrics, ReportError> {
+    read_typed_metrics(input, path, "cmmd", "cmmd metrics.json", |raw| {
+        Ok(CmmdMetrics {
+            cmmd: required(field_f64(raw, "cmmd")?, "cmmd")?,
+            n_real: field_u64(raw, "n_real")?,
+            n_fake: field_u64(raw, "n_fake")?,
+            model: raw.get("model").and_then(Value::as_str).map(str::to_string),
+            raw: raw.clone(),
+        })
+    })
+}
+
+/// A `clip-score` stage's `metrics.json`, and its `per_image.jsonl` from `per_image` (the
+/// bound output) or, when `path` is a folder, from beside the metrics.
+pub fn read_clip_score(
+    input: &str,
+    path: &Path,
+    per_image: Option<(&str, &Path)>,
+) -> Result<ClipScoreMetrics, ReportError> {
+    const EXPECTED_PER_IMAGE: &str = "clip-score per_image.jsonl ({\"id\", \"file_name\", \
+                                      \"clip_score\", \"score_raw\"} lines)";
+    let mut clip =
+        read_typed_metrics(input, path, "clip-score", "clip-score metrics.json", |raw| {
+            let clip_score = required(field_f64(raw, "clip_score")?, "clip_score")?;
+            Ok(ClipScoreMetrics {
+                clip_score,
+                mean_clamped: required(field_f64(raw, "mean_clamped")?, "mean_clamped")?,
+                n: field_u64(raw, "n")?,
+                model: raw.get("model").and_then(Value::as_str).map(str::to_string),
+                raw: raw.clone(),
+                per_image: None,
+            })
+        })?;
+    if let Some((pi_input, file)) = per_image_file(input, path, per_image) {
+        #[derive(Deserialize)]
+        struct Line {
+            id: String,
+            #[serde(default)]
+            file_name: Option<String>,
+            clip_score: f64,
+        }
+        let lines: Vec<Line> = read_jsonl(&pi_input, &file, EXPECTED_PER_IMAGE)?;
+        let mut items = PerItem::new();
+        for (n, line) in lines.iter().enumerate() {
+            if !line.clip_score.is_finite() || line.clip_score < 0.0 {
+                return Err(ReportError::Malformed {
+                    input: pi_input,
+                    path: file,
+                    expected: EXPECTED_PER_IMAGE,
+                    message: format!(
+                        "line {}: `clip_score` is {}, not a clamped score (0 or more)",
+                        n + 1,
+                        line.clip_score
+                    ),
+                });
+            }
+            items.insert(
+                item_key(&items, &line.id, line.file_name.as_deref(), n + 1),
+                line.clip_score,
+            );
+        }
+        clip.per_image = Some(items);
+    }
+    Ok(clip)
 }
 
 /// A train stage's `train_log.jsonl`, sorted by step.

@@ -60,20 +60,22 @@ impl StageKind for Report {
         // 4: the scene-accuracy table can end with the test images through the VAE.
         // 5: per-image metrics (LPIPS, scene accuracy) with bootstrap 95% intervals; marks
         //    only for significant differences, and a sentence per metric saying which is better.
-        5
+        // 6: CMMD and CLIP score columns (`*cmmd`, `*clip_score*` inputs), the CLIP score with a
+        //    bootstrap interval; a caveat for each.
+        6
     }
 
     fn doc(&self) -> &'static str {
         "Writes the experiment's report: `report/README.md` with a metrics table (FID, KID, \
-         LPIPS of the original model and of each finetuned variant, with the change from the \
-         original), a scene-accuracy table, a qualitative table (caption | ground truth | each model's sample with its \
+         CMMD, LPIPS and CLIP score of the original model and of each finetuned variant, each \
+         column only when bound, with the change from the original), a scene-accuracy table, a qualitative table (caption | ground truth | each model's sample with its \
          LPIPS), the training-loss plot `loss.svg` with a table of steps, losses and time, the \
          provenance of every variant (each stage's parameters, cache key and compute time) and \
          caveats worked out from the inputs; plus `report.json` with the same numbers and \
          downscaled copies of the images under `images/`. Every input is optional and its \
          section is left out when unbound; mark the stage `gather: true` to get one row or \
-         column per sweep point. Per-image metrics (LPIPS, scene accuracy) whose `*_per_image` \
-         outputs are bound get a bootstrap 95% interval, and a model is marked better only \
+         column per sweep point. Per-image metrics (LPIPS, CLIP score, scene accuracy) whose \
+         `*_per_image` outputs are bound get a bootstrap 95% interval, and a model is marked better only \
          when the (paired, per image) bootstrap finds the difference significant."
     }
 
@@ -110,6 +112,9 @@ impl StageKind for Report {
             input("base_fid", "The original model's fid `metrics` (metrics.json)."),
             input("base_lpips", "The original model's lpips `metrics` (metrics.json)."),
             input("base_lpips_per_image", "The original model's lpips `per_image` output."),
+            input("base_cmmd", "The original model's cmmd `metrics` (metrics.json)."),
+            input("base_clip_score", "The original model's clip-score `metrics` (metrics.json)."),
+            input("base_clip_score_per_image", "The original model's clip-score `per_image`."),
             input("base_scene", "The original model's scene-accuracy `metrics`."),
             input("base_scene_per_image", "The original model's scene-accuracy `per_image`."),
             input("samples", "Each variant's sample `images` (gathered over a sweep)."),
@@ -117,6 +122,9 @@ impl StageKind for Report {
             input("fid", "Each variant's fid `metrics` (gathered)."),
             input("lpips", "Each variant's lpips `metrics` (gathered)."),
             input("lpips_per_image", "Each variant's lpips `per_image` output (gathered)."),
+            input("cmmd", "Each variant's cmmd `metrics` (gathered)."),
+            input("clip_score", "Each variant's clip-score `metrics` (gathered)."),
+            input("clip_score_per_image", "Each variant's clip-score `per_image` (gathered)."),
             input("scene", "Each variant's scene-accuracy `metrics` (gathered)."),
             input("scene_per_image", "Each variant's scene-accuracy `per_image` (gathered)."),
             input("train_log", "Each variant's train stage `train_log` (gathered)."),

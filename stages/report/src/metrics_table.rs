@@ -1,9 +1,10 @@
-//! Section 1: FID, KID and LPIPS of every model, with each variant's change from the original.
-//! Lower is better for all three. FID and KID are set-level numbers: the best value is bold.
-//! LPIPS is a per-image metric: with its per-image values it gets a bootstrap interval, is bold
-//! only when significantly best, and a sentence says how each variant compares (see
-//! [`crate::significance`]); a future per-image metric is one more [`Column`] with a
-//! [`Metric`].
+//! Section 1: FID, KID, CMMD, LPIPS and CLIP score of every model (each column only when some
+//! model has it), with each variant's change from the original. Lower is better for all but the
+//! CLIP score, where higher is. FID, KID and CMMD are set-level numbers: the best value is bold.
+//! LPIPS and the CLIP score are per-image metrics: with their per-image values they get a
+//! bootstrap interval, are bold only when significantly best, and a sentence says how each
+//! variant compares (see [`crate::significance`]); a future per-image metric is one more
+//! [`Column`] with a [`Metric`].
 
 use serde_json::{json, Map, Value};
 
@@ -16,13 +17,25 @@ use crate::significance::{self, Analysis, Better, Metric, Row};
 /// The one number of a metric column, for a model that has it.
 struct Column {
     title: &'static str,
-    /// Its key in `report.json`'s deltas.
+    /// Its key in `report.json`'s deltas (and, for a per-image metric, in its input names:
+    /// `base_<key>_per_image`, `<key>_per_image`).
     key: &'static str,
+    better: Better,
     value: fn(&Model) -> Option<f64>,
     /// The spread shown next to the value (KID's std over subsets).
     spread: fn(&Model) -> Option<f64>,
     /// For a per-image metric: how it is described, and a model's per-item values.
-    per_image: Option<(&'static Metric, PerImageOf)>,
+    per_image: Option<PerImage>,
+}
+
+/// How a per-image column finds its values.
+struct PerImage {
+    metric: &'static Metric,
+    values: PerImageOf,
+    /// The count its metrics.json states, checked against the per-image lines.
+    n: fn(&Model) -> Option<u64>,
+    /// What those lines count, in the plural ("pairs").
+    counted: &'static str,
 }
 
 /// A model's per-item values of a metric, when bound.
@@ -38,10 +51,22 @@ const LPIPS: Metric = Metric {
     unit: "",
 };
 
-const COLUMNS: [Column; 3] = [
+/// The clamped per-image scores (`max(100·cos, 0)`) and their mean: higher is better.
+const CLIP_SCORE: Metric = Metric {
+    key: "clip_score",
+    noun: "CLIP score",
+    better: Better::Higher,
+    items: "images",
+    value: format::num,
+    difference: significance::signed,
+    unit: "",
+};
+
+const COLUMNS: [Column; 5] = [
     Column {
         title: "FID",
         key: "fid",
+        better: Better::Lower,
         value: |m| m.fid.as_ref().map(|f| f.fid),
         spread: |_| None,
         per_image: None,
@@ -49,18 +74,56 @@ const COLUMNS: [Column; 3] = [
     Column {
         title: "KID",
         key: "kid_mean",
+        better: Better::Lower,
         value: |m| m.fid.as_ref().and_then(|f| f.kid_mean),
         spread: |m| m.fid.as_ref().and_then(|f| f.kid_std),
         per_image: None,
     },
     Column {
+        title: "CMMD",
+        key: "cmmd",
+        better: Better::Lower,
+        value: |m| m.cmmd.as_ref().map(|c| c.cmmd),
+        spread: |_| None,
+        per_image: None,
+    },
+    Column {
         title: "LPIPS",
         key: "lpips",
+        better: Better::Lower,
         value: |m| m.lpips.as_ref().map(|l| l.lpips),
         spread: |_| None,
-        per_image: Some((&LPIPS, |m| m.lpips.as_ref()?.per_pair.as_ref())),
+        per_image: Some(PerImage {
+            metric: &LPIPS,
+            values: |m| m.lpips.as_ref()?.per_pair.as_ref(),
+            n: |m| m.lpips.as_ref().map(|l| l.n),
+            counted: "pairs",
+        }),
+    },
+    Column {
+        title: "CLIP score",
+        key: "clip_score",
+        better: Better::Higher,
+        // The mean of the clamped per-image scores: the mean its interval is of.
+        value: |m| m.clip_score.as_ref().map(|c| c.mean_clamped),
+        spread: |_| None,
+        per_image: Some(PerImage {
+            metric: &CLIP_SCORE,
+            values: |m| m.clip_score.as_ref()?.per_image.as_ref(),
+            n: |m| m.clip_score.as_ref().map(|c| c.n),
+            counted: "images",
+        }),
     },
 ];
+
+/// `a`, `a and b`, `a, b and c`.
+fn list(titles: &[&str]) -> String {
+    match titles {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
 
 /// How prose names a model.
 pub fn prose(m: &Model) -> String {
@@ -80,7 +143,8 @@ struct Tested<'a> {
 
 impl<'a> Tested<'a> {
     fn new(column: &Column, rows: &[&'a Model]) -> Option<Tested<'a>> {
-        let (metric, per_item) = column.per_image?;
+        let per_image = column.per_image.as_ref()?;
+        let (metric, per_item) = (per_image.metric, per_image.values);
         let mut index = Vec::new();
         let mut analysed = Vec::new();
         for m in rows {
@@ -96,8 +160,7 @@ impl<'a> Tested<'a> {
 }
 
 pub fn build(models: &[Model]) -> Option<Section> {
-    let rows: Vec<&Model> =
-        models.iter().filter(|m| m.fid.is_some() || m.lpips.is_some()).collect();
+    let rows: Vec<&Model> = models.iter().filter(|m| m.has_table_metrics()).collect();
     if rows.is_empty() {
         return None;
     }
@@ -107,17 +170,35 @@ pub fn build(models: &[Model]) -> Option<Section> {
 
     let mut table = Table::new(&[("Model", Align::Left)]);
     for c in &present {
+        let arrow = match c.better {
+            Better::Lower => "↓",
+            Better::Higher => "↑",
+        };
         let title = if c.title == "KID" {
             "KID ↓ (mean ± std)".to_string()
         } else {
-            format!("{} ↓", c.title)
+            format!("{} {arrow}", c.title)
         };
         table.column(title, Align::Right);
         if original.is_some() {
             table.column(format!("Δ {}", c.title), Align::Right);
         }
     }
-    table.column("N (FID real / fake, LPIPS pairs)", Align::Right);
+    // The counts behind each row: FID's and LPIPS's always (as before CMMD and the CLIP score
+    // were added), and when either of those is in the table, those of the metrics shown.
+    let extended = rows.iter().any(|m| m.cmmd.is_some() || m.clip_score.is_some());
+    let counts: Vec<&Count> = COUNTS
+        .iter()
+        .filter(|c| {
+            if extended {
+                rows.iter().any(|m| (c.of)(m).is_some())
+            } else {
+                c.label == "FID real / fake" || c.label == "LPIPS pairs"
+            }
+        })
+        .collect();
+    let labels: Vec<&str> = counts.iter().map(|c| c.label).collect();
+    table.column(format!("N ({})", labels.join(", ")), Align::Right);
 
     let tested: Vec<Option<Tested>> = present.iter().map(|c| Tested::new(c, &rows)).collect();
     let original_row = rows.iter().position(|m| m.is_original);
@@ -138,7 +219,10 @@ pub fn build(models: &[Model]) -> Option<Section> {
                 _ => {
                     rows.len() > 1
                         && value.is_some_and(|v| {
-                            rows.iter().filter_map(|r| (c.value)(r)).all(|other| v <= other)
+                            rows.iter().filter_map(|r| (c.value)(r)).all(|other| match c.better {
+                                Better::Lower => v <= other,
+                                Better::Higher => v >= other,
+                            })
                         })
                 }
             };
@@ -168,7 +252,10 @@ pub fn build(models: &[Model]) -> Option<Section> {
                         if let Some(d) = tested_delta {
                             d
                         } else {
-                            let mut d = format::delta(v, b);
+                            let mut d = match c.better {
+                                Better::Lower => format::delta(v, b),
+                                Better::Higher => format::delta_higher(v, b),
+                            };
                             // NaN (no spread known) compares false: no noise claim without a std.
                             let noise = [(c.spread)(m), (c.spread)(o)]
                                 .into_iter()
@@ -184,11 +271,11 @@ pub fn build(models: &[Model]) -> Option<Section> {
                 });
             }
         }
-        let n_fid = m.fid.as_ref().map(|f| format!("{} / {}", f.n_real, f.n_fake));
-        let n_lpips = m.lpips.as_ref().map(|l| l.n.to_string());
-        cells.push([n_fid, n_lpips].map(|n| n.unwrap_or_else(|| "—".into())).join(", "));
+        let n: Vec<String> =
+            counts.iter().map(|c| (c.of)(m).unwrap_or_else(|| "—".into())).collect();
+        cells.push(n.join(", "));
         table.row(cells);
-        json_rows.push(json!({
+        let mut json_row = json!({
             "model": m.name,
             "label": m.label,
             "values": m.values,
@@ -200,7 +287,16 @@ pub fn build(models: &[Model]) -> Option<Section> {
             } else {
                 Value::Object(deltas)
             },
-        }));
+        });
+        // Only when bound anywhere, so reports without them keep their bytes.
+        if rows.iter().any(|r| r.cmmd.is_some()) {
+            json_row["cmmd"] = json!(m.cmmd.as_ref().map(|c| Value::Object(c.raw.clone())));
+        }
+        if rows.iter().any(|r| r.clip_score.is_some()) {
+            json_row["clip_score"] =
+                json!(m.clip_score.as_ref().map(|c| Value::Object(c.raw.clone())));
+        }
+        json_rows.push(json_row);
     }
 
     let mut markdown = table.render();
@@ -209,17 +305,24 @@ pub fn build(models: &[Model]) -> Option<Section> {
         .zip(&tested)
         .partition(|(_, t)| t.as_ref().is_some_and(|t| t.analysis.tested()));
     let titles = |cs: &[(&&Column, &Option<Tested>)]| {
-        let titles: Vec<&str> = cs.iter().map(|(c, _)| c.title).collect();
-        match titles.as_slice() {
-            [] => String::new(),
-            [one] => one.to_string(),
-            [init @ .., last] => format!("{} and {last}", init.join(", ")),
-        }
+        list(&cs.iter().map(|(c, _)| c.title).collect::<Vec<_>>())
     };
-    markdown.push_str(match present.len() {
-        1 => "\nLower is better.",
-        2 => "\nLower is better for both metrics.",
-        _ => "\nLower is better for all three metrics.",
+    let by = |better: Better| -> Vec<&str> {
+        present.iter().filter(|c| c.better == better).map(|c| c.title).collect()
+    };
+    let (lower, higher) = (by(Better::Lower), by(Better::Higher));
+    markdown.push_str(&match (lower.len(), higher.len()) {
+        (1, 0) => "\nLower is better.".to_string(),
+        (2, 0) => "\nLower is better for both metrics.".to_string(),
+        (3, 0) => "\nLower is better for all three metrics.".to_string(),
+        (4, 0) => "\nLower is better for all four metrics.".to_string(),
+        (n, 0) => format!("\nLower is better for all {n} metrics."),
+        (0, _) => "\nHigher is better.".to_string(),
+        _ => format!(
+            "\nLower is better for {}; higher is better for {}.",
+            list(&lower),
+            list(&higher)
+        ),
     });
     if !point_only.is_empty() {
         markdown.push_str(&format!(
@@ -233,14 +336,23 @@ pub fn build(models: &[Model]) -> Option<Section> {
     }
     if !with_intervals.is_empty() {
         markdown.push_str(&format!(
-            " {} is the mean over images with its bootstrap 95% interval [low, high]; the best \
+            " {} {} the mean over images with its bootstrap 95% interval [low, high]; the best \
              value is bold only when that model is significantly better than every other one \
              (a paired bootstrap of the per-image differences).",
-            titles(&with_intervals)
+            titles(&with_intervals),
+            if with_intervals.len() == 1 { "is" } else { "are each" }
         ));
     }
     if original.is_some() {
-        markdown.push_str(" Δ is the change from the original model (▼ better, ▲ worse)");
+        markdown.push_str(&match (lower.is_empty(), higher.is_empty()) {
+            (_, true) => " Δ is the change from the original model (▼ better, ▲ worse)".to_string(),
+            (true, false) => " Δ is the change from the original model (▲ better, ▼ worse)".into(),
+            (false, false) => format!(
+                " Δ is the change from the original model (▼ better, ▲ worse; for {} ▲ better, \
+                 ▼ worse)",
+                list(&higher)
+            ),
+        });
         markdown.push_str(if present.iter().any(|c| c.key == "kid_mean") {
             "; a KID change no larger than the larger of the two KID standard deviations is \
              marked *within ±std*."
@@ -270,27 +382,47 @@ pub fn build(models: &[Model]) -> Option<Section> {
         let missing = t.analysis.missing();
         if !missing.is_empty() {
             notes.push(format!(
-                "No per-image values were bound for the {} of {} (`base_lpips_per_image`, \
-                 `lpips_per_image`), so {} has no interval there and {} compared by its point \
+                "No per-image values were bound for the {} of {} (`base_{}_per_image`, \
+                 `{}_per_image`), so {} has no interval there and {} compared by its point \
                  values only.",
                 c.title,
                 missing.join(", "),
+                c.key,
+                c.key,
                 c.title,
                 if t.analysis.tested() { "those models are not" } else { "the column is" }
             ));
         }
+        let Some(pi) = c.per_image.as_ref() else { continue };
         for m in &rows {
-            let Some(l) = m.lpips.as_ref().filter(|_| c.key == "lpips") else { continue };
-            if let Some(p) = l.per_pair.as_ref().filter(|p| p.len() as u64 != l.n) {
+            let (Some(values), Some(n)) = ((pi.values)(m), (pi.n)(m)) else { continue };
+            if values.len() as u64 != n {
                 notes.push(format!(
-                    "The LPIPS `per_image.jsonl` of {} has {} pairs but its metrics.json says \
-                     {}: its interval is of the per-image values.",
+                    "The {} `per_image.jsonl` of {} has {} {} but its metrics.json says {}: its \
+                     interval is of the per-image values.",
+                    c.title,
                     prose(m),
-                    p.len(),
-                    l.n
+                    values.len(),
+                    pi.counted,
+                    n
                 ));
             }
         }
+    }
+    let unclamped: Vec<String> = rows
+        .iter()
+        .filter_map(|m| Some((m, m.clip_score.as_ref()?)))
+        .filter(|(_, c)| c.clip_score != c.mean_clamped)
+        .map(|(m, c)| format!("{} {}", prose(m), format::num(c.clip_score)))
+        .collect();
+    if !unclamped.is_empty() {
+        notes.push(format!(
+            "Some images scored below 0 (a negative cosine between image and caption), so \
+             torchmetrics' CLIP score, which clamps the mean rather than each image, differs \
+             from the mean of the per-image clamped scores the table shows: {} \
+             (`clip_score` in report.json).",
+            unclamped.join(", ")
+        ));
     }
     if !sentences.is_empty() {
         markdown.push('\n');
@@ -298,3 +430,22 @@ pub fn build(models: &[Model]) -> Option<Section> {
     }
     Some(Section { title: "Metrics", markdown, json: Value::Array(json_rows), notes })
 }
+
+/// A count shown in the table's last column.
+struct Count {
+    label: &'static str,
+    of: fn(&Model) -> Option<String>,
+}
+
+const COUNTS: [Count; 4] = [
+    Count {
+        label: "FID real / fake",
+        of: |m| m.fid.as_ref().map(|f| format!("{} / {}", f.n_real, f.n_fake)),
+    },
+    Count {
+        label: "CMMD real / fake",
+        of: |m| m.cmmd.as_ref().map(|c| format!("{} / {}", c.n_real, c.n_fake)),
+    },
+    Count { label: "LPIPS pairs", of: |m| m.lpips.as_ref().map(|l| l.n.to_string()) },
+    Count { label: "CLIP score images", of: |m| m.clip_score.as_ref().map(|c| c.n.to_string()) },
+];

@@ -10,7 +10,9 @@ use serde_json::Value;
 
 use crate::error::ReportError;
 use crate::format;
-use crate::inputs::{self, FidMetrics, LpipsMetrics, Samples, SceneMetrics, TrainStep};
+use crate::inputs::{
+    self, ClipScoreMetrics, CmmdMetrics, FidMetrics, LpipsMetrics, Samples, SceneMetrics, TrainStep,
+};
 
 /// One compared model and everything read about it.
 #[derive(Debug, Clone)]
@@ -27,8 +29,20 @@ pub struct Model {
     pub samples: Option<Samples>,
     pub fid: Option<FidMetrics>,
     pub lpips: Option<LpipsMetrics>,
+    pub cmmd: Option<CmmdMetrics>,
+    pub clip_score: Option<ClipScoreMetrics>,
     pub scene: Option<SceneMetrics>,
     pub train_log: Option<Vec<TrainStep>>,
+}
+
+impl Model {
+    /// Whether it has any metric of the metrics table.
+    pub fn has_table_metrics(&self) -> bool {
+        self.fid.is_some()
+            || self.lpips.is_some()
+            || self.cmmd.is_some()
+            || self.clip_score.is_some()
+    }
 }
 
 /// The input names read for the original and for each variant.
@@ -38,6 +52,9 @@ pub struct InputNames {
     pub fid: &'static str,
     pub lpips: &'static str,
     pub lpips_per_image: &'static str,
+    pub cmmd: &'static str,
+    pub clip_score: &'static str,
+    pub clip_score_per_image: &'static str,
     pub scene: &'static str,
     pub scene_per_image: &'static str,
     pub train_log: Option<&'static str>,
@@ -49,6 +66,9 @@ pub const BASE: InputNames = InputNames {
     fid: "base_fid",
     lpips: "base_lpips",
     lpips_per_image: "base_lpips_per_image",
+    cmmd: "base_cmmd",
+    clip_score: "base_clip_score",
+    clip_score_per_image: "base_clip_score_per_image",
     scene: "base_scene",
     scene_per_image: "base_scene_per_image",
     train_log: None,
@@ -60,6 +80,9 @@ pub const VARIANT: InputNames = InputNames {
     fid: "fid",
     lpips: "lpips",
     lpips_per_image: "lpips_per_image",
+    cmmd: "cmmd",
+    clip_score: "clip_score",
+    clip_score_per_image: "clip_score_per_image",
     scene: "scene",
     scene_per_image: "scene_per_image",
     train_log: Some("train_log"),
@@ -96,6 +119,18 @@ impl Bound {
             }
             None => None,
         };
+        let cmmd = match get(names.cmmd) {
+            Some((input, path)) => Some(inputs::read_cmmd(&input, path)?),
+            None => None,
+        };
+        let clip_score = match get(names.clip_score) {
+            Some((input, path)) => {
+                let per_image = get(names.clip_score_per_image);
+                let per_image = per_image.as_ref().map(|(i, p)| (i.as_str(), *p));
+                Some(inputs::read_clip_score(&input, path, per_image)?)
+            }
+            None => None,
+        };
         let scene = match get(names.scene) {
             Some((input, path)) => {
                 let per_image = get(names.scene_per_image);
@@ -108,7 +143,7 @@ impl Bound {
             Some((input, path)) => Some(inputs::read_train_log(&input, path)?),
             None => None,
         };
-        Ok(Loaded { samples, fid, lpips, scene, train_log })
+        Ok(Loaded { samples, fid, lpips, cmmd, clip_score, scene, train_log })
     }
 }
 
@@ -116,6 +151,8 @@ struct Loaded {
     samples: Option<Samples>,
     fid: Option<FidMetrics>,
     lpips: Option<LpipsMetrics>,
+    cmmd: Option<CmmdMetrics>,
+    clip_score: Option<ClipScoreMetrics>,
     scene: Option<SceneMetrics>,
     train_log: Option<Vec<TrainStep>>,
 }
@@ -125,6 +162,8 @@ impl Loaded {
         self.samples.is_none()
             && self.fid.is_none()
             && self.lpips.is_none()
+            && self.cmmd.is_none()
+            && self.clip_score.is_none()
             && self.scene.is_none()
             && self.train_log.is_none()
     }
@@ -137,6 +176,9 @@ fn names_of(names: &InputNames) -> Vec<&'static str> {
         names.fid,
         names.lpips,
         names.lpips_per_image,
+        names.cmmd,
+        names.clip_score,
+        names.clip_score_per_image,
         names.scene,
         names.scene_per_image,
     ];
@@ -228,6 +270,8 @@ fn model(
         samples: loaded.samples,
         fid: loaded.fid,
         lpips: loaded.lpips,
+        cmmd: loaded.cmmd,
+        clip_score: loaded.clip_score,
         scene: loaded.scene,
         train_log: loaded.train_log,
     }

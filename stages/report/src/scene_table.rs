@@ -216,6 +216,8 @@ mod tests {
             samples: None,
             fid: None,
             lpips: None,
+            cmmd: None,
+            clip_score: None,
             scene: Some(SceneMetrics {
                 background,
                 style: Some(0.5),

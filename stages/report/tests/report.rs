@@ -733,6 +733,285 @@ fn without_per_image_values_lpips_is_marked_by_point_values_and_the_caveats_say_
     assert!(!caveats.contains("percentile-bootstrap"), "{caveats}");
 }
 
+/// A `clip-score` stage's outputs under `dir/`: `clip.json` and `clip_per_image.jsonl`, from
+/// each image's raw `100 · cos` (the per-image `clip_score` is clamped at 0, as the stage does).
+fn write_clip_score(dir: &Path, raw: &[f64]) {
+    let lines: Vec<Value> = raw
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            json!({"id": format!("s{i:02}"), "file_name": format!("s{i:02}.png"),
+            "caption": "a red circle", "clip_score": r.max(0.0), "score_raw": r,
+            "tokens": 5, "truncated": false})
+        })
+        .collect();
+    write_jsonl(&dir.join("clip_per_image.jsonl"), &lines);
+    let n = raw.len() as f64;
+    let mean_raw = raw.iter().sum::<f64>() / n;
+    let mean_clamped = raw.iter().map(|r| r.max(0.0)).sum::<f64>() / n;
+    let metrics = json!({"metric": "clip-score", "clip_score": mean_raw.max(0.0),
+        "mean_raw": mean_raw, "mean_clamped": mean_clamped, "n": raw.len(), "truncated": 0,
+        "model": "openai/clip-vit-large-patch14@0123abcd", "revision": "main"});
+    fs::write(dir.join("clip.json"), metrics.to_string()).unwrap();
+}
+
+/// A `cmmd` stage's `metrics.json` at `dir/cmmd.json`.
+fn write_cmmd(dir: &Path, cmmd: f64, n: usize) {
+    let metrics = json!({"metric": "cmmd", "cmmd": cmmd, "n_real": n, "n_fake": n,
+        "model": "openai/clip-vit-large-patch14-336@4567cdef", "sigma": 10.0, "scale": 1000.0});
+    fs::write(dir.join("cmmd.json"), metrics.to_string()).unwrap();
+}
+
+/// CLIP scores that vary a lot between images, raised by `shift` for the finetuned model.
+fn clip_shifted(model: &str, shift: f64) -> Vec<f64> {
+    (0..N)
+        .map(|i| {
+            let v = 20.0 + 1.5 * ((i * 5) % 7) as f64;
+            if model == "finetuned" {
+                v + shift
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+impl PerImage {
+    /// [`PerImage::new`] with identical LPIPS and scene judgements, plus CMMD (`cmmd(model)`)
+    /// and CLIP scores (`clip(model)`, raw per image) for both models.
+    fn with_cmmd_and_clip(cmmd: impl Fn(&str) -> f64, clip: impl Fn(&str) -> Vec<f64>) -> Self {
+        let p = PerImage::new(lpips_shifted(0.0), |_, _| (true, true));
+        for model in ["base", "finetuned"] {
+            write_cmmd(&p.path(model), cmmd(model), N);
+            write_clip_score(&p.path(model), &clip(model));
+        }
+        p
+    }
+
+    fn harness_with_cmmd_and_clip(&self) -> Harness {
+        let mut h = self.harness();
+        for (prefix, model) in [("base_", "base"), ("", "finetuned")] {
+            h = h
+                .input(&format!("{prefix}cmmd"), self.path(&format!("{model}/cmmd.json")))
+                .input(&format!("{prefix}clip_score"), self.path(&format!("{model}/clip.json")))
+                .input(
+                    &format!("{prefix}clip_score_per_image"),
+                    self.path(&format!("{model}/clip_per_image.jsonl")),
+                );
+        }
+        h
+    }
+}
+
+#[test]
+fn a_clearly_higher_clip_score_is_bold_with_its_interval_and_said_to_be_significant() {
+    let p = PerImage::with_cmmd_and_clip(
+        |model| if model == "finetuned" { 0.8 } else { 1.2 },
+        |model| clip_shifted(model, 2.0),
+    );
+    let h = run(p.harness_with_cmmd_and_clip(), &[]);
+    let text = readme(&h);
+    let metrics = section(&text, "Metrics");
+    let header = metrics.lines().find(|l| l.starts_with('|')).unwrap();
+    assert_eq!(
+        header,
+        "| Model | CMMD ↓ | Δ CMMD | LPIPS ↓ | Δ LPIPS | CLIP score ↑ | Δ CLIP score | \
+         N (CMMD real / fake, LPIPS pairs, CLIP score images) |"
+    );
+    let rows = table_rows(&metrics);
+    // CMMD: lower is better, bold like FID; the CLIP score: higher is better, bold only when
+    // significant, with its interval; Δ says ▲ better for a higher CLIP score.
+    assert!(rows[0].starts_with("| **original** | 1.200 | — |"), "{}", rows[0]);
+    assert!(rows[1].starts_with("| `finetuned` | **0.8000** | -0.4000 (-33.3%) ▼ better |"));
+    assert!(rows[0].contains("| 24.41 [22.91, 26.00] |"), "{}", rows[0]);
+    assert!(!rows[0].contains("**24."), "{}", rows[0]);
+    assert!(rows[1].contains("| **26.41 [24.91, 28.00]** |"), "{}", rows[1]);
+    assert!(rows[1].contains("| +2.000 [+2.000, +2.000] ▲ better |"), "{}", rows[1]);
+    assert!(rows[1].ends_with("| 16 / 16, 16, 16 |"), "{}", rows[1]);
+    assert!(
+        metrics.contains(
+            "Lower is better for CMMD and LPIPS; higher is better for CLIP score. The best value \
+             of CMMD is bold. LPIPS and CLIP score are each the mean over images"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("(▼ better, ▲ worse; for CLIP score ▲ better, ▼ worse)"));
+    assert!(
+        metrics.contains(
+            "- `finetuned` has higher CLIP score than the original at N = 16 images (+2.000 \
+             [+2.000, +2.000], paired): the difference is significant, so `finetuned` is better \
+             on CLIP score than the original.\n"
+        ),
+        "{metrics}"
+    );
+    let caveats = section(&text, "Caveats");
+    assert!(caveats.contains("- CMMD was computed from as few as N = 16 images per side"));
+    assert!(caveats.contains("a set compared with itself scores exactly 0"), "{caveats}");
+    assert!(caveats.contains("- The CLIP score is 100 × the cosine"), "{caveats}");
+    assert!(caveats
+        .contains("With random CLIP weights (as in sdpipe's tests and demo) it means nothing."));
+    assert!(!caveats.contains("differs from the mean of the per-image clamped"), "{caveats}");
+
+    let json = report_json(&h);
+    let finetuned = &json["metrics"][1];
+    assert_eq!(finetuned["cmmd"]["cmmd"], 0.8);
+    assert_eq!(finetuned["clip_score"]["n"], 16);
+    assert!((finetuned["delta_vs_original"]["clip_score"].as_f64().unwrap() - 2.0).abs() < 1e-9);
+    let versus = &finetuned["intervals"]["clip_score"]["versus_reference"];
+    assert_eq!(
+        (versus["paired"].as_bool(), versus["significant"].as_bool()),
+        (Some(true), Some(true))
+    );
+    insta::assert_snapshot!(metrics);
+}
+
+#[test]
+fn a_lower_clip_score_is_worse_and_the_original_is_bold() {
+    let p = PerImage::with_cmmd_and_clip(|_| 1.0, |model| clip_shifted(model, -3.0));
+    let metrics = section(&readme(&run(p.harness_with_cmmd_and_clip(), &[])), "Metrics");
+    let rows = table_rows(&metrics);
+    assert!(
+        rows[0].contains("| **24.41 [22.91, 26.00]** |"),
+        "the original is significantly best: {}",
+        rows[0]
+    );
+    assert!(rows[1].contains("| -3.000 [-3.000, -3.000] ▼ worse |"), "{}", rows[1]);
+    // Equal CMMDs: both are the best value, so both are bold (as FID's ties are).
+    assert!(rows[1].contains("| **1.000** | 0 = same |"), "{}", rows[1]);
+    assert!(
+        metrics.contains(
+            "- `finetuned` has lower CLIP score than the original at N = 16 images (-3.000 \
+             [-3.000, -3.000], paired): the difference is significant, so the original is better \
+             on CLIP score than `finetuned`.\n"
+        ),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_noisy_clip_score_difference_is_not_significant() {
+    let clip = |model: &str| {
+        let mut v = clip_shifted(model, 0.0);
+        if model == "finetuned" {
+            for (i, x) in v.iter_mut().enumerate() {
+                *x += if i % 2 == 0 { 1.0 } else { -0.9 };
+            }
+        }
+        v
+    };
+    let p = PerImage::with_cmmd_and_clip(|_| 1.0, clip);
+    let metrics = section(&readme(&run(p.harness_with_cmmd_and_clip(), &[])), "Metrics");
+    let rows = table_rows(&metrics);
+    assert!(rows.iter().all(|r| !r.contains("**2")), "nothing bold: {metrics}");
+    assert!(rows[1].contains("(not significant)"), "{}", rows[1]);
+    assert!(metrics.contains("show no significant difference in CLIP score at N = 16 images"));
+}
+
+#[test]
+fn negative_clip_scores_are_clamped_per_image_and_the_caveats_say_how_that_differs() {
+    // Random CLIP weights score around 0: the table shows the mean of the clamped scores, and
+    // torchmetrics' clamped mean is named where it differs.
+    let raw = |model: &str| -> Vec<f64> {
+        (0..N).map(|i| if model == "base" { i as f64 - 10.0 } else { i as f64 - 8.0 }).collect()
+    };
+    let p = PerImage::with_cmmd_and_clip(|_| 0.5, raw);
+    let h = run(p.harness_with_cmmd_and_clip(), &[]);
+    let text = readme(&h);
+    let rows = table_rows(&section(&text, "Metrics"));
+    // base: 1 + 2 + 3 + 4 + 5 over 16 images = 0.9375.
+    assert!(rows[0].contains("| 0.9375 ["), "{}", rows[0]);
+    let caveats = section(&text, "Caveats");
+    assert!(
+        caveats.contains("differs from the mean of the per-image clamped scores the table shows: the original 0, `finetuned` 0 (`clip_score` in report.json)"),
+        "{caveats}"
+    );
+}
+
+#[test]
+fn cmmd_and_clip_scores_are_gathered_over_sweep_points() {
+    let e = Experiment::new();
+    for (dir, cmmd, shift) in [("base", 2.0, 0.0), ("v1", 1.5, 1.0), ("v2", 2.5, -1.0)] {
+        write_cmmd(&e.path(dir), cmmd, 3);
+        write_clip_score(&e.path(dir), &[20.0 + shift, 21.0 + shift, 25.0 + shift]);
+    }
+    let h = run(
+        e.harness()
+            .input("base_cmmd", e.path("base/cmmd.json"))
+            .input("base_clip_score", e.path("base/clip.json"))
+            .input("base_clip_score_per_image", e.path("base/clip_per_image.jsonl"))
+            .gathered("cmmd", e.gathered("cmmd.json"))
+            .gathered("clip_score", e.gathered("clip.json"))
+            .gathered("clip_score_per_image", e.gathered("clip_per_image.jsonl")),
+        &[],
+    );
+    let metrics = section(&readme(&h), "Metrics");
+    let rows = table_rows(&metrics);
+    assert_eq!(rows.len(), 3);
+    // 3e-05 (v2) before 0.0001 (v1).
+    assert!(rows[1].contains("`learning_rate=3e-05`") && rows[1].contains("| 2.500 |"));
+    assert!(rows[2].contains("| **1.500** | -0.5000 (-25.0%) ▼ better |"), "{}", rows[2]);
+    assert!(rows[2].contains("| **23.00 [21.00, 26.00]** |"), "{}", rows[2]);
+    assert!(rows[2].ends_with("| 3 / 3, 3 / 3, 3, 3 |"), "{}", rows[2]);
+    assert!(
+        metrics.contains("N (FID real / fake, CMMD real / fake, LPIPS pairs, CLIP score images)")
+    );
+    // The per-image values pair with the original's: +1 on every image, significant (N = 3).
+    assert!(metrics.contains("- `learning_rate=0.0001` has higher CLIP score than the original at N = 3 images (+1.000 [+1.000, +1.000], paired)"), "{metrics}");
+    assert!(
+        metrics.contains(
+            "Lower is better for FID, KID, CMMD and LPIPS; higher is better for CLIP score."
+        ),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn without_cmmd_and_clip_score_inputs_the_report_has_neither() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[]);
+    let text = readme(&h);
+    assert!(!text.contains("CMMD") && !text.contains("CLIP"), "{text}");
+    let metrics = section(&text, "Metrics");
+    assert!(metrics.contains("| N (FID real / fake, LPIPS pairs) |"), "{metrics}");
+    assert!(metrics.contains("Lower is better for all three metrics."));
+    for row in report_json(&h)["metrics"].as_array().unwrap() {
+        let keys: Vec<&String> = row.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            ["delta_vs_original", "fid", "intervals", "label", "lpips", "model", "values"],
+            "report.json's rows keep their keys"
+        );
+    }
+}
+
+#[test]
+fn cmmd_and_clip_score_inputs_are_validated() {
+    let p = PerImage::with_cmmd_and_clip(|_| 1.0, |model| clip_shifted(model, 0.0));
+    let mut h = Harness::new().input("base_cmmd", p.path("base/clip.json"));
+    let err = h.run(&Report, &testing::params(&Report, &[])).unwrap_err().to_string();
+    assert!(err.contains("input `base_cmmd`"), "{err}");
+    assert!(err.contains("its `metric` is \"clip-score\", not \"cmmd\""), "{err}");
+
+    let file = p.path("finetuned/clip_per_image.jsonl");
+    let text = fs::read_to_string(&file).unwrap().replacen(
+        "\"clip_score\":20.0",
+        "\"clip_score\":-1.0",
+        1,
+    );
+    fs::write(&file, text).unwrap();
+    let mut h = Harness::new()
+        .input("clip_score", p.path("finetuned/clip.json"))
+        .input("clip_score_per_image", file.clone());
+    let err = h.run(&Report, &testing::params(&Report, &[])).unwrap_err().to_string();
+    assert!(err.contains("clip_score_per_image"), "{err}");
+    assert!(err.contains("`clip_score` is -1, not a clamped score"), "{err}");
+
+    fs::write(p.path("base/clip.json"), "{\"metric\": \"clip-score\", \"clip_score\": 3}").unwrap();
+    let mut h = Harness::new().input("base_clip_score", p.path("base/clip.json"));
+    let err = h.run(&Report, &testing::params(&Report, &[])).unwrap_err().to_string();
+    assert!(err.contains("`mean_clamped` is missing or null"), "{err}");
+}
+
 #[test]
 #[ignore = "writes the example report to $REPORT_DUMP for a person to look at"]
 fn dump_example_report() {
