@@ -15,12 +15,13 @@
 //! | core | [`hash`], [`key`], [`lock`], [`cache`], [`materialize`] | digests, keys, the store and index, files on disk |
 //! | spec | [`spec`] | the pipeline file: parsing, validation, sweeps |
 //! | plan | [`dag`], [`fingerprint`], [`freshness`], [`project`], [`summary`] | what a run would do and why |
-//! | run | [`scheduler`], [`executor`], [`remote`], [`journal`], [`ui`], [`maintenance`], [`kinds`] | doing it |
+//! | run | [`scheduler`], [`events`], [`executor`], [`remote`], [`journal`], [`ui`], [`maintenance`], [`kinds`] | doing it |
 //! | cli | [`cli`], [`experiments`] | commands and what they print |
 
 pub mod cache;
 pub mod cli;
 pub mod dag;
+pub mod events;
 pub mod executor;
 pub mod experiments;
 pub mod fingerprint;

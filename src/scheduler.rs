@@ -13,6 +13,7 @@ use sdpipe_stages::api::{CancelToken, Fetch, OutputKind};
 
 use crate::cache::{Cache, Index, ObjectStore, OutputRecord, Record};
 use crate::dag::Dag;
+use crate::events::{Event, Reporter};
 use crate::executor::{ExecError, Executor, Job};
 use crate::fingerprint::{self, Fingerprint, FingerprintError};
 use crate::freshness::{self, Freshness, Mode};
@@ -229,12 +230,8 @@ impl Engine<'_> {
         let _key_lock = if record.is_none() {
             let lock = self.cache.lock_key(&fp.key, |pid| {
                 waited = true;
-                let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-                ui.line(&format!(
-                    "… {} waiting: another sdpipe process{who} is computing key {}",
-                    stage.name,
-                    fp.key.short()
-                ));
+                let key = fp.key.short();
+                ui.report(&Event::Waiting { stage: &stage.name, pid, key: &key });
             });
             match lock {
                 Ok(lock) => Some(lock),
@@ -288,8 +285,7 @@ impl Engine<'_> {
                 (State::Cached, record, None)
             }
             None => {
-                let why: Vec<String> = reasons.iter().map(ToString::to_string).collect();
-                ui.line(&format!("▶ {} ({kind}): {}", stage.name, why.join("; ")));
+                ui.report(&Event::Started { stage: &stage.name, kind, reasons: &reasons });
                 let bar = ui.stage_bar(&stage.name);
                 let t0 = Instant::now();
                 let result = self.execute(stage, &fp, upstream, threads, &bar, &identity);
@@ -297,7 +293,7 @@ impl Engine<'_> {
                 match result {
                     Ok(record) => (State::Ran, record, Some(t0.elapsed().as_millis() as u64)),
                     Err(failure) => {
-                        ui.line(&format!("✗ {} failed: {}", stage.name, failure.message));
+                        ui.report(&Event::Failed { stage: &stage.name, error: &failure.message });
                         let mut f = fail(Some(key_hex), failure.message, failure.log);
                         f.summary.reasons = reasons.into_iter().map(ReasonOut::from).collect();
                         f.summary.duration_ms = Some(t0.elapsed().as_millis() as u64);
@@ -324,17 +320,11 @@ impl Engine<'_> {
         }
         if state == State::Cached {
             ui.finish_stage(ui.stage_bar(&stage.name));
-            if remote_state == Some(RemoteState::Pulled) {
-                ui.line(&format!("✓ {} pulled from remote", stage.name));
-            } else {
-                ui.line(&format!("✓ {} cached", stage.name));
-            }
+            let pulled = remote_state == Some(RemoteState::Pulled);
+            ui.report(&Event::Reused { stage: &stage.name, pulled });
         } else {
-            ui.line(&format!(
-                "✓ {} ran in {:.1}s",
-                stage.name,
-                duration_ms.unwrap_or(0) as f64 / 1000.0
-            ));
+            let seconds = duration_ms.unwrap_or(0) as f64 / 1000.0;
+            ui.report(&Event::Ran { stage: &stage.name, seconds });
         }
 
         let mut summary = StageSummary::new(&stage.name, kind, state);

@@ -7,6 +7,8 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sdpipe_stages::api::Progress;
 
+use crate::events::{Event, Reporter};
+
 /// The bars on screen, if any: log lines are printed above them through [`LogWriter`].
 static BARS: Mutex<Option<MultiProgress>> = Mutex::new(None);
 
@@ -122,6 +124,13 @@ impl Ui {
 
     pub fn finish(&self) {
         self.overall.finish_and_clear();
+    }
+}
+
+impl Reporter for Ui {
+    /// Each event as one line above the bars (or on stderr; nothing when quiet).
+    fn report(&self, event: &Event<'_>) {
+        self.line(&event.to_string());
     }
 }
 

@@ -9,7 +9,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("core", &["hash", "key", "lock", "cache", "materialize"]),
     ("spec", &["spec"]),
     ("plan", &["dag", "fingerprint", "freshness", "project", "summary"]),
-    ("run", &["scheduler", "executor", "remote", "journal", "ui", "maintenance", "kinds"]),
+    (
+        "run",
+        &["scheduler", "events", "executor", "remote", "journal", "ui", "maintenance", "kinds"],
+    ),
     ("cli", &["cli", "experiments"]),
 ];
 
