@@ -44,7 +44,7 @@ pub fn decide(
     if let Some(record) = hinted_record(cache, identity, &fp.key) {
         return Ok(Freshness::Fresh(record));
     }
-    let lookup = |index: &crate::cache::SledIndex| -> io::Result<Freshness> {
+    let lookup = |index: &dyn Index| -> io::Result<Freshness> {
         let Some(record) = usable_record(cache, index, &fp.key)? else {
             return Ok(Freshness::Dirty(explain(cache, index, identity, &fp.manifest)?));
         };

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use sdpipe_stages::api::OutputKind;
 use serde::Serialize;
 
-use crate::cache::{store, Cache, Index, ObjectStore, Record};
+use crate::cache::{store, Cache, ObjectStore, Record};
 use crate::hash::Digest;
 use crate::materialize::load_tree;
 

@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use sdpipe_stages::api::{CancelToken, Fetch, OutputKind};
 
-use crate::cache::{Cache, Index, ObjectStore, OutputRecord, Record};
+use crate::cache::{Cache, ObjectStore, OutputRecord, Record};
 use crate::dag::Dag;
 use crate::events::{Event, Reporter};
 use crate::executor::{ExecError, Executor, Job};

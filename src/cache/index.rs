@@ -74,6 +74,9 @@ pub trait Index {
     fn histories(&self) -> io::Result<Vec<(String, History)>>;
     fn set_history(&self, identity: &str, history: &History) -> io::Result<()>;
     fn size_on_disk(&self) -> io::Result<u64>;
+    /// The token naming the index's current state of records and histories (see
+    /// `Cache::result_hint`), created if the last change removed it.
+    fn generation(&self) -> io::Result<Vec<u8>>;
 }
 
 /// The sled-backed index. Open it only while holding the cache's index lock.
@@ -126,27 +129,6 @@ impl SledIndex {
     /// or deleted index has none and every result hint taken from an earlier one is void.
     fn generation_path(&self) -> std::path::PathBuf {
         self.dir.join(GENERATION_FILE)
-    }
-
-    /// The token naming the index's current state of records and histories (see
-    /// `Cache::result_hint`), created if the last change removed it.
-    pub fn generation(&self) -> io::Result<Vec<u8>> {
-        let path = self.generation_path();
-        if let Ok(token) = std::fs::read(&path) {
-            if token.len() == 32 {
-                return Ok(token);
-            }
-        }
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(&std::process::id().to_le_bytes());
-        hasher.update(&crate::hash::now_ns().to_le_bytes());
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        hasher.update(&N.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
-        let token = hasher.finalize().as_bytes().to_vec();
-        let tmp = self.dir.join(format!("{GENERATION_FILE}.new-{}", std::process::id()));
-        // Not synced: a token lost in a crash only voids the hints that named it.
-        std::fs::write(&tmp, &token).and_then(|()| std::fs::rename(&tmp, &path))?;
-        Ok(token)
     }
 
     /// Called before any change to records or histories: removes the generation token, durably,
@@ -266,5 +248,24 @@ impl Index for SledIndex {
 
     fn size_on_disk(&self) -> io::Result<u64> {
         self.db.size_on_disk().map_err(db_err)
+    }
+
+    fn generation(&self) -> io::Result<Vec<u8>> {
+        let path = self.generation_path();
+        if let Ok(token) = std::fs::read(&path) {
+            if token.len() == 32 {
+                return Ok(token);
+            }
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&std::process::id().to_le_bytes());
+        hasher.update(&crate::hash::now_ns().to_le_bytes());
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        hasher.update(&N.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+        let token = hasher.finalize().as_bytes().to_vec();
+        let tmp = self.dir.join(format!("{GENERATION_FILE}.new-{}", std::process::id()));
+        // Not synced: a token lost in a crash only voids the hints that named it.
+        std::fs::write(&tmp, &token).and_then(|()| std::fs::rename(&tmp, &path))?;
+        Ok(token)
     }
 }

@@ -85,7 +85,7 @@ impl Cache {
     }
 
     /// Run `f` with the index open; waits (saying so) while another process holds it.
-    pub fn with_index<T>(&self, f: impl FnOnce(&SledIndex) -> io::Result<T>) -> io::Result<T> {
+    pub fn with_index<T>(&self, f: impl FnOnce(&dyn Index) -> io::Result<T>) -> io::Result<T> {
         let _guard = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let lock_path = self.root.join("index.lock");
         let _lock = FileLock::acquire(&lock_path, Duration::from_secs(2), |pid| {
@@ -113,7 +113,7 @@ impl Cache {
     /// not create one, which costs a few syncs).
     pub fn with_index_if_present<T>(
         &self,
-        f: impl FnOnce(&SledIndex) -> io::Result<T>,
+        f: impl FnOnce(&dyn Index) -> io::Result<T>,
     ) -> io::Result<Option<T>> {
         if !self.root.join("index").exists() {
             return Ok(None);
@@ -283,7 +283,7 @@ impl Cache {
 
     /// Remember `record` as `identity`'s current result, for [`Cache::result_hint`]. Only
     /// inside an index session (hence the `index`), after the stage's history names `record`.
-    pub fn note_result(&self, index: &SledIndex, identity: &str, record: &Record) {
+    pub fn note_result(&self, index: &dyn Index, identity: &str, record: &Record) {
         let write = || -> io::Result<()> {
             let hint = ResultHint {
                 generation: hex::encode(index.generation()?),
@@ -525,7 +525,7 @@ mod tests {
         assert_eq!(cache.result_hint("p#s", &r.key), Some(r));
     }
 
-    type Change<'a> = &'a dyn Fn(&SledIndex) -> io::Result<()>;
+    type Change<'a> = &'a dyn Fn(&dyn Index) -> io::Result<()>;
 
     #[test]
     fn any_change_to_records_or_histories_voids_every_hint() {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use clap::{Parser, Subcommand, ValueEnum};
 use sdpipe_stages::api::{human_bytes, CancelToken, DeviceChoice, Registry};
 
-use crate::cache::{Cache, Index, ObjectStore};
+use crate::cache::{Cache, ObjectStore};
 use crate::dag::Dag;
 use crate::executor::{Dispatch, LocalExecutor};
 use crate::experiments;

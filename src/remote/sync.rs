@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 
 use super::{Pushed, Remote};
-use crate::cache::{Cache, Index, Record};
+use crate::cache::{Cache, Record};
 use crate::dag::Dag;
 use crate::fingerprint;
 use crate::project::Project;
