@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (the README's, and what .ci/run runs): every workspace test, the `cuda`
-# feature compiled without a GPU (scripts/cuda-check.sh: nvcc and headers from PyPI), then the
+# feature compiled without a GPU (scripts/cuda-check.sh: nvcc and headers from PyPI), `cargo
+# deny` (scripts/deny.sh: licences, bans, sources, advisories where reachable), then the
 # Slurm executor's tests against a real single-node cluster that scripts/slurm-up.sh installs
 # and starts on this machine.
 #
@@ -31,7 +32,29 @@ if [ "${SDPIPE_SKIP_CUDA_CHECK:-}" != 1 ]; then
     trap 'kill -- "-$cuda_pid" 2>/dev/null' EXIT
 fi
 
+# cargo deny (scripts/deny.sh: licences, bans, sources; advisories where the RustSec database
+# can be had), also in the background: installing cargo-deny the first time is most of its
+# cost. SDPIPE_SKIP_DENY=1 skips it.
+deny_pid=
+if [ "${SDPIPE_SKIP_DENY:-}" != 1 ]; then
+    mkdir -p target
+    setsid nice -n 19 scripts/deny.sh >target/deny.log 2>&1 &
+    deny_pid=$!
+    trap 'kill -- "-$cuda_pid" "-$deny_pid" 2>/dev/null' EXIT
+fi
+
 cargo test --workspace --locked
+
+if [ -n "$deny_pid" ]; then
+    if wait "$deny_pid"; then
+        grep "NOT RUN" target/deny.log >&2 || true
+        echo "test.sh: cargo deny passed (scripts/deny.sh)" >&2
+    else
+        tail -40 target/deny.log >&2
+        echo "test.sh: cargo deny failed (log: target/deny.log)" >&2
+        exit 1
+    fi
+fi
 
 if [ -n "$cuda_pid" ]; then
     trap - EXIT
