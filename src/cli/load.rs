@@ -87,5 +87,5 @@ pub(super) fn standalone_cache(cache_dir: Option<&Path>) -> Result<Cache, CliErr
 }
 
 pub(super) fn io_err(context: &str) -> impl Fn(std::io::Error) -> CliError + '_ {
-    move |e| CliError::Io(format!("{context}: {e}"))
+    move |source| CliError::Io { context: context.to_string(), source }
 }

@@ -28,6 +28,7 @@ use crate::summary::{RemoteState, State, Summary};
 #[macro_use]
 mod output;
 mod compare;
+mod error;
 mod gc;
 mod load;
 mod run;
@@ -37,6 +38,7 @@ mod status;
 mod sync;
 
 use compare::diff_command;
+use error::CliError;
 use load::*;
 use output::*;
 use show::show;
@@ -362,13 +364,9 @@ pub fn main() -> i32 {
             }
             exit::INVALID
         }
-        Err(CliError::Usage(msg)) => {
-            eprintln!("error: {msg}");
-            exit::INVALID
-        }
-        Err(CliError::Io(msg)) => {
-            eprintln!("error: {msg}");
-            exit::FAILED
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
         }
     }
 }
@@ -387,13 +385,6 @@ fn init_tracing(verbose: u8) {
         .with_writer(crate::ui::LogWriter)
         .with_target(false)
         .try_init();
-}
-
-enum CliError {
-    /// Invalid pipeline (with whether `--json` was asked for).
-    Spec(SpecErrors, bool),
-    Usage(String),
-    Io(String),
 }
 
 fn spec_error_json(errors: &SpecErrors) -> serde_json::Value {

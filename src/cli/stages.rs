@@ -80,8 +80,10 @@ pub(super) fn convert_weights(
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io_err("create the weights directory"))?;
     }
-    let converted = convert_weights(kind, input, &output)
-        .map_err(|e| CliError::Io(format!("converting {}: {e}", input.display())))?;
+    let converted = convert_weights(kind, input, &output).map_err(|source| CliError::Convert {
+        path: input.to_path_buf(),
+        source: Box::new(source),
+    })?;
     outln!(
         "wrote {} ({} tensors; left out {} unused)",
         output.display(),
