@@ -8,7 +8,7 @@ use crate::cache::Record;
 use crate::hash::{self, Digest, DigestMemo, Hashed};
 use crate::key::{DepDigest, KeyManifest, KEY_SCHEMA};
 use crate::spec::{Action, Pipeline, Stage};
-use sdpipe_stages::api::{Fetch, StageError};
+use sdpipe_stages::api::{Fetch, Provenance, ProvenanceStage, StageError};
 use serde_json::Value as Json;
 
 /// A stage whose key is known.
@@ -17,8 +17,8 @@ pub struct Fingerprint {
     pub key: Digest,
     /// Dependency name → absolute paths (for `${deps.x}` and `SDPIPE_DEP_X`).
     pub dep_paths: BTreeMap<String, Vec<PathBuf>>,
-    /// What the result derives from, for kinds that show it (`Null` for the others).
-    pub provenance: Json,
+    /// What the result derives from, for kinds that show it (`None` for the others).
+    pub provenance: Option<Provenance>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,9 +117,9 @@ pub fn fingerprint(
             let label = "<provenance>".to_string();
             let bytes = serde_json::to_vec(&without_timings(&provenance)).unwrap_or_default();
             deps.insert(label.clone(), DepDigest { path: label, digest: Digest::of_bytes(&bytes) });
-            provenance
+            Some(provenance)
         }
-        _ => Json::Null,
+        _ => None,
     };
 
     let manifest = KeyManifest {
@@ -139,30 +139,34 @@ pub fn fingerprint(
 
 /// Every ancestor of `stage` with a result, in pipeline order: what it is, its parameters, its
 /// key and how long its result took to compute.
-fn provenance(pipeline: &Pipeline, stage: &Stage, upstream: &HashMap<String, Record>) -> Json {
+fn provenance(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    upstream: &HashMap<String, Record>,
+) -> Provenance {
     let ancestors = pipeline.with_upstream(std::slice::from_ref(&stage.name));
-    let stages: Vec<Json> = ancestors
+    let stages = ancestors
         .iter()
         .filter(|name| **name != stage.name)
         .filter_map(|name| {
             let (s, record) = (pipeline.stages.get(name)?, upstream.get(name)?);
-            Some(serde_json::json!({
-                "name": name,
-                "kind": s.action.kind_name(),
-                "version": s.action.kind_version(),
-                "params": s.params,
-                "key": record.key.to_hex(),
-                "seconds": record.duration_ms as f64 / 1000.0,
-                "point": s.point.as_ref().map(|p| p.label.clone()).unwrap_or_default(),
-            }))
+            Some(ProvenanceStage {
+                name: name.clone(),
+                kind: s.action.kind_name().to_string(),
+                version: s.action.kind_version(),
+                params: s.params.clone(),
+                key: record.key.to_hex(),
+                seconds: record.duration_ms as f64 / 1000.0,
+                point: s.point.as_ref().map(|p| p.label.clone()).unwrap_or_default(),
+            })
         })
         .collect();
-    serde_json::json!({ "stages": stages })
+    Provenance { stages }
 }
 
-/// `provenance` without its stages' compute times.
-fn without_timings(provenance: &Json) -> Json {
-    let mut p = provenance.clone();
+/// `provenance` without its stages' compute times, as the JSON the key hashes.
+fn without_timings(provenance: &Provenance) -> Json {
+    let mut p = serde_json::to_value(provenance).unwrap_or_default();
     for stage in p["stages"].as_array_mut().into_iter().flatten() {
         if let Some(fields) = stage.as_object_mut() {
             fields.remove("seconds");

@@ -38,8 +38,8 @@ pub struct Job<'a> {
     pub params: &'a Params,
     /// Input name → path of its read-only view in scratch.
     pub inputs: BTreeMap<String, PathBuf>,
-    /// The stage's provenance for kinds that want it (`Null` otherwise).
-    pub provenance: Json,
+    /// The stage's provenance for kinds that want it (`None` otherwise).
+    pub provenance: Option<sdpipe_stages::api::Provenance>,
     /// Dependency name → absolute paths (one for files and directories, the matches for globs).
     pub deps: BTreeMap<String, Vec<PathBuf>>,
     /// The project directory (the pipeline's directory), offered to shell commands.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sdpipe_stages::api::{
-    CancelToken, GatheredInput, Params, Progress, StageContext, StageError, StageKind,
+    CancelToken, GatheredInput, Params, Progress, Provenance, StageContext, StageError, StageKind,
 };
 use sdpipe_stages::device::DeviceChoice;
 use serde::{Deserialize, Serialize};
@@ -66,7 +66,7 @@ pub enum Work {
         /// Path parameter name → absolute path in the project.
         paths: BTreeMap<String, PathBuf>,
         gathered: BTreeMap<String, Vec<NodeGathered>>,
-        provenance: Json,
+        provenance: Option<Provenance>,
     },
 }
 
@@ -259,6 +259,7 @@ fn run_kind(
             (name.clone(), points)
         })
         .collect();
+    let empty = Provenance::default();
     let mut ctx = StageContext {
         stage: &job.stage,
         params,
@@ -273,7 +274,7 @@ fn run_kind(
         progress,
         cancel,
         gathered: &gathered,
-        provenance,
+        provenance: provenance.as_ref().unwrap_or(&empty),
     };
     // Keep the kind's thread pools within the granted threads.
     let pool = rayon::ThreadPoolBuilder::new()

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use crate::device::DeviceChoice;
@@ -281,10 +282,35 @@ pub struct StageContext<'a> {
     /// sweep point that reaches it. Empty otherwise. [`StageContext::input_points`] reads both.
     pub gathered: &'a BTreeMap<String, Vec<GatheredInput>>,
     /// What this stage's result derives from, for kinds whose [`StageKind::wants_provenance`] is
-    /// true (`Null` for the others): `{"stages": [{"name", "kind", "version", "params", "key",
-    /// "seconds", "cached"}...]}` over every upstream stage, in pipeline order. It is part of the
-    /// stage's key, so a report never shows another run's provenance.
-    pub provenance: &'a Value,
+    /// true (empty for the others). Its keys are part of the stage's key, so a report never
+    /// shows another run's provenance.
+    pub provenance: &'a Provenance,
+}
+
+/// What a stage's result derives from: every upstream stage that has a result, in pipeline
+/// order. Serialised (as `{"stages": [...]}`) into cluster job files and, without the compute
+/// times, into the stage's key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub stages: Vec<ProvenanceStage>,
+}
+
+/// One upstream stage of a [`Provenance`]. The field order is the serialised order, which the
+/// key hashes: keep it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProvenanceStage {
+    /// Its instance name (`finetune@learning_rate=3e-05` in a sweep).
+    pub name: String,
+    pub kind: String,
+    pub version: u32,
+    /// Resolved parameters, defaults included.
+    pub params: BTreeMap<String, Value>,
+    /// Its stage key (hex).
+    pub key: String,
+    /// How long its result took to compute (when it was computed, not when it was reused).
+    pub seconds: f64,
+    /// The sweep point it belongs to; empty when shared by every point.
+    pub point: String,
 }
 
 /// One sweep point's binding of a gathered input.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::api::{
-    CancelToken, GatheredInput, NoProgress, Params, StageContext, StageError, StageKind,
+    CancelToken, GatheredInput, NoProgress, Params, Provenance, StageContext, StageError, StageKind,
 };
 use crate::device::DeviceChoice;
 
@@ -47,7 +47,7 @@ pub struct Harness {
     /// same kind tests run on whatever device a machine offers.
     pub device: DeviceChoice,
     pub gathered: BTreeMap<String, Vec<GatheredInput>>,
-    pub provenance: Value,
+    pub provenance: Provenance,
     /// Everything the stage wrote to its log.
     pub log: Vec<u8>,
 }
@@ -70,7 +70,7 @@ impl Harness {
             threads: 1,
             device: test_device(),
             gathered: BTreeMap::new(),
-            provenance: Value::Null,
+            provenance: Provenance::default(),
             log: Vec::new(),
         }
     }
@@ -86,8 +86,10 @@ impl Harness {
         self
     }
 
+    /// The provenance as the engine would pass it, from its JSON form (`{"stages": [...]}`).
     pub fn provenance(mut self, provenance: Value) -> Self {
-        self.provenance = provenance;
+        self.provenance =
+            serde_json::from_value(provenance).expect("a provenance in the engine's shape");
         self
     }
 

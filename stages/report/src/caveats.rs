@@ -11,6 +11,7 @@ use crate::format;
 use crate::models::Model;
 use crate::provenance;
 use crate::section::Section;
+use sdpipe_stages::api::Provenance;
 
 /// Inception pool features: the dimension of FID's covariance matrices.
 const DEFAULT_FID_DIMS: u64 = 2048;
@@ -29,7 +30,7 @@ const SAMPLING_PARAMS: [&str; 9] = [
     "precision",
 ];
 
-pub fn build(models: &[Model], provenance: &Value, notes: Vec<String>) -> Option<Section> {
+pub fn build(models: &[Model], provenance: &Provenance, notes: Vec<String>) -> Option<Section> {
     let mut items = Vec::new();
     fid_sample_size(models, &mut items);
     cmmd_meaning(models, &mut items);
@@ -255,7 +256,7 @@ fn intervals(models: &[Model], items: &mut Vec<String>) {
     }
 }
 
-fn sampling(models: &[Model], provenance: &Value, items: &mut Vec<String>) {
+fn sampling(models: &[Model], provenance: &Provenance, items: &mut Vec<String>) {
     // Sampler settings, from the sample stages' parameters.
     let settings: Vec<(String, Map<String, Value>)> = provenance::sample_settings(provenance)
         .into_iter()

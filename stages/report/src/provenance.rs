@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use sdpipe_stages::api::Provenance;
 use serde_json::{json, Map, Value};
 
 use crate::format::{self, Align, Table};
@@ -18,38 +19,41 @@ struct Stage<'a> {
     name: &'a str,
     kind: &'a str,
     version: Option<u64>,
-    params: Option<&'a Map<String, Value>>,
+    params: Option<&'a BTreeMap<String, Value>>,
     key: &'a str,
     seconds: Option<f64>,
     point: &'a str,
 }
 
-fn stages(provenance: &Value) -> Vec<Stage<'_>> {
-    let list = provenance.get("stages").and_then(Value::as_array);
-    list.into_iter()
-        .flatten()
+fn stages(provenance: &Provenance) -> Vec<Stage<'_>> {
+    provenance
+        .stages
+        .iter()
         .map(|s| Stage {
-            name: s.get("name").and_then(Value::as_str).unwrap_or("?"),
-            kind: s.get("kind").and_then(Value::as_str).unwrap_or("?"),
-            version: s.get("version").and_then(Value::as_u64),
-            params: s.get("params").and_then(Value::as_object),
-            key: s.get("key").and_then(Value::as_str).unwrap_or(""),
-            seconds: s.get("seconds").and_then(Value::as_f64),
-            point: s.get("point").and_then(Value::as_str).unwrap_or(""),
+            name: &s.name,
+            kind: &s.kind,
+            version: Some(u64::from(s.version)),
+            params: Some(&s.params),
+            key: &s.key,
+            seconds: Some(s.seconds),
+            point: &s.point,
         })
         .collect()
 }
 
 /// The stages of sample kind, with the point they belong to, for the caveats' sampler notes.
-pub fn sample_settings(provenance: &Value) -> Vec<(String, Map<String, Value>)> {
+pub fn sample_settings(provenance: &Provenance) -> Vec<(String, Map<String, Value>)> {
     stages(provenance)
         .into_iter()
         .filter(|s| s.kind == "sample")
-        .map(|s| (s.name.to_string(), s.params.cloned().unwrap_or_default()))
+        .map(|s| {
+            let params = s.params.into_iter().flatten().map(|(k, v)| (k.clone(), v.clone()));
+            (s.name.to_string(), params.collect())
+        })
         .collect()
 }
 
-pub fn build(provenance: &Value, models: &[Model]) -> Option<Section> {
+pub fn build(provenance: &Provenance, models: &[Model]) -> Option<Section> {
     let all = stages(provenance);
     if all.is_empty() {
         return None;
