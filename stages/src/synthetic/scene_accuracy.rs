@@ -36,7 +36,8 @@ impl StageKind for SceneAccuracy {
 
     fn version(&self) -> u32 {
         // 2: colours judged against every style's references, and the style judged.
-        2
+        // 3: the dusk references follow the synthetic kind's new dusk grade (its version 2).
+        3
     }
 
     fn doc(&self) -> &'static str {
