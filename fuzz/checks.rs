@@ -61,7 +61,7 @@ pub fn pipeline(data: &[u8]) {
 
 /// Read `data` as an Unsplash Lite `photos` shard.
 pub fn tsv(data: &[u8]) {
-    if let Err(message) = sdpipe_stages::unsplash::fuzz_read_shard(data) {
+    if let Err(message) = sdpipe_data::unsplash::fuzz_read_shard(data) {
         assert!(message.contains("photos.tsv000"), "the error names the shard: {message}");
     }
 }

@@ -1,12 +1,13 @@
-//! The stage kinds the `sdpipe` binary knows: the data kinds of `sdpipe-stages` plus one crate
-//! per ML area. The engine itself only ever sees the [`Registry`].
+//! The stage kinds the `sdpipe` binary knows: the data kinds (`sdpipe-data`) plus one crate per
+//! ML area. The engine itself only ever sees the [`Registry`].
 
 use sdpipe_stages::api::Registry;
 
 /// Every built-in kind.
 pub fn builtin() -> Registry {
-    let mut registry = sdpipe_stages::builtin();
+    let mut registry = Registry::new();
     let crates = [
+        sdpipe_data::kinds(),
         sdpipe_caption::kinds(),
         sdpipe_diffusion::kinds(),
         sdpipe_train::kinds(),

@@ -23,10 +23,10 @@ use crate::common;
 use common::*;
 
 #[allow(dead_code)]
-#[path = "../../stages/tests/support/http_server.rs"]
+#[path = "../../stages/data/tests/support/http_server.rs"]
 mod http_server;
 #[allow(dead_code)]
-#[path = "../../stages/tests/support/unsplash_fixture.rs"]
+#[path = "../../stages/data/tests/support/unsplash_fixture.rs"]
 mod unsplash_fixture;
 
 use std::collections::BTreeMap;

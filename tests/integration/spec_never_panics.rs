@@ -4,7 +4,7 @@ use proptest::prelude::*;
 use sdpipe::spec::Pipeline;
 
 fn check(text: String) {
-    let registry = sdpipe_stages::builtin();
+    let registry = sdpipe::kinds::builtin();
     let dir = std::env::temp_dir();
     let _ = Pipeline::from_source(&dir.join("fuzz.yaml"), "fuzz.yaml".into(), text, &registry, &[]);
 }
@@ -47,7 +47,7 @@ fn deep_nesting_is_an_error_not_a_stack_overflow() {
 
 #[test]
 fn huge_numbers_are_rejected_cleanly() {
-    let registry = sdpipe_stages::builtin();
+    let registry = sdpipe::kinds::builtin();
     let text = "stages:\n  d:\n    uses: synthetic\n    with: {count: 99999999999999999999999}\n"
         .to_string();
     let err = Pipeline::from_source(

@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
+use sdpipe_data::imagefolder::ImageFolder;
+use sdpipe_data::synthetic::Synthetic;
 use sdpipe_diffusion::{write_tiny, TinySpec};
-use sdpipe_stages::imagefolder::ImageFolder;
-use sdpipe_stages::synthetic::Synthetic;
 use sdpipe_stages::testing::{params, Harness};
 use serde_json::{json, Value};
 

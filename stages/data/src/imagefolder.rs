@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::api::{
+use sdpipe_stages::api::{
     OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
 };
 
@@ -328,7 +328,7 @@ fn link_or_copy(src: &Path, dest: &Path) -> Result<(), StageError> {
 mod tests {
     use super::*;
     use crate::synthetic::Synthetic;
-    use crate::testing::{self, Harness};
+    use sdpipe_stages::testing::{self, Harness};
 
     /// A synthetic dataset of `n` images, as the engine would hand it over.
     fn dataset(n: i64) -> Harness {

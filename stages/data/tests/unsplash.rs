@@ -10,10 +10,10 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use sdpipe_data::imagefolder::ImageFolder;
+use sdpipe_data::unsplash::UnsplashLite;
 use sdpipe_stages::api::{Params, StageError};
-use sdpipe_stages::imagefolder::ImageFolder;
 use sdpipe_stages::testing::{self, Harness};
-use sdpipe_stages::unsplash::UnsplashLite;
 use serde_json::{json, Value};
 
 use unsplash_fixture::{Fixture, COLUMNS, OK_01_DESCRIPTION, OK_07_DESCRIPTION};

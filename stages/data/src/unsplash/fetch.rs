@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use super::http::{Cache, Client, FetchError};
 use super::verify;
-use crate::api::{CancelToken, Progress, StageError};
+use sdpipe_stages::api::{CancelToken, Progress, StageError};
 
 /// The largest image body accepted; a resized Unsplash JPEG is well under 1 MB.
 const MAX_IMAGE_BYTES: u64 = 64 << 20;

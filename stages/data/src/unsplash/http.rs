@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::api::CancelToken;
+use sdpipe_stages::api::CancelToken;
 
 /// How long a single try may take, and how often and how patiently to retry.
 #[derive(Debug, Clone)]

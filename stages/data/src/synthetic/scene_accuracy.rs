@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::judge::{judge, Judgement, References, PRESENT_FRACTION};
 use super::scene::Described;
-use crate::api::{
+use sdpipe_stages::api::{
     OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
 };
 
@@ -212,7 +212,7 @@ fn round(v: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::synthetic::Synthetic;
-    use crate::testing::{self, Harness};
+    use sdpipe_stages::testing::{self, Harness};
 
     /// The synthetic kind's own images as "samples" of their captions; `shift` pairs image i
     /// with caption i + shift (0: the true captions).

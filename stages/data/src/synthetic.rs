@@ -23,11 +23,11 @@ use image::codecs::jpeg::JpegEncoder;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::api::{
-    OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
-};
 use render::render;
 use scene::{Scene, Style};
+use sdpipe_stages::api::{
+    OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
+};
 
 /// Output paths, relative to the stage's output directory (the download stage's layout).
 const IMAGES: &str = "images";
@@ -238,8 +238,8 @@ mod tests {
     use super::render::PixelShape;
     use super::scene::{Relation, Shape, PALETTE};
     use super::*;
-    use crate::api::{CancelToken, Params};
-    use crate::testing::{self, Harness};
+    use sdpipe_stages::api::{CancelToken, Params};
+    use sdpipe_stages::testing::{self, Harness};
 
     fn params(overrides: &[(&str, Value)]) -> Params {
         testing::params(&Synthetic, overrides)

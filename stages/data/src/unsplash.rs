@@ -28,12 +28,12 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::api::{
-    human_bytes, OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
-};
 use fetch::{Downloader, Job, Outcome};
 use http::{Budget, Cache, Client, FetchError, Policy};
 use release::Release;
+use sdpipe_stages::api::{
+    human_bytes, OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
+};
 use select::{Sample, Selection, Spec};
 use tsv::Photo;
 
