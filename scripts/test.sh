@@ -13,6 +13,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# With RUST_BACKTRACE set (CI sets it), candle captures and symbolises a backtrace inside every
+# error it creates, which the ML crates' tests of refused input do by the hundred, in-process.
+# Panics keep their backtraces; library errors need none (the sdpipe binary does the same).
+export RUST_LIB_BACKTRACE="${RUST_LIB_BACKTRACE:-0}"
+
 # A feature nobody compiles rots, so the `cuda` feature is compiled too. Most of its cost is
 # nvcc building candle's PTX kernels (about 9 CPU-minutes from a fresh target folder), so it
 # runs in the background at the lowest priority while the tests run, taking the CPU time they
