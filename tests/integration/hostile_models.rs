@@ -280,10 +280,15 @@ fn replay(corpus: &Corpus) {
     p.write("hostile.yaml", &pipeline);
 
     let started = Instant::now();
-    // As a user debugging a failure would run it: with RUST_BACKTRACE set, which must neither
-    // bury the cause under library frames nor slow the refusal down.
+    // As a user debugging a failure would run it: with RUST_BACKTRACE set (and no
+    // RUST_LIB_BACKTRACE, which scripts/test.sh sets), which must neither bury the cause under
+    // library frames nor slow the refusal down.
     let (summary, code) =
-        json_of(p.cmd().env("RUST_BACKTRACE", "1").args(["run", "hostile.yaml", "--json"]));
+        json_of(p.cmd().env("RUST_BACKTRACE", "1").env_remove("RUST_LIB_BACKTRACE").args([
+            "run",
+            "hostile.yaml",
+            "--json",
+        ]));
     let elapsed = started.elapsed();
     assert_eq!(code, 1, "{summary:#}");
     assert_eq!(state_of(&summary, "base"), "ran", "the base model runs: {summary:#}");
