@@ -47,6 +47,48 @@ pub fn check_each(key: &str, values: &[usize], max: usize) -> Result<(), String>
     Ok(())
 }
 
+/// The sizes of a transformer text tower (`text_config` of a BLIP or CLIP `config.json`).
+pub struct TextTower {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+}
+
+/// The sizes of a vision transformer (`vision_config` of a BLIP or CLIP `config.json`).
+pub struct VisionTower {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+}
+
+/// Every size of both towers within the caps, named by its `text_config.` / `vision_config.`
+/// key, checked in that order.
+pub fn check_towers(t: &TextTower, v: &VisionTower) -> Result<(), String> {
+    for (key, value, max) in [
+        ("text_config.vocab_size", t.vocab_size, MAX_VOCAB),
+        ("text_config.hidden_size", t.hidden_size, MAX_CHANNELS),
+        ("text_config.intermediate_size", t.intermediate_size, 4 * MAX_CHANNELS),
+        ("text_config.num_hidden_layers", t.num_hidden_layers, MAX_LAYERS),
+        ("text_config.num_attention_heads", t.num_attention_heads, MAX_CHANNELS),
+        ("text_config.max_position_embeddings", t.max_position_embeddings, MAX_POSITIONS),
+        ("vision_config.hidden_size", v.hidden_size, MAX_CHANNELS),
+        ("vision_config.intermediate_size", v.intermediate_size, 4 * MAX_CHANNELS),
+        ("vision_config.num_hidden_layers", v.num_hidden_layers, MAX_LAYERS),
+        ("vision_config.num_attention_heads", v.num_attention_heads, MAX_CHANNELS),
+        ("vision_config.image_size", v.image_size, MAX_IMAGE_SIZE),
+        ("vision_config.patch_size", v.patch_size, MAX_IMAGE_SIZE),
+    ] {
+        check(key, value, max)?;
+    }
+    Ok(())
+}
+
 fn within(label: &str, value: usize, max: usize) -> Result<(), String> {
     if value == 0 || value > max {
         return Err(format!(

@@ -145,22 +145,24 @@ impl BlipConfig {
         use sdpipe_stages::limits::*;
         let t = &self.text_config;
         let v = &self.vision_config;
-        for (key, value, max) in [
-            ("text_config.vocab_size", t.vocab_size, MAX_VOCAB),
-            ("text_config.hidden_size", t.hidden_size, MAX_CHANNELS),
-            ("text_config.intermediate_size", t.intermediate_size, 4 * MAX_CHANNELS),
-            ("text_config.num_hidden_layers", t.num_hidden_layers, MAX_LAYERS),
-            ("text_config.num_attention_heads", t.num_attention_heads, MAX_CHANNELS),
-            ("text_config.max_position_embeddings", t.max_position_embeddings, MAX_POSITIONS),
-            ("vision_config.hidden_size", v.hidden_size, MAX_CHANNELS),
-            ("vision_config.intermediate_size", v.intermediate_size, 4 * MAX_CHANNELS),
-            ("vision_config.num_hidden_layers", v.num_hidden_layers, MAX_LAYERS),
-            ("vision_config.num_attention_heads", v.num_attention_heads, MAX_CHANNELS),
-            ("vision_config.image_size", v.image_size, MAX_IMAGE_SIZE),
-            ("vision_config.patch_size", v.patch_size, MAX_IMAGE_SIZE),
-        ] {
-            check(key, value, max)?;
-        }
+        check_towers(
+            &TextTower {
+                vocab_size: t.vocab_size,
+                hidden_size: t.hidden_size,
+                intermediate_size: t.intermediate_size,
+                num_hidden_layers: t.num_hidden_layers,
+                num_attention_heads: t.num_attention_heads,
+                max_position_embeddings: t.max_position_embeddings,
+            },
+            &VisionTower {
+                hidden_size: v.hidden_size,
+                intermediate_size: v.intermediate_size,
+                num_hidden_layers: v.num_hidden_layers,
+                num_attention_heads: v.num_attention_heads,
+                image_size: v.image_size,
+                patch_size: v.patch_size,
+            },
+        )?;
         let patches = (v.image_size / v.patch_size).pow(2);
         if patches > MAX_POSITIONS {
             return Err(format!(
