@@ -30,9 +30,10 @@ use candle_transformers::models::clip::text_model::{
 use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
 use image::RgbImage;
 use sdpipe_hub::{HubConfig, ResolvedModel, Want};
-use sdpipe_stages::api::{Fetch, StageError};
+use sdpipe_stages::api::{Fetch, ParamSpec, ParamType, Params, StageError};
 use sdpipe_stages::pillow::{resize_rgb, Filter};
 use serde::Deserialize;
+use serde_json::{json, Value};
 
 pub const CONFIG: &str = "config.json";
 pub const WEIGHTS: &str = "model.safetensors";
@@ -83,6 +84,45 @@ pub fn resolve(
     let config = hub.cloned().unwrap_or_else(HubConfig::from_env);
     sdpipe_stages::model_fetch::resolve(&config, model, revision, wants, fetch)
         .map_err(|e| sdpipe_stages::model_fetch::stage_error(e, WEIGHTS))
+}
+
+/// The model a CLIP kind's `model` and `revision` parameters name ([`model_params`]; the
+/// fallbacks only matter for a map validation did not fill), resolved as `fetch` allows.
+pub fn resolve_params(
+    hub: Option<&HubConfig>,
+    params: &Params,
+    default_model: &str,
+    wants: &[Want<'_>],
+    fetch: Fetch,
+) -> Result<ResolvedModel, StageError> {
+    let model = params.get("model").and_then(Value::as_str).unwrap_or(default_model);
+    let revision = params.get("revision").and_then(Value::as_str).unwrap_or("main");
+    resolve(hub, model, revision, wants, fetch)
+}
+
+/// How a resolved model is named in `metrics.json`: the repository at its commit, or the
+/// local folder's name (never a machine-specific path; the key holds the files' content).
+pub fn describe_model(resolved: &ResolvedModel) -> String {
+    match (&resolved.repo, &resolved.commit) {
+        (Some(repo), Some(commit)) => format!("{repo}@{commit}"),
+        (Some(repo), None) => repo.clone(),
+        _ => crate::stage_common::file_name(&resolved.root),
+    }
+}
+
+/// The parameters every CLIP kind takes: the model (`doc` says which kind of CLIP it needs),
+/// its revision and the batch size.
+pub fn model_params(default_model: &'static str, doc: &'static str) -> Vec<ParamSpec> {
+    vec![
+        ParamSpec::optional("model", ParamType::String, json!(default_model), doc),
+        ParamSpec::optional(
+            "revision",
+            ParamType::String,
+            json!("main"),
+            "Branch, tag or commit of a hub model.",
+        ),
+        crate::stage_common::batch_size_param(8),
+    ]
 }
 
 /// A resolved model's files as the stage key's external dependencies (`model/<name>`).
@@ -198,23 +238,25 @@ impl ClipConfig {
         }
         let t = &self.text_config;
         let v = &self.vision_config;
-        for (key, value, max) in [
-            ("text_config.vocab_size", t.vocab_size, MAX_VOCAB),
-            ("text_config.hidden_size", t.hidden_size, MAX_CHANNELS),
-            ("text_config.intermediate_size", t.intermediate_size, 4 * MAX_CHANNELS),
-            ("text_config.num_hidden_layers", t.num_hidden_layers, MAX_LAYERS),
-            ("text_config.num_attention_heads", t.num_attention_heads, MAX_CHANNELS),
-            ("text_config.max_position_embeddings", t.max_position_embeddings, MAX_POSITIONS),
-            ("vision_config.hidden_size", v.hidden_size, MAX_CHANNELS),
-            ("vision_config.intermediate_size", v.intermediate_size, 4 * MAX_CHANNELS),
-            ("vision_config.num_hidden_layers", v.num_hidden_layers, MAX_LAYERS),
-            ("vision_config.num_attention_heads", v.num_attention_heads, MAX_CHANNELS),
-            ("vision_config.image_size", v.image_size, MAX_IMAGE_SIZE),
-            ("vision_config.patch_size", v.patch_size, MAX_IMAGE_SIZE),
-            ("projection_dim", self.projection_dim, MAX_CHANNELS),
-        ] {
-            check(key, value, max)?;
-        }
+        check_towers(
+            &TextTower {
+                vocab_size: t.vocab_size,
+                hidden_size: t.hidden_size,
+                intermediate_size: t.intermediate_size,
+                num_hidden_layers: t.num_hidden_layers,
+                num_attention_heads: t.num_attention_heads,
+                max_position_embeddings: t.max_position_embeddings,
+            },
+            &VisionTower {
+                hidden_size: v.hidden_size,
+                intermediate_size: v.intermediate_size,
+                num_hidden_layers: v.num_hidden_layers,
+                num_attention_heads: v.num_attention_heads,
+                image_size: v.image_size,
+                patch_size: v.patch_size,
+            },
+        )?;
+        check("projection_dim", self.projection_dim, MAX_CHANNELS)?;
         if !t.hidden_size.is_multiple_of(t.num_attention_heads)
             || !v.hidden_size.is_multiple_of(v.num_attention_heads)
         {

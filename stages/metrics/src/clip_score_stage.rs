@@ -16,13 +16,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use sdpipe_hub::{HubConfig, ResolvedModel};
+use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
     Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
     StageKind,
 };
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::clip::{self, Clip, ModelFiles};
 use crate::images;
@@ -108,29 +108,6 @@ pub fn read_pairs(images: &Path, listing: &Path) -> Result<Vec<Pair>, StageError
     Ok(pairs)
 }
 
-/// How a resolved model is named in `metrics.json`: the repository at its commit, or the
-/// local folder's name (never a machine-specific path; the key holds the files' content).
-pub fn describe_model(resolved: &ResolvedModel) -> String {
-    match (&resolved.repo, &resolved.commit) {
-        (Some(repo), Some(commit)) => format!("{repo}@{commit}"),
-        (Some(repo), None) => repo.clone(),
-        _ => common::file_name(&resolved.root),
-    }
-}
-
-pub fn model_params(default_model: &'static str, doc: &'static str) -> Vec<ParamSpec> {
-    vec![
-        ParamSpec::optional("model", ParamType::String, json!(default_model), doc),
-        ParamSpec::optional(
-            "revision",
-            ParamType::String,
-            json!("main"),
-            "Branch, tag or commit of a hub model.",
-        ),
-        common::batch_size_param(8),
-    ]
-}
-
 impl StageKind for ClipScore {
     fn name(&self) -> &'static str {
         "clip-score"
@@ -166,7 +143,7 @@ impl StageKind for ClipScore {
                  lines), or {file_name, text} lines; file names are relative to `samples`.",
             ),
         ];
-        params.extend(model_params(
+        params.extend(clip::model_params(
             DEFAULT_MODEL,
             "Hub repository id or local folder of a CLIP model (CLIPModel, transformers layout: \
              config.json, model.safetensors, tokenizer.json, preprocessor_config.json).",
@@ -206,10 +183,9 @@ impl StageKind for ClipScore {
         params: &Params,
         fetch: Fetch,
     ) -> Result<BTreeMap<String, PathBuf>, StageError> {
-        let model = params.get("model").and_then(Value::as_str).unwrap_or(DEFAULT_MODEL);
-        let revision = params.get("revision").and_then(Value::as_str).unwrap_or("main");
+        let hub = self.hub.as_ref();
         let resolved =
-            clip::resolve(self.hub.as_ref(), model, revision, clip::WANTS_TEXT_AND_IMAGE, fetch)?;
+            clip::resolve_params(hub, params, DEFAULT_MODEL, clip::WANTS_TEXT_AND_IMAGE, fetch)?;
         Ok(clip::deps(resolved))
     }
 
@@ -220,14 +196,13 @@ impl StageKind for ClipScore {
 
 impl ClipScore {
     fn score(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let model: String = ctx.param("model")?;
         let revision: String = ctx.param("revision")?;
         let batch_size: usize = ctx.param("batch_size")?;
         let pairs = read_pairs(ctx.input("samples")?, ctx.input("samples_jsonl")?)?;
-        let resolved = clip::resolve(
+        let resolved = clip::resolve_params(
             self.hub.as_ref(),
-            &model,
-            &revision,
+            ctx.params,
+            DEFAULT_MODEL,
             clip::WANTS_TEXT_AND_IMAGE,
             Fetch::allowed(),
         )?;
@@ -300,7 +275,7 @@ impl ClipScore {
             "mean_clamped": mean_clamped,
             "n": scores.len(),
             "truncated": truncated,
-            "model": describe_model(&resolved),
+            "model": clip::describe_model(&resolved),
             "revision": revision,
             "image_size": size,
             "max_positions": max_positions,

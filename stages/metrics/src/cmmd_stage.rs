@@ -24,10 +24,9 @@ use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
     Fetch, OutputKind, OutputSpec, ParamSpec, Params, StageContext, StageError, StageKind,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::clip::{self, Clip, ModelFiles, ProcessorConfig};
-use crate::clip_score_stage::{describe_model, model_params};
 use crate::images::{self, Entry};
 use crate::mmd;
 use crate::stage_common as common;
@@ -63,7 +62,7 @@ impl StageKind for Cmmd {
 
     fn params(&self) -> Vec<ParamSpec> {
         let mut params = common::set_params();
-        params.extend(model_params(
+        params.extend(clip::model_params(
             DEFAULT_MODEL,
             "Hub repository id or local folder of a CLIP model (transformers layout: \
              config.json, model.safetensors, preprocessor_config.json); only its image tower \
@@ -92,9 +91,8 @@ impl StageKind for Cmmd {
         params: &Params,
         fetch: Fetch,
     ) -> Result<BTreeMap<String, PathBuf>, StageError> {
-        let model = params.get("model").and_then(Value::as_str).unwrap_or(DEFAULT_MODEL);
-        let revision = params.get("revision").and_then(Value::as_str).unwrap_or("main");
-        let resolved = clip::resolve(self.hub.as_ref(), model, revision, clip::WANTS_IMAGE, fetch)?;
+        let hub = self.hub.as_ref();
+        let resolved = clip::resolve_params(hub, params, DEFAULT_MODEL, clip::WANTS_IMAGE, fetch)?;
         Ok(clip::deps(resolved))
     }
 
@@ -109,13 +107,12 @@ impl Cmmd {
         let fake_split: String = ctx.param("fake_split")?;
         let real = images::list(ctx.input("real")?, &real_split, "real")?;
         let fake = images::list(ctx.input("fake")?, &fake_split, "fake")?;
-        let model: String = ctx.param("model")?;
         let revision: String = ctx.param("revision")?;
         let batch_size: usize = ctx.param("batch_size")?;
-        let resolved = clip::resolve(
+        let resolved = clip::resolve_params(
             self.hub.as_ref(),
-            &model,
-            &revision,
+            ctx.params,
+            DEFAULT_MODEL,
             clip::WANTS_IMAGE,
             Fetch::allowed(),
         )?;
@@ -140,7 +137,7 @@ impl Cmmd {
             "cmmd": value,
             "n_real": real.len(),
             "n_fake": fake.len(),
-            "model": describe_model(&resolved),
+            "model": clip::describe_model(&resolved),
             "revision": revision,
             "image_size": size,
             "sigma": mmd::SIGMA,
