@@ -103,19 +103,21 @@ pub fn show_table(mut rows: Vec<Row>, opts: &ShowOptions) -> Result<Table, Strin
             r.metrics.get(&name).copied().or_else(|| r.params.get(&name).and_then(Json::as_f64))
         };
         let text_key = |r: &Row| r.params.get(&name).map(cell);
-        rows.sort_by(|a, b| {
-            let ord = match (sort_key(a), sort_key(b)) {
-                (Some(x), Some(y)) => x.total_cmp(&y),
-                _ => text_key(a).cmp(&text_key(b)),
-            };
-            if opts.descending {
-                ord.reverse()
-            } else {
-                ord
-            }
-        });
         // Rows without the column go last either way.
-        rows.sort_by_key(|r| !r.metrics.contains_key(&name) && !r.params.contains_key(&name));
+        let missing = |r: &Row| !r.metrics.contains_key(&name) && !r.params.contains_key(&name);
+        rows.sort_by(|a, b| {
+            missing(a).cmp(&missing(b)).then_with(|| {
+                let ord = match (sort_key(a), sort_key(b)) {
+                    (Some(x), Some(y)) => x.total_cmp(&y),
+                    _ => text_key(a).cmp(&text_key(b)),
+                };
+                if opts.descending {
+                    ord.reverse()
+                } else {
+                    ord
+                }
+            })
+        });
     }
 
     let sweep = rows.iter().any(|r| !r.point.is_empty());
