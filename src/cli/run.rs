@@ -34,17 +34,17 @@ pub(super) fn install_interrupt_handler() -> CancelToken {
 
 /// The run's table, totals and outputs; with `quiet`, only its failures.
 pub(super) fn print_run(summary: &Summary, project: &Project, quiet: bool) {
-    let width = summary.stages.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
-    for s in summary.stages.iter().filter(|_| !quiet) {
-        let why = s.reasons.iter().map(|r| r.message.as_str()).collect::<Vec<_>>().join("; ");
-        let why = if s.state == State::Ran { why } else { String::new() };
-        let word = match (s.state, s.remote) {
-            (State::Cached, Some(RemoteState::Pulled)) => "pulled",
-            (state, _) => state_word(state),
-        };
-        outln!("{:width$}  {:8} {:>7}  {}", s.name, word, seconds(s.duration_ms), why);
-    }
     if !quiet {
+        let width = summary.stages.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
+        for s in &summary.stages {
+            let why = s.reasons.iter().map(|r| r.message.as_str()).collect::<Vec<_>>().join("; ");
+            let why = if s.state == State::Ran { why } else { String::new() };
+            let word = match (s.state, s.remote) {
+                (State::Cached, Some(RemoteState::Pulled)) => "pulled",
+                (state, _) => state_word(state),
+            };
+            outln!("{:width$}  {:8} {:>7}  {}", s.name, word, seconds(s.duration_ms), why);
+        }
         outln!(
             "{} ran, {} cached, {} failed, {} skipped in {}",
             summary.count(State::Ran),
