@@ -73,16 +73,12 @@ pub struct StageEntry {
 }
 
 impl RunEntry {
-    /// What `summary` (a finished run of `pipeline`) computed. Metrics are read from the
-    /// materialised `metrics` outputs of the stages that ran or came from the cache.
+    /// What `summary` (a finished run of `pipeline`) computed, without its metrics
+    /// ([`RunEntry::read_metrics`] adds them).
     pub fn of_run(pipeline: &Pipeline, pipeline_rel: &str, summary: &Summary) -> RunEntry {
         let mut stages = BTreeMap::new();
         for s in &summary.stages {
             let Some(stage) = pipeline.stages.get(&s.name) else { continue };
-            let metrics = match (s.state, s.outputs.get(METRICS_OUTPUT)) {
-                (State::Ran | State::Cached, Some(path)) => read_metrics(Path::new(path)),
-                _ => BTreeMap::new(),
-            };
             let state = serde_json::to_value(s.state)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
@@ -95,7 +91,7 @@ impl RunEntry {
                     key: s.key.clone(),
                     state,
                     params: stage.params.clone(),
-                    metrics,
+                    metrics: BTreeMap::new(),
                 },
             );
         }
@@ -132,6 +128,21 @@ impl RunEntry {
             ok: summary.ok,
             points,
             stages,
+        }
+    }
+
+    /// The metrics of every stage of `summary` that ran or came from the cache, read from its
+    /// materialised `metrics` output.
+    pub fn read_metrics(&mut self, summary: &Summary) {
+        for s in &summary.stages {
+            let (Some(entry), Some(path)) =
+                (self.stages.get_mut(&s.name), s.outputs.get(METRICS_OUTPUT))
+            else {
+                continue;
+            };
+            if matches!(s.state, State::Ran | State::Cached) {
+                entry.metrics = read_metrics(Path::new(path));
+            }
         }
     }
 
@@ -184,18 +195,24 @@ impl Journal {
         Journal { dir: cache_dir.join("journal").join(&id[..16]) }
     }
 
-    /// Add `entry` unless the newest entry computed the same keys with the same outcome.
-    /// Returns whether it was written.
-    pub fn append(&self, entry: &RunEntry) -> io::Result<bool> {
+    /// Add `entry`, whole (a temporary file, then a rename), unless the newest entry computed
+    /// the same keys with the same outcome; `complete` fills in first what only a written entry
+    /// needs (its metrics: a no-op rerun reads none). Returns whether it was written.
+    pub fn append(
+        &self,
+        mut entry: RunEntry,
+        complete: impl FnOnce(&mut RunEntry),
+    ) -> io::Result<bool> {
         let newest = self.files()?.pop().and_then(|path| read_entry(&path));
         if newest.is_some_and(|n| n.keys() == entry.keys() && n.ok == entry.ok) {
             return Ok(false);
         }
+        complete(&mut entry);
         std::fs::create_dir_all(&self.dir)?;
         // Named by when it was written, to the nanosecond: runs a second apart stay in order.
         let name = format!("{:020}-{}.json", crate::hash::now_ns(), entry.id);
         let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(entry)?)?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&entry)?)?;
         std::fs::rename(&tmp, self.dir.join(name))?;
         Ok(true)
     }
@@ -310,11 +327,11 @@ mod tests {
     fn a_rerun_with_the_same_keys_adds_no_entry() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::new(dir.path(), "p.yaml");
-        assert!(journal.append(&entry("aaaa0001", "k1")).unwrap());
-        assert!(!journal.append(&entry("aaaa0002", "k1")).unwrap());
+        assert!(journal.append(entry("aaaa0001", "k1"), |_| {}).unwrap());
+        assert!(!journal.append(entry("aaaa0002", "k1"), |_| {}).unwrap());
         let mut changed = entry("aaaa0003", "k2");
         changed.started_at = 2;
-        assert!(journal.append(&changed).unwrap());
+        assert!(journal.append(changed, |_| {}).unwrap());
         let ids: Vec<String> = journal.entries().unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(ids, ["aaaa0001", "aaaa0003"]);
     }
@@ -323,13 +340,13 @@ mod tests {
     fn an_unreadable_entry_is_skipped_and_the_others_remain() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::new(dir.path(), "p.yaml");
-        journal.append(&entry("aaaa0001", "k1")).unwrap();
+        journal.append(entry("aaaa0001", "k1"), |_| {}).unwrap();
         std::fs::write(journal.dir.join("99999999999999999999-torn.json"), b"{\"schema\": 1, ")
             .unwrap();
         let ids: Vec<String> = journal.entries().unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(ids, ["aaaa0001"]);
         // The torn newest entry is no reason to skip recording the next run.
-        assert!(journal.append(&entry("aaaa0002", "k1")).unwrap());
+        assert!(journal.append(entry("aaaa0002", "k1"), |_| {}).unwrap());
     }
 
     #[test]

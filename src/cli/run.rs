@@ -10,7 +10,8 @@ pub(super) fn record_run(l: &Loaded, summary: &Summary) {
     }
     let entry = journal::RunEntry::of_run(&l.pipeline, &l.project.pipeline_rel, summary);
     let journal = journal::Journal::new(&l.project.cache_dir, &l.project.pipeline_rel);
-    if let Err(e) = journal.append(&entry) {
+    let recorded = journal.append(entry, |entry| entry.read_metrics(summary));
+    if let Err(e) = recorded {
         tracing::warn!("could not record the run for `sdpipe exp show`: {e}");
     }
 }
