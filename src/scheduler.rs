@@ -276,9 +276,7 @@ impl Engine<'_> {
                 // A record the local lookup found is in the history already; one from
                 // elsewhere (the remote) is noted here.
                 if !found_locally {
-                    if let Err(e) = self.cache.with_index(|i| {
-                        i.commit(&record, &identity, &self.pipeline.file.to_string_lossy())
-                    }) {
+                    if let Err(e) = self.cache.with_index(|i| i.commit(&record, &identity, &file)) {
                         tracing::warn!("could not update history of {}: {e}", stage.name);
                     }
                 }
