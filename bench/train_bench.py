@@ -2,8 +2,12 @@
 """The PyTorch/diffusers side of docs/bench/train.md: seconds per optimiser step and peak RSS of
 the reference training step on a random UNet, one configuration per process.
 
-    python3 bench/train_bench.py <tiny|mid|sd15> <plain|checkpointing> <steps> <threads> \
-        [device] [no|fp16|bf16]
+    python3 bench/train_bench.py <tiny|mid|sd15> <MODE> <steps> <threads> [device] [no|fp16|bf16]
+
+MODE is `plain` or `checkpointing` (gradient checkpointing) for full finetuning, `lora-plain` or
+`lora-checkpointing` for LoRA as train_text_to_image_lora.py sets it up: peft adapters of rank 4
+(alpha 4, gaussian init) on to_q/to_k/to_v/to_out.0, the base frozen, AdamW (lr 1e-4) and
+clipping over the adapters only, no EMA (that script has none).
 
 On CUDA (scripts/gpu-check.sh) the step is timed after torch.cuda.synchronize(), and mixed
 precision is the diffusers recipe's: autocast around the forward, fp32 master weights and AdamW
@@ -76,11 +80,22 @@ def main():
     config, side = CONFIGS[name]
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, sample_size=side, **config)
     unet = unet.to(device).train()
-    if mode == "checkpointing":
+    lora = mode.startswith("lora-")
+    if mode.endswith("checkpointing"):
         unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
-    ema.to(device)
+    if lora:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4 if lora else 1e-5, betas=(0.9, 0.999),
+                                  weight_decay=1e-2, eps=1e-8)
+    ema = None
+    if not lora:
+        ema = EMAModel(params, model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema.to(device)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     latents = torch.randn(1, 4, side, side, device=device)
     noise = torch.randn(1, 4, side, side, device=device)
@@ -99,11 +114,12 @@ def main():
         loss = F.mse_loss(pred.float(), noise.float())
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad()
-        ema.step(unet.parameters())
+        if ema is not None:
+            ema.step(params)
         if cuda:
             torch.cuda.synchronize(device)
         if step > 0:
@@ -111,7 +127,8 @@ def main():
     times.sort()
     print(json.dumps({
         "impl": "diffusers", "config": name, "params": sum(p.numel() for p in unet.parameters()),
-        "latent": side, "checkpointing": mode == "checkpointing", "threads": threads, "steps": steps,
+        "trained_params": sum(p.numel() for p in params),
+        "latent": side, "checkpointing": mode.endswith("checkpointing"), "lora": lora, "threads": threads, "steps": steps,
         "device": str(device), "mixed_precision": precision,
         "median_s_per_step": round(times[len(times) // 2], 4),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -80,6 +80,15 @@ pub fn show_table(mut rows: Vec<Row>, opts: &ShowOptions) -> Result<Table, Strin
         rows.iter().flat_map(|r| r.metrics.keys().cloned()).collect();
     let param_names: BTreeSet<String> =
         rows.iter().flat_map(|r| r.params.keys().cloned()).collect();
+    // The sort column is looked up among every column, not only the shown ones: sorting by a
+    // column that `only_changed` hides is allowed (and, constant, leaves the order as it is).
+    let sort_column = match &opts.sort_by {
+        Some(column) => {
+            let all: Vec<&String> = metric_names.iter().chain(&param_names).collect();
+            Some(pick_column(column, &all)?)
+        }
+        None => None,
+    };
     let varies = |values: Vec<Option<String>>| values.windows(2).any(|w| w[0] != w[1]);
     let metric_names: Vec<String> = metric_names
         .into_iter()
@@ -96,9 +105,7 @@ pub fn show_table(mut rows: Vec<Row>, opts: &ShowOptions) -> Result<Table, Strin
         })
         .collect();
 
-    if let Some(column) = &opts.sort_by {
-        let all: Vec<&String> = metric_names.iter().chain(&param_names).collect();
-        let name = pick_column(column, &all)?;
+    if let Some(name) = sort_column {
         let sort_key = |r: &Row| -> Option<f64> {
             r.metrics.get(&name).copied().or_else(|| r.params.get(&name).and_then(Json::as_f64))
         };
@@ -469,6 +476,19 @@ mod tests {
         assert_eq!(fids, ["20", "10"]);
         let opts = ShowOptions { sort_by: Some("nope".into()), ..Default::default() };
         assert!(show_table(vec![], &opts).unwrap_err().contains("no column `nope`"));
+    }
+
+    #[test]
+    fn rows_sort_by_a_column_that_only_changed_hides() {
+        let opts = ShowOptions {
+            only_changed: true,
+            sort_by: Some("data.n".into()),
+            precision: 5,
+            ..Default::default()
+        };
+        let table = show_table(rows(&sweep_run("r1", [10.0, 20.0])), &opts).unwrap();
+        assert!(!table.header.iter().any(|h| h == "data.n"), "{:?}", table.header);
+        assert_eq!(table.rows.len(), 2);
     }
 
     #[test]
