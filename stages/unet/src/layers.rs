@@ -5,14 +5,17 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::lora::LoraAdapter;
 use crate::params::{Init, ParamBuilder};
 use crate::{conv, ops};
 
-/// `nn.Linear`: `y = x Wᵀ + b` over the last dimension of any-rank input.
+/// `nn.Linear`: `y = x Wᵀ + b` over the last dimension of any-rank input, plus
+/// `s·(x Aᵀ) Bᵀ` when the builder gave it a LoRA adapter (peft's `lora.Linear`).
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -27,7 +30,8 @@ impl Linear {
         let weight = pb.get(&format!("{prefix}.weight"), &[outputs, inputs], init)?;
         let bias =
             if bias { Some(pb.get(&format!("{prefix}.bias"), &[outputs], init)?) } else { None };
-        Ok(Linear { weight, bias })
+        let lora = pb.adapter(prefix, inputs, outputs)?;
+        Ok(Linear { weight, bias, lora })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -35,9 +39,14 @@ impl Linear {
         let inputs = dims[dims.len() - 1];
         let rows = x.elem_count() / inputs;
         // One 2-D matmul (a single GEMM) rather than a batched one against a broadcast weight.
-        let y = x.reshape((rows, inputs))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((rows, inputs))?;
+        let y = x.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let y = match &self.lora {
+            Some(lora) => (y + lora.forward(&x)?)?,
             None => y,
         };
         let mut out_dims = dims.to_vec();

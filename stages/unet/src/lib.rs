@@ -5,7 +5,8 @@
 //! structure and state-dict names, read from `unet/config.json`) from ops that all have a
 //! backward ([`ops`]), keeps its weights in trainable `Var`s loaded from and saved to
 //! `diffusion_pytorch_model.safetensors`, and computes a loss with the parameter gradients,
-//! optionally with gradient checkpointing ([`UNet::loss_and_grads`]).
+//! optionally with gradient checkpointing ([`UNet::loss_and_grads`]). [`lora`] trains LoRA
+//! adapters over frozen weights and reads, writes and merges LoRA files as diffusers does.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), sdpipe_unet::UNetError> {
@@ -35,6 +36,7 @@ mod fused_attention;
 mod layers;
 /// The caps on what a model config may ask for, shared by every model loader.
 pub use sdpipe_stages::limits;
+pub mod lora;
 pub mod memory;
 pub mod ops;
 mod params;
@@ -51,6 +53,7 @@ use sdpipe_stages::api::StageKind;
 pub use clip_text::ClipText;
 pub use config::{BlockKind, UNetConfig};
 pub use error::UNetError;
+pub use lora::{LoraConfig, LoraFile};
 pub use params::is_pickle;
 pub use unet::UNet;
 

@@ -9,6 +9,11 @@
 //! A builder for an inference model ([`ParamBuilder::frozen`]) hands the modules *detached*
 //! views of the same storage: ops on them record no graph, so a sampling forward neither
 //! builds backward state nor pays for the copies the differentiable ops make to attach one.
+//!
+//! A builder may also carry LoRA work ([`ParamBuilder::with_lora`], see [`crate::lora`]):
+//! trainable adapters handed to the linear layers it targets, or LoRA files whose products are
+//! merged into the weights they target as those are loaded. Its shapes are checked in the same
+//! header-only dry run as the weights'.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -19,6 +24,7 @@ use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::UNetError;
+use crate::lora::{LoraAdapter, LoraBuild, TrainedAdapters};
 use crate::weights::WeightFiles;
 
 /// How a parameter is initialised when it is not loaded from a file.
@@ -31,6 +37,10 @@ pub(crate) enum Init {
     },
     Ones,
     Zeros,
+    /// N(0, std²) (peft's "gaussian" LoRA init), by the Box–Muller transform.
+    Normal {
+        std: f32,
+    },
 }
 
 /// Whether a weight file is a PyTorch pickle (`.bin`, `.pt`, `.pth`) rather than safetensors,
@@ -63,6 +73,8 @@ pub(crate) struct ParamBuilder {
     tracked: bool,
     /// What is being built, for errors (`UNet`, `VAE`, `text encoder`).
     model: &'static str,
+    /// LoRA adapters to create or LoRA files to merge, if any.
+    lora: Option<LoraBuild>,
 }
 
 impl ParamBuilder {
@@ -90,6 +102,7 @@ impl ParamBuilder {
             problems: Vec::new(),
             tracked: true,
             model: "UNet",
+            lora: None,
         })
     }
 
@@ -103,12 +116,19 @@ impl ParamBuilder {
             problems: Vec::new(),
             tracked: true,
             model: "UNet",
+            lora: None,
         }
     }
 
     /// The same parameters handed out detached, for a model that only runs inference.
     pub(crate) fn frozen(mut self) -> Self {
         self.tracked = false;
+        self
+    }
+
+    /// Adds LoRA work: adapters for [`ParamBuilder::adapter`] or files to merge into weights.
+    pub(crate) fn with_lora(mut self, lora: LoraBuild) -> Self {
+        self.lora = Some(lora);
         self
     }
 
@@ -157,6 +177,7 @@ impl ParamBuilder {
                 problems: Vec::new(),
                 tracked: self.tracked,
                 model: self.model,
+                lora: self.lora.as_ref().map(LoraBuild::for_dry_run),
             };
             build(dry)?;
         }
@@ -181,6 +202,11 @@ impl ParamBuilder {
                 "parameter `{name}` requested twice (a bug in the model definition)"
             );
         }
+        if let Some(lora) = &mut self.lora {
+            lora.check(name, shape);
+        }
+        let failing =
+            !self.problems.is_empty() || self.lora.as_ref().is_some_and(LoraBuild::failing);
         let value = match &mut self.source {
             Source::File { weights, remaining, dry } => {
                 let stored =
@@ -206,7 +232,7 @@ impl ParamBuilder {
                         None
                     }
                     // Nothing is read once the build is known to fail.
-                    Some(_) if *dry || !self.problems.is_empty() => None,
+                    Some(_) if *dry || failing => None,
                     Some(_) => Some(
                         weights
                             .load(name)
@@ -218,18 +244,43 @@ impl ParamBuilder {
             }
             Source::Random(rng) => Some(random_tensor(rng, shape, init, &self.device)?),
         };
-        let Some(value) = value else {
-            return Tensor::zeros((), DType::F32, &self.device)?.broadcast_as(shape);
+        let Some(mut value) = value else {
+            return placeholder(shape, &self.device);
         };
+        if let Some(lora) = &self.lora {
+            value = lora.merge(name, value)?;
+        }
         let var = Var::from_tensor(&value)?;
         let tensor = if self.tracked { var.as_tensor().clone() } else { var.as_tensor().detach() };
         self.vars.insert(name.to_string(), var);
         Ok(tensor)
     }
 
+    /// The LoRA adapter of the linear layer `module` (`inputs` → `outputs`) when the builder
+    /// trains adapters and one of its targets names that layer; see [`crate::lora`].
+    pub(crate) fn adapter(
+        &mut self,
+        module: &str,
+        inputs: usize,
+        outputs: usize,
+    ) -> candle_core::Result<Option<LoraAdapter>> {
+        match &mut self.lora {
+            Some(lora) => lora.adapter(module, inputs, outputs, &self.device),
+            None => Ok(None),
+        }
+    }
+
     /// All parameters, or one error listing everything that did not match the file. (A dry
     /// run's are none: it only checks.)
     pub(crate) fn finish(self) -> Result<BTreeMap<String, Var>, UNetError> {
+        self.finish_with_lora().map(|(vars, _)| vars)
+    }
+
+    /// [`ParamBuilder::finish`], then the LoRA work's own checks (a target that matched
+    /// nothing, a LoRA layer that fits no weight), and the trained adapters if any.
+    pub(crate) fn finish_with_lora(
+        self,
+    ) -> Result<(BTreeMap<String, Var>, Option<TrainedAdapters>), UNetError> {
         let mut problems = self.problems;
         if let Source::File { weights, remaining, .. } = self.source {
             let path = weights.paths()[0].clone();
@@ -237,28 +288,52 @@ impl ParamBuilder {
             unexpected.sort();
             problems.extend(unexpected.iter().map(|n| format!("unexpected tensor `{n}`")));
             if !problems.is_empty() {
-                let total = problems.len();
                 let model = self.model;
-                let mut message = format!(
-                    "the weights do not match the {model} described by config.json ({total} \
-                     problems; is config.json from the same model?):"
+                let message = problem_list(
+                    &format!(
+                        "the weights do not match the {model} described by config.json ({} \
+                         problems; is config.json from the same model?):",
+                        problems.len()
+                    ),
+                    &problems,
                 );
-                for p in problems.iter().take(12) {
-                    message.push_str("\n  - ");
-                    message.push_str(p);
-                }
-                if total > 12 {
-                    message.push_str(&format!("\n  - ... and {} more", total - 12));
-                }
                 return Err(UNetError::Weights { path, message });
             }
         }
-        Ok(self.vars)
+        let adapters = match self.lora {
+            Some(lora) => lora.finish()?,
+            None => None,
+        };
+        Ok((self.vars, adapters))
     }
 }
 
+/// `header` followed by the first dozen `problems`, one per line, and how many more there are.
+pub(crate) fn problem_list(header: &str, problems: &[String]) -> String {
+    let mut message = header.to_string();
+    for p in problems.iter().take(12) {
+        message.push_str("\n  - ");
+        message.push_str(p);
+    }
+    if problems.len() > 12 {
+        message.push_str(&format!("\n  - ... and {} more", problems.len() - 12));
+    }
+    message
+}
+
+/// Zeros broadcast to `shape`: a stand-in that allocates nothing whatever the shape, for a
+/// build that only checks shapes or is already known to fail.
+pub(crate) fn placeholder(shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+    Tensor::zeros((), DType::F32, device)?.broadcast_as(shape)
+}
+
+/// A uniform value in [0, 1) from the top 24 bits of a ChaCha8 word (exact in f32).
+fn unit(rng: &mut ChaCha8Rng) -> f32 {
+    (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32
+}
+
 /// A tensor drawn per `init`; uniform values use the top 24 bits of ChaCha8 words.
-fn random_tensor(
+pub(crate) fn random_tensor(
     rng: &mut ChaCha8Rng,
     shape: &[usize],
     init: Init,
@@ -270,12 +345,20 @@ fn random_tensor(
         Init::Uniform { fan_in } => {
             let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
             let n: usize = shape.iter().product();
-            let values: Vec<f32> = (0..n)
-                .map(|_| {
-                    let unit = (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32;
-                    (2.0 * unit - 1.0) * bound
-                })
-                .collect();
+            let values: Vec<f32> = (0..n).map(|_| (2.0 * unit(rng) - 1.0) * bound).collect();
+            Tensor::from_vec(values, shape, device)
+        }
+        Init::Normal { std } => {
+            let n: usize = shape.iter().product();
+            let mut values = Vec::with_capacity(n + 1);
+            while values.len() < n {
+                // 1 - u is in (0, 1]: the logarithm stays finite.
+                let radius = (-2.0 * (1.0 - unit(rng)).ln()).sqrt();
+                let angle = std::f32::consts::TAU * unit(rng);
+                values.push(radius * angle.cos() * std);
+                values.push(radius * angle.sin() * std);
+            }
+            values.truncate(n);
             Tensor::from_vec(values, shape, device)
         }
     }
@@ -284,6 +367,15 @@ fn random_tensor(
 /// Writes `vars` (by name, f32) to a safetensors file with diffusers' `{"format": "pt"}`
 /// metadata, atomically: a temporary file in the same folder renamed into place.
 pub(crate) fn save(vars: &BTreeMap<String, Var>, path: &Path) -> Result<(), UNetError> {
+    save_with_metadata(vars, path, HashMap::new())
+}
+
+/// [`save`] with further `metadata` entries beside `format`.
+pub(crate) fn save_with_metadata(
+    vars: &BTreeMap<String, Var>,
+    path: &Path,
+    mut metadata: HashMap<String, String>,
+) -> Result<(), UNetError> {
     let io_error = |source| UNetError::Io { path: path.to_path_buf(), source };
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -292,7 +384,7 @@ pub(crate) fn save(vars: &BTreeMap<String, Var>, path: &Path) -> Result<(), UNet
         .iter()
         .map(|(name, var)| Ok((name, var.as_tensor().to_dtype(DType::F32)?.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    metadata.insert("format".to_string(), "pt".to_string());
     safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (*n, t)), Some(metadata), &tmp)
         .map_err(|e| UNetError::Weights {
             path: path.to_path_buf(),

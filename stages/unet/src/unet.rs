@@ -11,7 +11,8 @@
 //! One model serves training and sampling: [`UNet::from_pretrained`] builds it with trainable
 //! parameters, [`UNet::for_inference`] with the same parameters detached (no graph is recorded,
 //! so a sampling forward costs only the forward arithmetic), and [`UNet::predict`] frees each
-//! activation as soon as its last reader has run.
+//! activation as soon as its last reader has run. [`crate::lora`] builds the same model with
+//! the base detached and trainable LoRA adapters, or with LoRA files merged into its weights.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use crate::blocks::{
 use crate::config::{BlockKind, UNetConfig};
 use crate::error::UNetError;
 use crate::layers::{Conv2d, GroupNorm};
+use crate::lora::LoraConfig;
 use crate::params::{self, ParamBuilder};
 use crate::pointwise;
 
@@ -73,7 +75,10 @@ pub struct UNet {
     config: UNetConfig,
     /// The config JSON as read, written back verbatim by [`UNet::save_pretrained`].
     config_json: Value,
+    /// The trainable parameters: every weight, or the LoRA adapters alone when `lora` is set.
     vars: BTreeMap<String, Var>,
+    /// The adapters' config for a model built by [`UNet::for_lora_training`].
+    lora: Option<LoraConfig>,
     time_embedding: TimestepEmbedding,
     conv_in: Conv2d,
     resnets: Vec<ResnetBlock2D>,
@@ -86,6 +91,7 @@ pub struct UNet {
     /// For each activation slot, the index of the last plan step that reads it.
     last_reader: Vec<usize>,
     /// False for a model built by [`UNet::for_inference`]: its forward records no graph.
+    /// (True with LoRA adapters: the graph then reaches only them.)
     trainable: bool,
     device: Device,
 }
@@ -96,6 +102,7 @@ impl std::fmt::Debug for UNet {
             .field("config", &self.config)
             .field("parameters", &self.parameter_count())
             .field("trainable", &self.trainable)
+            .field("lora", &self.lora)
             .finish()
     }
 }
@@ -172,8 +179,19 @@ impl UNet {
     /// Loads a diffusers UNet for training: `config.json` from `dir` and the weights from
     /// `weights` (one safetensors file, the shards of a sharded checkpoint, or a `.bin`).
     pub fn from_files(dir: &Path, weights: &[PathBuf], device: &Device) -> Result<Self, UNetError> {
+        Self::load(dir, weights, device, |pb| pb)
+    }
+
+    /// `config.json` from `dir`, the weights from `weights`, through a builder that `prepare`
+    /// sets up (frozen, with LoRA work), checked against the headers before anything is read.
+    pub(crate) fn load(
+        dir: &Path,
+        weights: &[PathBuf],
+        device: &Device,
+        prepare: impl FnOnce(ParamBuilder) -> ParamBuilder,
+    ) -> Result<Self, UNetError> {
         let (config, json) = UNetConfig::read(&dir.join("config.json"))?;
-        let pb = ParamBuilder::from_files(weights, device)?;
+        let pb = prepare(ParamBuilder::from_files(weights, device)?);
         pb.build_checked(|pb| Self::build(config.clone(), json.clone(), pb, device))
     }
 
@@ -185,9 +203,7 @@ impl UNet {
         weights: &[PathBuf],
         device: &Device,
     ) -> Result<Self, UNetError> {
-        let (config, json) = UNetConfig::read(&dir.join("config.json"))?;
-        let pb = ParamBuilder::from_files(weights, device)?.frozen();
-        pb.build_checked(|pb| Self::build(config.clone(), json.clone(), pb, device))
+        Self::load(dir, weights, device, ParamBuilder::frozen)
     }
 
     /// A randomly initialised model (torch's default initialisation), reproducible from `seed`.
@@ -219,6 +235,7 @@ impl UNet {
             groups: c.norm_num_groups,
             linear_projection: c.use_linear_projection,
         };
+        let tracked = builder.is_tracked();
         let pb = &mut builder;
 
         let time_embedding =
@@ -327,12 +344,18 @@ impl UNet {
                 }
             }
         }
-        let trainable = builder.is_tracked();
-        let vars = builder.finish()?;
+        let (vars, adapters) = builder.finish_with_lora()?;
+        // A LoRA model trains its adapters only: the base weights' variables are dropped (the
+        // modules hold their detached tensors).
+        let (vars, lora, trainable) = match adapters {
+            Some(adapters) => (adapters.vars, Some(adapters.config), true),
+            None => (vars, None, tracked),
+        };
         Ok(UNet {
             config,
             config_json,
             vars,
+            lora,
             time_embedding,
             conv_in,
             resnets,
@@ -356,14 +379,21 @@ impl UNet {
         &self.device
     }
 
-    /// Whether the parameters are trainable (false for [`UNet::for_inference`]).
+    /// Whether the parameters are trainable (false for [`UNet::for_inference`]; true for
+    /// [`UNet::for_lora_training`], whose adapters are).
     pub fn is_trainable(&self) -> bool {
         self.trainable
     }
 
-    /// The trainable parameters by diffusers state-dict name.
+    /// The trainable parameters by diffusers state-dict name; for [`UNet::for_lora_training`]
+    /// the adapters alone, by the keys [`UNet::save_lora`] writes (see [`crate::lora`]).
     pub fn vars(&self) -> &BTreeMap<String, Var> {
         &self.vars
+    }
+
+    /// The LoRA config of a model built by [`UNet::for_lora_training`].
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
     }
 
     /// The total number of scalar parameters.
@@ -371,13 +401,29 @@ impl UNet {
         self.vars.values().map(|v| v.elem_count()).sum()
     }
 
-    /// Writes `diffusion_pytorch_model.safetensors` (f32, diffusers names) to `path`.
+    /// Writes `diffusion_pytorch_model.safetensors` (f32, diffusers names) to `path`. A model
+    /// that trains LoRA adapters is refused: its adapters are saved with [`UNet::save_lora`].
     pub fn save(&self, path: &Path) -> Result<(), UNetError> {
+        self.refuse_lora()?;
         params::save(&self.vars, path)
+    }
+
+    /// Saving the full weights of a LoRA-training model would write its adapters under the
+    /// base's file name: refused before anything is written.
+    fn refuse_lora(&self) -> Result<(), UNetError> {
+        match self.lora {
+            Some(_) => Err(UNetError::Input(
+                "this UNet trains LoRA adapters over frozen weights: save them with \
+                 UNet::save_lora"
+                    .into(),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Writes a diffusers UNet folder: `config.json` (as loaded) and the weights.
     pub fn save_pretrained(&self, dir: &Path) -> Result<(), UNetError> {
+        self.refuse_lora()?;
         std::fs::create_dir_all(dir)
             .map_err(|source| UNetError::Io { path: dir.to_path_buf(), source })?;
         let config_path = dir.join("config.json");

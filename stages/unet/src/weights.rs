@@ -50,6 +50,8 @@ enum Location {
 pub struct WeightFiles {
     paths: Vec<PathBuf>,
     tensors: HashMap<String, StoredTensor>,
+    /// Each file's safetensors `__metadata__` (its string entries; empty for pickles).
+    metadata: Vec<HashMap<String, String>>,
     /// The candle reader of each pickle file (by file index), for loading.
     pickles: HashMap<usize, candle_core::pickle::PthTensors>,
 }
@@ -74,8 +76,12 @@ impl WeightFiles {
         if paths.is_empty() {
             return Err(UNetError::Input("no weights file given".into()));
         }
-        let mut files =
-            WeightFiles { paths: paths.to_vec(), tensors: HashMap::new(), pickles: HashMap::new() };
+        let mut files = WeightFiles {
+            paths: paths.to_vec(),
+            tensors: HashMap::new(),
+            metadata: Vec::with_capacity(paths.len()),
+            pickles: HashMap::new(),
+        };
         for (index, path) in paths.iter().enumerate() {
             if !path.is_file() {
                 return Err(weights_error(path, "weights file not found".into()));
@@ -83,12 +89,14 @@ impl WeightFiles {
             let found = if is_pickle(path) {
                 let (found, reader) = read_pickle(path, index)?;
                 files.pickles.insert(index, reader);
+                files.metadata.push(HashMap::new());
                 found
             } else {
-                read_safetensors_header(path)
-                    .map_err(|m| {
-                        weights_error(path, format!("not a readable safetensors file: {m}"))
-                    })?
+                let (tensors, metadata) = parse_safetensors_header(path).map_err(|m| {
+                    weights_error(path, format!("not a readable safetensors file: {m}"))
+                })?;
+                files.metadata.push(metadata);
+                tensors
                     .into_iter()
                     .map(|(name, mut t)| {
                         t.file = index;
@@ -116,6 +124,11 @@ impl WeightFiles {
     /// Every tensor, by name.
     pub fn tensors(&self) -> &HashMap<String, StoredTensor> {
         &self.tensors
+    }
+
+    /// The string entries of file `index`'s safetensors `__metadata__` (none for a pickle).
+    pub fn metadata(&self, index: usize) -> &HashMap<String, String> {
+        &self.metadata[index]
     }
 
     /// The shape the files give tensor `name`, if they hold it.
@@ -163,6 +176,15 @@ struct HeaderEntry {
 /// The tensors a safetensors file's header describes, checked against the file's size; the
 /// error says what is wrong (without the path: the caller adds it).
 pub fn read_safetensors_header(path: &Path) -> Result<HashMap<String, StoredTensor>, String> {
+    parse_safetensors_header(path).map(|(tensors, _)| tensors)
+}
+
+/// A safetensors header's tensors and the string entries of its `__metadata__`.
+type Header = (HashMap<String, StoredTensor>, HashMap<String, String>);
+
+/// [`read_safetensors_header`] and the string entries of the header's `__metadata__` (the
+/// format allows only strings there; anything else is ignored, as before metadata was read).
+fn parse_safetensors_header(path: &Path) -> Result<Header, String> {
     let mut file = File::open(path).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
     if len < 8 {
@@ -194,8 +216,15 @@ pub fn read_safetensors_header(path: &Path) -> Result<HashMap<String, StoredTens
     let data_start = 8 + n;
     let data_len = len - data_start;
     let mut tensors: Vec<(String, HeaderEntry)> = Vec::with_capacity(entries.len());
+    let mut metadata = HashMap::new();
     for (name, value) in entries {
         if name == "__metadata__" {
+            if let Value::Object(map) = value {
+                metadata.extend(map.into_iter().filter_map(|(k, v)| match v {
+                    Value::String(v) => Some((k, v)),
+                    _ => None,
+                }));
+            }
             continue;
         }
         let entry: HeaderEntry = serde_json::from_value(value)
@@ -252,7 +281,7 @@ pub fn read_safetensors_header(path: &Path) -> Result<HashMap<String, StoredTens
              {data_len}: bytes no tensor accounts for"
         ));
     }
-    Ok(out)
+    Ok((out, metadata))
 }
 
 /// The tensors of a PyTorch pickle, with candle's lazy reader of the file.
