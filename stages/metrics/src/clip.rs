@@ -30,7 +30,7 @@ use candle_transformers::models::clip::text_model::{
 use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
 use image::RgbImage;
 use sdpipe_hub::{HubConfig, ResolvedModel, Want};
-use sdpipe_stages::api::{Fetch, ParamSpec, ParamType, Params, StageError};
+use sdpipe_stages::api::{Fetch, ParamSpec, ParamType, Params, StageContext, StageError};
 use sdpipe_stages::pillow::{resize_rgb, Filter};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -38,6 +38,8 @@ use serde_json::{json, Value};
 pub const CONFIG: &str = "config.json";
 pub const WEIGHTS: &str = "model.safetensors";
 pub const TOKENIZER: &str = "tokenizer.json";
+/// The optional input naming an upstream model folder ([`model_params`]).
+pub const CLIP_INPUT: &str = "clip";
 pub const PREPROCESSOR: &str = "preprocessor_config.json";
 /// transformers 5 may bundle the image processor's settings here instead.
 pub const PROCESSOR: &str = "processor_config.json";
@@ -100,6 +102,40 @@ pub fn resolve_params(
     resolve(hub, model, revision, wants, fetch)
 }
 
+/// Whether the `clip` input (an upstream model folder) is bound: then it is used instead of
+/// `model`, and its files are in the key as the input's content, not as external dependencies.
+fn clip_input_bound(params: &Params) -> bool {
+    params.get(CLIP_INPUT).is_some_and(|v| !v.is_null())
+}
+
+/// A CLIP kind's external dependencies: the files of the `model` it names, or none when the
+/// `clip` input is bound (called before inputs are bound, so a binding is still a string).
+pub fn external_deps(
+    hub: Option<&HubConfig>,
+    params: &Params,
+    default_model: &str,
+    wants: &[Want<'_>],
+    fetch: Fetch,
+) -> Result<std::collections::BTreeMap<String, PathBuf>, StageError> {
+    if clip_input_bound(params) {
+        return Ok(Default::default());
+    }
+    Ok(deps(resolve_params(hub, params, default_model, wants, fetch)?))
+}
+
+/// The model a running CLIP kind uses: the bound `clip` input's folder, else `model` resolved.
+pub fn resolve_for_run(
+    hub: Option<&HubConfig>,
+    ctx: &StageContext<'_>,
+    default_model: &str,
+    wants: &[Want<'_>],
+) -> Result<ResolvedModel, StageError> {
+    match ctx.inputs.get(CLIP_INPUT) {
+        Some(dir) => resolve(hub, &dir.to_string_lossy(), "main", wants, Fetch::LocalOnly),
+        None => resolve_params(hub, ctx.params, default_model, wants, Fetch::allowed()),
+    }
+}
+
 /// How a resolved model is named in `metrics.json`: the repository at its commit, or the
 /// local folder's name (never a machine-specific path; the key holds the files' content).
 pub fn describe_model(resolved: &ResolvedModel) -> String {
@@ -114,6 +150,13 @@ pub fn describe_model(resolved: &ResolvedModel) -> String {
 /// its revision and the batch size.
 pub fn model_params(default_model: &'static str, doc: &'static str) -> Vec<ParamSpec> {
     vec![
+        ParamSpec::optional(
+            CLIP_INPUT,
+            ParamType::Input,
+            Value::Null,
+            "An upstream CLIP model folder (e.g. a `tiny-clip` stage's `model`); when bound it \
+             is used instead of `model`.",
+        ),
         ParamSpec::optional("model", ParamType::String, json!(default_model), doc),
         ParamSpec::optional(
             "revision",

@@ -183,10 +183,13 @@ impl StageKind for ClipScore {
         params: &Params,
         fetch: Fetch,
     ) -> Result<BTreeMap<String, PathBuf>, StageError> {
-        let hub = self.hub.as_ref();
-        let resolved =
-            clip::resolve_params(hub, params, DEFAULT_MODEL, clip::WANTS_TEXT_AND_IMAGE, fetch)?;
-        Ok(clip::deps(resolved))
+        clip::external_deps(
+            self.hub.as_ref(),
+            params,
+            DEFAULT_MODEL,
+            clip::WANTS_TEXT_AND_IMAGE,
+            fetch,
+        )
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
@@ -199,12 +202,11 @@ impl ClipScore {
         let revision: String = ctx.param("revision")?;
         let batch_size: usize = ctx.param("batch_size")?;
         let pairs = read_pairs(ctx.input("samples")?, ctx.input("samples_jsonl")?)?;
-        let resolved = clip::resolve_params(
+        let resolved = clip::resolve_for_run(
             self.hub.as_ref(),
-            ctx.params,
+            ctx,
             DEFAULT_MODEL,
             clip::WANTS_TEXT_AND_IMAGE,
-            Fetch::allowed(),
         )?;
         let _ =
             writeln!(ctx.log, "clip-score: {} images; model {}", pairs.len(), resolved.describe());

@@ -91,9 +91,7 @@ impl StageKind for Cmmd {
         params: &Params,
         fetch: Fetch,
     ) -> Result<BTreeMap<String, PathBuf>, StageError> {
-        let hub = self.hub.as_ref();
-        let resolved = clip::resolve_params(hub, params, DEFAULT_MODEL, clip::WANTS_IMAGE, fetch)?;
-        Ok(clip::deps(resolved))
+        clip::external_deps(self.hub.as_ref(), params, DEFAULT_MODEL, clip::WANTS_IMAGE, fetch)
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
@@ -109,13 +107,8 @@ impl Cmmd {
         let fake = images::list(ctx.input("fake")?, &fake_split, "fake")?;
         let revision: String = ctx.param("revision")?;
         let batch_size: usize = ctx.param("batch_size")?;
-        let resolved = clip::resolve_params(
-            self.hub.as_ref(),
-            ctx.params,
-            DEFAULT_MODEL,
-            clip::WANTS_IMAGE,
-            Fetch::allowed(),
-        )?;
+        let resolved =
+            clip::resolve_for_run(self.hub.as_ref(), ctx, DEFAULT_MODEL, clip::WANTS_IMAGE)?;
         let _ = writeln!(
             ctx.log,
             "cmmd: {} real, {} fake images; model {}",

@@ -10,7 +10,8 @@
 //! [`recipe`] the deterministic random stand-in weights; [`clip`] the CLIP model the `cmmd` and
 //! `clip-score` kinds share (a hub model in the transformers layout, with its preprocessing),
 //! [`mmd`] CMMD's statistic; the kinds live in `fid_stage`, `lpips_stage`, `cmmd_stage` and
-//! `clip_score_stage`.
+//! `clip_score_stage`, and `tiny_clip_stage` holds `tiny-clip`, which writes a random-weight
+//! CLIP folder for those two kinds to load offline (the demo).
 
 use std::sync::Arc;
 
@@ -35,6 +36,7 @@ pub mod pool;
 pub mod pth;
 pub mod recipe;
 mod stage_common;
+mod tiny_clip_stage;
 pub mod weights;
 
 pub use clip_score_stage::ClipScore;
@@ -42,6 +44,9 @@ pub use cmmd_stage::Cmmd;
 pub use convert::{convert_weights, ConvertError, Converted, WeightsKind};
 pub use fid_stage::Fid;
 pub use lpips_stage::LpipsKind;
+pub use tiny_clip_stage::{
+    write_tiny_clip, TinyClip, TinyClipSpec, WrittenClip, LOGIT_SCALE_INIT, TRANSFORMERS_VERSION,
+};
 
 /// The stage kinds of this crate, for registration in the binary.
 pub fn kinds() -> Vec<Arc<dyn StageKind>> {
@@ -50,5 +55,6 @@ pub fn kinds() -> Vec<Arc<dyn StageKind>> {
         Arc::new(LpipsKind),
         Arc::new(Cmmd::default()),
         Arc::new(ClipScore::default()),
+        Arc::new(TinyClip),
     ]
 }

@@ -55,7 +55,7 @@ fn copy_set(set: &str, ids: &[&str], imagefolder_split: Option<&str>) -> tempfil
 #[test]
 fn the_crate_exports_its_metric_kinds() {
     let names: Vec<&str> = kinds().iter().map(|k| k.name()).collect();
-    assert_eq!(names, ["fid", "lpips", "cmmd", "clip-score"]);
+    assert_eq!(names, ["fid", "lpips", "cmmd", "clip-score", "tiny-clip"]);
 }
 
 #[test]

@@ -1,0 +1,961 @@
+//! The `tiny-clip` kind: a random-weight CLIP model at toy sizes, written exactly in the layout
+//! transformers writes, so that the offline demo can run the `cmmd` and `clip-score` kinds
+//! without downloading `openai/clip-vit-*`. It is to those kinds what `tiny-sd` is to `train`
+//! and `sample`.
+//!
+//! **What the numbers then mean.** Nothing semantic: a CLIP with random weights has learned no
+//! correspondence between images and text, so its CLIP score does not say whether a sample
+//! shows its caption, and its CMMD compares random projections of the images rather than what
+//! they depict. Both still vary with the pixels and the tokens, deterministically, so the demo
+//! exercises the whole metric path (loading, preprocessing, tokenizing, pooling, the
+//! statistics and the report) and its figures compare the demo's models with each other under
+//! one fixed random network — never with published CLIP scores or CMMD values.
+//!
+//! The folder (`model/`) is what `CLIPModel.save_pretrained`, `CLIPTokenizer.save_pretrained`
+//! (the fast tokenizer) and `CLIPImageProcessor.save_pretrained` write with transformers
+//! [`TRANSFORMERS_VERSION`] — the layout of the `openai/clip-vit-*` repositories and of the
+//! parity fixture `tests/fixtures/clip/model`:
+//! - `config.json`: a `CLIPConfig` (`model_type` `clip`, `text_config`, `vision_config`,
+//!   `projection_dim` also in both towers, `logit_scale_init_value`), with `quick_gelu` and
+//!   LayerNorm ε = 1e-5, the only variants candle's CLIP (and so [`crate::clip`]) computes;
+//! - `model.safetensors`: every tensor of `CLIPModel` under transformers' names
+//!   (`text_model.*`, `vision_model.*` with its `pre_layrnorm` spelling, `text_projection`,
+//!   `visual_projection`, the scalar `logit_scale`), f32, sorted by name, with the
+//!   `{"format": "pt"}` metadata and the space-padded header the safetensors library writes;
+//! - `tokenizer.json` + `tokenizer_config.json`: a real `tokenizers` BPE tokenizer with CLIP's
+//!   normalizer (NFC, whitespace runs to one space, lowercase), pre-tokenizer (CLIP's word regex,
+//!   then byte-level), `</w>` word ends and `<|startoftext|>`/`<|endoftext|>` added around each
+//!   text, over a small vocabulary learned here (below);
+//! - `preprocessor_config.json`: `CLIPImageProcessor` (shortest edge and centre crop at the
+//!   tower's `image_size`, bicubic, 1/255, OpenAI's mean and std).
+//!
+//! The vocabulary has CLIP's layout — the 256 byte symbols in CLIP's order, the same with
+//! `</w>`, one token per merge, then the two special tokens — with merges learned
+//! deterministically (most frequent adjacent pair first, ties by text) from a built-in corpus in
+//! the register of SD captions and the `synthetic` kind's scene grammar, until every corpus word
+//! is one token. The demo's captions therefore tokenize one token per word, as CLIP's own 49k
+//! merges split common English words.
+//!
+//! The tensor list is not hand-maintained: [`crate::clip::Clip::new`], the very constructor the
+//! metric kinds load models with, is run against a recording `VarBuilder` backend, so the writer
+//! emits exactly the tensors the loader asks for (plus `logit_scale`, which only transformers
+//! reads); a test compares names and shapes with the state dict transformers saved for the
+//! fixture. Values are initialised as PyTorch constructs transformers' CLIP modules, with the
+//! `tiny-sd` conventions: `nn.Linear`/`nn.Conv2d` weights and biases uniform in ±1/√fan_in
+//! (kaiming-uniform with a = √5), LayerNorms at the identity, token and position embeddings
+//! with transformers' std 0.02 and the class embedding with std hidden^-½ (as uniforms of that
+//! std). Every value depends only on (seed, tensor name): one ChaCha stream per tensor and IEEE
+//! basic arithmetic, so the bytes are identical on every platform.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sdpipe_stages::api::{
+    OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
+};
+use sdpipe_stages::limits;
+use serde_json::{json, Value};
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::replace::ReplacePattern;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as Normalizers, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizers;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::clip::{self, Clip, ClipConfig, ProcessorConfig};
+
+/// The transformers release whose `save_pretrained` output this writer reproduces (the
+/// version the parity fixture `tests/fixtures/clip` was written with).
+pub const TRANSFORMERS_VERSION: &str = "5.25.0";
+
+/// transformers' `CLIPConfig.logit_scale_init_value`, ln(1 / 0.07) as CLIP's paper rounds it.
+pub const LOGIT_SCALE_INIT: f32 = 2.6592;
+
+pub const BOS: &str = "<|startoftext|>";
+pub const EOS: &str = "<|endoftext|>";
+
+/// CLIP's word pattern (the first step of its pre-tokenizer), as transformers writes it.
+const CLIP_WORDS: &str = "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|\
+                          [\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+";
+
+/// The most values (parameters) a tiny model may have: 2^28, 1 GiB of f32. ViT-B/32 has 151M,
+/// so anything larger is not what this kind is for (and would be built twice in memory).
+pub const MAX_VALUES: u64 = 1 << 28;
+
+/// The output's name and path.
+const MODEL: &str = "model";
+
+/// The tensor stream's component name (one ChaCha stream per `clip/<tensor name>`).
+const COMPONENT: &str = "clip";
+
+/// Words the vocabulary learns its merges from: the register of SD captions and the words of
+/// the `synthetic` kind's scene grammar (colours, shapes, relations, styles), which the demo's
+/// captions are written in.
+const CORPUS: &str = "there is a photo of a man and a woman standing on a beach at sunset \
+    there are two dogs playing in the grass near a house with a red door \
+    a cat sitting on a wooden table next to a window in the morning light \
+    there is a city street at night with cars and people walking under the lights \
+    a mountain lake surrounded by trees with snow on the peaks in the distance \
+    there are many flowers in a garden with a stone path and a bench \
+    a close up of a bowl of fruit on a kitchen counter with a white wall behind it \
+    there is a boat on the water near the shore with birds flying over the sea \
+    a person riding a bicycle down a road through a green forest in the summer \
+    there is a building with large windows and a blue sky with white clouds above it \
+    a red circle above a blue square on a yellow background \
+    an orange triangle below a green circle and a purple square to the left of the circle \
+    a white square to the right of a black triangle on an orange background \
+    photographic lighting at dusk on a flat textured purple background";
+
+/// The sizes of a tiny CLIP. The defaults keep the demo's CMMD and CLIP score on a few dozen
+/// 32-pixel images to milliseconds: two 32-wide layers per tower, 8×8 patches of 4 pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TinyClipSpec {
+    pub seed: u64,
+    pub text_hidden_size: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+    pub text_intermediate_size: usize,
+    /// Token positions of the text tower (CLIP's 77); longer captions are cut to it.
+    pub max_position_embeddings: usize,
+    pub vision_hidden_size: usize,
+    pub vision_layers: usize,
+    pub vision_heads: usize,
+    pub vision_intermediate_size: usize,
+    /// The vision tower's input side in pixels (also the processor's resize and crop).
+    pub image_size: usize,
+    pub patch_size: usize,
+    /// Width of the shared embedding space both projections map to.
+    pub projection_dim: usize,
+}
+
+impl Default for TinyClipSpec {
+    fn default() -> Self {
+        TinyClipSpec {
+            seed: 0,
+            text_hidden_size: 32,
+            text_layers: 2,
+            text_heads: 4,
+            text_intermediate_size: 64,
+            max_position_embeddings: 77,
+            vision_hidden_size: 32,
+            vision_layers: 2,
+            vision_heads: 4,
+            vision_intermediate_size: 64,
+            image_size: 32,
+            patch_size: 4,
+            projection_dim: 32,
+        }
+    }
+}
+
+impl TinyClipSpec {
+    /// Every size within sdpipe's caps ([`limits`], as [`crate::clip`] checks a loaded
+    /// config), the heads dividing the widths, the patches tiling the image; errors name the
+    /// parameter.
+    pub fn validate(&self) -> Result<(), StageError> {
+        let invalid = |param: &str, message: String| StageError::InvalidParam {
+            param: param.into(),
+            message,
+        };
+        let caps = [
+            ("text_hidden_size", self.text_hidden_size, limits::MAX_CHANNELS),
+            ("text_layers", self.text_layers, limits::MAX_LAYERS),
+            ("text_heads", self.text_heads, limits::MAX_CHANNELS),
+            ("text_intermediate_size", self.text_intermediate_size, 4 * limits::MAX_CHANNELS),
+            ("max_position_embeddings", self.max_position_embeddings, limits::MAX_POSITIONS),
+            ("vision_hidden_size", self.vision_hidden_size, limits::MAX_CHANNELS),
+            ("vision_layers", self.vision_layers, limits::MAX_LAYERS),
+            ("vision_heads", self.vision_heads, limits::MAX_CHANNELS),
+            ("vision_intermediate_size", self.vision_intermediate_size, 4 * limits::MAX_CHANNELS),
+            ("image_size", self.image_size, limits::MAX_IMAGE_SIZE),
+            ("patch_size", self.patch_size, limits::MAX_IMAGE_SIZE),
+            ("projection_dim", self.projection_dim, limits::MAX_CHANNELS),
+        ];
+        for (param, value, max) in caps {
+            limits::check(param, value, max).map_err(|m| invalid(param, m))?;
+        }
+        for (tower, hidden, heads) in [
+            ("text", self.text_hidden_size, self.text_heads),
+            ("vision", self.vision_hidden_size, self.vision_heads),
+        ] {
+            if !hidden.is_multiple_of(heads) {
+                return Err(invalid(
+                    &format!("{tower}_heads"),
+                    format!(
+                        "{tower}_hidden_size {hidden} is not a multiple of {heads} heads (each \
+                         head takes an equal share of the width)"
+                    ),
+                ));
+            }
+        }
+        if !self.image_size.is_multiple_of(self.patch_size) {
+            return Err(invalid(
+                "patch_size",
+                format!(
+                    "image_size {} is not a multiple of patch_size {} (the patches must tile \
+                     the image)",
+                    self.image_size, self.patch_size
+                ),
+            ));
+        }
+        let patches = (self.image_size / self.patch_size).pow(2);
+        if patches + 1 > limits::MAX_POSITIONS {
+            return Err(invalid(
+                "patch_size",
+                format!(
+                    "image_size / patch_size gives {patches} patches, more than the {} \
+                     positions sdpipe allows",
+                    limits::MAX_POSITIONS - 1
+                ),
+            ));
+        }
+        let values = self.values(Vocab::train().len());
+        if values > MAX_VALUES {
+            return Err(invalid(
+                "sizes",
+                format!(
+                    "these sizes make a model of {values} parameters; tiny-clip writes at most \
+                     {MAX_VALUES} (use a published CLIP for full-size models)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The number of parameters of the model (all tensors' elements), in u64 so that no size
+    /// within the caps overflows.
+    pub fn values(&self, vocab_size: usize) -> u64 {
+        let n = |v: usize| v as u64;
+        let layer = |h: u64, i: u64| 4 * (h * h + h) + 2 * h * i + i + h + 4 * h;
+        let (th, ti) = (n(self.text_hidden_size), n(self.text_intermediate_size));
+        let (vh, vi) = (n(self.vision_hidden_size), n(self.vision_intermediate_size));
+        let p = n(self.patch_size);
+        let positions = n(self.image_size / self.patch_size.max(1)).pow(2) + 1;
+        let text = (n(vocab_size) + n(self.max_position_embeddings)) * th
+            + n(self.text_layers) * layer(th, ti)
+            + 2 * th
+            + n(self.projection_dim) * th;
+        let vision = vh * 3 * p * p
+            + vh
+            + positions * vh
+            + n(self.vision_layers) * layer(vh, vi)
+            + 4 * vh
+            + n(self.projection_dim) * vh;
+        text + vision + 1
+    }
+}
+
+/// The `tiny-clip` kind.
+pub struct TinyClip;
+
+impl StageKind for TinyClip {
+    fn name(&self) -> &'static str {
+        "tiny-clip"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn doc(&self) -> &'static str {
+        "Writes a CLIP model folder with random weights at toy sizes, exactly in the layout \
+         transformers' CLIPModel, CLIPTokenizer and CLIPImageProcessor save_pretrained write \
+         (config.json, model.safetensors, tokenizer.json with a small CLIP BPE vocabulary, \
+         tokenizer_config.json, preprocessor_config.json), for the `cmmd` and `clip-score` \
+         kinds where no CLIP can be downloaded (the offline demo). Weights are initialised as \
+         PyTorch initialises the layers, from `seed`, identically on every machine. Random \
+         weights have learned nothing: CLIP score and CMMD computed with them measure nothing \
+         semantic and compare only runs scored with the same tiny model."
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let d = TinyClipSpec::default();
+        let int = |min: i64| ParamType::Int { min: Some(min), max: None };
+        vec![
+            ParamSpec::optional("seed", int(0), json!(d.seed), "Seed of the random weights."),
+            ParamSpec::optional(
+                "text_hidden_size",
+                int(1),
+                json!(d.text_hidden_size),
+                "Width of the text tower (text_config.hidden_size).",
+            ),
+            ParamSpec::optional(
+                "text_layers",
+                int(1),
+                json!(d.text_layers),
+                "Transformer layers of the text tower (text_config.num_hidden_layers).",
+            ),
+            ParamSpec::optional(
+                "text_heads",
+                int(1),
+                json!(d.text_heads),
+                "Attention heads of the text tower; must divide text_hidden_size.",
+            ),
+            ParamSpec::optional(
+                "text_intermediate_size",
+                int(1),
+                json!(d.text_intermediate_size),
+                "MLP width of the text tower (text_config.intermediate_size).",
+            ),
+            ParamSpec::optional(
+                "max_position_embeddings",
+                int(1),
+                json!(d.max_position_embeddings),
+                "Token positions of the text tower (CLIP's 77); longer captions are cut.",
+            ),
+            ParamSpec::optional(
+                "vision_hidden_size",
+                int(1),
+                json!(d.vision_hidden_size),
+                "Width of the vision tower (vision_config.hidden_size).",
+            ),
+            ParamSpec::optional(
+                "vision_layers",
+                int(1),
+                json!(d.vision_layers),
+                "Transformer layers of the vision tower (vision_config.num_hidden_layers).",
+            ),
+            ParamSpec::optional(
+                "vision_heads",
+                int(1),
+                json!(d.vision_heads),
+                "Attention heads of the vision tower; must divide vision_hidden_size.",
+            ),
+            ParamSpec::optional(
+                "vision_intermediate_size",
+                int(1),
+                json!(d.vision_intermediate_size),
+                "MLP width of the vision tower (vision_config.intermediate_size).",
+            ),
+            ParamSpec::optional(
+                "image_size",
+                int(1),
+                json!(d.image_size),
+                "Input side of the vision tower in pixels; the image processor resizes the \
+                 shorter side to it and crops the centre square.",
+            ),
+            ParamSpec::optional(
+                "patch_size",
+                int(1),
+                json!(d.patch_size),
+                "Side of the vision tower's square patches; must divide image_size.",
+            ),
+            ParamSpec::optional(
+                "projection_dim",
+                int(1),
+                json!(d.projection_dim),
+                "Width of the shared image-text embedding space (the projections' output).",
+            ),
+        ]
+    }
+
+    fn outputs(&self) -> Vec<OutputSpec> {
+        vec![OutputSpec {
+            name: MODEL,
+            path: MODEL,
+            kind: OutputKind::Dir,
+            doc: "The CLIP model folder (transformers layout: config.json, model.safetensors, \
+                  tokenizer.json, tokenizer_config.json, preprocessor_config.json); bind it as \
+                  the `cmmd` / `clip-score` model.",
+        }]
+    }
+
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+        let size = |name: &str| -> Result<usize, StageError> {
+            let v: i64 = ctx.param(name)?;
+            usize::try_from(v).ok().filter(|&v| v > 0).ok_or_else(|| StageError::InvalidParam {
+                param: name.into(),
+                message: format!("{v} is not a positive size"),
+            })
+        };
+        let seed: i64 = ctx.param("seed")?;
+        let seed = u64::try_from(seed).map_err(|_| StageError::InvalidParam {
+            param: "seed".into(),
+            message: format!("{seed} is negative"),
+        })?;
+        let spec = TinyClipSpec {
+            seed,
+            text_hidden_size: size("text_hidden_size")?,
+            text_layers: size("text_layers")?,
+            text_heads: size("text_heads")?,
+            text_intermediate_size: size("text_intermediate_size")?,
+            max_position_embeddings: size("max_position_embeddings")?,
+            vision_hidden_size: size("vision_hidden_size")?,
+            vision_layers: size("vision_layers")?,
+            vision_heads: size("vision_heads")?,
+            vision_intermediate_size: size("vision_intermediate_size")?,
+            image_size: size("image_size")?,
+            patch_size: size("patch_size")?,
+            projection_dim: size("projection_dim")?,
+        };
+        spec.validate()?;
+        ctx.cancel.check()?;
+        let written = write_tiny_clip(&ctx.output_path(MODEL), &spec)?;
+        let _ = writeln!(
+            ctx.log,
+            "tiny-clip: {} parameters, a {}-token vocabulary, {}x{} images (random weights, \
+             seed {})",
+            written.values, written.vocab_size, spec.image_size, spec.image_size, spec.seed
+        );
+        Ok(())
+    }
+}
+
+/// What [`write_tiny_clip`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenClip {
+    /// Elements of all tensors.
+    pub values: u64,
+    pub vocab_size: usize,
+}
+
+/// Write a tiny CLIP into `dir` (created if needed).
+pub fn write_tiny_clip(dir: &Path, spec: &TinyClipSpec) -> Result<WrittenClip, StageError> {
+    spec.validate()?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StageError::io(format!("creating {}", dir.display()), e))?;
+    let vocab = Vocab::train();
+    let tokenizer = vocab.tokenizer()?;
+    let config = config_json(spec, &vocab);
+    let processor = preprocessor_json(spec.image_size);
+
+    // The loader's own types and constructor: building `Clip` against the recorder
+    // enumerates exactly the tensors the metric kinds will ask for.
+    let loaded_config: ClipConfig = serde_json::from_value(config.clone())
+        .map_err(|e| StageError::failed(format!("tiny-clip config: {e}")))?;
+    let loaded_processor: ProcessorConfig = serde_json::from_value(processor.clone())
+        .map_err(|e| StageError::failed(format!("tiny-clip processor config: {e}")))?;
+    let recorder = Recorder::new(spec.seed);
+    let state = recorder.state.clone();
+    let backend: Box<dyn SimpleBackend> = Box::new(recorder);
+    let vb = VarBuilder::from_backend(backend, DType::F32, Device::Cpu);
+    Clip::new(loaded_config, loaded_processor, vb, Some(tokenizer.clone()))
+        .map_err(|e| StageError::failed(format!("building the tiny CLIP: {e}")))?;
+    let mut tensors = std::mem::take(&mut state.lock().expect("recorder lock").tensors);
+    let scale = Tensor::new(LOGIT_SCALE_INIT, &Device::Cpu)
+        .map_err(|e| StageError::failed(e.to_string()))?;
+    tensors.insert("logit_scale".into(), scale);
+
+    write_json(&dir.join(clip::CONFIG), &config)?;
+    let values = write_safetensors(&dir.join(clip::WEIGHTS), &tensors)?;
+    let path = dir.join(clip::TOKENIZER);
+    tokenizer
+        .save(&path, true)
+        .map_err(|e| StageError::failed(format!("writing {}: {e}", path.display())))?;
+    write_json(&dir.join("tokenizer_config.json"), &tokenizer_config_json())?;
+    write_json(&dir.join(clip::PREPROCESSOR), &processor)?;
+    // The loader's checks accept the files as the metric kinds will read them (sdpipe's
+    // caps, what candle computes, the processor's crop matching the tower).
+    let config = ClipConfig::from_file(&dir.join(clip::CONFIG)).map_err(StageError::from)?;
+    ProcessorConfig::from_model_dir(dir, config.vision_config.image_size)
+        .map_err(StageError::from)?;
+    Ok(WrittenClip { values, vocab_size: vocab.len() })
+}
+
+/// `CLIPConfig` as transformers writes it (every key `save_pretrained` writes for a config
+/// built from these sizes; `projection_dim` repeated in both towers as in OpenAI's configs, so
+/// `CLIPVisionModelWithProjection` and `CLIPTextModelWithProjection` read the same width).
+fn config_json(spec: &TinyClipSpec, vocab: &Vocab) -> Value {
+    json!({
+        "architectures": ["CLIPModel"],
+        "dtype": "float32",
+        "initializer_factor": 1.0,
+        "logit_scale_init_value": 2.6592,
+        "model_type": "clip",
+        "projection_dim": spec.projection_dim,
+        "text_config": {
+            "attention_dropout": 0.0,
+            "bos_token_id": vocab.bos_id(),
+            "eos_token_id": vocab.eos_id(),
+            "hidden_act": "quick_gelu",
+            "hidden_size": spec.text_hidden_size,
+            "initializer_factor": 1.0,
+            "initializer_range": 0.02,
+            "intermediate_size": spec.text_intermediate_size,
+            "layer_norm_eps": 1e-5,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "model_type": "clip_text_model",
+            "num_attention_heads": spec.text_heads,
+            "num_hidden_layers": spec.text_layers,
+            "pad_token_id": vocab.eos_id(),
+            "projection_dim": spec.projection_dim,
+            "vocab_size": vocab.len(),
+        },
+        "transformers_version": TRANSFORMERS_VERSION,
+        "vision_config": {
+            "attention_dropout": 0.0,
+            "hidden_act": "quick_gelu",
+            "hidden_size": spec.vision_hidden_size,
+            "image_size": spec.image_size,
+            "initializer_factor": 1.0,
+            "initializer_range": 0.02,
+            "intermediate_size": spec.vision_intermediate_size,
+            "layer_norm_eps": 1e-5,
+            "model_type": "clip_vision_model",
+            "num_attention_heads": spec.vision_heads,
+            "num_channels": 3,
+            "num_hidden_layers": spec.vision_layers,
+            "patch_size": spec.patch_size,
+            "projection_dim": spec.projection_dim,
+        },
+    })
+}
+
+/// `CLIPImageProcessor` at `size`, as `save_pretrained` writes it (OpenAI CLIP's settings).
+fn preprocessor_json(size: usize) -> Value {
+    json!({
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": true,
+        "do_convert_rgb": true,
+        "do_normalize": true,
+        "do_rescale": true,
+        "do_resize": true,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "rescale_factor": 1.0 / 255.0,
+        "size": {"shortest_edge": size},
+    })
+}
+
+/// `tokenizer_config.json` as transformers 5 writes it for a `CLIPTokenizer` (the fast,
+/// `tokenizers`-backed one; no `vocab.json`/`merges.txt`/`special_tokens_map.json`).
+/// `model_max_length` is CLIP's 77 whatever the model's positions, as in the parity fixture
+/// (24 positions): the metric kinds cut to `max_position_embeddings` themselves.
+fn tokenizer_config_json() -> Value {
+    json!({
+        "backend": "tokenizers",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "model_max_length": 77,
+        "pad_token": EOS,
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": EOS,
+    })
+}
+
+/// Write `value` as transformers writes its JSON files (`json.dumps(indent=2, sort_keys=True)`
+/// and a newline): serde_json's pretty layout with sorted keys is the same, but for floats,
+/// which Python spells `1e-05` where Rust writes `1e-5`.
+fn write_json(path: &Path, value: &Value) -> Result<(), StageError> {
+    let mut text = Vec::new();
+    let mut serializer = serde_json::Serializer::with_formatter(&mut text, PythonFloats::default());
+    serde::Serialize::serialize(value, &mut serializer)
+        .map_err(|e| StageError::failed(format!("serialising {}: {e}", path.display())))?;
+    text.push(b'\n');
+    std::fs::write(path, text).map_err(|e| StageError::io(format!("writing {}", path.display()), e))
+}
+
+/// serde_json's [`PrettyFormatter`](serde_json::ser::PrettyFormatter) with floats as Python's
+/// `repr` writes them: the shortest round-trip digits (Rust's `{:?}`, which switches to an
+/// exponent at the same magnitudes, below 1e-4 and from 1e16), the exponent signed and at least
+/// two digits long.
+#[derive(Default)]
+struct PythonFloats(serde_json::ser::PrettyFormatter<'static>);
+
+impl serde_json::ser::Formatter for PythonFloats {
+    fn write_f64<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        value: f64,
+    ) -> std::io::Result<()> {
+        let text = format!("{value:?}");
+        let text = match text.split_once('e') {
+            Some((mantissa, exponent)) => {
+                let exponent: i32 = exponent.parse().expect("Rust's float exponent");
+                let sign = if exponent < 0 { '-' } else { '+' };
+                format!("{mantissa}e{sign}{:02}", exponent.abs())
+            }
+            None => text,
+        };
+        w.write_all(text.as_bytes())
+    }
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_array(w)
+    }
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_array(w)
+    }
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.0.begin_array_value(w, first)
+    }
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_array_value(w)
+    }
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_object(w)
+    }
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_object(w)
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.0.begin_object_key(w, first)
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_object_value(w)
+    }
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_object_value(w)
+    }
+}
+
+/// Write `tensors` (f32) as the safetensors library does: an 8-byte little-endian header
+/// length, the JSON header (`__metadata__` first, then the tensors in name order with their
+/// dtype, shape and data offsets), padded with spaces to a multiple of 8, then the data.
+/// Returns the number of values written.
+fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<u64, StageError> {
+    let failed = |e: candle_core::Error| StageError::failed(format!("{}: {e}", path.display()));
+    let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+    let mut data: Vec<u8> = Vec::new();
+    let mut values = 0u64;
+    for (name, tensor) in tensors {
+        let flat: Vec<f32> =
+            tensor.to_dtype(DType::F32).and_then(|t| t.flatten_all()?.to_vec1()).map_err(failed)?;
+        let start = data.len();
+        data.reserve(flat.len() * 4);
+        for v in &flat {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        values += flat.len() as u64;
+        let shape = serde_json::to_string(tensor.dims()).expect("a list of sizes");
+        let name = serde_json::to_string(name).expect("a string");
+        header.push_str(&format!(
+            ",{name}:{{\"dtype\":\"F32\",\"shape\":{shape},\"data_offsets\":[{start},{}]}}",
+            data.len()
+        ));
+    }
+    header.push('}');
+    while !header.len().is_multiple_of(8) {
+        header.push(' ');
+    }
+    let mut bytes = Vec::with_capacity(8 + header.len() + data.len());
+    bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&data);
+    std::fs::write(path, bytes)
+        .map_err(|e| StageError::io(format!("writing {}", path.display()), e))?;
+    Ok(values)
+}
+
+// ------------------------------------------------------------------------------ tokenizer
+
+/// A CLIP-layout BPE vocabulary learned from [`CORPUS`].
+struct Vocab {
+    tokens: Vec<String>,
+    merges: Vec<(String, String)>,
+}
+
+impl Vocab {
+    /// Learn merges until every corpus word is a single token (about 450).
+    fn train() -> Vocab {
+        let (symbols, vocab_order) = byte_symbols();
+        let mut counts: BTreeMap<Vec<String>, usize> = BTreeMap::new();
+        for word in CORPUS.split_whitespace() {
+            let mut parts: Vec<String> =
+                word.bytes().map(|b| symbols[b as usize].to_string()).collect();
+            if let Some(last) = parts.last_mut() {
+                last.push_str("</w>");
+            }
+            *counts.entry(parts).or_default() += 1;
+        }
+        let mut merges = Vec::new();
+        loop {
+            let mut pairs: BTreeMap<(String, String), usize> = BTreeMap::new();
+            for (word, n) in &counts {
+                for pair in word.windows(2) {
+                    *pairs.entry((pair[0].clone(), pair[1].clone())).or_default() += n;
+                }
+            }
+            // The most frequent pair; among equals the first in text order (BTreeMap order).
+            let Some((best, _)) = pairs.into_iter().fold(None, |best, (pair, n)| match best {
+                Some((_, m)) if m >= n => best,
+                _ => Some((pair, n)),
+            }) else {
+                break;
+            };
+            let mut merged: BTreeMap<Vec<String>, usize> = BTreeMap::new();
+            for (word, n) in counts {
+                *merged.entry(merge_word(&word, &best)).or_default() += n;
+            }
+            counts = merged;
+            merges.push(best);
+        }
+        let mut tokens: Vec<String> = vocab_order.iter().map(|c| c.to_string()).collect();
+        tokens.extend(vocab_order.iter().map(|c| format!("{c}</w>")));
+        for (a, b) in &merges {
+            let merged = format!("{a}{b}");
+            if !tokens.contains(&merged) {
+                tokens.push(merged);
+            }
+        }
+        tokens.push(BOS.into());
+        tokens.push(EOS.into());
+        Vocab { tokens, merges }
+    }
+
+    fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    fn bos_id(&self) -> usize {
+        self.tokens.len() - 2
+    }
+
+    fn eos_id(&self) -> usize {
+        self.tokens.len() - 1
+    }
+
+    /// The tokenizer transformers' `CLIPTokenizer` (fast) is: a BPE model with `</w>` word
+    /// ends, CLIP's normalizer and pre-tokenizer, BOS/EOS added around each text.
+    fn tokenizer(&self) -> Result<Tokenizer, StageError> {
+        let failed = |e: tokenizers::Error| StageError::failed(format!("tiny-clip tokenizer: {e}"));
+        let vocab: tokenizers::models::bpe::Vocab =
+            self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let model = BPE::builder()
+            .vocab_and_merges(vocab, self.merges.clone())
+            .unk_token(EOS.into())
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix("</w>".into())
+            .fuse_unk(false)
+            .build()
+            .map_err(failed)?;
+        let mut tokenizer = Tokenizer::new(model);
+        let normalizer = Normalizers::new(vec![
+            NFC.into(),
+            Replace::new(ReplacePattern::Regex("\\s+".into()), " ").map_err(failed)?.into(),
+            Lowercase.into(),
+        ]);
+        tokenizer.with_normalizer(Some(normalizer)).map_err(failed)?;
+        let split = Split::new(
+            SplitPattern::Regex(CLIP_WORDS.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(failed)?;
+        tokenizer.with_pre_tokenizer(Some(PreTokenizers::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, true).into(),
+        ])));
+        let (bos, eos) = (self.bos_id() as u32, self.eos_id() as u32);
+        tokenizer.with_post_processor(Some(
+            RobertaProcessing::new((EOS.into(), eos), (BOS.into(), bos))
+                .trim_offsets(false)
+                .add_prefix_space(false),
+        ));
+        tokenizer.with_decoder(Some(ByteLevel::new(true, true, true)));
+        tokenizer
+            .add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
+            .map_err(failed)?;
+        Ok(tokenizer)
+    }
+}
+
+fn merge_word(word: &[String], pair: &(String, String)) -> Vec<String> {
+    let mut out = Vec::with_capacity(word.len());
+    let mut i = 0;
+    while i < word.len() {
+        if i + 1 < word.len() && word[i] == pair.0 && word[i + 1] == pair.1 {
+            out.push(format!("{}{}", pair.0, pair.1));
+            i += 2;
+        } else {
+            out.push(word[i].clone());
+            i += 1;
+        }
+    }
+    out
+}
+
+/// GPT-2/CLIP's reversible byte → printable character map: the printable Latin-1 bytes map to
+/// themselves, the other 68 bytes to U+0100 onwards. Returns the map indexed by byte, and the
+/// characters in CLIP's vocabulary order (printable bytes first, then the remapped ones).
+fn byte_symbols() -> (Vec<char>, Vec<char>) {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut order: Vec<u32> = (0..256).filter(|&b| printable(b)).collect();
+    let mut symbols: Vec<u32> = order.clone();
+    let mut next = 256;
+    for b in 0..256 {
+        if !printable(b) {
+            order.push(b);
+            symbols.push(next);
+            next += 1;
+        }
+    }
+    let chars: Vec<char> =
+        symbols.iter().map(|&s| char::from_u32(s).expect("valid scalar")).collect();
+    let mut by_byte = vec!['\0'; 256];
+    for (b, c) in order.iter().zip(&chars) {
+        by_byte[*b as usize] = *c;
+    }
+    (by_byte, chars)
+}
+
+// -------------------------------------------------------------------------------- weights
+
+/// A [`SimpleBackend`] that makes up each tensor a module asks for (deterministically) and
+/// remembers it, so building the loader's modules enumerates the weights.
+struct Recorder {
+    seed: u64,
+    state: Arc<Mutex<Recorded>>,
+}
+
+#[derive(Default)]
+struct Recorded {
+    tensors: BTreeMap<String, Tensor>,
+    /// Layer prefix (`…fc1.`) → fan_in of its weight, for the matching bias's bound.
+    fan_in: HashMap<String, usize>,
+}
+
+impl Recorder {
+    fn new(seed: u64) -> Recorder {
+        Recorder { seed, state: Arc::default() }
+    }
+}
+
+impl SimpleBackend for Recorder {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _hint: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut state = self.state.lock().expect("recorder lock");
+        if let Some(t) = state.tensors.get(name) {
+            if t.shape() != &shape {
+                candle_core::bail!("{name} requested as {shape:?} and as {:?}", t.shape());
+            }
+            return t.to_dtype(dtype)?.to_device(device);
+        }
+        let dims = shape.dims().to_vec();
+        let prefix = name.trim_end_matches("weight").trim_end_matches("bias").to_string();
+        let fan_in = if dims.len() >= 2 {
+            let fan_in = dims[1..].iter().product();
+            state.fan_in.insert(prefix, fan_in);
+            fan_in
+        } else {
+            // candle's layers request a weight before its bias; a lone vector falls back to
+            // its own length.
+            state.fan_in.get(&prefix).copied().unwrap_or(dims.first().copied().unwrap_or(1))
+        };
+        let values = init_values(self.seed, name, &dims, fan_in);
+        let tensor = Tensor::from_vec(values, shape, &Device::Cpu)?;
+        state.tensors.insert(name.to_string(), tensor.clone());
+        tensor.to_dtype(dtype)?.to_device(device)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let state = self.state.lock().expect("recorder lock");
+        match state.tensors.get(name) {
+            Some(t) => t.to_dtype(dtype)?.to_device(device),
+            None => candle_core::bail!("{name} was never requested"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        // The vision embeddings ask whether the checkpoint has a class embedding (candle
+        // would otherwise draw one at random): CLIP's always does.
+        name.ends_with("class_embedding")
+    }
+}
+
+/// The initial values of one tensor, from the seed, its name and shape alone (`fan_in`: of the
+/// layer it belongs to).
+fn init_values(seed: u64, name: &str, dims: &[usize], fan_in: usize) -> Vec<f32> {
+    let numel: usize = dims.iter().product();
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let layer = name.rsplit('.').nth(1).unwrap_or("");
+    // LayerNorms (the only other 1-d weights): weight 1, bias 0, as PyTorch.
+    if dims.len() == 1 && layer.contains("norm") {
+        let value = if leaf == "weight" { 1.0 } else { 0.0 };
+        return vec![value; numel];
+    }
+    let bound = if leaf == "class_embedding" {
+        // transformers: N(0, hidden^-1): a uniform of that std.
+        (3.0 / numel.max(1) as f32).sqrt()
+    } else if layer.ends_with("_embedding") && layer != "patch_embedding" {
+        // transformers initialises CLIP's token and position embeddings N(0, 0.02²).
+        0.02 * 3f32.sqrt()
+    } else {
+        // PyTorch's Linear/Conv2d default (the patch embedding is a Conv2d):
+        // kaiming_uniform(a=√5) for weights and U(±1/√fan_in) for biases.
+        1.0 / (fan_in.max(1) as f32).sqrt()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed, name));
+    (0..numel)
+        .map(|_| {
+            // 24 random bits → an exact f32 in [0, 1), then scaled to [-bound, bound).
+            let unit = (rng.next_u32() >> 8) as f32 * (1.0 / 16_777_216.0);
+            (2.0 * unit - 1.0) * bound
+        })
+        .collect()
+}
+
+/// FNV-1a over (component, name) mixed with the seed (as `tiny-sd` derives its streams): one
+/// independent ChaCha stream per tensor, so a tensor's values do not depend on which other
+/// tensors exist or their order.
+fn stream_seed(seed: u64, name: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in COMPONENT.bytes().chain([b'/']).chain(name.bytes()) {
+        hash ^= byte as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_sizes_are_valid_and_tiny() {
+        let spec = TinyClipSpec::default();
+        spec.validate().unwrap();
+        assert!(spec.values(Vocab::train().len()) < 200_000);
+    }
+
+    #[test]
+    fn floats_are_written_as_pythons_repr_writes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.json");
+        let value = json!({"b": [1e-5, 2.6592, 1.0, 1e16, 1.5e-7, 1.0 / 255.0, 1e15], "a": 0.0001});
+        write_json(&path, &value).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        // json.dumps(value, indent=2, sort_keys=True) + "\n"
+        let python = "{\n  \"a\": 0.0001,\n  \"b\": [\n    1e-05,\n    2.6592,\n    1.0,\n    \
+                      1e+16,\n    1.5e-07,\n    0.00392156862745098,\n    1000000000000000.0\n  ]\n}\n";
+        assert_eq!(text, python);
+    }
+
+    #[test]
+    fn every_corpus_word_is_one_token() {
+        let vocab = Vocab::train();
+        let tokenizer = vocab.tokenizer().unwrap();
+        for word in CORPUS.split_whitespace() {
+            let ids = tokenizer.encode(word, false).unwrap().get_ids().to_vec();
+            assert_eq!(ids.len(), 1, "{word}: {ids:?}");
+        }
+    }
+}
