@@ -2,11 +2,13 @@
 //! test; see docs/bench/train.md). One configuration per process, so the peak RSS is its own.
 //!
 //! cargo run --release -p sdpipe-train --example train_bench -- <tiny|mid|sd15> \
-//!     <plain|checkpointing> <steps> <threads> [device]
+//!     <plain|checkpointing|lora-plain|lora-checkpointing> <steps> <threads> [device]
 //!
 //! The step is the real one (`Objective::loss_and_grads` + `apply_update`: MSE on ε, backward,
 //! clipping, AdamW, EMA) on random latents and text states; the frozen VAE and text encoder are
-//! left out, as in bench/train_bench.py.
+//! left out, as in bench/train_bench.py. The `lora-*` modes train rank-4 adapters on
+//! to_q/to_k/to_v/to_out.0 of a frozen random UNet, as train_text_to_image_lora.py does (lr 1e-4,
+//! no EMA: that script has none).
 
 use std::time::Instant;
 
@@ -17,7 +19,7 @@ use sdpipe_train::ema::Ema;
 use sdpipe_train::objective::{NoiseSchedule, Prediction, ScheduleConfig};
 use sdpipe_train::optim::{AdamW, AdamWConfig};
 use sdpipe_train::trainer::{apply_update, Objective};
-use sdpipe_unet::{BlockKind, UNet, UNetConfig};
+use sdpipe_unet::{BlockKind, LoraConfig, UNet, UNetConfig};
 
 /// `(config, latent side)`: the tiny test model at 16×16 latents, a mid-size SD-shaped model
 /// (channels 64/128/256, two resnets per block, cross-attention in the first two) at 32×32, and
@@ -57,6 +59,21 @@ fn config(name: &str) -> (UNetConfig, usize) {
     }
 }
 
+/// The random UNet `name` saved to a scratch folder and loaded back for LoRA training, as the
+/// `train-lora` stage builds it from weight files. A child process writes the folder, so the
+/// random model's memory does not count in this process's peak RSS.
+fn lora_unet(name: &str, device: &candle_core::Device) -> UNet {
+    let dir = std::env::temp_dir().join(format!("sdpipe-train-bench-{}", std::process::id()));
+    let exe = std::env::current_exe().unwrap();
+    let status = std::process::Command::new(exe).args(["--write", name]).arg(&dir).status();
+    assert!(status.unwrap().success(), "writing the random UNet");
+    let weights = [dir.join("diffusion_pytorch_model.safetensors")];
+    let unet =
+        UNet::for_lora_training(&dir, &weights, &LoraConfig::new(4, 4.0), 0, device).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    unet
+}
+
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let kib = status
@@ -69,8 +86,15 @@ fn peak_rss_mib() -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--write") {
+        let unet = UNet::random(config(&args[2]).0, 0, &candle_core::Device::Cpu).unwrap();
+        unet.save_pretrained(std::path::Path::new(&args[3])).unwrap();
+        return;
+    }
     let name = args.get(1).map(String::as_str).unwrap_or("tiny");
-    let checkpointing = args.get(2).map(String::as_str) == Some("checkpointing");
+    let mode = args.get(2).map_or("plain", String::as_str);
+    let checkpointing = mode.ends_with("checkpointing");
+    let lora = mode.starts_with("lora-");
     let steps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
     let threads: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(2);
     let device = args.get(5).map_or("cpu", String::as_str);
@@ -79,13 +103,15 @@ fn main() {
     pool.install(|| {
         let (config, side) = config(name);
         let context_dim = config.cross_attention_dim[0];
-        let unet = UNet::random(config, 0, &device).unwrap();
+        let unet =
+            if lora { lora_unet(name, &device) } else { UNet::random(config, 0, &device).unwrap() };
         let vars: Vec<Var> = Denoiser::parameters(&unet).into_iter().map(|(_, v)| v).collect();
         let mut adam = AdamW::new(
             vars.len(),
             AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 },
         );
-        let mut ema = Ema::new(&vars).unwrap();
+        let mut ema = (!lora).then(|| Ema::new(&vars).unwrap());
+        let lr = if lora { 1e-4 } else { 1e-5 };
         let schedule = NoiseSchedule::new(&ScheduleConfig {
             num_train_timesteps: 1000,
             beta_start: 0.00085,
@@ -110,7 +136,7 @@ fn main() {
             let t = [(step * 97 % 1000) as u32];
             let (_, grads) =
                 objective.loss_and_grads(&unet, &latents, &noise, &t, &context).unwrap();
-            apply_update(&vars, grads, 1.0, &mut adam, 1e-5, Some(&mut ema)).unwrap();
+            apply_update(&vars, grads, 1.0, &mut adam, lr, ema.as_mut()).unwrap();
             device.synchronize().unwrap(); // a GPU queues its work: time the step, not its launch
             if step > 0 {
                 times.push(started.elapsed().as_secs_f64()); // the first step is warm-up
@@ -119,10 +145,12 @@ fn main() {
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
         println!(
             "{{\"impl\": \"sdpipe\", \"config\": \"{name}\", \"params\": {}, \"latent\": {side}, \
-             \"checkpointing\": {checkpointing}, \"threads\": {threads}, \"steps\": {steps}, \
+             \"trained_params\": {}, \"checkpointing\": {checkpointing}, \"lora\": {lora}, \
+             \"threads\": {threads}, \"steps\": {steps}, \
              \"device\": \"{}\", \
              \"median_s_per_step\": {:.4}, \"peak_rss_mib\": {:.1}}}",
             unet.parameter_count(),
+            vars.iter().map(|v| v.elem_count()).sum::<usize>(),
             sdpipe_stages::device::describe(&device),
             times[times.len() / 2],
             peak_rss_mib()
