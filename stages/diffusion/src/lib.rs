@@ -1,12 +1,14 @@
 //! Stable Diffusion for sdpipe: pipeline folders in the diffusers layout ([`pipeline`],
 //! [`config`]), CLIP's tokenizer ([`clip_tokenizer`]), tiny random-weight SD1.x pipelines
 //! ([`tiny`], the `tiny-sd` kind), noise schedules and samplers ([`schedulers`]), generation
-//! ([`generate`]) and the `sample` kind.
+//! ([`generate`]), the base-model identity LoRA files carry ([`lora_base`]) and the `sample`
+//! kind.
 
 pub mod clip_tokenizer;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod lora_base;
 pub mod noise;
 pub mod pipeline;
 pub mod sample_stage;
