@@ -1,10 +1,15 @@
-//! Text-to-image generation as diffusers' `StableDiffusionPipeline.__call__` does it, given the
-//! initial latents: CLIP text embeddings, the denoising loop with classifier-free guidance,
-//! the VAE decode and the conversion to 8-bit RGB.
+//! Text-to-image generation as diffusers' `StableDiffusionPipeline.__call__` does it: CLIP text
+//! embeddings, the denoising loop with classifier-free guidance, the VAE decode and the
+//! conversion to 8-bit RGB.
 //!
-//! Drawing the initial latents is the caller's business (the `sample` stage draws them from
-//! its own seeded generator): with the same latents, this loop and diffusers' agree to the
-//! tolerance the parity tests state.
+//! The initial latents are drawn per image from its seed by sdpipe's own generator
+//! ([`StableDiffusion::initial_latents`]), not torch's; given the same latents, this loop and
+//! diffusers' agree to the tolerance the parity tests state. [`StableDiffusion::draw`] is the
+//! whole recipe for one batch, shared by the `sample` stage and by validation during training
+//! (which passes the UNet it trains, see [`NoisePredictor`]), so both draw the same image for
+//! the same weights, prompt, seed and settings.
+
+use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
@@ -13,13 +18,41 @@ use sdpipe_stages::api::StageError;
 
 use crate::clip_tokenizer::ClipTokenizer;
 use crate::error::PipelineError;
+use crate::noise::standard_normal;
 use crate::pipeline::{SdPipeline, TextEncoder};
 use crate::schedulers::Sampler;
 
-/// A loaded pipeline, ready to sample.
-pub struct StableDiffusion {
+/// What the denoising loop evaluates: the UNet's prediction (noise, or v, as the scheduler
+/// config says) for a batch of latents at one timestep, given text embeddings. sdpipe-unet's
+/// UNet is one; a model in training is passed by reference between optimiser steps (see
+/// [`StableDiffusion::load_without_unet`]).
+pub trait NoisePredictor {
+    fn predict(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+    ) -> candle_core::Result<Tensor>;
+}
+
+impl NoisePredictor for sdpipe_unet::UNet {
+    fn predict(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        // Without a graph: training's UNet, whose parameters are variables, records none either.
+        sdpipe_unet::UNet::predict(self, sample, timestep, context)
+            .map_err(candle_core::Error::wrap)
+    }
+}
+
+/// A loaded pipeline, ready to sample. `U` is the UNet it owns: sdpipe-unet's, or `()` for one
+/// that samples with a UNet its caller holds ([`StableDiffusion::load_without_unet`]).
+pub struct StableDiffusion<U = sdpipe_unet::UNet> {
     /// sdpipe-unet's model, loaded for inference: the same UNet training runs.
-    pub unet: sdpipe_unet::UNet,
+    pub unet: U,
     pub vae: AutoEncoderKL,
     pub text_encoder: TextEncoder,
     pub tokenizer: ClipTokenizer,
@@ -42,9 +75,29 @@ pub struct StableDiffusion {
     pub vae_dtype: DType,
 }
 
+/// The text conditioning of one batch: the prompts' embeddings and, for classifier-free
+/// guidance, the negative prompt's (the same batch size).
+pub struct Conditioning<'a> {
+    pub cond: &'a Tensor,
+    pub uncond: Option<&'a Tensor>,
+    /// ≤ 1 disables guidance (as in diffusers): only the conditional branch runs.
+    pub guidance_scale: f64,
+}
+
 /// Map a candle error to a stage failure with what was being done.
 fn failed(what: &str) -> impl Fn(candle_core::Error) -> StageError + '_ {
     move |e| StageError::failed(format!("{what}: {e}"))
+}
+
+/// The latent side for images `side` pixels across: the VAE divides it by its scale factor and
+/// the UNet halves it once per down block after the first, and each halving must be exact.
+pub fn latent_side(pipeline: &SdPipeline, side: usize) -> Result<usize, String> {
+    let factor = pipeline.vae_scale_factor();
+    let multiple = factor << (pipeline.unet.block_out_channels.len() - 1);
+    if !side.is_multiple_of(multiple) {
+        return Err(format!("{side} is not a multiple of {multiple}"));
+    }
+    Ok(side / factor)
 }
 
 impl StableDiffusion {
@@ -56,10 +109,50 @@ impl StableDiffusion {
         device: &Device,
         dtype: DType,
     ) -> Result<StableDiffusion, PipelineError> {
+        StableDiffusion::load_with(pipeline, device, dtype, || pipeline.load_unet(device, dtype))
+    }
+}
+
+impl StableDiffusion<()> {
+    /// [`StableDiffusion::load`] without the UNet: for sampling with one the caller holds (a
+    /// model in training, whose weights change between calls), passed to
+    /// [`StableDiffusion::draw`].
+    pub fn load_without_unet(
+        pipeline: &SdPipeline,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<StableDiffusion<()>, PipelineError> {
+        StableDiffusion::load_with(pipeline, device, dtype, || Ok(()))
+    }
+}
+
+impl<U: NoisePredictor> StableDiffusion<U> {
+    /// [`StableDiffusion::denoise_with`] this pipeline's own UNet.
+    pub fn denoise(
+        &self,
+        latents: &Tensor,
+        cond: &Tensor,
+        uncond: Option<&Tensor>,
+        guidance_scale: f64,
+        sampler: &mut dyn Sampler,
+        on_step: &mut dyn FnMut(usize, usize) -> Result<(), StageError>,
+    ) -> Result<Tensor, StageError> {
+        let conditioning = Conditioning { cond, uncond, guidance_scale };
+        self.denoise_with(&self.unet, latents, &conditioning, sampler, on_step)
+    }
+}
+
+impl<U> StableDiffusion<U> {
+    fn load_with(
+        pipeline: &SdPipeline,
+        device: &Device,
+        dtype: DType,
+        unet: impl FnOnce() -> Result<U, PipelineError>,
+    ) -> Result<StableDiffusion<U>, PipelineError> {
         let tokenizer = pipeline.tokenizer()?;
         pipeline.check_tokenizer_fits(&tokenizer)?;
         Ok(StableDiffusion {
-            unet: pipeline.load_unet(device, dtype)?,
+            unet: unet()?,
             vae: pipeline.load_vae(device, dtype)?,
             text_encoder: pipeline.load_text_encoder(device, dtype)?,
             tokenizer,
@@ -72,23 +165,62 @@ impl StableDiffusion {
         })
     }
 
-    /// CLIP's last hidden state for each prompt: (batch, 77, hidden).
-    pub fn embed(&self, prompts: &[&str]) -> Result<Tensor, StageError> {
+    /// The prompts' token ids, padded and truncated to the tokenizer's length: (batch, 77).
+    pub fn token_ids(&self, prompts: &[&str]) -> Result<Tensor, StageError> {
         let mut ids = Vec::with_capacity(prompts.len() * self.tokenizer.max_length());
         for prompt in prompts {
             ids.extend(self.tokenizer.encode(prompt)?);
         }
-        let ids = Tensor::from_vec(ids, (prompts.len(), self.tokenizer.max_length()), &self.device)
-            .map_err(failed("tokens"))?;
+        Tensor::from_vec(ids, (prompts.len(), self.tokenizer.max_length()), &self.device)
+            .map_err(failed("tokens"))
+    }
+
+    /// CLIP's last hidden state for each prompt: (batch, 77, hidden).
+    pub fn embed(&self, prompts: &[&str]) -> Result<Tensor, StageError> {
+        let ids = self.token_ids(prompts)?;
         self.text_encoder.encode(&ids).map_err(failed("the text encoder"))
     }
 
-    /// Run the sampler from `latents` (already drawn; scaled here by `init_noise_sigma`).
-    /// With `uncond` (the negative or empty prompt's embeddings) and `guidance_scale > 1`, each
-    /// step evaluates both branches in one batch and mixes them as
-    /// ε = ε_uncond + g·(ε_cond − ε_uncond); otherwise only the conditional branch runs, as in
-    /// diffusers. `on_step(i, n)` runs after each of the `n` model calls (progress,
-    /// cancellation); an error from it stops the loop.
+    /// The initial latents of a batch, one image per seed: each image's are
+    /// [`crate::noise::standard_normal`] of its seed, so an image does not depend on the batch
+    /// it is drawn in. `latent_size` is (height, width) in latents.
+    pub fn initial_latents(
+        &self,
+        seeds: &[u64],
+        latent_size: (usize, usize),
+    ) -> Result<Tensor, StageError> {
+        let (lh, lw) = latent_size;
+        let per_image = self.latent_channels * lh * lw;
+        let mut noise = Vec::with_capacity(seeds.len() * per_image);
+        for &seed in seeds {
+            noise.extend(standard_normal(seed, per_image));
+        }
+        Tensor::from_vec(noise, (seeds.len(), self.latent_channels, lh, lw), &self.device)
+            .map_err(failed("latents"))
+    }
+
+    /// One batch of images as the `sample` stage makes them: initial latents from `seeds`
+    /// ([`StableDiffusion::initial_latents`]), denoised by `unet` under `conditioning`, decoded,
+    /// converted to 8-bit RGB. `on_step` as in [`StableDiffusion::denoise_with`].
+    pub fn draw(
+        &self,
+        unet: &dyn NoisePredictor,
+        seeds: &[u64],
+        latent_size: (usize, usize),
+        conditioning: &Conditioning<'_>,
+        sampler: &mut dyn Sampler,
+        on_step: &mut dyn FnMut(usize, usize) -> Result<(), StageError>,
+    ) -> Result<Vec<RgbImage>, StageError> {
+        let latents = self.initial_latents(seeds, latent_size)?;
+        let latents = self.denoise_with(unet, &latents, conditioning, sampler, on_step)?;
+        to_rgb8(&self.decode(&latents)?)
+    }
+
+    /// Run the sampler from `latents` (already drawn; scaled here by `init_noise_sigma`) with
+    /// `unet`. With an unconditional embedding and `guidance_scale > 1`, each step evaluates
+    /// both branches in one batch and mixes them as ε = ε_uncond + g·(ε_cond − ε_uncond);
+    /// otherwise only the conditional branch runs, as in diffusers. `on_step(i, n)` runs after
+    /// each of the `n` model calls (progress, cancellation); an error from it stops the loop.
     ///
     /// Precision: the latents are f32 from start to end, whatever [`StableDiffusion::dtype`]
     /// is. diffusers keeps the latents and the scheduler's step in the pipeline's dtype; here
@@ -96,15 +228,15 @@ impl StableDiffusion {
     /// nothing is rounded to half between steps: with a half `dtype` only the text
     /// embeddings (`cond`, `uncond`, which the UNet converts to f32) and the VAE decode are
     /// half. That is more precise than diffusers' fp16 loop, never less.
-    pub fn denoise(
+    pub fn denoise_with(
         &self,
+        unet: &dyn NoisePredictor,
         latents: &Tensor,
-        cond: &Tensor,
-        uncond: Option<&Tensor>,
-        guidance_scale: f64,
+        conditioning: &Conditioning<'_>,
         sampler: &mut dyn Sampler,
         on_step: &mut dyn FnMut(usize, usize) -> Result<(), StageError>,
     ) -> Result<Tensor, StageError> {
+        let &Conditioning { cond, uncond, guidance_scale } = conditioning;
         let batch = latents.dim(0).map_err(failed("latents"))?;
         let guided = match uncond {
             Some(uncond) if guidance_scale > 1.0 => Some(uncond),
@@ -128,10 +260,7 @@ impl StableDiffusion {
             // diffusers passes the scheduler's timestep tensor; the UNet's sinusoidal
             // projection reads it as float32.
             let timestep = Tensor::new(&[t as f32], &self.device).map_err(failed("timestep"))?;
-            let output = self
-                .unet
-                .predict(&input, &timestep, &context)
-                .map_err(|e| StageError::failed(format!("the UNet: {e}")))?;
+            let output = unet.predict(&input, &timestep, &context).map_err(failed("the UNet"))?;
             let eps = match guided {
                 Some(_) => {
                     let (u, c) = (output.i(..batch), output.i(batch..));
@@ -175,6 +304,18 @@ impl StableDiffusion {
             .and_then(|x| x.clamp(0f32, 1f32))
             .map_err(failed("the decoded image"))
     }
+}
+
+/// Writes `image` as a PNG at `path`, under a temporary name first and then renamed, so a kill
+/// never leaves a torn file that a resumed run would take as done.
+pub fn save_png(image: &RgbImage, path: &Path) -> Result<(), StageError> {
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    image
+        .save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| StageError::failed(format!("writing {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| StageError::io(format!("finishing {}", path.display()), e))
 }
 
 /// Images in [0, 1] (batch, 3, H, W) → 8-bit RGB, rounding as numpy (ties to even), which is

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
     Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
@@ -19,13 +19,15 @@ use sdpipe_stages::api::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::generate::{to_rgb8, StableDiffusion};
-use crate::noise::standard_normal;
+use crate::generate::{latent_side, save_png, Conditioning, StableDiffusion};
 use crate::pipeline::SdPipeline;
 use crate::schedulers::SamplerKind;
 
 const IMAGES: &str = "images";
 const SAMPLES: &str = "samples.jsonl";
+
+/// The `scheduler` values (each a [`SamplerKind`]), for every kind that samples.
+pub const SCHEDULERS: &[&str] = &["pndm", "ddim", "euler"];
 
 /// The `sample` kind. `hub` overrides the environment's hub settings (tests).
 #[derive(Default)]
@@ -256,7 +258,7 @@ impl StageKind for Sample {
             ),
             ParamSpec::optional(
                 "scheduler",
-                ParamType::Enum(&["pndm", "ddim", "euler"]),
+                ParamType::Enum(SCHEDULERS),
                 json!("pndm"),
                 "The sampler, built from the pipeline's scheduler config as diffusers' \
                  `from_config` would.",
@@ -382,18 +384,11 @@ fn run_jobs(
 ) -> Result<(), StageError> {
     let device = ctx.candle_device()?;
     let sd = StableDiffusion::load(pipeline, &device, settings.dtype)?;
-    let factor = sd.vae_scale_factor;
-    let default_side = pipeline.unet.sample_size * factor;
+    let default_side = pipeline.unet.sample_size * sd.vae_scale_factor;
     let height = if settings.height == 0 { default_side } else { settings.height };
     let width = if settings.width == 0 { default_side } else { settings.width };
-    // The UNet halves the latents once per down block; each halving must be exact.
-    let multiple = factor << (pipeline.unet.block_out_channels.len() - 1);
-    for (name, side) in [("height", height), ("width", width)] {
-        if !side.is_multiple_of(multiple) {
-            return Err(invalid(name, format!("{side} is not a multiple of {multiple}")));
-        }
-    }
-    let (lh, lw) = (height / factor, width / factor);
+    let lh = latent_side(pipeline, height).map_err(|m| invalid("height", m))?;
+    let lw = latent_side(pipeline, width).map_err(|m| invalid("width", m))?;
 
     let done_dir = ctx.state_dir.join(IMAGES);
     fs::create_dir_all(&done_dir).map_err(io("creating the state directory"))?;
@@ -421,48 +416,33 @@ fn run_jobs(
     ctx.progress.set_total(todo.len() as u64 * calls);
 
     let uncond_one = sd.embed(&[settings.negative_prompt.as_str()])?;
-    let latent_len = sd.latent_channels * lh * lw;
     for chunk in todo.chunks(settings.batch_size) {
         ctx.cancel.check()?;
         let b = chunk.len();
-        let mut noise = Vec::with_capacity(b * latent_len);
-        for job in chunk {
-            noise.extend(standard_normal(job.seed, latent_len));
-        }
-        let latents = Tensor::from_vec(noise, (b, sd.latent_channels, lh, lw), &device)
-            .map_err(|e| StageError::failed(format!("latents: {e}")))?;
+        let seeds: Vec<u64> = chunk.iter().map(|j| j.seed).collect();
         let prompts: Vec<&str> = chunk.iter().map(|j| j.prompt.as_str()).collect();
         let cond = sd.embed(&prompts)?;
         let uncond = uncond_one
             .repeat((b, 1, 1))
             .map_err(|e| StageError::failed(format!("embeddings: {e}")))?;
+        let conditioning = Conditioning {
+            cond: &cond,
+            uncond: Some(&uncond),
+            guidance_scale: settings.guidance_scale,
+        };
         let mut sampler = settings
             .sampler
             .build(&pipeline.scheduler, settings.steps)
             .map_err(StageError::failed)?;
         let (progress, cancel) = (ctx.progress, ctx.cancel);
         let first = &chunk[0].file_name;
-        let latents = sd.denoise(
-            &latents,
-            &cond,
-            Some(&uncond),
-            settings.guidance_scale,
-            sampler.as_mut(),
-            &mut |i, n| {
+        let images =
+            sd.draw(&sd.unet, &seeds, (lh, lw), &conditioning, sampler.as_mut(), &mut |i, n| {
                 progress.advance(b as u64, &format!("{first}: step {}/{n}", i + 1));
                 cancel.check()
-            },
-        )?;
-        let images = to_rgb8(&sd.decode(&latents)?)?;
+            })?;
         for (job, image) in chunk.iter().zip(images) {
-            // Written under a temporary name and renamed, so a kill never leaves a torn file
-            // that a resumed run would take as done.
-            let tmp = done_dir.join(format!(".{}.tmp", job.file_name));
-            image
-                .save_with_format(&tmp, image::ImageFormat::Png)
-                .map_err(|e| StageError::failed(format!("writing {}: {e}", tmp.display())))?;
-            fs::rename(&tmp, done_dir.join(&job.file_name))
-                .map_err(io(format!("finishing {}", job.file_name)))?;
+            save_png(&image, &done_dir.join(&job.file_name))?;
         }
     }
     Ok(())

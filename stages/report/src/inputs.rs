@@ -1,7 +1,7 @@
 //! Reading the upstream outputs a report is made from, checked against their data contracts
 //! (see the sdpipe docs on formats): imagefolder metadata, sample images and `samples.jsonl`,
 //! `metrics.json` of `fid`, `lpips`, `cmmd`, `clip-score` and `scene-accuracy`, their
-//! `per_image.jsonl`, and `train_log.jsonl`.
+//! `per_image.jsonl`, `train_log.jsonl` and a train stage's `validation/` images.
 //!
 //! Each reader takes the input's name so that an error says which binding and which file is
 //! wrong. Inputs are accepted either as the file itself (how the engine hands over a file
@@ -146,6 +146,19 @@ pub struct TrainStep {
     pub lr: Option<f64>,
     #[serde(default)]
     pub grad_norm: Option<f64>,
+}
+
+/// A train stage's `validation/` output: the images drawn with its validation prompts after
+/// some of its steps.
+#[derive(Debug, Clone)]
+pub struct Validation {
+    pub prompts: Vec<String>,
+    /// The steps validated, in order.
+    pub steps: Vec<u64>,
+    /// (step, prompt index) → image file.
+    pub images: BTreeMap<(u64, usize), PathBuf>,
+    /// `validation.json` without its lists: how the images were drawn.
+    pub settings: Map<String, Value>,
 }
 
 /// `path` itself when it is a file, else `path/name`.
@@ -608,4 +621,67 @@ pub fn read_train_log(input: &str, path: &Path) -> Result<Vec<TrainStep>, Report
     let mut steps: Vec<TrainStep> = read_jsonl(input, &file, EXPECTED)?;
     steps.sort_by_key(|s| s.step);
     Ok(steps)
+}
+
+/// A train stage's `validation/` output (`path` is the folder or its `validation.json`);
+/// `None` when the folder is empty, as a run without validation leaves it.
+pub fn read_validation(input: &str, path: &Path) -> Result<Option<Validation>, ReportError> {
+    const EXPECTED: &str = "train validation.json ({\"prompts\", \"steps\", \"images\": \
+                            [{\"step\", \"prompt\", \"file_name\"}], …})";
+    #[derive(Deserialize)]
+    struct Image {
+        step: u64,
+        prompt: usize,
+        file_name: String,
+    }
+    #[derive(Deserialize)]
+    struct Index {
+        prompts: Vec<String>,
+        steps: Vec<u64>,
+        images: Vec<Image>,
+        #[serde(flatten)]
+        settings: Map<String, Value>,
+    }
+    let is_empty_dir = path.is_dir()
+        && fs::read_dir(path)
+            .map_err(|source| ReportError::Read { path: path.to_path_buf(), source })?
+            .next()
+            .is_none();
+    if is_empty_dir {
+        return Ok(None);
+    }
+    let file = file_in(path, "validation.json");
+    let folder = file.parent().unwrap_or(Path::new("")).to_path_buf();
+    let text = read_text(input, &file, "expected the `validation` output of a train stage")?;
+    let malformed = |message: String| ReportError::Malformed {
+        input: input.into(),
+        path: file.clone(),
+        expected: EXPECTED,
+        message,
+    };
+    let index: Index = serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
+    let mut images = BTreeMap::new();
+    for image in index.images {
+        // Relative paths inside the folder only (`step-000050/prompt-00.png`).
+        let relative = Path::new(&image.file_name);
+        let inside = relative.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        let source = folder.join(relative);
+        if !inside || !source.is_file() {
+            return Err(malformed(format!(
+                "it lists `{}`, which is not a file in {}",
+                image.file_name,
+                folder.display()
+            )));
+        }
+        if image.prompt >= index.prompts.len() {
+            return Err(malformed(format!("`{}` has no prompt {}", image.file_name, image.prompt)));
+        }
+        images.insert((image.step, image.prompt), source);
+    }
+    Ok(Some(Validation {
+        prompts: index.prompts,
+        steps: index.steps,
+        images,
+        settings: index.settings,
+    }))
 }

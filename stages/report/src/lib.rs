@@ -1,8 +1,8 @@
 //! The `report` stage kind: the experiment's write-up as a generated markdown report.
 //!
 //! From whatever a pipeline binds — the test split, the original model's samples and metrics,
-//! each finetuned variant's samples, metrics and training log (one per sweep point when
-//! gathered), and the engine's provenance — it writes `report/README.md` (renders on GitHub),
+//! each finetuned variant's samples, metrics, training log and validation images (one per
+//! sweep point when gathered), and the engine's provenance — it writes `report/README.md` (renders on GitHub),
 //! `report/images/` (downscaled copies of the images it shows), `report/loss.svg` and
 //! `report/report.json` (the same numbers, machine-readable). Every figure comes from the
 //! inputs; nothing is timestamped and everything is sorted, so the same inputs give the same
@@ -10,7 +10,7 @@
 //!
 //! Modules: [`inputs`] reads the upstream files, [`models`] joins them into the compared
 //! models, and each section has its own module: [`metrics_table`], [`scene_table`],
-//! [`qualitative`], [`loss`], [`provenance`], [`caveats`]. Per-image metrics get bootstrap
+//! [`qualitative`], [`loss`], [`progression`], [`provenance`], [`caveats`]. Per-image metrics get bootstrap
 //! intervals and significance tests from [`bootstrap`] through [`significance`].
 
 pub mod bootstrap;
@@ -21,6 +21,7 @@ pub mod inputs;
 pub mod loss;
 pub mod metrics_table;
 pub mod models;
+pub mod progression;
 pub mod provenance;
 pub mod qualitative;
 pub mod scene_table;
@@ -62,15 +63,17 @@ impl StageKind for Report {
         //    only for significant differences, and a sentence per metric saying which is better.
         // 6: CMMD and CLIP score columns (`*cmmd`, `*clip_score*` inputs), the CLIP score with a
         //    bootstrap interval; a caveat for each.
-        6
+        // 7: a progression grid of each variant's validation images (the `validation` input).
+        7
     }
 
     fn doc(&self) -> &'static str {
         "Writes the experiment's report: `report/README.md` with a metrics table (FID, KID, \
          CMMD, LPIPS and CLIP score of the original model and of each finetuned variant, each \
          column only when bound, with the change from the original), a scene-accuracy table, a qualitative table (caption | ground truth | each model's sample with its \
-         LPIPS), the training-loss plot `loss.svg` with a table of steps, losses and time, the \
-         provenance of every variant (each stage's parameters, cache key and compute time) and \
+         LPIPS), the training-loss plot `loss.svg` with a table of steps, losses and time, a \
+         progression grid per variant of the images its train stage drew during training \
+         (rows: validation prompts, columns: steps), the provenance of every variant (each stage's parameters, cache key and compute time) and \
          caveats worked out from the inputs; plus `report.json` with the same numbers and \
          downscaled copies of the images under `images/`. Every input is optional and its \
          section is left out when unbound; mark the stage `gather: true` to get one row or \
@@ -129,6 +132,10 @@ impl StageKind for Report {
             input("scene_per_image", "Each variant's scene-accuracy `per_image` (gathered)."),
             input("train_log", "Each variant's train stage `train_log` (gathered)."),
             input(
+                "validation",
+                "Each variant's train stage `validation` images (gathered): a progression grid.",
+            ),
+            input(
                 "vae_scene",
                 "Scene-accuracy `metrics` of the test images through the VAE (a train-vae \
                  stage's reconstructions): a reference row for what the VAE preserves.",
@@ -184,6 +191,7 @@ impl StageKind for Report {
         sections.extend(qualitative::build(items.as_deref(), &models, &options)?);
         ctx.cancel.check()?;
         sections.extend(loss::build(&models, &report)?);
+        sections.extend(progression::build(&models, &report, thumb_size)?);
         sections.extend(provenance::build(ctx.provenance, &models));
         let notes = sections.iter_mut().flat_map(|s| std::mem::take(&mut s.notes)).collect();
         sections.extend(caveats::build(&models, ctx.provenance, notes));

@@ -11,7 +11,8 @@ use serde_json::Value;
 use crate::error::ReportError;
 use crate::format;
 use crate::inputs::{
-    self, ClipScoreMetrics, CmmdMetrics, FidMetrics, LpipsMetrics, Samples, SceneMetrics, TrainStep,
+    self, ClipScoreMetrics, CmmdMetrics, FidMetrics, LpipsMetrics, Samples, SceneMetrics,
+    TrainStep, Validation,
 };
 
 /// One compared model and everything read about it.
@@ -33,6 +34,8 @@ pub struct Model {
     pub clip_score: Option<ClipScoreMetrics>,
     pub scene: Option<SceneMetrics>,
     pub train_log: Option<Vec<TrainStep>>,
+    /// Images drawn during training (None when unbound or when the run drew none).
+    pub validation: Option<Validation>,
 }
 
 impl Model {
@@ -58,6 +61,7 @@ pub struct InputNames {
     pub scene: &'static str,
     pub scene_per_image: &'static str,
     pub train_log: Option<&'static str>,
+    pub validation: Option<&'static str>,
 }
 
 pub const BASE: InputNames = InputNames {
@@ -72,6 +76,7 @@ pub const BASE: InputNames = InputNames {
     scene: "base_scene",
     scene_per_image: "base_scene_per_image",
     train_log: None,
+    validation: None,
 };
 
 pub const VARIANT: InputNames = InputNames {
@@ -86,6 +91,7 @@ pub const VARIANT: InputNames = InputNames {
     scene: "scene",
     scene_per_image: "scene_per_image",
     train_log: Some("train_log"),
+    validation: Some("validation"),
 };
 
 /// Where one model's inputs are bound.
@@ -143,7 +149,11 @@ impl Bound {
             Some((input, path)) => Some(inputs::read_train_log(&input, path)?),
             None => None,
         };
-        Ok(Loaded { samples, fid, lpips, cmmd, clip_score, scene, train_log })
+        let validation = match names.validation.and_then(get) {
+            Some((input, path)) => inputs::read_validation(&input, path)?,
+            None => None,
+        };
+        Ok(Loaded { samples, fid, lpips, cmmd, clip_score, scene, train_log, validation })
     }
 }
 
@@ -155,6 +165,7 @@ struct Loaded {
     clip_score: Option<ClipScoreMetrics>,
     scene: Option<SceneMetrics>,
     train_log: Option<Vec<TrainStep>>,
+    validation: Option<Validation>,
 }
 
 impl Loaded {
@@ -166,6 +177,7 @@ impl Loaded {
             && self.clip_score.is_none()
             && self.scene.is_none()
             && self.train_log.is_none()
+            && self.validation.is_none()
     }
 }
 
@@ -183,6 +195,7 @@ fn names_of(names: &InputNames) -> Vec<&'static str> {
         names.scene_per_image,
     ];
     all.extend(names.train_log);
+    all.extend(names.validation);
     all
 }
 
@@ -274,5 +287,6 @@ fn model(
         clip_score: loaded.clip_score,
         scene: loaded.scene,
         train_log: loaded.train_log,
+        validation: loaded.validation,
     }
 }

@@ -229,6 +229,7 @@ mod tests {
                 per_image: None,
             }),
             train_log: None,
+            validation: None,
         }
     }
 

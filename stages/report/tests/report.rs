@@ -1024,3 +1024,90 @@ fn dump_example_report() {
         fs::write(path, bytes).unwrap();
     }
 }
+
+const VALIDATION_PROMPTS: [&str; 2] = ["a red | circle", "a blue square"];
+
+impl Experiment {
+    /// A train stage's `validation/` output under `<name>/validation/`: both prompts drawn
+    /// after each of `steps`.
+    fn validation(&self, name: &str, steps: &[u64]) {
+        let dir = self.path(&format!("{name}/validation"));
+        let mut images = Vec::new();
+        for &step in steps {
+            fs::create_dir_all(dir.join(format!("step-{step:06}"))).unwrap();
+            for prompt in 0..VALIDATION_PROMPTS.len() {
+                let file_name = format!("step-{step:06}/prompt-{prompt:02}.png");
+                image(32, 32, step as u8 + prompt as u8).save(dir.join(&file_name)).unwrap();
+                images.push(json!({"step": step, "prompt": prompt, "seed": 7 + prompt,
+                                   "file_name": file_name}));
+            }
+        }
+        let index = json!({"prompts": VALIDATION_PROMPTS, "steps": steps, "seed": 7,
+            "guidance_scale": 7.5, "num_inference_steps": 20, "scheduler": "pndm",
+            "resolution": 32, "images": images});
+        fs::write(dir.join("validation.json"), index.to_string()).unwrap();
+    }
+}
+
+#[test]
+fn each_variants_validation_images_are_a_grid_of_prompts_by_steps() {
+    let e = Experiment::new();
+    e.validation("v1", &[2, 4]);
+    e.validation("v2", &[2, 4]);
+    let h = run(e.harness().gathered("validation", e.gathered("validation")), &[]);
+    let text = section(&readme(&h), "Validation during training");
+    // One grid per variant, in sweep order.
+    let slow = text.find("### `learning_rate=3e-05`").expect("3e-05's grid");
+    let fast = text.find("### `learning_rate=0.0001`").expect("0.0001's grid");
+    assert!(slow < fast, "{text}");
+    assert!(text.contains("`pndm`, 20 inference steps, guidance 7.5, seed 7"), "{text}");
+    let grid = &text[fast..];
+    let header = grid.lines().find(|l| l.starts_with('|')).unwrap();
+    assert_eq!(header, "| Prompt | Step 2 | Step 4 |");
+    let rows = table_rows(grid);
+    assert_eq!(rows.len(), 2, "one row per prompt: {grid}");
+    assert!(rows[0].starts_with("| a red \\| circle |"), "{}", rows[0]);
+    let cells = links(&rows[1]);
+    assert_eq!(
+        cells,
+        [
+            "images/learning_rate_0.0001/validation/step-000002/prompt-01.png",
+            "images/learning_rate_0.0001/validation/step-000004/prompt-01.png"
+        ]
+    );
+    for link in links(&text) {
+        assert!(h.out_dir().join("report").join(&link).is_file(), "{link} missing");
+    }
+    let json = &report_json(&h)["validation_during_training"];
+    assert_eq!(json[1]["model"], "learning_rate=0.0001");
+    assert_eq!(json[1]["steps"], json!([2, 4]));
+    assert_eq!(json[1]["rows"][1]["images"][1], json!(cells[1]));
+}
+
+#[test]
+fn without_validation_images_the_grid_is_left_out() {
+    let e = Experiment::new();
+    let unbound = readme(&run(e.harness(), &[]));
+    // A train stage without validation leaves its `validation/` output empty.
+    fs::create_dir_all(e.path("v1/validation")).unwrap();
+    fs::create_dir_all(e.path("v2/validation")).unwrap();
+    let empty = readme(&run(e.harness().gathered("validation", e.gathered("validation")), &[]));
+    for text in [unbound, empty] {
+        assert!(!text.contains("Validation during training"), "{text}");
+    }
+}
+
+#[test]
+fn a_validation_index_listing_a_missing_image_is_an_error_naming_the_input() {
+    let e = Experiment::new();
+    e.validation("v1", &[2]);
+    e.validation("v2", &[2]);
+    fs::remove_file(e.path("v2/validation/step-000002/prompt-01.png")).unwrap();
+    let mut h = e.harness().gathered("validation", e.gathered("validation"));
+    let message = h.run(&Report, &testing::params(&Report, &[])).unwrap_err().to_string();
+    assert!(
+        message.contains("validation@learning_rate=3e-05")
+            && message.contains("step-000002/prompt-01.png"),
+        "{message}"
+    );
+}

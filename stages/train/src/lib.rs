@@ -6,7 +6,8 @@
 //! [`rng`] (seeded, resumable randomness), [`data`] (dataset, transform, batching),
 //! [`objective`] (noising, targets, loss), [`posterior`] and [`frozen`] (the frozen VAE encoder
 //! and text encoder), [`denoiser`] (what is trained), [`trainer`] (the loop), [`checkpoint`]
-//! (resumable state) and [`train_stage`] (the `train` stage kind); [`vae_training`] and
+//! (resumable state), [`validation`] (images drawn during training, for any training kind) and
+//! [`train_stage`] (the `train` stage kind); [`vae_training`] and
 //! [`train_vae_stage`] train the pipeline's VAE as an autoencoder (the `train-vae` stage kind).
 
 pub mod checkpoint;
@@ -24,6 +25,7 @@ pub mod train_stage;
 pub mod train_vae_stage;
 pub mod trainer;
 pub mod vae_training;
+pub mod validation;
 
 use std::sync::Arc;
 

@@ -8,6 +8,9 @@
 //! written every `checkpointing_steps` and when the run is cancelled; a rerun of the same stage
 //! (same key, same state directory) resumes from the latest one and ends with the same weights
 //! as an uninterrupted run.
+//!
+//! With `validation_steps`, the validation prompts are drawn during training into the
+//! `validation/` output (see [`crate::validation`]); it is an empty folder otherwise.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,11 +29,12 @@ use sdpipe_unet::ClipText;
 use serde_json::{json, Value};
 
 use crate::checkpoint;
-use crate::data::load_train_split;
+use crate::data::{load_train_split, Example};
 use crate::frozen::Frozen;
 use crate::objective::{NoiseSchedule, Prediction, ScheduleConfig};
 use crate::recipe::{self, float, int, invalid, OptimiserDefaults};
 use crate::trainer::{TrainConfig, TrainError, Trainer};
+use crate::validation::{self, Validator};
 
 const MODEL: &str = "model";
 const LOG: &str = "train_log.jsonl";
@@ -55,6 +59,15 @@ struct Settings {
     /// The frozen VAE's and text encoder's dtype (`mixed_precision`; the script's
     /// `weight_dtype`).
     weight_dtype: DType,
+    /// `None` when validation is off.
+    validation: Option<validation::Settings>,
+}
+
+/// What the run read from its inputs before loading any model.
+struct Inputs {
+    examples: Vec<Example>,
+    dataset: PathBuf,
+    validation: Option<validation::Plan>,
 }
 
 /// The `mixed_precision` values and the `weight_dtype` each gives the frozen models.
@@ -120,6 +133,8 @@ impl Settings {
             // Filled in from the scheduler config once the model is open.
             prediction: Prediction::Epsilon,
         };
+        let validation =
+            validation::Settings::from(ctx, seed as u64, config.transform.resolution as usize)?;
         Ok(Settings {
             config,
             checkpointing_steps: ctx.param("checkpointing_steps")?,
@@ -128,6 +143,7 @@ impl Settings {
             prediction_override,
             train_text_encoder: ctx.param("train_text_encoder")?,
             weight_dtype,
+            validation,
         })
     }
 }
@@ -171,7 +187,9 @@ impl StageKind for Train {
     fn version(&self) -> u32 {
         // `mixed_precision` (default `no`) left outputs of existing parameter sets bit-identical,
         // so it did not bump this.
-        3
+        // 4: the `validation/` output (validation images during training; an empty folder with
+        //    the defaults, which leave the other outputs as they were).
+        4
     }
 
     fn doc(&self) -> &'static str {
@@ -186,8 +204,13 @@ impl StageKind for Train {
          with the EMA weights when use_ema and a scheduler config that names the prediction \
          type trained) and `train_log.jsonl` (step, loss, lr, grad_norm \
          per optimiser step; wall time per step goes to the stage's log, so the output depends \
-         on the inputs alone). Checkpoints go to the stage's state directory, so an \
-         interrupted run resumes."
+         on the inputs alone). With validation_steps, every that many steps and after the \
+         last it draws the validation prompts with the current weights (the EMA's with \
+         use_ema, the trained text encoder with train_text_encoder) exactly as the `sample` \
+         kind would from a model saved then, into `validation/` \
+         (`step-<step>/prompt-<i>.png` and `validation.json`); validation time goes to the \
+         stage's log. Checkpoints go to the stage's state directory, so an interrupted run \
+         resumes, validation images included."
     }
 
     fn params(&self) -> Vec<ParamSpec> {
@@ -313,8 +336,9 @@ impl StageKind for Train {
                 json!(500),
                 "Write a resumable checkpoint every this many optimiser steps.",
             ),
-            recipe::threads_param(),
         ]);
+        params.extend(validation::params());
+        params.push(recipe::threads_param());
         params
     }
 
@@ -331,6 +355,13 @@ impl StageKind for Train {
                 path: LOG,
                 kind: OutputKind::File,
                 doc: "One JSON line per optimiser step: step, loss, lr, grad_norm.",
+            },
+            OutputSpec {
+                name: "validation",
+                path: validation::DIR,
+                kind: OutputKind::Dir,
+                doc: "Validation images `step-<step>/prompt-<i>.png` and `validation.json` \
+                      (prompts, steps, settings, images); empty when validation is off.",
             },
         ]
     }
@@ -361,6 +392,10 @@ impl StageKind for Train {
         // Check the dataset before loading any model: a bad dataset fails in milliseconds.
         let dataset = ctx.input("dataset")?.to_path_buf();
         let examples = load_train_split(&dataset).map_err(|e| StageError::failed(e.to_string()))?;
+        let max_steps = settings.config.max_train_steps;
+        let validation =
+            settings.validation.take().map(|v| v.plan(&dataset, max_steps)).transpose()?;
+        let inputs = Inputs { examples, dataset, validation };
         let variant = sdpipe_diffusion::pipeline::variant_param(ctx.params)?;
         let base = self.base_folder(
             ctx.inputs,
@@ -403,7 +438,7 @@ impl StageKind for Train {
             .num_threads(threads)
             .build()
             .map_err(|e| StageError::failed(format!("starting {threads} worker threads: {e}")))?;
-        pool.install(|| self.train(ctx, &settings, &pipeline, examples, &dataset, schedule))
+        pool.install(|| self.train(ctx, &settings, &pipeline, inputs, schedule))
     }
 }
 
@@ -413,8 +448,7 @@ impl Train {
         ctx: &mut StageContext<'_>,
         settings: &Settings,
         pipeline: &SdPipeline,
-        examples: Vec<crate::data::Example>,
-        dataset: &Path,
+        inputs: Inputs,
         schedule: NoiseSchedule,
     ) -> Result<(), StageError> {
         let device = ctx.candle_device()?;
@@ -441,11 +475,23 @@ impl Train {
             &unet,
             &frozen,
             text_encoder.as_ref(),
-            examples,
-            dataset.join("train"),
+            inputs.examples,
+            inputs.dataset.join("train"),
             schedule,
         )
         .map_err(train_error)?;
+        let scheduler = trained_scheduler(pipeline, settings.config.prediction);
+        let mut validator = match inputs.validation {
+            Some(plan) => Some(Validator::load(
+                plan,
+                pipeline,
+                scheduler.clone(),
+                &device,
+                settings.weight_dtype,
+                ctx.state_dir,
+            )?),
+            None => None,
+        };
         let names = trainer.parameter_names().to_vec();
         let checkpoint_error = |e: checkpoint::CheckpointError| StageError::failed(e.to_string());
         if let Some(snapshot) =
@@ -478,7 +524,8 @@ impl Train {
                 return Err(StageError::Cancelled);
             }
             let line = trainer.step().map_err(train_error)?;
-            let rate = (line.step - first) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            let training = started.elapsed().as_secs_f64() - validation_seconds(validator.as_ref());
+            let rate = (line.step - first) as f64 / training.max(1e-9);
             let message = format!("loss {:.4} · {rate:.2} it/s", line.loss);
             ctx.progress.advance(1, &message);
             let _ = writeln!(
@@ -486,13 +533,46 @@ impl Train {
                 "step {}/{max_steps} loss {:.6} lr {:.3e} grad_norm {:.4} {:.2}s",
                 line.step, line.loss, line.lr, line.grad_norm, line.seconds
             );
+            // Before this step's checkpoint: a run resumed from it starts after this step, so
+            // its images must exist by then (and a run cancelled while validating stops without
+            // it, so that its resumed run comes back to this step).
+            if let Some(validator) = validator.as_mut().filter(|v| v.is_due(line.step)) {
+                let text_encoder = text_encoder.as_ref();
+                trainer
+                    .with_ema_weights(|| validator.run(ctx, line.step, &unet, text_encoder))
+                    .map_err(|e| StageError::failed(format!("swapping in the EMA weights: {e}")))??;
+            }
             if line.step % settings.checkpointing_steps == 0 && line.step < max_steps {
                 save(&trainer)?;
                 saved = line.step;
             }
         }
+        let validating = validation_seconds(validator.as_ref());
+        let _ = writeln!(
+            ctx.log,
+            "steps {}..={max_steps}: training {:.2}s, validation {validating:.2}s",
+            first + 1,
+            started.elapsed().as_secs_f64() - validating
+        );
         let trained = Trained { unet: &unet, text_encoder: text_encoder.as_ref() };
-        write_outputs(ctx.out_dir, pipeline, trained, &trainer, settings.config.prediction)
+        write_outputs(ctx.out_dir, pipeline, trained, &trainer, scheduler)?;
+        validation::write_output(ctx.out_dir, validator.as_ref())
+    }
+}
+
+/// Seconds this run has spent validating (0 without validation).
+fn validation_seconds(validator: Option<&Validator>) -> f64 {
+    validator.map_or(0.0, Validator::seconds)
+}
+
+/// The scheduler config of the trained model: the base's, naming the prediction type trained.
+/// The scheduler says what the UNet predicts, so a `prediction_type` override must reach it, or
+/// every sampler would read a v-prediction UNet's output as noise. (diffusers' script saves the
+/// base's scheduler unchanged; its users fix the config by hand.)
+fn trained_scheduler(pipeline: &SdPipeline, prediction: Prediction) -> SchedulerConfig {
+    SchedulerConfig {
+        prediction_type: Some(prediction.name().to_string()),
+        ..pipeline.scheduler.clone()
     }
 }
 
@@ -509,7 +589,7 @@ fn write_outputs(
     pipeline: &SdPipeline,
     trained: Trained<'_>,
     trainer: &Trainer<'_, sdpipe_unet::UNet>,
-    prediction: Prediction,
+    scheduler: SchedulerConfig,
 ) -> Result<(), StageError> {
     let Trained { unet, text_encoder } = trained;
     let model_dir = out_dir.join(MODEL);
@@ -518,19 +598,14 @@ fn write_outputs(
         replaced.push("text_encoder");
     }
     copy_components(pipeline, &model_dir, &replaced)?;
-    // The scheduler says what the UNet predicts, so a `prediction_type` override must reach
-    // it, or every sampler would read a v-prediction UNet's output as noise. (diffusers'
-    // script saves the base's scheduler unchanged; its users fix the config by hand.)
-    let base_prediction = pipeline.scheduler.prediction_type.as_deref().unwrap_or("epsilon");
-    if base_prediction != prediction.name() {
+    // Rewritten only when the prediction type changed, so that an unchanged config stays the
+    // base's file byte for byte.
+    let name = |c: &SchedulerConfig| c.prediction_type.clone().unwrap_or_else(|| "epsilon".into());
+    if name(&pipeline.scheduler) != name(&scheduler) {
         let path = model_dir.join("scheduler/scheduler_config.json");
         // The copy may be a hard link to the base's file in the cache: replace, never edit.
         std::fs::remove_file(&path)
             .map_err(|e| StageError::io(format!("replacing {}", path.display()), e))?;
-        let scheduler = SchedulerConfig {
-            prediction_type: Some(prediction.name().to_string()),
-            ..pipeline.scheduler.clone()
-        };
         write_json(&path, &scheduler)?;
     }
     // The saved weights are the EMA's when use_ema: load them into the models, then save them.

@@ -319,6 +319,28 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
         self.ema.as_ref().map(|e| e.shadow.as_slice())
     }
 
+    /// Runs `f` with the EMA weights in the trained variables when use_ema, and then puts the
+    /// trained weights back (diffusers' `ema.store`, `ema.copy_to`, validation, `ema.restore`):
+    /// `f` sees the weights that would be saved now, and training goes on exactly as if it had
+    /// not run (the weights are restored from copies, bit for bit). Without use_ema it just runs
+    /// `f`. The copies hold a second set of weights while `f` runs.
+    pub fn with_ema_weights<R>(&self, f: impl FnOnce() -> R) -> candle_core::Result<R> {
+        let Some(ema) = &self.ema else { return Ok(f()) };
+        let stored = self
+            .vars
+            .iter()
+            .map(|v| v.as_tensor().copy())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        for (var, shadow) in self.vars.iter().zip(&ema.shadow) {
+            var.set(shadow)?;
+        }
+        let result = f();
+        for (var, weights) in self.vars.iter().zip(&stored) {
+            var.set(weights)?;
+        }
+        Ok(result)
+    }
+
     /// Optimiser steps in one pass over the data.
     pub fn steps_per_epoch(&self) -> u64 {
         self.plan.steps_per_epoch() as u64

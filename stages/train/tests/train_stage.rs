@@ -1,12 +1,14 @@
 //! The `train` kind end to end on a tiny random Stable Diffusion and a synthetic dataset.
 
 mod common;
+mod files;
 
 use std::path::Path;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device};
 use common::{log_lines, synthetic_dataset, tiny_pipeline, train_params};
+use files::tree;
 use sdpipe_diffusion::SdPipeline;
 use sdpipe_stages::api::StageError;
 use sdpipe_stages::testing::Harness;
@@ -132,6 +134,7 @@ fn whole_and_resumed(images: u32, overrides: &[(&str, serde_json::Value)]) -> Re
     assert!(matches!(resumed.run(&killed, &settings), Err(StageError::Cancelled)));
     assert!(resumed.state.path().join("checkpoint-2").is_dir(), "periodic checkpoint");
     assert!(!resumed.out_dir().join("model").exists(), "no output from an interrupted run");
+    resumed.log.clear(); // From here on, the log is the resumed run's.
     resumed.run(&Train::default(), &settings).unwrap();
     assert!(resumed.log_text().contains("resuming from the checkpoint at step 2"));
     Resumed { whole, resumed, _dir: dir, _data: data }
@@ -153,6 +156,36 @@ fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
     assert_eq!(read(&whole.out_dir().join(weights)), read(&resumed.out_dir().join(weights)));
     let log = "train_log.jsonl";
     assert_eq!(read(&whole.out_dir().join(log)), read(&resumed.out_dir().join(log)));
+}
+
+#[test]
+fn a_resumed_run_has_the_validation_images_of_an_uninterrupted_one_and_draws_none_twice() {
+    let Resumed { whole, resumed, .. } = whole_and_resumed(
+        6,
+        &[
+            ("max_train_steps", json!(6)),
+            ("use_ema", json!(true)),
+            ("validation_steps", json!(3)),
+            ("num_validation_prompts", json!(2)),
+            ("validation_num_inference_steps", json!(2)),
+        ],
+    );
+    // Killed after step 3 was validated and resumed from step 2's checkpoint: step 3 is
+    // trained again, its images are not drawn again, and all of them reach the output.
+    let log = resumed.log_text();
+    assert!(log.contains("validation at step 3: its 2 images were made before"), "{log}");
+    assert!(log.contains("validation at step 6: 2 images in"), "{log}");
+    let (whole, resumed) =
+        (tree(&whole.out_dir().join("validation")), tree(&resumed.out_dir().join("validation")));
+    assert_eq!(whole.len(), 5, "{:?}", whole.keys());
+    assert!(whole == resumed, "{:?} vs {:?}", whole.keys(), resumed.keys());
+}
+
+#[test]
+fn without_validation_steps_the_validation_output_is_an_empty_folder() {
+    let validation = trained().run.out_dir().join("validation");
+    assert!(validation.is_dir());
+    assert_eq!(std::fs::read_dir(&validation).unwrap().count(), 0);
 }
 
 #[test]
