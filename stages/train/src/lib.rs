@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod denoiser;
 pub mod ema;
+pub mod finetune;
 pub mod frozen;
 pub mod lr;
 pub mod objective;
