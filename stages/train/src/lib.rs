@@ -7,7 +7,8 @@
 //! [`objective`] (noising, targets, loss), [`posterior`] and [`frozen`] (the frozen VAE encoder
 //! and text encoder), [`denoiser`] (what is trained), [`trainer`] (the loop), [`checkpoint`]
 //! (resumable state), [`validation`] (images drawn during training, for any training kind) and
-//! [`train_stage`] (the `train` stage kind); [`vae_training`] and
+//! [`finetune`] (what the UNet finetuning kinds share), [`train_stage`] (the `train` kind),
+//! [`train_lora_stage`] (the `train-lora` kind); [`vae_training`] and
 //! [`train_vae_stage`] train the pipeline's VAE as an autoencoder (the `train-vae` stage kind).
 
 pub mod checkpoint;
@@ -22,6 +23,7 @@ pub mod optim;
 pub mod posterior;
 pub mod recipe;
 pub mod rng;
+pub mod train_lora_stage;
 pub mod train_stage;
 pub mod train_vae_stage;
 pub mod trainer;
@@ -32,7 +34,11 @@ use std::sync::Arc;
 
 use sdpipe_stages::StageKind;
 
-/// The stage kinds this crate provides: `train` and `train-vae`.
+/// The stage kinds this crate provides: `train`, `train-lora` and `train-vae`.
 pub fn kinds() -> Vec<Arc<dyn StageKind>> {
-    vec![Arc::new(train_stage::Train::default()), Arc::new(train_vae_stage::TrainVae)]
+    vec![
+        Arc::new(train_stage::Train::default()),
+        Arc::new(train_lora_stage::TrainLora::default()),
+        Arc::new(train_vae_stage::TrainVae),
+    ]
 }

@@ -385,17 +385,75 @@ pub(crate) fn save_with_metadata(
         .map(|(name, var)| Ok((name, var.as_tensor().to_dtype(DType::F32)?.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
     metadata.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (*n, t)), Some(metadata), &tmp)
-        .map_err(|e| UNetError::Weights {
-            path: path.to_path_buf(),
-            message: format!("cannot write: {e}"),
-        })?;
+    let cannot_write =
+        |message: String| UNetError::Weights { path: path.to_path_buf(), message };
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (*n, t)), Some(metadata))
+        .map_err(|e| cannot_write(format!("cannot write: {e}")))?;
+    let bytes = with_sorted_header(bytes).map_err(cannot_write)?;
+    std::fs::write(&tmp, bytes).map_err(io_error)?;
     std::fs::rename(&tmp, path).map_err(io_error)
+}
+
+/// A serialised safetensors file with its header's keys in sorted order. The `safetensors`
+/// crate writes the metadata from a `HashMap`, so two saves of the same tensors and metadata
+/// could differ in bytes; outputs must depend on their inputs alone. The data (and so every
+/// offset in the header) is unchanged; the header is padded with spaces to a multiple of 8
+/// bytes, as the crate pads it, so the data stays aligned.
+fn with_sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    let bad = || "the serialised safetensors header is malformed".to_string();
+    let len = u64::from_le_bytes(bytes.get(..8).ok_or_else(bad)?.try_into().expect("8 bytes"));
+    let end = usize::try_from(len).ok().and_then(|l| l.checked_add(8)).ok_or_else(bad)?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..end).ok_or_else(bad)?).map_err(|_| bad())?;
+    // Each value written through a BTreeMap too, so nested keys (the metadata's, a tensor's
+    // `dtype`/`shape`/`data_offsets`) come out sorted whatever serde_json's map type is.
+    let mut text = String::from("{");
+    for (i, (key, value)) in header.iter().enumerate() {
+        let inner: BTreeMap<String, serde_json::Value> =
+            serde_json::from_value(value.clone()).map_err(|_| bad())?;
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(&serde_json::to_string(key).expect("strings serialise"));
+        text.push(':');
+        text.push_str(&serde_json::to_string(&inner).expect("maps serialise"));
+    }
+    text.push('}');
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - end);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn saved_files_have_the_same_bytes_whatever_the_metadata_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let var = Var::from_tensor(&Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap());
+        let vars = BTreeMap::from([("w".to_string(), var.unwrap())]);
+        let metadata: HashMap<String, String> =
+            (0..16).map(|i| (format!("key{i}"), format!("value{i}"))).collect();
+        let save = |name: &str| {
+            let path = dir.path().join(name);
+            save_with_metadata(&vars, &path, metadata.clone()).unwrap();
+            std::fs::read(path).unwrap()
+        };
+        let first = save("a.safetensors");
+        for n in 0..8 {
+            assert_eq!(save(&format!("{n}.safetensors")), first);
+        }
+        let loaded = safetensors::SafeTensors::deserialize(&first).unwrap();
+        assert_eq!(loaded.tensor("w").unwrap().shape(), [2, 2]);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&first).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["key3"], "value3");
+    }
 
     /// A safetensors file holding `a` = [[0, 1, 2], [3, 4, 5]] (f32).
     fn weights(dir: &Path) -> PathBuf {
