@@ -3,6 +3,7 @@
 //! resumes like `train`. (Parity of the adapters' arithmetic and of two training steps with
 //! diffusers + peft: stages/unet/tests/lora.rs, stages/train/tests/lora_parity.rs.)
 
+#[allow(dead_code)] // Each test binary uses its own part of the shared fixtures.
 mod common;
 
 use std::path::{Path, PathBuf};

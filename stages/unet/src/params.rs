@@ -385,8 +385,7 @@ pub(crate) fn save_with_metadata(
         .map(|(name, var)| Ok((name, var.as_tensor().to_dtype(DType::F32)?.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
     metadata.insert("format".to_string(), "pt".to_string());
-    let cannot_write =
-        |message: String| UNetError::Weights { path: path.to_path_buf(), message };
+    let cannot_write = |message: String| UNetError::Weights { path: path.to_path_buf(), message };
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (*n, t)), Some(metadata))
         .map_err(|e| cannot_write(format!("cannot write: {e}")))?;
     let bytes = with_sorted_header(bytes).map_err(cannot_write)?;
