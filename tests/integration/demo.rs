@@ -1,6 +1,7 @@
 //! The committed `pipelines/demo.yaml` itself (the README's first command), shrunk by `--set`
 //! only: every stage runs, the report compares the original and the finetuned model on FID,
-//! LPIPS and scene accuracy, and a second run comes entirely from the cache.
+//! LPIPS, CMMD and CLIP score (with a tiny random CLIP) and scene accuracy, and a second run
+//! comes entirely from the cache.
 
 use crate::common;
 
@@ -34,7 +35,7 @@ fn the_committed_demo_runs_every_stage_and_reports_scene_accuracy() {
         assert!((0.0..=1.0).contains(&background), "{stage}: {metrics:#}");
     }
     let report = p.read("runs/demo/report/report/README.md");
-    for section in ["LPIPS", "Scene accuracy", "Background"] {
+    for section in ["LPIPS", "CMMD", "CLIP score", "Scene accuracy", "Background"] {
         assert!(report.contains(section), "no {section} in the report:\n{report}");
     }
 
