@@ -18,7 +18,9 @@ use candle_core::{DType, Device};
 use sdpipe_diffusion::config::SchedulerConfig;
 use sdpipe_diffusion::SdPipeline;
 use sdpipe_hub::HubConfig;
-use sdpipe_stages::api::{Fetch, ParamSpec, ParamType, Params, StageContext, StageError};
+use sdpipe_stages::api::{
+    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
+};
 use sdpipe_unet::{ClipText, UNet};
 use serde_json::{json, Value};
 
@@ -247,6 +249,27 @@ pub fn params(learning_rate: f64, own: Vec<ParamSpec>) -> Vec<ParamSpec> {
     params.extend(validation::params());
     params.push(recipe::threads_param());
     params
+}
+
+/// The kind's own output (`model/`, `lora/`) followed by the two every finetuning kind writes:
+/// `train_log.jsonl` and `validation/`.
+pub fn outputs(own: OutputSpec) -> Vec<OutputSpec> {
+    vec![
+        own,
+        OutputSpec {
+            name: "log",
+            path: LOG,
+            kind: OutputKind::File,
+            doc: "One JSON line per optimiser step: step, loss, lr, grad_norm.",
+        },
+        OutputSpec {
+            name: "validation",
+            path: validation::DIR,
+            kind: OutputKind::Dir,
+            doc: "Validation images `step-<step>/prompt-<i>.png` and `validation.json` \
+                  (prompts, steps, settings, images); empty when validation is off.",
+        },
+    ]
 }
 
 /// The hub settings to resolve `model` with: the kind's override (tests), else the environment's.

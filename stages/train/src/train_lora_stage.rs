@@ -32,9 +32,9 @@ use sdpipe_unet::lora::{DEFAULT_TARGETS, LORA_WEIGHTS_NAME};
 use sdpipe_unet::{LoraConfig, UNet};
 use serde_json::{json, Value};
 
-use crate::finetune::{self, Finetune, Finished, Models, Recipe, LOG};
+use crate::finetune::{self, Finetune, Finished, Models, Recipe};
 use crate::recipe::{int, invalid};
-use crate::{recipe, validation};
+use crate::recipe;
 
 /// The output folder (diffusers' `load_lora_weights(dir)` reads it as it is).
 const LORA: &str = "lora";
@@ -113,28 +113,13 @@ impl StageKind for TrainLora {
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
-        vec![
-            OutputSpec {
-                name: "lora",
-                path: LORA,
-                kind: OutputKind::Dir,
-                doc: "pytorch_lora_weights.safetensors: the adapters (the EMA's with use_ema) \
-                      in diffusers' naming, with the base model's identity in its metadata.",
-            },
-            OutputSpec {
-                name: "log",
-                path: LOG,
-                kind: OutputKind::File,
-                doc: "One JSON line per optimiser step: step, loss, lr, grad_norm.",
-            },
-            OutputSpec {
-                name: "validation",
-                path: validation::DIR,
-                kind: OutputKind::Dir,
-                doc: "Validation images `step-<step>/prompt-<i>.png` and `validation.json`; \
-                      empty when validation is off.",
-            },
-        ]
+        finetune::outputs(OutputSpec {
+            name: "lora",
+            path: LORA,
+            kind: OutputKind::Dir,
+            doc: "pytorch_lora_weights.safetensors: the adapters (the EMA's with use_ema) \
+                  in diffusers' naming, with the base model's identity in its metadata.",
+        })
     }
 
     fn threads(&self, params: &Params) -> usize {

@@ -25,8 +25,8 @@ use sdpipe_stages::api::{
 };
 use serde_json::json;
 
-use crate::finetune::{self, Finetune, Finished, Models, Recipe, LOG};
-use crate::{recipe, validation};
+use crate::finetune::{self, Finetune, Finished, Models, Recipe};
+use crate::recipe;
 
 const MODEL: &str = "model";
 
@@ -87,27 +87,12 @@ impl StageKind for Train {
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
-        vec![
-            OutputSpec {
-                name: "model",
-                path: MODEL,
-                kind: OutputKind::Dir,
-                doc: "The finetuned diffusers pipeline folder (EMA weights when use_ema).",
-            },
-            OutputSpec {
-                name: "log",
-                path: LOG,
-                kind: OutputKind::File,
-                doc: "One JSON line per optimiser step: step, loss, lr, grad_norm.",
-            },
-            OutputSpec {
-                name: "validation",
-                path: validation::DIR,
-                kind: OutputKind::Dir,
-                doc: "Validation images `step-<step>/prompt-<i>.png` and `validation.json` \
-                      (prompts, steps, settings, images); empty when validation is off.",
-            },
-        ]
+        finetune::outputs(OutputSpec {
+            name: "model",
+            path: MODEL,
+            kind: OutputKind::Dir,
+            doc: "The finetuned diffusers pipeline folder (EMA weights when use_ema).",
+        })
     }
 
     fn threads(&self, params: &Params) -> usize {
