@@ -111,6 +111,20 @@ impl StableDiffusion {
     ) -> Result<StableDiffusion, PipelineError> {
         StableDiffusion::load_with(pipeline, device, dtype, || pipeline.load_unet(device, dtype))
     }
+
+    /// [`StableDiffusion::load`] with LoRA files merged into the UNet at their scales
+    /// ([`SdPipeline::load_unet_with_lora`]). The UNet is the first model loaded, and a LoRA
+    /// that does not fit it is refused from the headers, so nothing large is allocated first.
+    pub fn load_with_lora(
+        pipeline: &SdPipeline,
+        device: &Device,
+        dtype: DType,
+        loras: &[(&sdpipe_unet::LoraFile, f64)],
+    ) -> Result<StableDiffusion, PipelineError> {
+        StableDiffusion::load_with(pipeline, device, dtype, || {
+            pipeline.load_unet_with_lora(device, dtype, loras)
+        })
+    }
 }
 
 impl StableDiffusion<()> {

@@ -20,6 +20,8 @@ use crate::pipeline::SdPipeline;
 pub const UNET_DIGEST_KEY: &str = "sdpipe.base_unet_blake3";
 /// The metadata key of the base model's name (a hub id, or the folder's name).
 pub const MODEL_KEY: &str = "sdpipe.base_model";
+/// The most characters of a recorded model name that go into a message.
+pub const MAX_NAME: usize = 200;
 
 /// The base model a LoRA was trained on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +35,8 @@ pub struct BaseIdentity {
 /// What checking a LoRA's base against a pipeline found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BaseCheck {
-    /// The LoRA names this UNet.
-    Matches,
+    /// The LoRA names this UNet; the identity it records.
+    Matches(BaseIdentity),
     /// The LoRA names no base (written by diffusers, kohya, …): merged on trust.
     Unrecorded,
 }
@@ -74,11 +76,26 @@ impl BaseIdentity {
         [(MODEL_KEY, self.model.as_str()), (UNET_DIGEST_KEY, self.unet_blake3.as_str())]
     }
 
-    /// The identity a LoRA file's metadata records, if any.
-    pub fn recorded(metadata: &HashMap<String, String>) -> Option<BaseIdentity> {
-        let digest = metadata.get(UNET_DIGEST_KEY)?;
-        let model = metadata.get(MODEL_KEY).cloned().unwrap_or_else(|| "an unnamed model".into());
-        Some(BaseIdentity { model, unet_blake3: digest.clone() })
+    /// The identity a LoRA file's metadata records: none when it records no digest, an error
+    /// when the digest is not one (64 hex digits: a damaged or hand-edited file). The name is
+    /// cut to [`MAX_NAME`] characters and its control characters blanked: it is read from a
+    /// file and only goes into messages.
+    pub fn recorded(metadata: &HashMap<String, String>) -> Result<Option<BaseIdentity>, String> {
+        let Some(digest) = metadata.get(UNET_DIGEST_KEY) else {
+            return Ok(None);
+        };
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "the LoRA's `{UNET_DIGEST_KEY}` metadata is not a blake3 digest (64 hex digits)"
+            ));
+        }
+        let model = match metadata.get(MODEL_KEY) {
+            Some(name) => {
+                name.chars().take(MAX_NAME).map(|c| if c.is_control() { ' ' } else { c }).collect()
+            }
+            None => "an unnamed model".into(),
+        };
+        Ok(Some(BaseIdentity { model, unet_blake3: digest.to_ascii_lowercase() }))
     }
 
     /// Checks a LoRA file's recorded base (its `metadata`) against `pipeline`, named `model`:
@@ -88,12 +105,12 @@ impl BaseIdentity {
         pipeline: &SdPipeline,
         model: &str,
     ) -> Result<BaseCheck, String> {
-        let Some(recorded) = BaseIdentity::recorded(metadata) else {
+        let Some(recorded) = BaseIdentity::recorded(metadata)? else {
             return Ok(BaseCheck::Unrecorded);
         };
         let here = unet_digest(pipeline).map_err(|e| e.to_string())?;
         if here == recorded.unet_blake3 {
-            return Ok(BaseCheck::Matches);
+            return Ok(BaseCheck::Matches(recorded));
         }
         Err(format!(
             "the LoRA was trained on {} (UNet weights blake3 {}), but this model ({model}) has \
@@ -106,9 +123,9 @@ impl BaseIdentity {
     }
 }
 
-/// The first 16 hex digits of a digest, enough to tell two apart in a message.
+/// The first 16 hex digits of a digest (ASCII, checked), enough to tell two apart in a message.
 fn short(digest: &str) -> &str {
-    &digest[..digest.len().min(16)]
+    digest.get(..16).unwrap_or(digest)
 }
 
 #[cfg(test)]
@@ -140,10 +157,28 @@ mod tests {
         let identity = BaseIdentity::of(&base, "tiny-base").unwrap();
         let metadata: HashMap<String, String> =
             identity.metadata().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        assert_eq!(BaseIdentity::check(&metadata, &base, "here"), Ok(BaseCheck::Matches));
+        assert_eq!(BaseIdentity::check(&metadata, &base, "here"), Ok(BaseCheck::Matches(identity)));
         let refused = BaseIdentity::check(&metadata, &other, "other-model").unwrap_err();
         assert!(refused.contains("trained on tiny-base"), "{refused}");
         assert!(refused.contains("this model (other-model)"), "{refused}");
+    }
+
+    #[test]
+    fn a_damaged_digest_or_an_overlong_name_is_refused_or_cut_without_panicking() {
+        let a = tempfile::tempdir().unwrap();
+        let pipeline = tiny(a.path(), 1);
+        let damaged = format!("a{}", "é".repeat(40));
+        let metadata = HashMap::from([(UNET_DIGEST_KEY.to_string(), damaged)]);
+        let refused = BaseIdentity::check(&metadata, &pipeline, "m").unwrap_err();
+        assert!(refused.contains("not a blake3 digest"), "{refused}");
+        let metadata = HashMap::from([
+            (UNET_DIGEST_KEY.to_string(), "0".repeat(64)),
+            (MODEL_KEY.to_string(), "x".repeat(100_000)),
+        ]);
+        let recorded = BaseIdentity::recorded(&metadata).unwrap().unwrap();
+        assert_eq!(recorded.model.len(), MAX_NAME);
+        let refused = BaseIdentity::check(&metadata, &pipeline, "m").unwrap_err();
+        assert!(refused.len() < 1000, "{refused}");
     }
 
     #[test]

@@ -411,6 +411,25 @@ impl SdPipeline {
             .map_err(|e| PipelineError::UNet(e.to_string()))
     }
 
+    /// [`SdPipeline::load_unet`] with each LoRA file merged into the weights it targets at its
+    /// scale (diffusers' `fuse_lora(lora_scale)`): `W + scale·(alpha/rank)·B·A`, see
+    /// [`sdpipe_unet::lora`]. Every LoRA layer is checked against the weight it targets from
+    /// the headers alone, so a LoRA for another architecture is refused (naming its layers)
+    /// before any weight is read. With no LoRA this is [`SdPipeline::load_unet`].
+    pub fn load_unet_with_lora(
+        &self,
+        device: &Device,
+        dtype: DType,
+        loras: &[(&sdpipe_unet::LoraFile, f64)],
+    ) -> Result<sdpipe_unet::UNet, PipelineError> {
+        if loras.is_empty() {
+            return self.load_unet(device, dtype);
+        }
+        let files = self.weight_files("unet")?;
+        sdpipe_unet::UNet::for_inference_with_lora(&self.root.join("unet"), &files, loras, device)
+            .map_err(|e| PipelineError::UNet(e.to_string()))
+    }
+
     /// The VAE in `dtype`; it computes in [`vae_compute_dtype`] (f32 for bf16 on the CPU), the
     /// dtype its input must have.
     pub fn load_vae(&self, device: &Device, dtype: DType) -> Result<AutoEncoderKL, PipelineError> {

@@ -5,8 +5,16 @@
 //! from latents drawn with seed `seed + i·n_per_prompt + k` (see [`crate::noise`]), so any one
 //! sample can be regenerated alone and batching never changes a result. Finished images are
 //! kept in the stage's state directory, so an interrupted run resumes where it stopped.
+//!
+//! LoRA: a bound `lora` input (a `train-lora` stage's `lora/` folder, or any diffusers LoRA
+//! file or folder) is merged into the UNet at load time at `lora_scale`, as diffusers'
+//! `fuse_lora(lora_scale=…)`. Before merging, the base model the LoRA records
+//! ([`crate::lora_base`]) is checked against the pipeline sampled: another base is refused, a
+//! LoRA that records none is merged with a note in the log. Each `samples.jsonl` line then
+//! carries `"lora": {"rank", "alpha", "scale", "targets", "layers"}` so that a report can say
+//! which variant it is; without a LoRA the lines are exactly what they were before LoRAs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -16,10 +24,13 @@ use sdpipe_stages::api::{
     Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
     StageKind,
 };
+use sdpipe_unet::lora::LORA_WEIGHTS_NAME;
+use sdpipe_unet::LoraFile;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::generate::{latent_side, save_png, Conditioning, StableDiffusion};
+use crate::lora_base::{BaseCheck, BaseIdentity};
 use crate::pipeline::SdPipeline;
 use crate::schedulers::SamplerKind;
 
@@ -145,6 +156,8 @@ struct Settings {
     batch_size: usize,
     /// What the text encoder and the VAE are loaded and computed in (`precision`).
     dtype: DType,
+    /// The bound LoRA's scale (`lora_scale`).
+    lora_scale: f64,
 }
 
 /// The `precision` parameter's values: the dtype the text encoder and the VAE are loaded in,
@@ -176,6 +189,19 @@ fn settings(ctx: &StageContext<'_>) -> Result<Settings, StageError> {
     let dtype = precision_dtype(&precision).ok_or_else(|| {
         invalid("precision", format!("`{precision}`: expected f32, fp16 or bf16"))
     })?;
+    let lora_scale: f64 = ctx.param("lora_scale")?;
+    if !lora_scale.is_finite() {
+        return Err(invalid("lora_scale", format!("{lora_scale} is not a finite number")));
+    }
+    if lora_scale != 1.0 && !ctx.inputs.contains_key("lora") {
+        return Err(invalid(
+            "lora_scale",
+            format!(
+                "{lora_scale} scales a LoRA, but no `lora` is bound: bind one (a train-lora \
+                 stage's `lora` output) or leave `lora_scale` at its default, 1.0"
+            ),
+        ));
+    }
     Ok(Settings {
         split: ctx.param("split")?,
         sampler,
@@ -188,6 +214,7 @@ fn settings(ctx: &StageContext<'_>) -> Result<Settings, StageError> {
         width: size("width")?,
         batch_size: positive("batch_size")?,
         dtype,
+        lora_scale,
     })
 }
 
@@ -200,6 +227,8 @@ impl StageKind for Sample {
         // 2: the UNet is sdpipe-unet's (exact GELU, as diffusers); version 1 ran
         // candle-transformers' (tanh GELU), so its samples differ slightly. `precision`
         // (default f32) left outputs of existing parameter sets bit-identical: no bump.
+        // `lora` (default unbound) and `lora_scale` (default 1.0, refused without a `lora`)
+        // leave them bit-identical too: no bump.
         2
     }
 
@@ -213,7 +242,10 @@ impl StageKind for Sample {
          `seed + i*n_per_prompt + k` by sdpipe's ChaCha-based generator (not torch's, so the \
          same seed gives a different image than diffusers; the same latents give the same image \
          within float tolerance). The model is the `pipeline` input when bound, else `model` \
-         resolved from a local folder, the Hugging Face cache or the hub."
+         resolved from a local folder, the Hugging Face cache or the hub. A bound `lora` (a \
+         train-lora stage's `lora` output or a diffusers LoRA file) is merged into the UNet at \
+         `lora_scale` (diffusers' fuse_lora), after checking the base model it records; each \
+         samples.jsonl line then also has `lora` ({rank, alpha, scale, targets, layers})."
     }
 
     fn params(&self) -> Vec<ParamSpec> {
@@ -230,6 +262,23 @@ impl StageKind for Sample {
                 Value::Null,
                 "A diffusers pipeline folder from an upstream stage (e.g. `train.model`); when \
                  bound it is used instead of `model`.",
+            ),
+            ParamSpec::optional(
+                "lora",
+                ParamType::Input,
+                Value::Null,
+                "A LoRA to merge into the UNet: a `train-lora` stage's `lora` output, or a \
+                 diffusers LoRA file (`pytorch_lora_weights.safetensors`) or a folder holding \
+                 one. The base model it records must be this pipeline's (a LoRA that records \
+                 none is merged with a note in the log); its layers must fit the UNet.",
+            ),
+            ParamSpec::optional(
+                "lora_scale",
+                ParamType::Float { min: None, max: None },
+                json!(1.0),
+                "How much of the LoRA is merged: W + lora_scale·(alpha/rank)·B·A, diffusers' \
+                 `fuse_lora(lora_scale=…)` or `cross_attention_kwargs={\"scale\": …}`; 0 samples \
+                 the base model. Only with a bound `lora`.",
             ),
             ParamSpec::optional(
                 "model",
@@ -332,7 +381,9 @@ impl StageKind for Sample {
                 name: "samples",
                 path: SAMPLES,
                 kind: OutputKind::File,
-                doc: "One {id, file_name, prompt, seed, k} line per image, in id order.",
+                doc: "One {id, file_name, prompt, seed, k} line per image, in id order; with a \
+                      bound `lora`, each line also has `lora`: {rank, alpha, scale, targets, \
+                      layers}.",
             },
         ]
     }
@@ -366,12 +417,104 @@ impl StageKind for Sample {
         };
         let pipeline =
             SdPipeline::open_variant(&root, crate::pipeline::variant_param(ctx.params)?)?;
+        let model = match ctx.inputs.get("pipeline") {
+            Some(path) => format!("the `pipeline` input, {}", path.display()),
+            None => ctx.param::<String>("model")?,
+        };
+        let lora = match ctx.inputs.get("lora") {
+            Some(path) => Some(open_lora(ctx, path, &pipeline, &model, settings.lora_scale)?),
+            None => None,
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(ctx.threads.max(1))
             .build()
             .map_err(|e| StageError::failed(format!("starting {} threads: {e}", ctx.threads)))?;
-        pool.install(|| run_jobs(ctx, &pipeline, &settings, &jobs))?;
-        write_outputs(ctx, &jobs)
+        pool.install(|| run_jobs(ctx, &pipeline, &settings, lora.as_ref(), &jobs))?;
+        write_outputs(ctx, &jobs, lora.as_ref().map(|l| &l.record))
+    }
+}
+
+/// A LoRA to merge, checked: its file (header read), its scale, and its `samples.jsonl` record.
+struct Lora {
+    file: LoraFile,
+    scale: f64,
+    /// `{"rank", "alpha", "scale", "targets", "layers"}`: see [`lora_record`].
+    record: Value,
+}
+
+/// Opens the bound `lora` (a file, or a folder holding `pytorch_lora_weights.safetensors`)
+/// from its header alone and checks the base model it records against `pipeline` (named
+/// `model` in messages): another base is refused, none recorded is noted in the log.
+fn open_lora(
+    ctx: &mut StageContext<'_>,
+    path: &Path,
+    pipeline: &SdPipeline,
+    model: &str,
+    scale: f64,
+) -> Result<Lora, StageError> {
+    let refused = |message: String| {
+        StageError::failed(format!("the `lora` input {}: {message}", path.display()))
+    };
+    if path.is_dir() && !path.join(LORA_WEIGHTS_NAME).is_file() {
+        return Err(refused(format!(
+            "this folder has no {LORA_WEIGHTS_NAME}; bind a train-lora stage's `lora` output, \
+             a LoRA file, or a folder holding {LORA_WEIGHTS_NAME} as diffusers' \
+             save_lora_weights writes it"
+        )));
+    }
+    // The loader's errors name the file already.
+    let file =
+        LoraFile::open(path).map_err(|e| StageError::failed(format!("the `lora` input: {e}")))?;
+    let check = BaseIdentity::check(file.metadata(), pipeline, model).map_err(refused)?;
+    let note = match check {
+        BaseCheck::Matches(base) => format!(
+            "LoRA {} was trained on {}, the UNet sampled here (the UNet digest it records \
+             matches)",
+            file.path().display(),
+            base.model
+        ),
+        BaseCheck::Unrecorded => format!(
+            "note: LoRA {} records no base model (it was not written by sdpipe's train-lora), \
+             so it is merged on trust: make sure it was trained on {model}",
+            file.path().display()
+        ),
+    };
+    writeln!(ctx.log, "{note}").map_err(io("writing the log"))?;
+    let record = lora_record(&file, scale).map_err(refused)?;
+    Ok(Lora { file, scale, record })
+}
+
+/// How `samples.jsonl` records a LoRA: `rank` and `alpha` (one number, or the sorted distinct
+/// values when its layers differ), the `scale` it was merged at, `targets` (the adapted
+/// layers' names by their last part: `to_q`, `to_out.0`; sorted) and `layers` (how many).
+/// Alpha is what the merge uses, as the loader read it ([`LoraFile::layers`]).
+fn lora_record(file: &LoraFile, scale: f64) -> Result<Value, String> {
+    let ranks: BTreeSet<usize> = file.layers().map(|(_, rank, _)| rank).collect();
+    let mut alphas: Vec<f64> = file.layers().map(|(_, _, alpha)| alpha).collect();
+    alphas.sort_by(f64::total_cmp);
+    alphas.dedup();
+    let targets: BTreeSet<String> = file.modules().map(target_name).collect();
+    let one_or_all = |values: Vec<Value>| match <[Value; 1]>::try_from(values) {
+        Ok([one]) => one,
+        Err(values) => Value::Array(values),
+    };
+    Ok(json!({
+        "rank": one_or_all(ranks.iter().map(|&r| json!(r)).collect()),
+        "alpha": one_or_all(alphas.into_iter().map(|a| json!(a)).collect()),
+        "scale": scale,
+        "targets": targets,
+        "layers": file.modules().count(),
+    }))
+}
+
+/// A LoRA layer's target as peft names it: the module's last dotted part, or its last two when
+/// the last is an index (`…attn1.to_out.0` → `to_out.0`).
+fn target_name(module: &str) -> String {
+    let parts: Vec<&str> = module.split('.').collect();
+    match parts.as_slice() {
+        [.., a, b] if b.bytes().all(|c| c.is_ascii_digit()) => format!("{a}.{b}"),
+        [.., last] => last.to_string(),
+        [] => module.to_string(),
     }
 }
 
@@ -380,10 +523,22 @@ fn run_jobs(
     ctx: &mut StageContext<'_>,
     pipeline: &SdPipeline,
     settings: &Settings,
+    lora: Option<&Lora>,
     jobs: &[Job],
 ) -> Result<(), StageError> {
     let device = ctx.candle_device()?;
-    let sd = StableDiffusion::load(pipeline, &device, settings.dtype)?;
+    let sd = match lora {
+        None => StableDiffusion::load(pipeline, &device, settings.dtype)?,
+        Some(lora) => {
+            // A LoRA that does not fit the UNet is refused here, from the headers, before any
+            // weight is read; the error names the LoRA file and its layers.
+            let loras = [(&lora.file, lora.scale)];
+            let sd = StableDiffusion::load_with_lora(pipeline, &device, settings.dtype, &loras)?;
+            writeln!(ctx.log, "merged the LoRA into the UNet: {}", lora.record)
+                .map_err(io("writing the log"))?;
+            sd
+        }
+    };
     let default_side = pipeline.unet.sample_size * sd.vae_scale_factor;
     let height = if settings.height == 0 { default_side } else { settings.height };
     let width = if settings.width == 0 { default_side } else { settings.width };
@@ -448,8 +603,13 @@ fn run_jobs(
     Ok(())
 }
 
-/// Move the finished images into `images/` and write `samples.jsonl`.
-fn write_outputs(ctx: &mut StageContext<'_>, jobs: &[Job]) -> Result<(), StageError> {
+/// Move the finished images into `images/` and write `samples.jsonl`, each line with `lora`
+/// when one was merged (and exactly as before LoRAs otherwise).
+fn write_outputs(
+    ctx: &mut StageContext<'_>,
+    jobs: &[Job],
+    lora: Option<&Value>,
+) -> Result<(), StageError> {
     let done_dir = ctx.state_dir.join(IMAGES);
     let out_dir = ctx.output_path(IMAGES);
     fs::create_dir_all(&out_dir).map_err(io("creating images/"))?;
@@ -459,8 +619,11 @@ fn write_outputs(ctx: &mut StageContext<'_>, jobs: &[Job]) -> Result<(), StageEr
         if fs::rename(&from, &to).is_err() {
             fs::copy(&from, &to).map_err(io(format!("copying {}", job.file_name)))?;
         }
-        let line = json!({"id": job.id, "file_name": job.file_name, "prompt": job.prompt,
-                          "seed": job.seed, "k": job.k});
+        let mut line = json!({"id": job.id, "file_name": job.file_name, "prompt": job.prompt,
+                              "seed": job.seed, "k": job.k});
+        if let Some(lora) = lora {
+            line["lora"] = lora.clone();
+        }
         lines.push_str(&line.to_string());
         lines.push('\n');
     }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::bootstrap::PerItem;
@@ -36,6 +36,42 @@ pub struct SampleRecord {
     pub seed: Option<i64>,
     #[serde(default)]
     pub k: Option<u64>,
+    /// The LoRA merged into the UNet that drew it, when the sample stage had one bound.
+    #[serde(default)]
+    pub lora: Option<LoraRecord>,
+}
+
+/// A `samples.jsonl` line's `lora`: the LoRA merged into the UNet at `scale` (the sample
+/// stage's `lora_scale`). `rank` and `alpha` are a number, or a list of the distinct values
+/// when its layers differ.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraRecord {
+    pub rank: Value,
+    pub alpha: Value,
+    pub scale: f64,
+    /// The adapted layers by the last part of their names (`to_q`, `to_out.0`).
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// How many layers it adapts.
+    #[serde(default)]
+    pub layers: Option<u64>,
+}
+
+impl LoraRecord {
+    /// `LoRA r=4, α=8, scale 1`: how tables label a model sampled with it.
+    pub fn label(&self) -> String {
+        fn values(v: &Value) -> String {
+            match v {
+                Value::Array(items) => items.iter().map(values).collect::<Vec<_>>().join("/"),
+                Value::Number(n) => match n.as_f64() {
+                    Some(x) if n.is_f64() => format!("{x}"),
+                    _ => n.to_string(),
+                },
+                other => other.to_string(),
+            }
+        }
+        format!("LoRA r={}, α={}, scale {}", values(&self.rank), values(&self.alpha), self.scale)
+    }
 }
 
 /// A model's generated images: one image per id (the first draw, `k = 0`, when there are more).
@@ -60,6 +96,12 @@ impl Samples {
     /// The record of the image shown for `id`.
     pub fn record(&self, id: &str) -> Option<&SampleRecord> {
         self.records.as_ref()?.iter().find(|r| r.id == id)
+    }
+
+    /// The LoRA these samples were drawn with: that of the first record (the sample stage
+    /// writes the same on every line). `None` without `samples.jsonl` or a LoRA.
+    pub fn lora(&self) -> Option<&LoraRecord> {
+        self.records.as_ref()?.first()?.lora.as_ref()
     }
 }
 

@@ -64,6 +64,9 @@ impl StageKind for Report {
         // 6: CMMD and CLIP score columns (`*cmmd`, `*clip_score*` inputs), the CLIP score with a
         //    bootstrap interval; a caveat for each.
         // 7: a progression grid of each variant's validation images (the `validation` input).
+        // A model sampled with a LoRA (`lora` in its samples.jsonl) is labelled with it in the
+        // tables and report.json; reports of samples without one are byte-identical, and no
+        // cached report can have read a LoRA's samples before this: no bump.
         7
     }
 
@@ -79,7 +82,9 @@ impl StageKind for Report {
          section is left out when unbound; mark the stage `gather: true` to get one row or \
          column per sweep point. Per-image metrics (LPIPS, CLIP score, scene accuracy) whose \
          `*_per_image` outputs are bound get a bootstrap 95% interval, and a model is marked better only \
-         when the (paired, per image) bootstrap finds the difference significant."
+         when the (paired, per image) bootstrap finds the difference significant. A model \
+         whose samples.jsonl records a LoRA (the sample stage's `lora`) is labelled with it in \
+         the tables: `(LoRA r=4, α=8, scale 1)`."
     }
 
     fn params(&self) -> Vec<ParamSpec> {
@@ -201,7 +206,14 @@ impl StageKind for Report {
         let mut json = Map::new();
         json.insert("title".into(), json!(title));
         json.insert("split".into(), json!(split));
-        json.insert("models".into(), json!(models.iter().map(summary).collect::<Vec<_>>()));
+        let mut summaries: Vec<Value> = models.iter().map(summary).collect();
+        // Only when some model was sampled with a LoRA, so reports without one keep their bytes.
+        if models.iter().any(|m| m.lora().is_some()) {
+            for (s, m) in summaries.iter_mut().zip(&models) {
+                s["lora"] = json!(m.lora());
+            }
+        }
+        json.insert("models".into(), json!(summaries));
         for s in &sections {
             json.insert(s.key(), s.json.clone());
         }

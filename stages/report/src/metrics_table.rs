@@ -206,7 +206,7 @@ pub fn build(models: &[Model]) -> Option<Section> {
     let mut json_rows = Vec::new();
     for (r, m) in rows.iter().enumerate() {
         let name = if m.is_original { "**original**".to_string() } else { format::code(&m.name) };
-        let mut cells = vec![name];
+        let mut cells = vec![format!("{name}{}", m.lora_suffix())];
         let mut deltas = Map::new();
         let mut intervals = Map::new();
         for (c, t) in present.iter().zip(&tested) {
@@ -296,6 +296,9 @@ pub fn build(models: &[Model]) -> Option<Section> {
             json_row["clip_score"] =
                 json!(m.clip_score.as_ref().map(|c| Value::Object(c.raw.clone())));
         }
+        if rows.iter().any(|r| r.lora().is_some()) {
+            json_row["lora"] = json!(m.lora());
+        }
         json_rows.push(json_row);
     }
 
@@ -366,6 +369,9 @@ pub fn build(models: &[Model]) -> Option<Section> {
                 titles(&with_intervals)
             ));
         }
+    }
+    if let Some(legend) = crate::models::lora_legend(&rows) {
+        markdown.push_str(&format!(" {legend}"));
     }
     markdown.push('\n');
 

@@ -11,8 +11,8 @@ use serde_json::Value;
 use crate::error::ReportError;
 use crate::format;
 use crate::inputs::{
-    self, ClipScoreMetrics, CmmdMetrics, FidMetrics, LpipsMetrics, Samples, SceneMetrics,
-    TrainStep, Validation,
+    self, ClipScoreMetrics, CmmdMetrics, FidMetrics, LoraRecord, LpipsMetrics, Samples,
+    SceneMetrics, TrainStep, Validation,
 };
 
 /// One compared model and everything read about it.
@@ -46,6 +46,28 @@ impl Model {
             || self.cmmd.is_some()
             || self.clip_score.is_some()
     }
+
+    /// The LoRA its samples were drawn with (read from its `samples.jsonl`).
+    pub fn lora(&self) -> Option<&LoraRecord> {
+        self.samples.as_ref()?.lora()
+    }
+
+    /// What tables write after the model's name: ` (LoRA r=4, α=8, scale 1)` for a model
+    /// sampled with a LoRA, else nothing (so reports without LoRAs keep their bytes).
+    pub fn lora_suffix(&self) -> String {
+        match self.lora() {
+            Some(lora) => format!(" ({})", format::cell(&lora.label())),
+            None => String::new(),
+        }
+    }
+}
+
+/// The sentence that explains the LoRA labels, when any model has one.
+pub fn lora_legend(models: &[&Model]) -> Option<&'static str> {
+    models.iter().any(|m| m.lora().is_some()).then_some(
+        "(LoRA r, α, scale): the model was sampled with a LoRA of rank r and alpha α merged \
+         into its UNet at that scale (the sample stage's `lora_scale`: W + scale·(α/r)·B·A).",
+    )
 }
 
 /// The input names read for the original and for each variant.

@@ -47,7 +47,7 @@ pub fn build(
     }
     for m in &shown {
         let title = if m.is_original { "Original".to_string() } else { format::code(&m.name) };
-        table.column(title, Align::Center);
+        table.column(format!("{title}{}", m.lora_suffix()), Align::Center);
     }
 
     let mut notes = Vec::new();

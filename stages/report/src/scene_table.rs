@@ -81,7 +81,7 @@ pub fn build(models: &[Model], vae_bound: Option<&SceneMetrics>) -> Option<Secti
     let mut json_rows = Vec::new();
     for (r, (m, s)) in rows.iter().enumerate() {
         let name = if m.is_original { "**original**".to_string() } else { format::code(&m.name) };
-        let mut cells = vec![name];
+        let mut cells = vec![format!("{name}{}", m.lora_suffix())];
         let mut intervals = Map::new();
         for ((_, key, _, value), (analysis, index)) in COLUMNS.iter().zip(&analyses) {
             let v = value(s);

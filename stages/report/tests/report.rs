@@ -390,6 +390,56 @@ fn a_single_unswept_variant_is_called_finetuned() {
     assert!(table_rows(&section(&text, "Metrics"))[1].contains("-20.00 (-16.7%) ▼ better"));
 }
 
+/// `v1`'s (learning_rate=0.0001) samples.jsonl as the sample stage writes it with a LoRA bound.
+fn sample_v1_with_a_lora(e: &Experiment) {
+    let lora = json!({"rank": 4, "alpha": 8.0, "scale": 1.0, "layers": 32,
+                      "targets": ["to_k", "to_out.0", "to_q", "to_v"]});
+    let path = e.path("v1/samples.jsonl");
+    let lines: Vec<Value> = fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut line: Value = serde_json::from_str(l).unwrap();
+            line["lora"] = lora.clone();
+            line
+        })
+        .collect();
+    write_jsonl(&path, &lines);
+}
+
+#[test]
+fn a_variant_sampled_with_a_lora_is_labelled_with_it() {
+    let e = Experiment::new();
+    sample_v1_with_a_lora(&e);
+    let h = run(e.harness(), &[]);
+    let text = readme(&h);
+    let label = "`learning_rate=0.0001` (LoRA r=4, α=8, scale 1)";
+    let metrics = section(&text, "Metrics");
+    let rows = table_rows(&metrics);
+    assert!(rows.iter().any(|r| r.starts_with(&format!("| {label} |"))), "{metrics}");
+    assert_eq!(rows.iter().filter(|r| r.contains("LoRA")).count(), 1, "{metrics}");
+    assert!(metrics.contains("sampled with a LoRA of rank r and alpha α"), "{metrics}");
+    let qualitative = section(&text, "Qualitative comparison");
+    let header = qualitative.lines().find(|l| l.starts_with('|')).unwrap();
+    assert!(header.contains(&format!("| {label} |")), "{header}");
+    let json = report_json(&h);
+    let lora_of = |name: &str| {
+        let models = json["models"].as_array().unwrap();
+        models.iter().find(|m| m["name"] == name).unwrap()["lora"].clone()
+    };
+    assert_eq!(lora_of("learning_rate=0.0001")["rank"], 4);
+    assert_eq!(lora_of("learning_rate=3e-05"), Value::Null);
+}
+
+#[test]
+fn without_a_lora_the_report_mentions_none() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[]);
+    assert!(!readme(&h).contains("LoRA"));
+    let json = fs::read_to_string(h.out_dir().join("report/report.json")).unwrap();
+    assert!(!json.contains("lora"), "no `lora` key in report.json");
+}
+
 #[test]
 fn malformed_metrics_json_is_an_error_naming_the_file() {
     let e = Experiment::new();

@@ -538,6 +538,12 @@ impl LoraFile {
         self.modules.keys().map(String::as_str)
     }
 
+    /// Each targeted layer's name with its rank and alpha (as [`LoraFile::open`] read them:
+    /// the metadata's `lora_alpha`, else the rank), sorted by name.
+    pub fn layers(&self) -> impl Iterator<Item = (&str, usize, f64)> {
+        self.modules.iter().map(|(name, layer)| (name.as_str(), layer.rank, layer.alpha))
+    }
+
     fn error(&self, message: String) -> UNetError {
         UNetError::Weights { path: self.path().to_path_buf(), message }
     }
