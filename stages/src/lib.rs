@@ -2,7 +2,8 @@
 //! live in their own crates (sdpipe-data, sdpipe-caption, sdpipe-diffusion, sdpipe-train,
 //! sdpipe-metrics, sdpipe-report) and know nothing of caching or scheduling. Also a test
 //! harness for kinds ([`testing`]) and what several kinds share: the device choice, size caps
-//! for model files ([`limits`]), Pillow-exact resampling ([`pillow`]) and hub fetching.
+//! for model files ([`limits`]), Pillow-exact resampling ([`pillow`]), hub fetching and what the
+//! toy-model kinds build their random-weight models from (`tiny_models`).
 
 pub mod api;
 pub mod device;
@@ -13,5 +14,7 @@ pub mod limits;
 pub mod model_fetch;
 pub mod pillow;
 pub mod testing;
+#[cfg(feature = "tiny-models")]
+pub mod tiny_models;
 
 pub use api::{Registry, StageKind};

@@ -7,26 +7,23 @@
 //! with the `text_model.` prefix of the published SD1.5 files), a small CLIP BPE tokenizer, and
 //! SD1.5's PNDM scheduler config.
 //!
-//! The tensor list is not hand-maintained: candle's SD modules are built against a recording
-//! [`VarBuilder`] backend, so the writer emits exactly the tensors a loader asks for; the parity
-//! script checks them against diffusers' own state dicts. Values are initialised as PyTorch
-//! initialises these layers (kaiming-uniform weights and uniform biases in ±1/√fan_in for conv
-//! and linear layers, ones/zeros for norms, small uniform embeddings), so the model is
-//! trainable, and every value depends only on (seed, component, tensor name): ChaCha streams
-//! and IEEE basic arithmetic only, so the bytes are identical on every platform.
+//! The tensor list is not hand-maintained: candle's SD modules are built against the recording
+//! [`VarBuilder`] backend of [`sdpipe_stages::tiny_models`] (shared with `tiny-clip`), so the
+//! writer emits exactly the tensors a loader asks for; the parity script checks them against
+//! diffusers' own state dicts. Values are initialised as PyTorch initialises these layers
+//! (kaiming-uniform weights and uniform biases in ±1/√fan_in for conv and linear layers,
+//! ones/zeros for norms, small uniform embeddings), so the model is trainable, and every value
+//! depends only on (seed, component, tensor name): ChaCha streams and IEEE basic arithmetic
+//! only, so the bytes are identical on every platform.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use candle_transformers::models::clip::text_model::ClipTextTransformer;
 use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
-use rand_chacha::rand_core::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use sdpipe_stages::tiny_models::{BpeVocab, Recorder};
 use serde_json::{json, Map, Value};
 
 use crate::config::{
@@ -130,15 +127,14 @@ impl TinySpec {
 pub fn write_tiny(dir: &Path, spec: &TinySpec) -> Result<(), PipelineError> {
     spec.validate()
         .map_err(|message| PipelineError::Unsupported { path: dir.to_path_buf(), message })?;
-    let vocab = crate::tiny_bpe::TinyVocab::train(spec.bpe_merges);
-    vocab.write(&dir.join("tokenizer"))?;
+    let vocab = crate::tiny_bpe::train(spec.bpe_merges);
+    crate::tiny_bpe::write(&vocab, &dir.join("tokenizer"))?;
 
     let unet = unet_config(spec);
     let vae = vae_config(spec);
     let clip = clip_config(spec, &vocab);
     let weights = |component: &str, build: &dyn Fn(VarBuilder) -> candle_core::Result<()>| {
-        let recorder = Recorder::new(spec.seed, component);
-        let tensors = recorder
+        let tensors = Recorder::new(spec.seed, component, vae_attention_naming)
             .record(build)
             .map_err(|source| PipelineError::Weights { path: dir.join(component), source })?;
         let file = if component == "text_encoder" {
@@ -296,7 +292,7 @@ fn vae_config(spec: &TinySpec) -> VaeConfig {
     }
 }
 
-fn clip_config(spec: &TinySpec, vocab: &crate::tiny_bpe::TinyVocab) -> TextEncoderConfig {
+fn clip_config(spec: &TinySpec, vocab: &BpeVocab) -> TextEncoderConfig {
     TextEncoderConfig {
         architectures: Some(vec!["CLIPTextModel".into()]),
         vocab_size: vocab.len(),
@@ -328,128 +324,9 @@ fn as_map(value: Value) -> Map<String, Value> {
     }
 }
 
-/// A [`SimpleBackend`] that makes up each tensor a module asks for (deterministically) and
-/// remembers it, so building a candle module enumerates its weights.
-struct Recorder {
-    seed: u64,
-    component: String,
-    state: Arc<Mutex<Recorded>>,
-}
-
-#[derive(Default)]
-struct Recorded {
-    tensors: BTreeMap<String, Tensor>,
-    /// Layer prefix (`…conv_in.`) → fan_in of its weight, for the matching bias's bound.
-    fan_in: HashMap<String, usize>,
-}
-
-impl Recorder {
-    fn new(seed: u64, component: &str) -> Recorder {
-        Recorder { seed, component: component.into(), state: Arc::default() }
-    }
-
-    fn record(
-        self,
-        build: &dyn Fn(VarBuilder) -> candle_core::Result<()>,
-    ) -> candle_core::Result<BTreeMap<String, Tensor>> {
-        let state = self.state.clone();
-        let backend: Box<dyn SimpleBackend> = Box::new(self);
-        build(VarBuilder::from_backend(backend, DType::F32, Device::Cpu))?;
-        let mut state = state.lock().expect("recorder lock");
-        Ok(std::mem::take(&mut state.tensors))
-    }
-}
-
-impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _hint: candle_nn::Init,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let mut state = self.state.lock().expect("recorder lock");
-        if let Some(t) = state.tensors.get(name) {
-            if t.shape() != &shape {
-                candle_core::bail!("{name} requested as {shape:?} and as {:?}", t.shape());
-            }
-            return t.to_dtype(dtype)?.to_device(device);
-        }
-        let dims = shape.dims().to_vec();
-        let prefix = name.trim_end_matches("weight").trim_end_matches("bias").to_string();
-        let fan_in = if dims.len() >= 2 {
-            let fan_in = dims[1..].iter().product();
-            state.fan_in.insert(prefix, fan_in);
-            fan_in
-        } else {
-            // candle's layers request a weight before its bias; a lone bias falls back to its
-            // own length.
-            state.fan_in.get(&prefix).copied().unwrap_or(dims[0])
-        };
-        let values = init_values(self.seed, &self.component, name, &dims, fan_in);
-        let tensor = Tensor::from_vec(values, shape, &Device::Cpu)?;
-        state.tensors.insert(name.to_string(), tensor.clone());
-        tensor.to_dtype(dtype)?.to_device(device)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let state = self.state.lock().expect("recorder lock");
-        match state.tensors.get(name) {
-            Some(t) => t.to_dtype(dtype)?.to_device(device),
-            None => candle_core::bail!("{name} was never requested"),
-        }
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        // candle's VAE attention asks which naming a file uses; answer with diffusers' current
-        // one (`to_q`/`to_k`/`to_v`/`to_out.0`, not the pre-0.14 `query`/`key`/...).
-        name.ends_with("to_q.weight")
-    }
-}
-
-/// The initial values of one tensor, from the seed, its component, name and shape alone
-/// (`fan_in`: of the layer it belongs to).
-fn init_values(seed: u64, component: &str, name: &str, dims: &[usize], fan_in: usize) -> Vec<f32> {
-    let numel: usize = dims.iter().product();
-    let leaf = name.rsplit('.').next().unwrap_or(name);
-    let layer = name.rsplit('.').nth(1).unwrap_or("");
-    let embedding = layer.ends_with("_embedding");
-    // Norm layers (the only 1-d weights in these models): weight 1, bias 0, as PyTorch.
-    if dims.len() == 1 && layer.contains("norm") {
-        let value = if leaf == "weight" { 1.0 } else { 0.0 };
-        return vec![value; numel];
-    }
-    let bound = if embedding {
-        // transformers initialises CLIP's embeddings N(0, 0.02²): a uniform with that std.
-        0.02 * 3f32.sqrt()
-    } else {
-        // PyTorch's conv/linear default: kaiming_uniform(a=√5) for weights and U(±1/√fan_in)
-        // for biases — both bounded by 1/√fan_in.
-        1.0 / (fan_in.max(1) as f32).sqrt()
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed, component, name));
-    (0..numel)
-        .map(|_| {
-            // 24 random bits → an exact f32 in [0, 1), then scaled to [-bound, bound).
-            let unit = (rng.next_u32() >> 8) as f32 * (1.0 / 16_777_216.0);
-            (2.0 * unit - 1.0) * bound
-        })
-        .collect()
-}
-
-/// FNV-1a over (component, name) mixed with the seed: one independent ChaCha stream per tensor,
-/// so a tensor's values do not depend on which other tensors exist or their order.
-fn stream_seed(seed: u64, component: &str, name: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in component.bytes().chain([b'/']).chain(name.bytes()) {
-        hash ^= byte as u64;
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+/// The recorder's answer to candle's `contains_tensor`: candle's VAE attention asks which naming
+/// a file uses; answer with diffusers' current one (`to_q`/`to_k`/`to_v`/`to_out.0`, not the
+/// pre-0.14 `query`/`key`/...).
+fn vae_attention_naming(name: &str) -> bool {
+    name.ends_with("to_q.weight")
 }

@@ -29,37 +29,34 @@
 //! - `preprocessor_config.json`: `CLIPImageProcessor` (shortest edge and centre crop at the
 //!   tower's `image_size`, bicubic, 1/255, OpenAI's mean and std).
 //!
-//! The vocabulary has CLIP's layout — the 256 byte symbols in CLIP's order, the same with
-//! `</w>`, one token per merge, then the two special tokens — with merges learned
+//! The vocabulary and the weights come from [`sdpipe_stages::tiny_models`], which `tiny-sd`
+//! shares. The vocabulary has CLIP's layout — the 256 byte symbols in CLIP's order, the same
+//! with `</w>`, one token per merge, then the two special tokens — with merges learned
 //! deterministically (most frequent adjacent pair first, ties by text) from a built-in corpus in
 //! the register of SD captions and the `synthetic` kind's scene grammar, until every corpus word
 //! is one token. The demo's captions therefore tokenize one token per word, as CLIP's own 49k
 //! merges split common English words.
 //!
 //! The tensor list is not hand-maintained: [`crate::clip::Clip::new`], the very constructor the
-//! metric kinds load models with, is run against a recording `VarBuilder` backend, so the writer
-//! emits exactly the tensors the loader asks for (plus `logit_scale`, which only transformers
-//! reads); a test compares names and shapes with the state dict transformers saved for the
-//! fixture. Values are initialised as PyTorch constructs transformers' CLIP modules, with the
-//! `tiny-sd` conventions: `nn.Linear`/`nn.Conv2d` weights and biases uniform in ±1/√fan_in
+//! metric kinds load models with, is run against the shared recording `VarBuilder` backend, so
+//! the writer emits exactly the tensors the loader asks for (plus `logit_scale`, which only
+//! transformers reads); a test compares names and shapes with the state dict transformers saved
+//! for the fixture. Values are initialised as PyTorch constructs transformers' CLIP modules, as
+//! `tiny-sd`'s are: `nn.Linear`/`nn.Conv2d` weights and biases uniform in ±1/√fan_in
 //! (kaiming-uniform with a = √5), LayerNorms at the identity, token and position embeddings
 //! with transformers' std 0.02 and the class embedding with std hidden^-½ (as uniforms of that
 //! std). Every value depends only on (seed, tensor name): one ChaCha stream per tensor and IEEE
 //! basic arithmetic, so the bytes are identical on every platform.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
-use rand_chacha::rand_core::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use candle_core::{DType, Device, Tensor};
 use sdpipe_stages::api::{
     OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
 };
 use sdpipe_stages::limits;
+use sdpipe_stages::tiny_models::{BpeVocab, Recorder, BOS, CAPTION_CORPUS, EOS};
 use serde_json::{json, Value};
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::replace::ReplacePattern;
@@ -79,9 +76,6 @@ pub const TRANSFORMERS_VERSION: &str = "5.25.0";
 /// transformers' `CLIPConfig.logit_scale_init_value`, ln(1 / 0.07) as CLIP's paper rounds it.
 pub const LOGIT_SCALE_INIT: f32 = 2.6592;
 
-pub const BOS: &str = "<|startoftext|>";
-pub const EOS: &str = "<|endoftext|>";
-
 /// CLIP's word pattern (the first step of its pre-tokenizer), as transformers writes it.
 const CLIP_WORDS: &str = "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|\
                           [\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+";
@@ -95,24 +89,6 @@ const MODEL: &str = "model";
 
 /// The tensor stream's component name (one ChaCha stream per `clip/<tensor name>`).
 const COMPONENT: &str = "clip";
-
-/// Words the vocabulary learns its merges from: the register of SD captions and the words of
-/// the `synthetic` kind's scene grammar (colours, shapes, relations, styles), which the demo's
-/// captions are written in.
-const CORPUS: &str = "there is a photo of a man and a woman standing on a beach at sunset \
-    there are two dogs playing in the grass near a house with a red door \
-    a cat sitting on a wooden table next to a window in the morning light \
-    there is a city street at night with cars and people walking under the lights \
-    a mountain lake surrounded by trees with snow on the peaks in the distance \
-    there are many flowers in a garden with a stone path and a bench \
-    a close up of a bowl of fruit on a kitchen counter with a white wall behind it \
-    there is a boat on the water near the shore with birds flying over the sea \
-    a person riding a bicycle down a road through a green forest in the summer \
-    there is a building with large windows and a blue sky with white clouds above it \
-    a red circle above a blue square on a yellow background \
-    an orange triangle below a green circle and a purple square to the left of the circle \
-    a white square to the right of a black triangle on an orange background \
-    photographic lighting at dusk on a flat textured purple background";
 
 /// The sizes of a tiny CLIP. The defaults keep the demo's CMMD and CLIP score on a few dozen
 /// 32-pixel images to milliseconds: two 32-wide layers per tower, 8×8 patches of 4 pixels.
@@ -217,7 +193,7 @@ impl TinyClipSpec {
                 ),
             ));
         }
-        let values = self.values(Vocab::train().len());
+        let values = self.values(clip_vocab().len());
         if values > MAX_VALUES {
             return Err(invalid(
                 "sizes",
@@ -422,8 +398,8 @@ pub fn write_tiny_clip(dir: &Path, spec: &TinyClipSpec) -> Result<WrittenClip, S
     spec.validate()?;
     std::fs::create_dir_all(dir)
         .map_err(|e| StageError::io(format!("creating {}", dir.display()), e))?;
-    let vocab = Vocab::train();
-    let tokenizer = vocab.tokenizer()?;
+    let vocab = clip_vocab();
+    let tokenizer = fast_tokenizer(&vocab)?;
     let config = config_json(spec, &vocab);
     let processor = preprocessor_json(spec.image_size);
 
@@ -433,13 +409,11 @@ pub fn write_tiny_clip(dir: &Path, spec: &TinyClipSpec) -> Result<WrittenClip, S
         .map_err(|e| StageError::failed(format!("tiny-clip config: {e}")))?;
     let loaded_processor: ProcessorConfig = serde_json::from_value(processor.clone())
         .map_err(|e| StageError::failed(format!("tiny-clip processor config: {e}")))?;
-    let recorder = Recorder::new(spec.seed);
-    let state = recorder.state.clone();
-    let backend: Box<dyn SimpleBackend> = Box::new(recorder);
-    let vb = VarBuilder::from_backend(backend, DType::F32, Device::Cpu);
-    Clip::new(loaded_config, loaded_processor, vb, Some(tokenizer.clone()))
+    let mut tensors = Recorder::new(spec.seed, COMPONENT, has_class_embedding)
+        .record(|vb| {
+            Clip::new(loaded_config, loaded_processor, vb, Some(tokenizer.clone())).map(|_| ())
+        })
         .map_err(|e| StageError::failed(format!("building the tiny CLIP: {e}")))?;
-    let mut tensors = std::mem::take(&mut state.lock().expect("recorder lock").tensors);
     let scale = Tensor::new(LOGIT_SCALE_INIT, &Device::Cpu)
         .map_err(|e| StageError::failed(e.to_string()))?;
     tensors.insert("logit_scale".into(), scale);
@@ -463,7 +437,7 @@ pub fn write_tiny_clip(dir: &Path, spec: &TinyClipSpec) -> Result<WrittenClip, S
 /// `CLIPConfig` as transformers writes it (every key `save_pretrained` writes for a config
 /// built from these sizes; `projection_dim` repeated in both towers as in OpenAI's configs, so
 /// `CLIPVisionModelWithProjection` and `CLIPTextModelWithProjection` read the same width).
-fn config_json(spec: &TinyClipSpec, vocab: &Vocab) -> Value {
+fn config_json(spec: &TinyClipSpec, vocab: &BpeVocab) -> Value {
     json!({
         "architectures": ["CLIPModel"],
         "dtype": "float32",
@@ -656,273 +630,59 @@ fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<
 
 // ------------------------------------------------------------------------------ tokenizer
 
-/// A CLIP-layout BPE vocabulary learned from [`CORPUS`].
-struct Vocab {
-    tokens: Vec<String>,
-    merges: Vec<(String, String)>,
+/// The vocabulary: merges until every corpus word is a single token (about 450).
+fn clip_vocab() -> BpeVocab {
+    BpeVocab::learn(CAPTION_CORPUS, usize::MAX)
 }
 
-impl Vocab {
-    /// Learn merges until every corpus word is a single token (about 450).
-    fn train() -> Vocab {
-        let (symbols, vocab_order) = byte_symbols();
-        let mut counts: BTreeMap<Vec<String>, usize> = BTreeMap::new();
-        for word in CORPUS.split_whitespace() {
-            let mut parts: Vec<String> =
-                word.bytes().map(|b| symbols[b as usize].to_string()).collect();
-            if let Some(last) = parts.last_mut() {
-                last.push_str("</w>");
-            }
-            *counts.entry(parts).or_default() += 1;
-        }
-        let mut merges = Vec::new();
-        loop {
-            let mut pairs: BTreeMap<(String, String), usize> = BTreeMap::new();
-            for (word, n) in &counts {
-                for pair in word.windows(2) {
-                    *pairs.entry((pair[0].clone(), pair[1].clone())).or_default() += n;
-                }
-            }
-            // The most frequent pair; among equals the first in text order (BTreeMap order).
-            let Some((best, _)) = pairs.into_iter().fold(None, |best, (pair, n)| match best {
-                Some((_, m)) if m >= n => best,
-                _ => Some((pair, n)),
-            }) else {
-                break;
-            };
-            let mut merged: BTreeMap<Vec<String>, usize> = BTreeMap::new();
-            for (word, n) in counts {
-                *merged.entry(merge_word(&word, &best)).or_default() += n;
-            }
-            counts = merged;
-            merges.push(best);
-        }
-        let mut tokens: Vec<String> = vocab_order.iter().map(|c| c.to_string()).collect();
-        tokens.extend(vocab_order.iter().map(|c| format!("{c}</w>")));
-        for (a, b) in &merges {
-            let merged = format!("{a}{b}");
-            if !tokens.contains(&merged) {
-                tokens.push(merged);
-            }
-        }
-        tokens.push(BOS.into());
-        tokens.push(EOS.into());
-        Vocab { tokens, merges }
-    }
-
-    fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    fn bos_id(&self) -> usize {
-        self.tokens.len() - 2
-    }
-
-    fn eos_id(&self) -> usize {
-        self.tokens.len() - 1
-    }
-
-    /// The tokenizer transformers' `CLIPTokenizer` (fast) is: a BPE model with `</w>` word
-    /// ends, CLIP's normalizer and pre-tokenizer, BOS/EOS added around each text.
-    fn tokenizer(&self) -> Result<Tokenizer, StageError> {
-        let failed = |e: tokenizers::Error| StageError::failed(format!("tiny-clip tokenizer: {e}"));
-        let vocab: tokenizers::models::bpe::Vocab =
-            self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let model = BPE::builder()
-            .vocab_and_merges(vocab, self.merges.clone())
-            .unk_token(EOS.into())
-            .continuing_subword_prefix(String::new())
-            .end_of_word_suffix("</w>".into())
-            .fuse_unk(false)
-            .build()
-            .map_err(failed)?;
-        let mut tokenizer = Tokenizer::new(model);
-        let normalizer = Normalizers::new(vec![
-            NFC.into(),
-            Replace::new(ReplacePattern::Regex("\\s+".into()), " ").map_err(failed)?.into(),
-            Lowercase.into(),
-        ]);
-        tokenizer.with_normalizer(Some(normalizer)).map_err(failed)?;
-        let split = Split::new(
-            SplitPattern::Regex(CLIP_WORDS.into()),
-            SplitDelimiterBehavior::Removed,
-            true,
-        )
+/// The tokenizer transformers' `CLIPTokenizer` (fast) is over `vocab`: a BPE model with `</w>`
+/// word ends, CLIP's normalizer and pre-tokenizer, BOS/EOS added around each text.
+fn fast_tokenizer(vocab: &BpeVocab) -> Result<Tokenizer, StageError> {
+    let failed = |e: tokenizers::Error| StageError::failed(format!("tiny-clip tokenizer: {e}"));
+    let ids: tokenizers::models::bpe::Vocab =
+        vocab.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let model = BPE::builder()
+        .vocab_and_merges(ids, vocab.merges.clone())
+        .unk_token(EOS.into())
+        .continuing_subword_prefix(String::new())
+        .end_of_word_suffix("</w>".into())
+        .fuse_unk(false)
+        .build()
         .map_err(failed)?;
-        tokenizer.with_pre_tokenizer(Some(PreTokenizers::new(vec![
-            split.into(),
-            ByteLevel::new(false, true, true).into(),
-        ])));
-        let (bos, eos) = (self.bos_id() as u32, self.eos_id() as u32);
-        tokenizer.with_post_processor(Some(
-            RobertaProcessing::new((EOS.into(), eos), (BOS.into(), bos))
-                .trim_offsets(false)
-                .add_prefix_space(false),
-        ));
-        tokenizer.with_decoder(Some(ByteLevel::new(true, true, true)));
-        tokenizer
-            .add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
+    let mut tokenizer = Tokenizer::new(model);
+    let normalizer = Normalizers::new(vec![
+        NFC.into(),
+        Replace::new(ReplacePattern::Regex("\\s+".into()), " ").map_err(failed)?.into(),
+        Lowercase.into(),
+    ]);
+    tokenizer.with_normalizer(Some(normalizer)).map_err(failed)?;
+    let split =
+        Split::new(SplitPattern::Regex(CLIP_WORDS.into()), SplitDelimiterBehavior::Removed, true)
             .map_err(failed)?;
-        Ok(tokenizer)
-    }
-}
-
-fn merge_word(word: &[String], pair: &(String, String)) -> Vec<String> {
-    let mut out = Vec::with_capacity(word.len());
-    let mut i = 0;
-    while i < word.len() {
-        if i + 1 < word.len() && word[i] == pair.0 && word[i + 1] == pair.1 {
-            out.push(format!("{}{}", pair.0, pair.1));
-            i += 2;
-        } else {
-            out.push(word[i].clone());
-            i += 1;
-        }
-    }
-    out
-}
-
-/// GPT-2/CLIP's reversible byte → printable character map: the printable Latin-1 bytes map to
-/// themselves, the other 68 bytes to U+0100 onwards. Returns the map indexed by byte, and the
-/// characters in CLIP's vocabulary order (printable bytes first, then the remapped ones).
-fn byte_symbols() -> (Vec<char>, Vec<char>) {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
-    let mut order: Vec<u32> = (0..256).filter(|&b| printable(b)).collect();
-    let mut symbols: Vec<u32> = order.clone();
-    let mut next = 256;
-    for b in 0..256 {
-        if !printable(b) {
-            order.push(b);
-            symbols.push(next);
-            next += 1;
-        }
-    }
-    let chars: Vec<char> =
-        symbols.iter().map(|&s| char::from_u32(s).expect("valid scalar")).collect();
-    let mut by_byte = vec!['\0'; 256];
-    for (b, c) in order.iter().zip(&chars) {
-        by_byte[*b as usize] = *c;
-    }
-    (by_byte, chars)
+    tokenizer.with_pre_tokenizer(Some(PreTokenizers::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
+    let (bos, eos) = (vocab.bos_id() as u32, vocab.eos_id() as u32);
+    tokenizer.with_post_processor(Some(
+        RobertaProcessing::new((EOS.into(), eos), (BOS.into(), bos))
+            .trim_offsets(false)
+            .add_prefix_space(false),
+    ));
+    tokenizer.with_decoder(Some(ByteLevel::new(true, true, true)));
+    tokenizer
+        .add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
+        .map_err(failed)?;
+    Ok(tokenizer)
 }
 
 // -------------------------------------------------------------------------------- weights
 
-/// A [`SimpleBackend`] that makes up each tensor a module asks for (deterministically) and
-/// remembers it, so building the loader's modules enumerates the weights.
-struct Recorder {
-    seed: u64,
-    state: Arc<Mutex<Recorded>>,
-}
-
-#[derive(Default)]
-struct Recorded {
-    tensors: BTreeMap<String, Tensor>,
-    /// Layer prefix (`…fc1.`) → fan_in of its weight, for the matching bias's bound.
-    fan_in: HashMap<String, usize>,
-}
-
-impl Recorder {
-    fn new(seed: u64) -> Recorder {
-        Recorder { seed, state: Arc::default() }
-    }
-}
-
-impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _hint: candle_nn::Init,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let mut state = self.state.lock().expect("recorder lock");
-        if let Some(t) = state.tensors.get(name) {
-            if t.shape() != &shape {
-                candle_core::bail!("{name} requested as {shape:?} and as {:?}", t.shape());
-            }
-            return t.to_dtype(dtype)?.to_device(device);
-        }
-        let dims = shape.dims().to_vec();
-        let prefix = name.trim_end_matches("weight").trim_end_matches("bias").to_string();
-        let fan_in = if dims.len() >= 2 {
-            let fan_in = dims[1..].iter().product();
-            state.fan_in.insert(prefix, fan_in);
-            fan_in
-        } else {
-            // candle's layers request a weight before its bias; a lone vector falls back to
-            // its own length.
-            state.fan_in.get(&prefix).copied().unwrap_or(dims.first().copied().unwrap_or(1))
-        };
-        let values = init_values(self.seed, name, &dims, fan_in);
-        let tensor = Tensor::from_vec(values, shape, &Device::Cpu)?;
-        state.tensors.insert(name.to_string(), tensor.clone());
-        tensor.to_dtype(dtype)?.to_device(device)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let state = self.state.lock().expect("recorder lock");
-        match state.tensors.get(name) {
-            Some(t) => t.to_dtype(dtype)?.to_device(device),
-            None => candle_core::bail!("{name} was never requested"),
-        }
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        // The vision embeddings ask whether the checkpoint has a class embedding (candle
-        // would otherwise draw one at random): CLIP's always does.
-        name.ends_with("class_embedding")
-    }
-}
-
-/// The initial values of one tensor, from the seed, its name and shape alone (`fan_in`: of the
-/// layer it belongs to).
-fn init_values(seed: u64, name: &str, dims: &[usize], fan_in: usize) -> Vec<f32> {
-    let numel: usize = dims.iter().product();
-    let leaf = name.rsplit('.').next().unwrap_or(name);
-    let layer = name.rsplit('.').nth(1).unwrap_or("");
-    // LayerNorms (the only other 1-d weights): weight 1, bias 0, as PyTorch.
-    if dims.len() == 1 && layer.contains("norm") {
-        let value = if leaf == "weight" { 1.0 } else { 0.0 };
-        return vec![value; numel];
-    }
-    let bound = if leaf == "class_embedding" {
-        // transformers: N(0, hidden^-1): a uniform of that std.
-        (3.0 / numel.max(1) as f32).sqrt()
-    } else if layer.ends_with("_embedding") && layer != "patch_embedding" {
-        // transformers initialises CLIP's token and position embeddings N(0, 0.02²).
-        0.02 * 3f32.sqrt()
-    } else {
-        // PyTorch's Linear/Conv2d default (the patch embedding is a Conv2d):
-        // kaiming_uniform(a=√5) for weights and U(±1/√fan_in) for biases.
-        1.0 / (fan_in.max(1) as f32).sqrt()
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed, name));
-    (0..numel)
-        .map(|_| {
-            // 24 random bits → an exact f32 in [0, 1), then scaled to [-bound, bound).
-            let unit = (rng.next_u32() >> 8) as f32 * (1.0 / 16_777_216.0);
-            (2.0 * unit - 1.0) * bound
-        })
-        .collect()
-}
-
-/// FNV-1a over (component, name) mixed with the seed (as `tiny-sd` derives its streams): one
-/// independent ChaCha stream per tensor, so a tensor's values do not depend on which other
-/// tensors exist or their order.
-fn stream_seed(seed: u64, name: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in COMPONENT.bytes().chain([b'/']).chain(name.bytes()) {
-        hash ^= byte as u64;
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+/// The recorder's answer to candle's `contains_tensor`: the vision embeddings ask whether the
+/// checkpoint has a class embedding (candle would otherwise draw one at random): CLIP's always
+/// does.
+fn has_class_embedding(name: &str) -> bool {
+    name.ends_with("class_embedding")
 }
 
 #[cfg(test)]
@@ -933,7 +693,7 @@ mod tests {
     fn the_default_sizes_are_valid_and_tiny() {
         let spec = TinyClipSpec::default();
         spec.validate().unwrap();
-        assert!(spec.values(Vocab::train().len()) < 200_000);
+        assert!(spec.values(clip_vocab().len()) < 200_000);
     }
 
     #[test]
@@ -951,9 +711,9 @@ mod tests {
 
     #[test]
     fn every_corpus_word_is_one_token() {
-        let vocab = Vocab::train();
-        let tokenizer = vocab.tokenizer().unwrap();
-        for word in CORPUS.split_whitespace() {
+        let vocab = clip_vocab();
+        let tokenizer = fast_tokenizer(&vocab).unwrap();
+        for word in CAPTION_CORPUS.split_whitespace() {
             let ids = tokenizer.encode(word, false).unwrap().get_ids().to_vec();
             assert_eq!(ids.len(), 1, "{word}: {ids:?}");
         }
