@@ -118,6 +118,8 @@ fn unsplash_server() -> Server {
 /// Everything the pipeline finds outside the project, and the scratch project itself.
 struct World {
     project: Project,
+    /// The committed pipeline file's stem (`unsplash`, `unsplash-lora`).
+    pipeline: &'static str,
     unsplash: Server,
     weights: tempfile::TempDir,
     hf_cache: tempfile::TempDir,
@@ -125,12 +127,19 @@ struct World {
 
 impl World {
     fn new() -> World {
+        World::of("unsplash")
+    }
+
+    /// The world for `pipelines/<pipeline>.yaml`.
+    fn of(pipeline: &'static str) -> World {
         let project = Project::new();
-        let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/unsplash.yaml");
+        let file = format!("pipelines/{pipeline}.yaml");
+        let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join(&file);
         std::fs::create_dir_all(project.path().join("pipelines")).unwrap();
-        std::fs::copy(&committed, project.path().join("pipelines/unsplash.yaml")).unwrap();
+        std::fs::copy(&committed, project.path().join(&file)).unwrap();
         let world = World {
             project,
+            pipeline,
             unsplash: unsplash_server(),
             weights: tempfile::tempdir().unwrap(),
             hf_cache: tempfile::tempdir().unwrap(),
@@ -177,10 +186,10 @@ impl World {
         }
     }
 
-    /// `sdpipe <args> pipelines/unsplash.yaml --set …` with the world's environment.
+    /// `sdpipe <args> pipelines/<pipeline>.yaml --set …` with the world's environment.
     fn command(&self, verb: &str, extra: &[&str]) -> std::process::Command {
         let mut c = self.project.cmd();
-        c.arg(verb).arg("pipelines/unsplash.yaml");
+        c.arg(verb).arg(format!("pipelines/{}.yaml", self.pipeline));
         for set in [
             format!("download.source={}", self.unsplash.url("/lite.zip")),
             "download.limit=4".into(),
@@ -208,7 +217,7 @@ impl World {
     }
 
     fn output(&self, rel: &str) -> PathBuf {
-        self.project.path().join("runs/unsplash").join(rel)
+        self.project.path().join("runs").join(self.pipeline).join(rel)
     }
 
     fn captions(&self) -> BTreeMap<String, String> {
@@ -401,4 +410,49 @@ fn the_seed_pipeline_runs_on_the_fp16_variant_when_asked() {
     assert_ne!(code, 0, "{summary:#}");
     let error = stage_of(&summary, "sample_base")["error"].as_str().unwrap_or_default().to_string();
     assert!(error.contains("diffusion_pytorch_model.safetensors"), "{error}");
+}
+
+/// The `__metadata__` of a safetensors file's header.
+fn safetensors_metadata(path: &Path) -> Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    header["__metadata__"].clone()
+}
+
+#[test]
+fn the_lora_sweep_trains_an_adapter_per_point_on_one_cached_original_and_its_samples() {
+    let world = World::of("unsplash-lora");
+    world.install_models();
+    let first = world.run(&[]);
+    let points = ["4,learning_rate=1e-4", "4,learning_rate=5e-5", "16,learning_rate=1e-4"];
+    let ran = in_state(&first, "ran");
+    // The original model's samples and metrics, and everything upstream, once for the sweep.
+    for once in ["download", "caption", "dataset", "sample_base", "fid_base", "clip_base"] {
+        assert_eq!(ran.iter().filter(|n| *n == once).count(), 1, "{once}: {first:#}");
+    }
+    // Four adapters, each sampled from the base with the adapter merged.
+    let finetunes: Vec<&String> = ran.iter().filter(|n| n.starts_with("finetune@")).collect();
+    assert_eq!(finetunes.len(), 4, "{first:#}");
+    for point in points {
+        let name = format!("finetune@lora_rank={point}");
+        assert!(finetunes.iter().any(|n| **n == name), "{name}: {finetunes:?}");
+    }
+    let lora = world.output("finetune@lora_rank=16,learning_rate=1e-4/lora");
+    let metadata = safetensors_metadata(&lora.join("pytorch_lora_weights.safetensors"));
+    let adapter: Value =
+        serde_json::from_str(metadata["lora_adapter_metadata"].as_str().unwrap()).unwrap();
+    assert_eq!(adapter["unet.r"], 16);
+    assert_eq!(metadata["sdpipe.base_model"], SD_REPO);
+    let samples = ran.iter().filter(|n| n.starts_with("sample_finetuned@")).count();
+    assert_eq!(samples, 4, "{first:#}");
+
+    // The report puts the original and the four points side by side.
+    let report = std::fs::read_to_string(world.output("report/report/README.md")).unwrap();
+    for point in points {
+        assert!(report.contains(&format!("lora_rank={point}")), "{point}: {report}");
+    }
+
+    let second = world.run(&[]);
+    assert!(in_state(&second, "ran").is_empty(), "{second:#}");
 }
