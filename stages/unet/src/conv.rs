@@ -46,13 +46,13 @@ pub fn conv2d(
         bias,
         value,
         "sdpipe-conv2d",
-        Box::new(move |inputs, _, grad| {
+        Box::new(move |inputs, _, grad, wanted| {
             let (x, weight) = (inputs[0], inputs[1]);
-            let (grad_x, grad_w, grad_b) = match x.dtype() {
-                DType::F32 => backward::<f32>(&shape, x, weight, grad)?,
-                _ => backward::<f64>(&shape, x, weight, grad)?,
-            };
-            Ok(vec![Some(grad_x), Some(grad_w), Some(grad_b)])
+            let want = Wanted { x: wanted[0], weight: wanted[1], bias: wanted[2] };
+            match x.dtype() {
+                DType::F32 => backward::<f32>(&shape, x, weight, grad, want),
+                _ => backward::<f64>(&shape, x, weight, grad, want),
+            }
         }),
     )
 }
@@ -79,29 +79,49 @@ fn forward<T: WithDType + sdpipe_conv::Element>(
     Tensor::from_vec(out, (b, shape.c_out, out_h, out_w), x.device())
 }
 
-/// The gradients of the input, the kernel and the bias.
+/// Which of a convolution's inputs need a gradient (see `ops::Backward`).
+#[derive(Clone, Copy)]
+struct Wanted {
+    x: bool,
+    weight: bool,
+    bias: bool,
+}
+
+/// The gradients of the input, the kernel and the bias, each only where `want` asks for it.
 fn backward<T: WithDType + sdpipe_conv::Element>(
     shape: &ConvShape,
     x: &Tensor,
     weight: &Tensor,
     grad: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    want: Wanted,
+) -> Result<Vec<Option<Tensor>>> {
     let (b, _, h, w) = x.dims4()?;
-    let grad_x = with_slice::<T, _>(grad, |grad| {
-        with_slice::<T, _>(weight, |weight| shape.backward_input(b, (h, w), grad, weight))
-    })??
-    .map_err(candle_core::Error::wrap)?;
-    let grad_w = with_slice::<T, _>(x, |x| {
-        with_slice::<T, _>(grad, |grad| shape.backward_weight(b, (h, w), x, grad))
-    })??
-    .map_err(candle_core::Error::wrap)?;
-    let grad_b = with_slice::<T, _>(grad, |grad| shape.backward_bias(b, (h, w), grad))?
+    let grad_x = if want.x {
+        let grad_x = with_slice::<T, _>(grad, |grad| {
+            with_slice::<T, _>(weight, |weight| shape.backward_input(b, (h, w), grad, weight))
+        })??
         .map_err(candle_core::Error::wrap)?;
-    Ok((
-        Tensor::from_vec(grad_x, x.dims(), x.device())?,
-        Tensor::from_vec(grad_w, weight.dims(), x.device())?,
-        Tensor::from_vec(grad_b, shape.c_out, x.device())?,
-    ))
+        Some(Tensor::from_vec(grad_x, x.dims(), x.device())?)
+    } else {
+        None
+    };
+    let grad_w = if want.weight {
+        let grad_w = with_slice::<T, _>(x, |x| {
+            with_slice::<T, _>(grad, |grad| shape.backward_weight(b, (h, w), x, grad))
+        })??
+        .map_err(candle_core::Error::wrap)?;
+        Some(Tensor::from_vec(grad_w, weight.dims(), x.device())?)
+    } else {
+        None
+    };
+    let grad_b = if want.bias {
+        let grad_b = with_slice::<T, _>(grad, |grad| shape.backward_bias(b, (h, w), grad))?
+            .map_err(candle_core::Error::wrap)?;
+        Some(Tensor::from_vec(grad_b, shape.c_out, x.device())?)
+    } else {
+        None
+    };
+    Ok(vec![grad_x, grad_w, grad_b])
 }
 
 #[cfg(test)]
@@ -109,6 +129,21 @@ mod tests {
     use super::*;
     use crate::ops::tests::{assert_paths_agree, check_gradients, max_abs_diff, sample};
     use candle_core::Var;
+
+    #[test]
+    fn a_frozen_kernel_and_bias_get_no_gradient_and_the_input_the_same_one() {
+        let (x, w, b) = (sample(&[1, 2, 5, 4], 1), sample(&[3, 2, 3, 3], 2), sample(&[3], 3));
+        let loss = |w: &Tensor, b: &Tensor, x: &Var| {
+            conv2d(x.as_tensor(), w, b, 1, 1).unwrap().sqr().unwrap().sum_all().unwrap()
+        };
+        let x_var = Var::from_tensor(&x).unwrap();
+        let (w_var, b_var) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+        let all = loss(w_var.as_tensor(), b_var.as_tensor(), &x_var).backward().unwrap();
+        let frozen = loss(&w, &b, &x_var).backward().unwrap();
+        assert!(frozen.get(&w).is_none() && frozen.get(&b).is_none());
+        let (gx_all, gx_frozen) = (all.get(&x_var).unwrap(), frozen.get(&x_var).unwrap());
+        assert_eq!(max_abs_diff(gx_all, gx_frozen), 0.0);
+    }
 
     #[test]
     fn gradients_match_finite_differences() {

@@ -38,8 +38,12 @@ use candle_core::{
 
 use crate::fused_attention;
 
-/// The backward of a [`Precomputed`] op: `(inputs, output, grad_output) -> grad per input`.
-type Backward = dyn Fn(&[&Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
+/// The backward of a [`Precomputed`] op: `(inputs, output, grad_output, wanted) -> grad per
+/// input`. `wanted[i]` says whether input `i` is tracked (a variable, or computed from one): an
+/// input that is not — a frozen weight, the data — needs no gradient, and a backward may skip
+/// computing it (a LoRA step's frozen convolutions skip their kernel gradients).
+type Backward =
+    dyn Fn(&[&Tensor], &Tensor, &Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync;
 
 /// A custom op whose forward result was computed beforehand and whose backward is a closure.
 ///
@@ -109,8 +113,9 @@ impl CustomOp1 for Precomputed {
         self.metal()
     }
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let wanted = [arg.track_op()];
         let arg = arg.detach();
-        Ok((self.backward)(&[&arg], &res.detach(), grad)?.into_iter().next().flatten())
+        Ok((self.backward)(&[&arg], &res.detach(), grad, &wanted)?.into_iter().next().flatten())
     }
 }
 
@@ -152,8 +157,9 @@ impl CustomOp2 for Precomputed {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let wanted = [a.track_op(), b.track_op()];
         let (a, b) = (a.detach(), b.detach());
-        let mut grads = (self.backward)(&[&a, &b], &res.detach(), grad)?.into_iter();
+        let mut grads = (self.backward)(&[&a, &b], &res.detach(), grad, &wanted)?.into_iter();
         Ok((grads.next().flatten(), grads.next().flatten()))
     }
 }
@@ -204,8 +210,9 @@ impl CustomOp3 for Precomputed {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let wanted = [a.track_op(), b.track_op(), c.track_op()];
         let (a, b, c) = (a.detach(), b.detach(), c.detach());
-        let mut grads = (self.backward)(&[&a, &b, &c], &res.detach(), grad)?.into_iter();
+        let mut grads = (self.backward)(&[&a, &b, &c], &res.detach(), grad, &wanted)?.into_iter();
         Ok((grads.next().flatten(), grads.next().flatten(), grads.next().flatten()))
     }
 }
@@ -260,7 +267,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         x,
         value,
         "sdpipe-softmax-last-dim",
-        Box::new(|_, y, g| {
+        Box::new(|_, y, g, _| {
             let dot = (g * y)?.sum_keepdim(D::Minus1)?;
             Ok(vec![Some(y.mul(&g.broadcast_sub(&dot)?)?)])
         }),
@@ -316,7 +323,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
             v,
             value,
             "sdpipe-attention",
-            Box::new(move |args, _, g| {
+            Box::new(move |args, _, g, _| {
                 let (gq, gk, gv) = fused_attention::attention_backward(
                     &flat(args[0])?,
                     &flat(args[1])?,
@@ -353,7 +360,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
         v,
         value,
         "sdpipe-attention",
-        Box::new(move |args, _, g| {
+        Box::new(move |args, _, g, _| {
             let (q, k, v) = (flat(args[0])?, flat(args[1])?, flat(args[2])?);
             let g = g.reshape((groups, n, e))?;
             let (mut gq, mut gk, mut gv) = (Vec::new(), Vec::new(), Vec::new());
@@ -417,7 +424,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         bias,
         value,
         "sdpipe-layer-norm",
-        Box::new(move |args, _, g| {
+        Box::new(move |args, _, g, _| {
             let (x, w) = (args[0], args[1]);
             let c = w.dim(0)?;
             let (xhat, rstd) = normalise_last(x, eps)?;
@@ -464,7 +471,7 @@ pub fn group_norm(
         bias,
         value,
         "sdpipe-group-norm",
-        Box::new(move |args, _, g| {
+        Box::new(move |args, _, g, _| {
             let (x, w) = (args[0], args[1]);
             let grouped = (b, groups, c / groups * spatial);
             let (xhat, rstd) = normalise_last(&x.reshape(grouped)?, eps)?;
@@ -490,7 +497,7 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
         x,
         value,
         "sdpipe-upsample-nearest2x",
-        Box::new(move |_, _, g| {
+        Box::new(move |_, _, g, _| {
             let gx = g.reshape((b, c, h, 2, w, 2))?.sum(5)?.sum(3)?;
             Ok(vec![Some(gx)])
         }),

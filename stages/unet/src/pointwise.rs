@@ -142,7 +142,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
         x,
         value,
         "sdpipe-silu",
-        Box::new(|args, _, g| {
+        Box::new(|args, _, g, _| {
             let x = args[0];
             Ok(vec![Some(by_dtype!(x, map2(x, &g.contiguous()?, Activations::silu_backward))?)])
         }),
@@ -162,7 +162,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
         x,
         value,
         "sdpipe-gelu-erf",
-        Box::new(|args, _, g| {
+        Box::new(|args, _, g, _| {
             let x = args[0];
             Ok(vec![Some(by_dtype!(x, map2(x, &g.contiguous()?, Activations::gelu_backward))?)])
         }),
@@ -177,7 +177,7 @@ fn gelu_composed(x: &Tensor) -> Result<Tensor> {
         x,
         value,
         "sdpipe-gelu-erf",
-        Box::new(|args, _, g| {
+        Box::new(|args, _, g, _| {
             let x = args[0];
             let cdf = (((x * FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
             let pdf = ((x.sqr()? * -0.5)?.exp()? * (FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5))?;
