@@ -1,16 +1,8 @@
-//! The `train` stage kind: finetunes a Stable Diffusion pipeline's UNet on an imagefolder
-//! dataset with the reference script's flags, and writes the finetuned pipeline folder and the
-//! per-step log.
-//!
-//! The base model is the `pipeline` input when bound (an upstream stage's pipeline folder), else
-//! `model` resolved by sdpipe-hub (local folder → HF cache → hub); in that case its files are the
-//! stage's external dependencies, so other weights behind the same name retrain. A checkpoint is
-//! written every `checkpointing_steps` and when the run is cancelled; a rerun of the same stage
-//! (same key, same state directory) resumes from the latest one and ends with the same weights
-//! as an uninterrupted run.
-//!
-//! With `validation_steps`, the validation prompts are drawn during training into the
-//! `validation/` output (see [`crate::validation`]); it is an empty folder otherwise.
+//! The `train` stage kind: finetunes every weight of a Stable Diffusion pipeline's UNet (and its
+//! text encoder with `train_text_encoder`) on an imagefolder dataset with the reference script's
+//! flags, and writes the finetuned pipeline folder. What it shares with `train-lora` — the
+//! recipe, the base model, checkpoints and resumption, validation images, the per-step log — is
+//! [`crate::finetune`]'s; this file holds what it trains and what it writes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
