@@ -33,8 +33,8 @@ use sdpipe_unet::{LoraConfig, UNet};
 use serde_json::{json, Value};
 
 use crate::finetune::{self, Finetune, Finished, Models, Recipe};
-use crate::recipe::{int, invalid};
 use crate::recipe;
+use crate::recipe::{int, invalid};
 
 /// The output folder (diffusers' `load_lora_weights(dir)` reads it as it is).
 const LORA: &str = "lora";
