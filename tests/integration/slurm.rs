@@ -450,7 +450,7 @@ fn drop_key(value: &mut Value, key: &str) {
 }
 
 /// Stages of `pipelines/demo.yaml` with its two-point sweep.
-const DEMO_STAGES: usize = 23;
+const DEMO_STAGES: usize = 30;
 
 /// What a team gets: the cluster computes, the bucket shares, a teammate's machine reuses.
 #[test]
