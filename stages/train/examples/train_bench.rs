@@ -112,14 +112,7 @@ fn main() {
         );
         let mut ema = (!lora).then(|| Ema::new(&vars).unwrap());
         let lr = if lora { 1e-4 } else { 1e-5 };
-        let schedule = NoiseSchedule::new(&ScheduleConfig {
-            num_train_timesteps: 1000,
-            beta_start: 0.00085,
-            beta_end: 0.012,
-            beta_schedule: "scaled_linear".into(),
-            trained_betas: None,
-        })
-        .unwrap();
+        let schedule = NoiseSchedule::new(&ScheduleConfig::sd15()).unwrap();
         let objective = Objective {
             schedule: &schedule,
             prediction: Prediction::Epsilon,

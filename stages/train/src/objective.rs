@@ -47,6 +47,20 @@ pub struct ScheduleConfig {
     pub trained_betas: Option<Vec<f64>>,
 }
 
+impl ScheduleConfig {
+    /// Stable Diffusion 1.x's training schedule (its `scheduler_config.json`: 1000 steps,
+    /// `scaled_linear` from 0.00085 to 0.012), for tests and benchmarks.
+    pub fn sd15() -> ScheduleConfig {
+        ScheduleConfig {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: "scaled_linear".into(),
+            trained_betas: None,
+        }
+    }
+}
+
 /// The forward process's cumulative products, one per training timestep.
 #[derive(Debug, Clone)]
 pub struct NoiseSchedule {
@@ -202,14 +216,7 @@ mod tests {
     use candle_core::Device;
 
     fn sd15() -> NoiseSchedule {
-        NoiseSchedule::new(&ScheduleConfig {
-            num_train_timesteps: 1000,
-            beta_start: 0.00085,
-            beta_end: 0.012,
-            beta_schedule: "scaled_linear".into(),
-            trained_betas: None,
-        })
-        .unwrap()
+        NoiseSchedule::new(&ScheduleConfig::sd15()).unwrap()
     }
 
     #[test]

@@ -75,14 +75,7 @@ fn io() -> HashMap<String, Tensor> {
 
 /// The script's SD 1.x `DDPMScheduler`.
 fn sd_schedule() -> NoiseSchedule {
-    NoiseSchedule::new(&ScheduleConfig {
-        num_train_timesteps: 1000,
-        beta_start: 0.00085,
-        beta_end: 0.012,
-        beta_schedule: "scaled_linear".into(),
-        trained_betas: None,
-    })
-    .unwrap()
+    NoiseSchedule::new(&ScheduleConfig::sd15()).unwrap()
 }
 
 fn values(t: &Tensor) -> Vec<f32> {

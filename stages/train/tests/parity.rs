@@ -74,14 +74,7 @@ fn assert_close(name: &str, got: f64, want: f64, relative: f64) {
 }
 
 fn sd15_schedule() -> NoiseSchedule {
-    NoiseSchedule::new(&ScheduleConfig {
-        num_train_timesteps: 1000,
-        beta_start: 0.00085,
-        beta_end: 0.012,
-        beta_schedule: "scaled_linear".into(),
-        trained_betas: None,
-    })
-    .unwrap()
+    NoiseSchedule::new(&ScheduleConfig::sd15()).unwrap()
 }
 
 fn image() -> image::RgbImage {
