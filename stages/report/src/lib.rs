@@ -9,8 +9,8 @@
 //! bytes.
 //!
 //! Modules: [`inputs`] reads the upstream files, [`models`] joins them into the compared
-//! models, and each section has its own module: [`metrics_table`], [`scene_table`],
-//! [`qualitative`], [`loss`], [`progression`], [`provenance`], [`caveats`]. Per-image metrics get bootstrap
+//! models, and each section has its own module: [`metrics_table`], [`sweep_table`],
+//! [`scene_table`], [`qualitative`], [`loss`], [`progression`], [`provenance`], [`caveats`]. Per-image metrics get bootstrap
 //! intervals and significance tests from [`bootstrap`] through [`significance`].
 
 pub mod bootstrap;
@@ -27,6 +27,7 @@ pub mod qualitative;
 pub mod scene_table;
 pub mod section;
 pub mod significance;
+pub mod sweep_table;
 pub mod thumbs;
 
 use std::fs;
@@ -67,13 +68,17 @@ impl StageKind for Report {
         // A model sampled with a LoRA (`lora` in its samples.jsonl) is labelled with it in the
         // tables and report.json; reports of samples without one are byte-identical, and no
         // cached report can have read a LoRA's samples before this: no bump.
-        7
+        // 8: a `Sweep` section (`sweep` in report.json) after the metrics table: the
+        //    `exp show`-style table of each model's swept parameters and headline metrics.
+        8
     }
 
     fn doc(&self) -> &'static str {
         "Writes the experiment's report: `report/README.md` with a metrics table (FID, KID, \
          CMMD, LPIPS and CLIP score of the original model and of each finetuned variant, each \
-         column only when bound, with the change from the original), a scene-accuracy table, a qualitative table (caption | ground truth | each model's sample with its \
+         column only when bound, with the change from the original), a sweep table like \
+         `sdpipe exp show --only-changed` (one row per model: the swept parameters that differ \
+         and the headline metrics; only over a sweep), a scene-accuracy table, a qualitative table (caption | ground truth | each model's sample with its \
          LPIPS), the training-loss plot `loss.svg` with a table of steps, losses and time, a \
          progression grid per variant of the images its train stage drew during training \
          (rows: validation prompts, columns: steps), the provenance of every variant (each stage's parameters, cache key and compute time) and \
@@ -183,6 +188,7 @@ impl StageKind for Report {
 
         let mut sections: Vec<Section> = Vec::new();
         sections.extend(metrics_table::build(&models));
+        sections.extend(sweep_table::build(&models));
         let vae_scene = match ctx.inputs.get("vae_scene") {
             Some(path) => {
                 let per_image = ctx.inputs.get("vae_scene_per_image");

@@ -1161,3 +1161,67 @@ fn a_validation_index_listing_a_missing_image_is_an_error_naming_the_input() {
         "{message}"
     );
 }
+
+#[test]
+fn the_sweep_table_has_a_row_per_sweep_point_and_the_original_with_swept_values_and_metrics() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[]);
+    let sweep = section(&readme(&h), "Sweep");
+    let header = sweep.lines().find(|l| l.starts_with('|')).unwrap();
+    // Only metrics some model has (no CMMD, CLIP score or scene accuracy bound).
+    assert_eq!(header, "| Model | `finetune.learning_rate` | FID ↓ | KID mean ↓ | LPIPS mean ↓ |");
+    assert_eq!(
+        table_rows(&sweep),
+        [
+            "| **original** | — | 120 | 0.02 | 0.61 |",
+            "| `learning_rate=3e-05` | 0.00003 | 130 | 0.023 | 0.51 |",
+            "| `learning_rate=0.0001` | 0.0001 | 100 | 0.012 | 0.56 |",
+        ]
+    );
+    assert!(sweep.contains("`sdpipe exp show <pipeline>` gives the same table"), "{sweep}");
+    let json = report_json(&h);
+    let rows = json["sweep"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["model"], "original");
+    assert_eq!(rows[0]["params"], json!({}));
+    assert_eq!(rows[2]["label"], "learning_rate=0.0001");
+    assert_eq!(rows[2]["params"], json!({"finetune.learning_rate": 1e-4}));
+    assert_eq!(rows[2]["metrics"], json!({"fid": 100.0, "kid_mean": 0.012, "lpips": 0.56}));
+}
+
+#[test]
+fn swept_parameters_the_same_at_every_point_are_left_out_of_the_sweep_table() {
+    let e = Experiment::new();
+    let with_seed = |file: &str| -> Vec<GatheredInput> {
+        let mut points = e.gathered(file);
+        for p in &mut points {
+            p.values.insert("finetune.seed".into(), json!(1));
+        }
+        points
+    };
+    let h = run(
+        Harness::new()
+            .input("base_fid", e.path("base/fid.json"))
+            .gathered("fid", with_seed("fid.json")),
+        &[],
+    );
+    let sweep = section(&readme(&h), "Sweep");
+    let header = sweep.lines().find(|l| l.starts_with('|')).unwrap();
+    assert_eq!(header, "| Model | `finetune.learning_rate` | FID ↓ | KID mean ↓ |");
+    assert!(sweep.contains("left out: `finetune.seed` = 1."), "{sweep}");
+    let rows = report_json(&h)["sweep"].as_array().unwrap().clone();
+    assert!(rows.iter().all(|r| r["params"].get("finetune.seed").is_none()), "{rows:?}");
+}
+
+#[test]
+fn without_a_sweep_the_report_has_no_sweep_table() {
+    let e = Experiment::new();
+    let h = run(
+        Harness::new()
+            .input("base_fid", e.path("base/fid.json"))
+            .input("fid", e.path("v1/fid.json")),
+        &[],
+    );
+    assert!(!readme(&h).contains("## Sweep"));
+    assert!(report_json(&h).get("sweep").is_none());
+}
