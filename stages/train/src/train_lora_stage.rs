@@ -56,6 +56,12 @@ fn lora_config(ctx: &StageContext<'_>) -> Result<LoraConfig, StageError> {
         })?,
     };
     let target_modules: Vec<String> = ctx.param("lora_target_modules")?;
+    if target_modules.is_empty() || target_modules.iter().any(|t| t.trim().is_empty()) {
+        return Err(invalid(
+            "lora_target_modules",
+            "must name at least one layer (e.g. to_q), and no blank names",
+        ));
+    }
     let config = LoraConfig { rank, alpha, target_modules };
     config.validate().map_err(|e| invalid("lora_rank", e.to_string()))?;
     Ok(config)
