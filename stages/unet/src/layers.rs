@@ -40,7 +40,11 @@ impl Linear {
         let rows = x.elem_count() / inputs;
         // One 2-D matmul (a single GEMM) rather than a batched one against a broadcast weight.
         let x = x.reshape((rows, inputs))?;
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = if self.weight.track_op() {
+            x.matmul(&self.weight.t()?)?
+        } else {
+            ops::matmul_frozen_weight(&x, &self.weight)?
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

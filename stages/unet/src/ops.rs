@@ -257,6 +257,21 @@ pub(crate) fn attach3(
     x.apply_op3_arc(a, b, Arc::new(Box::new(op)))
 }
 
+/// `x Wᵀ` for a 2-D `x` and a weight that is not tracked (a frozen base weight under LoRA):
+/// the product carries only the input's gradient, `g W`. candle's own matmul backward would
+/// also compute the weight's, `xᵀ g`, a second product as large as the first, that nobody
+/// reads.
+pub(crate) fn matmul_frozen_weight(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let value = x.detach().matmul(&weight.t()?)?;
+    let weight = weight.clone();
+    attach1(
+        x,
+        value,
+        "sdpipe-frozen-linear",
+        Box::new(move |_, _, g, _| Ok(vec![Some(g.matmul(&weight)?)])),
+    )
+}
+
 /// Softmax over the last dimension.
 ///
 /// Backward: `dx = y ⊙ (g − Σ_j g_j y_j)`, from the saved output `y` alone.
@@ -609,6 +624,20 @@ pub(crate) mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_frozen_weights_product_has_the_inputs_gradient_and_none_for_the_weight() {
+        let (x, w) = (sample(&[5, 3], 1), sample(&[4, 3], 2));
+        let x_var = Var::from_tensor(&x).unwrap();
+        let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap();
+        let frozen = loss(matmul_frozen_weight(x_var.as_tensor(), &w).unwrap());
+        let plain = loss(x_var.as_tensor().matmul(&w.t().unwrap()).unwrap());
+        assert_eq!(max_abs_diff(&frozen, &plain), 0.0);
+        let frozen = frozen.backward().unwrap();
+        let plain = plain.backward().unwrap();
+        assert!(max_abs_diff(frozen.get(&x_var).unwrap(), plain.get(&x_var).unwrap()) < 1e-6);
+        assert!(frozen.get(&w).is_none());
     }
 
     #[test]
