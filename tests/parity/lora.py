@@ -59,6 +59,8 @@ merged inference UNet, out.train from its unmerged training UNet at scale 1). It
 when any differs by more than 1e-4.
 
 Usage: python3 tests/parity/lora.py [--check DIR]   (from the repository root)
+Needs, beyond the other parity scripts' packages, `pip install peft accelerate` (diffusers' LoRA
+support and the script's clipping check use them).
 Versions used for the committed fixtures are printed and stored in versions.txt.
 """
 
