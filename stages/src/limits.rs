@@ -68,7 +68,8 @@ pub struct VisionTower {
 }
 
 /// Every size of both towers within the caps, named by its `text_config.` / `vision_config.`
-/// key, checked in that order.
+/// key, checked in that order; then what a transformer divides by: each tower's heads divide
+/// its width, the patch size divides the image size, and the patches fit [`MAX_POSITIONS`].
 pub fn check_towers(t: &TextTower, v: &VisionTower) -> Result<(), String> {
     for (key, value, max) in [
         ("text_config.vocab_size", t.vocab_size, MAX_VOCAB),
@@ -85,6 +86,30 @@ pub fn check_towers(t: &TextTower, v: &VisionTower) -> Result<(), String> {
         ("vision_config.patch_size", v.patch_size, MAX_IMAGE_SIZE),
     ] {
         check(key, value, max)?;
+    }
+    for (tower, hidden, heads) in [
+        ("text_config", t.hidden_size, t.num_attention_heads),
+        ("vision_config", v.hidden_size, v.num_attention_heads),
+    ] {
+        if !hidden.is_multiple_of(heads) {
+            return Err(format!(
+                "`{tower}.hidden_size` = {hidden} is not a multiple of \
+                 `{tower}.num_attention_heads` = {heads}"
+            ));
+        }
+    }
+    if !v.image_size.is_multiple_of(v.patch_size) {
+        return Err(format!(
+            "`vision_config.image_size` = {} is not a multiple of `vision_config.patch_size` = {}",
+            v.image_size, v.patch_size
+        ));
+    }
+    let patches = (v.image_size / v.patch_size).pow(2);
+    if patches > MAX_POSITIONS {
+        return Err(format!(
+            "`vision_config.image_size` / `patch_size` gives {patches} patches, more than \
+             {MAX_POSITIONS}"
+        ));
     }
     Ok(())
 }
@@ -148,6 +173,37 @@ mod tests {
         let error = check_block_widths(&[32; MAX_BLOCKS + 1]).unwrap_err();
         assert!(error.contains("lists 9 blocks; sdpipe builds at most 8"), "{error}");
         assert!(check_block_widths(&[32; MAX_BLOCKS]).is_ok());
+    }
+
+    fn towers(text_heads: usize, patch_size: usize, image_size: usize) -> Result<(), String> {
+        let text = TextTower {
+            vocab_size: 100,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: text_heads,
+            max_position_embeddings: 77,
+        };
+        let vision = VisionTower {
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            image_size,
+            patch_size,
+        };
+        check_towers(&text, &vision)
+    }
+
+    #[test]
+    fn towers_must_divide_their_widths_by_their_heads_and_images_by_their_patches() {
+        assert!(towers(4, 4, 32).is_ok());
+        let error = towers(3, 4, 32).unwrap_err();
+        assert!(error.contains("`text_config.hidden_size` = 32 is not a multiple"), "{error}");
+        let error = towers(4, 5, 32).unwrap_err();
+        assert!(error.contains("`vision_config.image_size` = 32 is not a multiple"), "{error}");
+        let error = towers(4, 1, 4096).unwrap_err();
+        assert!(error.contains("16777216 patches"), "{error}");
     }
 
     #[test]

@@ -300,24 +300,6 @@ impl ClipConfig {
             },
         )?;
         check("projection_dim", self.projection_dim, MAX_CHANNELS)?;
-        if !t.hidden_size.is_multiple_of(t.num_attention_heads)
-            || !v.hidden_size.is_multiple_of(v.num_attention_heads)
-        {
-            return Err("hidden sizes must be multiples of the attention heads".into());
-        }
-        if !v.image_size.is_multiple_of(v.patch_size) {
-            return Err(format!(
-                "vision_config.image_size {} is not a multiple of patch_size {}",
-                v.image_size, v.patch_size
-            ));
-        }
-        let patches = (v.image_size / v.patch_size).pow(2);
-        if patches > MAX_POSITIONS {
-            return Err(format!(
-                "`vision_config.image_size` / `patch_size` gives {patches} patches, more than \
-                 {MAX_POSITIONS}"
-            ));
-        }
         if v.num_channels != 3 {
             return Err(format!(
                 "vision_config.num_channels is {}; sdpipe feeds RGB images (3)",
