@@ -386,24 +386,38 @@ pub(crate) fn save_with_metadata(
         .collect::<candle_core::Result<_>>()?;
     metadata.insert("format".to_string(), "pt".to_string());
     let cannot_write = |message: String| UNetError::Weights { path: path.to_path_buf(), message };
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (*n, t)), Some(metadata))
+    // Streamed to the file (a UNet is gigabytes), then only the header is rewritten.
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (*n, t)), Some(metadata), &tmp)
         .map_err(|e| cannot_write(format!("cannot write: {e}")))?;
-    let bytes = with_sorted_header(bytes).map_err(cannot_write)?;
-    std::fs::write(&tmp, bytes).map_err(io_error)?;
+    sort_header_in_place(&tmp).map_err(|e| match e {
+        HeaderError::Io(source) => UNetError::Io { path: tmp.clone(), source },
+        HeaderError::Malformed(message) => cannot_write(message),
+    })?;
     std::fs::rename(&tmp, path).map_err(io_error)
 }
 
-/// A serialised safetensors file with its header's keys in sorted order. The `safetensors`
-/// crate writes the metadata from a `HashMap`, so two saves of the same tensors and metadata
-/// could differ in bytes; outputs must depend on their inputs alone. The data (and so every
-/// offset in the header) is unchanged; the header is padded with spaces to a multiple of 8
-/// bytes, as the crate pads it, so the data stays aligned.
-fn with_sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
-    let bad = || "the serialised safetensors header is malformed".to_string();
-    let len = u64::from_le_bytes(bytes.get(..8).ok_or_else(bad)?.try_into().expect("8 bytes"));
-    let end = usize::try_from(len).ok().and_then(|l| l.checked_add(8)).ok_or_else(bad)?;
+enum HeaderError {
+    Io(std::io::Error),
+    Malformed(String),
+}
+
+/// Rewrites a safetensors file's header with its keys in sorted order. The `safetensors` crate
+/// writes the metadata from a `HashMap`, so two saves of the same tensors and metadata could
+/// differ in bytes; outputs must depend on their inputs alone. The sorted header holds the same
+/// compact JSON, so it has the same length: it is padded with spaces to exactly the old one,
+/// and the data (and every offset in the header) stays where it is.
+fn sort_header_in_place(path: &Path) -> Result<(), HeaderError> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let bad = || HeaderError::Malformed("the written safetensors header is malformed".into());
+    let mut file =
+        std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(HeaderError::Io)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(HeaderError::Io)?;
+    let len = usize::try_from(u64::from_le_bytes(len)).map_err(|_| bad())?;
+    let mut header = vec![0u8; len];
+    file.read_exact(&mut header).map_err(HeaderError::Io)?;
     let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(bytes.get(8..end).ok_or_else(bad)?).map_err(|_| bad())?;
+        serde_json::from_slice(&header).map_err(|_| bad())?;
     // Each value written through a BTreeMap too, so nested keys (the metadata's, a tensor's
     // `dtype`/`shape`/`data_offsets`) come out sorted whatever serde_json's map type is.
     let mut text = String::from("{");
@@ -418,14 +432,12 @@ fn with_sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
         text.push_str(&serde_json::to_string(&inner).expect("maps serialise"));
     }
     text.push('}');
-    while text.len() % 8 != 0 {
-        text.push(' ');
+    if text.len() > len {
+        return Err(bad());
     }
-    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - end);
-    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
-    out.extend_from_slice(text.as_bytes());
-    out.extend_from_slice(&bytes[end..]);
-    Ok(out)
+    text.extend(std::iter::repeat_n(' ', len - text.len()));
+    file.seek(SeekFrom::Start(8)).map_err(HeaderError::Io)?;
+    file.write_all(text.as_bytes()).map_err(HeaderError::Io)
 }
 
 #[cfg(test)]
