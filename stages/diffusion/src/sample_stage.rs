@@ -480,7 +480,7 @@ fn open_lora(
         ),
     };
     writeln!(ctx.log, "{note}").map_err(io("writing the log"))?;
-    let record = lora_record(&file, scale).map_err(refused)?;
+    let record = lora_record(&file, scale);
     Ok(Lora { file, scale, record })
 }
 
@@ -488,7 +488,7 @@ fn open_lora(
 /// values when its layers differ), the `scale` it was merged at, `targets` (the adapted
 /// layers' names by their last part: `to_q`, `to_out.0`; sorted) and `layers` (how many).
 /// Alpha is what the merge uses, as the loader read it ([`LoraFile::layers`]).
-fn lora_record(file: &LoraFile, scale: f64) -> Result<Value, String> {
+fn lora_record(file: &LoraFile, scale: f64) -> Value {
     let ranks: BTreeSet<usize> = file.layers().map(|(_, rank, _)| rank).collect();
     let mut alphas: Vec<f64> = file.layers().map(|(_, _, alpha)| alpha).collect();
     alphas.sort_by(f64::total_cmp);
@@ -498,13 +498,13 @@ fn lora_record(file: &LoraFile, scale: f64) -> Result<Value, String> {
         Ok([one]) => one,
         Err(values) => Value::Array(values),
     };
-    Ok(json!({
+    json!({
         "rank": one_or_all(ranks.iter().map(|&r| json!(r)).collect()),
         "alpha": one_or_all(alphas.into_iter().map(|a| json!(a)).collect()),
         "scale": scale,
         "targets": targets,
         "layers": file.modules().count(),
-    }))
+    })
 }
 
 /// A LoRA layer's target as peft names it: the module's last dotted part, or its last two when

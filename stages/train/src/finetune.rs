@@ -398,7 +398,6 @@ pub struct Finished<'a> {
     /// How the base is named (the `model` parameter, or the bound pipeline's folder name).
     pub base_name: String,
     pub models: &'a Models,
-    pub trainer: &'a Trainer<'a, UNet>,
     /// The base's scheduler config naming the prediction type trained.
     pub scheduler: SchedulerConfig,
 }
@@ -409,8 +408,7 @@ pub trait Finetune: Sync {
     fn load(&self, pipeline: &SdPipeline, device: &Device) -> Result<Models, StageError>;
 
     /// Writes the kind's outputs besides `train_log.jsonl` and `validation/` (which [`run`]
-    /// writes) into `out_dir`. The trainer's EMA weights are not swapped in: a kind that saves
-    /// them does so ([`Trainer::ema_weights`]).
+    /// writes) into `out_dir`. The models hold the weights to save: the EMA's with `use_ema`.
     fn write(&self, out_dir: &Path, finished: Finished<'_>) -> Result<(), StageError>;
 }
 
@@ -535,9 +533,14 @@ fn train(
         first + 1,
         started.elapsed().as_secs_f64() - validating
     );
+    // What is saved is the EMA's weights when use_ema (diffusers' `ema_unet.copy_to`).
+    if let Some(shadow) = trainer.ema_weights() {
+        for (var, weights) in trainer.vars().iter().zip(shadow) {
+            var.set(weights).map_err(|e| StageError::failed(format!("EMA weights: {e}")))?;
+        }
+    }
     let base_name = base_name(ctx, recipe);
-    let finished =
-        Finished { recipe, pipeline, base_name, models: &models, trainer: &trainer, scheduler };
+    let finished = Finished { recipe, pipeline, base_name, models: &models, scheduler };
     kind.write(ctx.out_dir, finished)?;
     write_log(ctx.out_dir, &trainer)?;
     validation::write_output(ctx.out_dir, validator.as_ref())

@@ -28,7 +28,7 @@ use sdpipe_stages::api::{
     Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
     StageKind,
 };
-use sdpipe_unet::lora::{DEFAULT_TARGETS, LORA_WEIGHTS_NAME};
+use sdpipe_unet::lora::DEFAULT_TARGETS;
 use sdpipe_unet::{LoraConfig, UNet};
 use serde_json::{json, Value};
 
@@ -171,19 +171,13 @@ impl Finetune for LoraFinetune {
 
     /// `lora/pytorch_lora_weights.safetensors`, the EMA's adapters with `use_ema`.
     fn write(&self, out_dir: &Path, finished: Finished<'_>) -> Result<(), StageError> {
-        let Finished { pipeline, base_name, models, trainer, .. } = finished;
-        if let Some(shadow) = trainer.ema_weights() {
-            for (var, weights) in trainer.vars().iter().zip(shadow) {
-                var.set(weights).map_err(|e| StageError::failed(format!("EMA weights: {e}")))?;
-            }
-        }
+        let Finished { pipeline, base_name, models, .. } = finished;
         let identity = BaseIdentity::of(pipeline, &base_name)?;
         let dir = out_dir.join(LORA);
-        let path = models
+        models
             .unet
             .save_lora(&dir, &identity.metadata())
             .map_err(|e| StageError::failed(e.to_string()))?;
-        debug_assert_eq!(path, dir.join(LORA_WEIGHTS_NAME));
         Ok(())
     }
 }

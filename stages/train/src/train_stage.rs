@@ -128,7 +128,7 @@ impl Finetune for FullFinetune {
     /// `model/`: the base pipeline with the finetuned UNet (the EMA's weights with `use_ema`),
     /// and text encoder when trained.
     fn write(&self, out_dir: &Path, finished: Finished<'_>) -> Result<(), StageError> {
-        let Finished { pipeline, models, trainer, scheduler, .. } = finished;
+        let Finished { pipeline, models, scheduler, .. } = finished;
         let (unet, text_encoder) = (&models.unet, models.text_encoder.as_ref());
         let model_dir = out_dir.join(MODEL);
         let mut replaced = vec!["unet"];
@@ -146,12 +146,6 @@ impl Finetune for FullFinetune {
             std::fs::remove_file(&path)
                 .map_err(|e| StageError::io(format!("replacing {}", path.display()), e))?;
             write_json(&path, &scheduler)?;
-        }
-        // The saved weights are the EMA's when use_ema: load them into the models, then save them.
-        if let Some(shadow) = trainer.ema_weights() {
-            for (var, weights) in trainer.vars().iter().zip(shadow) {
-                var.set(weights).map_err(|e| StageError::failed(format!("EMA weights: {e}")))?;
-            }
         }
         if let Some(text) = text_encoder {
             let dir = model_dir.join("text_encoder");
