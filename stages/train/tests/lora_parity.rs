@@ -37,16 +37,20 @@
 //!   The same run without clipping ends step 2 3.8e-5 away and without weight decay 1.9e-6 away,
 //!   which [`a_missing_clip_or_weight_decay_would_fail_the_checks`] asserts the tolerances see.
 
+mod compare;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use sdpipe_train::denoiser::Denoiser;
-use sdpipe_train::objective::{NoiseSchedule, Prediction, ScheduleConfig};
+use sdpipe_train::objective::{NoiseSchedule, Prediction};
 use sdpipe_train::optim::{AdamW, AdamWConfig};
 use sdpipe_train::trainer::{apply_update, Objective};
 use sdpipe_unet::lora::LORA_WEIGHTS_NAME;
 use sdpipe_unet::{LoraConfig, LoraFile, UNet};
+
+use compare::{assert_close, max_abs_diff, scalar, sd15_schedule, timesteps, values};
 
 /// The script's defaults: `--learning_rate`, `--max_grad_norm`, `--adam_*`.
 const LR: f64 = 1e-4;
@@ -74,41 +78,8 @@ fn io() -> HashMap<String, Tensor> {
 }
 
 /// The script's SD 1.x `DDPMScheduler`.
-fn sd_schedule() -> NoiseSchedule {
-    NoiseSchedule::new(&ScheduleConfig::sd15()).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn scalar(t: &Tensor) -> f64 {
-    values(t)[0] as f64
-}
-
 fn max_abs(t: &Tensor) -> f64 {
     values(t).iter().fold(0f32, |m, v| m.max(v.abs())) as f64
-}
-
-/// Largest |a − b| over the elements, after checking the shapes agree.
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    values(a).iter().zip(values(b)).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max)
-}
-
-fn assert_close(name: &str, got: f64, want: f64, relative: f64) {
-    let tolerance = relative * want.abs().max(1e-6 / relative);
-    assert!((got - want).abs() <= tolerance, "{name}: {got} vs {want}");
-}
-
-fn timesteps(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect()
 }
 
 /// The script's training model: the frozen tiny UNet with the fixture's adapters.
@@ -172,7 +143,7 @@ fn adapters_diff(io: &HashMap<String, Tensor>, params: &[(String, Var)], step: u
 fn two_lora_training_steps_match_diffusers() {
     let io = io();
     let Setup { unet, params, vars, mut adam } = setup();
-    let schedule = sd_schedule();
+    let schedule = sd15_schedule();
     for step in [1, 2] {
         let (loss, grads) = loss_and_grads(&unet, &io, &schedule, step);
         assert_close(
@@ -265,7 +236,7 @@ fn only_the_adapters_are_optimised_and_the_frozen_base_is_unchanged() {
     assert_eq!(count, 9984, "the adapters alone (a tenth of the tiny UNet's weights)");
 
     let initial: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy().unwrap()).collect();
-    let schedule = sd_schedule();
+    let schedule = sd15_schedule();
     for step in [1, 2] {
         let (_, grads) = loss_and_grads(&unet, &io, &schedule, step);
         apply_update(&vars, grads, MAX_GRAD_NORM, &mut adam, LR, None).unwrap();

@@ -20,6 +20,8 @@
 //!   gradient decides the sign of a whole `lr`-sized update, which says nothing about either
 //!   implementation.
 
+mod compare;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -30,11 +32,13 @@ use sdpipe_train::data::{Augmentation, Transform};
 use sdpipe_train::denoiser::Denoiser;
 use sdpipe_train::ema::Ema;
 use sdpipe_train::lr::{LrKind, LrSchedule};
-use sdpipe_train::objective::{NoiseSchedule, Prediction, ScheduleConfig};
+use sdpipe_train::objective::Prediction;
 use sdpipe_train::optim::{AdamW, AdamWConfig};
 use sdpipe_train::posterior::VaeEncoder;
 use sdpipe_train::trainer::{accumulate, apply_update, Objective};
 use serde_json::Value;
+
+use compare::{assert_close, max_abs_diff, scalar, sd15_schedule, timesteps, values};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train")
@@ -42,39 +46,6 @@ fn fixtures() -> PathBuf {
 
 fn io() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("io.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn scalar(t: &Tensor) -> f64 {
-    values(t)[0] as f64
-}
-
-fn timesteps(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect()
-}
-
-/// Largest |a − b| over the elements, after checking the shapes agree.
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    values(a).iter().zip(values(b)).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max)
-}
-
-fn assert_close(name: &str, got: f64, want: f64, relative: f64) {
-    let tolerance = relative * want.abs().max(1e-6 / relative);
-    assert!((got - want).abs() <= tolerance, "{name}: {got} vs {want}");
-}
-
-fn sd15_schedule() -> NoiseSchedule {
-    NoiseSchedule::new(&ScheduleConfig::sd15()).unwrap()
 }
 
 fn image() -> image::RgbImage {
