@@ -1,7 +1,10 @@
 //! The `tiny-sd` and `sample` kinds through the stage test harness.
 
+#[allow(dead_code)] // Each test binary uses its own part of the shared fixtures.
+mod support;
+
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sdpipe_diffusion::sample_stage::Sample;
 use sdpipe_diffusion::tiny_sd_stage::TinySd;
@@ -9,32 +12,7 @@ use sdpipe_diffusion::SdPipeline;
 use sdpipe_stages::api::{StageError, StageKind};
 use sdpipe_stages::testing::{params, Harness};
 use serde_json::{json, Value};
-
-/// A tiny pipeline made by the `tiny-sd` kind (kept alive with its harness).
-fn tiny_pipeline() -> (Harness, PathBuf) {
-    let mut h = Harness::new();
-    h.run(&TinySd, &params(&TinySd, &[])).unwrap();
-    let model = h.out_dir().join("model");
-    (h, model)
-}
-
-/// An imagefolder with a `test/metadata.jsonl` of the given (file_name, text) lines.
-fn prompts(lines: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let split = dir.path().join("test");
-    fs::create_dir_all(&split).unwrap();
-    let text: String =
-        lines.iter().map(|(f, t)| json!({"file_name": f, "text": t}).to_string() + "\n").collect();
-    fs::write(split.join("metadata.jsonl"), text).unwrap();
-    dir
-}
-
-/// Fast settings: 32-pixel images, 3 steps.
-fn quick(extra: &[(&'static str, Value)]) -> Vec<(&'static str, Value)> {
-    let mut p = vec![("steps", json!(3)), ("height", json!(32)), ("width", json!(32))];
-    p.extend(extra.iter().cloned());
-    p
-}
+use support::{prompts, quick, tiny_pipeline};
 
 fn run_sample(
     model: &Path,

@@ -7,6 +7,9 @@
 //! written outside sdpipe does. LoRAs that record one are made here as `train-lora` makes
 //! them: `UNet::for_lora_training` + `save_lora` with the base's [`BaseIdentity`].
 
+#[allow(dead_code)] // Each test binary uses its own part of the shared fixtures.
+mod support;
+
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,13 +17,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sdpipe_diffusion::lora_base::{BaseIdentity, UNET_DIGEST_KEY};
 use sdpipe_diffusion::sample_stage::Sample;
-use sdpipe_diffusion::tiny_sd_stage::TinySd;
 use sdpipe_diffusion::SdPipeline;
 use sdpipe_stages::api::StageError;
 use sdpipe_stages::testing::{params, Harness};
 use sdpipe_unet::lora::LORA_WEIGHTS_NAME;
 use sdpipe_unet::{LoraConfig, LoraFile, UNet};
 use serde_json::{json, Value};
+use support::{prompts, quick, tiny_pipeline_seeded};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -31,35 +34,8 @@ fn fixture_lora() -> PathBuf {
     fixtures().join("lora")
 }
 
-/// A default tiny pipeline made by the `tiny-sd` kind with weights from `seed` (kept alive
-/// with its harness).
-fn tiny_pipeline(seed: i64) -> (Harness, PathBuf) {
-    let mut h = Harness::new();
-    h.run(&TinySd, &params(&TinySd, &[("seed", json!(seed))])).unwrap();
-    let model = h.out_dir().join("model");
-    (h, model)
-}
-
-/// An imagefolder with a `test/metadata.jsonl` of the given (file_name, text) lines.
-fn prompts(lines: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let split = dir.path().join("test");
-    fs::create_dir_all(&split).unwrap();
-    let text: String =
-        lines.iter().map(|(f, t)| json!({"file_name": f, "text": t}).to_string() + "\n").collect();
-    fs::write(split.join("metadata.jsonl"), text).unwrap();
-    dir
-}
-
 fn one_prompt() -> tempfile::TempDir {
     prompts(&[("a.jpg", "a red circle on a blue square")])
-}
-
-/// Fast settings: 32-pixel images, 3 steps.
-fn quick(extra: &[(&'static str, Value)]) -> Vec<(&'static str, Value)> {
-    let mut p = vec![("steps", json!(3)), ("height", json!(32)), ("width", json!(32))];
-    p.extend(extra.iter().cloned());
-    p
 }
 
 fn run_sample(
@@ -113,7 +89,7 @@ fn recorded_lora_of(model: &Path, name: &str) -> tempfile::TempDir {
 
 #[test]
 fn a_lora_at_scale_0_samples_the_same_images_as_no_lora() {
-    let (_t, model) = tiny_pipeline(0);
+    let (_t, model) = tiny_pipeline_seeded(0);
     let data = one_prompt();
     let plain = run_sample(&model, data.path(), None, &quick(&[])).unwrap();
     let scale0 = quick(&[("lora_scale", json!(0.0))]);
@@ -123,7 +99,7 @@ fn a_lora_at_scale_0_samples_the_same_images_as_no_lora() {
 
 #[test]
 fn a_lora_at_scale_1_changes_the_images() {
-    let (_t, model) = tiny_pipeline(0);
+    let (_t, model) = tiny_pipeline_seeded(0);
     let data = one_prompt();
     let plain = run_sample(&model, data.path(), None, &quick(&[])).unwrap();
     let merged = run_sample(&model, data.path(), Some(&fixture_lora()), &quick(&[])).unwrap();
@@ -142,7 +118,7 @@ fn the_merged_unet_of_a_pipeline_matches_diffusers_for_the_fixture_lora() {
     // outputs for it with the fixture LoRA (tests/fixtures/lora/io.safetensors, written by
     // tests/parity/lora.py) apply; merged by the loader the `sample` kind uses. Tolerance as
     // sdpipe-unet's tests/lora.rs (measured 2.1e-6 there).
-    let (_t, model) = tiny_pipeline(0);
+    let (_t, model) = tiny_pipeline_seeded(0);
     let unet = model.join("unet");
     for file in ["config.json", "diffusion_pytorch_model.safetensors"] {
         fs::copy(fixtures().join("unet/tiny/unet").join(file), unet.join(file)).unwrap();
@@ -165,8 +141,8 @@ fn the_merged_unet_of_a_pipeline_matches_diffusers_for_the_fixture_lora() {
 
 #[test]
 fn a_lora_recorded_for_another_base_is_refused_naming_both() {
-    let (_a, base) = tiny_pipeline(1);
-    let (_b, other) = tiny_pipeline(2);
+    let (_a, base) = tiny_pipeline_seeded(1);
+    let (_b, other) = tiny_pipeline_seeded(2);
     let lora = recorded_lora_of(&base, "tiny-base-seed-1");
     let err = sample_error(&other, lora.path(), &quick(&[]));
     assert!(err.contains("the `lora` input"), "{err}");
@@ -177,7 +153,7 @@ fn a_lora_recorded_for_another_base_is_refused_naming_both() {
 
 #[test]
 fn a_lora_recorded_for_this_base_is_merged_and_logged() {
-    let (_t, model) = tiny_pipeline(1);
+    let (_t, model) = tiny_pipeline_seeded(1);
     let lora = recorded_lora_of(&model, "tiny-base-seed-1");
     let h = run_sample(&model, one_prompt().path(), Some(lora.path()), &quick(&[])).unwrap();
     let log = h.log_text();
@@ -187,7 +163,7 @@ fn a_lora_recorded_for_this_base_is_merged_and_logged() {
 
 #[test]
 fn an_unrecorded_lora_is_merged_with_a_note_in_the_log() {
-    let (_t, model) = tiny_pipeline(0);
+    let (_t, model) = tiny_pipeline_seeded(0);
     let h = run_sample(&model, one_prompt().path(), Some(&fixture_lora()), &quick(&[])).unwrap();
     let log = h.log_text();
     assert!(log.contains("records no base model"), "{log}");
@@ -197,7 +173,7 @@ fn an_unrecorded_lora_is_merged_with_a_note_in_the_log() {
 
 #[test]
 fn each_samples_jsonl_line_records_the_lora_it_was_sampled_with() {
-    let (_t, model) = tiny_pipeline(0);
+    let (_t, model) = tiny_pipeline_seeded(0);
     let data = prompts(&[("a.jpg", "a cat"), ("b.jpg", "a dog")]);
     let settings = quick(&[("lora_scale", json!(0.5))]);
     // A file path works as well as its folder.
@@ -226,7 +202,7 @@ fn a_lora_that_does_not_fit_the_unet_is_refused_naming_its_layers() {
 
 #[test]
 fn a_folder_without_a_lora_file_is_refused_saying_what_to_bind() {
-    let (_t, model) = tiny_pipeline(0);
+    let (_t, model) = tiny_pipeline_seeded(0);
     let empty = tempfile::tempdir().unwrap();
     let err = sample_error(&model, empty.path(), &quick(&[]));
     assert!(err.contains(LORA_WEIGHTS_NAME) && err.contains("train-lora"), "{err}");
@@ -234,7 +210,7 @@ fn a_folder_without_a_lora_file_is_refused_saying_what_to_bind() {
 
 #[test]
 fn hostile_lora_files_are_refused_without_panicking() {
-    let (_t, model) = tiny_pipeline(0);
+    let (_t, model) = tiny_pipeline_seeded(0);
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, bytes: &[u8]| {
         let path = dir.path().join(name);
@@ -259,7 +235,7 @@ fn hostile_lora_files_are_refused_without_panicking() {
 
 #[test]
 fn a_lora_with_a_damaged_base_digest_is_refused_without_panicking() {
-    let (_t, model) = tiny_pipeline(0);
+    let (_t, model) = tiny_pipeline_seeded(0);
     // Multi-byte characters where a hex digest belongs, so that byte 16 falls inside one:
     // cutting it there for a message would panic.
     let digest = format!("a{}", "é".repeat(40));
@@ -271,7 +247,7 @@ fn a_lora_with_a_damaged_base_digest_is_refused_without_panicking() {
 #[test]
 fn without_a_lora_samples_jsonl_is_byte_identical_to_before() {
     // The lines sample wrote before `lora` existed (keys sorted, no `lora`).
-    let (_t, model) = tiny_pipeline(0);
+    let (_t, model) = tiny_pipeline_seeded(0);
     let data = prompts(&[("b.jpg", "a red boat"), ("a.jpg", "a cat")]);
     let h = run_sample(&model, data.path(), None, &quick(&[("n_per_prompt", json!(2))])).unwrap();
     assert_eq!(
@@ -285,7 +261,7 @@ fn without_a_lora_samples_jsonl_is_byte_identical_to_before() {
 
 #[test]
 fn a_lora_scale_without_a_lora_is_refused() {
-    let (_t, model) = tiny_pipeline(0);
+    let (_t, model) = tiny_pipeline_seeded(0);
     let settings = quick(&[("lora_scale", json!(0.5))]);
     let Err(err) = run_sample(&model, one_prompt().path(), None, &settings) else {
         panic!("the run should have failed");
