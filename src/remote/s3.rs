@@ -29,6 +29,23 @@ use crate::hash::Digest;
 const MULTIPART_ABOVE: u64 = 64 << 20;
 const PART_SIZE: usize = 16 << 20;
 
+/// How often [`Bucket::put_new`] sends a request whose connection failed under it.
+const PUT_ATTEMPTS: u32 = 3;
+
+/// Whether `e` is a failure of the connection (refused, dropped, reset, timed out) rather
+/// than an answer from the server.
+fn is_transport_error(e: &object_store::Error) -> bool {
+    use object_store::client::{HttpError, HttpErrorKind};
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = source {
+        if let Some(http) = error.downcast_ref::<HttpError>() {
+            return !matches!(http.kind(), HttpErrorKind::Decode);
+        }
+        source = error.source();
+    }
+    false
+}
+
 /// An S3 failure, with the key it concerned (never a credential).
 #[derive(Debug, thiserror::Error)]
 #[error("{op} {key}: {source}")]
@@ -67,6 +84,26 @@ fn install_tls_provider() {
     });
 }
 
+/// The client's settings before the environment's: bounded, so that a remote that is down costs
+/// a run seconds, not minutes, with a generous total timeout for transfers (checkpoints are
+/// gigabytes). The environment's `AWS_*` settings (timeouts, proxies, credentials) override them.
+fn defaults() -> AmazonS3Builder {
+    use object_store::aws::AmazonS3ConfigKey as Conf;
+    use object_store::ClientConfigKey as Client;
+    AmazonS3Builder::new()
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(20),
+        })
+        .with_config(Conf::Client(Client::ConnectTimeout), "5s")
+        .with_config(Conf::Client(Client::Timeout), "900s")
+}
+
 /// Keys and region from the AWS shared files' profile where the environment gives none (the
 /// AWS CLI's order: environment first, then the profile, then the cloud metadata services that
 /// `object_store` asks by itself).
@@ -100,25 +137,9 @@ fn with_profile(
 
 impl Bucket {
     pub fn open(config: &RemoteConfig) -> Result<Bucket, String> {
-        install_tls_provider();
         use object_store::aws::AmazonS3ConfigKey as Conf;
-        use object_store::ClientConfigKey as Client;
-        // Bounded: a remote that is down must cost a run seconds, not minutes. Transfers get a
-        // generous total timeout (checkpoints are gigabytes). Set before the environment is
-        // read, so `AWS_*` settings (timeouts, proxies, credentials) still take precedence.
-        let mut builder = AmazonS3Builder::new()
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(50),
-                    max_backoff: Duration::from_secs(2),
-                    base: 2.0,
-                },
-                max_retries: 2,
-                retry_timeout: Duration::from_secs(20),
-            })
-            .with_config(Conf::Client(Client::ConnectTimeout), "5s")
-            .with_config(Conf::Client(Client::Timeout), "900s");
-        // What `AmazonS3Builder::from_env` does, after the defaults above.
+        let mut builder = defaults();
+        // What `AmazonS3Builder::from_env` does, after the defaults.
         for (name, value) in std::env::vars_os() {
             let (Some(name), Some(value)) = (name.to_str(), value.to_str()) else { continue };
             if name.starts_with("AWS_") {
@@ -138,6 +159,11 @@ impl Bucket {
         if let Some(region) = &config.region {
             builder = builder.with_region(region);
         }
+        Bucket::build(builder)
+    }
+
+    fn build(builder: AmazonS3Builder) -> Result<Bucket, String> {
+        install_tls_provider();
         let store = builder.build().map_err(|e| format!("cannot configure S3 client: {e}"))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -194,12 +220,33 @@ impl Bucket {
 
     /// Create `key` with `bytes` unless it exists. `Ok(false)`: it already existed (another
     /// writer's, left as it is).
+    ///
+    /// A conditional create is not idempotent to `object_store`, which therefore does not retry
+    /// it when the connection fails under it. It does fail that way when another writer has
+    /// just created the same object: the server answers "precondition failed" before reading
+    /// the body and closes the connection, and closing with the body unread resets it, so the
+    /// client may see the reset instead of the answer (seen with parallel sweep points pushing
+    /// the same model files). So after a connection failure the object is looked up (HEAD, which
+    /// carries no body) and the PUT sent again only when it is still missing; every key sdpipe
+    /// creates names its content or a record of it, so an object found there is the same.
     pub async fn put_new(&self, key: &Key, bytes: Vec<u8>) -> Result<bool, S3Error> {
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(key, PutPayload::from(bytes), opts).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(source) => Err(S3Error { op: "PUT", key: key.to_string(), source }),
+        let payload = PutPayload::from(bytes);
+        let mut attempt = 1;
+        loop {
+            let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+            match self.store.put_opts(key, payload.clone(), opts).await {
+                Ok(_) => return Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) => return Ok(false),
+                Err(source) if attempt < PUT_ATTEMPTS && is_transport_error(&source) => {
+                    tracing::debug!("PUT {key}: {source}; looking it up (attempt {attempt})");
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    if self.exists(key).await? {
+                        return Ok(false);
+                    }
+                    attempt += 1;
+                }
+                Err(source) => return Err(S3Error { op: "PUT", key: key.to_string(), source }),
+            }
         }
     }
 
@@ -253,4 +300,96 @@ pub enum PutFileError {
     S3(S3Error),
     #[error("reading the local object: {0}")]
     Local(io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A loopback HTTP server that resets its first connection while the request is still
+    /// arriving, then answers HEAD with 200 when `exists` (else 404) and PUT with 200. Yields
+    /// the requests it answered, as `METHOD path`.
+    fn resetting_server(exists: bool) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let (first, _) = listener.accept().unwrap();
+            // Closing a socket with unread bytes makes the kernel send a reset.
+            (&first).read_exact(&mut [0u8; 8]).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            drop(first);
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(&stream);
+            let mut answered = Vec::new();
+            loop {
+                let mut request = String::new();
+                if reader.read_line(&mut request).unwrap() == 0 {
+                    return answered;
+                }
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                reader.read_exact(&mut vec![0; length]).unwrap();
+                let request: Vec<&str> = request.split(' ').take(2).collect();
+                let status = match request[0] {
+                    "HEAD" if !exists => "404 Not Found",
+                    _ => "200 OK",
+                };
+                (&stream)
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\nETag: \"e\"\r\nContent-Length: 0\r\n\
+                             Last-Modified: Mon, 07 Dec 2026 09:00:00 GMT\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .unwrap();
+                answered.push(request.join(" "));
+                if answered.len() == 2 || (exists && answered.len() == 1) {
+                    return answered;
+                }
+            }
+        });
+        (address, server)
+    }
+
+    fn bucket(endpoint: String) -> Bucket {
+        let builder = defaults()
+            .with_bucket_name("bucket")
+            .with_endpoint(endpoint)
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("key")
+            .with_secret_access_key("secret");
+        Bucket::build(builder).unwrap()
+    }
+
+    #[test]
+    fn a_conditional_put_whose_connection_is_reset_is_sent_again_when_the_object_is_missing() {
+        let (endpoint, server) = resetting_server(false);
+        let bucket = bucket(endpoint);
+        let created = bucket.block_on(bucket.put_new(&Key::from("objects/ab"), vec![7; 4096]));
+        assert!(created.unwrap(), "the second attempt creates the object");
+        assert_eq!(server.join().unwrap(), ["HEAD /bucket/objects/ab", "PUT /bucket/objects/ab"]);
+    }
+
+    #[test]
+    fn a_conditional_put_whose_connection_is_reset_finds_the_object_another_writer_made() {
+        let (endpoint, server) = resetting_server(true);
+        let bucket = bucket(endpoint);
+        let created = bucket.block_on(bucket.put_new(&Key::from("objects/ab"), vec![7; 4096]));
+        assert!(!created.unwrap(), "it was there already");
+        assert_eq!(server.join().unwrap(), ["HEAD /bucket/objects/ab"]);
+    }
 }

@@ -485,27 +485,10 @@ fn the_demo_through_slurm_matches_a_local_run_and_a_second_machine_on_its_remote
     let on_slurm = run(&mut c, "slurm");
     assert_eq!(in_state(&on_slurm, "ran").len(), DEMO_STAGES, "{on_slurm:#}");
     assert_eq!(machine.calls("sbatch").len(), DEMO_STAGES, "one job per stage");
+    // Every result pushed: the parallel sweep points upload the same model files at once, and
+    // a conditional PUT that loses that race may see its connection reset (remote/s3.rs).
     let states = remote_states(&on_slurm);
-    let failed = |s: &String| s == "push_failed" || s == "pull_failed";
-    assert!(states.iter().all(|s| s == "pushed" || failed(s)), "{on_slurm:#}");
-    if states.iter().any(failed) {
-        // Seen in about 1 of 6 runs on a loaded 2-core machine: from some stage on, pushes to
-        // the test's in-process S3 server fail and the run goes on locally, as designed; the
-        // stages after that report their failed lookup first (`pull_failed`, seen once with
-        // the demo's 22 stages at the time).
-        // Unexplained yet (see the session notes); the documented remedy is `sdpipe push`,
-        // which must then upload everything.
-        let mut c = machine.cmd();
-        with_remote(&mut c);
-        c.args(["push", "pipelines/demo.yaml", "--json"]).args(DEMO_AT_TEST_SIZE);
-        let out = c.output().unwrap();
-        assert!(
-            out.status.success(),
-            "sdpipe push: {}\nstdout: {}\nfirst run: {on_slurm:#}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
+    assert!(states.iter().all(|s| s == "pushed"), "{on_slurm:#}");
 
     // The same pipeline run locally, without the bucket: the same keys and the same bytes.
     let local = Project::new();
