@@ -12,6 +12,7 @@ pub mod device_path;
 pub mod limits;
 #[cfg(feature = "hub")]
 pub mod model_fetch;
+pub mod params;
 pub mod pillow;
 pub mod testing;
 #[cfg(feature = "tiny-models")]

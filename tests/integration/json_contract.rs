@@ -55,3 +55,14 @@ fn failed_run_summary_shape() {
     assert!(s["stages"][0]["log"].as_str().unwrap().ends_with(".log"));
     insta::assert_json_snapshot!("failed_run_summary", redact(s, p.path()));
 }
+
+/// Every built-in kind's parameters and outputs as `sdpipe stages --json` documents them: what
+/// a pipeline may write. Kinds declare their parameters as typed structs; this is what those
+/// declarations must keep saying.
+#[test]
+fn stages_document_every_kind() {
+    let p = Project::new();
+    let (v, code) = p.json(&["stages", "--json"]);
+    assert_eq!(code, 0);
+    insta::assert_json_snapshot!("stages", v);
+}

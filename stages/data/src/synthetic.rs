@@ -21,13 +21,11 @@ use std::io::{BufWriter, Write};
 
 use image::codecs::jpeg::JpegEncoder;
 use serde::Serialize;
-use serde_json::json;
 
 use render::render;
 use scene::{Scene, Style};
-use sdpipe_stages::api::{
-    OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
-};
+use sdpipe_stages::api::{OutputKind, OutputSpec, ParamSpec, StageContext, StageError, StageKind};
+use sdpipe_stages::params::KindParams;
 
 /// Output paths, relative to the stage's output directory (the download stage's layout).
 const IMAGES: &str = "images";
@@ -58,39 +56,7 @@ impl StageKind for Synthetic {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let int = |min: i64, max: Option<i64>| ParamType::Int { min: Some(min), max };
-        vec![
-            ParamSpec::optional("count", int(1, None), json!(16), "Number of images to generate."),
-            ParamSpec::optional(
-                "seed",
-                ParamType::Int { min: None, max: None },
-                json!(0),
-                "Seed of the scenes; image i depends only on the seed, i and `shapes`, so a \
-                 larger `count` extends a smaller one.",
-            ),
-            ParamSpec::optional(
-                "resolution",
-                int(16, Some(2048)),
-                json!(64),
-                "Side of the square images, in pixels; the scenes scale with it.",
-            ),
-            ParamSpec::optional(
-                "style",
-                ParamType::Enum(Style::NAMES),
-                json!("flat"),
-                "`flat` (solid fills), `textured` (lighting, shading, shadows, grain) or `dusk` \
-                 (textured, then dimmed, cast blue and vignetted); one seed gives the same scenes \
-                 in all three.",
-            ),
-            ParamSpec::optional(
-                "shapes",
-                int(1, Some(3)),
-                json!(2),
-                "Shapes per image; with two or more, the caption relates the others to one anchor \
-                 shape (\"... and a green triangle below the blue square\").",
-            ),
-            ParamSpec::optional("quality", int(1, Some(100)), json!(95), "JPEG quality, 1 to 100."),
-        ]
+        Settings::specs()
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -112,7 +78,7 @@ impl StageKind for Synthetic {
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let settings = Settings::from_ctx(ctx)?;
+        let settings = Settings::of(ctx)?;
         let images_dir = ctx.output_path(IMAGES);
         fs::create_dir_all(&images_dir)
             .map_err(|e| StageError::io(format!("creating {}", images_dir.display()), e))?;
@@ -187,45 +153,31 @@ fn image_id(style: Style, seed: i64, index: u64) -> String {
     format!("syn-{}-s{sign}{}-{index:05}", style.name(), seed.unsigned_abs())
 }
 
-/// The parameters, typed and checked again here: the engine validates against [`ParamSpec`],
-/// but the kind should not panic on values that reach it some other way.
+/// The parameters.
+#[derive(KindParams)]
 struct Settings {
+    /// Number of images to generate.
+    #[param(default = 16, min = 1)]
     count: u64,
+    /// Seed of the scenes; image i depends only on the seed, i and `shapes`, so a larger
+    /// `count` extends a smaller one.
+    #[param(default = 0)]
     seed: i64,
+    /// Side of the square images, in pixels; the scenes scale with it.
+    #[param(default = 64, min = 16, max = 2048)]
     resolution: u32,
+    /// `flat` (solid fills), `textured` (lighting, shading, shadows, grain) or `dusk`
+    /// (textured, then dimmed, cast blue and vignetted); one seed gives the same scenes in all
+    /// three.
+    #[param(default = "flat", one_of = Style::NAMES)]
     style: Style,
+    /// Shapes per image; with two or more, the caption relates the others to one anchor shape
+    /// ("... and a green triangle below the blue square").
+    #[param(default = 2, min = 1, max = 3)]
     shapes: usize,
+    /// JPEG quality, 1 to 100.
+    #[param(default = 95, min = 1, max = 100)]
     quality: u8,
-}
-
-impl Settings {
-    fn from_ctx(ctx: &StageContext<'_>) -> Result<Settings, StageError> {
-        let bounded = |name: &str, min: i64, max: i64| -> Result<i64, StageError> {
-            let value: i64 = ctx.param(name)?;
-            if (min..=max).contains(&value) {
-                Ok(value)
-            } else {
-                Err(StageError::InvalidParam {
-                    param: name.to_string(),
-                    message: format!("{value} is not in {min}..={max}"),
-                })
-            }
-        };
-        let style_name: String = ctx.param("style")?;
-        let style = Style::from_name(&style_name).ok_or_else(|| StageError::InvalidParam {
-            param: "style".into(),
-            message: format!("`{style_name}` is not one of {}", Style::NAMES.join(", ")),
-        })?;
-        // The casts below are lossless: each value was just checked to be in range.
-        Ok(Settings {
-            count: bounded("count", 1, i64::MAX)? as u64,
-            seed: ctx.param("seed")?,
-            resolution: bounded("resolution", 16, 2048)? as u32,
-            style,
-            shapes: bounded("shapes", 1, 3)? as usize,
-            quality: bounded("quality", 1, 100)? as u8,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -233,7 +185,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::path::{Path, PathBuf};
 
-    use serde_json::Value;
+    use serde_json::{json, Value};
 
     use super::render::PixelShape;
     use super::scene::{Relation, Shape, PALETTE};

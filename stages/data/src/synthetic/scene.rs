@@ -9,7 +9,8 @@ use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// How a scene is rendered; the two domains a demo trains and finetunes on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum Style {
     /// Solid fills on a solid background.
     Flat,
@@ -23,15 +24,6 @@ pub(crate) enum Style {
 
 impl Style {
     pub(crate) const NAMES: &'static [&'static str] = &["flat", "textured", "dusk"];
-
-    pub(crate) fn from_name(name: &str) -> Option<Style> {
-        match name {
-            "flat" => Some(Style::Flat),
-            "textured" => Some(Style::Textured),
-            "dusk" => Some(Style::Dusk),
-            _ => None,
-        }
-    }
 
     pub(crate) fn name(self) -> &'static str {
         match self {
