@@ -5,6 +5,9 @@
 //! for model files ([`limits`]), Pillow-exact resampling ([`pillow`]), hub fetching and what the
 //! toy-model kinds build their random-weight models from (`tiny_models`).
 
+// The derives in `params` name this crate by its path, also from inside it (its tests).
+extern crate self as sdpipe_stages;
+
 pub mod api;
 pub mod device;
 #[cfg(feature = "candle")]

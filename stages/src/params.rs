@@ -66,29 +66,36 @@ impl ParamSources<'_> {
     pub fn path<T: FromBinding<ProjectPath>>(&self, name: &str) -> Result<T, StageError> {
         T::from_binding(name, self.binding(name, self.paths)?)
     }
-    /// What `name` is bound to (`None` when an optional one is unbound), and where.
+    /// What `name` is bound to: while the stage runs, where the bound output or file is (the
+    /// engine hands those over apart from the values); before, the binding as written.
+    /// `None` when an optional one is unbound.
     fn binding(
         &self,
         name: &str,
         located: Option<&BTreeMap<String, PathBuf>>,
-    ) -> Result<Option<(String, Option<PathBuf>)>, StageError> {
+    ) -> Result<Option<Bound>, StageError> {
+        if let Some(located) = located {
+            return Ok(located.get(name).cloned().map(Bound::At));
+        }
         match self.params.get(name) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(text)) => {
-                let path = match located {
-                    None => None,
-                    Some(located) => Some(located.get(name).cloned().ok_or_else(|| {
-                        StageError::failed(format!("`{name}` is bound to `{text}` but not there"))
-                    })?),
-                };
-                Ok(Some((text.clone(), path)))
-            }
+            Some(Value::String(text)) => Ok(Some(Bound::To(text.clone()))),
             Some(other) => Err(StageError::InvalidParam {
                 param: name.to_string(),
                 message: format!("expected a binding, got {other}"),
             }),
         }
     }
+}
+
+/// An [`Input`]'s or a [`ProjectPath`]'s binding.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bound {
+    /// Before the stage runs: the binding as written (`stage.output`, or the path relative to
+    /// the pipeline file).
+    To(String),
+    /// While it runs: where it is.
+    At(PathBuf),
 }
 
 /// Whether `value` is within `ty`'s bounds and names (its JSON type is serde's to check).
@@ -117,46 +124,37 @@ fn check(ty: &ParamType, value: &Value) -> Result<(), String> {
 
 /// An input parameter: a binding `stage.output` to an upstream output.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Input {
-    binding: String,
-    path: Option<PathBuf>,
-}
-
-impl Input {
-    /// Where the bound output is (read-only); known only while the stage runs.
-    pub fn path(&self) -> &Path {
-        self.path.as_deref().expect("an input's path is known only while its stage runs")
-    }
-    /// The binding as written, `stage.output`.
-    pub fn binding(&self) -> &str {
-        &self.binding
-    }
-}
+pub struct Input(pub Bound);
 
 /// A path parameter: a file or folder in the project, relative to the pipeline file.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ProjectPath {
-    relative: String,
-    absolute: Option<PathBuf>,
+pub struct ProjectPath(pub Bound);
+
+impl Input {
+    /// Where the bound output is (read-only). Known only while the stage runs: reading it
+    /// before, in `threads` or `external_deps`, is a bug in the kind.
+    pub fn path(&self) -> &Path {
+        bound_path(&self.0)
+    }
 }
 
 impl ProjectPath {
-    /// Its absolute path; known only while the stage runs.
+    /// Its absolute path. Known only while the stage runs, like [`Input::path`].
     pub fn path(&self) -> &Path {
-        self.absolute.as_deref().expect("a path parameter is resolved only while its stage runs")
+        bound_path(&self.0)
     }
-    /// As written in the pipeline.
-    pub fn relative(&self) -> &str {
-        &self.relative
+}
+
+fn bound_path(bound: &Bound) -> &Path {
+    match bound {
+        Bound::At(path) => path,
+        Bound::To(text) => panic!("`{text}` is resolved only while its stage runs"),
     }
 }
 
 /// [`Input`] and [`ProjectPath`] fields, required or optional.
 pub trait FromBinding<B>: Sized {
-    fn from_binding(
-        name: &str,
-        bound: Option<(String, Option<PathBuf>)>,
-    ) -> Result<Self, StageError>;
+    fn from_binding(name: &str, bound: Option<Bound>) -> Result<Self, StageError>;
 }
 
 fn unbound(name: &str) -> StageError {
@@ -164,34 +162,26 @@ fn unbound(name: &str) -> StageError {
 }
 
 impl FromBinding<Input> for Input {
-    fn from_binding(
-        name: &str,
-        bound: Option<(String, Option<PathBuf>)>,
-    ) -> Result<Self, StageError> {
-        let (binding, path) = bound.ok_or_else(|| unbound(name))?;
-        Ok(Input { binding, path })
+    fn from_binding(name: &str, bound: Option<Bound>) -> Result<Self, StageError> {
+        bound.map(Input).ok_or_else(|| unbound(name))
     }
 }
 
 impl FromBinding<Input> for Option<Input> {
-    fn from_binding(_: &str, bound: Option<(String, Option<PathBuf>)>) -> Result<Self, StageError> {
-        Ok(bound.map(|(binding, path)| Input { binding, path }))
+    fn from_binding(_: &str, bound: Option<Bound>) -> Result<Self, StageError> {
+        Ok(bound.map(Input))
     }
 }
 
 impl FromBinding<ProjectPath> for ProjectPath {
-    fn from_binding(
-        name: &str,
-        bound: Option<(String, Option<PathBuf>)>,
-    ) -> Result<Self, StageError> {
-        let (relative, absolute) = bound.ok_or_else(|| unbound(name))?;
-        Ok(ProjectPath { relative, absolute })
+    fn from_binding(name: &str, bound: Option<Bound>) -> Result<Self, StageError> {
+        bound.map(ProjectPath).ok_or_else(|| unbound(name))
     }
 }
 
 impl FromBinding<ProjectPath> for Option<ProjectPath> {
-    fn from_binding(_: &str, bound: Option<(String, Option<PathBuf>)>) -> Result<Self, StageError> {
-        Ok(bound.map(|(relative, absolute)| ProjectPath { relative, absolute }))
+    fn from_binding(_: &str, bound: Option<Bound>) -> Result<Self, StageError> {
+        Ok(bound.map(ProjectPath))
     }
 }
 
@@ -256,4 +246,85 @@ pub fn with_default(mut specs: Vec<ParamSpec>, name: &str, default: Value) -> Ve
     spec.unwrap_or_else(|| panic!("no parameter `{name}` to give a default")).default =
         Some(default);
     specs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kind's parameters: a value, a required and an optional input, a path.
+    #[derive(KindParams, Debug)]
+    struct Example {
+        /// Images per pass.
+        #[param(default = 8, min = 1, max = 64)]
+        batch_size: usize,
+        /// Where the images come from.
+        #[param(input)]
+        images: Input,
+        /// A model to use instead of the default.
+        #[param(input, default = null)]
+        model: Option<Input>,
+        /// A file in the project.
+        #[param(path, default = null)]
+        notes: Option<ProjectPath>,
+    }
+
+    fn params(pairs: &[(&str, Value)]) -> Params {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    }
+
+    #[test]
+    fn the_specs_say_what_the_fields_declare() {
+        let specs = Example::specs();
+        let names: Vec<_> = specs.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["batch_size", "images", "model", "notes"]);
+        assert_eq!(specs[0].ty, ParamType::Int { min: Some(1), max: Some(64) });
+        assert_eq!(specs[0].default, Some(serde_json::json!(8)));
+        assert_eq!(specs[0].doc, "Images per pass.");
+        assert_eq!((specs[1].ty.clone(), specs[1].default.clone()), (ParamType::Input, None));
+        assert_eq!(specs[2].default, Some(Value::Null));
+        assert_eq!(specs[3].ty, ParamType::Path);
+    }
+
+    #[test]
+    fn before_a_run_inputs_are_their_bindings() {
+        let p = params(&[
+            ("batch_size", 4.into()),
+            ("images", "data.images".into()),
+            ("model", Value::Null),
+            ("notes", Value::Null),
+        ]);
+        let e = Example::of_params(&p).unwrap();
+        assert_eq!(e.batch_size, 4);
+        assert_eq!(e.images, Input(Bound::To("data.images".into())));
+        assert_eq!(e.model, None);
+    }
+
+    #[test]
+    fn while_running_inputs_and_paths_are_where_the_engine_put_them() {
+        // The engine hands bindings over apart from the values: they are not in `params`.
+        let p = params(&[("batch_size", 4.into())]);
+        let inputs = BTreeMap::from([("images".to_string(), PathBuf::from("/cache/a"))]);
+        let paths = BTreeMap::from([("notes".to_string(), PathBuf::from("/project/n.txt"))]);
+        let sources = ParamSources { params: &p, inputs: Some(&inputs), paths: Some(&paths) };
+        let e = Example::read(&sources).unwrap();
+        assert_eq!(e.images.path(), Path::new("/cache/a"));
+        assert_eq!(e.model, None);
+        assert_eq!(e.notes.unwrap().path(), Path::new("/project/n.txt"));
+    }
+
+    #[test]
+    fn a_value_outside_its_declared_bounds_is_refused_naming_the_parameter() {
+        let p = params(&[("batch_size", 65.into()), ("images", "data.images".into())]);
+        let err = Example::of_params(&p).unwrap_err().to_string();
+        assert_eq!(err, "invalid parameter `batch_size`: 65 is not integer in 1..=64");
+    }
+
+    #[test]
+    fn a_required_input_left_unbound_is_an_error_naming_it() {
+        let p = params(&[("batch_size", 4.into())]);
+        let none = BTreeMap::new();
+        let sources = ParamSources { params: &p, inputs: Some(&none), paths: Some(&none) };
+        assert_eq!(Example::read(&sources).unwrap_err().to_string(), "`images` is not bound");
+    }
 }

@@ -13,9 +13,9 @@ use std::time::Instant;
 
 use sdpipe_hub::{HubConfig, ResolvedModel, Want};
 use sdpipe_stages::api::{
-    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
-    StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, Params, StageContext, StageError, StageKind,
 };
+use sdpipe_stages::params::{Input, KindParams};
 use serde_json::{json, Value};
 
 use crate::model::{Blip, Decoding, ModelFiles};
@@ -43,47 +43,75 @@ pub struct Caption {
     pub hub: Option<HubConfig>,
 }
 
-/// The parameters, typed.
+/// The parameters.
+#[derive(KindParams)]
 struct Settings {
-    model: String,
-    revision: String,
-    decoding: Decoding,
-    prompt: String,
-    keep_prompt: bool,
-    template: String,
-    batch_size: usize,
+    /// A folder of images (`<id>.jpg`, `.jpeg`, `.png`, `.webp`).
+    #[param(input)]
+    images: Input,
+    #[param(flatten)]
+    options: Options,
 }
 
-impl Settings {
-    fn from(ctx: &StageContext<'_>) -> Result<Settings, StageError> {
-        let decoding: String = ctx.param("decoding")?;
-        let num_beams: usize = ctx.param("num_beams")?;
-        let max_length: usize = ctx.param("max_length")?;
-        let min_length: usize = ctx.param("min_length")?;
-        let template: String = ctx.param("template")?;
-        check_template(&template)?;
+/// The parameters besides the images: all that `threads` and `external_deps` read, which run
+/// before the stage does (when the input may not be named in the parameters yet).
+#[derive(KindParams)]
+struct Options {
+    /// Hub repository id or local folder of a BLIP captioning model (safetensors).
+    #[param(default = "Salesforce/blip-image-captioning-large")]
+    model: String,
+    /// Branch, tag or commit of a hub model.
+    #[param(default = "main")]
+    revision: String,
+    /// Beam search (transformers' generate with num_beams) or greedy decoding.
+    #[param(default = "beam", one_of = &["beam", "greedy"])]
+    decoding: String,
+    /// Beams for beam search.
+    #[param(default = 3, min = 1, max = 16)]
+    num_beams: usize,
+    /// Longest caption in tokens, counting [DEC] and the prompt (as transformers).
+    #[param(default = 20, min = 2, max = 512)]
+    max_length: usize,
+    /// The end token is forbidden until the sequence (with [DEC]) is this long.
+    #[param(default = 5, min = 0, max = 512)]
+    min_length: usize,
+    /// Conditional captioning prefix, e.g. `a photography of` (empty: none).
+    #[param(default = "")]
+    prompt: String,
+    /// Keep the prompt at the start of the caption (transformers' decode keeps it).
+    #[param(default = false)]
+    keep_prompt: bool,
+    /// The text written, with {caption} replaced, e.g. `{caption}, in the style of X`.
+    #[param(default = "{caption}")]
+    template: String,
+    /// Images per batch.
+    #[param(default = 4, min = 1, max = 256)]
+    batch_size: usize,
+    /// CPU threads wanted.
+    #[param(default = 4, min = 1, max = 256)]
+    threads: usize,
+}
+
+impl Options {
+    /// The decoding, after the checks the declared types cannot make: a usable `template`, and
+    /// lengths and beams that agree.
+    fn generation(&self) -> Result<Decoding, StageError> {
+        let (max_length, min_length) = (self.max_length, self.min_length);
+        check_template(&self.template)?;
         if min_length > max_length {
             return Err(StageError::InvalidParam {
                 param: "min_length".into(),
                 message: format!("{min_length} is above max_length ({max_length})"),
             });
         }
-        if decoding == "beam" && num_beams < 2 {
+        if self.decoding == "beam" && self.num_beams < 2 {
             return Err(StageError::InvalidParam {
                 param: "num_beams".into(),
                 message: "beam search needs at least 2 beams; use `decoding: greedy`".into(),
             });
         }
-        let num_beams = if decoding == "greedy" { 1 } else { num_beams };
-        Ok(Settings {
-            model: ctx.param("model")?,
-            revision: ctx.param("revision")?,
-            decoding: Decoding { num_beams, max_length, min_length },
-            prompt: ctx.param("prompt")?,
-            keep_prompt: ctx.param("keep_prompt")?,
-            template,
-            batch_size: ctx.param("batch_size")?,
-        })
+        let num_beams = if self.decoding == "greedy" { 1 } else { self.num_beams };
+        Ok(Decoding { num_beams, max_length, min_length })
     }
 }
 
@@ -147,65 +175,7 @@ impl StageKind for Caption {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let int = |min: i64, max: Option<i64>| ParamType::Int { min: Some(min), max };
-        vec![
-            ParamSpec::required(
-                "images",
-                ParamType::Input,
-                "A folder of images (`<id>.jpg`, `.jpeg`, `.png`, `.webp`).",
-            ),
-            ParamSpec::optional(
-                "model",
-                ParamType::String,
-                json!("Salesforce/blip-image-captioning-large"),
-                "Hub repository id or local folder of a BLIP captioning model (safetensors).",
-            ),
-            ParamSpec::optional(
-                "revision",
-                ParamType::String,
-                json!("main"),
-                "Branch, tag or commit of a hub model.",
-            ),
-            ParamSpec::optional(
-                "decoding",
-                ParamType::Enum(&["beam", "greedy"]),
-                json!("beam"),
-                "Beam search (transformers' generate with num_beams) or greedy decoding.",
-            ),
-            ParamSpec::optional("num_beams", int(1, Some(16)), json!(3), "Beams for beam search."),
-            ParamSpec::optional(
-                "max_length",
-                int(2, Some(512)),
-                json!(20),
-                "Longest caption in tokens, counting [DEC] and the prompt (as transformers).",
-            ),
-            ParamSpec::optional(
-                "min_length",
-                int(0, Some(512)),
-                json!(5),
-                "The end token is forbidden until the sequence (with [DEC]) is this long.",
-            ),
-            ParamSpec::optional(
-                "prompt",
-                ParamType::String,
-                json!(""),
-                "Conditional captioning prefix, e.g. `a photography of` (empty: none).",
-            ),
-            ParamSpec::optional(
-                "keep_prompt",
-                ParamType::Bool,
-                json!(false),
-                "Keep the prompt at the start of the caption (transformers' decode keeps it).",
-            ),
-            ParamSpec::optional(
-                "template",
-                ParamType::String,
-                json!("{caption}"),
-                "The text written, with {caption} replaced, e.g. `{caption}, in the style of X`.",
-            ),
-            ParamSpec::optional("batch_size", int(1, Some(256)), json!(4), "Images per batch."),
-            ParamSpec::optional("threads", int(1, Some(256)), json!(4), "CPU threads wanted."),
-        ]
+        Settings::specs()
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -218,7 +188,7 @@ impl StageKind for Caption {
     }
 
     fn threads(&self, params: &Params) -> usize {
-        params.get("threads").and_then(Value::as_u64).unwrap_or(4).max(1) as usize
+        Options::of_params(params).map_or(4, |o| o.threads).max(1)
     }
 
     fn external_deps(
@@ -226,21 +196,16 @@ impl StageKind for Caption {
         params: &Params,
         fetch: Fetch,
     ) -> Result<BTreeMap<String, PathBuf>, StageError> {
-        let text = |name: &str, default: &str| {
-            params.get(name).and_then(Value::as_str).unwrap_or(default).to_string()
-        };
-        let resolved = self.resolve(
-            &text("model", "Salesforce/blip-image-captioning-large"),
-            &text("revision", "main"),
-            fetch,
-        )?;
+        let options = Options::of_params(params)?;
+        let resolved = self.resolve(&options.model, &options.revision, fetch)?;
         Ok(resolved.files.into_iter().map(|(name, path)| (format!("model/{name}"), path)).collect())
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let settings = Settings::from(ctx)?;
-        let images = list_images(ctx.input("images")?)?;
-        let resolved = self.resolve(&settings.model, &settings.revision, Fetch::allowed())?;
+        let Settings { images, options } = Settings::of(ctx)?;
+        let decoding = options.generation()?;
+        let images = list_images(images.path())?;
+        let resolved = self.resolve(&options.model, &options.revision, Fetch::allowed())?;
         log(ctx, &format!("model: {}", resolved.describe()))?;
         let file = |name: &str| resolved.file(name).expect("required files are resolved");
         let files = ModelFiles {
@@ -253,7 +218,7 @@ impl StageKind for Caption {
             .num_threads(ctx.threads.max(1))
             .build()
             .map_err(|e| StageError::failed(format!("starting {} threads: {e}", ctx.threads)))?;
-        pool.install(|| caption_all(ctx, &settings, &files, &images))
+        pool.install(|| caption_all(ctx, &options, &decoding, &files, &images))
     }
 }
 
@@ -305,14 +270,15 @@ fn read_partial(path: &Path) -> BTreeMap<String, String> {
 
 fn caption_all(
     ctx: &mut StageContext<'_>,
-    settings: &Settings,
+    options: &Options,
+    decoding: &Decoding,
     files: &ModelFiles<'_>,
     images: &BTreeMap<String, PathBuf>,
 ) -> Result<(), StageError> {
     let failed = |e: crate::error::CaptionError| StageError::failed(e.to_string());
     let device = ctx.candle_device()?;
     let model = Blip::load(files, &device).map_err(failed)?;
-    let prompt = model.prompt_ids(&settings.prompt).map_err(failed)?;
+    let prompt = model.prompt_ids(&options.prompt).map_err(failed)?;
 
     let partial_path = ctx.state_dir.join(PARTIAL);
     let mut done = read_partial(&partial_path);
@@ -334,7 +300,7 @@ fn caption_all(
     let todo: Vec<(&String, &PathBuf)> =
         images.iter().filter(|(id, _)| !done.contains_key(*id)).collect();
     let started = Instant::now();
-    for batch in todo.chunks(settings.batch_size) {
+    for batch in todo.chunks(options.batch_size) {
         ctx.cancel.check()?;
         let mut pixels = Vec::with_capacity(batch.len());
         for (_, path) in batch {
@@ -342,17 +308,17 @@ fn caption_all(
             pixels.push(model.processor.pixels(&rgb, w, h));
         }
         let embeds = model.encode(&pixels).map_err(failed)?;
-        let generated = model.generate(&embeds, &prompt, &settings.decoding).map_err(failed)?;
+        let generated = model.generate(&embeds, &prompt, decoding).map_err(failed)?;
         let mut lines = String::new();
         let mut last = String::new();
         for ((id, _), tokens) in batch.iter().zip(generated) {
-            let ids: Vec<u32> = if settings.keep_prompt {
+            let ids: Vec<u32> = if options.keep_prompt {
                 prompt.iter().copied().chain(tokens).collect()
             } else {
                 tokens
             };
             let caption = model.decode(&ids).map_err(failed)?;
-            let text = settings.template.replace("{caption}", caption.trim());
+            let text = options.template.replace("{caption}", caption.trim());
             lines.push_str(&json!({"id": id, "text": text}).to_string());
             lines.push('\n');
             done.insert(id.to_string(), text.clone());
@@ -373,7 +339,7 @@ fn caption_all(
                 todo.len(),
                 todo.len() as f64 / seconds,
                 ctx.threads,
-                settings.batch_size
+                options.batch_size
             ),
         )?;
     }

@@ -12,18 +12,44 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 
-use sdpipe_stages::api::{
-    OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
-};
+use sdpipe_stages::api::{OutputKind, OutputSpec, ParamSpec, StageContext, StageError, StageKind};
+use sdpipe_stages::params::{Input, KindParams};
 
 pub struct ImageFolder;
+
+/// The parameters.
+#[derive(KindParams)]
+struct Settings {
+    /// The dataset's images (`<id>.jpg`).
+    #[param(input)]
+    images: Input,
+    /// The dataset's records (`photos.jsonl`: id, file_name, ai_description, ...).
+    #[param(input)]
+    photos: Input,
+    /// Optional `captions.jsonl` ({"id", "text"} lines) from a captioning stage.
+    #[param(input, default = null)]
+    captions: Option<Input>,
+    /// Where each caption comes from; `auto` uses the `captions` input when bound, else the
+    /// records' `ai_description`.
+    #[param(default = "auto", one_of = &["auto", "captions", "ai_description", "description"])]
+    text_from: String,
+    /// Ids that go to the test split (besides records marked `split: test`).
+    #[param(default = [])]
+    test_ids: Vec<String>,
+    /// How many more test images to draw at random (with `seed`) from the rest.
+    #[param(default = 0, min = 0)]
+    test_count: usize,
+    /// Seed of the `test_count` draw.
+    #[param(default = 0)]
+    seed: i64,
+}
 
 /// One line of a dataset stage's `photos.jsonl` (only what this kind reads).
 #[derive(Debug, Deserialize)]
@@ -84,45 +110,7 @@ impl StageKind for ImageFolder {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        vec![
-            ParamSpec::required("images", ParamType::Input, "The dataset's images (`<id>.jpg`)."),
-            ParamSpec::required(
-                "photos",
-                ParamType::Input,
-                "The dataset's records (`photos.jsonl`: id, file_name, ai_description, ...).",
-            ),
-            ParamSpec::optional(
-                "captions",
-                ParamType::Input,
-                Value::Null,
-                "Optional `captions.jsonl` ({\"id\", \"text\"} lines) from a captioning stage.",
-            ),
-            ParamSpec::optional(
-                "text_from",
-                ParamType::Enum(&["auto", "captions", "ai_description", "description"]),
-                json!("auto"),
-                "Where each caption comes from; `auto` uses the `captions` input when bound, \
-                 else the records' `ai_description`.",
-            ),
-            ParamSpec::optional(
-                "test_ids",
-                ParamType::List(Box::new(ParamType::String)),
-                json!([]),
-                "Ids that go to the test split (besides records marked `split: test`).",
-            ),
-            ParamSpec::optional(
-                "test_count",
-                ParamType::Int { min: Some(0), max: None },
-                json!(0),
-                "How many more test images to draw at random (with `seed`) from the rest.",
-            ),
-            ParamSpec::optional(
-                "seed",
-                ParamType::Int { min: None, max: None },
-                json!(0),
-                "Seed of the `test_count` draw.",
-            ),
-        ]
+        Settings::specs()
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -143,14 +131,14 @@ impl StageKind for ImageFolder {
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let images = ctx.input("images")?.to_path_buf();
-        let photos = read_jsonl::<PhotoRecord>(ctx.input("photos")?)?;
-        let captions = match ctx.inputs.get("captions") {
-            Some(path) => Some(read_jsonl::<CaptionRecord>(path)?),
+        let settings = Settings::of(ctx)?;
+        let images = settings.images.path();
+        let photos = read_jsonl::<PhotoRecord>(settings.photos.path())?;
+        let captions = match &settings.captions {
+            Some(input) => Some(read_jsonl::<CaptionRecord>(input.path())?),
             None => None,
         };
-        let text_from: String = ctx.param("text_from")?;
-        let text_from = match (text_from.as_str(), &captions) {
+        let text_from = match (settings.text_from.as_str(), &captions) {
             ("auto", Some(_)) | ("captions", _) => "captions".to_string(),
             ("auto", None) => "ai_description".to_string(),
             (other, _) => other.to_string(),
@@ -191,7 +179,7 @@ impl StageKind for ImageFolder {
                 skipped.push(Skipped { id: p.id.clone(), reason: "empty caption" });
                 continue;
             }
-            if !image_path(&images, p).is_some_and(|path| path.is_file()) {
+            if !image_path(images, p).is_some_and(|path| path.is_file()) {
                 skipped.push(Skipped { id: p.id.clone(), reason: "image missing" });
                 continue;
             }
@@ -202,7 +190,7 @@ impl StageKind for ImageFolder {
                 .map_err(|e| StageError::io("writing the log", e))?;
         }
 
-        let test_ids = choose_test(ctx, &rows)?;
+        let test_ids = choose_test(&settings, &rows)?;
         let out = ctx.output_path(DATASET);
         let mut counts = (0, 0);
         for (split, is_test) in [("train", false), ("test", true)] {
@@ -218,7 +206,7 @@ impl StageKind for ImageFolder {
                 .map_err(|e| StageError::io(format!("creating {split}/"), e))?;
             let mut metadata = String::new();
             for (p, text) in in_split {
-                let src = image_path(&images, p).expect("checked above");
+                let src = image_path(images, p).expect("checked above");
                 let file_name = format!("{}.jpg", p.id);
                 link_or_copy(&src, &dir.join(&file_name))?;
                 metadata.push_str(&json!({"file_name": file_name, "text": text}).to_string());
@@ -256,7 +244,7 @@ impl StageKind for ImageFolder {
 
 /// The record's image inside the `images` input, never outside it: `file_name` is
 /// `images/<name>` as the dataset stages write it, and only its last component is used.
-fn image_path(images: &Path, p: &PhotoRecord) -> Option<std::path::PathBuf> {
+fn image_path(images: &Path, p: &PhotoRecord) -> Option<PathBuf> {
     let name = Path::new(&p.file_name).file_name()?;
     let safe = name.to_str().is_some_and(|n| !n.starts_with('.') && !n.contains(['/', '\\']));
     safe.then(|| images.join(name))
@@ -265,12 +253,10 @@ fn image_path(images: &Path, p: &PhotoRecord) -> Option<std::path::PathBuf> {
 /// Records marked `test`, the explicit ids, then `test_count` more drawn with a seeded,
 /// version-stable shuffle of the remaining ids (sorted first, so file order never matters).
 fn choose_test(
-    ctx: &StageContext<'_>,
+    settings: &Settings,
     rows: &[(&PhotoRecord, String)],
 ) -> Result<BTreeSet<String>, StageError> {
-    let explicit: Vec<String> = ctx.param("test_ids")?;
-    let count: usize = ctx.param("test_count")?;
-    let seed: i64 = ctx.param("seed")?;
+    let (explicit, count) = (&settings.test_ids, settings.test_count);
     let present: BTreeSet<&str> = rows.iter().map(|(p, _)| p.id.as_str()).collect();
     if let Some(missing) = explicit.iter().find(|id| !present.contains(id.as_str())) {
         return Err(StageError::InvalidParam {
@@ -278,7 +264,7 @@ fn choose_test(
             message: format!("`{missing}` is not in the dataset (or was skipped)"),
         });
     }
-    let mut test: BTreeSet<String> = explicit.into_iter().collect();
+    let mut test: BTreeSet<String> = explicit.iter().cloned().collect();
     test.extend(
         rows.iter().filter(|(p, _)| p.split.as_deref() == Some("test")).map(|(p, _)| p.id.clone()),
     );
@@ -289,7 +275,7 @@ fn choose_test(
             message: format!("{count} requested but only {} images are left", rest.len()),
         });
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed as u64);
+    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed as u64);
     // Fisher-Yates with plain modulo: the bias is negligible for dataset sizes and, unlike
     // `rand`'s range sampling, the sequence is fixed forever.
     for i in (1..rest.len()).rev() {
@@ -329,6 +315,7 @@ mod tests {
     use super::*;
     use crate::synthetic::Synthetic;
     use sdpipe_stages::testing::{self, Harness};
+    use serde_json::Value;
 
     /// A synthetic dataset of `n` images, as the engine would hand it over.
     fn dataset(n: i64) -> Harness {

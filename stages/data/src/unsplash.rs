@@ -26,15 +26,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::{json, Value};
 
 use fetch::{Downloader, Job, Outcome};
 use http::{Budget, Cache, Client, FetchError, Policy};
 use release::Release;
 use sdpipe_stages::api::{
-    human_bytes, OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
+    human_bytes, OutputKind, OutputSpec, ParamSpec, StageContext, StageError, StageKind,
 };
-use select::{Sample, Selection, Spec};
+use sdpipe_stages::params::{KindParams, ProjectPath};
+use select::{Selection, Spec};
 use tsv::Photo;
 
 /// The official "latest" Lite release; it redirects to the current version's zip.
@@ -76,115 +76,7 @@ impl StageKind for UnsplashLite {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let int = |min: i64, max: Option<i64>| ParamType::Int { min: Some(min), max };
-        let ids = || ParamType::List(Box::new(ParamType::String));
-        vec![
-            ParamSpec::optional(
-                "source",
-                ParamType::String,
-                json!(LATEST_URL),
-                "URL of the release zip (http or https). `latest` moves with new releases; pin \
-                 a version such as https://unsplash.com/data/lite/1.2.1 for a fixed dataset \
-                 (the zip is cached by URL).",
-            ),
-            ParamSpec::optional(
-                "local",
-                ParamType::Path,
-                Value::Null,
-                "A release zip or a folder of extracted TSV shards in the project; when set, \
-                 `source` is not used.",
-            ),
-            ParamSpec::optional(
-                "limit",
-                int(1, None),
-                json!(100),
-                "Number of training photos to select (unless `ids` is given); failed downloads \
-                 are not replaced, so `photos.jsonl` may hold fewer.",
-            ),
-            ParamSpec::optional(
-                "sample",
-                ParamType::Enum(&["first", "random"]),
-                json!("first"),
-                "`first`: release order; `random`: an order seeded by `seed`. Either way a \
-                 larger `limit` extends a smaller one.",
-            ),
-            ParamSpec::optional(
-                "seed",
-                ParamType::Int { min: None, max: None },
-                json!(0),
-                "Seed of the `random` order and of the `test_count` draw.",
-            ),
-            ParamSpec::optional(
-                "ids",
-                ids(),
-                json!([]),
-                "Explicit training photo ids, in order; when not empty, `limit` and `sample` \
-                 are not used. Unknown ids are an error.",
-            ),
-            ParamSpec::optional(
-                "test",
-                ids(),
-                json!([]),
-                "Photo ids to hold out (`split: test`), downloaded besides the training ones.",
-            ),
-            ParamSpec::optional(
-                "test_count",
-                int(0, None),
-                json!(0),
-                "How many more held-out photos to draw with `seed` (none of them training).",
-            ),
-            ParamSpec::optional(
-                "width",
-                int(16, Some(8192)),
-                json!(512),
-                "Width the server resizes each photo to (`w=`), keeping its aspect ratio.",
-            ),
-            ParamSpec::optional(
-                "quality",
-                int(1, Some(100)),
-                json!(80),
-                "JPEG quality asked of the server (`q=`), and used to re-encode a non-JPEG reply.",
-            ),
-            ParamSpec::optional(
-                "format",
-                ParamType::Enum(&["jpg"]),
-                json!("jpg"),
-                "Image format asked of the server (`fm=`); files are saved as `.jpg`.",
-            ),
-            ParamSpec::optional(
-                "concurrency",
-                int(1, Some(64)),
-                json!(8),
-                "Downloads in flight at once (I/O-bound threads).",
-            ),
-            ParamSpec::optional(
-                "timeout_s",
-                ParamType::Float { min: Some(0.001), max: None },
-                json!(30),
-                "Seconds one image request may take in all; for the release zip, seconds any \
-                 single read may stall.",
-            ),
-            ParamSpec::optional(
-                "retries",
-                int(0, Some(20)),
-                json!(4),
-                "Retries after a 5xx/429/408 reply, a timeout or a connection error.",
-            ),
-            ParamSpec::optional(
-                "retry_base_ms",
-                int(0, Some(600_000)),
-                json!(500),
-                "First backoff delay; it doubles per retry, with jitter. A `Retry-After` reply \
-                 header is honoured instead (up to 120 s).",
-            ),
-            ParamSpec::optional(
-                "max_failure_fraction",
-                ParamType::Float { min: Some(0.0), max: Some(1.0) },
-                json!(0.2),
-                "The stage fails if more than this fraction of the selected photos could not \
-                 be downloaded and verified.",
-            ),
-        ]
+        Settings::specs()
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -213,8 +105,9 @@ impl StageKind for UnsplashLite {
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let settings = Settings::from_ctx(ctx)?;
-        let release = load_release(ctx, &settings)?;
+        let settings = Settings::of(ctx)?;
+        let policy = settings.policy()?;
+        let release = load_release(ctx, &settings, &policy)?;
         for note in &release.notes {
             log(ctx, note)?;
         }
@@ -246,7 +139,7 @@ impl StageKind for UnsplashLite {
             .collect();
         ctx.progress.set_total(plan.len() as u64);
         ctx.progress.advance((plan.len() - jobs.len()) as u64, "skipped unusable rows");
-        let client = Client::new(settings.policy.clone(), Budget::Total, ctx.cancel.clone());
+        let client = Client::new(policy, Budget::Total, ctx.cancel.clone());
         let downloader = Downloader {
             client: &client,
             cache: &Cache::new(ctx.downloads),
@@ -406,13 +299,17 @@ fn photo_record<'a>(planned: &'a Planned<'_>, width: u32, height: u32) -> PhotoR
 }
 
 /// The release from `local` or from the (cached) `source` zip.
-fn load_release(ctx: &mut StageContext<'_>, settings: &Settings) -> Result<Release, StageError> {
-    let path = match ctx.paths.get("local").cloned() {
+fn load_release(
+    ctx: &mut StageContext<'_>,
+    settings: &Settings,
+    policy: &Policy,
+) -> Result<Release, StageError> {
+    let path = match &settings.local {
         Some(local) => {
-            log(ctx, &format!("reading the release from {}", local.display()))?;
-            local
+            log(ctx, &format!("reading the release from {}", local.path().display()))?;
+            local.path().to_path_buf()
         }
-        None => fetch_release_zip(ctx, settings)?,
+        None => fetch_release_zip(ctx, &settings.source, policy)?,
     };
     release::read(&path).map_err(|e| StageError::failed(e.to_string()))
 }
@@ -420,9 +317,9 @@ fn load_release(ctx: &mut StageContext<'_>, settings: &Settings) -> Result<Relea
 /// The release zip in the download cache, fetched first if it is not there yet.
 fn fetch_release_zip(
     ctx: &mut StageContext<'_>,
-    settings: &Settings,
+    url: &str,
+    policy: &Policy,
 ) -> Result<std::path::PathBuf, StageError> {
-    let url = settings.source.as_str();
     if !http::is_http_url(url) {
         return Err(StageError::InvalidParam {
             param: "source".into(),
@@ -436,7 +333,7 @@ fn fetch_release_zip(
         return Ok(path);
     }
     log(ctx, &format!("downloading the release from {url}"))?;
-    let client = Client::new(settings.policy.clone(), Budget::PerRead, ctx.cancel.clone());
+    let client = Client::new(policy.clone(), Budget::PerRead, ctx.cancel.clone());
     let mut temp = cache.temp_file().map_err(|e| {
         StageError::io(format!("creating a file in {}", ctx.downloads.display()), e)
     })?;
@@ -513,74 +410,67 @@ fn log(ctx: &mut StageContext<'_>, line: &str) -> Result<(), StageError> {
     writeln!(ctx.log, "unsplash-lite: {line}").map_err(|e| StageError::io("writing the log", e))
 }
 
-/// The parameters, typed and checked again here (the engine validates against the specs, but
-/// a kind must not panic on values that reach it some other way).
+/// The parameters.
+#[derive(KindParams)]
 struct Settings {
+    /// URL of the release zip (http or https). `latest` moves with new releases; pin a version
+    /// such as https://unsplash.com/data/lite/1.2.1 for a fixed dataset (the zip is cached by
+    /// URL).
+    #[param(default = LATEST_URL)]
     source: String,
+    /// A release zip or a folder of extracted TSV shards in the project; when set, `source` is
+    /// not used.
+    #[param(path, default = null)]
+    local: Option<ProjectPath>,
+    /// `limit`, `sample`, `seed`, `ids`, `test` and `test_count`.
+    #[param(flatten)]
     spec: Spec,
+    /// Width the server resizes each photo to (`w=`), keeping its aspect ratio.
+    #[param(default = 512, min = 16, max = 8192)]
     width: u32,
+    /// JPEG quality asked of the server (`q=`), and used to re-encode a non-JPEG reply.
+    #[param(default = 80, min = 1, max = 100)]
     quality: u8,
+    /// Image format asked of the server (`fm=`); files are saved as `.jpg`.
+    #[param(default = "jpg", one_of = &["jpg"])]
     format: String,
+    /// Downloads in flight at once (I/O-bound threads).
+    #[param(default = 8, min = 1, max = 64)]
     concurrency: usize,
-    policy: Policy,
+    /// Seconds one image request may take in all; for the release zip, seconds any single read
+    /// may stall.
+    #[param(default = 30, min = 0.001)]
+    timeout_s: f64,
+    /// Retries after a 5xx/429/408 reply, a timeout or a connection error.
+    #[param(default = 4, min = 0, max = 20)]
+    retries: u32,
+    /// First backoff delay; it doubles per retry, with jitter. A `Retry-After` reply header is
+    /// honoured instead (up to 120 s).
+    #[param(default = 500, min = 0, max = 600_000)]
+    retry_base_ms: u64,
+    /// The stage fails if more than this fraction of the selected photos could not be
+    /// downloaded and verified.
+    #[param(default = 0.2, min = 0.0, max = 1.0)]
     max_failure_fraction: f64,
 }
 
 impl Settings {
-    fn from_ctx(ctx: &StageContext<'_>) -> Result<Settings, StageError> {
-        let invalid = |param: &str, message: String| StageError::InvalidParam {
-            param: param.to_string(),
-            message,
-        };
-        let bounded = |name: &str, min: i64, max: i64| -> Result<i64, StageError> {
-            let value: i64 = ctx.param(name)?;
-            if (min..=max).contains(&value) {
-                Ok(value)
-            } else {
-                Err(invalid(name, format!("{value} is not in {min}..={max}")))
-            }
-        };
-        let sample = match ctx.param::<String>("sample")?.as_str() {
-            "first" => Sample::First,
-            "random" => Sample::Random,
-            other => return Err(invalid("sample", format!("`{other}` is not first or random"))),
-        };
-        let format: String = ctx.param("format")?;
-        if format != "jpg" {
-            return Err(invalid("format", format!("`{format}` is not supported; use jpg")));
+    /// How requests are timed and retried. The timeout's upper bound is not in the declared
+    /// type: it keeps `Duration::from_secs_f64` far from overflowing.
+    fn policy(&self) -> Result<Policy, StageError> {
+        let timeout_s = self.timeout_s;
+        if timeout_s > 86_400.0 {
+            return Err(StageError::InvalidParam {
+                param: "timeout_s".into(),
+                message: format!("{timeout_s} is not in (0, 86400]"),
+            });
         }
-        let timeout_s: f64 = ctx.param("timeout_s")?;
-        if !(timeout_s.is_finite() && timeout_s > 0.0 && timeout_s <= 86_400.0) {
-            return Err(invalid("timeout_s", format!("{timeout_s} is not in (0, 86400]")));
-        }
-        let max_failure_fraction: f64 = ctx.param("max_failure_fraction")?;
-        if !(0.0..=1.0).contains(&max_failure_fraction) {
-            let message = format!("{max_failure_fraction} is not in 0..=1");
-            return Err(invalid("max_failure_fraction", message));
-        }
-        // The casts below are lossless: each value was just checked to be in range.
-        Ok(Settings {
-            source: ctx.param("source")?,
-            spec: Spec {
-                limit: bounded("limit", 1, i64::from(u32::MAX))? as usize,
-                sample,
-                seed: ctx.param("seed")?,
-                ids: ctx.param("ids")?,
-                test: ctx.param("test")?,
-                test_count: bounded("test_count", 0, i64::from(u32::MAX))? as usize,
-            },
-            width: bounded("width", 16, 8192)? as u32,
-            quality: bounded("quality", 1, 100)? as u8,
-            format,
-            concurrency: bounded("concurrency", 1, 64)? as usize,
-            policy: Policy {
-                timeout: Duration::from_secs_f64(timeout_s),
-                retries: bounded("retries", 0, 20)? as u32,
-                base_delay: Duration::from_millis(bounded("retry_base_ms", 0, 600_000)? as u64),
-                max_delay: MAX_BACKOFF,
-                max_retry_after: MAX_RETRY_AFTER,
-            },
-            max_failure_fraction,
+        Ok(Policy {
+            timeout: Duration::from_secs_f64(timeout_s),
+            retries: self.retries,
+            base_delay: Duration::from_millis(self.retry_base_ms),
+            max_delay: MAX_BACKOFF,
+            max_retry_after: MAX_RETRY_AFTER,
         })
     }
 }

@@ -24,7 +24,8 @@ use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModelConfig,
 };
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
-use sdpipe_stages::api::{Fetch, Params, StageError};
+use sdpipe_stages::api::{Fetch, ParamType, Params, StageError};
+use sdpipe_stages::params::ParamValue;
 use serde_json::Value;
 
 use crate::clip_tokenizer::ClipTokenizer;
@@ -82,7 +83,35 @@ pub fn check_variant(variant: &str) -> Result<(), String> {
     }
 }
 
-/// A kind's `variant` parameter, checked (it becomes part of file names).
+/// A `variant` parameter's value as a typed parameter field (`Option<Variant>`, default
+/// null): read only when [`check_variant`] accepts it, so an invalid name is refused naming
+/// the parameter.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct Variant(String);
+
+impl Variant {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Variant {
+    type Error = String;
+    fn try_from(variant: String) -> Result<Variant, String> {
+        check_variant(&variant)?;
+        Ok(Variant(variant))
+    }
+}
+
+impl ParamValue for Variant {
+    fn param_type() -> ParamType {
+        ParamType::String
+    }
+}
+
+/// A kind's `variant` parameter, checked (it becomes part of file names), from the parameters
+/// themselves (kinds that declare theirs as a struct read an `Option<`[`Variant`]`>`).
 pub fn variant_param(params: &Params) -> Result<Option<&str>, StageError> {
     match params.get("variant") {
         None | Some(Value::Null) => Ok(None),
@@ -1325,5 +1354,13 @@ mod tests {
         assert!(check_variant("fp16").is_ok());
         assert!(check_variant("../x").is_err());
         assert!(check_variant("").is_err());
+    }
+
+    #[test]
+    fn a_variant_field_reads_only_names_check_variant_accepts() {
+        let read = |v: &str| serde_json::from_value::<Variant>(serde_json::json!(v));
+        assert_eq!(read("fp16").unwrap().as_str(), "fp16");
+        let e = read("../x").unwrap_err().to_string();
+        assert_eq!(e, check_variant("../x").unwrap_err());
     }
 }

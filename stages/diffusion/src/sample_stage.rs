@@ -21,9 +21,9 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
-    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
-    StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, Params, StageContext, StageError, StageKind,
 };
+use sdpipe_stages::params::{Input, KindParams};
 use sdpipe_unet::lora::LORA_WEIGHTS_NAME;
 use sdpipe_unet::LoraFile;
 use serde::Deserialize;
@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 
 use crate::generate::{latent_side, save_png, Conditioning, StableDiffusion};
 use crate::lora_base::{BaseCheck, BaseIdentity};
-use crate::pipeline::SdPipeline;
+use crate::pipeline::{SdPipeline, Variant};
 use crate::schedulers::SamplerKind;
 
 const IMAGES: &str = "images";
@@ -76,16 +76,13 @@ impl Sample {
         self.hub.clone().unwrap_or_else(HubConfig::from_env)
     }
 
-    /// The pipeline folder: the bound `pipeline` input, else `model` resolved through the hub
-    /// crate (local folder, Hugging Face cache, download).
-    fn resolve_model(&self, params: &Params, fetch: Fetch) -> Result<PathBuf, StageError> {
-        let text = |name: &str| params.get(name).and_then(Value::as_str).unwrap_or_default();
-        let variant = crate::pipeline::variant_param(params)?;
+    /// `model` resolved through the hub crate (local folder, Hugging Face cache, download).
+    fn resolve_model(&self, model: &Model, fetch: Fetch) -> Result<PathBuf, StageError> {
         Ok(crate::pipeline::resolve_folder(
             &self.hub_config(),
-            text("model"),
-            text("revision"),
-            variant,
+            &model.model,
+            &model.revision,
+            model.variant(),
             fetch,
         )?)
     }
@@ -142,80 +139,144 @@ fn jobs(dataset: &Path, split: &str, seed: u64, n: usize) -> Result<Vec<Job>, St
     Ok(jobs)
 }
 
-/// The validated settings of one run.
+/// The parameters.
+#[derive(KindParams)]
 struct Settings {
+    /// An imagefolder `dataset/` whose split's metadata.jsonl holds the captions.
+    #[param(input)]
+    prompts: Input,
+    #[param(flatten)]
+    model: Model,
+    /// Which split of `prompts` to sample.
+    #[param(default = "test")]
     split: String,
-    sampler: SamplerKind,
+    /// The sampler, built from the pipeline's scheduler config as diffusers' `from_config`
+    /// would.
+    #[param(default = "pndm", one_of = SCHEDULERS)]
+    scheduler: SamplerKind,
+    /// Inference steps.
+    #[param(default = 50, min = 1)]
     steps: usize,
+    /// Classifier-free guidance scale; ≤ 1 disables guidance (as in diffusers).
+    #[param(default = 7.5, min = 0.0)]
     guidance_scale: f64,
+    /// The unconditional prompt guidance steers away from (diffusers' default: empty).
+    #[param(default = "")]
     negative_prompt: String,
+    /// Base seed; image k of the i-th prompt (in id order) uses seed + i*n + k.
+    #[param(default = 0, min = 0)]
     seed: u64,
+    /// Images per prompt.
+    #[param(default = 1, min = 1)]
     n_per_prompt: usize,
+    /// Image height in pixels; 0: the UNet's sample_size × the VAE's scale factor.
+    #[param(default = 0, min = 0)]
     height: usize,
+    /// Image width in pixels; 0: the UNet's sample_size × the VAE's scale factor.
+    #[param(default = 0, min = 0)]
     width: usize,
+    /// Images denoised together (results do not depend on it).
+    #[param(default = 1, min = 1)]
     batch_size: usize,
-    /// What the text encoder and the VAE are loaded and computed in (`precision`).
-    dtype: DType,
-    /// The bound LoRA's scale (`lora_scale`).
+    /// What the text encoder and the VAE are loaded and run in, as diffusers' `torch_dtype`
+    /// (`fp16`: float16, `bf16`: bfloat16). The UNet computes in f32 whatever this says
+    /// (sdpipe's UNet has no half-precision path), and the sampler's arithmetic is f32, so half
+    /// precision changes images by rounding in the text embeddings and the VAE decode only.
+    #[param(default = "f32", one_of = Precision::NAMES)]
+    precision: Precision,
+    /// Not read here: the run uses the threads the scheduler granted (`ctx.threads`).
+    #[allow(dead_code)]
+    #[param(flatten)]
+    threads: Threads,
+}
+
+impl Settings {
+    /// What the parameters' types cannot say: `lora_scale` is a finite number, and only
+    /// scales a bound `lora`.
+    fn check(&self) -> Result<(), StageError> {
+        let lora_scale = self.model.lora_scale;
+        if !lora_scale.is_finite() {
+            return Err(invalid("lora_scale", format!("{lora_scale} is not a finite number")));
+        }
+        if lora_scale != 1.0 && self.model.lora.is_none() {
+            return Err(invalid(
+                "lora_scale",
+                format!(
+                    "{lora_scale} scales a LoRA, but no `lora` is bound: bind one (a train-lora \
+                     stage's `lora` output) or leave `lora_scale` at its default, 1.0"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The model sampled: the bound `pipeline`, else `model` at `revision` (`variant`'s weights),
+/// and the LoRA merged into it; `external_deps` reads these alone, needing no `prompts`.
+#[derive(KindParams)]
+struct Model {
+    /// A diffusers pipeline folder from an upstream stage (e.g. `train.model`); when bound it is
+    /// used instead of `model`.
+    #[param(input, default = null)]
+    pipeline: Option<Input>,
+    /// A LoRA to merge into the UNet: a `train-lora` stage's `lora` output, or a diffusers LoRA
+    /// file (`pytorch_lora_weights.safetensors`) or a folder holding one. The base model it
+    /// records must be this pipeline's (a LoRA that records none is merged with a note in the
+    /// log); its layers must fit the UNet.
+    #[param(input, default = null)]
+    lora: Option<Input>,
+    /// How much of the LoRA is merged: W + lora_scale·(alpha/rank)·B·A, diffusers'
+    /// `fuse_lora(lora_scale=…)` or `cross_attention_kwargs={"scale": …}`; 0 samples the base
+    /// model. Only with a bound `lora`.
+    #[param(default = 1.0)]
     lora_scale: f64,
+    /// Hugging Face repository id or local folder of the pipeline.
+    #[param(default = "stable-diffusion-v1-5/stable-diffusion-v1-5")]
+    model: String,
+    /// Revision of `model` on the hub.
+    #[param(default = "main")]
+    revision: String,
+    /// diffusers' weight variant of `model` to read (`fp16`: `*.fp16.safetensors`, loaded into
+    /// f32); null reads the default weights.
+    #[param(default = null)]
+    variant: Option<Variant>,
+}
+
+impl Model {
+    fn variant(&self) -> Option<&str> {
+        self.variant.as_ref().map(Variant::as_str)
+    }
+}
+
+/// The threads a run asks for; read alone by `threads`, which the engine calls before any
+/// input is bound.
+#[derive(KindParams)]
+struct Threads {
+    /// CPU threads to use (the scheduler may grant fewer).
+    #[param(default = 4, min = 1)]
+    threads: usize,
 }
 
 /// The `precision` parameter's values: the dtype the text encoder and the VAE are loaded in,
 /// as diffusers' `torch_dtype` (`fp16`: torch.float16, `bf16`: torch.bfloat16).
-fn precision_dtype(name: &str) -> Option<DType> {
-    match name {
-        "f32" => Some(DType::F32),
-        "fp16" => Some(DType::F16),
-        "bf16" => Some(DType::BF16),
-        _ => None,
-    }
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Precision {
+    F32,
+    Fp16,
+    Bf16,
 }
 
-fn settings(ctx: &StageContext<'_>) -> Result<Settings, StageError> {
-    let scheduler: String = ctx.param("scheduler")?;
-    let sampler = SamplerKind::parse(&scheduler).ok_or_else(|| {
-        invalid("scheduler", format!("`{scheduler}`: expected pndm, ddim or euler"))
-    })?;
-    let positive = |name: &str| -> Result<usize, StageError> {
-        let v: i64 = ctx.param(name)?;
-        usize::try_from(v).ok().filter(|&v| v > 0).ok_or_else(|| invalid(name, "must be ≥ 1"))
-    };
-    let size = |name: &str| -> Result<usize, StageError> {
-        let v: i64 = ctx.param(name)?;
-        usize::try_from(v).map_err(|_| invalid(name, "must be ≥ 0 (0: the model's default)"))
-    };
-    let seed: i64 = ctx.param("seed")?;
-    let precision: String = ctx.param("precision")?;
-    let dtype = precision_dtype(&precision).ok_or_else(|| {
-        invalid("precision", format!("`{precision}`: expected f32, fp16 or bf16"))
-    })?;
-    let lora_scale: f64 = ctx.param("lora_scale")?;
-    if !lora_scale.is_finite() {
-        return Err(invalid("lora_scale", format!("{lora_scale} is not a finite number")));
+impl Precision {
+    const NAMES: &'static [&'static str] = &["f32", "fp16", "bf16"];
+
+    fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Fp16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
     }
-    if lora_scale != 1.0 && !ctx.inputs.contains_key("lora") {
-        return Err(invalid(
-            "lora_scale",
-            format!(
-                "{lora_scale} scales a LoRA, but no `lora` is bound: bind one (a train-lora \
-                 stage's `lora` output) or leave `lora_scale` at its default, 1.0"
-            ),
-        ));
-    }
-    Ok(Settings {
-        split: ctx.param("split")?,
-        sampler,
-        steps: positive("steps")?,
-        guidance_scale: ctx.param("guidance_scale")?,
-        negative_prompt: ctx.param("negative_prompt")?,
-        seed: seed as u64,
-        n_per_prompt: positive("n_per_prompt")?,
-        height: size("height")?,
-        width: size("width")?,
-        batch_size: positive("batch_size")?,
-        dtype,
-        lora_scale,
-    })
 }
 
 impl StageKind for Sample {
@@ -249,124 +310,7 @@ impl StageKind for Sample {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let int = |min: i64| ParamType::Int { min: Some(min), max: None };
-        vec![
-            ParamSpec::required(
-                "prompts",
-                ParamType::Input,
-                "An imagefolder `dataset/` whose split's metadata.jsonl holds the captions.",
-            ),
-            ParamSpec::optional(
-                "pipeline",
-                ParamType::Input,
-                Value::Null,
-                "A diffusers pipeline folder from an upstream stage (e.g. `train.model`); when \
-                 bound it is used instead of `model`.",
-            ),
-            ParamSpec::optional(
-                "lora",
-                ParamType::Input,
-                Value::Null,
-                "A LoRA to merge into the UNet: a `train-lora` stage's `lora` output, or a \
-                 diffusers LoRA file (`pytorch_lora_weights.safetensors`) or a folder holding \
-                 one. The base model it records must be this pipeline's (a LoRA that records \
-                 none is merged with a note in the log); its layers must fit the UNet.",
-            ),
-            ParamSpec::optional(
-                "lora_scale",
-                ParamType::Float { min: None, max: None },
-                json!(1.0),
-                "How much of the LoRA is merged: W + lora_scale·(alpha/rank)·B·A, diffusers' \
-                 `fuse_lora(lora_scale=…)` or `cross_attention_kwargs={\"scale\": …}`; 0 samples \
-                 the base model. Only with a bound `lora`.",
-            ),
-            ParamSpec::optional(
-                "model",
-                ParamType::String,
-                json!("stable-diffusion-v1-5/stable-diffusion-v1-5"),
-                "Hugging Face repository id or local folder of the pipeline.",
-            ),
-            ParamSpec::optional(
-                "revision",
-                ParamType::String,
-                json!("main"),
-                "Revision of `model` on the hub.",
-            ),
-            ParamSpec::optional(
-                "variant",
-                ParamType::String,
-                Value::Null,
-                "diffusers' weight variant of `model` to read (`fp16`: `*.fp16.safetensors`, \
-                 loaded into f32); null reads the default weights.",
-            ),
-            ParamSpec::optional(
-                "split",
-                ParamType::String,
-                json!("test"),
-                "Which split of `prompts` to sample.",
-            ),
-            ParamSpec::optional(
-                "scheduler",
-                ParamType::Enum(SCHEDULERS),
-                json!("pndm"),
-                "The sampler, built from the pipeline's scheduler config as diffusers' \
-                 `from_config` would.",
-            ),
-            ParamSpec::optional("steps", int(1), json!(50), "Inference steps."),
-            ParamSpec::optional(
-                "guidance_scale",
-                ParamType::Float { min: Some(0.0), max: None },
-                json!(7.5),
-                "Classifier-free guidance scale; ≤ 1 disables guidance (as in diffusers).",
-            ),
-            ParamSpec::optional(
-                "negative_prompt",
-                ParamType::String,
-                json!(""),
-                "The unconditional prompt guidance steers away from (diffusers' default: empty).",
-            ),
-            ParamSpec::optional(
-                "seed",
-                ParamType::Int { min: Some(0), max: None },
-                json!(0),
-                "Base seed; image k of the i-th prompt (in id order) uses seed + i*n + k.",
-            ),
-            ParamSpec::optional("n_per_prompt", int(1), json!(1), "Images per prompt."),
-            ParamSpec::optional(
-                "height",
-                int(0),
-                json!(0),
-                "Image height in pixels; 0: the UNet's sample_size × the VAE's scale factor.",
-            ),
-            ParamSpec::optional(
-                "width",
-                int(0),
-                json!(0),
-                "Image width in pixels; 0: the UNet's sample_size × the VAE's scale factor.",
-            ),
-            ParamSpec::optional(
-                "batch_size",
-                int(1),
-                json!(1),
-                "Images denoised together (results do not depend on it).",
-            ),
-            ParamSpec::optional(
-                "precision",
-                ParamType::Enum(&["f32", "fp16", "bf16"]),
-                json!("f32"),
-                "What the text encoder and the VAE are loaded and run in, as diffusers' \
-                 `torch_dtype` (`fp16`: float16, `bf16`: bfloat16). The UNet computes in f32 \
-                 whatever this says (sdpipe's UNet has no half-precision path), and the \
-                 sampler's arithmetic is f32, so half precision changes images by rounding in \
-                 the text embeddings and the VAE decode only.",
-            ),
-            ParamSpec::optional(
-                "threads",
-                int(1),
-                json!(4),
-                "CPU threads to use (the scheduler may grant fewer).",
-            ),
-        ]
+        Settings::specs()
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -389,7 +333,7 @@ impl StageKind for Sample {
     }
 
     fn threads(&self, params: &Params) -> usize {
-        params.get("threads").and_then(Value::as_u64).unwrap_or(4).max(1) as usize
+        Threads::of_params(params).map_or(4, |t| t.threads)
     }
 
     fn external_deps(
@@ -397,32 +341,31 @@ impl StageKind for Sample {
         params: &Params,
         fetch: Fetch,
     ) -> Result<BTreeMap<String, PathBuf>, StageError> {
+        let model = Model::of_params(params)?;
         // A bound `pipeline` is an upstream output, already part of the key.
-        if params.get("pipeline").is_some_and(|v| !v.is_null()) {
+        if model.pipeline.is_some() {
             return Ok(BTreeMap::new());
         }
-        Ok(crate::pipeline::model_deps(
-            &self.resolve_model(params, fetch)?,
-            crate::pipeline::variant_param(params)?,
-        )?)
+        Ok(crate::pipeline::model_deps(&self.resolve_model(&model, fetch)?, model.variant())?)
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let settings = settings(ctx)?;
+        let settings = Settings::of(ctx)?;
+        settings.check()?;
         let jobs =
-            jobs(ctx.input("prompts")?, &settings.split, settings.seed, settings.n_per_prompt)?;
-        let root = match ctx.inputs.get("pipeline") {
-            Some(path) => path.clone(),
-            None => self.resolve_model(ctx.params, Fetch::allowed())?,
+            jobs(settings.prompts.path(), &settings.split, settings.seed, settings.n_per_prompt)?;
+        let m = &settings.model;
+        let root = match &m.pipeline {
+            Some(input) => input.path().to_path_buf(),
+            None => self.resolve_model(m, Fetch::allowed())?,
         };
-        let pipeline =
-            SdPipeline::open_variant(&root, crate::pipeline::variant_param(ctx.params)?)?;
-        let model = match ctx.inputs.get("pipeline") {
-            Some(path) => format!("the `pipeline` input, {}", path.display()),
-            None => ctx.param::<String>("model")?,
+        let pipeline = SdPipeline::open_variant(&root, m.variant())?;
+        let model = match &m.pipeline {
+            Some(input) => format!("the `pipeline` input, {}", input.path().display()),
+            None => m.model.clone(),
         };
-        let lora = match ctx.inputs.get("lora") {
-            Some(path) => Some(open_lora(ctx, path, &pipeline, &model, settings.lora_scale)?),
+        let lora = match &m.lora {
+            Some(input) => Some(open_lora(ctx, input.path(), &pipeline, &model, m.lora_scale)?),
             None => None,
         };
         let pool = rayon::ThreadPoolBuilder::new()
@@ -528,12 +471,17 @@ fn run_jobs(
 ) -> Result<(), StageError> {
     let device = ctx.candle_device()?;
     let sd = match lora {
-        None => StableDiffusion::load(pipeline, &device, settings.dtype)?,
+        None => StableDiffusion::load(pipeline, &device, settings.precision.dtype())?,
         Some(lora) => {
             // A LoRA that does not fit the UNet is refused here, from the headers, before any
             // weight is read; the error names the LoRA file and its layers.
             let loras = [(&lora.file, lora.scale)];
-            let sd = StableDiffusion::load_with_lora(pipeline, &device, settings.dtype, &loras)?;
+            let sd = StableDiffusion::load_with_lora(
+                pipeline,
+                &device,
+                settings.precision.dtype(),
+                &loras,
+            )?;
             writeln!(ctx.log, "merged the LoRA into the UNet: {}", lora.record)
                 .map_err(io("writing the log"))?;
             sd
@@ -548,7 +496,7 @@ fn run_jobs(
     let done_dir = ctx.state_dir.join(IMAGES);
     fs::create_dir_all(&done_dir).map_err(io("creating the state directory"))?;
     let todo: Vec<&Job> = jobs.iter().filter(|j| !done_dir.join(&j.file_name).is_file()).collect();
-    let calls = settings.sampler.build(&pipeline.scheduler, settings.steps).map_err(|m| {
+    let calls = settings.scheduler.build(&pipeline.scheduler, settings.steps).map_err(|m| {
         StageError::failed(format!("{}: {m}", pipeline.root.join("scheduler").display()))
     })?;
     let calls = calls.timesteps().len() as u64;
@@ -559,13 +507,13 @@ fn run_jobs(
          VAE in {:?}",
         jobs.len(),
         jobs.len() - todo.len(),
-        settings.sampler.class_name(),
+        settings.scheduler.class_name(),
         pipeline.root.display(),
         settings.steps,
         settings.guidance_scale,
         settings.negative_prompt,
         settings.batch_size,
-        settings.dtype
+        settings.precision.dtype()
     )
     .map_err(io("writing the log"))?;
     ctx.progress.set_total(todo.len() as u64 * calls);
@@ -586,7 +534,7 @@ fn run_jobs(
             guidance_scale: settings.guidance_scale,
         };
         let mut sampler = settings
-            .sampler
+            .scheduler
             .build(&pipeline.scheduler, settings.steps)
             .map_err(StageError::failed)?;
         let (progress, cancel) = (ctx.progress, ctx.cancel);
@@ -628,4 +576,20 @@ fn write_outputs(
         lines.push('\n');
     }
     fs::write(ctx.output_path(SAMPLES), lines).map_err(io("writing samples.jsonl"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_scheduler_and_precision_name_is_read() {
+        for &name in SCHEDULERS {
+            let kind: SamplerKind = serde_json::from_value(json!(name)).unwrap();
+            assert_eq!(Some(kind), SamplerKind::parse(name));
+        }
+        for &name in Precision::NAMES {
+            serde_json::from_value::<Precision>(json!(name)).unwrap();
+        }
+    }
 }

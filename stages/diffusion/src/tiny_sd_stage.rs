@@ -2,11 +2,10 @@
 //! [`crate::tiny`]), for trying pipelines end to end and for tests, where no pretrained weights
 //! can be downloaded.
 
-use serde_json::json;
-
 use sdpipe_stages::api::{
     OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
 };
+use sdpipe_stages::params::KindParams;
 
 use crate::tiny::{write_tiny, TinySpec};
 
@@ -14,28 +13,52 @@ pub struct TinySd;
 
 const MODEL: &str = "model";
 
-fn sizes(ctx: &StageContext<'_>, name: &str) -> Result<Vec<usize>, StageError> {
-    let values: Vec<i64> = ctx.param(name)?;
-    if values.is_empty() {
-        return Err(StageError::InvalidParam { param: name.into(), message: "is empty".into() });
-    }
-    values
-        .into_iter()
-        .map(|v| {
-            usize::try_from(v).ok().filter(|&v| v > 0).ok_or_else(|| StageError::InvalidParam {
-                param: name.into(),
-                message: format!("{v} is not a positive size"),
-            })
-        })
-        .collect()
+/// The parameters, defaulting to [`TinySpec::default`]'s sizes.
+#[derive(KindParams)]
+struct Settings {
+    /// Seed of the random weights.
+    #[param(default = TinySpec::default().seed, min = 0)]
+    seed: u64,
+    /// Image side in pixels the pipeline makes by default.
+    #[param(default = TinySpec::default().image_size, min = 1)]
+    image_size: usize,
+    /// UNet channels per block (all blocks but the last have cross-attention).
+    #[param(default = TinySpec::default().unet_channels, ty = channels())]
+    unet_channels: Vec<usize>,
+    /// Resnet layers per UNet and VAE block.
+    #[param(default = TinySpec::default().layers_per_block, min = 1)]
+    layers_per_block: usize,
+    /// Attention heads per UNet block.
+    #[param(default = TinySpec::default().attention_heads, min = 1)]
+    attention_heads: usize,
+    /// VAE channels per block (the VAE downsamples once per extra block).
+    #[param(default = TinySpec::default().vae_channels, ty = channels())]
+    vae_channels: Vec<usize>,
+    /// GroupNorm groups (every channel count must be a multiple).
+    #[param(default = TinySpec::default().norm_num_groups, min = 1)]
+    norm_num_groups: usize,
+    /// CLIP width.
+    #[param(default = TinySpec::default().clip_hidden, min = 1)]
+    clip_hidden: usize,
+    /// CLIP layers.
+    #[param(default = TinySpec::default().clip_layers, min = 1)]
+    clip_layers: usize,
+    /// CLIP heads.
+    #[param(default = TinySpec::default().clip_heads, min = 1)]
+    clip_heads: usize,
 }
 
-fn size(ctx: &StageContext<'_>, name: &str) -> Result<usize, StageError> {
-    let v: i64 = ctx.param(name)?;
-    usize::try_from(v).map_err(|_| StageError::InvalidParam {
-        param: name.into(),
-        message: format!("{v} is negative"),
-    })
+/// Channels per block: positive sizes.
+fn channels() -> ParamType {
+    ParamType::List(Box::new(ParamType::Int { min: Some(1), max: None }))
+}
+
+/// A list of channels, which the bounds cannot require to be non-empty.
+fn non_empty(name: &str, channels: Vec<usize>) -> Result<Vec<usize>, StageError> {
+    if channels.is_empty() {
+        return Err(StageError::InvalidParam { param: name.into(), message: "is empty".into() });
+    }
+    Ok(channels)
 }
 
 impl StageKind for TinySd {
@@ -56,51 +79,7 @@ impl StageKind for TinySd {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let d = TinySpec::default();
-        let int = |min: i64| ParamType::Int { min: Some(min), max: None };
-        let list = || ParamType::List(Box::new(ParamType::Int { min: Some(1), max: None }));
-        vec![
-            ParamSpec::optional("seed", int(0), json!(d.seed), "Seed of the random weights."),
-            ParamSpec::optional(
-                "image_size",
-                int(1),
-                json!(d.image_size),
-                "Image side in pixels the pipeline makes by default.",
-            ),
-            ParamSpec::optional(
-                "unet_channels",
-                list(),
-                json!(d.unet_channels),
-                "UNet channels per block (all blocks but the last have cross-attention).",
-            ),
-            ParamSpec::optional(
-                "layers_per_block",
-                int(1),
-                json!(d.layers_per_block),
-                "Resnet layers per UNet and VAE block.",
-            ),
-            ParamSpec::optional(
-                "attention_heads",
-                int(1),
-                json!(d.attention_heads),
-                "Attention heads per UNet block.",
-            ),
-            ParamSpec::optional(
-                "vae_channels",
-                list(),
-                json!(d.vae_channels),
-                "VAE channels per block (the VAE downsamples once per extra block).",
-            ),
-            ParamSpec::optional(
-                "norm_num_groups",
-                int(1),
-                json!(d.norm_num_groups),
-                "GroupNorm groups (every channel count must be a multiple).",
-            ),
-            ParamSpec::optional("clip_hidden", int(1), json!(d.clip_hidden), "CLIP width."),
-            ParamSpec::optional("clip_layers", int(1), json!(d.clip_layers), "CLIP layers."),
-            ParamSpec::optional("clip_heads", int(1), json!(d.clip_heads), "CLIP heads."),
-        ]
+        Settings::specs()
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -113,18 +92,18 @@ impl StageKind for TinySd {
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let seed: i64 = ctx.param("seed")?;
+        let s = Settings::of(ctx)?;
         let spec = TinySpec {
-            seed: seed as u64,
-            image_size: size(ctx, "image_size")?,
-            unet_channels: sizes(ctx, "unet_channels")?,
-            layers_per_block: size(ctx, "layers_per_block")?,
-            attention_heads: size(ctx, "attention_heads")?,
-            vae_channels: sizes(ctx, "vae_channels")?,
-            norm_num_groups: size(ctx, "norm_num_groups")?,
-            clip_hidden: size(ctx, "clip_hidden")?,
-            clip_layers: size(ctx, "clip_layers")?,
-            clip_heads: size(ctx, "clip_heads")?,
+            seed: s.seed,
+            image_size: s.image_size,
+            unet_channels: non_empty("unet_channels", s.unet_channels)?,
+            layers_per_block: s.layers_per_block,
+            attention_heads: s.attention_heads,
+            vae_channels: non_empty("vae_channels", s.vae_channels)?,
+            norm_num_groups: s.norm_num_groups,
+            clip_hidden: s.clip_hidden,
+            clip_layers: s.clip_layers,
+            clip_heads: s.clip_heads,
             ..TinySpec::default()
         };
         ctx.cancel.check()?;

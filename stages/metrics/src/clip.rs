@@ -30,16 +30,17 @@ use candle_transformers::models::clip::text_model::{
 use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
 use image::RgbImage;
 use sdpipe_hub::{HubConfig, ResolvedModel, Want};
-use sdpipe_stages::api::{Fetch, ParamSpec, ParamType, Params, StageContext, StageError};
+use sdpipe_stages::api::{Fetch, ParamSpec, StageError};
+use sdpipe_stages::params::{with_default, Input, KindParams};
 use sdpipe_stages::pillow::{resize_rgb, Filter};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
+
+use crate::stage_common::BatchSize;
 
 pub const CONFIG: &str = "config.json";
 pub const WEIGHTS: &str = "model.safetensors";
 pub const TOKENIZER: &str = "tokenizer.json";
-/// The optional input naming an upstream model folder ([`model_params`]).
-pub const CLIP_INPUT: &str = "clip";
 pub const PREPROCESSOR: &str = "preprocessor_config.json";
 /// transformers 5 may bundle the image processor's settings here instead.
 pub const PROCESSOR: &str = "processor_config.json";
@@ -88,51 +89,64 @@ pub fn resolve(
         .map_err(|e| sdpipe_stages::model_fetch::stage_error(e, WEIGHTS))
 }
 
-/// The model a CLIP kind's `model` and `revision` parameters name ([`model_params`]; the
-/// fallbacks only matter for a map validation did not fill), resolved as `fetch` allows.
-pub fn resolve_params(
-    hub: Option<&HubConfig>,
-    params: &Params,
-    default_model: &str,
-    wants: &[Want<'_>],
-    fetch: Fetch,
-) -> Result<ResolvedModel, StageError> {
-    let model = params.get("model").and_then(Value::as_str).unwrap_or(default_model);
-    let revision = params.get("revision").and_then(Value::as_str).unwrap_or("main");
-    resolve(hub, model, revision, wants, fetch)
+/// The parameters every CLIP kind takes: the model (each kind gives its default and says
+/// which kind of CLIP it needs: [`with_model`]), its revision and the batch size. A kind's
+/// `external_deps` reads these alone, needing none of its other inputs.
+#[derive(KindParams)]
+pub struct ClipModel {
+    /// An upstream CLIP model folder (e.g. a `tiny-clip` stage's `model`); when bound it is used
+    /// instead of `model`.
+    #[param(input, default = null)]
+    pub clip: Option<Input>,
+    /// Hub repository id or local folder of a CLIP model; each kind gives its default and says
+    /// which CLIP it needs ([`with_model`]).
+    pub model: String,
+    /// Branch, tag or commit of a hub model.
+    #[param(default = "main")]
+    pub revision: String,
+    #[param(flatten)]
+    pub batch: BatchSize,
 }
 
-/// Whether the `clip` input (an upstream model folder) is bound: then it is used instead of
-/// `model`, and its files are in the key as the input's content, not as external dependencies.
-fn clip_input_bound(params: &Params) -> bool {
-    params.get(CLIP_INPUT).is_some_and(|v| !v.is_null())
+/// `specs` (a CLIP kind's, [`ClipModel`]'s among them) with the kind's default `model` and
+/// its documentation, which says which kind of CLIP the kind needs.
+pub fn with_model(
+    specs: Vec<ParamSpec>,
+    default_model: &'static str,
+    doc: &'static str,
+) -> Vec<ParamSpec> {
+    let mut specs = with_default(specs, "model", json!(default_model));
+    if let Some(spec) = specs.iter_mut().find(|s| s.name == "model") {
+        spec.doc = doc;
+    }
+    specs
 }
 
 /// A CLIP kind's external dependencies: the files of the `model` it names, or none when the
-/// `clip` input is bound (called before inputs are bound, so a binding is still a string).
+/// `clip` input is bound (then its files are in the key as the input's content).
 pub fn external_deps(
     hub: Option<&HubConfig>,
-    params: &Params,
-    default_model: &str,
+    model: &ClipModel,
     wants: &[Want<'_>],
     fetch: Fetch,
 ) -> Result<std::collections::BTreeMap<String, PathBuf>, StageError> {
-    if clip_input_bound(params) {
+    if model.clip.is_some() {
         return Ok(Default::default());
     }
-    Ok(deps(resolve_params(hub, params, default_model, wants, fetch)?))
+    Ok(deps(resolve(hub, &model.model, &model.revision, wants, fetch)?))
 }
 
 /// The model a running CLIP kind uses: the bound `clip` input's folder, else `model` resolved.
 pub fn resolve_for_run(
     hub: Option<&HubConfig>,
-    ctx: &StageContext<'_>,
-    default_model: &str,
+    model: &ClipModel,
     wants: &[Want<'_>],
 ) -> Result<ResolvedModel, StageError> {
-    match ctx.inputs.get(CLIP_INPUT) {
-        Some(dir) => resolve(hub, &dir.to_string_lossy(), "main", wants, Fetch::LocalOnly),
-        None => resolve_params(hub, ctx.params, default_model, wants, Fetch::allowed()),
+    match &model.clip {
+        Some(input) => {
+            resolve(hub, &input.path().to_string_lossy(), "main", wants, Fetch::LocalOnly)
+        }
+        None => resolve(hub, &model.model, &model.revision, wants, Fetch::allowed()),
     }
 }
 
@@ -144,28 +158,6 @@ pub fn describe_model(resolved: &ResolvedModel) -> String {
         (Some(repo), None) => repo.clone(),
         _ => crate::stage_common::file_name(&resolved.root),
     }
-}
-
-/// The parameters every CLIP kind takes: the model (`doc` says which kind of CLIP it needs),
-/// its revision and the batch size.
-pub fn model_params(default_model: &'static str, doc: &'static str) -> Vec<ParamSpec> {
-    vec![
-        ParamSpec::optional(
-            CLIP_INPUT,
-            ParamType::Input,
-            Value::Null,
-            "An upstream CLIP model folder (e.g. a `tiny-clip` stage's `model`); when bound it \
-             is used instead of `model`.",
-        ),
-        ParamSpec::optional("model", ParamType::String, json!(default_model), doc),
-        ParamSpec::optional(
-            "revision",
-            ParamType::String,
-            json!("main"),
-            "Branch, tag or commit of a hub model.",
-        ),
-        crate::stage_common::batch_size_param(8),
-    ]
 }
 
 /// A resolved model's files as the stage key's external dependencies (`model/<name>`).

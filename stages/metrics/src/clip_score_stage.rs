@@ -18,19 +18,37 @@ use std::path::{Path, PathBuf};
 
 use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
-    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
-    StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, Params, StageContext, StageError, StageKind,
 };
+use sdpipe_stages::params::{Input, KindParams};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::clip::{self, Clip, ModelFiles};
+use crate::clip::{self, Clip, ClipModel, ModelFiles};
 use crate::images;
 use crate::stage_common as common;
 
 const METRICS: &str = "metrics.json";
 const PER_IMAGE: &str = "per_image.jsonl";
 pub const DEFAULT_MODEL: &str = "openai/clip-vit-large-patch14";
+
+/// The parameters; `params` gives `model` its default, [`DEFAULT_MODEL`], and `MODEL_DOC`.
+#[derive(KindParams)]
+struct Settings {
+    /// The images: a folder, e.g. a `sample` stage's `images`.
+    #[param(input)]
+    samples: Input,
+    /// Their captions: the same `sample` stage's `samples` ({id, file_name, prompt} lines), or
+    /// {file_name, text} lines; file names are relative to `samples`.
+    #[param(input)]
+    samples_jsonl: Input,
+    #[param(flatten)]
+    clip: ClipModel,
+}
+
+const MODEL_DOC: &str = "Hub repository id or local folder of a CLIP model (CLIPModel, \
+                         transformers layout: config.json, model.safetensors, tokenizer.json, \
+                         preprocessor_config.json).";
 
 /// The `clip-score` kind. `hub` overrides the environment's hub settings (tests).
 #[derive(Default)]
@@ -130,25 +148,7 @@ impl StageKind for ClipScore {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let mut params = vec![
-            ParamSpec::required(
-                "samples",
-                ParamType::Input,
-                "The images: a folder, e.g. a `sample` stage's `images`.",
-            ),
-            ParamSpec::required(
-                "samples_jsonl",
-                ParamType::Input,
-                "Their captions: the same `sample` stage's `samples` ({id, file_name, prompt} \
-                 lines), or {file_name, text} lines; file names are relative to `samples`.",
-            ),
-        ];
-        params.extend(clip::model_params(
-            DEFAULT_MODEL,
-            "Hub repository id or local folder of a CLIP model (CLIPModel, transformers layout: \
-             config.json, model.safetensors, tokenizer.json, preprocessor_config.json).",
-        ));
-        params
+        clip::with_model(Settings::specs(), DEFAULT_MODEL, MODEL_DOC)
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -183,13 +183,8 @@ impl StageKind for ClipScore {
         params: &Params,
         fetch: Fetch,
     ) -> Result<BTreeMap<String, PathBuf>, StageError> {
-        clip::external_deps(
-            self.hub.as_ref(),
-            params,
-            DEFAULT_MODEL,
-            clip::WANTS_TEXT_AND_IMAGE,
-            fetch,
-        )
+        let model = ClipModel::of_params(params)?;
+        clip::external_deps(self.hub.as_ref(), &model, clip::WANTS_TEXT_AND_IMAGE, fetch)
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
@@ -199,15 +194,11 @@ impl StageKind for ClipScore {
 
 impl ClipScore {
     fn score(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let revision: String = ctx.param("revision")?;
-        let batch_size: usize = ctx.param("batch_size")?;
-        let pairs = read_pairs(ctx.input("samples")?, ctx.input("samples_jsonl")?)?;
-        let resolved = clip::resolve_for_run(
-            self.hub.as_ref(),
-            ctx,
-            DEFAULT_MODEL,
-            clip::WANTS_TEXT_AND_IMAGE,
-        )?;
+        let settings = Settings::of(ctx)?;
+        let batch_size = settings.clip.batch.batch_size;
+        let pairs = read_pairs(settings.samples.path(), settings.samples_jsonl.path())?;
+        let resolved =
+            clip::resolve_for_run(self.hub.as_ref(), &settings.clip, clip::WANTS_TEXT_AND_IMAGE)?;
         let _ =
             writeln!(ctx.log, "clip-score: {} images; model {}", pairs.len(), resolved.describe());
         let device = ctx.candle_device()?;
@@ -278,7 +269,7 @@ impl ClipScore {
             "n": scores.len(),
             "truncated": truncated,
             "model": clip::describe_model(&resolved),
-            "revision": revision,
+            "revision": settings.clip.revision,
             "image_size": size,
             "max_positions": max_positions,
             "preprocessing": format!(

@@ -24,15 +24,29 @@ use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
     Fetch, OutputKind, OutputSpec, ParamSpec, Params, StageContext, StageError, StageKind,
 };
+use sdpipe_stages::params::KindParams;
 use serde_json::json;
 
-use crate::clip::{self, Clip, ModelFiles, ProcessorConfig};
+use crate::clip::{self, Clip, ClipModel, ModelFiles, ProcessorConfig};
 use crate::images::{self, Entry};
 use crate::mmd;
-use crate::stage_common as common;
+use crate::stage_common::{self as common, ImageSets};
 
 const METRICS: &str = "metrics.json";
 pub const DEFAULT_MODEL: &str = "openai/clip-vit-large-patch14-336";
+
+/// The parameters; `params` gives `model` its default, [`DEFAULT_MODEL`], and `MODEL_DOC`.
+#[derive(KindParams)]
+struct Settings {
+    #[param(flatten)]
+    sets: ImageSets,
+    #[param(flatten)]
+    clip: ClipModel,
+}
+
+const MODEL_DOC: &str = "Hub repository id or local folder of a CLIP model (transformers \
+                         layout: config.json, model.safetensors, preprocessor_config.json); \
+                         only its image tower is used.";
 
 /// The `cmmd` kind. `hub` overrides the environment's hub settings (tests).
 #[derive(Default)]
@@ -61,14 +75,7 @@ impl StageKind for Cmmd {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let mut params = common::set_params();
-        params.extend(clip::model_params(
-            DEFAULT_MODEL,
-            "Hub repository id or local folder of a CLIP model (transformers layout: \
-             config.json, model.safetensors, preprocessor_config.json); only its image tower \
-             is used.",
-        ));
-        params
+        clip::with_model(Settings::specs(), DEFAULT_MODEL, MODEL_DOC)
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -91,7 +98,8 @@ impl StageKind for Cmmd {
         params: &Params,
         fetch: Fetch,
     ) -> Result<BTreeMap<String, PathBuf>, StageError> {
-        clip::external_deps(self.hub.as_ref(), params, DEFAULT_MODEL, clip::WANTS_IMAGE, fetch)
+        let model = ClipModel::of_params(params)?;
+        clip::external_deps(self.hub.as_ref(), &model, clip::WANTS_IMAGE, fetch)
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
@@ -101,14 +109,10 @@ impl StageKind for Cmmd {
 
 impl Cmmd {
     fn distance(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let real_split: String = ctx.param("real_split")?;
-        let fake_split: String = ctx.param("fake_split")?;
-        let real = images::list(ctx.input("real")?, &real_split, "real")?;
-        let fake = images::list(ctx.input("fake")?, &fake_split, "fake")?;
-        let revision: String = ctx.param("revision")?;
-        let batch_size: usize = ctx.param("batch_size")?;
-        let resolved =
-            clip::resolve_for_run(self.hub.as_ref(), ctx, DEFAULT_MODEL, clip::WANTS_IMAGE)?;
+        let settings = Settings::of(ctx)?;
+        let (real, fake) = settings.sets.list()?;
+        let batch_size = settings.clip.batch.batch_size;
+        let resolved = clip::resolve_for_run(self.hub.as_ref(), &settings.clip, clip::WANTS_IMAGE)?;
         let _ = writeln!(
             ctx.log,
             "cmmd: {} real, {} fake images; model {}",
@@ -131,7 +135,7 @@ impl Cmmd {
             "n_real": real.len(),
             "n_fake": fake.len(),
             "model": clip::describe_model(&resolved),
-            "revision": revision,
+            "revision": settings.clip.revision,
             "image_size": size,
             "sigma": mmd::SIGMA,
             "scale": mmd::SCALE,
@@ -142,8 +146,8 @@ impl Cmmd {
                  CLIP normalisation (google-research/cmmd io_util.py + embedding.py); \
                  projected image embeddings, L2-normalised"
             ),
-            "real_split": real_split,
-            "fake_split": fake_split,
+            "real_split": settings.sets.real_split,
+            "fake_split": settings.sets.fake_split,
         });
         common::write_json(&ctx.output_path(METRICS), &metrics)
     }

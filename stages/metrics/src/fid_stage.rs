@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use image::RgbImage;
 use sdpipe_stages::api::{
-    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
-    StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, Params, StageContext, StageError, StageKind,
 };
+use sdpipe_stages::params::KindParams;
 use serde_json::json;
 
 use crate::convert::WeightsKind;
@@ -16,11 +16,38 @@ use crate::frechet::{self, Frechet};
 use crate::images::{self, Entry, Resize};
 use crate::inception::{self, FidInception, FEATURE_DIM};
 use crate::kid::{self, Kid};
-use crate::stage_common::{self as common, candle_err};
+use crate::stage_common::{self as common, candle_err, BatchSize, InputParams};
 
 pub struct Fid;
 
 const METRICS: &str = "metrics.json";
+
+/// The parameters.
+#[derive(KindParams)]
+struct Settings {
+    #[param(flatten)]
+    inputs: InputParams,
+    #[param(flatten)]
+    weights: InceptionWeights,
+    #[param(flatten)]
+    batch: BatchSize,
+    /// Number of KID subsets.
+    #[param(default = 100, min = 1, max = 100_000)]
+    kid_subsets: usize,
+    /// Largest KID subset (the subset size is min(N_real, N_fake, this)).
+    #[param(default = 1000, min = 2)]
+    kid_subset_size: usize,
+}
+
+/// The Inception weights; `external_deps` reads them alone, needing no `real` and `fake`.
+#[derive(KindParams)]
+struct InceptionWeights {
+    /// The converted Inception weights: a path, or a file name looked up in $SDPIPE_WEIGHTS_DIR
+    /// and ~/.cache/sdpipe/weights/; `random` for a deterministic random stand-in (numbers then
+    /// are not FID).
+    #[param(default = WeightsKind::FidInception.default_file_name())]
+    weights: String,
+}
 
 impl StageKind for Fid {
     fn name(&self) -> &'static str {
@@ -41,29 +68,7 @@ impl StageKind for Fid {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let mut params = common::input_params();
-        params.push(ParamSpec::optional(
-            "weights",
-            ParamType::String,
-            json!(WeightsKind::FidInception.default_file_name()),
-            "The converted Inception weights: a path, or a file name looked up in \
-             $SDPIPE_WEIGHTS_DIR and ~/.cache/sdpipe/weights/; `random` for a deterministic \
-             random stand-in (numbers then are not FID).",
-        ));
-        params.push(common::batch_size_param(8));
-        params.push(ParamSpec::optional(
-            "kid_subsets",
-            ParamType::Int { min: Some(1), max: Some(100_000) },
-            json!(100),
-            "Number of KID subsets.",
-        ));
-        params.push(ParamSpec::optional(
-            "kid_subset_size",
-            ParamType::Int { min: Some(2), max: None },
-            json!(1000),
-            "Largest KID subset (the subset size is min(N_real, N_fake, this)).",
-        ));
-        params
+        Settings::specs()
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -85,8 +90,9 @@ impl StageKind for Fid {
         params: &Params,
         _fetch: Fetch,
     ) -> Result<BTreeMap<String, PathBuf>, StageError> {
+        let weights = InceptionWeights::of_params(params)?;
         let mut deps = BTreeMap::new();
-        common::add_dep(&mut deps, params, "weights", WeightsKind::FidInception, None)?;
+        common::add_dep(&mut deps, "weights", &weights.weights, WeightsKind::FidInception)?;
         Ok(deps)
     }
 
@@ -96,12 +102,12 @@ impl StageKind for Fid {
 }
 
 fn run_fid(ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-    let inputs = common::MetricInputs::read(ctx)?;
-    let (real, fake, resize, seed) = (&inputs.real, &inputs.fake, inputs.resize, inputs.seed);
-    let batch_size = inputs.batch_size;
-    let subsets: usize = ctx.param("kid_subsets")?;
-    let subset_size: usize = ctx.param("kid_subset_size")?;
-    let weights_value: String = ctx.param("weights")?;
+    let settings = Settings::of(ctx)?;
+    let inputs = &settings.inputs;
+    let (real, fake) = inputs.sets.list()?;
+    let (real, fake, resize, seed) = (&real, &fake, inputs.resize, inputs.seed);
+    let batch_size = settings.batch.batch_size;
+    let (subsets, subset_size) = (settings.kid_subsets, settings.kid_subset_size);
 
     for (which, set) in [("real", real), ("fake", fake)] {
         if set.len() < 2 {
@@ -118,7 +124,8 @@ fn run_fid(ctx: &mut StageContext<'_>) -> Result<(), StageError> {
         _ => Some(common_size(fake)?),
     };
 
-    let weights = common::load(&weights_value, WeightsKind::FidInception, "weights", seed)?;
+    let weights =
+        common::load(&settings.weights.weights, WeightsKind::FidInception, "weights", seed)?;
     let device = ctx.candle_device()?;
     let model =
         FidInception::on_device(&weights, &device).map_err(candle_err("building Inception"))?;

@@ -127,28 +127,22 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, StageError> {
 }
 
 /// How ground-truth images are brought to the samples' size before the metric's own
-/// preprocessing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// preprocessing (the `resize` parameter, by the names in [`Resize::NAMES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub enum Resize {
     /// Resize to the sample's size (aspect ratio not kept).
+    #[serde(rename = "resize")]
     Stretch,
     /// Crop the largest centred region of the sample's aspect ratio, then resize.
+    #[serde(rename = "center-crop")]
     CenterCrop,
     /// Leave sizes alone (LPIPS then requires equal sizes).
+    #[serde(rename = "none")]
     None,
 }
 
 impl Resize {
     pub const NAMES: [&'static str; 3] = ["resize", "center-crop", "none"];
-
-    pub fn parse(s: &str) -> Option<Resize> {
-        Some(match s {
-            "resize" => Resize::Stretch,
-            "center-crop" => Resize::CenterCrop,
-            "none" => Resize::None,
-            _ => return None,
-        })
-    }
 
     /// How the ground truth was treated, for `metrics.json`.
     pub fn describe(self, target: Option<(u32, u32)>) -> String {
@@ -211,6 +205,13 @@ pub fn to_signed_tensor(image: &RgbImage) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_resize_name_is_read() {
+        for name in Resize::NAMES {
+            serde_json::from_value::<Resize>(serde_json::json!(name)).unwrap();
+        }
+    }
 
     fn write_png(path: &Path, w: u32, h: u32) {
         RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7])).save(path).unwrap();

@@ -21,14 +21,19 @@ use crate::pool::max_pool2d;
 use crate::recipe::Init;
 use crate::weights::{TensorSpec, Weights};
 
-/// The trunk network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The trunk network (the `lpips` kind's `net` parameter, by [`Net::name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub enum Net {
+    #[serde(rename = "alex")]
     Alex,
+    #[serde(rename = "vgg")]
     Vgg16,
 }
 
 impl Net {
+    /// Every [`Net::name`].
+    pub const NAMES: &'static [&'static str] = &["alex", "vgg"];
+
     pub fn name(self) -> &'static str {
         match self {
             Net::Alex => "alex",
@@ -367,6 +372,14 @@ fn tap_distance(f0: &[f32], f1: &[f32], lin: &[f32], plane: usize) -> f64 {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn every_net_name_is_read_as_that_net() {
+        for &name in Net::NAMES {
+            let net: Net = serde_json::from_value(serde_json::json!(name)).unwrap();
+            assert_eq!(net.name(), name);
+        }
+    }
 
     fn random_alex() -> Lpips {
         let w = Weights::random(&trunk_specs(Net::Alex), 1)

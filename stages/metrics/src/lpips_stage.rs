@@ -10,32 +10,69 @@ use std::path::PathBuf;
 
 use candle_core::Tensor;
 use sdpipe_stages::api::{
-    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
-    StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, Params, StageContext, StageError, StageKind,
 };
+use sdpipe_stages::params::{with_default, KindParams};
 use serde_json::json;
 
 use crate::convert::WeightsKind;
 use crate::images::{self, Entry, Resize};
 use crate::lpips::{Lpips, Net};
-use crate::stage_common::{self as common, candle_err, RANDOM};
+use crate::stage_common::{self as common, candle_err, BatchSize, InputParams, RANDOM};
 
 pub struct LpipsKind;
 
 const METRICS: &str = "metrics.json";
 const PER_IMAGE: &str = "per_image.jsonl";
 
-fn kinds_for(net: Net) -> (WeightsKind, WeightsKind) {
-    match net {
-        Net::Alex => (WeightsKind::LpipsAlex, WeightsKind::Alexnet),
-        Net::Vgg16 => (WeightsKind::LpipsVgg, WeightsKind::Vgg16),
-    }
+/// The parameters.
+#[derive(KindParams)]
+struct Settings {
+    #[param(flatten)]
+    inputs: InputParams,
+    #[param(flatten)]
+    network: Network,
+    #[param(flatten)]
+    batch: BatchSize,
 }
 
-fn net_param(params: &Params) -> Net {
-    match params.get("net").and_then(|v| v.as_str()) {
-        Some("vgg") => Net::Vgg16,
-        _ => Net::Alex,
+/// The network and its weights; `external_deps` reads them alone, needing no `real` and
+/// `fake`.
+#[derive(KindParams)]
+struct Network {
+    /// Trunk network (lpips' default and the seed's: alex).
+    #[param(default = "alex", one_of = Net::NAMES)]
+    net: Net,
+    /// The converted lpips linear layers: a path, or a file name looked up in
+    /// $SDPIPE_WEIGHTS_DIR and ~/.cache/sdpipe/weights/; empty = lpips-v0.1-<net>.safetensors;
+    /// `random` for a deterministic random stand-in (trunk too, unless `trunk_weights` says
+    /// otherwise).
+    #[param(default = "")]
+    weights: String,
+    /// The converted torchvision trunk (empty = alexnet-owt-7be5be79.safetensors or
+    /// vgg16-397923af.safetensors; `random` allowed).
+    #[param(default = "")]
+    trunk_weights: String,
+}
+
+impl Network {
+    /// The weights kinds of the linear layers and of the trunk.
+    fn kinds(&self) -> (WeightsKind, WeightsKind) {
+        match self.net {
+            Net::Alex => (WeightsKind::LpipsAlex, WeightsKind::Alexnet),
+            Net::Vgg16 => (WeightsKind::LpipsVgg, WeightsKind::Vgg16),
+        }
+    }
+
+    /// The linear layers' and the trunk's weights values, defaults filled in.
+    fn values(&self) -> (String, String) {
+        let (lin_kind, trunk_kind) = self.kinds();
+        let lin = match self.weights.as_str() {
+            "" => lin_kind.default_file_name().to_string(),
+            lin => lin.to_string(),
+        };
+        let trunk = trunk_value(&lin, &self.trunk_weights, trunk_kind);
+        (lin, trunk)
     }
 }
 
@@ -68,31 +105,7 @@ impl StageKind for LpipsKind {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let mut params = common::input_params();
-        params.push(ParamSpec::optional(
-            "net",
-            ParamType::Enum(&["alex", "vgg"]),
-            json!("alex"),
-            "Trunk network (lpips' default and the seed's: alex).",
-        ));
-        params.push(ParamSpec::optional(
-            "weights",
-            ParamType::String,
-            json!(""),
-            "The converted lpips linear layers: a path, or a file name looked up in \
-             $SDPIPE_WEIGHTS_DIR and ~/.cache/sdpipe/weights/; empty = lpips-v0.1-<net>\
-             .safetensors; `random` for a deterministic random stand-in (trunk too, unless \
-             `trunk_weights` says otherwise).",
-        ));
-        params.push(ParamSpec::optional(
-            "trunk_weights",
-            ParamType::String,
-            json!(""),
-            "The converted torchvision trunk (empty = alexnet-owt-7be5be79.safetensors or \
-             vgg16-397923af.safetensors; `random` allowed).",
-        ));
-        params.push(common::batch_size_param(4));
-        params
+        with_default(Settings::specs(), "batch_size", json!(4))
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -122,12 +135,12 @@ impl StageKind for LpipsKind {
         params: &Params,
         _fetch: Fetch,
     ) -> Result<BTreeMap<String, PathBuf>, StageError> {
-        let (lin_kind, trunk_kind) = kinds_for(net_param(params));
+        let network = Network::of_params(params)?;
+        let (lin_kind, trunk_kind) = network.kinds();
+        let (lin, trunk) = network.values();
         let mut deps = BTreeMap::new();
-        common::add_dep(&mut deps, params, "weights", lin_kind, None)?;
-        let lin = common::string_param(params, "weights");
-        let trunk = trunk_value(&lin, &common::string_param(params, "trunk_weights"), trunk_kind);
-        common::add_dep(&mut deps, params, "trunk_weights", trunk_kind, Some(&trunk))?;
+        common::add_dep(&mut deps, "weights", &lin, lin_kind)?;
+        common::add_dep(&mut deps, "trunk_weights", &trunk, trunk_kind)?;
         Ok(deps)
     }
 
@@ -137,17 +150,15 @@ impl StageKind for LpipsKind {
 }
 
 fn run_lpips(ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-    let net = net_param(ctx.params);
-    let (lin_kind, trunk_kind) = kinds_for(net);
-    let inputs = common::MetricInputs::read(ctx)?;
-    let (resize, seed, batch_size) = (inputs.resize, inputs.seed, inputs.batch_size);
-    let lin_value: String = ctx.param("weights")?;
-    let trunk_param: String = ctx.param("trunk_weights")?;
-    let lin_value =
-        if lin_value.is_empty() { lin_kind.default_file_name().to_string() } else { lin_value };
-    let trunk_value = trunk_value(&lin_value, &trunk_param, trunk_kind);
+    let settings = Settings::of(ctx)?;
+    let inputs = &settings.inputs;
+    let net = settings.network.net;
+    let (lin_kind, trunk_kind) = settings.network.kinds();
+    let (real, fake) = inputs.sets.list()?;
+    let (resize, seed, batch_size) = (inputs.resize, inputs.seed, settings.batch.batch_size);
+    let (lin_value, trunk_value) = settings.network.values();
 
-    let pairs = pair_up(&inputs.real, &inputs.fake)?;
+    let pairs = pair_up(&real, &fake)?;
     let lins = common::load(&lin_value, lin_kind, "weights", seed)?;
     let trunk = common::load(&trunk_value, trunk_kind, "trunk_weights", seed)?;
     let (lin_desc, trunk_desc) = (common::describe(&lins), common::describe(&trunk));

@@ -1,11 +1,12 @@
-//! What the `fid` and `lpips` kinds share: their common parameters and how they are read
-//! ([`MetricInputs`]), resolving and loading weights (a converted file, or the `random`
-//! stand-in), and writing outputs.
+//! What the metric kinds share: their common parameters ([`ImageSets`], [`InputParams`],
+//! [`BatchSize`]), resolving and loading weights (a converted file, or the `random` stand-in),
+//! and writing outputs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use sdpipe_stages::api::{ParamSpec, ParamType, Params, StageContext, StageError};
+use sdpipe_stages::api::{StageContext, StageError};
+use sdpipe_stages::params::{Input, KindParams};
 use serde_json::{json, Value};
 
 use crate::convert::WeightsKind;
@@ -16,101 +17,66 @@ use crate::weights::{self, Weights};
 pub const RANDOM: &str = "random";
 
 /// The two image sets a set-to-set metric compares (`real`, `fake` and their splits).
-pub fn set_params() -> Vec<ParamSpec> {
-    vec![
-        ParamSpec::required(
-            "real",
-            ParamType::Input,
-            "Ground-truth images: a folder of images, or an imagefolder `dataset/` (then \
-             `real_split` is read).",
-        ),
-        ParamSpec::required(
-            "fake",
-            ParamType::Input,
-            "Generated images: a folder of images (e.g. `sample.images`), or an imagefolder.",
-        ),
-        ParamSpec::optional(
-            "real_split",
-            ParamType::String,
-            json!("test"),
-            "Split read when `real` is an imagefolder dataset.",
-        ),
-        ParamSpec::optional(
-            "fake_split",
-            ParamType::String,
-            json!("test"),
-            "Split read when `fake` is an imagefolder dataset.",
-        ),
-    ]
-}
-
-/// [`set_params`], how ground truth is resized, and the stand-in weights' seed (`fid`, `lpips`).
-pub fn input_params() -> Vec<ParamSpec> {
-    let mut params = set_params();
-    params.extend([
-        ParamSpec::optional(
-            "resize",
-            ParamType::Enum(&Resize::NAMES),
-            json!("resize"),
-            "How ground truth is brought to the samples' size first (recorded in \
-             metrics.json): `resize` (Catmull-Rom, antialiased), `center-crop` (crop to the \
-             samples' aspect ratio, then resize) or `none`.",
-        ),
-        ParamSpec::optional(
-            "seed",
-            ParamType::Int { min: Some(0), max: None },
-            json!(0),
-            "Seed of the `random` stand-in weights (and of KID's subsets).",
-        ),
-    ]);
-    params
-}
-
-pub fn batch_size_param(default: i64) -> ParamSpec {
-    ParamSpec::optional(
-        "batch_size",
-        ParamType::Int { min: Some(1), max: Some(1024) },
-        json!(default),
-        "Images per network pass (memory vs. speed; results do not depend on it).",
-    )
-}
-
-/// The parameters of [`input_params`] (plus `batch_size`) as a run reads them: both image
-/// sets listed, the ground-truth resize, the seed.
-pub struct MetricInputs {
-    pub real: Vec<Entry>,
-    pub fake: Vec<Entry>,
+#[derive(KindParams)]
+pub struct ImageSets {
+    /// Ground-truth images: a folder of images, or an imagefolder `dataset/` (then `real_split`
+    /// is read).
+    #[param(input)]
+    pub real: Input,
+    /// Generated images: a folder of images (e.g. `sample.images`), or an imagefolder.
+    #[param(input)]
+    pub fake: Input,
+    /// Split read when `real` is an imagefolder dataset.
+    #[param(default = "test")]
     pub real_split: String,
+    /// Split read when `fake` is an imagefolder dataset.
+    #[param(default = "test")]
     pub fake_split: String,
-    pub resize: Resize,
-    pub seed: u64,
-    pub batch_size: usize,
 }
 
-impl MetricInputs {
-    pub fn read(ctx: &StageContext<'_>) -> Result<MetricInputs, StageError> {
-        let real_split: String = ctx.param("real_split")?;
-        let fake_split: String = ctx.param("fake_split")?;
-        Ok(MetricInputs {
-            real: images::list(ctx.input("real")?, &real_split, "real")?,
-            fake: images::list(ctx.input("fake")?, &fake_split, "fake")?,
-            real_split,
-            fake_split,
-            resize: resize_param(ctx)?,
-            seed: ctx.param("seed")?,
-            batch_size: ctx.param("batch_size")?,
-        })
+impl ImageSets {
+    /// The images of both sets, `real` then `fake` (while the stage runs).
+    pub fn list(&self) -> Result<(Vec<Entry>, Vec<Entry>), StageError> {
+        Ok((
+            images::list(self.real.path(), &self.real_split, "real")?,
+            images::list(self.fake.path(), &self.fake_split, "fake")?,
+        ))
     }
+}
 
+/// [`ImageSets`], how ground truth is resized, and the stand-in weights' seed (`fid`, `lpips`).
+#[derive(KindParams)]
+pub struct InputParams {
+    #[param(flatten)]
+    pub sets: ImageSets,
+    /// How ground truth is brought to the samples' size first (recorded in metrics.json):
+    /// `resize` (Catmull-Rom, antialiased), `center-crop` (crop to the samples' aspect ratio,
+    /// then resize) or `none`.
+    #[param(default = "resize", one_of = &Resize::NAMES)]
+    pub resize: Resize,
+    /// Seed of the `random` stand-in weights (and of KID's subsets).
+    #[param(default = 0, min = 0)]
+    pub seed: u64,
+}
+
+impl InputParams {
     /// Adds the settings every `metrics.json` records (seed and splits) to `metrics`.
     pub fn record(&self, mut metrics: Value) -> Value {
         if let Some(map) = metrics.as_object_mut() {
             map.insert("seed".into(), json!(self.seed));
-            map.insert("real_split".into(), json!(self.real_split));
-            map.insert("fake_split".into(), json!(self.fake_split));
+            map.insert("real_split".into(), json!(self.sets.real_split));
+            map.insert("fake_split".into(), json!(self.sets.fake_split));
         }
         metrics
     }
+}
+
+/// Images per network pass; each kind gives its default (`with_default`).
+#[derive(KindParams)]
+pub struct BatchSize {
+    /// Images per network pass (memory vs. speed; results do not depend on it).
+    #[param(default = 8, min = 1, max = 1024)]
+    pub batch_size: usize,
 }
 
 /// The threads a metric stage asks for: all the machine has (the scheduler grants fewer).
@@ -135,19 +101,6 @@ where
     pool.install(|| f(ctx))
 }
 
-/// A string parameter, from context-free `Params` (for `external_deps`).
-pub fn string_param(params: &Params, name: &str) -> String {
-    params.get(name).and_then(Value::as_str).unwrap_or_default().to_string()
-}
-
-pub fn resize_param(ctx: &StageContext<'_>) -> Result<Resize, StageError> {
-    let value: String = ctx.param("resize")?;
-    Resize::parse(&value).ok_or_else(|| StageError::InvalidParam {
-        param: "resize".into(),
-        message: format!("`{value}` is not one of {}", Resize::NAMES.join(", ")),
-    })
-}
-
 /// The weights file a parameter value resolves to (`None` for `random`).
 pub fn resolve(value: &str, kind: WeightsKind, param: &str) -> Result<Option<PathBuf>, StageError> {
     if value == RANDOM {
@@ -158,19 +111,16 @@ pub fn resolve(value: &str, kind: WeightsKind, param: &str) -> Result<Option<Pat
         .map_err(|e| StageError::InvalidParam { param: param.to_string(), message: e.to_string() })
 }
 
-/// Add `param`'s resolved file to the external dependencies.
+/// Add the file `value` (parameter `param`; empty: `kind`'s default file) resolves to to the
+/// external dependencies.
 pub fn add_dep(
     deps: &mut BTreeMap<String, PathBuf>,
-    params: &Params,
     param: &str,
+    value: &str,
     kind: WeightsKind,
-    fallback: Option<&str>,
 ) -> Result<(), StageError> {
-    let mut value = string_param(params, param);
-    if value.is_empty() {
-        value = fallback.unwrap_or(kind.default_file_name()).to_string();
-    }
-    if let Some(path) = resolve(&value, kind, param)? {
+    let value = if value.is_empty() { kind.default_file_name() } else { value };
+    if let Some(path) = resolve(value, kind, param)? {
         deps.insert(param.to_string(), path);
     }
     Ok(())

@@ -56,6 +56,7 @@ use sdpipe_stages::api::{
     OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
 };
 use sdpipe_stages::limits;
+use sdpipe_stages::params::KindParams;
 use sdpipe_stages::tiny_models::{BpeVocab, Recorder, BOS, CAPTION_CORPUS, EOS};
 use serde_json::{json, Value};
 use tokenizers::models::bpe::BPE;
@@ -92,23 +93,52 @@ const COMPONENT: &str = "clip";
 
 /// The sizes of a tiny CLIP. The defaults keep the demo's CMMD and CLIP score on a few dozen
 /// 32-pixel images to milliseconds: two 32-wide layers per tower, 8×8 patches of 4 pixels.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// They are the `tiny-clip` kind's parameters. Every size is at least 1, but the kind's
+/// `params` states that bound rather than `min = 1` here: a 0 reaching a run directly (a job
+/// file, a test) is then refused by [`TinyClipSpec::validate`] as "not a positive size", as
+/// the kind has always refused it, rather than by the parameters' own bounds check.
+#[derive(Debug, Clone, PartialEq, KindParams)]
 pub struct TinyClipSpec {
+    /// Seed of the random weights.
+    #[param(default = TinyClipSpec::default().seed, min = 0)]
     pub seed: u64,
+    /// Width of the text tower (text_config.hidden_size).
+    #[param(default = TinyClipSpec::default().text_hidden_size)]
     pub text_hidden_size: usize,
+    /// Transformer layers of the text tower (text_config.num_hidden_layers).
+    #[param(default = TinyClipSpec::default().text_layers)]
     pub text_layers: usize,
+    /// Attention heads of the text tower; must divide text_hidden_size.
+    #[param(default = TinyClipSpec::default().text_heads)]
     pub text_heads: usize,
+    /// MLP width of the text tower (text_config.intermediate_size).
+    #[param(default = TinyClipSpec::default().text_intermediate_size)]
     pub text_intermediate_size: usize,
-    /// Token positions of the text tower (CLIP's 77); longer captions are cut to it.
+    /// Token positions of the text tower (CLIP's 77); longer captions are cut.
+    #[param(default = TinyClipSpec::default().max_position_embeddings)]
     pub max_position_embeddings: usize,
+    /// Width of the vision tower (vision_config.hidden_size).
+    #[param(default = TinyClipSpec::default().vision_hidden_size)]
     pub vision_hidden_size: usize,
+    /// Transformer layers of the vision tower (vision_config.num_hidden_layers).
+    #[param(default = TinyClipSpec::default().vision_layers)]
     pub vision_layers: usize,
+    /// Attention heads of the vision tower; must divide vision_hidden_size.
+    #[param(default = TinyClipSpec::default().vision_heads)]
     pub vision_heads: usize,
+    /// MLP width of the vision tower (vision_config.intermediate_size).
+    #[param(default = TinyClipSpec::default().vision_intermediate_size)]
     pub vision_intermediate_size: usize,
-    /// The vision tower's input side in pixels (also the processor's resize and crop).
+    /// Input side of the vision tower in pixels; the image processor resizes the shorter side
+    /// to it and crops the centre square.
+    #[param(default = TinyClipSpec::default().image_size)]
     pub image_size: usize,
+    /// Side of the vision tower's square patches; must divide image_size.
+    #[param(default = TinyClipSpec::default().patch_size)]
     pub patch_size: usize,
-    /// Width of the shared embedding space both projections map to.
+    /// Width of the shared image-text embedding space (the projections' output).
+    #[param(default = TinyClipSpec::default().projection_dim)]
     pub projection_dim: usize,
 }
 
@@ -133,9 +163,9 @@ impl Default for TinyClipSpec {
 }
 
 impl TinyClipSpec {
-    /// Every size within sdpipe's caps ([`limits`], as [`crate::clip`] checks a loaded
-    /// config), the heads dividing the widths, the patches tiling the image; errors name the
-    /// parameter.
+    /// Every size positive and within sdpipe's caps ([`limits`], as [`crate::clip`] checks a
+    /// loaded config), the heads dividing the widths, the patches tiling the image; errors name
+    /// the parameter.
     pub fn validate(&self) -> Result<(), StageError> {
         let invalid = |param: &str, message: String| StageError::InvalidParam {
             param: param.into(),
@@ -156,6 +186,9 @@ impl TinyClipSpec {
             ("projection_dim", self.projection_dim, limits::MAX_CHANNELS),
         ];
         for (param, value, max) in caps {
+            if value == 0 {
+                return Err(invalid(param, format!("{value} is not a positive size")));
+            }
             limits::check(param, value, max).map_err(|m| invalid(param, m))?;
         }
         for (tower, hidden, heads) in [
@@ -253,84 +286,12 @@ impl StageKind for TinyClip {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let d = TinyClipSpec::default();
-        let int = |min: i64| ParamType::Int { min: Some(min), max: None };
-        vec![
-            ParamSpec::optional("seed", int(0), json!(d.seed), "Seed of the random weights."),
-            ParamSpec::optional(
-                "text_hidden_size",
-                int(1),
-                json!(d.text_hidden_size),
-                "Width of the text tower (text_config.hidden_size).",
-            ),
-            ParamSpec::optional(
-                "text_layers",
-                int(1),
-                json!(d.text_layers),
-                "Transformer layers of the text tower (text_config.num_hidden_layers).",
-            ),
-            ParamSpec::optional(
-                "text_heads",
-                int(1),
-                json!(d.text_heads),
-                "Attention heads of the text tower; must divide text_hidden_size.",
-            ),
-            ParamSpec::optional(
-                "text_intermediate_size",
-                int(1),
-                json!(d.text_intermediate_size),
-                "MLP width of the text tower (text_config.intermediate_size).",
-            ),
-            ParamSpec::optional(
-                "max_position_embeddings",
-                int(1),
-                json!(d.max_position_embeddings),
-                "Token positions of the text tower (CLIP's 77); longer captions are cut.",
-            ),
-            ParamSpec::optional(
-                "vision_hidden_size",
-                int(1),
-                json!(d.vision_hidden_size),
-                "Width of the vision tower (vision_config.hidden_size).",
-            ),
-            ParamSpec::optional(
-                "vision_layers",
-                int(1),
-                json!(d.vision_layers),
-                "Transformer layers of the vision tower (vision_config.num_hidden_layers).",
-            ),
-            ParamSpec::optional(
-                "vision_heads",
-                int(1),
-                json!(d.vision_heads),
-                "Attention heads of the vision tower; must divide vision_hidden_size.",
-            ),
-            ParamSpec::optional(
-                "vision_intermediate_size",
-                int(1),
-                json!(d.vision_intermediate_size),
-                "MLP width of the vision tower (vision_config.intermediate_size).",
-            ),
-            ParamSpec::optional(
-                "image_size",
-                int(1),
-                json!(d.image_size),
-                "Input side of the vision tower in pixels; the image processor resizes the \
-                 shorter side to it and crops the centre square.",
-            ),
-            ParamSpec::optional(
-                "patch_size",
-                int(1),
-                json!(d.patch_size),
-                "Side of the vision tower's square patches; must divide image_size.",
-            ),
-            ParamSpec::optional(
-                "projection_dim",
-                int(1),
-                json!(d.projection_dim),
-                "Width of the shared image-text embedding space (the projections' output).",
-            ),
-        ]
+        let mut specs = TinyClipSpec::specs();
+        // Every size is at least 1 (see [`TinyClipSpec`]).
+        for spec in specs.iter_mut().filter(|s| s.name != "seed") {
+            spec.ty = ParamType::Int { min: Some(1), max: None };
+        }
+        specs
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -345,33 +306,7 @@ impl StageKind for TinyClip {
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let size = |name: &str| -> Result<usize, StageError> {
-            let v: i64 = ctx.param(name)?;
-            usize::try_from(v).ok().filter(|&v| v > 0).ok_or_else(|| StageError::InvalidParam {
-                param: name.into(),
-                message: format!("{v} is not a positive size"),
-            })
-        };
-        let seed: i64 = ctx.param("seed")?;
-        let seed = u64::try_from(seed).map_err(|_| StageError::InvalidParam {
-            param: "seed".into(),
-            message: format!("{seed} is negative"),
-        })?;
-        let spec = TinyClipSpec {
-            seed,
-            text_hidden_size: size("text_hidden_size")?,
-            text_layers: size("text_layers")?,
-            text_heads: size("text_heads")?,
-            text_intermediate_size: size("text_intermediate_size")?,
-            max_position_embeddings: size("max_position_embeddings")?,
-            vision_hidden_size: size("vision_hidden_size")?,
-            vision_layers: size("vision_layers")?,
-            vision_heads: size("vision_heads")?,
-            vision_intermediate_size: size("vision_intermediate_size")?,
-            image_size: size("image_size")?,
-            patch_size: size("patch_size")?,
-            projection_dim: size("projection_dim")?,
-        };
+        let spec = TinyClipSpec::of(ctx)?;
         spec.validate()?;
         ctx.cancel.check()?;
         let written = write_tiny_clip(&ctx.output_path(MODEL), &spec)?;

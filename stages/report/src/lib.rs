@@ -33,13 +33,12 @@ pub mod thumbs;
 use std::fs;
 use std::sync::Arc;
 
-use sdpipe_stages::api::{
-    OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
-};
+use sdpipe_stages::api::{OutputKind, OutputSpec, ParamSpec, StageContext, StageError, StageKind};
+use sdpipe_stages::params::{Input, KindParams};
 use serde_json::{json, Map, Value};
 
 pub use error::ReportError;
-use models::Model;
+use models::{BaseInputs, Model, VariantInputs};
 use section::Section;
 
 /// The kinds this crate provides.
@@ -51,6 +50,38 @@ pub struct Report;
 
 /// The output folder.
 pub const REPORT: &str = "report";
+
+/// The parameters. Every input is optional: its section is left out when it is unbound.
+#[derive(KindParams)]
+struct Settings {
+    /// The report's heading.
+    #[param(default = "Finetuning report")]
+    title: String,
+    /// The split of `dataset` whose images are the ground truth.
+    #[param(default = "test")]
+    split: String,
+    /// Rows of the qualitative table (test images in id order); 0 leaves it out.
+    #[param(default = 10, min = 0)]
+    max_rows: usize,
+    /// Images copied into the report are downscaled to fit this many pixels a side.
+    #[param(default = 256, min = 16, max = 4096)]
+    thumb_size: u32,
+    /// An imagefolder stage's `dataset` (ground truth and captions).
+    #[param(input, default = null)]
+    dataset: Option<Input>,
+    #[param(flatten)]
+    base: BaseInputs,
+    // Declared, not read from here: see `VariantInputs`.
+    #[param(flatten)]
+    _variants: VariantInputs,
+    /// Scene-accuracy `metrics` of the test images through the VAE (a train-vae stage's
+    /// reconstructions): a reference row for what the VAE preserves.
+    #[param(input, default = null)]
+    vae_scene: Option<Input>,
+    /// The same stage's scene-accuracy `per_image`.
+    #[param(input, default = null)]
+    vae_scene_per_image: Option<Input>,
+}
 
 impl StageKind for Report {
     fn name(&self) -> &'static str {
@@ -93,65 +124,7 @@ impl StageKind for Report {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let input = |name, doc| ParamSpec::optional(name, ParamType::Input, Value::Null, doc);
-        vec![
-            ParamSpec::optional(
-                "title",
-                ParamType::String,
-                json!("Finetuning report"),
-                "The report's heading.",
-            ),
-            ParamSpec::optional(
-                "split",
-                ParamType::String,
-                json!("test"),
-                "The split of `dataset` whose images are the ground truth.",
-            ),
-            ParamSpec::optional(
-                "max_rows",
-                ParamType::Int { min: Some(0), max: None },
-                json!(10),
-                "Rows of the qualitative table (test images in id order); 0 leaves it out.",
-            ),
-            ParamSpec::optional(
-                "thumb_size",
-                ParamType::Int { min: Some(16), max: Some(4096) },
-                json!(256),
-                "Images copied into the report are downscaled to fit this many pixels a side.",
-            ),
-            input("dataset", "An imagefolder stage's `dataset` (ground truth and captions)."),
-            input("base_samples", "The original model's sample `images`."),
-            input("base_samples_jsonl", "The original model's `samples.jsonl` (seeds, prompts)."),
-            input("base_fid", "The original model's fid `metrics` (metrics.json)."),
-            input("base_lpips", "The original model's lpips `metrics` (metrics.json)."),
-            input("base_lpips_per_image", "The original model's lpips `per_image` output."),
-            input("base_cmmd", "The original model's cmmd `metrics` (metrics.json)."),
-            input("base_clip_score", "The original model's clip-score `metrics` (metrics.json)."),
-            input("base_clip_score_per_image", "The original model's clip-score `per_image`."),
-            input("base_scene", "The original model's scene-accuracy `metrics`."),
-            input("base_scene_per_image", "The original model's scene-accuracy `per_image`."),
-            input("samples", "Each variant's sample `images` (gathered over a sweep)."),
-            input("samples_jsonl", "Each variant's `samples.jsonl` (gathered)."),
-            input("fid", "Each variant's fid `metrics` (gathered)."),
-            input("lpips", "Each variant's lpips `metrics` (gathered)."),
-            input("lpips_per_image", "Each variant's lpips `per_image` output (gathered)."),
-            input("cmmd", "Each variant's cmmd `metrics` (gathered)."),
-            input("clip_score", "Each variant's clip-score `metrics` (gathered)."),
-            input("clip_score_per_image", "Each variant's clip-score `per_image` (gathered)."),
-            input("scene", "Each variant's scene-accuracy `metrics` (gathered)."),
-            input("scene_per_image", "Each variant's scene-accuracy `per_image` (gathered)."),
-            input("train_log", "Each variant's train stage `train_log` (gathered)."),
-            input(
-                "validation",
-                "Each variant's train stage `validation` images (gathered): a progression grid.",
-            ),
-            input(
-                "vae_scene",
-                "Scene-accuracy `metrics` of the test images through the VAE (a train-vae \
-                 stage's reconstructions): a reference row for what the VAE preserves.",
-            ),
-            input("vae_scene_per_image", "The same stage's scene-accuracy `per_image`."),
-        ]
+        Settings::specs()
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -172,16 +145,15 @@ impl StageKind for Report {
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let title: String = ctx.param("title")?;
-        let split: String = ctx.param("split")?;
-        let max_rows: usize = ctx.param("max_rows")?;
-        let thumb_size: u32 = ctx.param("thumb_size")?;
+        let settings = Settings::of(ctx)?;
+        let (title, split) = (&settings.title, &settings.split);
+        let (max_rows, thumb_size) = (settings.max_rows, settings.thumb_size);
         let report = ctx.output_path(REPORT);
         fs::create_dir_all(&report).map_err(|e| StageError::io("creating report/", e))?;
 
-        let models = models::gather(ctx)?;
-        let items = match ctx.inputs.get("dataset") {
-            Some(dataset) => Some(inputs::read_test_items(dataset, &split)?),
+        let models = models::gather(ctx, &settings.base)?;
+        let items = match &settings.dataset {
+            Some(dataset) => Some(inputs::read_test_items(dataset.path(), split)?),
             None => None,
         };
         ctx.cancel.check()?;
@@ -189,11 +161,11 @@ impl StageKind for Report {
         let mut sections: Vec<Section> = Vec::new();
         sections.extend(metrics_table::build(&models));
         sections.extend(sweep_table::build(&models));
-        let vae_scene = match ctx.inputs.get("vae_scene") {
-            Some(path) => {
-                let per_image = ctx.inputs.get("vae_scene_per_image");
-                let per_image = per_image.map(|p| ("vae_scene_per_image", p.as_path()));
-                Some(inputs::read_scene("vae_scene", path, per_image)?)
+        let vae_scene = match &settings.vae_scene {
+            Some(input) => {
+                let per_image = settings.vae_scene_per_image.as_ref();
+                let per_image = per_image.map(|p| ("vae_scene_per_image", p.path()));
+                Some(inputs::read_scene("vae_scene", input.path(), per_image)?)
             }
             None => None,
         };
@@ -207,7 +179,7 @@ impl StageKind for Report {
         let notes = sections.iter_mut().flat_map(|s| std::mem::take(&mut s.notes)).collect();
         sections.extend(caveats::build(&models, ctx.provenance, notes));
 
-        let readme = readme(&title, &split, items.as_deref().map(<[_]>::len), &models, &sections);
+        let readme = readme(title, split, items.as_deref().map(<[_]>::len), &models, &sections);
         write(&report.join("README.md"), readme.as_bytes())?;
         let mut json = Map::new();
         json.insert("title".into(), json!(title));

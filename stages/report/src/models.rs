@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use sdpipe_stages::api::{GatheredInput, StageContext};
+use sdpipe_stages::params::{Input, KindParams};
 use serde_json::Value;
 
 use crate::error::ReportError;
@@ -115,6 +116,108 @@ pub const VARIANT: InputNames = InputNames {
     train_log: Some("train_log"),
     validation: Some("validation"),
 };
+
+/// The original model's inputs, the kind's parameters named in [`BASE`].
+#[derive(KindParams)]
+pub struct BaseInputs {
+    /// The original model's sample `images`.
+    #[param(input, default = null)]
+    base_samples: Option<Input>,
+    /// The original model's `samples.jsonl` (seeds, prompts).
+    #[param(input, default = null)]
+    base_samples_jsonl: Option<Input>,
+    /// The original model's fid `metrics` (metrics.json).
+    #[param(input, default = null)]
+    base_fid: Option<Input>,
+    /// The original model's lpips `metrics` (metrics.json).
+    #[param(input, default = null)]
+    base_lpips: Option<Input>,
+    /// The original model's lpips `per_image` output.
+    #[param(input, default = null)]
+    base_lpips_per_image: Option<Input>,
+    /// The original model's cmmd `metrics` (metrics.json).
+    #[param(input, default = null)]
+    base_cmmd: Option<Input>,
+    /// The original model's clip-score `metrics` (metrics.json).
+    #[param(input, default = null)]
+    base_clip_score: Option<Input>,
+    /// The original model's clip-score `per_image`.
+    #[param(input, default = null)]
+    base_clip_score_per_image: Option<Input>,
+    /// The original model's scene-accuracy `metrics`.
+    #[param(input, default = null)]
+    base_scene: Option<Input>,
+    /// The original model's scene-accuracy `per_image`.
+    #[param(input, default = null)]
+    base_scene_per_image: Option<Input>,
+}
+
+impl BaseInputs {
+    /// The bound ones, under their names.
+    fn bound(&self) -> Bound {
+        let inputs = [
+            (BASE.samples, &self.base_samples),
+            (BASE.samples_jsonl, &self.base_samples_jsonl),
+            (BASE.fid, &self.base_fid),
+            (BASE.lpips, &self.base_lpips),
+            (BASE.lpips_per_image, &self.base_lpips_per_image),
+            (BASE.cmmd, &self.base_cmmd),
+            (BASE.clip_score, &self.base_clip_score),
+            (BASE.clip_score_per_image, &self.base_clip_score_per_image),
+            (BASE.scene, &self.base_scene),
+            (BASE.scene_per_image, &self.base_scene_per_image),
+        ];
+        let paths = inputs
+            .into_iter()
+            .filter_map(|(name, input)| Some((name, input.as_ref()?.path().to_path_buf())))
+            .collect();
+        Bound { values: BTreeMap::new(), paths }
+    }
+}
+
+/// Each variant's inputs, the kind's parameters named in [`VARIANT`]. Declared here, read
+/// through [`StageContext::input_points`]: over a sweep each is gathered (one binding per sweep
+/// point), which a single field cannot hold.
+#[derive(KindParams)]
+#[allow(dead_code)]
+pub struct VariantInputs {
+    /// Each variant's sample `images` (gathered over a sweep).
+    #[param(input, default = null)]
+    samples: Option<Input>,
+    /// Each variant's `samples.jsonl` (gathered).
+    #[param(input, default = null)]
+    samples_jsonl: Option<Input>,
+    /// Each variant's fid `metrics` (gathered).
+    #[param(input, default = null)]
+    fid: Option<Input>,
+    /// Each variant's lpips `metrics` (gathered).
+    #[param(input, default = null)]
+    lpips: Option<Input>,
+    /// Each variant's lpips `per_image` output (gathered).
+    #[param(input, default = null)]
+    lpips_per_image: Option<Input>,
+    /// Each variant's cmmd `metrics` (gathered).
+    #[param(input, default = null)]
+    cmmd: Option<Input>,
+    /// Each variant's clip-score `metrics` (gathered).
+    #[param(input, default = null)]
+    clip_score: Option<Input>,
+    /// Each variant's clip-score `per_image` (gathered).
+    #[param(input, default = null)]
+    clip_score_per_image: Option<Input>,
+    /// Each variant's scene-accuracy `metrics` (gathered).
+    #[param(input, default = null)]
+    scene: Option<Input>,
+    /// Each variant's scene-accuracy `per_image` (gathered).
+    #[param(input, default = null)]
+    scene_per_image: Option<Input>,
+    /// Each variant's train stage `train_log` (gathered).
+    #[param(input, default = null)]
+    train_log: Option<Input>,
+    /// Each variant's train stage `validation` images (gathered): a progression grid.
+    #[param(input, default = null)]
+    validation: Option<Input>,
+}
 
 /// Where one model's inputs are bound.
 #[derive(Debug, Default)]
@@ -238,17 +341,11 @@ fn compare_points(a: &(String, Bound), b: &(String, Bound)) -> Ordering {
 }
 
 /// The original (when any `base_*` input is bound) followed by the variants in sweep order.
-pub fn gather(ctx: &StageContext<'_>) -> Result<Vec<Model>, ReportError> {
+pub fn gather(ctx: &StageContext<'_>, base: &BaseInputs) -> Result<Vec<Model>, ReportError> {
     let mut models = Vec::new();
     let mut taken: BTreeSet<String> = ["ground_truth".to_string()].into();
 
-    let mut base = Bound::default();
-    for name in names_of(&BASE) {
-        if let Some(path) = ctx.inputs.get(name) {
-            base.paths.insert(name, path.clone());
-        }
-    }
-    let loaded = base.read(&BASE, "")?;
+    let loaded = base.bound().read(&BASE, "")?;
     if !loaded.is_empty() {
         taken.insert("original".into());
         models.push(model(

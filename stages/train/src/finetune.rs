@@ -2,13 +2,14 @@
 //! train_text_to_image.py) and `train-lora` (LoRA adapters, train_text_to_image_lora.py) run the
 //! same recipe and differ only in what they train and what they write.
 //!
-//! This module owns the recipe's parameters ([`params`], read back by [`Recipe::from`]), the
-//! base model (the bound `pipeline` input or `model` resolved through the hub, whose files are
-//! then the stage's external dependencies), everything read before a model is loaded
-//! ([`prepare`]: a bad dataset or parameter fails in milliseconds), and the run itself
-//! ([`run`]): the frozen VAE and text encoder, the training loop with checkpoints, resumption and
-//! cancellation, validation images, timing in the stage's log, and `train_log.jsonl`. A kind
-//! supplies a [`Finetune`]: the models it trains, and what it writes from them.
+//! This module owns the recipe's parameters ([`RecipeParams`], which a kind's parameter struct
+//! flattens, checked by [`Recipe::new`]; [`params`] adds the inputs and `threads`), the base
+//! model (the bound `pipeline` input or `model` resolved through the hub, whose files are then
+//! the stage's external dependencies), everything read before a model is loaded ([`prepare`]: a
+//! bad dataset or parameter fails in milliseconds), and the run itself ([`run`]): the frozen VAE
+//! and text encoder, the training loop with checkpoints, resumption and cancellation, validation
+//! images, timing in the stage's log, and `train_log.jsonl`. A kind supplies a
+//! [`Finetune`]: the models it trains, and what it writes from them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,31 +17,138 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use sdpipe_diffusion::config::SchedulerConfig;
+use sdpipe_diffusion::pipeline::check_variant;
 use sdpipe_diffusion::SdPipeline;
 use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
-    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
+    Fetch, OutputKind, OutputSpec, ParamSpec, Params, StageContext, StageError,
 };
+use sdpipe_stages::params::{Input, KindParams};
 use sdpipe_unet::{ClipText, UNet};
-use serde_json::{json, Value};
+use serde::Deserialize;
 
 use crate::checkpoint;
-use crate::data::{load_train_split, Example};
+use crate::data::{load_train_split, Example, Transform};
 use crate::frozen::Frozen;
 use crate::objective::{NoiseSchedule, Prediction, ScheduleConfig};
-use crate::recipe::{self, float, int, invalid, OptimiserDefaults};
+use crate::recipe::{invalid, Optimiser, Threads};
 use crate::trainer::{TrainConfig, TrainError, Trainer};
-use crate::validation::{self, Validator};
+use crate::validation::{self, ValidationParams, Validator};
 
 /// The per-step log, an output of both kinds.
 pub const LOG: &str = "train_log.jsonl";
+
+/// The recipe's parameters, as a kind declares them: a kind's struct flattens this first, then
+/// its own parameters, then [`ValidationParams`] ([`params`] puts the inputs before and
+/// `threads` after). [`Recipe::new`] checks them.
+#[derive(KindParams)]
+pub struct RecipeParams {
+    #[param(flatten)]
+    base: BaseModel,
+    #[param(flatten)]
+    transform: Transform,
+    /// Images per micro-batch.
+    #[param(default = 1, min = 1, max = 4096)]
+    train_batch_size: usize,
+    /// Micro-batches per optimiser step (the loss is divided by this).
+    #[param(default = 4, min = 1, max = 4096)]
+    gradient_accumulation_steps: usize,
+    /// Recompute UNet block activations in the backward pass to save memory.
+    #[param(default = false)]
+    gradient_checkpointing: bool,
+    /// diffusers' --mixed_precision. `fp16` or `bf16`: the frozen VAE and text encoder are
+    /// loaded and run in that dtype (the script's weight_dtype) and their outputs (posterior,
+    /// text states) are converted to f32; the UNet's weights, AdamW state and EMA stay f32, a
+    /// text encoder trained with train_text_encoder stays f32, and the saved weights are f32.
+    /// UNet autocast is not implemented: the UNet computes in f32, so no loss scaling (fp16
+    /// GradScaler) is needed. On the CPU a bf16 VAE computes in f32 on bf16-rounded weights
+    /// (candle has no bf16 CPU convolution).
+    #[param(default = "no", one_of = MixedPrecision::NAMES)]
+    mixed_precision: MixedPrecision,
+    /// Optimiser steps.
+    #[param(default = 150, min = 1)]
+    max_train_steps: u64,
+    #[param(flatten)]
+    optimiser: Optimiser,
+    /// Keep an EMA of the weights (diffusers' EMAModel) and save it instead.
+    #[param(default = false)]
+    use_ema: bool,
+    /// Seed of every random draw (data order, crops, flips, noise, timesteps).
+    #[param(default = 0, min = 0)]
+    seed: u64,
+    /// Offset-noise scale: adds noise_offset·N(0,1) per image and channel (0: off).
+    #[param(default = 0.0, min = 0.0)]
+    noise_offset: f64,
+    /// Share of captions replaced by the empty prompt (diffusers' --proportion_empty_prompts;
+    /// SD was pretrained with 0.1), so that classifier-free guidance has an unconditional
+    /// prediction to subtract.
+    #[param(default = 0.0, min = 0.0, max = 1.0)]
+    proportion_empty_prompts: f64,
+    /// Min-SNR-γ loss weighting (a number such as 5.0, or null for plain MSE).
+    #[param(default = null, min = 0.0)]
+    snr_gamma: Option<f64>,
+    /// `epsilon` or `v_prediction`; null uses the model's scheduler config.
+    #[param(default = null, one_of = Prediction::NAMES)]
+    prediction_type: Option<Prediction>,
+    /// Write a resumable checkpoint every this many optimiser steps.
+    #[param(default = 500, min = 1)]
+    checkpointing_steps: u64,
+}
+
+/// `model`, `revision`, `variant`: the base pipeline when no `pipeline` is bound (what
+/// [`external_deps`] reads).
+#[derive(KindParams)]
+pub struct BaseModel {
+    /// Hub repository id or local folder of a diffusers SD1.x pipeline.
+    #[param(default = "stable-diffusion-v1-5/stable-diffusion-v1-5")]
+    model: String,
+    /// Hub revision.
+    #[param(default = "main")]
+    revision: String,
+    /// diffusers' weight variant of `model` to read (`fp16`: `*.fp16.safetensors`, loaded into
+    /// f32); null reads the default weights. The finetuned folder is written without a variant,
+    /// as diffusers' `save_pretrained` writes it.
+    #[param(default = null)]
+    variant: Option<String>,
+}
+
+impl BaseModel {
+    /// `variant`, checked: it becomes part of file names.
+    fn variant(&self) -> Result<Option<&str>, StageError> {
+        let Some(variant) = self.variant.as_deref() else { return Ok(None) };
+        check_variant(variant).map_err(|message| invalid("variant", message))?;
+        Ok(Some(variant))
+    }
+}
+
+/// `mixed_precision`: the dtype of the frozen VAE and text encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum MixedPrecision {
+    No,
+    Fp16,
+    Bf16,
+}
+
+impl MixedPrecision {
+    const NAMES: &'static [&'static str] = &["no", "fp16", "bf16"];
+
+    /// The script's `weight_dtype`.
+    fn weight_dtype(self) -> DType {
+        match self {
+            MixedPrecision::No => DType::F32,
+            MixedPrecision::Fp16 => DType::F16,
+            MixedPrecision::Bf16 => DType::BF16,
+        }
+    }
+}
 
 /// The recipe's parameters, typed and checked.
 pub struct Recipe {
     pub config: TrainConfig,
     pub checkpointing_steps: u64,
-    pub model: String,
-    pub revision: String,
+    /// `model`, `revision` and `variant` (checked).
+    base: BaseModel,
     prediction_override: Option<Prediction>,
     /// The frozen VAE's and text encoder's dtype (`mixed_precision`; the script's
     /// `weight_dtype`).
@@ -49,205 +157,71 @@ pub struct Recipe {
     validation: Option<validation::Settings>,
 }
 
-/// The `mixed_precision` values and the `weight_dtype` each gives the frozen models.
-fn weight_dtype(mixed_precision: &str) -> Option<DType> {
-    match mixed_precision {
-        "no" => Some(DType::F32),
-        "fp16" => Some(DType::F16),
-        "bf16" => Some(DType::BF16),
-        _ => None,
-    }
-}
-
-/// An optional number given as a JSON number or null.
-fn optional_number(ctx: &StageContext<'_>, name: &str) -> Result<Option<f64>, StageError> {
-    match ctx.params.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .filter(|f| f.is_finite())
-            .map(Some)
-            .ok_or_else(|| invalid(name, format!("expected a number or null, found {v}"))),
-    }
-}
-
 impl Recipe {
-    pub fn from(ctx: &StageContext<'_>) -> Result<Recipe, StageError> {
-        let max_train_steps: u64 = ctx.param("max_train_steps")?;
-        let snr_gamma = optional_number(ctx, "snr_gamma")?;
-        if snr_gamma.is_some_and(|g| g <= 0.0) {
+    /// The recipe from its parameters and the validation parameters, with the checks the
+    /// declared types cannot express.
+    pub fn new(params: RecipeParams, validation: ValidationParams) -> Result<Recipe, StageError> {
+        // Zero is within the declared bounds (null is plain MSE).
+        if params.snr_gamma.is_some_and(|g| g <= 0.0) {
             return Err(invalid("snr_gamma", "must be positive (5.0 is the paper's value)"));
         }
-        let prediction_override = match ctx.params.get("prediction_type") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(Prediction::parse(s).ok_or_else(|| {
-                invalid("prediction_type", format!("`{s}`: expected epsilon or v_prediction"))
-            })?),
-            Some(other) => {
-                return Err(invalid(
-                    "prediction_type",
-                    format!("expected a string or null, found {other}"),
-                ))
-            }
-        };
-        let seed: i64 = ctx.param("seed")?;
-        let mixed_precision: String = ctx.param("mixed_precision")?;
-        let weight_dtype = weight_dtype(&mixed_precision).ok_or_else(|| {
-            invalid("mixed_precision", format!("`{mixed_precision}`: expected no, fp16 or bf16"))
-        })?;
+        params.base.variant()?;
+        let max_train_steps = params.max_train_steps;
         let config = TrainConfig {
-            transform: recipe::transform(ctx)?,
-            batch_size: ctx.param("train_batch_size")?,
-            accumulation: ctx.param("gradient_accumulation_steps")?,
-            gradient_checkpointing: ctx.param("gradient_checkpointing")?,
+            transform: params.transform,
+            batch_size: params.train_batch_size,
+            accumulation: params.gradient_accumulation_steps,
+            gradient_checkpointing: params.gradient_checkpointing,
             max_train_steps,
-            lr: recipe::lr_schedule(ctx, max_train_steps)?,
-            max_grad_norm: recipe::max_grad_norm(ctx)?,
-            adam: recipe::adamw(ctx)?,
-            use_ema: ctx.param("use_ema")?,
-            seed: seed as u64,
-            noise_offset: ctx.param("noise_offset")?,
-            proportion_empty_prompts: ctx.param("proportion_empty_prompts")?,
-            snr_gamma,
+            lr: params.optimiser.lr_schedule(max_train_steps),
+            max_grad_norm: params.optimiser.max_grad_norm()?,
+            adam: params.optimiser.adamw(),
+            use_ema: params.use_ema,
+            seed: params.seed,
+            noise_offset: params.noise_offset,
+            proportion_empty_prompts: params.proportion_empty_prompts,
+            snr_gamma: params.snr_gamma,
             // Filled in from the scheduler config once the model is open.
             prediction: Prediction::Epsilon,
         };
-        let validation =
-            validation::Settings::from(ctx, seed as u64, config.transform.resolution as usize)?;
+        let resolution = config.transform.resolution as usize;
+        let validation = validation::Settings::new(validation, params.seed, resolution)?;
         Ok(Recipe {
             config,
-            checkpointing_steps: ctx.param("checkpointing_steps")?,
-            model: ctx.param("model")?,
-            revision: ctx.param("revision")?,
-            prediction_override,
-            weight_dtype,
+            checkpointing_steps: params.checkpointing_steps,
+            base: params.base,
+            prediction_override: params.prediction_type,
+            weight_dtype: params.mixed_precision.weight_dtype(),
             validation,
         })
     }
 }
 
-/// The recipe's parameters with the kind's `learning_rate` default; `own` (what only the kind
-/// takes) come after the recipe's flags, before validation and threads.
-pub fn params(learning_rate: f64, own: Vec<ParamSpec>) -> Vec<ParamSpec> {
-    let mut params = vec![
-        ParamSpec::required(
-            "dataset",
-            ParamType::Input,
-            "An imagefolder dataset (an `imagefolder` stage's `dataset`); `train/` is used.",
-        ),
-        ParamSpec::optional(
-            "pipeline",
-            ParamType::Input,
-            Value::Null,
-            "An upstream pipeline folder to finetune (e.g. a `tiny-sd` stage's `model`); \
-                 when bound it is used instead of `model`.",
-        ),
-        ParamSpec::optional(
-            "model",
-            ParamType::String,
-            json!("stable-diffusion-v1-5/stable-diffusion-v1-5"),
-            "Hub repository id or local folder of a diffusers SD1.x pipeline.",
-        ),
-        ParamSpec::optional("revision", ParamType::String, json!("main"), "Hub revision."),
-        ParamSpec::optional(
-            "variant",
-            ParamType::String,
-            Value::Null,
-            "diffusers' weight variant of `model` to read (`fp16`: `*.fp16.safetensors`, \
-                 loaded into f32); null reads the default weights. The finetuned folder is written \
-                 without a variant, as diffusers' `save_pretrained` writes it.",
-        ),
-    ];
-    params.extend(recipe::transform_params());
-    params.extend([
-        ParamSpec::optional(
-            "train_batch_size",
-            int(1, Some(4096)),
-            json!(1),
-            "Images per micro-batch.",
-        ),
-        ParamSpec::optional(
-            "gradient_accumulation_steps",
-            int(1, Some(4096)),
-            json!(4),
-            "Micro-batches per optimiser step (the loss is divided by this).",
-        ),
-        ParamSpec::optional(
-            "gradient_checkpointing",
-            ParamType::Bool,
-            json!(false),
-            "Recompute UNet block activations in the backward pass to save memory.",
-        ),
-        ParamSpec::optional(
-            "mixed_precision",
-            ParamType::Enum(&["no", "fp16", "bf16"]),
-            json!("no"),
-            "diffusers' --mixed_precision. `fp16` or `bf16`: the frozen VAE and text \
-             encoder are loaded and run in that dtype (the script's weight_dtype) and their \
-             outputs (posterior, text states) are converted to f32; the UNet's weights, \
-             AdamW state and EMA stay f32, a text encoder trained with train_text_encoder \
-             stays f32, and the saved weights are f32. UNet autocast is not implemented: \
-             the UNet computes in f32, so no loss scaling (fp16 GradScaler) is needed. On \
-             the CPU a bf16 VAE computes in f32 on bf16-rounded weights (candle has no \
-             bf16 CPU convolution).",
-        ),
-        ParamSpec::optional("max_train_steps", int(1, None), json!(150), "Optimiser steps."),
-    ]);
-    params.extend(recipe::optimiser_params(OptimiserDefaults {
-        learning_rate,
-        adam_beta1: 0.9,
-        adam_beta1_doc: "AdamW β₁.",
-        adam_beta2: 0.999,
-    }));
-    params.extend([
-        ParamSpec::optional(
-            "use_ema",
-            ParamType::Bool,
-            json!(false),
-            "Keep an EMA of the weights (diffusers' EMAModel) and save it instead.",
-        ),
-        ParamSpec::optional(
-            "seed",
-            int(0, None),
-            json!(0),
-            "Seed of every random draw (data order, crops, flips, noise, timesteps).",
-        ),
-        ParamSpec::optional(
-            "noise_offset",
-            float(0.0, None),
-            json!(0.0),
-            "Offset-noise scale: adds noise_offset·N(0,1) per image and channel (0: off).",
-        ),
-        ParamSpec::optional(
-            "proportion_empty_prompts",
-            float(0.0, Some(1.0)),
-            json!(0.0),
-            "Share of captions replaced by the empty prompt (diffusers' \
-             --proportion_empty_prompts; SD was pretrained with 0.1), so that \
-             classifier-free guidance has an unconditional prediction to subtract.",
-        ),
-        ParamSpec::optional(
-            "snr_gamma",
-            ParamType::Float { min: Some(0.0), max: None },
-            Value::Null,
-            "Min-SNR-γ loss weighting (a number such as 5.0, or null for plain MSE).",
-        ),
-        ParamSpec::optional(
-            "prediction_type",
-            ParamType::Enum(&["epsilon", "v_prediction"]),
-            Value::Null,
-            "`epsilon` or `v_prediction`; null uses the model's scheduler config.",
-        ),
-        ParamSpec::optional(
-            "checkpointing_steps",
-            int(1, None),
-            json!(500),
-            "Write a resumable checkpoint every this many optimiser steps.",
-        ),
-    ]);
-    params.extend(own);
-    params.extend(validation::params());
-    params.push(recipe::threads_param());
+/// `dataset`: what a finetuning kind trains on.
+#[derive(KindParams)]
+struct Dataset {
+    /// An imagefolder dataset (an `imagefolder` stage's `dataset`); `train/` is used.
+    #[param(input)]
+    dataset: Input,
+}
+
+/// `pipeline`: a base pipeline from upstream, used instead of `model` (read on its own by
+/// [`external_deps`], which runs before `dataset` is bound).
+#[derive(KindParams)]
+struct BasePipeline {
+    /// An upstream pipeline folder to finetune (e.g. a `tiny-sd` stage's `model`); when bound
+    /// it is used instead of `model`.
+    #[param(input, default = null)]
+    pipeline: Option<Input>,
+}
+
+/// A finetuning kind's parameters: its inputs (`dataset`, `pipeline`), then `settings` (its
+/// struct, [`RecipeParams`] flattened first), then `threads`.
+pub fn params(settings: Vec<ParamSpec>) -> Vec<ParamSpec> {
+    let mut params = Dataset::specs();
+    params.extend(BasePipeline::specs());
+    params.extend(settings);
+    params.extend(Threads::specs());
     params
 }
 
@@ -280,20 +254,18 @@ fn hub_config(hub: Option<&HubConfig>) -> HubConfig {
 /// The base pipeline's folder: the bound `pipeline` input, else `model` resolved.
 fn base_folder(
     hub: Option<&HubConfig>,
-    inputs: &BTreeMap<String, PathBuf>,
-    model: &str,
-    revision: &str,
-    variant: Option<&str>,
+    pipeline: Option<&Input>,
+    base: &BaseModel,
     fetch: Fetch,
 ) -> Result<PathBuf, StageError> {
-    if let Some(path) = inputs.get("pipeline") {
-        return Ok(path.clone());
+    if let Some(pipeline) = pipeline {
+        return Ok(pipeline.path().to_path_buf());
     }
     Ok(sdpipe_diffusion::pipeline::resolve_folder(
         &hub_config(hub),
-        model,
-        revision,
-        variant,
+        &base.model,
+        &base.revision,
+        base.variant()?,
         fetch,
     )?)
 }
@@ -304,16 +276,13 @@ pub fn external_deps(
     params: &Params,
     fetch: Fetch,
 ) -> Result<BTreeMap<String, PathBuf>, StageError> {
-    // Called before inputs are bound: a bound `pipeline` is already in the key, and its
-    // parameter value is the binding, not a model name.
-    if params.get("pipeline").is_some_and(|v| !v.is_null()) {
+    // A bound `pipeline` is already in the key, as its upstream stage's result.
+    if BasePipeline::of_params(params)?.pipeline.is_some() {
         return Ok(BTreeMap::new());
     }
-    let model = params.get("model").and_then(Value::as_str).unwrap_or_default();
-    let revision = params.get("revision").and_then(Value::as_str).unwrap_or("main");
-    let variant = sdpipe_diffusion::pipeline::variant_param(params)?;
-    let root = base_folder(hub, &BTreeMap::new(), model, revision, variant, fetch)?;
-    Ok(sdpipe_diffusion::pipeline::model_deps(&root, variant)?)
+    let base = BaseModel::of_params(params)?;
+    let root = base_folder(hub, None, &base, fetch)?;
+    Ok(sdpipe_diffusion::pipeline::model_deps(&root, base.variant()?)?)
 }
 
 fn train_error(e: TrainError) -> StageError {
@@ -333,31 +302,31 @@ pub struct Prepared {
 
 /// How messages and a LoRA's base identity name the base: the `model` parameter, or the bound
 /// pipeline input's folder name.
-fn base_name(ctx: &StageContext<'_>, recipe: &Recipe) -> String {
-    match ctx.inputs.get("pipeline") {
-        Some(path) => path
+fn base_name(pipeline: Option<&Input>, recipe: &Recipe) -> String {
+    match pipeline {
+        Some(pipeline) => pipeline
+            .path()
             .file_name()
             .map_or_else(|| "the bound pipeline".into(), |n| n.to_string_lossy().into_owned()),
-        None => recipe.model.clone(),
+        None => recipe.base.model.clone(),
     }
 }
 
-/// Reads the parameters (`recipe`, from [`Recipe::from`]), the dataset and the validation
-/// prompts, then opens the base pipeline.
+/// Reads the dataset and the validation prompts, then opens the base pipeline (`recipe`, from
+/// [`Recipe::new`], holds the parameters).
 pub fn prepare(
     hub: Option<&HubConfig>,
     ctx: &StageContext<'_>,
     mut recipe: Recipe,
 ) -> Result<Prepared, StageError> {
     // Check the dataset before loading any model: a bad dataset fails in milliseconds.
-    let dataset = ctx.input("dataset")?.to_path_buf();
+    let dataset = Dataset::of(ctx)?.dataset.path().to_path_buf();
+    let pipeline = BasePipeline::of(ctx)?.pipeline;
     let examples = load_train_split(&dataset).map_err(|e| StageError::failed(e.to_string()))?;
     let max_steps = recipe.config.max_train_steps;
     let validation = recipe.validation.take().map(|v| v.plan(&dataset, max_steps)).transpose()?;
-    let variant = sdpipe_diffusion::pipeline::variant_param(ctx.params)?;
-    let base =
-        base_folder(hub, ctx.inputs, &recipe.model, &recipe.revision, variant, Fetch::allowed())?;
-    let pipeline = SdPipeline::open_variant(&base, variant)?;
+    let base = base_folder(hub, pipeline.as_ref(), &recipe.base, Fetch::allowed())?;
+    let pipeline = SdPipeline::open_variant(&base, recipe.base.variant()?)?;
     let scheduler = &pipeline.scheduler;
     let scheduler_path = || base.join("scheduler/scheduler_config.json").display().to_string();
     let prediction = match recipe.prediction_override {
@@ -539,7 +508,7 @@ fn train(
             var.set(weights).map_err(|e| StageError::failed(format!("EMA weights: {e}")))?;
         }
     }
-    let base_name = base_name(ctx, recipe);
+    let base_name = base_name(BasePipeline::of(ctx)?.pipeline.as_ref(), recipe);
     let finished = Finished { recipe, pipeline, base_name, models: &models, scheduler };
     kind.write(ctx.out_dir, finished)?;
     write_log(ctx.out_dir, &trainer)?;

@@ -7,8 +7,9 @@
 
 use std::f64::consts::PI;
 
-/// A schedule by its diffusers name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A schedule by its diffusers name (the `lr_scheduler` parameter's value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LrKind {
     Constant,
     ConstantWithWarmup,

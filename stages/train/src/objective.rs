@@ -11,7 +11,8 @@
 use candle_core::{Result, Tensor, D};
 
 /// What the UNet is trained to predict (`prediction_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Prediction {
     Epsilon,
     VPrediction,

@@ -1,16 +1,86 @@
-//! The parameters the two training kinds (`train`, `train-vae`) share — image transform,
-//! learning-rate schedule, clipping, AdamW, threads — declared once with each kind's defaults,
-//! and read back into the trainers' settings with the same checks.
+//! The parameters the two training kinds (`train`, `train-vae`) share — learning-rate schedule,
+//! clipping, AdamW ([`Optimiser`]), threads ([`Threads`]); the image transform is
+//! [`Transform`]'s own — declared once as groups a kind flattens into its parameters, with each
+//! kind's defaults where they differ ([`OptimiserDefaults`]), and read back into the trainers'
+//! settings with the checks the declared types cannot express.
+//!
+//! [`Transform`]: crate::data::Transform
 
-use sdpipe_stages::api::{ParamSpec, ParamType, Params, StageContext, StageError};
-use serde_json::{json, Value};
+use sdpipe_stages::api::{ParamSpec, Params, StageError};
+use sdpipe_stages::params::{with_default, KindParams};
+use serde_json::json;
 
-use crate::data::Transform;
 use crate::lr::{LrKind, LrSchedule};
 use crate::optim::AdamWConfig;
 
-/// Where the kinds' recipes differ: the UNet follows diffusers' text-to-image script, the VAE
-/// its autoencoder script (and LDM).
+pub fn invalid(param: &str, message: impl Into<String>) -> StageError {
+    StageError::InvalidParam { param: param.into(), message: message.into() }
+}
+
+/// `learning_rate`, `max_grad_norm`, `lr_scheduler`, `lr_warmup_steps` and the AdamW settings,
+/// with the defaults of diffusers' text-to-image script; [`OptimiserDefaults`] and
+/// [`with_default`] give a kind its own.
+#[derive(KindParams)]
+pub struct Optimiser {
+    /// Peak learning rate.
+    #[param(default = 1e-5, min = 0.0)]
+    learning_rate: f64,
+    /// Clip the global gradient norm to this before each optimiser step.
+    #[param(default = 1.0, min = 0.0)]
+    max_grad_norm: f64,
+    /// Learning-rate schedule (diffusers' get_scheduler).
+    #[param(default = "constant", one_of = LrKind::NAMES)]
+    lr_scheduler: LrKind,
+    /// Linear warmup steps (ignored by `constant`, as in diffusers).
+    #[param(default = 0, min = 0)]
+    lr_warmup_steps: u64,
+    /// AdamW β₁.
+    #[param(default = 0.9, min = 0.0, max = 1.0)]
+    adam_beta1: f64,
+    /// AdamW β₂.
+    #[param(default = 0.999, min = 0.0, max = 1.0)]
+    adam_beta2: f64,
+    /// AdamW decoupled weight decay.
+    #[param(default = 1e-2, min = 0.0)]
+    adam_weight_decay: f64,
+    /// AdamW ε.
+    #[param(default = 1e-8, min = 0.0)]
+    adam_epsilon: f64,
+}
+
+impl Optimiser {
+    pub fn lr_schedule(&self, training_steps: u64) -> LrSchedule {
+        LrSchedule {
+            kind: self.lr_scheduler,
+            base_lr: self.learning_rate,
+            warmup_steps: self.lr_warmup_steps,
+            training_steps,
+        }
+    }
+
+    /// The clipping norm; zero is within the declared bounds but would zero every gradient.
+    pub fn max_grad_norm(&self) -> Result<f64, StageError> {
+        if self.max_grad_norm <= 0.0 {
+            return Err(invalid(
+                "max_grad_norm",
+                "must be positive (torch would zero every gradient)",
+            ));
+        }
+        Ok(self.max_grad_norm)
+    }
+
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.adam_beta1,
+            beta2: self.adam_beta2,
+            eps: self.adam_epsilon,
+            weight_decay: self.adam_weight_decay,
+        }
+    }
+}
+
+/// Where a kind's recipe is not [`Optimiser`]'s defaults: the UNet follows diffusers'
+/// text-to-image script, the VAE its autoencoder script (and LDM).
 pub struct OptimiserDefaults {
     pub learning_rate: f64,
     pub adam_beta1: f64,
@@ -18,130 +88,50 @@ pub struct OptimiserDefaults {
     pub adam_beta2: f64,
 }
 
-pub fn int(min: i64, max: Option<i64>) -> ParamType {
-    ParamType::Int { min: Some(min), max }
+impl OptimiserDefaults {
+    /// `specs`, a kind's parameters with [`Optimiser`] among them, with these defaults.
+    pub fn apply(&self, specs: Vec<ParamSpec>) -> Vec<ParamSpec> {
+        let specs = with_default(specs, "learning_rate", json!(self.learning_rate));
+        let specs = with_default(specs, "adam_beta2", json!(self.adam_beta2));
+        let mut specs = with_default(specs, "adam_beta1", json!(self.adam_beta1));
+        let beta1 = specs.iter_mut().find(|s| s.name == "adam_beta1").expect("adam_beta1");
+        beta1.doc = self.adam_beta1_doc;
+        specs
+    }
 }
 
-pub fn float(min: f64, max: Option<f64>) -> ParamType {
-    ParamType::Float { min: Some(min), max }
+/// `threads`, the last parameter of every training kind: what it asks the scheduler for before
+/// it runs (it runs on what it is granted, `ctx.threads`).
+#[derive(KindParams)]
+pub struct Threads {
+    /// CPU threads wanted.
+    #[param(default = DEFAULT_THREADS, min = 1, max = 256)]
+    threads: usize,
 }
 
-pub fn invalid(param: &str, message: impl Into<String>) -> StageError {
-    StageError::InvalidParam { param: param.into(), message: message.into() }
-}
-
-/// `resolution`, `center_crop`, `random_flip`.
-pub fn transform_params() -> Vec<ParamSpec> {
-    vec![
-        ParamSpec::optional(
-            "resolution",
-            int(8, Some(4096)),
-            json!(512),
-            "Images are resized (shorter side) and cropped to this square size.",
-        ),
-        ParamSpec::optional(
-            "center_crop",
-            ParamType::Bool,
-            json!(false),
-            "Centre crop (true) or random crop (false) after resizing.",
-        ),
-        ParamSpec::optional(
-            "random_flip",
-            ParamType::Bool,
-            json!(false),
-            "Flip each image horizontally with probability 0.5.",
-        ),
-    ]
-}
-
-/// `learning_rate`, `max_grad_norm`, `lr_scheduler`, `lr_warmup_steps` and the AdamW settings.
-pub fn optimiser_params(d: OptimiserDefaults) -> Vec<ParamSpec> {
-    vec![
-        ParamSpec::optional(
-            "learning_rate",
-            float(0.0, None),
-            json!(d.learning_rate),
-            "Peak learning rate.",
-        ),
-        ParamSpec::optional(
-            "max_grad_norm",
-            float(0.0, None),
-            json!(1.0),
-            "Clip the global gradient norm to this before each optimiser step.",
-        ),
-        ParamSpec::optional(
-            "lr_scheduler",
-            ParamType::Enum(LrKind::NAMES),
-            json!("constant"),
-            "Learning-rate schedule (diffusers' get_scheduler).",
-        ),
-        ParamSpec::optional(
-            "lr_warmup_steps",
-            int(0, None),
-            json!(0),
-            "Linear warmup steps (ignored by `constant`, as in diffusers).",
-        ),
-        ParamSpec::optional(
-            "adam_beta1",
-            float(0.0, Some(1.0)),
-            json!(d.adam_beta1),
-            d.adam_beta1_doc,
-        ),
-        ParamSpec::optional("adam_beta2", float(0.0, Some(1.0)), json!(d.adam_beta2), "AdamW β₂."),
-        ParamSpec::optional(
-            "adam_weight_decay",
-            float(0.0, None),
-            json!(1e-2),
-            "AdamW decoupled weight decay.",
-        ),
-        ParamSpec::optional("adam_epsilon", float(0.0, None), json!(1e-8), "AdamW ε."),
-    ]
-}
-
-pub fn threads_param() -> ParamSpec {
-    ParamSpec::optional("threads", int(1, Some(256)), json!(DEFAULT_THREADS), "CPU threads wanted.")
-}
-
-const DEFAULT_THREADS: u64 = 4;
+const DEFAULT_THREADS: usize = 4;
 
 /// The threads the kind asks the scheduler for.
 pub fn threads(params: &Params) -> usize {
-    params.get("threads").and_then(Value::as_u64).unwrap_or(DEFAULT_THREADS).max(1) as usize
+    Threads::of_params(params).map_or(DEFAULT_THREADS, |t| t.threads)
 }
 
-pub fn transform(ctx: &StageContext<'_>) -> Result<Transform, StageError> {
-    Ok(Transform {
-        resolution: ctx.param("resolution")?,
-        center_crop: ctx.param("center_crop")?,
-        random_flip: ctx.param("random_flip")?,
-    })
-}
+/// Checks that every default of `kind` and every name its enum parameters take read into `T`,
+/// its parameter struct: what the engine accepts, the kind runs with.
+#[cfg(test)]
+pub(crate) fn check_declared_values<T: KindParams>(kind: &dyn sdpipe_stages::StageKind) {
+    use sdpipe_stages::api::ParamType;
+    use sdpipe_stages::testing;
 
-pub fn lr_schedule(ctx: &StageContext<'_>, training_steps: u64) -> Result<LrSchedule, StageError> {
-    let name: String = ctx.param("lr_scheduler")?;
-    let kind = LrKind::parse(&name)
-        .ok_or_else(|| invalid("lr_scheduler", format!("unknown schedule `{name}`")))?;
-    Ok(LrSchedule {
-        kind,
-        base_lr: ctx.param("learning_rate")?,
-        warmup_steps: ctx.param("lr_warmup_steps")?,
-        training_steps,
-    })
-}
-
-pub fn max_grad_norm(ctx: &StageContext<'_>) -> Result<f64, StageError> {
-    let norm: f64 = ctx.param("max_grad_norm")?;
-    if norm <= 0.0 {
-        return Err(invalid("max_grad_norm", "must be positive (torch would zero every gradient)"));
+    if let Err(e) = T::of_params(&testing::params(kind, &[])) {
+        panic!("{}'s defaults: {e}", kind.name());
     }
-    Ok(norm)
-}
-
-pub fn adamw(ctx: &StageContext<'_>) -> Result<AdamWConfig, StageError> {
-    Ok(AdamWConfig {
-        beta1: ctx.param("adam_beta1")?,
-        beta2: ctx.param("adam_beta2")?,
-        eps: ctx.param("adam_epsilon")?,
-        weight_decay: ctx.param("adam_weight_decay")?,
-    })
+    for spec in T::specs() {
+        let ParamType::Enum(names) = spec.ty else { continue };
+        for name in names {
+            if let Err(e) = T::of_params(&testing::params(kind, &[(spec.name, json!(name))])) {
+                panic!("{}: `{}: {name}`: {e}", kind.name(), spec.name);
+            }
+        }
+    }
 }

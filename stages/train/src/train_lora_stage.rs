@@ -25,16 +25,16 @@ use sdpipe_diffusion::lora_base::BaseIdentity;
 use sdpipe_diffusion::SdPipeline;
 use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
-    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
-    StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, Params, StageContext, StageError, StageKind,
 };
+use sdpipe_stages::params::{with_default, KindParams};
 use sdpipe_unet::lora::DEFAULT_TARGETS;
 use sdpipe_unet::{LoraConfig, UNet};
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::finetune::{self, Finetune, Finished, Models, Recipe};
-use crate::recipe;
-use crate::recipe::{int, invalid};
+use crate::finetune::{self, Finetune, Finished, Models, Recipe, RecipeParams};
+use crate::recipe::{self, invalid};
+use crate::validation::ValidationParams;
 
 /// The output folder (diffusers' `load_lora_weights(dir)` reads it as it is).
 const LORA: &str = "lora";
@@ -46,16 +46,45 @@ pub struct TrainLora {
     pub interrupt_after: Option<u64>,
 }
 
+/// The parameters besides the inputs and `threads` ([`finetune::params`]).
+#[derive(KindParams)]
+struct Settings {
+    #[param(flatten)]
+    recipe: RecipeParams,
+    #[param(flatten)]
+    lora: LoraParams,
+    #[param(flatten)]
+    validation: ValidationParams,
+}
+
+/// The LoRA's own parameters.
+#[derive(KindParams)]
+struct LoraParams {
+    /// The adapters' rank r (diffusers' --rank).
+    #[param(default = 4, min = 1, max = 16384)]
+    lora_rank: usize,
+    /// peft's lora_alpha: the adapters' output is scaled by lora_alpha / lora_rank; null is the
+    /// rank (scale 1), as the script sets it.
+    #[param(default = null, min = 0.0)]
+    lora_alpha: Option<f64>,
+    /// The linear layers that get adapters, by the end of their state-dict name as peft matches
+    /// them (e.g. ff.net.2 adds the feed-forward output).
+    #[param(default = DEFAULT_TARGETS)]
+    lora_target_modules: Vec<String>,
+}
+
 /// The LoRA's own parameters, checked.
-fn lora_config(ctx: &StageContext<'_>) -> Result<LoraConfig, StageError> {
-    let rank: usize = ctx.param("lora_rank")?;
-    let alpha = match ctx.params.get("lora_alpha") {
-        None | Some(Value::Null) => rank as f64,
-        Some(v) => v.as_f64().filter(|a| a.is_finite() && *a > 0.0).ok_or_else(|| {
-            invalid("lora_alpha", format!("expected a positive number, found {v}"))
-        })?,
+fn lora_config(params: LoraParams) -> Result<LoraConfig, StageError> {
+    let rank = params.lora_rank;
+    let alpha = match params.lora_alpha {
+        None => rank as f64,
+        // Zero is within the declared bounds, but would scale the adapters away.
+        Some(a) if a > 0.0 => a,
+        Some(a) => {
+            return Err(invalid("lora_alpha", format!("expected a positive number, found {a}")))
+        }
     };
-    let target_modules: Vec<String> = ctx.param("lora_target_modules")?;
+    let target_modules = params.lora_target_modules;
     if target_modules.is_empty() || target_modules.iter().any(|t| t.trim().is_empty()) {
         return Err(invalid(
             "lora_target_modules",
@@ -90,32 +119,8 @@ impl StageKind for TrainLora {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let targets: Vec<&str> = DEFAULT_TARGETS.to_vec();
-        finetune::params(
-            1e-4,
-            vec![
-                ParamSpec::optional(
-                    "lora_rank",
-                    int(1, Some(16384)),
-                    json!(4),
-                    "The adapters' rank r (diffusers' --rank).",
-                ),
-                ParamSpec::optional(
-                    "lora_alpha",
-                    ParamType::Float { min: Some(0.0), max: None },
-                    Value::Null,
-                    "peft's lora_alpha: the adapters' output is scaled by lora_alpha / lora_rank; \
-                     null is the rank (scale 1), as the script sets it.",
-                ),
-                ParamSpec::optional(
-                    "lora_target_modules",
-                    ParamType::List(Box::new(ParamType::String)),
-                    json!(targets),
-                    "The linear layers that get adapters, by the end of their state-dict name \
-                     as peft matches them (e.g. ff.net.2 adds the feed-forward output).",
-                ),
-            ],
-        )
+        // The LoRA script's learning rate.
+        with_default(finetune::params(Settings::specs()), "learning_rate", json!(1e-4))
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -141,8 +146,9 @@ impl StageKind for TrainLora {
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let recipe = Recipe::from(ctx)?;
-        let lora = LoraFinetune { config: lora_config(ctx)?, seed: recipe.config.seed };
+        let settings = Settings::of(ctx)?;
+        let recipe = Recipe::new(settings.recipe, settings.validation)?;
+        let lora = LoraFinetune { config: lora_config(settings.lora)?, seed: recipe.config.seed };
         let prepared = finetune::prepare(self.hub.as_ref(), ctx, recipe)?;
         finetune::run(ctx, prepared, &lora, self.interrupt_after)
     }
@@ -179,5 +185,15 @@ impl Finetune for LoraFinetune {
             .save_lora(&dir, &identity.metadata())
             .map_err(|e| StageError::failed(e.to_string()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_default_and_enum_name_reads() {
+        recipe::check_declared_values::<Settings>(&TrainLora::default());
     }
 }

@@ -12,15 +12,28 @@ use sdpipe_diffusion::config::{write_json, SchedulerConfig};
 use sdpipe_diffusion::{copy_components, SdPipeline};
 use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
-    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
-    StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, Params, StageContext, StageError, StageKind,
 };
-use serde_json::json;
+use sdpipe_stages::params::KindParams;
 
-use crate::finetune::{self, Finetune, Finished, Models, Recipe};
+use crate::finetune::{self, Finetune, Finished, Models, Recipe, RecipeParams};
 use crate::recipe;
+use crate::validation::ValidationParams;
 
 const MODEL: &str = "model";
+
+/// The parameters besides the inputs and `threads` ([`finetune::params`]).
+#[derive(KindParams)]
+struct Settings {
+    #[param(flatten)]
+    recipe: RecipeParams,
+    /// Train the CLIP text encoder with the UNet (diffusers' --train_text_encoder): same
+    /// optimiser, clipping and EMA; the output's text_encoder is the trained one.
+    #[param(default = false)]
+    train_text_encoder: bool,
+    #[param(flatten)]
+    validation: ValidationParams,
+}
 
 /// The `train` kind. `hub` overrides the environment's hub settings and `interrupt_after` stops
 /// the run abruptly after that many optimiser steps without a final checkpoint, as a killed
@@ -66,16 +79,7 @@ impl StageKind for Train {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        finetune::params(
-            1e-5,
-            vec![ParamSpec::optional(
-                "train_text_encoder",
-                ParamType::Bool,
-                json!(false),
-                "Train the CLIP text encoder with the UNet (diffusers' --train_text_encoder): \
-                 same optimiser, clipping and EMA; the output's text_encoder is the trained one.",
-            )],
-        )
+        finetune::params(Settings::specs())
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -100,8 +104,9 @@ impl StageKind for Train {
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let recipe = Recipe::from(ctx)?;
-        let full = FullFinetune { train_text_encoder: ctx.param("train_text_encoder")? };
+        let settings = Settings::of(ctx)?;
+        let recipe = Recipe::new(settings.recipe, settings.validation)?;
+        let full = FullFinetune { train_text_encoder: settings.train_text_encoder };
         let prepared = finetune::prepare(self.hub.as_ref(), ctx, recipe)?;
         finetune::run(ctx, prepared, &full, self.interrupt_after)
     }
@@ -158,5 +163,15 @@ impl Finetune for FullFinetune {
         unet.save_pretrained(&model_dir.join("unet"))
             .map_err(|e| StageError::failed(e.to_string()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_default_and_enum_name_reads() {
+        recipe::check_declared_values::<Settings>(&Train::default());
     }
 }

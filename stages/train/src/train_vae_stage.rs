@@ -12,14 +12,14 @@ use std::time::Instant;
 use candle_core::Tensor;
 use sdpipe_diffusion::{copy_components, to_rgb8, SdPipeline};
 use sdpipe_stages::api::{
-    Fetch, OutputKind, OutputSpec, ParamSpec, ParamType, Params, StageContext, StageError,
-    StageKind,
+    Fetch, OutputKind, OutputSpec, ParamSpec, Params, StageContext, StageError, StageKind,
 };
+use sdpipe_stages::params::{Input, KindParams};
 use sdpipe_unet::vae::Vae;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::data::{load_split, load_train_split, read_rgb, Example, Transform};
-use crate::recipe::{self, float, int, invalid, OptimiserDefaults};
+use crate::recipe::{self, Optimiser, OptimiserDefaults, Threads};
 use crate::rng::{Purpose, Seeds};
 use crate::vae_training::{ReconLoss, VaeTrainConfig, VaeTrainer};
 
@@ -32,32 +32,84 @@ const RECONSTRUCTIONS_JSONL: &str = "reconstructions.jsonl";
 #[derive(Default)]
 pub struct TrainVae;
 
-fn settings(ctx: &StageContext<'_>) -> Result<VaeTrainConfig, StageError> {
-    let loss_name: String = ctx.param("reconstruction_loss")?;
-    let recon = ReconLoss::parse(&loss_name).ok_or_else(|| {
-        invalid("reconstruction_loss", format!("`{loss_name}`: expected l1 or mse"))
-    })?;
-    let max_train_steps: u64 = ctx.param("max_train_steps")?;
-    let seed: i64 = ctx.param("seed")?;
-    Ok(VaeTrainConfig {
-        transform: recipe::transform(ctx)?,
-        batch_size: ctx.param("train_batch_size")?,
-        max_train_steps,
-        lr: recipe::lr_schedule(ctx, max_train_steps)?,
-        max_grad_norm: recipe::max_grad_norm(ctx)?,
-        adam: recipe::adamw(ctx)?,
-        seed: seed as u64,
-        kl_weight: ctx.param("kl_weight")?,
-        recon,
-    })
+/// The inputs: the pipeline whose VAE is trained and the datasets it learns from.
+#[derive(KindParams)]
+struct Inputs {
+    /// The diffusers pipeline folder whose VAE is trained (e.g. a `tiny-sd` stage's `model`).
+    #[param(input)]
+    pipeline: Input,
+    /// An imagefolder dataset (an `imagefolder` stage's `dataset`); `train/` is used.
+    #[param(input)]
+    dataset: Input,
+    /// A second imagefolder dataset whose `train/` images are added (a VAE is meant to
+    /// represent every domain the diffusion model will see; test images stay out).
+    #[param(input, default = null)]
+    extra_dataset: Option<Input>,
+}
+
+impl Inputs {
+    /// `dataset` and, when bound, `extra_dataset`.
+    fn datasets(&self) -> Vec<PathBuf> {
+        let extra = self.extra_dataset.as_ref().map(|d| d.path().to_path_buf());
+        std::iter::once(self.dataset.path().to_path_buf()).chain(extra).collect()
+    }
+}
+
+/// The parameters besides the inputs and `threads` (see `params`).
+#[derive(KindParams)]
+struct Settings {
+    #[param(flatten)]
+    transform: Transform,
+    /// Images per optimiser step.
+    #[param(default = 4, min = 1, max = 4096)]
+    train_batch_size: usize,
+    /// Optimiser steps.
+    #[param(default = 1000, min = 1)]
+    max_train_steps: u64,
+    /// With the autoencoder recipe's defaults ([`VAE_OPTIMISER`]).
+    #[param(flatten)]
+    optimiser: Optimiser,
+    /// Pixel reconstruction loss: `l1` (LDM's) or `mse`.
+    #[param(default = "l1", one_of = ReconLoss::NAMES)]
+    reconstruction_loss: ReconLoss,
+    /// Weight of the KL term (diffusers' --kl_scale; LDM's kl_weight).
+    #[param(default = 1e-6, min = 0.0)]
+    kl_weight: f64,
+    /// Seed of every random draw (data order, crops, flips, posterior noise).
+    #[param(default = 0, min = 0)]
+    seed: u64,
+}
+
+/// diffusers' autoencoder script's (and LDM's) optimiser, not the UNet's.
+const VAE_OPTIMISER: OptimiserDefaults = OptimiserDefaults {
+    learning_rate: 1e-4,
+    adam_beta1: 0.5,
+    adam_beta1_doc: "AdamW β₁ (0.5, as diffusers' and LDM's autoencoder training).",
+    adam_beta2: 0.9,
+};
+
+impl Settings {
+    /// The trainer's settings, with the check the declared bounds cannot express.
+    fn config(self) -> Result<VaeTrainConfig, StageError> {
+        Ok(VaeTrainConfig {
+            transform: self.transform,
+            batch_size: self.train_batch_size,
+            max_train_steps: self.max_train_steps,
+            lr: self.optimiser.lr_schedule(self.max_train_steps),
+            max_grad_norm: self.optimiser.max_grad_norm()?,
+            adam: self.optimiser.adamw(),
+            seed: self.seed,
+            kl_weight: self.kl_weight,
+            recon: self.reconstruction_loss,
+        })
+    }
 }
 
 /// The training examples of `dataset` and, when bound, `extra_dataset`, each with its split
 /// folder (for error messages).
-fn examples(ctx: &StageContext<'_>) -> Result<Vec<(Example, PathBuf)>, StageError> {
+fn examples(datasets: &[PathBuf]) -> Result<Vec<(Example, PathBuf)>, StageError> {
     let mut all = Vec::new();
-    for name in ["dataset", "extra_dataset"] {
-        let Some(dataset) = ctx.inputs.get(name) else { continue };
+    for dataset in datasets {
         let split = dataset.join("train");
         let found = load_train_split(dataset).map_err(|e| StageError::failed(e.to_string()))?;
         all.extend(found.into_iter().map(|e| (e, split.clone())));
@@ -90,63 +142,9 @@ impl StageKind for TrainVae {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let mut params = vec![
-            ParamSpec::required(
-                "pipeline",
-                ParamType::Input,
-                "The diffusers pipeline folder whose VAE is trained (e.g. a `tiny-sd` stage's \
-                 `model`).",
-            ),
-            ParamSpec::required(
-                "dataset",
-                ParamType::Input,
-                "An imagefolder dataset (an `imagefolder` stage's `dataset`); `train/` is used.",
-            ),
-            ParamSpec::optional(
-                "extra_dataset",
-                ParamType::Input,
-                Value::Null,
-                "A second imagefolder dataset whose `train/` images are added (a VAE is meant to \
-                 represent every domain the diffusion model will see; test images stay out).",
-            ),
-        ];
-        params.extend(recipe::transform_params());
-        params.extend([
-            ParamSpec::optional(
-                "train_batch_size",
-                int(1, Some(4096)),
-                json!(4),
-                "Images per optimiser step.",
-            ),
-            ParamSpec::optional("max_train_steps", int(1, None), json!(1000), "Optimiser steps."),
-        ]);
-        params.extend(recipe::optimiser_params(OptimiserDefaults {
-            learning_rate: 1e-4,
-            adam_beta1: 0.5,
-            adam_beta1_doc: "AdamW β₁ (0.5, as diffusers' and LDM's autoencoder training).",
-            adam_beta2: 0.9,
-        }));
-        params.extend([
-            ParamSpec::optional(
-                "reconstruction_loss",
-                ParamType::Enum(ReconLoss::NAMES),
-                json!("l1"),
-                "Pixel reconstruction loss: `l1` (LDM's) or `mse`.",
-            ),
-            ParamSpec::optional(
-                "kl_weight",
-                float(0.0, None),
-                json!(1e-6),
-                "Weight of the KL term (diffusers' --kl_scale; LDM's kl_weight).",
-            ),
-            ParamSpec::optional(
-                "seed",
-                int(0, None),
-                json!(0),
-                "Seed of every random draw (data order, crops, flips, posterior noise).",
-            ),
-            recipe::threads_param(),
-        ]);
+        let mut params = Inputs::specs();
+        params.extend(VAE_OPTIMISER.apply(Settings::specs()));
+        params.extend(Threads::specs());
         params
     }
 
@@ -195,16 +193,18 @@ impl StageKind for TrainVae {
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let config = settings(ctx)?;
+        let config = Settings::of(ctx)?.config()?;
+        let inputs = Inputs::of(ctx)?;
+        let datasets = inputs.datasets();
         // Check the data before loading the model: a bad dataset fails in milliseconds.
-        let examples = examples(ctx)?;
-        let base = ctx.input("pipeline")?.to_path_buf();
+        let examples = examples(&datasets)?;
+        let base = inputs.pipeline.path().to_path_buf();
         let threads = ctx.threads.max(1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .map_err(|e| StageError::failed(format!("starting {threads} worker threads: {e}")))?;
-        pool.install(|| train(ctx, config, &base, &examples))
+        pool.install(|| train(ctx, config, &base, &examples, &datasets))
     }
 }
 
@@ -213,6 +213,7 @@ fn train(
     config: VaeTrainConfig,
     base: &Path,
     examples: &[(Example, PathBuf)],
+    datasets: &[PathBuf],
 ) -> Result<(), StageError> {
     let failed = |e: &dyn std::fmt::Display| StageError::failed(e.to_string());
     let device = ctx.candle_device()?;
@@ -258,7 +259,7 @@ fn train(
     // as LDM chose SD's 0.18215 for its own VAE.
     vae.set_scaling_factor(scaling_factor);
     vae.save_pretrained(&model_dir.join("vae")).map_err(|e| failed(&e))?;
-    write_reconstructions(ctx, &vae, transform)?;
+    write_reconstructions(ctx, &vae, transform, datasets)?;
     let log = ctx.out_dir.join(LOG);
     std::fs::write(&log, text).map_err(|e| StageError::io(format!("writing {}", log.display()), e))
 }
@@ -271,6 +272,7 @@ fn write_reconstructions(
     ctx: &mut StageContext<'_>,
     vae: &Vae,
     transform: Transform,
+    datasets: &[PathBuf],
 ) -> Result<(), StageError> {
     let failed = |e: &dyn std::fmt::Display| StageError::failed(e.to_string());
     let images = ctx.out_dir.join(RECONSTRUCTIONS);
@@ -281,8 +283,7 @@ fn write_reconstructions(
     let mut draws = Seeds::new(0).stream(Purpose::MicroBatch, 0);
     let mut lines = String::new();
     let mut seen = std::collections::BTreeSet::new();
-    for name in ["dataset", "extra_dataset"] {
-        let Some(dataset) = ctx.inputs.get(name) else { continue };
+    for dataset in datasets {
         if !dataset.join("test/metadata.jsonl").is_file() {
             continue;
         }
@@ -315,4 +316,14 @@ fn write_reconstructions(
     let path = ctx.out_dir.join(RECONSTRUCTIONS_JSONL);
     std::fs::write(&path, lines)
         .map_err(|e| StageError::io(format!("writing {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_default_and_enum_name_reads() {
+        recipe::check_declared_values::<Settings>(&TrainVae);
+    }
 }

@@ -30,8 +30,9 @@ use crate::lr::LrSchedule;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::rng::{Purpose, Seeds};
 
-/// The pixel reconstruction loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The pixel reconstruction loss (the `reconstruction_loss` parameter's value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ReconLoss {
     /// Mean absolute error (LDM's choice; diffusers' script's default).
     L1,
@@ -41,14 +42,6 @@ pub enum ReconLoss {
 
 impl ReconLoss {
     pub const NAMES: &'static [&'static str] = &["l1", "mse"];
-
-    pub fn parse(name: &str) -> Option<ReconLoss> {
-        match name {
-            "l1" => Some(ReconLoss::L1),
-            "mse" => Some(ReconLoss::Mse),
-            _ => None,
-        }
-    }
 
     fn apply(self, reconstruction: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
         let diff = (reconstruction - target)?;

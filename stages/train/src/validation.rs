@@ -7,11 +7,11 @@
 //! from the saved model with the same prompt, seed and settings. Prompt `i` uses seed
 //! `validation_seed + i`, as `sample` gives its `i`-th prompt (in id order) `seed + i`.
 //!
-//! A training kind uses it in five calls:
+//! A training kind uses it in five steps:
 //!
 //! ```text
-//! params.extend(validation::params());                                  // its parameters
-//! let settings = validation::Settings::from(ctx, seed, resolution)?;    // None when off
+//! #[param(flatten)] validation: ValidationParams,  // its parameters, in the kind's struct
+//! let settings = validation::Settings::new(params, seed, resolution)?;  // None when off
 //! let plan = settings.map(|s| s.plan(&dataset, max_steps)).transpose()?;  // reads prompts
 //! let mut validator = plan.map(|p| Validator::load(p, …)).transpose()?;   // loads VAE, CLIP
 //! // after each optimiser step:
@@ -40,75 +40,51 @@ use sdpipe_diffusion::generate::{latent_side, save_png, Conditioning, NoisePredi
 use sdpipe_diffusion::sample_stage::SCHEDULERS;
 use sdpipe_diffusion::schedulers::SamplerKind;
 use sdpipe_diffusion::{SdPipeline, StableDiffusion};
-use sdpipe_stages::api::{ParamSpec, ParamType, StageContext, StageError};
+use sdpipe_stages::api::{StageContext, StageError};
+use sdpipe_stages::params::KindParams;
 use sdpipe_unet::ClipText;
 use serde_json::{json, Value};
 
 use crate::data::load_split;
-use crate::recipe::{float, int, invalid};
+use crate::recipe::invalid;
 
 /// The output folder, and the state directory's folder its images are made in.
 pub const DIR: &str = "validation";
 /// The settings and the list of images, in the output folder.
 pub const INDEX: &str = "validation.json";
 
-/// The `validation_*` parameters.
-pub fn params() -> Vec<ParamSpec> {
-    vec![
-        ParamSpec::optional(
-            "validation_prompts",
-            ParamType::List(Box::new(ParamType::String)),
-            json!([]),
-            "Prompts to draw during training (diffusers' --validation_prompts); or set \
-             num_validation_prompts instead.",
-        ),
-        ParamSpec::optional(
-            "num_validation_prompts",
-            int(0, None),
-            json!(0),
-            "Draw the first this many captions (in id order, as `sample` takes them) of the \
-             dataset's `test/` split, or of `train/` when it has no `test/` (all of them when \
-             the split has fewer), instead of listing validation_prompts.",
-        ),
-        ParamSpec::optional(
-            "validation_steps",
-            int(0, None),
-            Value::Null,
-            "Draw the validation prompts every this many optimiser steps and after the last \
-             (null or 0: no validation). Images go to `validation/`.",
-        ),
-        ParamSpec::optional(
-            "validation_seed",
-            int(0, None),
-            Value::Null,
-            "Seed of the initial latents: prompt i starts from seed + i, as in `sample`. \
-             Null: the stage's `seed`.",
-        ),
-        ParamSpec::optional(
-            "validation_guidance_scale",
-            float(0.0, None),
-            json!(7.5),
-            "Classifier-free guidance scale of validation images (≤ 1: none).",
-        ),
-        ParamSpec::optional(
-            "validation_num_inference_steps",
-            int(1, None),
-            json!(20),
-            "Inference steps of validation images (diffusers' script uses 20).",
-        ),
-        ParamSpec::optional(
-            "validation_scheduler",
-            ParamType::Enum(SCHEDULERS),
-            json!("pndm"),
-            "The sampler of validation images, as `sample`'s `scheduler`.",
-        ),
-        ParamSpec::optional(
-            "validation_resolution",
-            int(8, Some(4096)),
-            Value::Null,
-            "Side of the (square) validation images in pixels. Null: the training resolution.",
-        ),
-    ]
+/// The `validation_*` parameters, a group a training kind flattens into its own.
+#[derive(KindParams)]
+pub struct ValidationParams {
+    /// Prompts to draw during training (diffusers' --validation_prompts); or set
+    /// num_validation_prompts instead.
+    #[param(default = [])]
+    validation_prompts: Vec<String>,
+    /// Draw the first this many captions (in id order, as `sample` takes them) of the dataset's
+    /// `test/` split, or of `train/` when it has no `test/` (all of them when the split has
+    /// fewer), instead of listing validation_prompts.
+    #[param(default = 0, min = 0)]
+    num_validation_prompts: usize,
+    /// Draw the validation prompts every this many optimiser steps and after the last (null or
+    /// 0: no validation). Images go to `validation/`.
+    #[param(default = null, min = 0)]
+    validation_steps: Option<u64>,
+    /// Seed of the initial latents: prompt i starts from seed + i, as in `sample`. Null: the
+    /// stage's `seed`.
+    #[param(default = null, min = 0)]
+    validation_seed: Option<u64>,
+    /// Classifier-free guidance scale of validation images (≤ 1: none).
+    #[param(default = 7.5, min = 0.0)]
+    validation_guidance_scale: f64,
+    /// Inference steps of validation images (diffusers' script uses 20).
+    #[param(default = 20, min = 1)]
+    validation_num_inference_steps: usize,
+    /// The sampler of validation images, as `sample`'s `scheduler`.
+    #[param(default = "pndm", one_of = SCHEDULERS)]
+    validation_scheduler: String,
+    /// Side of the (square) validation images in pixels. Null: the training resolution.
+    #[param(default = null, min = 8, max = 4096)]
+    validation_resolution: Option<usize>,
 }
 
 /// Where the prompts come from.
@@ -136,13 +112,13 @@ pub struct Settings {
 impl Settings {
     /// The settings, or `None` when validation is off. `seed` and `resolution` are the
     /// training's, the defaults of `validation_seed` and `validation_resolution`.
-    pub fn from(
-        ctx: &StageContext<'_>,
+    pub fn new(
+        params: ValidationParams,
         seed: u64,
         resolution: usize,
     ) -> Result<Option<Settings>, StageError> {
-        let listed: Vec<String> = ctx.param("validation_prompts")?;
-        let from_dataset: usize = ctx.param("num_validation_prompts")?;
+        let listed = params.validation_prompts;
+        let from_dataset = params.num_validation_prompts;
         let prompts = match (listed.is_empty(), from_dataset) {
             (false, 0) => Prompts::Listed(listed),
             (true, n) => Prompts::FromDataset(n),
@@ -153,30 +129,27 @@ impl Settings {
                 ))
             }
         };
-        let every: Option<u64> = ctx.param("validation_steps")?;
-        let Some(every) = every.filter(|&n| n > 0) else { return Ok(None) };
+        let Some(every) = params.validation_steps.filter(|&n| n > 0) else { return Ok(None) };
         if prompts == Prompts::FromDataset(0) {
             return Err(invalid(
                 "validation_steps",
                 "no prompts to validate with: set validation_prompts or num_validation_prompts",
             ));
         }
-        let scheduler_name: String = ctx.param("validation_scheduler")?;
+        let scheduler_name = params.validation_scheduler;
         let scheduler = SamplerKind::parse(&scheduler_name).ok_or_else(|| {
             let expected = SCHEDULERS.join(", ");
             invalid("validation_scheduler", format!("`{scheduler_name}`: expected {expected}"))
         })?;
-        let seed_param: Option<u64> = ctx.param("validation_seed")?;
-        let resolution_param: Option<usize> = ctx.param("validation_resolution")?;
         Ok(Some(Settings {
             prompts,
             every,
-            seed: seed_param.unwrap_or(seed),
-            guidance_scale: ctx.param("validation_guidance_scale")?,
-            num_inference_steps: ctx.param("validation_num_inference_steps")?,
+            seed: params.validation_seed.unwrap_or(seed),
+            guidance_scale: params.validation_guidance_scale,
+            num_inference_steps: params.validation_num_inference_steps,
             scheduler,
             scheduler_name,
-            resolution: resolution_param.unwrap_or(resolution),
+            resolution: params.validation_resolution.unwrap_or(resolution),
         }))
     }
 

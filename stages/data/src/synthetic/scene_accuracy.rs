@@ -12,14 +12,24 @@ use serde_json::{json, Value};
 
 use super::judge::{judge, Judgement, References, PRESENT_FRACTION};
 use super::scene::Described;
-use sdpipe_stages::api::{
-    OutputKind, OutputSpec, ParamSpec, ParamType, StageContext, StageError, StageKind,
-};
+use sdpipe_stages::api::{OutputKind, OutputSpec, ParamSpec, StageContext, StageError, StageKind};
+use sdpipe_stages::params::{Input, KindParams};
 
 const METRICS: &str = "metrics.json";
 const PER_IMAGE: &str = "per_image.jsonl";
 
 pub struct SceneAccuracy;
+
+/// The parameters.
+#[derive(KindParams)]
+struct Settings {
+    /// A `sample` stage's `images`.
+    #[param(input)]
+    samples: Input,
+    /// The same stage's `samples` ({id, file_name, prompt} lines).
+    #[param(input)]
+    samples_jsonl: Input,
+}
 
 /// One line of a `sample` stage's `samples.jsonl`.
 #[derive(Deserialize)]
@@ -52,14 +62,7 @@ impl StageKind for SceneAccuracy {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        vec![
-            ParamSpec::required("samples", ParamType::Input, "A `sample` stage's `images`."),
-            ParamSpec::required(
-                "samples_jsonl",
-                ParamType::Input,
-                "The same stage's `samples` ({id, file_name, prompt} lines).",
-            ),
-        ]
+        Settings::specs()
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -82,9 +85,10 @@ impl StageKind for SceneAccuracy {
     }
 
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let images = ctx.input("samples")?.to_path_buf();
-        let listing = ctx.input("samples_jsonl")?.to_path_buf();
-        let lines = read_lines(&listing)?;
+        let settings = Settings::of(ctx)?;
+        let images = settings.samples.path();
+        let listing = settings.samples_jsonl.path();
+        let lines = read_lines(listing)?;
         ctx.progress.set_total(lines.len() as u64);
         let mut refs: BTreeMap<u32, References> = BTreeMap::new();
         let mut judged: Vec<(SampleLine, Judgement)> = Vec::new();

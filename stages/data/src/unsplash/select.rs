@@ -10,6 +10,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use sdpipe_stages::params::KindParams;
+use serde::Deserialize;
+
 use super::tsv::Photo;
 
 /// The alphabet and length of a photo id we accept as a file name.
@@ -18,7 +21,8 @@ pub fn is_safe_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Sample {
     /// Release order: shard by shard, row by row.
     First,
@@ -26,16 +30,34 @@ pub enum Sample {
     Random,
 }
 
+impl Sample {
+    /// The `sample` parameter's values.
+    pub const NAMES: &'static [&'static str] = &["first", "random"];
+}
+
 /// The selection parameters of the kind.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, KindParams)]
 pub struct Spec {
+    /// Number of training photos to select (unless `ids` is given); failed downloads are not
+    /// replaced, so `photos.jsonl` may hold fewer.
+    #[param(default = 100, min = 1)]
     pub limit: usize,
+    /// `first`: release order; `random`: an order seeded by `seed`. Either way a larger `limit`
+    /// extends a smaller one.
+    #[param(default = "first", one_of = Sample::NAMES)]
     pub sample: Sample,
+    /// Seed of the `random` order and of the `test_count` draw.
+    #[param(default = 0)]
     pub seed: i64,
-    /// When not empty: exactly these training photos, in this order (`limit` is not used).
+    /// Explicit training photo ids, in order; when not empty, `limit` and `sample` are not
+    /// used. Unknown ids are an error.
+    #[param(default = [])]
     pub ids: Vec<String>,
-    /// Held-out ids, besides `test_count` drawn ones.
+    /// Photo ids to hold out (`split: test`), downloaded besides the training ones.
+    #[param(default = [])]
     pub test: Vec<String>,
+    /// How many more held-out photos to draw with `seed` (none of them training).
+    #[param(default = 0, min = 0)]
     pub test_count: usize,
 }
 

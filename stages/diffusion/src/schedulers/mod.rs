@@ -23,8 +23,10 @@ pub use ddim::Ddim;
 pub use euler::EulerDiscrete;
 pub use pndm::Pndm;
 
-/// Which sampler the `sample` stage runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which sampler the `sample` stage runs (its `scheduler` parameter, by the names
+/// [`SamplerKind::parse`] reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SamplerKind {
     Pndm,
     Ddim,

@@ -12,13 +12,21 @@
 use image::RgbImage;
 
 use crate::rng::Draws;
+use sdpipe_stages::params::KindParams;
 use sdpipe_stages::pillow::{self, Filter};
 
-/// The transform's settings (the script's `--resolution`, `--center_crop`, `--random_flip`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The transform's settings (the script's `--resolution`, `--center_crop`, `--random_flip`),
+/// declared as the training kinds' parameters of those names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, KindParams)]
 pub struct Transform {
+    /// Images are resized (shorter side) and cropped to this square size.
+    #[param(default = 512, min = 8, max = 4096)]
     pub resolution: u32,
+    /// Centre crop (true) or random crop (false) after resizing.
+    #[param(default = false)]
     pub center_crop: bool,
+    /// Flip each image horizontally with probability 0.5.
+    #[param(default = false)]
     pub random_flip: bool,
 }
 
