@@ -1,7 +1,7 @@
 //! The contract between sdpipe's engine and a stage kind.
 //!
 //! A kind declares its typed parameters (some of which are *inputs*: bindings to an upstream
-//! stage's output) and the outputs it writes, and implements [`StageKind::run`], which reads its
+//! stage's output), as one struct ([`crate::params`]), and the outputs it writes, and implements [`StageKind::run`], which reads its
 //! inputs from paths, writes its outputs under a fresh directory and returns. That is all a kind
 //! sees: it knows nothing of keys, caches or scheduling, so the same kind can run locally or,
 //! later, on a cluster executor.
@@ -324,12 +324,6 @@ pub struct GatheredInput {
 }
 
 impl StageContext<'_> {
-    pub fn input(&self, name: &str) -> Result<&Path, StageError> {
-        self.inputs
-            .get(name)
-            .map(PathBuf::as_path)
-            .ok_or_else(|| StageError::failed(format!("input `{name}` is not bound")))
-    }
     /// Every binding of input `name`: one per sweep point for a gathered input, else the single
     /// bound path with an empty label; empty when the (optional) input is unbound.
     pub fn input_points(&self, name: &str) -> Vec<GatheredInput> {
@@ -361,14 +355,6 @@ impl StageContext<'_> {
             self.device
         );
         Ok(device)
-    }
-    /// A typed parameter, deserialised from its canonical JSON value.
-    pub fn param<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, StageError> {
-        let value = self.params.get(name).cloned().unwrap_or(Value::Null);
-        serde_json::from_value(value).map_err(|e| StageError::InvalidParam {
-            param: name.to_string(),
-            message: e.to_string(),
-        })
     }
 }
 
