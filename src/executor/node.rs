@@ -280,7 +280,7 @@ fn run_kind(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(job.threads)
         .build()
-        .map_err(|e| ExecError::Stage(StageError::failed(e.to_string())))?;
+        .map_err(|e| ExecError::Stage(StageError::caused(e)))?;
     let result = pool
         .install(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kind.run(&mut ctx))));
     match result {

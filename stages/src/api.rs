@@ -129,8 +129,13 @@ pub enum StageError {
     /// download is not here yet (the message names it and where it was looked for).
     #[error("{0}")]
     NotLocal(String),
+    /// A failure described by a message alone.
     #[error("{0}")]
     Failed(String),
+    /// A failure with its cause kept: the message is the cause's own, and `source()` reaches
+    /// the cause's chain, so a caller (or a log) can ask what failed underneath.
+    #[error("{0}")]
+    Caused(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Whether [`StageKind::external_deps`] may fetch what it resolves (a model from the hub).
@@ -208,6 +213,10 @@ impl StageError {
     }
     pub fn failed(message: impl Into<String>) -> Self {
         StageError::Failed(message.into())
+    }
+    /// `error` as the stage's failure, its cause kept ([`StageError::Caused`]).
+    pub fn caused(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StageError::Caused(Box::new(error))
     }
 }
 
@@ -425,6 +434,16 @@ impl Registry {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn a_caused_failure_reads_as_its_cause_and_keeps_it() {
+        let cause = std::io::Error::new(std::io::ErrorKind::NotFound, "config.json is missing");
+        let error = StageError::caused(cause);
+        assert_eq!(error.to_string(), "config.json is missing");
+        let source = std::error::Error::source(&error).expect("a source");
+        let io = source.downcast_ref::<std::io::Error>().expect("the io error itself");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+    }
 
     #[test]
     fn sizes_read_in_binary_units_as_the_bars_show_them() {

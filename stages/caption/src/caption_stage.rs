@@ -275,7 +275,7 @@ fn caption_all(
     files: &ModelFiles<'_>,
     images: &BTreeMap<String, PathBuf>,
 ) -> Result<(), StageError> {
-    let failed = |e: crate::error::CaptionError| StageError::failed(e.to_string());
+    let failed = StageError::caused;
     let device = ctx.candle_device()?;
     let model = Blip::load(files, &device).map_err(failed)?;
     let prompt = model.prompt_ids(&options.prompt).map_err(failed)?;

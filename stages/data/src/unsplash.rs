@@ -311,7 +311,7 @@ fn load_release(
         }
         None => fetch_release_zip(ctx, &settings.source, policy)?,
     };
-    release::read(&path).map_err(|e| StageError::failed(e.to_string()))
+    release::read(&path).map_err(StageError::caused)
 }
 
 /// The release zip in the download cache, fetched first if it is not there yet.

@@ -64,7 +64,7 @@ impl From<PipelineError> for StageError {
             PipelineError::Hub(e) if matches!(*e, sdpipe_hub::HubError::NotLocal { .. }) => {
                 StageError::NotLocal(e.to_string())
             }
-            e => StageError::Failed(e.to_string()),
+            e => StageError::caused(e),
         }
     }
 }

@@ -71,7 +71,7 @@ pub enum ClipError {
 
 impl From<ClipError> for StageError {
     fn from(e: ClipError) -> Self {
-        StageError::failed(e.to_string())
+        StageError::caused(e)
     }
 }
 

@@ -125,8 +125,7 @@ impl Cmmd {
         ctx.progress.set_total((real.len() + fake.len()) as u64);
         let real_embeds = embed(ctx, &clip, &real, batch_size)?;
         let fake_embeds = embed(ctx, &clip, &fake, batch_size)?;
-        let value =
-            mmd::cmmd(&real_embeds, &fake_embeds).map_err(|e| StageError::failed(e.to_string()))?;
+        let value = mmd::cmmd(&real_embeds, &fake_embeds).map_err(StageError::caused)?;
         let _ = writeln!(ctx.log, "cmmd {value:.6}");
         let size = clip.config.vision_config.image_size;
         let metrics = json!({

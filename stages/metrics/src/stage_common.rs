@@ -131,9 +131,7 @@ pub fn load(value: &str, kind: WeightsKind, param: &str, seed: u64) -> Result<We
     let specs = kind.specs();
     match resolve(value, kind, param)? {
         None => Ok(Weights::random(&specs, seed)),
-        Some(path) => {
-            Weights::load(&path, &specs, kind.what()).map_err(|e| StageError::failed(e.to_string()))
-        }
+        Some(path) => Weights::load(&path, &specs, kind.what()).map_err(StageError::caused),
     }
 }
 

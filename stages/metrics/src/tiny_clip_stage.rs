@@ -349,8 +349,7 @@ pub fn write_tiny_clip(dir: &Path, spec: &TinyClipSpec) -> Result<WrittenClip, S
             Clip::new(loaded_config, loaded_processor, vb, Some(tokenizer.clone())).map(|_| ())
         })
         .map_err(|e| StageError::failed(format!("building the tiny CLIP: {e}")))?;
-    let scale = Tensor::new(LOGIT_SCALE_INIT, &Device::Cpu)
-        .map_err(|e| StageError::failed(e.to_string()))?;
+    let scale = Tensor::new(LOGIT_SCALE_INIT, &Device::Cpu).map_err(StageError::caused)?;
     tensors.insert("logit_scale".into(), scale);
 
     write_json(&dir.join(clip::CONFIG), &config)?;

@@ -32,6 +32,6 @@ pub enum ReportError {
 
 impl From<ReportError> for StageError {
     fn from(e: ReportError) -> Self {
-        StageError::Failed(e.to_string())
+        StageError::caused(e)
     }
 }

@@ -286,7 +286,7 @@ pub fn external_deps(
 }
 
 fn train_error(e: TrainError) -> StageError {
-    StageError::failed(e.to_string())
+    StageError::caused(e)
 }
 
 /// Everything read before a model is loaded: the recipe with the prediction type resolved, the
@@ -322,7 +322,7 @@ pub fn prepare(
     // Check the dataset before loading any model: a bad dataset fails in milliseconds.
     let dataset = Dataset::of(ctx)?.dataset.path().to_path_buf();
     let pipeline = BasePipeline::of(ctx)?.pipeline;
-    let examples = load_train_split(&dataset).map_err(|e| StageError::failed(e.to_string()))?;
+    let examples = load_train_split(&dataset).map_err(StageError::caused)?;
     let max_steps = recipe.config.max_train_steps;
     let validation = recipe.validation.take().map(|v| v.plan(&dataset, max_steps)).transpose()?;
     let base = base_folder(hub, pipeline.as_ref(), &recipe.base, Fetch::allowed())?;
@@ -441,7 +441,7 @@ fn train(
         None => None,
     };
     let names = trainer.parameter_names().to_vec();
-    let checkpoint_error = |e: checkpoint::CheckpointError| StageError::failed(e.to_string());
+    let checkpoint_error = StageError::caused;
     if let Some(snapshot) =
         checkpoint::load_latest(ctx.state_dir, &names, &device).map_err(checkpoint_error)?
     {
@@ -456,7 +456,7 @@ fn train(
     let mut saved = first;
     let state_dir = ctx.state_dir.to_path_buf();
     let save = |trainer: &Trainer<'_, UNet>| -> Result<(), StageError> {
-        let snapshot = trainer.snapshot().map_err(|e| StageError::failed(e.to_string()))?;
+        let snapshot = trainer.snapshot().map_err(StageError::caused)?;
         let epoch = trainer.step_count() / trainer.steps_per_epoch().max(1);
         checkpoint::save(&state_dir, &names, &snapshot, epoch).map_err(checkpoint_error)?;
         Ok(())

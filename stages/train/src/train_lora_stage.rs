@@ -171,7 +171,7 @@ impl Finetune for LoraFinetune {
             self.seed,
             device,
         )
-        .map_err(|e| StageError::failed(e.to_string()))?;
+        .map_err(StageError::caused)?;
         Ok(Models { unet, text_encoder: None })
     }
 
@@ -180,10 +180,7 @@ impl Finetune for LoraFinetune {
         let Finished { pipeline, base_name, models, .. } = finished;
         let identity = BaseIdentity::of(pipeline, &base_name)?;
         let dir = out_dir.join(LORA);
-        models
-            .unet
-            .save_lora(&dir, &identity.metadata())
-            .map_err(|e| StageError::failed(e.to_string()))?;
+        models.unet.save_lora(&dir, &identity.metadata()).map_err(StageError::caused)?;
         Ok(())
     }
 }

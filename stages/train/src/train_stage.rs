@@ -121,7 +121,7 @@ impl Finetune for FullFinetune {
     fn load(&self, pipeline: &SdPipeline, device: &Device) -> Result<Models, StageError> {
         let unet_files = pipeline.weight_files("unet")?;
         let unet = sdpipe_unet::UNet::from_files(&pipeline.root.join("unet"), &unet_files, device)
-            .map_err(|e| StageError::failed(e.to_string()))?;
+            .map_err(StageError::caused)?;
         let text_encoder = if self.train_text_encoder {
             Some(pipeline.load_trainable_text_encoder(device)?)
         } else {
@@ -158,10 +158,9 @@ impl Finetune for FullFinetune {
             std::fs::create_dir_all(&dir)
                 .and_then(|_| std::fs::copy(&config, dir.join("config.json")))
                 .map_err(|e| StageError::io(format!("copying {}", config.display()), e))?;
-            text.save(&dir).map_err(|e| StageError::failed(e.to_string()))?;
+            text.save(&dir).map_err(StageError::caused)?;
         }
-        unet.save_pretrained(&model_dir.join("unet"))
-            .map_err(|e| StageError::failed(e.to_string()))?;
+        unet.save_pretrained(&model_dir.join("unet")).map_err(StageError::caused)?;
         Ok(())
     }
 }

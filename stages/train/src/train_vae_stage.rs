@@ -111,7 +111,7 @@ fn examples(datasets: &[PathBuf]) -> Result<Vec<(Example, PathBuf)>, StageError>
     let mut all = Vec::new();
     for dataset in datasets {
         let split = dataset.join("train");
-        let found = load_train_split(dataset).map_err(|e| StageError::failed(e.to_string()))?;
+        let found = load_train_split(dataset).map_err(StageError::caused)?;
         all.extend(found.into_iter().map(|e| (e, split.clone())));
     }
     Ok(all)

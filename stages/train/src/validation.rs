@@ -167,7 +167,7 @@ impl Settings {
 /// The first `n` captions of the test split (else the training split) in id order.
 fn dataset_prompts(dataset: &Path, n: usize) -> Result<Vec<String>, StageError> {
     let split = if dataset.join("test/metadata.jsonl").is_file() { "test" } else { "train" };
-    let mut examples = load_split(dataset, split).map_err(|e| StageError::failed(e.to_string()))?;
+    let mut examples = load_split(dataset, split).map_err(StageError::caused)?;
     // Ids are file stems, as the `sample` kind sorts its prompts (imagefolder stages write
     // their metadata in this order too).
     examples.sort_by(|a, b| a.image.file_stem().cmp(&b.image.file_stem()));
