@@ -67,6 +67,33 @@ pub struct VisionTower {
     pub patch_size: usize,
 }
 
+/// [`check_towers`] on a BLIP or CLIP config's `text_config` and `vision_config`: any two
+/// values with transformers' field names (the configs are different types with the same keys).
+#[macro_export]
+macro_rules! check_config_towers {
+    ($text:expr, $vision:expr) => {{
+        let (t, v) = (&$text, &$vision);
+        $crate::limits::check_towers(
+            &$crate::limits::TextTower {
+                vocab_size: t.vocab_size,
+                hidden_size: t.hidden_size,
+                intermediate_size: t.intermediate_size,
+                num_hidden_layers: t.num_hidden_layers,
+                num_attention_heads: t.num_attention_heads,
+                max_position_embeddings: t.max_position_embeddings,
+            },
+            &$crate::limits::VisionTower {
+                hidden_size: v.hidden_size,
+                intermediate_size: v.intermediate_size,
+                num_hidden_layers: v.num_hidden_layers,
+                num_attention_heads: v.num_attention_heads,
+                image_size: v.image_size,
+                patch_size: v.patch_size,
+            },
+        )
+    }};
+}
+
 /// Every size of both towers within the caps, named by its `text_config.` / `vision_config.`
 /// key, checked in that order; then what a transformer divides by: each tower's heads divide
 /// its width, the patch size divides the image size, and the patches fit [`MAX_POSITIONS`].

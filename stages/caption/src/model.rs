@@ -126,27 +126,7 @@ impl BlipConfig {
     /// Every size within sdpipe's caps ([`sdpipe_stages::limits`]), so that nothing is built,
     /// allocated or divided by from a number of the file alone.
     fn check_sizes(&self) -> Result<(), String> {
-        use sdpipe_stages::limits::*;
-        let t = &self.text_config;
-        let v = &self.vision_config;
-        check_towers(
-            &TextTower {
-                vocab_size: t.vocab_size,
-                hidden_size: t.hidden_size,
-                intermediate_size: t.intermediate_size,
-                num_hidden_layers: t.num_hidden_layers,
-                num_attention_heads: t.num_attention_heads,
-                max_position_embeddings: t.max_position_embeddings,
-            },
-            &VisionTower {
-                hidden_size: v.hidden_size,
-                intermediate_size: v.intermediate_size,
-                num_hidden_layers: v.num_hidden_layers,
-                num_attention_heads: v.num_attention_heads,
-                image_size: v.image_size,
-                patch_size: v.patch_size,
-            },
-        )
+        sdpipe_stages::check_config_towers!(self.text_config, self.vision_config)
     }
 
     fn candle(&self) -> blip::Config {

@@ -271,26 +271,8 @@ impl ClipConfig {
                  (CLIPModel, model_type `clip`, e.g. openai/clip-vit-large-patch14)"
             ));
         }
-        let t = &self.text_config;
-        let v = &self.vision_config;
-        check_towers(
-            &TextTower {
-                vocab_size: t.vocab_size,
-                hidden_size: t.hidden_size,
-                intermediate_size: t.intermediate_size,
-                num_hidden_layers: t.num_hidden_layers,
-                num_attention_heads: t.num_attention_heads,
-                max_position_embeddings: t.max_position_embeddings,
-            },
-            &VisionTower {
-                hidden_size: v.hidden_size,
-                intermediate_size: v.intermediate_size,
-                num_hidden_layers: v.num_hidden_layers,
-                num_attention_heads: v.num_attention_heads,
-                image_size: v.image_size,
-                patch_size: v.patch_size,
-            },
-        )?;
+        let (t, v) = (&self.text_config, &self.vision_config);
+        sdpipe_stages::check_config_towers!(t, v)?;
         check("projection_dim", self.projection_dim, MAX_CHANNELS)?;
         if v.num_channels != 3 {
             return Err(format!(
