@@ -53,6 +53,23 @@ struct Finished {
     record: Option<Record>,
 }
 
+/// What [`Scheduler::find_result`] found for a stage's key before anything runs.
+struct Found {
+    /// The result to reuse, if any.
+    record: Option<Record>,
+    /// Why the stage must run (empty when a result was found).
+    reasons: Vec<Reason>,
+    /// Whether another process held the key and this one waited for it.
+    waited: bool,
+    /// Whether the result came from the local cache (one pulled from the remote is not yet in
+    /// its history).
+    found_locally: bool,
+    /// What the remote said, when it was asked.
+    remote_state: Option<RemoteState>,
+    /// Held while this process computes the key.
+    key_lock: Option<crate::lock::FileLock>,
+}
+
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -209,67 +226,14 @@ impl Engine<'_> {
         };
         let key_hex = fp.key.to_hex();
 
+        let found = match self.find_result(stage, &fp, &identity, force, ui) {
+            Ok(found) => found,
+            Err(message) => return fail(Some(key_hex), message, None),
+        };
+        // The key lock (when held) is released when this function returns, after the commit.
+        let Found { record, reasons, waited, found_locally, mut remote_state, key_lock: _lock } =
+            found;
         let file = self.pipeline.file.to_string_lossy();
-        let lookup = || -> io::Result<(Option<Record>, Vec<Reason>)> {
-            Ok(match freshness::decide(self.cache, &identity, &file, &fp, Mode::Run)? {
-                Freshness::Fresh(record) => (Some(record), Vec::new()),
-                Freshness::Dirty(reasons) => (None, reasons),
-            })
-        };
-        let (mut record, mut reasons) = if force {
-            (None, vec![Reason::Forced])
-        } else {
-            match lookup() {
-                Ok(found) => found,
-                Err(e) => return fail(Some(key_hex), format!("cache index: {e}"), None),
-            }
-        };
-
-        // Another process may be computing the same key: wait for it instead of duplicating work.
-        let mut waited = false;
-        let _key_lock = if record.is_none() {
-            let lock = self.cache.lock_key(&fp.key, |pid| {
-                waited = true;
-                let key = fp.key.short();
-                ui.report(&Event::Waiting { stage: &stage.name, pid, key: &key });
-            });
-            match lock {
-                Ok(lock) => Some(lock),
-                Err(e) => return fail(Some(key_hex), format!("cannot lock key: {e}"), None),
-            }
-        } else {
-            None
-        };
-        if waited && !force {
-            match lookup() {
-                Ok((r, why)) => {
-                    record = r;
-                    reasons = why;
-                }
-                Err(e) => return fail(Some(key_hex), format!("cache index: {e}"), None),
-            }
-        }
-
-        let found_locally = record.is_some();
-        // A teammate's (or CI's) result for the same key is as good as our own.
-        let mut remote_state = None;
-        if let (None, false, Some(remote)) = (&record, force, self.remote) {
-            match remote.pull(self.cache, &fp.key) {
-                Ok(Some(pulled)) => {
-                    record = Some(pulled);
-                    reasons.clear();
-                    remote_state = Some(RemoteState::Pulled);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    warn_remote(
-                        &e,
-                        &format!("could not pull `{}`; running it locally", stage.name),
-                    );
-                    remote_state = Some(RemoteState::PullFailed);
-                }
-            }
-        }
 
         let (state, record, duration_ms) = match record {
             Some(record) => {
@@ -301,17 +265,7 @@ impl Engine<'_> {
             }
         };
         if state == State::Ran {
-            if let Some(remote) = self.remote.filter(|r| !r.read_only()) {
-                let pushed = match remote.push(self.cache, &record) {
-                    Ok(Pushed::Uploaded { .. }) => RemoteState::Pushed,
-                    Ok(Pushed::AlreadyThere) => RemoteState::AlreadyOnRemote,
-                    Err(e) => {
-                        let what =
-                            format!("could not push `{}`; its local result is intact", stage.name);
-                        warn_remote(&e, &what);
-                        RemoteState::PushFailed
-                    }
-                };
+            if let Some(pushed) = self.push_result(stage, &record) {
                 // A failed pull says more about the remote than the push that followed it.
                 remote_state = Some(remote_state.unwrap_or(pushed));
             }
@@ -331,6 +285,17 @@ impl Engine<'_> {
         summary.duration_ms = duration_ms;
         summary.waited = waited;
         summary.remote = remote_state;
+        self.materialise_result(stage, summary, record)
+    }
+
+    /// `summary` completed with the result's log and, materialised into the run directory, its
+    /// outputs (and the headline file a person opens).
+    fn materialise_result(
+        &self,
+        stage: &Stage,
+        mut summary: StageSummary,
+        record: Record,
+    ) -> Finished {
         // The log of the run that produced this result.
         summary.log = record.log.map(|d| self.cache.store().path(&d).display().to_string());
         match self.materialize(stage, &record) {
@@ -347,6 +312,83 @@ impl Engine<'_> {
             }
         }
         Finished { summary, record: Some(record) }
+    }
+
+    /// A result for the stage's key that needs no run: in the local cache (after waiting for
+    /// another process computing the same key, if one is), else on the remote. When there is
+    /// none, the returned key lock is held until this process has computed it. `Err` is the
+    /// failure's message.
+    fn find_result(
+        &self,
+        stage: &Stage,
+        fp: &Fingerprint,
+        identity: &str,
+        force: bool,
+        ui: &Ui,
+    ) -> Result<Found, String> {
+        let file = self.pipeline.file.to_string_lossy();
+        let lookup = || -> Result<(Option<Record>, Vec<Reason>), String> {
+            match freshness::decide(self.cache, identity, &file, fp, Mode::Run) {
+                Ok(Freshness::Fresh(record)) => Ok((Some(record), Vec::new())),
+                Ok(Freshness::Dirty(reasons)) => Ok((None, reasons)),
+                Err(e) => Err(format!("cache index: {e}")),
+            }
+        };
+        let (mut record, mut reasons) =
+            if force { (None, vec![Reason::Forced]) } else { lookup()? };
+
+        // Another process may be computing the same key: wait for it instead of duplicating work.
+        let mut waited = false;
+        let key_lock = if record.is_none() {
+            let lock = self.cache.lock_key(&fp.key, |pid| {
+                waited = true;
+                let key = fp.key.short();
+                ui.report(&Event::Waiting { stage: &stage.name, pid, key: &key });
+            });
+            Some(lock.map_err(|e| format!("cannot lock key: {e}"))?)
+        } else {
+            None
+        };
+        if waited && !force {
+            (record, reasons) = lookup()?;
+        }
+
+        let found_locally = record.is_some();
+        // A teammate's (or CI's) result for the same key is as good as our own.
+        let mut remote = None;
+        if let (None, false, Some(bucket)) = (&record, force, self.remote) {
+            match bucket.pull(self.cache, &fp.key) {
+                Ok(Some(pulled)) => {
+                    record = Some(pulled);
+                    reasons.clear();
+                    remote = Some(RemoteState::Pulled);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn_remote(
+                        &e,
+                        &format!("could not pull `{}`; running it locally", stage.name),
+                    );
+                    remote = Some(RemoteState::PullFailed);
+                }
+            }
+        }
+        Ok(Found { record, reasons, waited, found_locally, remote_state: remote, key_lock })
+    }
+
+    /// Pushes a result this run computed to the remote, when there is a writable one; what
+    /// became of it.
+    fn push_result(&self, stage: &Stage, record: &Record) -> Option<RemoteState> {
+        let remote = self.remote.filter(|r| !r.read_only())?;
+        Some(match remote.push(self.cache, record) {
+            Ok(Pushed::Uploaded { .. }) => RemoteState::Pushed,
+            Ok(Pushed::AlreadyThere) => RemoteState::AlreadyOnRemote,
+            Err(e) => {
+                let what = format!("could not push `{}`; its local result is intact", stage.name);
+                warn_remote(&e, &what);
+                RemoteState::PushFailed
+            }
+        })
     }
 
     /// Run the stage in scratch and commit its outputs.
