@@ -299,41 +299,13 @@ pub fn merge(
     points: &[Point],
     variants: Vec<Pipeline>,
 ) -> Result<Pipeline, SpecErrors> {
-    let axes: Vec<String> = {
-        let mut axes: Vec<String> = Vec::new();
-        for p in points {
-            for (t, _) in &p.assignments {
-                if !axes.contains(t) {
-                    axes.push(t.clone());
-                }
-            }
-        }
-        axes
-    };
-    let value_at = |point: usize, axis: &str| -> Option<&Yaml> {
-        points[point].assignments.iter().find(|(t, _)| t == axis).map(|(_, v)| v)
-    };
-    // Short axis names (the parameter alone) where they are unambiguous.
-    let short: BTreeMap<&str, String> = axes
-        .iter()
-        .map(|a| {
-            let param = a.split_once('.').map_or(a.as_str(), |(_, p)| p);
-            let unique = axes.iter().filter(|b| b.ends_with(&format!(".{param}"))).count() == 1;
-            (a.as_str(), if unique { param.to_string() } else { a.clone() })
-        })
-        .collect();
-
+    let mut merged = Merger::new(points);
     let mut errors = Vec::new();
-    let mut stages: IndexMap<String, Stage> = IndexMap::new();
-    // (stage, point) → instance name.
-    let mut instance_of: BTreeMap<(String, usize), String> = BTreeMap::new();
     for (name, base_stage) in &base.stages {
         let defs: Vec<&Stage> = variants.iter().map(|v| &v.stages[name]).collect();
         if base_stage.gather {
-            if defs
-                .iter()
-                .any(|d| identity(d, &BTreeMap::new()) != identity(defs[0], &BTreeMap::new()))
-            {
+            let unswept = BTreeMap::new();
+            if defs.iter().any(|d| identity(d, &unswept) != identity(defs[0], &unswept)) {
                 errors.push(SpecError::at(
                     &base.source,
                     base_stage.span,
@@ -343,55 +315,115 @@ pub fn merge(
                 ));
                 continue;
             }
-            let mut stage = defs[0].clone();
-            stage.inputs.clear();
-            for (input, binding) in &defs[0].inputs {
-                // Every distinct upstream instance, in point order.
-                let mut seen: Vec<(String, usize)> = Vec::new();
-                for point in 0..points.len() {
-                    let inst = instance_of[&(binding.stage.clone(), point)].clone();
-                    if !seen.iter().any(|(i, _)| *i == inst) {
-                        seen.push((inst, point));
-                    }
-                }
-                if seen.len() == 1 {
-                    let inst = seen.remove(0).0;
-                    stage.inputs.insert(
-                        input.clone(),
-                        InputRef { stage: inst, output: binding.output.clone() },
-                    );
-                    continue;
-                }
-                let mut bindings = Vec::new();
-                for (inst, _) in seen {
-                    let point = stages[&inst].point.clone().unwrap_or_default();
-                    let key = format!("{input}@{}", point.label);
-                    stage.inputs.insert(
-                        key.clone(),
-                        InputRef { stage: inst, output: binding.output.clone() },
-                    );
-                    bindings.push(GatherBinding {
-                        label: point.label,
-                        values: point.values,
-                        input: key,
-                    });
-                }
-                stage.gathered.insert(input.clone(), bindings);
-            }
-            for point in 0..points.len() {
-                instance_of.insert((name.clone(), point), name.clone());
-            }
-            stages.insert(name.clone(), stage);
+            let stage = merged.gathering(defs[0]);
+            merged.shared(name, stage);
             continue;
         }
+        let groups = merged.groups(&defs);
+        if groups.len() == 1 {
+            let mut stage = defs[0].clone();
+            remap_inputs(&mut stage, 0, &merged.instance_of);
+            merged.shared(name, stage);
+        } else {
+            merged.per_group(name, &defs, &groups);
+        }
+    }
+    if !errors.is_empty() {
+        return Err(SpecErrors(errors));
+    }
+    let points = merged.sweep_points(&base);
+    Ok(Pipeline { stages: merged.stages, points, ..base })
+}
 
-        // Group points by the stage's definition there.
+/// What [`merge`] has built so far: the sweep's axes and the stage instances made, stage by
+/// stage in pipeline order (so every upstream stage's instances exist when a stage is merged).
+struct Merger<'a> {
+    points: &'a [Point],
+    /// Every swept `stage.param`, in the order the points first assign them.
+    axes: Vec<String>,
+    /// Each axis's name in instance labels: the parameter alone where that is unambiguous.
+    short: BTreeMap<String, String>,
+    stages: IndexMap<String, Stage>,
+    /// (stage, point) → the instance that point uses.
+    instance_of: BTreeMap<(String, usize), String>,
+}
+
+impl<'a> Merger<'a> {
+    fn new(points: &'a [Point]) -> Self {
+        let mut axes: Vec<String> = Vec::new();
+        for (target, _) in points.iter().flat_map(|p| &p.assignments) {
+            if !axes.contains(target) {
+                axes.push(target.clone());
+            }
+        }
+        let short = axes
+            .iter()
+            .map(|a| {
+                let param = a.split_once('.').map_or(a.as_str(), |(_, p)| p);
+                let unique = axes.iter().filter(|b| b.ends_with(&format!(".{param}"))).count() == 1;
+                (a.clone(), if unique { param.to_string() } else { a.clone() })
+            })
+            .collect();
+        Merger { points, axes, short, stages: IndexMap::new(), instance_of: BTreeMap::new() }
+    }
+
+    fn value_at(&self, point: usize, axis: &str) -> Option<&'a Yaml> {
+        self.points[point].assignments.iter().find(|(t, _)| t == axis).map(|(_, v)| v)
+    }
+
+    /// `stage`, the one instance of `name`, used by every point.
+    fn shared(&mut self, name: &str, stage: Stage) {
+        for point in 0..self.points.len() {
+            self.instance_of.insert((name.to_string(), point), name.to_string());
+        }
+        self.stages.insert(name.to_string(), stage);
+    }
+
+    /// A gathering stage's one instance: each input bound to every distinct upstream instance
+    /// (in point order), as `input@label` bindings listed in `gathered`; an input whose
+    /// upstream is not swept stays a plain binding.
+    fn gathering(&self, def: &Stage) -> Stage {
+        let mut stage = def.clone();
+        stage.inputs.clear();
+        for (input, binding) in &def.inputs {
+            let mut seen: Vec<String> = Vec::new();
+            for point in 0..self.points.len() {
+                let instance = &self.instance_of[&(binding.stage.clone(), point)];
+                if !seen.contains(instance) {
+                    seen.push(instance.clone());
+                }
+            }
+            if seen.len() == 1 {
+                let stage_ref = InputRef { stage: seen.remove(0), output: binding.output.clone() };
+                stage.inputs.insert(input.clone(), stage_ref);
+                continue;
+            }
+            let mut bindings = Vec::new();
+            for instance in seen {
+                let point = self.stages[&instance].point.clone().unwrap_or_default();
+                let key = format!("{input}@{}", point.label);
+                let stage_ref = InputRef { stage: instance, output: binding.output.clone() };
+                stage.inputs.insert(key.clone(), stage_ref);
+                bindings.push(GatherBinding {
+                    label: point.label,
+                    values: point.values,
+                    input: key,
+                });
+            }
+            stage.gathered.insert(input.clone(), bindings);
+        }
+        stage
+    }
+
+    /// The points grouped by the stage's definition there (its own values and the upstream
+    /// instances it reads), in order of first appearance.
+    fn groups(&self, defs: &[&Stage]) -> Vec<(String, Vec<usize>)> {
         let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
         for (point, def) in defs.iter().enumerate() {
             let upstream: BTreeMap<String, String> = def
                 .inputs
                 .values()
-                .map(|b| (b.stage.clone(), instance_of[&(b.stage.clone(), point)].clone()))
+                .map(|b| (b.stage.clone(), self.instance_of[&(b.stage.clone(), point)].clone()))
                 .collect();
             let id = identity(def, &upstream);
             match groups.iter_mut().find(|(g, _)| *g == id) {
@@ -399,36 +431,33 @@ pub fn merge(
                 None => groups.push((id, vec![point])),
             }
         }
-        if groups.len() == 1 {
-            let mut stage = defs[0].clone();
-            remap_inputs(&mut stage, 0, &instance_of);
-            for point in 0..points.len() {
-                instance_of.insert((name.clone(), point), name.clone());
-            }
-            stages.insert(name.clone(), stage);
-            continue;
-        }
-        // The axes that tell the groups apart: constant within each group, not across all.
-        let relevant: Vec<&String> = axes
+        groups
+    }
+
+    /// One instance of `name` per group, labelled with the axes that tell the groups apart
+    /// (constant within each group, not across them): `name@axis=value,...`.
+    fn per_group(&mut self, name: &str, defs: &[&Stage], groups: &[(String, Vec<usize>)]) {
+        let relevant: Vec<String> = self
+            .axes
             .iter()
             .filter(|a| {
-                let constant = groups
-                    .iter()
-                    .all(|(_, m)| m.iter().all(|&p| value_at(p, a) == value_at(m[0], a)));
-                let varies =
-                    groups.iter().any(|(_, m)| value_at(m[0], a) != value_at(groups[0].1[0], a));
+                let first = |m: &Vec<usize>| self.value_at(m[0], a);
+                let constant =
+                    groups.iter().all(|(_, m)| m.iter().all(|&p| self.value_at(p, a) == first(m)));
+                let varies = groups.iter().any(|(_, m)| first(m) != first(&groups[0].1));
                 constant && varies
             })
+            .cloned()
             .collect();
         let mut used: Vec<String> = Vec::new();
-        for (_, members) in &groups {
+        for (_, members) in groups {
             let first = members[0];
             let mut values = BTreeMap::new();
             let mut parts = Vec::new();
             for a in &relevant {
-                if let Some(v) = value_at(first, a) {
-                    parts.push(format!("{}={}", short[a.as_str()], show_yaml(v)));
-                    values.insert((*a).clone(), serde_json::to_value(v).unwrap_or(Json::Null));
+                if let Some(v) = self.value_at(first, a) {
+                    parts.push(format!("{}={}", self.short[a], show_yaml(v)));
+                    values.insert(a.clone(), serde_json::to_value(v).unwrap_or(Json::Null));
                 }
             }
             let mut label = bounded(sanitize(&parts.join(",")));
@@ -442,35 +471,35 @@ pub fn merge(
             let instance = format!("{name}@{label}");
             let mut stage = defs[first].clone();
             stage.name = instance.clone();
-            remap_inputs(&mut stage, first, &instance_of);
+            remap_inputs(&mut stage, first, &self.instance_of);
             stage.point = Some(StagePoint { label, values });
             for &p in members {
-                instance_of.insert((name.clone(), p), instance.clone());
+                self.instance_of.insert((name.to_string(), p), instance.clone());
             }
-            stages.insert(instance, stage);
+            self.stages.insert(instance, stage);
         }
     }
-    if !errors.is_empty() {
-        return Err(SpecErrors(errors));
+
+    /// Each point as the run reports it: its label, its values and the instances it uses.
+    fn sweep_points(&self, base: &Pipeline) -> Vec<SweepPoint> {
+        self.points
+            .iter()
+            .enumerate()
+            .map(|(i, point)| SweepPoint {
+                label: point.describe(),
+                values: point
+                    .assignments
+                    .iter()
+                    .map(|(t, v)| (t.clone(), serde_json::to_value(v).unwrap_or(Json::Null)))
+                    .collect(),
+                instances: base
+                    .stages
+                    .keys()
+                    .map(|name| self.instance_of[&(name.clone(), i)].clone())
+                    .collect(),
+            })
+            .collect()
     }
-    let points = points
-        .iter()
-        .enumerate()
-        .map(|(i, point)| SweepPoint {
-            label: point.describe(),
-            values: point
-                .assignments
-                .iter()
-                .map(|(t, v)| (t.clone(), serde_json::to_value(v).unwrap_or(Json::Null)))
-                .collect(),
-            instances: base
-                .stages
-                .keys()
-                .map(|name| instance_of[&(name.clone(), i)].clone())
-                .collect(),
-        })
-        .collect();
-    Ok(Pipeline { stages, points, ..base })
 }
 
 /// Bind a stage's inputs to the upstream instances of `point`.
