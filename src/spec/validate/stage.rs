@@ -17,6 +17,13 @@ pub(super) fn relative_path_problem(path: &str) -> Option<&'static str> {
     None
 }
 
+/// `path` with the key `k` appended: where a stage's field is.
+fn field_path(path: &[Seg], k: &str) -> Vec<Seg> {
+    let mut p = path.to_vec();
+    p.push(key(k));
+    p
+}
+
 impl Validator<'_> {
     /// Validate one stage; its input bindings are returned unresolved for pass 2.
     #[allow(clippy::type_complexity)]
@@ -35,11 +42,7 @@ impl Validator<'_> {
         if !matches!(raw, Yaml::Mapping(_)) {
             return None;
         }
-        let at = |k: &str| {
-            let mut p = path.to_vec();
-            p.push(key(k));
-            p
-        };
+        let at = |k: &str| field_path(path, k);
         let span = self.doc.locator.key(path);
         let mut stage = Stage {
             name: name.to_string(),
@@ -58,8 +61,6 @@ impl Validator<'_> {
             device: DeviceChoice::Auto,
         };
         let mut pending_inputs = Vec::new();
-        let builtin_only = ["with"];
-        let shell_only = ["run", "deps", "inputs", "outs", "params", "env"];
 
         match (fields.get("uses"), fields.get("run")) {
             (Some(_), Some(_)) => {
@@ -76,137 +77,173 @@ impl Validator<'_> {
                 );
                 return None;
             }
-            (Some(uses), None) => {
-                for k in shell_only {
-                    if fields.contains_key(k) {
-                        self.err_key(
-                            &at(k),
-                            format!("`{k}` belongs to shell stages, not built-in kinds"),
-                        )
-                        .help = Some(
-                            "pass a built-in kind's parameters and inputs under `with`".into(),
-                        );
-                    }
-                }
-                let kind_name = self.string(uses, &at("uses"), "`uses`")?;
-                let Some(kind) = registry.get(&kind_name) else {
-                    let e =
-                        self.err_value(&at("uses"), format!("unknown stage kind `{kind_name}`"));
-                    *e = e.clone().label("unknown kind").suggest(&kind_name, registry.names());
-                    if e.help.is_none() {
-                        let names: Vec<_> = registry.names().collect();
-                        e.help = Some(format!("built-in kinds: {}", names.join(", ")));
-                    }
-                    return None;
-                };
-                let empty = Yaml::Mapping(Default::default());
-                let with = fields.get("with").copied().unwrap_or(&empty);
-                self.builtin_params(
-                    &kind,
-                    with,
-                    &at("with"),
-                    vars,
-                    &mut stage,
-                    &mut pending_inputs,
-                );
-                for o in kind.outputs() {
-                    stage.outputs.push(Output {
-                        name: o.name.to_string(),
-                        path: o.path.to_string(),
-                        kind: Some(o.kind),
-                    });
-                }
-                stage.threads = kind.threads(&stage.params).max(1);
-                stage.action = Action::Builtin(kind);
-            }
+            (Some(uses), None) => self.builtin_stage(
+                uses,
+                &fields,
+                path,
+                registry,
+                vars,
+                &mut stage,
+                &mut pending_inputs,
+            )?,
             (None, Some(run)) => {
-                for k in builtin_only {
-                    if fields.contains_key(k) {
-                        self.err_key(&at(k), format!("`{k}` belongs to built-in kinds (`uses`)"))
-                            .help = Some(
-                            "a shell stage takes `params`, `deps`, `inputs` and `outs`".into(),
-                        );
-                    }
-                }
-                let command = self.string(run, &at("run"), "`run`")?;
-                if command.trim().is_empty() {
-                    self.err_value(&at("run"), "`run` is empty");
-                }
-                if let Some(params) = fields.get("params") {
-                    for (pname, value) in self.mapping(params, &at("params"), "`params`", None) {
-                        let mut p = at("params");
-                        p.push(key(&pname));
-                        if !valid_name(&pname) {
-                            self.err_key(&p, format!("param name `{pname}` {NAME_RULE}"));
-                            continue;
-                        }
-                        if let Some(v) = self.yaml_to_json(value, &p) {
-                            // On a bad `${vars.x}` keep the raw value: the error is reported
-                            // once, not again as an unknown `${params.name}`.
-                            let v = self.interpolate(v.clone(), &p, vars).unwrap_or(v);
-                            stage.params.insert(pname, v);
-                        }
-                    }
-                }
-                if let Some(deps) = fields.get("deps") {
-                    for (dname, pattern, p) in self.named_list(deps, &at("deps"), "`deps`") {
-                        if self.check_dep(&pattern, &p) {
-                            stage.deps.insert(dname, Dep::new(&pattern));
-                        }
-                    }
-                }
-                if let Some(inputs) = fields.get("inputs") {
-                    for (iname, value) in self.mapping(inputs, &at("inputs"), "`inputs`", None) {
-                        let mut p = at("inputs");
-                        p.push(key(&iname));
-                        if let Some(text) = self.string(value, &p, &format!("input `{iname}`")) {
-                            pending_inputs.push((iname, (text, p)));
-                        }
-                    }
-                }
-                if let Some(outs) = fields.get("outs") {
-                    for (oname, opath, p) in self.named_list(outs, &at("outs"), "`outs`") {
-                        if let Some(msg) = relative_path_problem(&opath) {
-                            self.err_value(&p, format!("output path `{opath}` {msg}"));
-                            continue;
-                        }
-                        if stage.outputs.iter().any(|o| o.name == oname || o.path == opath) {
-                            self.err_value(&p, format!("output `{oname}` is declared twice"));
-                            continue;
-                        }
-                        stage.outputs.push(Output { name: oname, path: opath, kind: None });
-                    }
-                }
-                let mut env = Vec::new();
-                if let Some(raw_env) = fields.get("env") {
-                    match raw_env {
-                        Yaml::Sequence(items) => {
-                            for (i, item) in items.iter().enumerate() {
-                                let mut p = at("env");
-                                p.push(Seg::Index(i));
-                                if let Some(var) = self.string(item, &p, "an `env` entry") {
-                                    env.push(var);
-                                }
-                            }
-                        }
-                        other => {
-                            let found = type_name(other);
-                            self.err_value(
-                                &at("env"),
-                                format!("`env` must be a list of variable names, found {found}"),
-                            );
-                        }
-                    }
-                }
-                env.sort();
-                env.dedup();
-                let input_names: BTreeSet<&str> =
-                    pending_inputs.iter().map(|(n, _)| n.as_str()).collect();
-                self.check_references(&command, &at("run"), &stage, &input_names, vars);
-                stage.action = Action::Shell { command, env };
+                self.shell_stage(run, &fields, path, vars, &mut stage, &mut pending_inputs)?
             }
         }
+        self.stage_options(&fields, path, &mut stage);
+        Some((stage, pending_inputs))
+    }
 
+    /// A built-in kind's stage (`uses`, `with`): its parameters and inputs checked against the
+    /// kind's, its outputs and threads the kind's. `None` when the kind is unknown.
+    #[allow(clippy::too_many_arguments)]
+    fn builtin_stage(
+        &mut self,
+        uses: &Yaml,
+        fields: &BTreeMap<String, &Yaml>,
+        path: &[Seg],
+        registry: &Registry,
+        vars: &BTreeMap<String, Json>,
+        stage: &mut Stage,
+        pending_inputs: &mut Vec<(String, (String, Vec<Seg>))>,
+    ) -> Option<()> {
+        let at = |k: &str| field_path(path, k);
+        let shell_only = ["run", "deps", "inputs", "outs", "params", "env"];
+        for k in shell_only {
+            if fields.contains_key(k) {
+                self.err_key(
+                    &at(k),
+                    format!("`{k}` belongs to shell stages, not built-in kinds"),
+                )
+                .help = Some("pass a built-in kind's parameters and inputs under `with`".into());
+            }
+        }
+        let kind_name = self.string(uses, &at("uses"), "`uses`")?;
+        let Some(kind) = registry.get(&kind_name) else {
+            let e = self.err_value(&at("uses"), format!("unknown stage kind `{kind_name}`"));
+            *e = e.clone().label("unknown kind").suggest(&kind_name, registry.names());
+            if e.help.is_none() {
+                let names: Vec<_> = registry.names().collect();
+                e.help = Some(format!("built-in kinds: {}", names.join(", ")));
+            }
+            return None;
+        };
+        let empty = Yaml::Mapping(Default::default());
+        let with = fields.get("with").copied().unwrap_or(&empty);
+        self.builtin_params(&kind, with, &at("with"), vars, stage, pending_inputs);
+        for o in kind.outputs() {
+            stage.outputs.push(Output {
+                name: o.name.to_string(),
+                path: o.path.to_string(),
+                kind: Some(o.kind),
+            });
+        }
+        stage.threads = kind.threads(&stage.params).max(1);
+        stage.action = Action::Builtin(kind);
+        Some(())
+    }
+
+    /// A shell stage (`run`): its parameters, dependencies, inputs, outputs and environment,
+    /// and the command's `${...}` references checked against them. `None` when `run` is not a
+    /// string.
+    fn shell_stage(
+        &mut self,
+        run: &Yaml,
+        fields: &BTreeMap<String, &Yaml>,
+        path: &[Seg],
+        vars: &BTreeMap<String, Json>,
+        stage: &mut Stage,
+        pending_inputs: &mut Vec<(String, (String, Vec<Seg>))>,
+    ) -> Option<()> {
+        let at = |k: &str| field_path(path, k);
+        let builtin_only = ["with"];
+        for k in builtin_only {
+            if fields.contains_key(k) {
+                self.err_key(&at(k), format!("`{k}` belongs to built-in kinds (`uses`)")).help =
+                    Some("a shell stage takes `params`, `deps`, `inputs` and `outs`".into());
+            }
+        }
+        let command = self.string(run, &at("run"), "`run`")?;
+        if command.trim().is_empty() {
+            self.err_value(&at("run"), "`run` is empty");
+        }
+        if let Some(params) = fields.get("params") {
+            for (pname, value) in self.mapping(params, &at("params"), "`params`", None) {
+                let mut p = at("params");
+                p.push(key(&pname));
+                if !valid_name(&pname) {
+                    self.err_key(&p, format!("param name `{pname}` {NAME_RULE}"));
+                    continue;
+                }
+                if let Some(v) = self.yaml_to_json(value, &p) {
+                    // On a bad `${vars.x}` keep the raw value: the error is reported
+                    // once, not again as an unknown `${params.name}`.
+                    let v = self.interpolate(v.clone(), &p, vars).unwrap_or(v);
+                    stage.params.insert(pname, v);
+                }
+            }
+        }
+        if let Some(deps) = fields.get("deps") {
+            for (dname, pattern, p) in self.named_list(deps, &at("deps"), "`deps`") {
+                if self.check_dep(&pattern, &p) {
+                    stage.deps.insert(dname, Dep::new(&pattern));
+                }
+            }
+        }
+        if let Some(inputs) = fields.get("inputs") {
+            for (iname, value) in self.mapping(inputs, &at("inputs"), "`inputs`", None) {
+                let mut p = at("inputs");
+                p.push(key(&iname));
+                if let Some(text) = self.string(value, &p, &format!("input `{iname}`")) {
+                    pending_inputs.push((iname, (text, p)));
+                }
+            }
+        }
+        if let Some(outs) = fields.get("outs") {
+            for (oname, opath, p) in self.named_list(outs, &at("outs"), "`outs`") {
+                if let Some(msg) = relative_path_problem(&opath) {
+                    self.err_value(&p, format!("output path `{opath}` {msg}"));
+                    continue;
+                }
+                if stage.outputs.iter().any(|o| o.name == oname || o.path == opath) {
+                    self.err_value(&p, format!("output `{oname}` is declared twice"));
+                    continue;
+                }
+                stage.outputs.push(Output { name: oname, path: opath, kind: None });
+            }
+        }
+        let mut env = Vec::new();
+        if let Some(raw_env) = fields.get("env") {
+            match raw_env {
+                Yaml::Sequence(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let mut p = at("env");
+                        p.push(Seg::Index(i));
+                        if let Some(var) = self.string(item, &p, "an `env` entry") {
+                            env.push(var);
+                        }
+                    }
+                }
+                other => {
+                    let found = type_name(other);
+                    self.err_value(
+                        &at("env"),
+                        format!("`env` must be a list of variable names, found {found}"),
+                    );
+                }
+            }
+        }
+        env.sort();
+        env.dedup();
+        let input_names: BTreeSet<&str> = pending_inputs.iter().map(|(n, _)| n.as_str()).collect();
+        self.check_references(&command, &at("run"), stage, &input_names, vars);
+        stage.action = Action::Shell { command, env };
+        Some(())
+    }
+
+    /// What any stage may set: `threads`, `gather` (built-in kinds only) and `desc`.
+    fn stage_options(&mut self, fields: &BTreeMap<String, &Yaml>, path: &[Seg], stage: &mut Stage) {
+        let at = |k: &str| field_path(path, k);
         if let Some(threads) = fields.get("threads") {
             match threads.as_u64() {
                 Some(t) if (1..=1024).contains(&t) => stage.threads = t as usize,
@@ -232,7 +269,6 @@ impl Validator<'_> {
         if let Some(desc) = fields.get("desc") {
             self.string(desc, &at("desc"), "`desc`");
         }
-        Some((stage, pending_inputs))
     }
 
     /// A list of strings (names derived from the values) or a mapping name → string.
