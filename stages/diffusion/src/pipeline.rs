@@ -24,7 +24,7 @@ use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModelConfig,
 };
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
-use sdpipe_stages::api::{Fetch, ParamType, Params, StageError};
+use sdpipe_stages::api::{Fetch, ParamType};
 use sdpipe_stages::params::ParamValue;
 use serde_json::Value;
 
@@ -107,23 +107,6 @@ impl TryFrom<String> for Variant {
 impl ParamValue for Variant {
     fn param_type() -> ParamType {
         ParamType::String
-    }
-}
-
-/// A kind's `variant` parameter, checked (it becomes part of file names), from the parameters
-/// themselves (kinds that declare theirs as a struct read an `Option<`[`Variant`]`>`).
-pub fn variant_param(params: &Params) -> Result<Option<&str>, StageError> {
-    match params.get("variant") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(v)) => {
-            check_variant(v)
-                .map_err(|message| StageError::InvalidParam { param: "variant".into(), message })?;
-            Ok(Some(v))
-        }
-        Some(other) => Err(StageError::InvalidParam {
-            param: "variant".into(),
-            message: format!("expected a string or null, found {other}"),
-        }),
     }
 }
 

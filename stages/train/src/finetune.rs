@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use sdpipe_diffusion::config::SchedulerConfig;
-use sdpipe_diffusion::pipeline::check_variant;
+use sdpipe_diffusion::pipeline::Variant;
 use sdpipe_diffusion::SdPipeline;
 use sdpipe_hub::HubConfig;
 use sdpipe_stages::api::{
@@ -109,15 +109,12 @@ pub struct BaseModel {
     /// f32); null reads the default weights. The finetuned folder is written without a variant,
     /// as diffusers' `save_pretrained` writes it.
     #[param(default = null)]
-    variant: Option<String>,
+    variant: Option<Variant>,
 }
 
 impl BaseModel {
-    /// `variant`, checked: it becomes part of file names.
-    fn variant(&self) -> Result<Option<&str>, StageError> {
-        let Some(variant) = self.variant.as_deref() else { return Ok(None) };
-        check_variant(variant).map_err(|message| invalid("variant", message))?;
-        Ok(Some(variant))
+    fn variant(&self) -> Option<&str> {
+        self.variant.as_ref().map(Variant::as_str)
     }
 }
 
@@ -147,7 +144,7 @@ impl MixedPrecision {
 pub struct Recipe {
     pub config: TrainConfig,
     pub checkpointing_steps: u64,
-    /// `model`, `revision` and `variant` (checked).
+    /// `model`, `revision` and `variant` (checked as it was read: [`Variant`]).
     base: BaseModel,
     prediction_override: Option<Prediction>,
     /// The frozen VAE's and text encoder's dtype (`mixed_precision`; the script's
@@ -165,7 +162,6 @@ impl Recipe {
         if params.snr_gamma.is_some_and(|g| g <= 0.0) {
             return Err(invalid("snr_gamma", "must be positive (5.0 is the paper's value)"));
         }
-        params.base.variant()?;
         let max_train_steps = params.max_train_steps;
         let config = TrainConfig {
             transform: params.transform,
@@ -265,7 +261,7 @@ fn base_folder(
         &hub_config(hub),
         &base.model,
         &base.revision,
-        base.variant()?,
+        base.variant(),
         fetch,
     )?)
 }
@@ -282,7 +278,7 @@ pub fn external_deps(
     }
     let base = BaseModel::of_params(params)?;
     let root = base_folder(hub, None, &base, fetch)?;
-    Ok(sdpipe_diffusion::pipeline::model_deps(&root, base.variant()?)?)
+    Ok(sdpipe_diffusion::pipeline::model_deps(&root, base.variant())?)
 }
 
 fn train_error(e: TrainError) -> StageError {
@@ -326,7 +322,7 @@ pub fn prepare(
     let max_steps = recipe.config.max_train_steps;
     let validation = recipe.validation.take().map(|v| v.plan(&dataset, max_steps)).transpose()?;
     let base = base_folder(hub, pipeline.as_ref(), &recipe.base, Fetch::allowed())?;
-    let pipeline = SdPipeline::open_variant(&base, recipe.base.variant()?)?;
+    let pipeline = SdPipeline::open_variant(&base, recipe.base.variant())?;
     let scheduler = &pipeline.scheduler;
     let scheduler_path = || base.join("scheduler/scheduler_config.json").display().to_string();
     let prediction = match recipe.prediction_override {
