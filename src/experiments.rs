@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use sdpipe_stages::exp_cells::{number, value as cell};
 use serde::Serialize;
 use serde_json::Value as Json;
 
@@ -288,29 +289,6 @@ pub fn metrics_table(rows: &[Row], precision: usize) -> Table {
         }
     }
     Table { header, rows: lines }
-}
-
-/// A parameter value as a cell: strings bare, everything else as JSON.
-fn cell(value: &Json) -> String {
-    match value {
-        Json::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// `x` to `digits` significant digits, without trailing zeros (DVC's `--precision`).
-pub fn number(x: f64, digits: usize) -> String {
-    if x == 0.0 || !x.is_finite() {
-        return x.to_string();
-    }
-    let magnitude = x.abs().log10().floor() as i32;
-    let decimals = (digits as i32 - 1 - magnitude).max(0) as usize;
-    let text = format!("{x:.decimals$}");
-    if text.contains('.') {
-        text.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        text
-    }
 }
 
 fn signed(x: f64, digits: usize) -> String {

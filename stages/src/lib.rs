@@ -3,7 +3,8 @@
 //! sdpipe-metrics, sdpipe-report) and know nothing of caching or scheduling. Also a test
 //! harness for kinds ([`testing`]) and what several kinds share: the device choice, size caps
 //! for model files ([`limits`]), Pillow-exact resampling ([`pillow`]), hub fetching and what the
-//! toy-model kinds build their random-weight models from (`tiny_models`).
+//! toy-model kinds build their random-weight models from (`tiny_models`). [`exp_cells`] is how
+//! `exp show` prints a cell, shared with the report kind's copy of that table.
 
 // The derives in `params` name this crate by its path, also from inside it (its tests).
 extern crate self as sdpipe_stages;
@@ -12,6 +13,7 @@ pub mod api;
 pub mod device;
 #[cfg(feature = "candle")]
 pub mod device_path;
+pub mod exp_cells;
 pub mod limits;
 #[cfg(feature = "hub")]
 pub mod model_fetch;

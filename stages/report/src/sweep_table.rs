@@ -2,13 +2,15 @@
 //! (which this crate does not import: stage crates know nothing of the engine). One row per
 //! compared model (the original first, then the sweep points in sweep order), one column per
 //! swept `stage.param` that differs between the sweep points, then one column per headline
-//! metric that some model has. Metric values are printed as `exp show` prints them (five
-//! significant digits, no trailing zeros) and kept whole in `report.json`'s `sweep` rows.
+//! metric that some model has. Cells are printed as `exp show` prints them, through the same
+//! [`sdpipe_stages::exp_cells`] (metric values: five significant digits, no trailing zeros) and kept whole in `report.json`'s `sweep` rows.
 //! Left out when no model has swept values.
 
 use std::collections::BTreeSet;
 
 use serde_json::{json, Map, Value};
+
+use sdpipe_stages::exp_cells::{self, value as param};
 
 use crate::format::{self, Align, Table};
 use crate::models::Model;
@@ -115,27 +117,9 @@ pub fn build(models: &[Model]) -> Option<Section> {
     Some(Section { title: "Sweep", markdown, json: Value::Array(json_rows), notes: vec![] })
 }
 
-/// A parameter value as `exp show` prints it: strings bare, everything else as JSON.
-fn param(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// `x` to [`PRECISION`] significant digits without trailing zeros, as `exp show` prints it.
+/// A metric value as `exp show` prints it at its default precision.
 fn number(x: f64) -> String {
-    if x == 0.0 || !x.is_finite() {
-        return x.to_string();
-    }
-    let magnitude = x.abs().log10().floor() as i32;
-    let decimals = (PRECISION as i32 - 1 - magnitude).max(0) as usize;
-    let text = format!("{x:.decimals$}");
-    if text.contains('.') {
-        text.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        text
-    }
+    exp_cells::number(x, PRECISION)
 }
 
 #[cfg(test)]
