@@ -152,36 +152,38 @@ fn bound_path(bound: &Bound) -> &Path {
     }
 }
 
-/// [`Input`] and [`ProjectPath`] fields, required or optional.
+/// What a binding is read as: [`Input`] or [`ProjectPath`].
+pub trait Binding: Sized {
+    fn new(bound: Bound) -> Self;
+}
+
+impl Binding for Input {
+    fn new(bound: Bound) -> Self {
+        Input(bound)
+    }
+}
+
+impl Binding for ProjectPath {
+    fn new(bound: Bound) -> Self {
+        ProjectPath(bound)
+    }
+}
+
+/// A [`Binding`] field, required (`B`) or optional (`Option<B>`).
 pub trait FromBinding<B>: Sized {
     fn from_binding(name: &str, bound: Option<Bound>) -> Result<Self, StageError>;
 }
 
-fn unbound(name: &str) -> StageError {
-    StageError::failed(format!("`{name}` is not bound"))
-}
-
-impl FromBinding<Input> for Input {
+impl<B: Binding> FromBinding<B> for B {
     fn from_binding(name: &str, bound: Option<Bound>) -> Result<Self, StageError> {
-        bound.map(Input).ok_or_else(|| unbound(name))
+        let bound = bound.ok_or_else(|| StageError::failed(format!("`{name}` is not bound")))?;
+        Ok(B::new(bound))
     }
 }
 
-impl FromBinding<Input> for Option<Input> {
+impl<B: Binding> FromBinding<B> for Option<B> {
     fn from_binding(_: &str, bound: Option<Bound>) -> Result<Self, StageError> {
-        Ok(bound.map(Input))
-    }
-}
-
-impl FromBinding<ProjectPath> for ProjectPath {
-    fn from_binding(name: &str, bound: Option<Bound>) -> Result<Self, StageError> {
-        bound.map(ProjectPath).ok_or_else(|| unbound(name))
-    }
-}
-
-impl FromBinding<ProjectPath> for Option<ProjectPath> {
-    fn from_binding(_: &str, bound: Option<Bound>) -> Result<Self, StageError> {
-        Ok(bound.map(ProjectPath))
+        Ok(bound.map(B::new))
     }
 }
 
