@@ -294,6 +294,8 @@ pub struct Prepared {
     validation: Option<validation::Plan>,
     pub pipeline: SdPipeline,
     schedule: NoiseSchedule,
+    /// How messages and the saved LoRA name the base ([`base_name`]).
+    base_name: String,
 }
 
 /// How messages and a LoRA's base identity name the base: the `model` parameter, or the bound
@@ -322,6 +324,7 @@ pub fn prepare(
     let max_steps = recipe.config.max_train_steps;
     let validation = recipe.validation.take().map(|v| v.plan(&dataset, max_steps)).transpose()?;
     let base = base_folder(hub, pipeline.as_ref(), &recipe.base, Fetch::allowed())?;
+    let base_name = base_name(pipeline.as_ref(), &recipe);
     let pipeline = SdPipeline::open_variant(&base, recipe.base.variant())?;
     let scheduler = &pipeline.scheduler;
     let scheduler_path = || base.join("scheduler/scheduler_config.json").display().to_string();
@@ -346,7 +349,7 @@ pub fn prepare(
         trained_betas: scheduler.trained_betas.clone(),
     })
     .map_err(|m| StageError::failed(format!("{}: {m}", scheduler_path())))?;
-    Ok(Prepared { recipe, examples, dataset, validation, pipeline, schedule })
+    Ok(Prepared { recipe, examples, dataset, validation, pipeline, schedule, base_name })
 }
 
 /// The models a run trains: the UNet (all its weights, or its LoRA adapters: whatever its
@@ -402,7 +405,8 @@ fn train(
     interrupt_after: Option<u64>,
 ) -> Result<(), StageError> {
     let device = ctx.candle_device()?;
-    let Prepared { recipe, examples, dataset, validation, pipeline, schedule } = prepared;
+    let Prepared { recipe, examples, dataset, validation, pipeline, schedule, base_name } =
+        prepared;
     let (recipe, pipeline) = (&recipe, &pipeline);
     // Mixed precision as diffusers' script: the frozen models in `weight_dtype`, their outputs
     // converted to f32 (in `Frozen`), so the posterior sample and the noising are f32 (the
@@ -504,7 +508,6 @@ fn train(
             var.set(weights).map_err(|e| StageError::failed(format!("EMA weights: {e}")))?;
         }
     }
-    let base_name = base_name(BasePipeline::of(ctx)?.pipeline.as_ref(), recipe);
     let finished = Finished { recipe, pipeline, base_name, models: &models, scheduler };
     kind.write(ctx.out_dir, finished)?;
     write_log(ctx.out_dir, &trainer)?;
