@@ -33,6 +33,7 @@ pub use sdpipe_stages::device_path;
 pub mod error;
 mod fastmath;
 mod fused_attention;
+mod group_norm;
 mod layers;
 /// The caps on what a model config may ask for, shared by every model loader.
 pub use sdpipe_stages::limits;
@@ -44,6 +45,7 @@ pub mod pointwise;
 mod slices;
 mod unet;
 pub mod vae;
+mod vectorised;
 pub mod weights;
 
 use std::sync::Arc;

@@ -26,7 +26,8 @@
 //! custom op (`Precomputed`) whose only saved state is the inputs and the output. That is both
 //! what makes them differentiable and what keeps training memory low. `Precomputed` hands over a
 //! value already on the inputs' device, so these ops run on every device candle does; only
-//! [`attention`] has a CPU-only kernel, chosen by [`crate::device_path::use_cpu_kernels`].
+//! [`attention`] and [`group_norm`] have CPU-only kernels, chosen by
+//! [`crate::device_path::use_cpu_kernels`].
 
 use std::sync::{Arc, Mutex};
 
@@ -36,7 +37,7 @@ use candle_core::{
     Shape, Storage, Tensor, D,
 };
 
-use crate::fused_attention;
+use crate::{fused_attention, group_norm};
 
 /// The backward of a [`Precomputed`] op: `(inputs, output, grad_output, wanted) -> grad per
 /// input`. `wanted[i]` says whether input `i` is tracked (a variable, or computed from one): an
@@ -454,7 +455,8 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 }
 
 /// Group normalisation of `x` shaped `(B, C, ...)` over `groups` channel groups, with per-channel
-/// affine `weight` and `bias` (torch's `nn.GroupNorm`).
+/// affine `weight` and `bias` (torch's `nn.GroupNorm`). Large f32/f64 maps on the CPU take the
+/// fused kernel of [`crate::group_norm`]; the rest a composition of candle ops.
 pub fn group_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -470,6 +472,10 @@ pub fn group_norm(
     if groups == 0 || c % groups != 0 {
         candle_core::bail!("group_norm: {groups} groups do not divide {c} channels")
     }
+    if group_norm::applies(x) {
+        return group_norm::fused(x, weight, bias, groups, eps);
+    }
+    // Other devices, dtypes and small maps: the composition.
     let spatial = x.elem_count() / (b * c);
     let affine_shape = (1, c, 1);
     let value = {

@@ -21,6 +21,7 @@ use rayon::slice::{ParallelSlice, ParallelSliceMut};
 use crate::device_path::use_cpu_kernels;
 use crate::ops::attach1;
 use crate::slices::with_slice;
+use crate::vectorised::apply;
 
 /// Elements per parallel task: large enough to amortise the task, small enough to spread a
 /// 64×64×320 feature map over every core.
@@ -69,30 +70,6 @@ activations!(
     (FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5) as f32
 );
 activations!(f64, libm::erf, FRAC_1_SQRT_2, FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5);
-
-/// `out[i] = f(x[i], g[i])` (`g` ignored by unary `f`), on this thread: compiled again with
-/// AVX2 enabled and chosen where the CPU has it, so that `f`'s arithmetic runs in 8 lanes.
-fn apply<T: Copy, F: Fn(T, T) -> T>(out: &mut [T], x: &[T], g: &[T], f: F) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { apply_avx2(out, x, g, f) };
-    }
-    apply_portable(out, x, g, f)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn apply_avx2<T: Copy, F: Fn(T, T) -> T>(out: &mut [T], x: &[T], g: &[T], f: F) {
-    apply_portable(out, x, g, f)
-}
-
-#[inline(always)]
-fn apply_portable<T: Copy, F: Fn(T, T) -> T>(out: &mut [T], x: &[T], g: &[T], f: F) {
-    for ((o, &v), &d) in out.iter_mut().zip(x).zip(g) {
-        *o = f(v, d);
-    }
-}
 
 /// `f` applied to every element of `x`, in parallel.
 fn map<T: Activations>(x: &Tensor, f: impl Fn(T) -> T + Sync) -> Result<Tensor> {
@@ -191,6 +168,7 @@ fn gelu_composed(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::tests::{assert_paths_agree, check_gradients, max_abs_diff, sample};
+    use crate::vectorised::{apply_avx2, apply_portable};
     use candle_core::Var;
 
     #[test]
