@@ -101,6 +101,11 @@ fn probabilities(
 /// Rust never contracts), so the results are identical on every machine.
 fn softmax_rows(scores: &mut [f32], m: usize) {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        return unsafe { softmax_rows_avx512(scores, m) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
         return unsafe { softmax_rows_avx2(scores, m) };
@@ -111,6 +116,12 @@ fn softmax_rows(scores: &mut [f32], m: usize) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn softmax_rows_avx2(scores: &mut [f32], m: usize) {
+    softmax_rows_portable(scores, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_rows_avx512(scores: &mut [f32], m: usize) {
     softmax_rows_portable(scores, m)
 }
 
@@ -282,6 +293,11 @@ pub(crate) fn attention_backward(
 /// becomes `dS = P ⊙ (dP − rowsum(dP ⊙ P))`. Compiled for AVX2 too, as [`softmax_rows`].
 fn softmax_backward_rows(dp: &mut [f32], p: &[f32], m: usize) {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        return unsafe { softmax_backward_rows_avx512(dp, p, m) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
         return unsafe { softmax_backward_rows_avx2(dp, p, m) };
@@ -295,6 +311,12 @@ unsafe fn softmax_backward_rows_avx2(dp: &mut [f32], p: &[f32], m: usize) {
     softmax_backward_rows_portable(dp, p, m)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_backward_rows_avx512(dp: &mut [f32], p: &[f32], m: usize) {
+    softmax_backward_rows_portable(dp, p, m)
+}
+
 #[inline(always)]
 fn softmax_backward_rows_portable(dp: &mut [f32], p: &[f32], m: usize) {
     for (dp_row, p_row) in dp.chunks_exact_mut(m.max(1)).zip(p.chunks_exact(m.max(1))) {
@@ -305,48 +327,85 @@ fn softmax_backward_rows_portable(dp: &mut [f32], p: &[f32], m: usize) {
     }
 }
 
-/// The sum of `values`, in eight running sums so that it vectorises (a single running sum is a
-/// dependency chain the compiler may not reorder).
-#[inline(always)]
-fn sum_f32(values: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = values.chunks_exact(8);
-    let rest: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for (lane, v) in lanes.iter_mut().zip(chunk) {
-            *lane += v;
-        }
-    }
-    lanes.iter().sum::<f32>() + rest
-}
+/// Independent running sums (or maxima) of the reductions below: a single running value is a
+/// dependency chain the compiler may not reorder, one vector add (3–4 cycles) per element
+/// group. The bulk runs in 32 lanes (two AVX-512 or four AVX2 registers in flight), what is
+/// left in 8 (a cross-attention row of 77 keys leaves 13), the last few one by one. The lane
+/// counts, not the instruction set, fix the order of the sums, so every machine gets the same
+/// bits.
+const LANES: usize = 32;
+const TAIL_LANES: usize = 8;
 
-/// The largest of `values` (NaNs ignored, as `f32::max` does; −∞ for none), in eight running
-/// maxima as [`sum_f32`]. The maximum is exact, so the grouping changes nothing.
+/// `acc` folded over `values` with `step(lane, value)`, in [`LANES`] running values, then
+/// [`TAIL_LANES`], then one; `finish` combines the lanes.
 #[inline(always)]
-fn max_f32(values: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = values.chunks_exact(8);
-    let rest = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+fn reduce(
+    values: &[f32],
+    init: f32,
+    step: impl Fn(f32, f32) -> f32,
+    finish: impl Fn(f32, f32) -> f32,
+) -> f32 {
+    let mut lanes = [init; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
     for chunk in chunks {
         for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane = lane.max(v);
+            *lane = step(*lane, v);
         }
     }
-    lanes.iter().copied().fold(rest, f32::max)
+    let tail = rest.chunks_exact(TAIL_LANES);
+    let last = tail.remainder();
+    for chunk in tail {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = step(*lane, v);
+        }
+    }
+    let mut total = lanes.iter().copied().fold(init, &finish);
+    for &v in last {
+        total = step(total, v);
+    }
+    total
 }
 
-/// `Σ a_i·b_i`, in eight running sums as [`sum_f32`].
+/// The sum of `values`.
+#[inline(always)]
+fn sum_f32(values: &[f32]) -> f32 {
+    reduce(values, 0.0, |lane, v| lane + v, |a, b| a + b)
+}
+
+/// The largest of `values` (NaNs ignored, as `f32::max` does; −∞ for none). The maximum is
+/// exact, so the grouping changes nothing. Each step is a compare and select, which is one
+/// `maxps` (NaN never enters a lane: `v > lane` is false for it), rather than `f32::max`, whose
+/// NaN handling costs a compare and a blend per step.
+#[inline(always)]
+fn max_f32(values: &[f32]) -> f32 {
+    let step = |lane: f32, v: f32| if v > lane { v } else { lane };
+    reduce(values, f32::NEG_INFINITY, step, step)
+}
+
+/// `Σ a_i·b_i`, grouped as [`sum_f32`].
 #[inline(always)]
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let rest: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let mut lanes = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
             *lane += x * y;
         }
     }
-    lanes.iter().sum::<f32>() + rest
+    let (ta, tb) = (ra.chunks_exact(TAIL_LANES), rb.chunks_exact(TAIL_LANES));
+    let (la, lb) = (ta.remainder(), tb.remainder());
+    for (x, y) in ta.zip(tb) {
+        for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
+            *lane += x * y;
+        }
+    }
+    let mut total: f32 = lanes.iter().sum();
+    for (x, y) in la.iter().zip(lb) {
+        total += x * y;
+    }
+    total
 }
 
 /// Whether these kernels serve these tensors: f32 on the CPU (see [`crate::device_path`]).
@@ -459,23 +518,37 @@ mod tests {
     }
 
     #[test]
-    fn the_avx2_softmax_kernels_equal_the_portable_ones_bit_for_bit() {
+    fn the_avx2_and_avx512_softmax_kernels_equal_the_portable_ones_bit_for_bit() {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        {
+            type Forward = unsafe fn(&mut [f32], usize);
+            type Backward = unsafe fn(&mut [f32], &[f32], usize);
+            let mut versions: Vec<(Forward, Backward)> = Vec::new();
+            if std::arch::is_x86_feature_detected!("avx2") {
+                versions.push((softmax_rows_avx2, softmax_backward_rows_avx2));
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                versions.push((softmax_rows_avx512, softmax_backward_rows_avx512));
+            }
             // 1003 per row: full vectors and a remainder.
             let m = 1003;
             let x = sample(&[3, m], 23).flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let g = sample(&[3, m], 24).flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let (mut portable, mut avx2) = (x.clone(), x);
+            let mut portable = x.clone();
             softmax_rows_portable(&mut portable, m);
-            // SAFETY: the CPU supports AVX2 (checked above).
-            unsafe { softmax_rows_avx2(&mut avx2, m) };
-            assert!(portable.iter().zip(&avx2).all(|(a, b)| a.to_bits() == b.to_bits()));
-            let (mut portable_ds, mut avx2_ds) = (g.clone(), g);
+            let mut portable_ds = g.clone();
             softmax_backward_rows_portable(&mut portable_ds, &portable, m);
-            // SAFETY: as above.
-            unsafe { softmax_backward_rows_avx2(&mut avx2_ds, &portable, m) };
-            assert!(portable_ds.iter().zip(&avx2_ds).all(|(a, b)| a.to_bits() == b.to_bits()));
+            let same =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+            for (forward, backward) in versions {
+                let (mut p, mut ds) = (x.clone(), g.clone());
+                // SAFETY: only the versions whose features the CPU has (checked above).
+                unsafe {
+                    forward(&mut p, m);
+                    backward(&mut ds, &portable, m);
+                }
+                assert!(same(&p, &portable) && same(&ds, &portable_ds));
+            }
         }
     }
 
