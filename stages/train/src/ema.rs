@@ -3,9 +3,14 @@
 //!
 //! The EMA counts its own optimisation steps: at its `k`-th update (`k` from 1) the decay is
 //! `0` when `s = k − 1` is 0 (the shadow becomes a copy of the weights) and otherwise
-//! `min(0.9999, (1 + s) / (10 + s))`; the shadow moves by `shadow −= (1 − decay)(shadow − w)`.
+//! `min(0.9999, (1 + s) / (10 + s))`; the shadow moves by `shadow −= (1 − decay)(shadow − w)`
+//! (one parallel pass for f32 on the CPU, the same bits as the tensor ops elsewhere).
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
+use rayon::iter::{IndexedParallelIterator, ParallelIterator};
+use rayon::slice::{ParallelSlice, ParallelSliceMut};
+use sdpipe_stages::device_path::use_cpu_kernels;
+use sdpipe_unet::slices::with_slice;
 
 /// diffusers' default (and the script's) upper bound on the decay.
 pub const MAX_DECAY: f64 = 0.9999;
@@ -41,12 +46,36 @@ impl Ema {
         self.optimization_step += 1;
         let one_minus_decay = 1.0 - self.decay(self.optimization_step);
         for (shadow, param) in self.shadow.iter_mut().zip(params) {
-            let moved =
-                (&*shadow - (&*shadow - param.as_tensor())?.affine(one_minus_decay, 0.0)?)?;
-            *shadow = moved;
+            let param = param.as_tensor();
+            *shadow = if use_cpu_kernels(param) && param.dtype() == DType::F32 {
+                moved_fused(shadow, param, one_minus_decay)?
+            } else {
+                (&*shadow - (&*shadow - param)?.affine(one_minus_decay, 0.0)?)?
+            };
         }
         Ok(())
     }
+}
+
+/// `shadow − (shadow − param)·(1 − decay)` in one parallel pass over f32 CPU tensors, with the
+/// tensor ops' per-element operations (candle's `affine` is `x·a + 0` with `a` rounded to f32),
+/// so the same bits without the two intermediate tensors.
+fn moved_fused(shadow: &Tensor, param: &Tensor, one_minus_decay: f64) -> Result<Tensor> {
+    const CHUNK: usize = 1 << 14;
+    let weight = one_minus_decay as f32;
+    let mut out = vec![0f32; param.elem_count()];
+    with_slice::<f32, _>(shadow, |s| {
+        with_slice::<f32, _>(param, |p| {
+            out.par_chunks_mut(CHUNK).zip(s.par_chunks(CHUNK).zip(p.par_chunks(CHUNK))).for_each(
+                |(out, (s, p))| {
+                    for ((o, &s), &p) in out.iter_mut().zip(s).zip(p) {
+                        *o = s - ((s - p) * weight + 0.0);
+                    }
+                },
+            )
+        })
+    })??;
+    Tensor::from_vec(out, param.shape(), param.device())
 }
 
 #[cfg(test)]
@@ -88,6 +117,25 @@ mod tests {
         w.set(&Tensor::new(&[11.0f32], &Device::Cpu).unwrap()).unwrap();
         ema.step(std::slice::from_ref(&w)).unwrap(); // decay 2/11: moves 9/11 of the way
         assert!((first(&ema.shadow[0]) - 9.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_cpu_kernel_gives_the_tensor_ops_bits() {
+        let values = |seed: usize| -> Vec<f32> {
+            (0..40_000).map(|i| (((i + seed) * 7919) % 1000) as f32 / 250.0 - 2.0).collect()
+        };
+        let run = |generic: bool| -> Vec<f32> {
+            let _path = generic.then(sdpipe_stages::device_path::force_generic_path);
+            let w = Var::from_tensor(&Tensor::new(values(0), &Device::Cpu).unwrap()).unwrap();
+            let mut ema = Ema::new(std::slice::from_ref(&w)).unwrap();
+            for step in 1..4 {
+                w.set(&Tensor::new(values(step), &Device::Cpu).unwrap()).unwrap();
+                ema.step(std::slice::from_ref(&w)).unwrap();
+            }
+            ema.shadow[0].to_vec1::<f32>().unwrap()
+        };
+        let (kernel, ops) = (run(false), run(true));
+        assert!(kernel.iter().zip(&ops).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]

@@ -308,7 +308,7 @@ mod tests {
 
     #[test]
     fn a_frozen_affine_gets_no_gradient_and_an_untracked_map_none() {
-        let [x, w, b] = inputs([1, 4, 3, 3], DType::F32, 49);
+        let [x, w, _] = inputs([1, 4, 3, 3], DType::F32, 49);
         let g = sample(&[1, 4, 3, 3], 52).to_dtype(DType::F32).unwrap();
         let grads = backward(&x, &w, &g, 2, 1e-5, &[true, false, false]).unwrap();
         assert!(grads[0].is_some() && grads[1].is_none() && grads[2].is_none());

@@ -42,7 +42,7 @@ pub mod memory;
 pub mod ops;
 mod params;
 pub mod pointwise;
-mod slices;
+pub mod slices;
 mod unet;
 pub mod vae;
 mod vectorised;

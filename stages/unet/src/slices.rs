@@ -5,7 +5,7 @@ use candle_core::{Result, Storage, Tensor, WithDType};
 
 /// Runs `f` on the elements of a CPU tensor of element type `T`, in row-major order (copied
 /// only if the tensor is not contiguous).
-pub(crate) fn with_slice<T: WithDType, R>(x: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+pub fn with_slice<T: WithDType, R>(x: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("expected a CPU tensor") };
