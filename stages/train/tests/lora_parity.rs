@@ -22,16 +22,19 @@
 //!   `tests/parity.rs`; measured 3.8e-5 (step 1's context, drawn with std 8 to exceed the clip
 //!   norm, makes the attention sharper than the LoRA unet test's inputs), 7.0e-6.
 //! - gradient norm before clipping: 1e-5 relative; measured 4.5e-6, 1.6e-7.
-//! - adapters after each step, on sdpipe's own gradients: 5e-7 absolute, i.e. 0.5% of the
+//! - adapters after each step, on sdpipe's own gradients: 1e-6 absolute, i.e. 1% of the
 //!   lr-sized move AdamW makes per step and below the 2e-6·|w| a missing weight decay would leave
-//!   after two steps on any weight above 0.25 (1631 of the 9984 are; the largest is 0.95);
-//!   measured 1.9e-7 after step 1, 1.9e-7 after step 2. AdamW's first update is ≈ ±lr per weight
+//!   after two steps on any weight above 0.5 (the largest is 0.95); measured 1.9e-7 after each
+//!   step on an AMD EPYC (gemm's AVX2 kernels), 5.4e-7 and 5.5e-7 on an Intel Xeon (its AVX-512
+//!   kernels, another summation order). AdamW's first update is `lr·g/(|g| + ε)` per weight, ≈ ±lr
 //!   whatever the gradient's size, so a gradient within its own rounding error of zero would let
 //!   float noise pick the sign of a whole lr-sized move (see `tests/parity.rs`). That does not
-//!   bite here: every gradient element has the reference's sign with its error at most 1/14 of
-//!   its size (1/117 in step 2; the smallest reference gradients are 8.6e-7 and 1.3e-7), so
-//!   torch's gradients are not needed for this check. The optimiser is still also checked on
-//!   them, more tightly:
+//!   bite here: every gradient element has the reference's sign. What the machine's rounding
+//!   does move is the `ε/|g|` part on the smallest gradients: the worst weight on the Xeon is the
+//!   one with step 1's smallest reference gradient, 8.6e-7, which sdpipe computes as 7.0e-7
+//!   there (within the gradient tolerance above, which is relative to the tensor's largest), and
+//!   clipped to a third of that, ε/|g| is 3%. Torch's gradients are not needed for this check;
+//!   the optimiser is still also checked on them, more tightly:
 //! - clipping and AdamW fed torch's gradients: norms 1e-6 relative, measured 2.2e-7, 1.6e-7;
 //!   adapters 1.2e-7 absolute (two f32 ulps of the largest weights), measured 1.5e-8, 3.0e-8.
 //!   The same run without clipping ends step 2 3.8e-5 away and without weight decay 1.9e-6 away,
@@ -58,7 +61,7 @@ const MAX_GRAD_NORM: f64 = 1.0;
 const ADAM: AdamWConfig = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
 
 /// Adapters after a step on sdpipe's own gradients, and on torch's.
-const OWN_GRADIENTS_TOLERANCE: f64 = 5e-7;
+const OWN_GRADIENTS_TOLERANCE: f64 = 1e-6;
 const TORCH_GRADIENTS_TOLERANCE: f64 = 1.2e-7;
 
 fn fixtures() -> PathBuf {
@@ -214,7 +217,7 @@ fn a_missing_clip_or_weight_decay_would_fail_the_checks() {
     undecayed.adam.config.weight_decay = 0.0;
     update_with_torch_gradients(&io, &mut undecayed, MAX_GRAD_NORM);
     let diff = adapters_diff(&io, &undecayed.params, 2);
-    assert!(diff > 2.0 * OWN_GRADIENTS_TOLERANCE, "without weight decay, {diff:e} away");
+    assert!(diff > OWN_GRADIENTS_TOLERANCE, "without weight decay, {diff:e} away");
 }
 
 #[test]
