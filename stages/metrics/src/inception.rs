@@ -21,7 +21,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::conv::ConvRelu;
-use crate::pool::max_pool2d;
+use crate::pool::{avg_pool_3x3_exclude_pad, max_pool2d, max_pool_3x3_same};
 use crate::recipe::Init;
 use crate::weights::{TensorSpec, Weights};
 
@@ -191,44 +191,6 @@ impl Module for ConvUnit {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.0.forward(x)
     }
-}
-
-/// 3×3, stride 1, padding 1 average pool with `count_include_pad=False`: each output is the
-/// mean of the real (unpadded) pixels in its window. Candle's ops only (its CPU average pool is
-/// fast enough here), on `x`'s device.
-fn avg_pool_3x3_exclude_pad(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let summed_over_9 =
-        x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.avg_pool2d_with_stride(3, 1)?;
-    // Rescale windows by 9 / (number of real pixels): 4 at corners, 6 on edges, 9 inside.
-    let count = |i: usize, n: usize| {
-        if n == 1 {
-            1.0
-        } else if i == 0 || i == n - 1 {
-            2.0
-        } else {
-            3.0
-        }
-    };
-    let mut rescale = Vec::with_capacity(h * w);
-    for i in 0..h {
-        for j in 0..w {
-            rescale.push(9.0f32 / (count(i, h) * count(j, w)) as f32);
-        }
-    }
-    let rescale = Tensor::from_vec(rescale, (1, 1, h, w), x.device())?;
-    summed_over_9.broadcast_mul(&rescale)
-}
-
-/// 3×3, stride 1, padding 1 max pool (padding never wins: it is −∞, as in PyTorch), on `x`'s
-/// device.
-fn max_pool_3x3_same(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let col = Tensor::full(f32::NEG_INFINITY, (b, c, h, 1), x.device())?;
-    let x = Tensor::cat(&[&col, x, &col], 3)?;
-    let row = Tensor::full(f32::NEG_INFINITY, (b, c, 1, w + 2), x.device())?;
-    let x = Tensor::cat(&[&row, &x, &row], 2)?;
-    max_pool2d(&x, 3, 1)
 }
 
 /// Which pooling a block's pool branch uses.

@@ -1,8 +1,9 @@
-//! Max pooling without padding (PyTorch's `MaxPool2d(k, stride)`, floor mode). On the CPU in
-//! f32, with the `B·C` planes split across the current rayon pool: candle's pooling runs on one
-//! thread, which left the other threads idle between the convolutions. Elsewhere (or with the
-//! generic path forced, see [`crate::device_path`]) candle's own max pool, which is the same
-//! function.
+//! The metric networks' pooling: max pooling without padding (PyTorch's `MaxPool2d(k,
+//! stride)`, floor mode), and Inception's 3×3 same-size average (padding not counted) and max
+//! pools. On the CPU in f32, with the `B·C` planes split across the current rayon pool:
+//! candle's pooling runs on one thread, which left the other threads idle between the
+//! convolutions. Elsewhere (or with the generic path forced, see [`crate::device_path`])
+//! compositions of candle's ops, which compute the same functions.
 
 use candle_core::Tensor;
 use rayon::iter::{IndexedParallelIterator, ParallelIterator};
@@ -46,6 +47,97 @@ pub fn max_pool2d(x: &Tensor, k: usize, stride: usize) -> candle_core::Result<Te
     Tensor::from_vec(out, (b, c, out_h, out_w), x.device())
 }
 
+/// Inception's 3×3, stride 1, padding 1 average pool with `count_include_pad=False`: each
+/// output is the mean of the real (unpadded) pixels in its window.
+pub fn avg_pool_3x3_exclude_pad(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !use_cpu_kernels(x) {
+        return avg_pool_3x3_exclude_pad_composed(x);
+    }
+    same_3x3(x, 0.0, |sum, v| sum + v, |sum, count| sum / count as f32)
+}
+
+/// Inception's 3×3, stride 1, padding 1 max pool: the largest real pixel of each window
+/// (PyTorch pads with −∞, so the padding never wins).
+pub fn max_pool_3x3_same(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !use_cpu_kernels(x) {
+        return max_pool_3x3_same_composed(x);
+    }
+    same_3x3(x, f32::NEG_INFINITY, f32::max, |max, _| max)
+}
+
+/// `step` folded from `init` over the real pixels of each output's 3×3 window (rows, then
+/// columns, in order), then `finish(acc, pixels)`; the `B·C` planes split across the current
+/// rayon pool. Why a kernel: composed of candle ops
+/// (pads or concatenations, a pool, a rescale), both pools ran on one thread between the
+/// parallel convolutions of Inception's mixed blocks.
+fn same_3x3(
+    x: &Tensor,
+    init: f32,
+    step: impl Fn(f32, f32) -> f32 + Sync,
+    finish: impl Fn(f32, usize) -> f32 + Sync,
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let mut out = vec![0f32; b * c * h * w];
+    if h * w == 0 {
+        return Tensor::from_vec(out, (b, c, h, w), x.device());
+    }
+    with_f32_slice(x, |input| {
+        out.par_chunks_mut(h * w).zip(input.par_chunks(h * w)).for_each(|(out, plane)| {
+            for oy in 0..h {
+                let rows = oy.saturating_sub(1)..(oy + 2).min(h);
+                for ox in 0..w {
+                    let cols = ox.saturating_sub(1)..(ox + 2).min(w);
+                    let mut acc = init;
+                    for y in rows.clone() {
+                        for &v in &plane[y * w..][cols.clone()] {
+                            acc = step(acc, v);
+                        }
+                    }
+                    out[oy * w + ox] = finish(acc, rows.len() * cols.len());
+                }
+            }
+        })
+    })?;
+    Tensor::from_vec(out, (b, c, h, w), x.device())
+}
+
+/// 3×3, stride 1, padding 1 average pool with `count_include_pad=False`: each output is the
+/// mean of the real (unpadded) pixels in its window, from candle's ops (the generic path).
+fn avg_pool_3x3_exclude_pad_composed(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let summed_over_9 =
+        x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.avg_pool2d_with_stride(3, 1)?;
+    // Rescale windows by 9 / (number of real pixels): 4 at corners, 6 on edges, 9 inside.
+    let count = |i: usize, n: usize| {
+        if n == 1 {
+            1.0
+        } else if i == 0 || i == n - 1 {
+            2.0
+        } else {
+            3.0
+        }
+    };
+    let mut rescale = Vec::with_capacity(h * w);
+    for i in 0..h {
+        for j in 0..w {
+            rescale.push(9.0f32 / (count(i, h) * count(j, w)) as f32);
+        }
+    }
+    let rescale = Tensor::from_vec(rescale, (1, 1, h, w), x.device())?;
+    summed_over_9.broadcast_mul(&rescale)
+}
+
+/// 3×3, stride 1, padding 1 max pool (padding never wins: it is −∞, as in PyTorch), from
+/// candle's ops (the generic path).
+fn max_pool_3x3_same_composed(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let col = Tensor::full(f32::NEG_INFINITY, (b, c, h, 1), x.device())?;
+    let x = Tensor::cat(&[&col, x, &col], 3)?;
+    let row = Tensor::full(f32::NEG_INFINITY, (b, c, 1, w + 2), x.device())?;
+    let x = Tensor::cat(&[&row, &x, &row], 2)?;
+    max_pool2d(&x, 3, 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +177,25 @@ mod tests {
             let (fast, generic) =
                 (fast.to_vec1::<f32>().unwrap(), generic.to_vec1::<f32>().unwrap());
             assert_eq!(generic, fast, "{h}×{w} k {k} stride {stride}");
+        }
+    }
+
+    #[test]
+    fn the_same_size_pools_match_their_generic_paths() {
+        for (h, w) in [(1, 1), (2, 3), (7, 5)] {
+            let v: Vec<f32> = (0..2 * 3 * h * w).map(|i| (i as f32 * 0.7).sin() - 0.5).collect();
+            let x = Tensor::from_vec(v, (2, 3, h, w), &Device::Cpu).unwrap();
+            for pool in [avg_pool_3x3_exclude_pad, max_pool_3x3_same] {
+                let fast = pool(&x).unwrap();
+                let generic = {
+                    let _generic = crate::device_path::force_generic_path();
+                    pool(&x).unwrap()
+                };
+                assert_eq!(generic.dims(), fast.dims());
+                let diff = (fast - generic).unwrap().abs().unwrap().max_all().unwrap();
+                // The average divides once instead of scaling twice: float rounding only.
+                assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{h}×{w}");
+            }
         }
     }
 
