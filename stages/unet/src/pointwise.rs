@@ -8,8 +8,8 @@
 //! candle's formula, `x / (1 + e^−x)`, so its outputs are unchanged. GELU is
 //! `x·(1 + erf(x/√2))/2` with, in f32, the vectorisable erf PyTorch's own CPU GELU uses
 //! ([`crate::fastmath::erf`], within 6e-7 of libm's); in f64 (gradient checks) libm's `erf`.
-//! The loops are compiled twice, for the baseline x86-64 and for AVX2, chosen at run time;
-//! both give the same bits (same operations per element, no contraction). Other devices (and
+//! The loops ([`crate::vectorised`]) are compiled for the baseline x86-64, AVX2 and AVX-512,
+//! chosen at run time; all give the same bits (same operations per element, no contraction). Other devices (and
 //! the CPU under [`crate::device_path::force_generic_path`]) and dtypes keep candle's ops.
 
 use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
@@ -168,7 +168,7 @@ fn gelu_composed(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::tests::{assert_paths_agree, check_gradients, max_abs_diff, sample};
-    use crate::vectorised::{apply_avx2, apply_portable};
+    use crate::vectorised::{apply_avx2, apply_avx512, apply_portable};
     use candle_core::Var;
 
     #[test]
@@ -216,22 +216,37 @@ mod tests {
     }
 
     #[test]
-    fn the_avx2_loops_give_the_portable_loops_bits() {
+    fn the_avx2_and_avx512_loops_give_the_portable_loops_bits() {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        {
+            type Loop = unsafe fn(&mut [f32], &[f32], &[f32], fn(f32, f32) -> f32);
+            let mut versions: Vec<Loop> = Vec::new();
+            if std::arch::is_x86_feature_detected!("avx2") {
+                versions.push(apply_avx2::<f32, fn(f32, f32) -> f32>);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                versions.push(apply_avx512::<f32, fn(f32, f32) -> f32>);
+            }
             let x: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) / 97.0).collect();
             let g: Vec<f32> = x.iter().map(|v| v.sin()).collect();
-            for f in [
-                |x: f32, g: f32| f32::gelu_backward(x, g),
-                |x: f32, g: f32| f32::silu_backward(x, g),
-                |x: f32, _| f32::gelu(x),
-                |x: f32, _| f32::silu(x),
-            ] {
-                let (mut portable, mut avx2) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            let functions: [fn(f32, f32) -> f32; 4] = [
+                |x, g| f32::gelu_backward(x, g),
+                |x, g| f32::silu_backward(x, g),
+                |x, _| f32::gelu(x),
+                |x, _| f32::silu(x),
+            ];
+            for f in functions {
+                let mut portable = vec![0f32; x.len()];
                 apply_portable(&mut portable, &x, &g, f);
-                // SAFETY: the CPU supports AVX2 (checked above).
-                unsafe { apply_avx2(&mut avx2, &x, &g, f) };
-                assert!(portable.iter().zip(&avx2).all(|(a, b)| a.to_bits() == b.to_bits()));
+                for version in &versions {
+                    let mut vectorised = vec![0f32; x.len()];
+                    // SAFETY: only the versions whose features the CPU has (checked above).
+                    unsafe { version(&mut vectorised, &x, &g, f) };
+                    assert!(portable
+                        .iter()
+                        .zip(&vectorised)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()));
+                }
             }
         }
     }
