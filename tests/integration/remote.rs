@@ -205,6 +205,12 @@ fn an_interrupted_push_leaves_no_record_and_the_next_push_completes() {
         assert!(Instant::now() < deadline, "the push never reached the stalled upload");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The uploads let through may still be writing when a later one stalls (they run
+    // concurrently); killing the client then would cancel them too. Wait for one to land.
+    while team.server.keys("exp/sdpipe-v1/objects").is_empty() {
+        assert!(Instant::now() < deadline, "some objects were uploaded before the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     team.server.faults.stall.store(false, Ordering::SeqCst);
