@@ -67,9 +67,9 @@ pub fn max_pool_3x3_same(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// `step` folded from `init` over the real pixels of each output's 3×3 window (rows, then
 /// columns, in order), then `finish(acc, pixels)`; the `B·C` planes split across the current
-/// rayon pool. Why a kernel: composed of candle ops
-/// (pads or concatenations, a pool, a rescale), both pools ran on one thread between the
-/// parallel convolutions of Inception's mixed blocks.
+/// rayon pool. Why a kernel: composed of candle ops (pads or concatenations, a pool, a
+/// rescale), both pools ran on one thread between the parallel convolutions of Inception's
+/// mixed blocks.
 fn same_3x3(
     x: &Tensor,
     init: f32,

@@ -98,11 +98,10 @@ fn moments<T: WithDType>(x: &[T], eps: f64) -> (f64, f64) {
 /// `(x − mean)·rstd·weight + bias` per group, for `x` shaped `(B, C, ...)`.
 fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
     let shape = Shape::of(x, groups)?;
-    let out = match x.dtype() {
-        DType::F32 => forward_typed::<f32>(x, weight, bias, shape, eps)?,
-        _ => forward_typed::<f64>(x, weight, bias, shape, eps)?,
-    };
-    Ok(out)
+    match x.dtype() {
+        DType::F32 => forward_typed::<f32>(x, weight, bias, shape, eps),
+        _ => forward_typed::<f64>(x, weight, bias, shape, eps),
+    }
 }
 
 fn forward_typed<T: WithDType>(
