@@ -1,9 +1,9 @@
 //! Element loops compiled three times, for the baseline x86-64, for AVX2 and for AVX-512, and
 //! chosen at run time by what the CPU has, so that their arithmetic runs in 8 or 16 f32 lanes
-//! instead of 4. Shared by
-//! the activations ([`crate::pointwise`]) and group normalisation ([`crate::group_norm`]).
+//! instead of 4. Shared by the activations ([`crate::pointwise`]) and group normalisation
+//! ([`crate::group_norm`]).
 //!
-//! Both versions perform the same operations per element in the same order (no contraction
+//! Every version performs the same operations per element in the same order (no contraction
 //! into FMA: Rust never fuses on its own), so they give the same bits.
 
 /// `out[i] = f(x[i], g[i])` (`g` ignored by a unary `f`), on this thread.
