@@ -96,9 +96,10 @@ fn probabilities(
 /// of the kernel; the reciprocal adds at most one rounding).
 ///
 /// The loops are written for the compiler to vectorise. Built for the baseline x86-64 (SSE2),
-/// that is 4 lanes; where the CPU has AVX2 the same code is compiled again for it, 8 lanes.
-/// Each element gets the same operations in the same order either way (no fused multiply-add:
-/// Rust never contracts), so the results are identical on every machine.
+/// that is 4 lanes; where the CPU has AVX2 or AVX-512 the same code is compiled again for it, 8
+/// or 16 lanes. Each element gets the same operations in the same order every way (no fused
+/// multiply-add: Rust never contracts; the reductions' lane counts are fixed in code), so the
+/// results are identical on every machine.
 fn softmax_rows(scores: &mut [f32], m: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
