@@ -4,10 +4,11 @@
 //! other devices (or with the generic path forced, see [`crate::device_path`]) candle's
 //! `conv2d`, which has kernels there.
 
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use sdpipe_conv::{Activation, ConvShape};
 
 use crate::device_path::use_cpu_kernels;
+use sdpipe_stages::host_slice::with_slice;
 
 /// A 2-D convolution with bias, followed by ReLU: `relu(conv(x, weight) + bias)`, on the device
 /// its weights are on.
@@ -54,9 +55,9 @@ impl ConvRelu {
             return self.forward_generic(x);
         }
         // The weights are borrowed in place (an error if they are not on the CPU too).
-        let out = with_f32_slice(&self.weight, |weight| {
-            with_f32_slice(&self.bias, |bias| {
-                with_f32_slice(x, |input| {
+        let out = with_slice::<f32, _>(&self.weight, |weight| {
+            with_slice::<f32, _>(&self.bias, |bias| {
+                with_slice::<f32, _>(x, |input| {
                     self.shape.forward(b, (h, w), input, weight, Some(bias), Activation::Relu)
                 })
             })
@@ -78,22 +79,6 @@ impl ConvRelu {
         };
         y.broadcast_add(&self.bias.reshape((1, self.shape.c_out, 1, 1))?)?.relu()
     }
-}
-
-/// Runs `f` on the elements of an f32 CPU tensor, in row-major order (copied only if the
-/// tensor is not contiguous).
-pub(crate) fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    if x.dtype() != DType::F32 {
-        candle_core::bail!("expected an f32 tensor, got {:?}", x.dtype())
-    }
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("expected a CPU tensor") };
-    let data = cpu.as_slice::<f32>()?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("tensor not contiguous".into()))?;
-    Ok(f(&data[start..end]))
 }
 
 #[cfg(test)]

@@ -15,11 +15,12 @@ use candle_core::{DType, Device, Tensor, D};
 use rayon::iter::{IndexedParallelIterator, IntoParallelIterator, ParallelIterator};
 use rayon::slice::{ParallelSlice, ParallelSliceMut};
 
-use crate::conv::{with_f32_slice, ConvRelu};
+use crate::conv::ConvRelu;
 use crate::device_path::use_cpu_kernels;
 use crate::pool::max_pool2d;
 use crate::recipe::Init;
 use crate::weights::{TensorSpec, Weights};
+use sdpipe_stages::host_slice::with_slice;
 
 /// The trunk network (the `lpips` kind's `net` parameter, by [`Net::name`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -238,8 +239,8 @@ impl Lpips {
         let mut total = vec![0f64; b];
         for (tap, lin) in taps.iter().zip(&self.lins) {
             let (_, c, h, w) = tap.dims4()?;
-            let per_pair: Vec<f64> = with_f32_slice(lin, |lin| {
-                with_f32_slice(tap, |f| {
+            let per_pair: Vec<f64> = with_slice::<f32, _>(lin, |lin| {
+                with_slice::<f32, _>(tap, |f| {
                     let (f0, f1) = f.split_at(b * c * h * w);
                     (0..b)
                         .into_par_iter()
@@ -329,7 +330,7 @@ fn scaling_layer_on_cpu(
     for x in batches {
         let (part, tail) = rest.split_at_mut(x.elem_count());
         rest = tail;
-        with_f32_slice(x, |input| {
+        with_slice::<f32, _>(x, |input| {
             let planes = part.par_chunks_mut(plane.max(1)).zip(input.par_chunks(plane.max(1)));
             planes.enumerate().for_each(|(i, (out, input))| {
                 let (shift, scale) = (SHIFT[i % 3], SCALE[i % 3]);

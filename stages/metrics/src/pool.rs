@@ -9,8 +9,8 @@ use candle_core::Tensor;
 use rayon::iter::{IndexedParallelIterator, ParallelIterator};
 use rayon::slice::{ParallelSlice, ParallelSliceMut};
 
-use crate::conv::with_f32_slice;
 use crate::device_path::use_cpu_kernels;
+use sdpipe_stages::host_slice::with_slice;
 
 /// `[B, C, H, W]` → `[B, C, (H − k)/stride + 1, (W − k)/stride + 1]`, each output the largest
 /// input in its `k × k` window.
@@ -24,7 +24,7 @@ pub fn max_pool2d(x: &Tensor, k: usize, stride: usize) -> candle_core::Result<Te
     }
     let (out_h, out_w) = ((h - k) / stride + 1, (w - k) / stride + 1);
     let mut out = vec![0f32; b * c * out_h * out_w];
-    with_f32_slice(x, |input| {
+    with_slice::<f32, _>(x, |input| {
         let planes = out.par_chunks_mut(out_h * out_w).zip(input.par_chunks(h * w));
         // Separably: the largest of the window's rows per column, then of that row's windows.
         planes.for_each_init(Vec::new, |column_max: &mut Vec<f32>, (out, plane)| {
@@ -81,7 +81,7 @@ fn same_3x3(
     if h * w == 0 {
         return Tensor::from_vec(out, (b, c, h, w), x.device());
     }
-    with_f32_slice(x, |input| {
+    with_slice::<f32, _>(x, |input| {
         out.par_chunks_mut(h * w).zip(input.par_chunks(h * w)).for_each(|(out, plane)| {
             for oy in 0..h {
                 let rows = oy.saturating_sub(1)..(oy + 2).min(h);

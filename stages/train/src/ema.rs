@@ -10,7 +10,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use rayon::iter::{IndexedParallelIterator, ParallelIterator};
 use rayon::slice::{ParallelSlice, ParallelSliceMut};
 use sdpipe_stages::device_path::use_cpu_kernels;
-use sdpipe_unet::slices::with_slice;
+use sdpipe_stages::host_slice::with_slice;
 
 /// diffusers' default (and the script's) upper bound on the decay.
 pub const MAX_DECAY: f64 = 0.9999;

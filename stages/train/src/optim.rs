@@ -17,7 +17,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use rayon::iter::{IndexedParallelIterator, ParallelIterator};
 use rayon::slice::{ParallelSlice, ParallelSliceMut};
 use sdpipe_stages::device_path::use_cpu_kernels;
-use sdpipe_unet::slices::with_slice;
+use sdpipe_stages::host_slice::with_slice;
 
 /// AdamW's hyper-parameters (the script's `--adam_*` flags); the learning rate is per step.
 #[derive(Debug, Clone, Copy, PartialEq)]

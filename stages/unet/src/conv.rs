@@ -14,7 +14,7 @@ use sdpipe_conv::{Activation, ConvShape};
 
 use crate::device_path::use_cpu_kernels;
 use crate::ops::attach3;
-use crate::slices::with_slice;
+use sdpipe_stages::host_slice::with_slice;
 
 /// `conv(x, weight) + bias`: `x` `[B, c_in, H, W]`, `weight` `[c_out, c_in, kh, kw]`, `bias`
 /// `[c_out]`, the same zero `padding` on every side.

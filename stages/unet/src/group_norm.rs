@@ -25,8 +25,8 @@ use rayon::slice::{ParallelSlice, ParallelSliceMut};
 
 use crate::device_path::use_cpu_kernels;
 use crate::ops::attach3;
-use crate::slices::with_slice;
 use crate::vectorised::{apply, sums};
+use sdpipe_stages::host_slice::with_slice;
 
 /// The smallest feature map (elements) the kernel takes.
 const MIN_ELEMENTS: usize = 1 << 16;

@@ -42,7 +42,6 @@ pub mod memory;
 pub mod ops;
 mod params;
 pub mod pointwise;
-pub mod slices;
 mod unet;
 pub mod vae;
 mod vectorised;

@@ -9,8 +9,9 @@
 //! `x·(1 + erf(x/√2))/2` with, in f32, the vectorisable erf PyTorch's own CPU GELU uses
 //! ([`crate::fastmath::erf`], within 6e-7 of libm's); in f64 (gradient checks) libm's `erf`.
 //! The loops ([`crate::vectorised`]) are compiled for the baseline x86-64, AVX2 and AVX-512,
-//! chosen at run time; all give the same bits (same operations per element, no contraction). Other devices (and
-//! the CPU under [`crate::device_path::force_generic_path`]) and dtypes keep candle's ops.
+//! chosen at run time; all give the same bits (same operations per element, no contraction).
+//! Other devices (and the CPU under [`crate::device_path::force_generic_path`]) and dtypes keep
+//! candle's ops.
 
 use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
 
@@ -20,8 +21,8 @@ use rayon::slice::{ParallelSlice, ParallelSliceMut};
 
 use crate::device_path::use_cpu_kernels;
 use crate::ops::attach1;
-use crate::slices::with_slice;
 use crate::vectorised::apply;
+use sdpipe_stages::host_slice::with_slice;
 
 /// Elements per parallel task: large enough to amortise the task, small enough to spread a
 /// 64×64×320 feature map over every core.
