@@ -3,7 +3,7 @@
 //! From whatever a pipeline binds — the test split, the original model's samples and metrics,
 //! each finetuned variant's samples, metrics, training log and validation images (one per
 //! sweep point when gathered), and the engine's provenance — it writes `report/README.md` (renders on GitHub),
-//! `report/images/` (downscaled copies of the images it shows), `report/loss.svg` and
+//! `report/images/` (resized copies of the images it shows), `report/loss.svg` and
 //! `report/report.json` (the same numbers, machine-readable). Every figure comes from the
 //! inputs; nothing is timestamped and everything is sorted, so the same inputs give the same
 //! bytes.
@@ -63,7 +63,8 @@ struct Settings {
     /// Rows of the qualitative table (test images in id order); 0 leaves it out.
     #[param(default = 10, min = 0)]
     max_rows: usize,
-    /// Images copied into the report are downscaled to fit this many pixels a side.
+    /// Images copied into the report are downscaled to fit this many pixels a side, or enlarged
+    /// by a whole factor (each pixel a square block) when at most half as large.
     #[param(default = 256, min = 16, max = 4096)]
     thumb_size: u32,
     /// An imagefolder stage's `dataset` (ground truth and captions).
@@ -101,7 +102,8 @@ impl StageKind for Report {
         // cached report can have read a LoRA's samples before this: no bump.
         // 8: a `Sweep` section (`sweep` in report.json) after the metrics table: the
         //    `exp show`-style table of each model's swept parameters and headline metrics.
-        8
+        // 9: images at most half of `thumb_size` are enlarged by a whole factor (PNG).
+        9
     }
 
     fn doc(&self) -> &'static str {
@@ -114,7 +116,8 @@ impl StageKind for Report {
          progression grid per variant of the images its train stage drew during training \
          (rows: validation prompts, columns: steps), the provenance of every variant (each stage's parameters, cache key and compute time) and \
          caveats worked out from the inputs; plus `report.json` with the same numbers and \
-         downscaled copies of the images under `images/`. Every input is optional and its \
+         copies of the images under `images/`, downscaled or, when small, enlarged pixel for \
+         pixel. Every input is optional and its \
          section is left out when unbound; mark the stage `gather: true` to get one row or \
          column per sweep point. Per-image metrics (LPIPS, CLIP score, scene accuracy) whose \
          `*_per_image` outputs are bound get a bootstrap 95% interval, and a model is marked better only \

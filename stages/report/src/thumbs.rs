@@ -1,8 +1,11 @@
-//! Copies of the images a report shows, downscaled so the report folder stays light.
+//! Copies of the images a report shows, sized to be looked at: large images are downscaled so
+//! the report folder stays light, small ones (a tiny model's 32-pixel samples) are enlarged by a
+//! whole factor, each pixel a square block, because a viewer shows an image at its own size and
+//! smoothing it up would show detail the model did not draw.
 //!
-//! Photos stay JPEG (quality 90) and everything else becomes PNG (lossless, as generated
-//! samples are). The image crate's codecs are built without threads, so the bytes are a pure
-//! function of the source image and the size.
+//! Downscaled photos stay JPEG (quality 90); everything else becomes PNG (lossless, as generated
+//! samples are; JPEG would blur an enlarged image's block edges). The image crate's codecs are
+//! built without threads, so the bytes are a pure function of the source image and the size.
 
 use std::fs;
 use std::io::Cursor;
@@ -16,8 +19,9 @@ use crate::error::ReportError;
 
 const JPEG_QUALITY: u8 = 90;
 
-/// Writes `src` downscaled to fit in `size`×`size` (aspect kept; never upscaled) as
-/// `<report>/<rel_dir>/<stem>.<ext>` and returns that path relative to the report.
+/// Writes `src` as `<report>/<rel_dir>/<stem>.<ext>` and returns that path relative to the
+/// report: downscaled to fit in `size`×`size` when larger (aspect kept), enlarged by the largest
+/// whole factor that fits (nearest neighbour) when at most half as large, else as it is.
 pub fn thumbnail(
     src: &Path,
     report: &Path,
@@ -32,13 +36,19 @@ pub fn thumbnail(
         .map_err(|source| ReportError::Read { path: src.to_path_buf(), source })?;
     let is_jpeg = reader.format() == Some(ImageFormat::Jpeg);
     let mut image = reader.decode().map_err(|e| image_error(format!("cannot decode: {e}")))?;
-    if image.width() > size || image.height() > size {
+    let longest = image.width().max(image.height()).max(1);
+    let factor = size / longest;
+    if longest > size {
         // Triangle (bilinear with a proper support when shrinking) is smooth enough for
         // thumbnails and much cheaper than Lanczos.
         image = image.resize(size, size, FilterType::Triangle);
+    } else if factor >= 2 {
+        // At a whole factor nearest neighbour copies each source pixel into one block.
+        let (w, h) = (image.width() * factor, image.height() * factor);
+        image = image.resize_exact(w, h, FilterType::Nearest);
     }
     let mut bytes = Vec::new();
-    let ext = if is_jpeg {
+    let ext = if is_jpeg && factor < 2 {
         let rgb = DynamicImage::ImageRgb8(image.to_rgb8());
         JpegEncoder::new_with_quality(&mut bytes, JPEG_QUALITY)
             .encode_image(&rgb)

@@ -261,10 +261,25 @@ fn images_are_downscaled_copies() {
     assert_eq!((gt.width(), gt.height()), (16, 12), "64x48 fits in 16x16 keeping its aspect");
     let sample = image::open(h.out_dir().join("report/images/original/photo-a.png")).unwrap();
     assert_eq!((sample.width(), sample.height()), (16, 16));
-    // Never upscaled.
-    let h = run(e.harness(), &[("thumb_size", json!(256))]);
+}
+
+#[test]
+fn small_images_are_enlarged_by_a_whole_factor_pixel_for_pixel() {
+    let e = Experiment::new();
+    let h = run(e.harness(), &[("thumb_size", json!(100))]);
+    let source = image::open(e.path("base/images/photo-a.png")).unwrap().to_rgb8();
     let sample = image::open(h.out_dir().join("report/images/original/photo-a.png")).unwrap();
-    assert_eq!((sample.width(), sample.height()), (32, 32));
+    let sample = sample.to_rgb8();
+    assert_eq!(sample.dimensions(), (96, 96), "32 px times 3, the largest factor within 100");
+    for (x, y, pixel) in sample.enumerate_pixels() {
+        assert_eq!(pixel, source.get_pixel(x / 3, y / 3), "({x}, {y})");
+    }
+    let gt = image::open(h.out_dir().join("report/images/ground_truth/photo-a.jpg")).unwrap();
+    assert_eq!((gt.width(), gt.height()), (64, 48), "64 px fits once: kept as it is");
+    // A photo enlarged becomes PNG: JPEG would blur the blocks' edges.
+    let h = run(e.harness(), &[("thumb_size", json!(128))]);
+    let gt = image::open(h.out_dir().join("report/images/ground_truth/photo-a.png")).unwrap();
+    assert_eq!((gt.width(), gt.height()), (128, 96));
 }
 
 #[test]
@@ -527,7 +542,7 @@ fn several_draws_per_caption_show_the_first_draw() {
     for id in IDS {
         for k in 0..2u8 {
             let name = format!("{id}_{k}.png");
-            image(8, 8, 50 * k).save(draws.join("images").join(&name)).unwrap();
+            image(16, 16, 50 * k).save(draws.join("images").join(&name)).unwrap();
             records.push(json!({"id": id, "file_name": name, "prompt": id, "seed": k, "k": k}));
         }
     }
@@ -539,7 +554,8 @@ fn several_draws_per_caption_show_the_first_draw() {
             .input("base_samples_jsonl", draws.join("samples.jsonl"))
             // Without its records, a variant's `<id>_0.png` is still found as `<id>`'s image.
             .input("samples", draws.join("images")),
-        &[],
+        // The images' own size: copied as they are.
+        &[("thumb_size", json!(16))],
     );
     let first_draw = image::open(draws.join("images/photo-a_0.png")).unwrap().to_rgb8();
     for dir in ["original", "finetuned"] {
