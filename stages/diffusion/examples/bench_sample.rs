@@ -156,7 +156,7 @@ fn median_seconds(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> candle_
 }
 
 fn ops() -> candle_core::Result<()> {
-    use sdpipe_unet::{conv, ops, pointwise};
+    use sdpipe_unet::{conv, linear, ops, pointwise};
     let dev = Device::Cpu;
     let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev);
     let (q, k, v) =
@@ -190,7 +190,7 @@ fn ops() -> candle_core::Result<()> {
             "group norm 32 groups, 2x128x32x32",
             Box::new(|| ops::group_norm(&x, &gamma, &beta, 32, 1e-5)),
         ),
-        ("linear 128->1024 on 2048 tokens", Box::new(|| tokens.matmul(&w_ff.t()?))),
+        ("linear 128->1024 on 2048 tokens", Box::new(|| linear::linear(&tokens, &w_ff, None))),
         ("gelu (erf) on 2048x512", Box::new(|| pointwise::gelu(&h))),
     ];
     for (name, mut f) in cases {

@@ -40,15 +40,7 @@ impl Linear {
         let rows = x.elem_count() / inputs;
         // One 2-D matmul (a single GEMM) rather than a batched one against a broadcast weight.
         let x = x.reshape((rows, inputs))?;
-        let y = if self.weight.track_op() {
-            x.matmul(&self.weight.t()?)?
-        } else {
-            ops::matmul_frozen_weight(&x, &self.weight)?
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let y = crate::linear::linear(&x, &self.weight, self.bias.as_ref())?;
         let y = match &self.lora {
             Some(lora) => (y + lora.forward(&x)?)?,
             None => y,

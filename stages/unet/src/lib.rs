@@ -35,6 +35,7 @@ mod fastmath;
 mod fused_attention;
 mod group_norm;
 mod layers;
+pub mod linear;
 /// The caps on what a model config may ask for, shared by every model loader.
 pub use sdpipe_stages::limits;
 pub mod lora;
