@@ -3,9 +3,10 @@
 //! and adds the bias in place.
 //!
 //! Why: candle's CPU matmul allocates its output with `vec![0; m·n]` and the bias then goes
-//! through `broadcast_add`, a second full-size buffer. At the UNet's feed-forward shapes (2048
-//! tokens × 1024 features) the memset, the page faults of the fresh buffers and the extra pass
-//! cost about as much as a third of the product itself. The product here is candle's call
+//! through `broadcast_add`, a second full-size buffer. At the UNet's feed-forward shape (2048
+//! tokens, 128 → 1024 features, no bias; 2 threads, Intel Xeon) candle's matmul took 2.51 ms
+//! and this op 1.97 ms (`bench_sample ops`): the zeroing and its page faults were a quarter of
+//! the product. The product here is candle's call
 //! exactly (strides, `alpha`/`beta`, thread count), and the bias is added to each element as
 //! `broadcast_add` adds it, so values and gradients are the same bits as the composition's.
 //!
