@@ -23,6 +23,7 @@ use rayon::slice::ParallelSliceMut;
 
 use crate::device_path::use_cpu_kernels;
 use crate::fastmath::exp_nonpositive;
+use crate::vectorised::multiversion;
 
 /// Scores held per block: 64 Ki f32 (256 KiB, within a core's L2), i.e. 64 query rows against
 /// 1024 keys.
@@ -91,39 +92,18 @@ fn probabilities(
     softmax_rows(p, m);
 }
 
-/// Softmax of each row of `m` values in place, as candle's fused kernel: subtract the row's
-/// max, exponentiate, scale by the reciprocal of the sum (a division per element was a tenth
-/// of the kernel; the reciprocal adds at most one rounding).
-///
-/// The loops are written for the compiler to vectorise. Built for the baseline x86-64 (SSE2),
-/// that is 4 lanes; where the CPU has AVX2 or AVX-512 the same code is compiled again for it, 8
-/// or 16 lanes. Each element gets the same operations in the same order every way (no fused
-/// multiply-add: Rust never contracts; the reductions' lane counts are fixed in code), so the
-/// results are identical on every machine.
-fn softmax_rows(scores: &mut [f32], m: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
-        return unsafe { softmax_rows_avx512(scores, m) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { softmax_rows_avx2(scores, m) };
-    }
-    softmax_rows_portable(scores, m)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn softmax_rows_avx2(scores: &mut [f32], m: usize) {
-    softmax_rows_portable(scores, m)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_rows_avx512(scores: &mut [f32], m: usize) {
-    softmax_rows_portable(scores, m)
+multiversion! {
+    /// Softmax of each row of `m` values in place, as candle's fused kernel: subtract the row's
+    /// max, exponentiate, scale by the reciprocal of the sum (a division per element was a
+    /// tenth of the kernel; the reciprocal adds at most one rounding).
+    ///
+    /// The loops are written for the compiler to vectorise. Built for the baseline x86-64
+    /// (SSE2), that is 4 lanes; where the CPU has AVX2 or AVX-512 the same code is compiled
+    /// again for it, 8 or 16 lanes. Each element gets the same operations in the same order
+    /// every way (no fused multiply-add: Rust never contracts; the reductions' lane counts are
+    /// fixed in code), so the results are identical on every machine.
+    fn softmax_rows[](scores: &mut [f32], m: usize)
+        = softmax_rows_portable, built as softmax_rows_avx2, softmax_rows_avx512;
 }
 
 #[inline(always)]
@@ -290,32 +270,12 @@ pub(crate) fn attention_backward(
     ))
 }
 
-/// The softmax's backward by rows, in place: `dp` `(r, m)` (the probabilities' gradient)
-/// becomes `dS = P ⊙ (dP − rowsum(dP ⊙ P))`. Compiled for AVX2 too, as [`softmax_rows`].
-fn softmax_backward_rows(dp: &mut [f32], p: &[f32], m: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
-        return unsafe { softmax_backward_rows_avx512(dp, p, m) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { softmax_backward_rows_avx2(dp, p, m) };
-    }
-    softmax_backward_rows_portable(dp, p, m)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn softmax_backward_rows_avx2(dp: &mut [f32], p: &[f32], m: usize) {
-    softmax_backward_rows_portable(dp, p, m)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_backward_rows_avx512(dp: &mut [f32], p: &[f32], m: usize) {
-    softmax_backward_rows_portable(dp, p, m)
+multiversion! {
+    /// The softmax's backward by rows, in place: `dp` `(r, m)` (the probabilities' gradient)
+    /// becomes `dS = P ⊙ (dP − rowsum(dP ⊙ P))`. Built three times, as [`softmax_rows`].
+    fn softmax_backward_rows[](dp: &mut [f32], p: &[f32], m: usize)
+        = softmax_backward_rows_portable,
+        built as softmax_backward_rows_avx2, softmax_backward_rows_avx512;
 }
 
 #[inline(always)]

@@ -1,41 +1,56 @@
 //! Element loops compiled three times, for the baseline x86-64, for AVX2 and for AVX-512, and
 //! chosen at run time by what the CPU has, so that their arithmetic runs in 8 or 16 f32 lanes
 //! instead of 4. Shared by the activations ([`crate::pointwise`]) and group normalisation
-//! ([`crate::group_norm`]).
+//! ([`crate::group_norm`]); [`multiversion!`] makes the same three builds of other loops (the
+//! attention's softmax, forward and backward).
 //!
 //! Every version performs the same operations per element in the same order (no contraction
 //! into FMA: Rust never fuses on its own), so they give the same bits.
 
-/// `out[i] = f(x[i], g[i])` (`g` ignored by a unary `f`), on this thread.
-pub(crate) fn apply<T: Copy, F: Fn(T, T) -> T>(out: &mut [T], x: &[T], g: &[T], f: F) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
-        return unsafe { apply_avx512(out, x, g, f) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { apply_avx2(out, x, g, f) };
-    }
-    apply_portable(out, x, g, f)
-}
+/// Defines `$name`, which runs `$body` (an `#[inline(always)]` function of the same signature)
+/// compiled for AVX-512 where the CPU has it, else for AVX2, else for the baseline x86-64, and
+/// the two builds `$avx2` and `$avx512` it dispatches to (unsafe: for CPUs with the feature;
+/// tests call them to compare their bits with `$body`'s).
+macro_rules! multiversion {
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident[$($generics:tt)*]($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?
+            = $body:ident, built as $avx2:ident, $avx512:ident;
+    ) => {
+        $(#[$attr])*
+        $vis fn $name<$($generics)*>($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F (checked just above).
+                return unsafe { $avx512($($arg),*) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                return unsafe { $avx2($($arg),*) };
+            }
+            $body($($arg),*)
+        }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-pub(crate) unsafe fn apply_avx2<T: Copy, F: Fn(T, T) -> T>(out: &mut [T], x: &[T], g: &[T], f: F) {
-    apply_portable(out, x, g, f)
-}
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        $vis unsafe fn $avx2<$($generics)*>($($arg: $ty),*) $(-> $ret)? {
+            $body($($arg),*)
+        }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn apply_avx512<T: Copy, F: Fn(T, T) -> T>(
-    out: &mut [T],
-    x: &[T],
-    g: &[T],
-    f: F,
-) {
-    apply_portable(out, x, g, f)
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        $vis unsafe fn $avx512<$($generics)*>($($arg: $ty),*) $(-> $ret)? {
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+multiversion! {
+    /// `out[i] = f(x[i], g[i])` (`g` ignored by a unary `f`), on this thread.
+    pub(crate) fn apply[T: Copy, F: Fn(T, T) -> T](out: &mut [T], x: &[T], g: &[T], f: F)
+        = apply_portable, built as apply_avx2, apply_avx512;
 }
 
 #[inline(always)]
@@ -49,31 +64,10 @@ pub(crate) fn apply_portable<T: Copy, F: Fn(T, T) -> T>(out: &mut [T], x: &[T], 
 /// registers (and that bound the rounding error's growth).
 const LANES: usize = 8;
 
-/// `(Σ f(x[i], g[i]), Σ h(x[i], g[i]))` accumulated in f64, on this thread (`g` may be `x`).
-pub(crate) fn sums<T: Copy, F: Fn(T, T) -> (f64, f64)>(x: &[T], g: &[T], f: F) -> (f64, f64) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
-        return unsafe { sums_avx512(x, g, f) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { sums_avx2(x, g, f) };
-    }
-    sums_portable(x, g, f)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn sums_avx2<T: Copy, F: Fn(T, T) -> (f64, f64)>(x: &[T], g: &[T], f: F) -> (f64, f64) {
-    sums_portable(x, g, f)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn sums_avx512<T: Copy, F: Fn(T, T) -> (f64, f64)>(x: &[T], g: &[T], f: F) -> (f64, f64) {
-    sums_portable(x, g, f)
+multiversion! {
+    /// `(Σ f(x[i], g[i]), Σ h(x[i], g[i]))` accumulated in f64, on this thread (`g` may be `x`).
+    pub(crate) fn sums[T: Copy, F: Fn(T, T) -> (f64, f64)](x: &[T], g: &[T], f: F) -> (f64, f64)
+        = sums_portable, built as sums_avx2, sums_avx512;
 }
 
 #[inline(always)]
