@@ -184,6 +184,13 @@ mod tests {
     }
 
     #[test]
+    fn no_rows_give_an_empty_output() {
+        let x = Tensor::zeros((0, 8), DType::F32, &Device::Cpu).unwrap();
+        let y = linear(&x, &sample(&[6, 8], 11), Some(&sample(&[6], 12))).unwrap();
+        assert_eq!(y.dims(), [0, 6]);
+    }
+
+    #[test]
     fn mismatched_shapes_are_errors() {
         let x = sample(&[5, 8], 8);
         assert!(linear(&x, &sample(&[6, 7], 9), None).is_err());
