@@ -103,7 +103,9 @@ impl StageKind for Report {
         // 8: a `Sweep` section (`sweep` in report.json) after the metrics table: the
         //    `exp show`-style table of each model's swept parameters and headline metrics.
         // 9: images at most half of `thumb_size` are enlarged by a whole factor (PNG).
-        9
+        // 10: under each sample of the qualitative table, its scene-accuracy judgements
+        //     (background, style), also in report.json (`scene` of each sample).
+        10
     }
 
     fn doc(&self) -> &'static str {
@@ -112,7 +114,7 @@ impl StageKind for Report {
          column only when bound, with the change from the original), a sweep table like \
          `sdpipe exp show --only-changed` (one row per model: the swept parameters that differ \
          and the headline metrics; only over a sweep), a scene-accuracy table, a qualitative table (caption | ground truth | each model's sample with its \
-         LPIPS), the training-loss plot `loss.svg` with a table of steps, losses and time, a \
+         LPIPS and whether scene accuracy judged its background and style right), the training-loss plot `loss.svg` with a table of steps, losses and time, a \
          progression grid per variant of the images its train stage drew during training \
          (rows: validation prompts, columns: steps), the provenance of every variant (each stage's parameters, cache key and compute time) and \
          caveats worked out from the inputs; plus `report.json` with the same numbers and \

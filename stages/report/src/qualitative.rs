@@ -1,5 +1,7 @@
 //! Section 2: one row per test image (sorted by id, at most `max_rows`): its caption, the
-//! ground-truth photo, and every model's sample for that caption with its LPIPS to the photo.
+//! ground-truth photo, and every model's sample for that caption with its LPIPS to the photo
+//! and, where scene accuracy judged it, whether it shows the caption's background and style, so
+//! a reader can check the metric against the picture.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -95,8 +97,23 @@ pub fn build(
             if let Some(l) = lpips {
                 cell.push_str(&format!("<br>LPIPS {}", format::num(l)));
             }
+            let judged = scene_judgements(m, stem.as_deref(), id);
+            if !judged.is_empty() {
+                let marks: Vec<String> = judged
+                    .iter()
+                    .map(|(what, shown)| format!("{what} {}", if *shown { "✓" } else { "✗" }))
+                    .collect();
+                cell.push_str(&format!("<br>{}", marks.join(", ")));
+            }
             cells.push(cell);
-            json_cells.push(json!({"model": m.name, "image": rel, "lpips": lpips}));
+            let scene: serde_json::Map<String, Value> =
+                judged.iter().map(|(what, shown)| (what.to_string(), json!(shown))).collect();
+            json_cells.push(json!({
+                "model": m.name,
+                "image": rel,
+                "lpips": lpips,
+                "scene": if scene.is_empty() { Value::Null } else { Value::Object(scene) },
+            }));
         }
         table.row(cells);
         rows.push(json!({
@@ -128,11 +145,7 @@ pub fn build(
     markdown.push_str(&format!(
         "{} of {total} test images, sorted by id.{}\n\n",
         ids.len(),
-        if shown.iter().any(|m| m.lpips.as_ref().is_some_and(|l| l.per_image.is_some())) {
-            " Under each sample: its LPIPS distance to the ground-truth photo (lower is closer)."
-        } else {
-            ""
-        }
+        under_each_sample(&shown),
     ));
     markdown.push_str(&table.render());
     Ok(Some(Section {
@@ -153,5 +166,42 @@ fn file_stem(id: &str) -> String {
         id.to_string()
     } else {
         format::slug(id)
+    }
+}
+
+/// The scene-accuracy judgements of one sample that the report shows (background, style),
+/// `true` when the sample shows what its caption states; empty when none was judged.
+fn scene_judgements(model: &Model, stem: Option<&str>, id: &str) -> Vec<(&'static str, bool)> {
+    let Some(per_image) = model.scene.as_ref().and_then(|s| s.per_image.as_ref()) else {
+        return Vec::new();
+    };
+    ["background", "style"]
+        .into_iter()
+        .filter_map(|what| {
+            let items = per_image.get(what)?;
+            let value = stem.and_then(|s| items.get(s)).or_else(|| items.get(id))?;
+            Some((what, *value > 0.5))
+        })
+        .collect()
+}
+
+/// The sentence saying what is under each sample.
+fn under_each_sample(shown: &[&Model]) -> &'static str {
+    let lpips = shown.iter().any(|m| m.lpips.as_ref().is_some_and(|l| l.per_image.is_some()));
+    let scene = shown.iter().any(|m| m.scene.as_ref().is_some_and(|s| s.per_image.is_some()));
+    match (lpips, scene) {
+        (false, false) => "",
+        (true, false) => {
+            " Under each sample: its LPIPS distance to the ground-truth photo (lower is closer)."
+        }
+        (false, true) => {
+            " Under each sample: whether scene accuracy judged it to show the caption's \
+             background colour and style (✓) or not (✗)."
+        }
+        (true, true) => {
+            " Under each sample: its LPIPS distance to the ground-truth photo (lower is closer), \
+             and whether scene accuracy judged it to show the caption's background colour and \
+             style (✓) or not (✗)."
+        }
     }
 }

@@ -1241,3 +1241,43 @@ fn without_a_sweep_the_report_has_no_sweep_table() {
     assert!(!readme(&h).contains("## Sweep"));
     assert!(report_json(&h).get("sweep").is_none());
 }
+
+#[test]
+fn each_sample_shows_whether_scene_accuracy_judged_its_background_and_style_right() {
+    let e = Experiment::new();
+    // The original gets the background right on photo-a only; both variants on every image;
+    // every model gets the style wrong on photo-b.
+    for (dir, every_background) in [("base", false), ("v1", true), ("v2", true)] {
+        let lines: Vec<Value> = IDS
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                json!({"id": id, "file_name": format!("{id}.png"), "prompt": "a photo",
+                    "background": "blue", "background_correct": every_background || i == 0,
+                    "style": "dusk", "style_correct": i != 1, "shapes": [], "relations": [],
+                    "all_correct": false})
+            })
+            .collect();
+        write_jsonl(&e.path(&format!("{dir}/scene_per_image.jsonl")), &lines);
+        let metrics = json!({"metric": "scene-accuracy", "images": 3, "background": 1.0,
+            "style": 0.67, "colours": 1.0, "relations": null, "all": 0.0});
+        fs::write(e.path(&format!("{dir}/scene.json")), metrics.to_string()).unwrap();
+    }
+    let h = run(
+        e.harness()
+            .input("base_scene", e.path("base/scene.json"))
+            .input("base_scene_per_image", e.path("base/scene_per_image.jsonl"))
+            .gathered("scene", e.gathered("scene.json"))
+            .gathered("scene_per_image", e.gathered("scene_per_image.jsonl")),
+        &[],
+    );
+    let qualitative = section(&readme(&h), "Qualitative comparison");
+    assert!(qualitative.contains("whether scene accuracy judged it"), "{qualitative}");
+    let rows = table_rows(&qualitative);
+    assert!(rows[0].contains("LPIPS 0.6000<br>background ✓, style ✓ |"), "{}", rows[0]);
+    assert!(rows[1].contains("LPIPS 0.6100<br>background ✗, style ✗ |"), "{}", rows[1]);
+    assert!(rows[1].contains("LPIPS 0.5100<br>background ✓, style ✗ |"), "{}", rows[1]);
+    let json = report_json(&h);
+    let original = &json["qualitative_comparison"]["rows"][1]["samples"][0];
+    assert_eq!(original["scene"], json!({"background": false, "style": false}), "{original}");
+}
