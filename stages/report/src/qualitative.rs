@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use crate::bootstrap::PerItem;
 use crate::error::ReportError;
 use crate::format::{self, Align, Table};
 use crate::inputs::TestItem;
@@ -88,10 +89,11 @@ pub fn build(
                 opts.thumb_size,
             )?;
             let stem = src.file_stem().map(|s| s.to_string_lossy().into_owned());
-            let lpips =
-                m.lpips.as_ref().and_then(|l| l.per_image.as_ref()).and_then(|p| {
-                    stem.as_ref().and_then(|s| p.get(s)).or_else(|| p.get(id)).copied()
-                });
+            let lpips = m
+                .lpips
+                .as_ref()
+                .and_then(|l| l.per_image.as_ref())
+                .and_then(|p| per_sample(p, stem.as_deref(), id));
             let mut cell =
                 format!("![{} {}]({})", format::cell(&m.name), format::cell(id), format::url(&rel));
             if let Some(l) = lpips {
@@ -177,12 +179,14 @@ fn scene_judgements(model: &Model, stem: Option<&str>, id: &str) -> Vec<(&'stati
     };
     ["background", "style"]
         .into_iter()
-        .filter_map(|what| {
-            let items = per_image.get(what)?;
-            let value = stem.and_then(|s| items.get(s)).or_else(|| items.get(id))?;
-            Some((what, *value > 0.5))
-        })
+        .filter_map(|what| Some((what, per_sample(per_image.get(what)?, stem, id)? > 0.5)))
         .collect()
+}
+
+/// A sample's value in a per-image file: under its image's stem (unique per draw), else under
+/// its id.
+fn per_sample(items: &PerItem, stem: Option<&str>, id: &str) -> Option<f64> {
+    stem.and_then(|s| items.get(s)).or_else(|| items.get(id)).copied()
 }
 
 /// The sentence saying what is under each sample.
