@@ -7,9 +7,12 @@
 //!   again by the next run;
 //! - once a run completes, the run directory is byte-for-byte a clean run's.
 //!
+//! The campaign goes on until a set number of kills have landed mid-run: how many of the drawn
+//! moments fall after a run has already finished depends on the machine's load, so counting
+//! tries would let a busy CI machine test almost nothing (one did: 8 of 30 kills landed).
 //! `SDPIPE_TORTURE_KILLS=500 cargo test --test integration torture:: -- --nocapture` runs a
-//! longer campaign (default 30 kills, well under a minute); `SDPIPE_TORTURE_SEED` picks another
-//! seed.
+//! longer campaign (default 20 landed kills, well under a minute); `SDPIPE_TORTURE_SEED` picks
+//! another seed.
 
 use crate::common;
 use common::*;
@@ -238,7 +241,9 @@ struct Tally {
 
 #[test]
 fn sigkill_at_random_moments_never_corrupts_loses_or_redoes_work() {
-    let kills = env_number("SDPIPE_TORTURE_KILLS", 30);
+    // Kills that must land mid-run; tries are bounded so that a run too fast to hit fails.
+    let kills = env_number("SDPIPE_TORTURE_KILLS", 20);
+    let max_tries = kills * 10;
     let seed = env_number("SDPIPE_TORTURE_SEED", 0x005d_919e);
     let blob = blob();
 
@@ -252,12 +257,13 @@ fn sigkill_at_random_moments_never_corrupts_loses_or_redoes_work() {
     assert_eq!(forced.1, 0, "{:#}", forced.0);
     let warm = t0.elapsed();
     let want = tree(&reference.path().join("runs"));
-    eprintln!("clean run {cold:?}, forced rerun {warm:?}; {kills} kills, seed {seed:#x}");
+    eprintln!("clean run {cold:?}, forced rerun {warm:?}; {kills} landed kills, seed {seed:#x}");
 
     let mut rng = Rng(seed);
     let mut tally = Tally::default();
     let mut project = torture_project(&blob);
-    while tally.tried < kills {
+    while tally.landed < kills {
+        assert!(tally.tried < max_tries, "too few kills landed mid-run: {tally:?}");
         // A fresh project now and then; otherwise keep killing the same one, so kills also land
         // in runs that start from a partly cached state.
         if rng.below(3) == 0 {
@@ -287,7 +293,7 @@ fn sigkill_at_random_moments_never_corrupts_loses_or_redoes_work() {
         let after = committed(p);
 
         // Half the time go on killing this project (the last kill is always followed through).
-        if rng.below(2) == 0 && tally.tried < kills {
+        if rng.below(2) == 0 && tally.landed < kills {
             tally.survived += 1;
             continue;
         }
@@ -300,5 +306,4 @@ fn sigkill_at_random_moments_never_corrupts_loses_or_redoes_work() {
         tally.tried, tally.landed, tally.survived, tally.stray_temps
     );
     assert_eq!(tally.survived, tally.tried);
-    assert!(tally.landed * 3 >= tally.tried, "too few kills landed mid-run: {tally:?}");
 }
