@@ -1,10 +1,13 @@
 //! The UNet's primitive layers (linear, conv, group/layer norm) over tracked parameter tensors.
 //!
 //! Each holds the `Var`-backed tensors handed out by [`ParamBuilder`] under torch's parameter
-//! names (`<prefix>.weight`, `<prefix>.bias`), so gradients land on the model's variables.
+//! names (`<prefix>.weight`, `<prefix>.bias`), so gradients land on the model's variables, and
+//! the model's [`Autocast`] handle: under autocast the products compute in the half type and the
+//! normalisations in f32 (see [`crate::autocast`]).
 
 use candle_core::{Result, Tensor};
 
+use crate::autocast::Autocast;
 use crate::lora::LoraAdapter;
 use crate::params::{Init, ParamBuilder};
 use crate::{conv, ops};
@@ -16,6 +19,7 @@ pub(crate) struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     lora: Option<LoraAdapter>,
+    autocast: Autocast,
 }
 
 impl Linear {
@@ -31,7 +35,7 @@ impl Linear {
         let bias =
             if bias { Some(pb.get(&format!("{prefix}.bias"), &[outputs], init)?) } else { None };
         let lora = pb.adapter(prefix, inputs, outputs)?;
-        Ok(Linear { weight, bias, lora })
+        Ok(Linear { weight, bias, lora, autocast: pb.autocast() })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -39,8 +43,10 @@ impl Linear {
         let inputs = dims[dims.len() - 1];
         let rows = x.elem_count() / inputs;
         // One 2-D matmul (a single GEMM) rather than a batched one against a broadcast weight.
-        let x = x.reshape((rows, inputs))?;
-        let y = crate::linear::linear(&x, &self.weight, self.bias.as_ref())?;
+        let cast = |t: &Tensor| self.autocast.product(t);
+        let x = cast(&x.reshape((rows, inputs))?)?;
+        let bias = self.bias.as_ref().map(cast).transpose()?;
+        let y = cast(&crate::linear::linear(&x, &cast(&self.weight)?, bias.as_ref())?)?;
         let y = match &self.lora {
             Some(lora) => (y + lora.forward(&x)?)?,
             None => y,
@@ -58,6 +64,7 @@ pub(crate) struct Conv2d {
     bias: Tensor,
     stride: usize,
     padding: usize,
+    autocast: Autocast,
 }
 
 impl Conv2d {
@@ -75,11 +82,19 @@ impl Conv2d {
         let weight =
             pb.get(&format!("{prefix}.weight"), &[outputs, inputs, kernel, kernel], init)?;
         let bias = pb.get(&format!("{prefix}.bias"), &[outputs], init)?;
-        Ok(Conv2d { weight, bias, stride, padding })
+        Ok(Conv2d { weight, bias, stride, padding, autocast: pb.autocast() })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv::conv2d(x, &self.weight, &self.bias, self.stride, self.padding)
+        let cast = |t: &Tensor| self.autocast.product(t);
+        let y = conv::conv2d(
+            &cast(x)?,
+            &cast(&self.weight)?,
+            &cast(&self.bias)?,
+            self.stride,
+            self.padding,
+        )?;
+        cast(&y)
     }
 }
 
@@ -90,6 +105,7 @@ pub(crate) struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
+    autocast: Autocast,
 }
 
 impl GroupNorm {
@@ -102,11 +118,12 @@ impl GroupNorm {
     ) -> Result<Self> {
         let weight = pb.get(&format!("{prefix}.weight"), &[channels], Init::Ones)?;
         let bias = pb.get(&format!("{prefix}.bias"), &[channels], Init::Zeros)?;
-        Ok(GroupNorm { weight, bias, groups, eps })
+        Ok(GroupNorm { weight, bias, groups, eps, autocast: pb.autocast() })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps)
+        let full = |t: &Tensor| self.autocast.full(t);
+        ops::group_norm(&full(x)?, &full(&self.weight)?, &full(&self.bias)?, self.groups, self.eps)
     }
 }
 
@@ -116,16 +133,18 @@ pub(crate) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
+    autocast: Autocast,
 }
 
 impl LayerNorm {
     pub(crate) fn new(pb: &mut ParamBuilder, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
         let weight = pb.get(&format!("{prefix}.weight"), &[dim], Init::Ones)?;
         let bias = pb.get(&format!("{prefix}.bias"), &[dim], Init::Zeros)?;
-        Ok(LayerNorm { weight, bias, eps })
+        Ok(LayerNorm { weight, bias, eps, autocast: pb.autocast() })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        let full = |t: &Tensor| self.autocast.full(t);
+        ops::layer_norm(&full(x)?, &full(&self.weight)?, &full(&self.bias)?, self.eps)
     }
 }

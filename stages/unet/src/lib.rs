@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+mod autocast;
 mod blocks;
 mod checkpoint;
 pub mod clip_text;

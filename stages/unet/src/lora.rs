@@ -213,11 +213,13 @@ pub(crate) struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    /// The adapter's contribution for 2-D input rows `x` (`[rows, in]` → `[rows, out]`).
+    /// The adapter's contribution for 2-D input rows `x` (`[rows, in]` → `[rows, out]`), in
+    /// `x`'s type (its layer's compute type under autocast).
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (down, up) = (self.down.to_dtype(x.dtype())?, self.up.to_dtype(x.dtype())?);
         // Through the rank-wide bottleneck, never forming the [out, in] product: that is what
         // makes the adapters cheap to train.
-        x.matmul(&self.down.t()?)?.matmul(&self.up.t()?)? * self.scale
+        x.matmul(&down.t()?)?.matmul(&up.t()?)? * self.scale
     }
 }
 

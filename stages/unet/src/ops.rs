@@ -360,7 +360,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     let (qf, kf, vf) = (flat(&q.detach())?, flat(&k.detach())?, flat(&v.detach())?);
     let chunk = (ATTENTION_CHUNK_ELEMENTS / (n * m).max(1)).clamp(1, groups.max(1));
     let probs = move |q: &Tensor, k: &Tensor| -> Result<Tensor> {
-        candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)
+        let scores = (q * scale)?.matmul(&k.t()?)?;
+        match scores.dtype() {
+            // Half precision (autocast): the softmax in f32, as fused half-precision attention
+            // kernels accumulate, so a row of hundreds of probabilities still sums to one.
+            DType::F16 | DType::BF16 => {
+                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                    .to_dtype(scores.dtype())
+            }
+            _ => candle_nn::ops::softmax_last_dim(&scores),
+        }
     };
     let mut outs = Vec::new();
     for start in (0..groups).step_by(chunk) {

@@ -23,6 +23,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::autocast::Autocast;
 use crate::error::UNetError;
 use crate::lora::{LoraAdapter, LoraBuild, TrainedAdapters};
 use crate::weights::WeightFiles;
@@ -75,6 +76,8 @@ pub(crate) struct ParamBuilder {
     model: &'static str,
     /// LoRA adapters to create or LoRA files to merge, if any.
     lora: Option<LoraBuild>,
+    /// The model's autocast setting, handed to each layer built.
+    autocast: Autocast,
 }
 
 impl ParamBuilder {
@@ -103,6 +106,7 @@ impl ParamBuilder {
             tracked: true,
             model: "UNet",
             lora: None,
+            autocast: Autocast::default(),
         })
     }
 
@@ -117,6 +121,7 @@ impl ParamBuilder {
             tracked: true,
             model: "UNet",
             lora: None,
+            autocast: Autocast::default(),
         }
     }
 
@@ -136,6 +141,11 @@ impl ParamBuilder {
     pub(crate) fn for_model(mut self, model: &'static str) -> Self {
         self.model = model;
         self
+    }
+
+    /// The autocast handle every layer of the model shares (see [`crate::autocast`]).
+    pub(crate) fn autocast(&self) -> Autocast {
+        self.autocast.clone()
     }
 
     /// Whether the tensors handed out are tracked (trainable).
@@ -178,6 +188,7 @@ impl ParamBuilder {
                 tracked: self.tracked,
                 model: self.model,
                 lora: self.lora.as_ref().map(LoraBuild::for_dry_run),
+                autocast: Autocast::default(),
             };
             build(dry)?;
         }

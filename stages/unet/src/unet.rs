@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 
+use crate::autocast::Autocast;
 use crate::blocks::{
     timestep_embedding, Downsample2D, ResnetBlock2D, ResnetSettings, TimestepEmbedding,
     Transformer2D, TransformerSettings, Upsample2D,
@@ -93,6 +94,8 @@ pub struct UNet {
     /// False for a model built by [`UNet::for_inference`]: its forward records no graph.
     /// (True with LoRA adapters: the graph then reaches only them.)
     trainable: bool,
+    /// Shared with every layer: [`UNet::set_autocast`].
+    autocast: Autocast,
     device: Device,
 }
 
@@ -344,6 +347,7 @@ impl UNet {
                 }
             }
         }
+        let autocast = builder.autocast();
         let (vars, adapters) = builder.finish_with_lora()?;
         // A LoRA model trains its adapters only: the base weights' variables are dropped (the
         // modules hold their detached tensors).
@@ -367,8 +371,22 @@ impl UNet {
             plan,
             last_reader,
             trainable,
+            autocast,
             device: device.clone(),
         })
+    }
+
+    /// Computes in `dtype` (f16 or bf16) under autocast, as diffusers' `--mixed_precision`:
+    /// the weights (and so the gradients, the optimiser state and what is saved) stay as they
+    /// are, the products compute in `dtype`, the normalisations and the output in f32 (see
+    /// [`crate::autocast`]). `None` (the default) computes in the weights' type.
+    pub fn set_autocast(&self, dtype: Option<DType>) -> Result<(), UNetError> {
+        Ok(self.autocast.set(dtype)?)
+    }
+
+    /// The autocast compute type, if on.
+    pub fn autocast(&self) -> Option<DType> {
+        self.autocast.dtype()
     }
 
     pub fn config(&self) -> &UNetConfig {
@@ -533,7 +551,12 @@ impl UNet {
             StepOp::Downsample(i) => self.downsamplers[i].forward(&inputs[0]),
             StepOp::Upsample(i) => self.upsamplers[i].forward(&inputs[0]),
             StepOp::Out => {
-                self.conv_out.forward(&pointwise::silu(&self.conv_norm_out.forward(&inputs[0])?)?)
+                let out = self
+                    .conv_out
+                    .forward(&pointwise::silu(&self.conv_norm_out.forward(&inputs[0])?)?)?;
+                // Under autocast the prediction comes back in f32 (the script's
+                // `model_pred.float()`).
+                self.autocast.full(&out)
             }
         }
     }
