@@ -178,10 +178,11 @@ struct Settings {
     /// Images denoised together (results do not depend on it).
     #[param(default = 1, min = 1)]
     batch_size: usize,
-    /// What the text encoder and the VAE are loaded and run in, as diffusers' `torch_dtype`
-    /// (`fp16`: float16, `bf16`: bfloat16). The UNet computes in f32 whatever this says
-    /// (sdpipe's UNet has no half-precision path), and the sampler's arithmetic is f32, so half
-    /// precision changes images by rounding in the text embeddings and the VAE decode only.
+    /// What the models compute in, as diffusers' `torch_dtype` (`fp16`: float16, `bf16`:
+    /// bfloat16): the text encoder and the VAE are loaded in it, the UNet computes under
+    /// autocast in it (products in the half type, norms in f32; its weights stay f32 in
+    /// memory); the sampler's arithmetic and the latents stay f32. On the CPU bf16 is emulated
+    /// (bf16-rounded values, f32 arithmetic) and fp16 is slower than f32.
     #[param(default = "f32", one_of = Precision::NAMES)]
     precision: Precision,
     /// Not read here: the run uses the threads the scheduler granted (`ctx.threads`).
@@ -290,7 +291,8 @@ impl StageKind for Sample {
         // (default f32) left outputs of existing parameter sets bit-identical: no bump.
         // `lora` (default unbound) and `lora_scale` (default 1.0, refused without a `lora`)
         // leave them bit-identical too: no bump.
-        2
+        // 3: with `precision` fp16/bf16 the UNet computes under autocast (it computed in f32).
+        3
     }
 
     fn doc(&self) -> &'static str {

@@ -118,6 +118,7 @@ fn main() {
             prediction: Prediction::Epsilon,
             snr_gamma: None,
             accumulation: 1,
+            loss_scale: 1.0,
             checkpointing,
         };
         let latents = Tensor::randn(0f32, 1.0, (1, 4, side, side), &device).unwrap();

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::grad_scaler::GradScaler;
 use crate::optim::Moments;
 use crate::trainer::{LogLine, Snapshot};
 
@@ -39,6 +40,9 @@ struct State {
     names: Vec<String>,
     adam_steps: Vec<Option<u64>>,
     ema_optimization_step: Option<u64>,
+    /// fp16 loss scaling's state (absent without it, and in checkpoints from before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scaler: Option<GradScaler>,
     /// For people reading the folder: where the data schedule stands.
     epoch: u64,
     log: Vec<LogLine>,
@@ -91,6 +95,7 @@ pub fn save(
         names: names.to_vec(),
         adam_steps: snapshot.adam.iter().map(|m| m.as_ref().map(|m| m.step)).collect(),
         ema_optimization_step: snapshot.ema.as_ref().map(|(count, _)| *count),
+        scaler: snapshot.scaler,
         epoch,
         log: snapshot.log.clone(),
     };
@@ -185,7 +190,14 @@ pub fn load_latest(
             Some((count, shadow))
         }
     };
-    Ok(Some(Snapshot { step: state.step, weights, adam, ema, log: state.log }))
+    Ok(Some(Snapshot {
+        step: state.step,
+        weights,
+        adam,
+        ema,
+        scaler: state.scaler,
+        log: state.log,
+    }))
 }
 
 #[cfg(test)]
@@ -199,9 +211,18 @@ mod tests {
             weights: vec![t(value), t(value + 1.0)],
             adam: vec![Some(Moments { step, exp_avg: t(0.1), exp_avg_sq: t(0.2) }), None],
             ema: Some((step, vec![t(9.0), t(8.0)])),
+            scaler: Some(GradScaler { scale: 1024.0, growth_tracker: 5, skipped: 1 }),
             log: (1..=step)
                 // Step times are not saved (as in train_log.jsonl): zero reads back as zero.
-                .map(|s| LogLine { step: s, loss: 0.5, lr: 1e-4, grad_norm: 1.0, seconds: 0.0 })
+                // Step 1 overflowed: its norm is written as null and reads back as infinity.
+                .map(|s| LogLine {
+                    step: s,
+                    loss: 0.5,
+                    lr: 1e-4,
+                    grad_norm: if s == 1 { f64::INFINITY } else { 1.0 },
+                    skipped: s == 1,
+                    seconds: 0.0,
+                })
                 .collect(),
         }
     }
@@ -226,6 +247,7 @@ mod tests {
         assert!(back.adam[1].is_none());
         let (count, shadow) = back.ema.unwrap();
         assert_eq!((count, first(&shadow[0])), (3, 9.0));
+        assert_eq!(back.scaler, snapshot(3, 1.5).scaler);
         assert_eq!(back.log, snapshot(3, 1.5).log);
     }
 

@@ -58,11 +58,13 @@ pub struct RecipeParams {
     gradient_checkpointing: bool,
     /// diffusers' --mixed_precision. `fp16` or `bf16`: the frozen VAE and text encoder are
     /// loaded and run in that dtype (the script's weight_dtype) and their outputs (posterior,
-    /// text states) are converted to f32; the UNet's weights, AdamW state and EMA stay f32, a
-    /// text encoder trained with train_text_encoder stays f32, and the saved weights are f32.
-    /// UNet autocast is not implemented: the UNet computes in f32, so no loss scaling (fp16
-    /// GradScaler) is needed. On the CPU a bf16 VAE computes in f32 on bf16-rounded weights
-    /// (candle has no bf16 CPU convolution).
+    /// text states) are converted to f32; the UNet computes under autocast (its products in
+    /// that dtype, norms and output in f32) while its weights, AdamW state and EMA stay f32;
+    /// fp16 scales the loss dynamically (torch's GradScaler: a step whose gradients overflow is
+    /// skipped and logged with `skipped`). A text encoder trained with train_text_encoder
+    /// computes in f32; the saved weights are f32. On the CPU bf16 is emulated (bf16-rounded
+    /// values, f32 arithmetic: candle has no bf16 CPU matmul or convolution), and fp16 is
+    /// slower than f32: mixed precision is for GPUs.
     #[param(default = "no", one_of = MixedPrecision::NAMES)]
     mixed_precision: MixedPrecision,
     /// Optimiser steps.
@@ -132,10 +134,15 @@ impl MixedPrecision {
 
     /// The script's `weight_dtype`.
     fn weight_dtype(self) -> DType {
+        self.autocast().unwrap_or(DType::F32)
+    }
+
+    /// The UNet's autocast type (accelerate's autocast around the forward).
+    fn autocast(self) -> Option<DType> {
         match self {
-            MixedPrecision::No => DType::F32,
-            MixedPrecision::Fp16 => DType::F16,
-            MixedPrecision::Bf16 => DType::BF16,
+            MixedPrecision::No => None,
+            MixedPrecision::Fp16 => Some(DType::F16),
+            MixedPrecision::Bf16 => Some(DType::BF16),
         }
     }
 }
@@ -150,6 +157,8 @@ pub struct Recipe {
     /// The frozen VAE's and text encoder's dtype (`mixed_precision`; the script's
     /// `weight_dtype`).
     pub weight_dtype: DType,
+    /// The UNet's autocast compute type (`mixed_precision` fp16 or bf16).
+    pub autocast: Option<DType>,
     /// `None` when validation is off.
     validation: Option<validation::Settings>,
 }
@@ -179,6 +188,7 @@ impl Recipe {
             snr_gamma: params.snr_gamma,
             // Filled in from the scheduler config once the model is open.
             prediction: Prediction::Epsilon,
+            loss_scaling: params.mixed_precision == MixedPrecision::Fp16,
         };
         let resolution = config.transform.resolution as usize;
         let validation = validation::Settings::new(validation, params.seed, resolution)?;
@@ -188,6 +198,7 @@ impl Recipe {
             base: params.base,
             prediction_override: params.prediction_type,
             weight_dtype: params.mixed_precision.weight_dtype(),
+            autocast: params.mixed_precision.autocast(),
             validation,
         })
     }
@@ -410,13 +421,11 @@ fn train(
     let (recipe, pipeline) = (&recipe, &pipeline);
     // Mixed precision as diffusers' script: the frozen models in `weight_dtype`, their outputs
     // converted to f32 (in `Frozen`), so the posterior sample and the noising are f32 (the
-    // script does them in weight_dtype). UNet autocast is not implemented; the UNet computes
-    // in f32. The script scales the loss (GradScaler) for fp16 because its UNet's autocast
-    // forward and backward would underflow small fp16 gradients; here the UNet's activations
-    // and gradients are f32 throughout, and nothing the gradients pass through is half (the
-    // frozen models are outside the graph), so there is nothing to underflow and no scaling.
+    // script does them in weight_dtype); the UNet under autocast (validation samples too, as
+    // the script's `log_validation` does), with fp16 loss scaling in the trainer.
     let frozen = Frozen::load(pipeline, &device, recipe.weight_dtype)?;
     let models = kind.load(pipeline, &device)?;
+    models.unet.set_autocast(recipe.autocast).map_err(StageError::caused)?;
     let max_steps = recipe.config.max_train_steps;
     let mut trainer = Trainer::new(
         recipe.config.clone(),

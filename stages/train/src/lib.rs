@@ -17,6 +17,7 @@ pub mod denoiser;
 pub mod ema;
 pub mod finetune;
 pub mod frozen;
+pub mod grad_scaler;
 pub mod lr;
 pub mod objective;
 pub mod optim;

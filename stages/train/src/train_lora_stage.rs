@@ -102,7 +102,8 @@ impl StageKind for TrainLora {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: `mixed_precision` fp16/bf16 runs the UNet under autocast (with fp16 loss scaling).
+        2
     }
 
     fn doc(&self) -> &'static str {

@@ -54,7 +54,8 @@ impl StageKind for Train {
         // so it did not bump this.
         // 4: the `validation/` output (validation images during training; an empty folder with
         //    the defaults, which leave the other outputs as they were).
-        4
+        // 5: `mixed_precision` fp16/bf16 runs the UNet under autocast (with fp16 loss scaling).
+        5
     }
 
     fn doc(&self) -> &'static str {
@@ -65,10 +66,11 @@ impl StageKind for Train {
          scaling_factor; DDPM noising with the model's scheduler config; ε or v target; MSE \
          (optionally min-SNR weighted); gradient accumulation; global-norm clipping; AdamW; \
          diffusers' learning-rate schedules; EMA; mixed_precision (frozen VAE and text encoder \
-         in fp16/bf16, the UNet in f32). Writes `model/` (the complete pipeline folder, \
-         with the EMA weights when use_ema and a scheduler config that names the prediction \
-         type trained) and `train_log.jsonl` (step, loss, lr, grad_norm \
-         per optimiser step; wall time per step goes to the stage's log, so the output depends \
+         in fp16/bf16, the UNet under autocast with f32 weights, fp16 loss scaling). Writes \
+         `model/` (the complete pipeline folder, with the EMA weights when use_ema and a \
+         scheduler config that names the prediction type trained) and `train_log.jsonl` \
+         (step, loss, lr, grad_norm per optimiser step, and skipped on a step skipped for \
+         fp16 overflow; wall time per step goes to the stage's log, so the output depends \
          on the inputs alone). With validation_steps, every that many steps and after the \
          last it draws the validation prompts with the current weights (the EMA's with \
          use_ema, the trained text encoder with train_text_encoder) exactly as the `sample` \

@@ -6,7 +6,10 @@
 //! `latents = posterior sample × scaling_factor`; `x_t` by the model's noise schedule; target ε or
 //! v; MSE (min-SNR weighted if `snr_gamma`) divided by the accumulation count; gradients summed
 //! over the micro-batches. Then global-norm clipping, AdamW at the scheduled learning rate, and
-//! the EMA update. Every step is a pure function of the state before it and the step number, so
+//! the EMA update. With fp16 loss scaling ([`GradScaler`]) the loss is multiplied by the scale
+//! before the backward and the summed gradients divided by it before clipping; a step whose
+//! gradients overflowed is skipped (only the EMA update runs, as in the script). Every step is a
+//! pure function of the state before it and the step number, so
 //! [`Trainer::snapshot`] / [`Trainer::restore`] resume a run exactly.
 
 use std::collections::HashMap;
@@ -22,6 +25,7 @@ use crate::data::{read_rgb, Example, MicroBatch, Plan, Transform};
 use crate::denoiser::Denoiser;
 use crate::ema::Ema;
 use crate::frozen::Frozen;
+use crate::grad_scaler::GradScaler;
 use crate::lr::LrSchedule;
 use crate::objective::{mse_loss, NoiseSchedule, Prediction};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Moments};
@@ -50,6 +54,8 @@ pub struct TrainConfig {
     pub proportion_empty_prompts: f64,
     pub snr_gamma: Option<f64>,
     pub prediction: Prediction,
+    /// Dynamic loss scaling ([`GradScaler`]): on for `mixed_precision: fp16`.
+    pub loss_scaling: bool,
 }
 
 /// One line of `train_log.jsonl`: one optimiser step.
@@ -61,13 +67,24 @@ pub struct LogLine {
     pub loss: f64,
     /// The learning rate this step's update used.
     pub lr: f64,
-    /// The global gradient norm before clipping.
+    /// The global gradient norm before clipping; not finite (written `null`) on a step skipped
+    /// for overflow.
+    #[serde(deserialize_with = "finite_or_null")]
     pub grad_norm: f64,
+    /// The optimiser step was skipped: the fp16 gradients overflowed (see [`GradScaler`]).
+    /// Written only when true, so runs without loss scaling log what they always did.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
     /// Wall-clock seconds the step took: in the stage's log, not in `train_log.jsonl`, whose
     /// bytes must depend on the inputs alone (a rerun, or another machine, gives the same file,
     /// so nothing downstream reruns for a different timing).
     #[serde(skip)]
     pub seconds: f64,
+}
+
+/// serde_json writes a non-finite number as `null`: read it back as infinity.
+fn finite_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +110,7 @@ pub struct Snapshot {
     pub weights: Vec<Tensor>,
     pub adam: Vec<Option<Moments>>,
     pub ema: Option<(u64, Vec<Tensor>)>,
+    pub scaler: Option<GradScaler>,
     pub log: Vec<LogLine>,
 }
 
@@ -104,6 +122,9 @@ pub struct Objective<'a> {
     pub snr_gamma: Option<f64>,
     /// The loss is divided by this before the backward pass (accelerate's accumulation).
     pub accumulation: usize,
+    /// And multiplied by this (fp16 loss scaling; 1 without): the gradients come back scaled,
+    /// the loss value does not.
+    pub loss_scale: f64,
     pub checkpointing: bool,
 }
 
@@ -157,8 +178,15 @@ impl Objective<'_> {
             .map(|gamma| self.schedule.min_snr_weights(timesteps, gamma, self.prediction));
         let t = Tensor::new(timesteps, latents.device())?;
         let accumulation = self.accumulation as f64;
+        let loss_scale = self.loss_scale;
         let loss_fn = |pred: &Tensor| -> candle_core::Result<Tensor> {
-            mse_loss(pred, &target, weights.as_deref())?.affine(1.0 / accumulation, 0.0)
+            let loss =
+                mse_loss(pred, &target, weights.as_deref())?.affine(1.0 / accumulation, 0.0)?;
+            if loss_scale == 1.0 {
+                Ok(loss)
+            } else {
+                loss * loss_scale
+            }
         };
         let (scaled, grads, context_grad) = model.loss_and_grads(
             &noisy,
@@ -168,7 +196,7 @@ impl Objective<'_> {
             context_grad,
             &loss_fn,
         )?;
-        Ok(((scaled as f64 * accumulation) as f32, grads, context_grad))
+        Ok(((scaled as f64 / loss_scale * accumulation) as f32, grads, context_grad))
     }
 }
 
@@ -204,6 +232,32 @@ pub fn apply_update(
     Ok(grad_norm)
 }
 
+/// [`apply_update`] on gradients of a loss multiplied by `scaler`'s scale (fp16): unscales
+/// them; if any overflowed, skips the optimiser step (the weights and AdamW's state stay) but
+/// not the EMA update, as the script does, and returns `None`; else returns the norm. Then
+/// updates the scale.
+pub fn apply_scaled_update(
+    vars: &[Var],
+    mut grads: Vec<Option<Tensor>>,
+    scaler: &mut GradScaler,
+    max_grad_norm: f64,
+    adam: &mut AdamW,
+    lr: f64,
+    ema: Option<&mut Ema>,
+) -> candle_core::Result<Option<f64>> {
+    let finite = scaler.unscale(&mut grads)?;
+    let norm = if finite {
+        Some(apply_update(vars, grads, max_grad_norm, adam, lr, ema)?)
+    } else {
+        if let Some(ema) = ema {
+            ema.step(vars)?;
+        }
+        None
+    };
+    scaler.update(!finite);
+    Ok(norm)
+}
+
 /// A run in progress over a model `D`.
 pub struct Trainer<'m, D: Denoiser> {
     pub config: TrainConfig,
@@ -221,6 +275,8 @@ pub struct Trainer<'m, D: Denoiser> {
     seeds: Seeds,
     adam: AdamW,
     ema: Option<Ema>,
+    /// fp16 loss scaling, when on.
+    scaler: Option<GradScaler>,
     step: u64,
     log: Vec<LogLine>,
     /// Text-encoder output per example, `(1, 77, D)`.
@@ -269,6 +325,7 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
             None
         };
         let adam = AdamW::new(vars.len(), config.adam);
+        let scaler = config.loss_scaling.then(GradScaler::default);
         let text_cache = vec![None; examples.len()];
         Ok(Trainer {
             config,
@@ -284,6 +341,7 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
             seeds,
             adam,
             ema,
+            scaler,
             step: 0,
             log: Vec::new(),
             text_cache,
@@ -359,22 +417,29 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
             losses.push(loss as f64);
             accumulate(&mut grads, micro_grads).map_err(compute)?;
         }
-        let lr = self.config.lr.lr_at_optimizer_step(step + 1);
-        let grad_norm = apply_update(
-            &self.vars,
-            grads,
-            self.config.max_grad_norm,
-            &mut self.adam,
-            lr,
-            self.ema.as_mut(),
-        )
-        .map_err(compute)?;
+        // The schedule advances on the steps taken, not on those skipped for overflow.
+        let taken = step - self.scaler.map_or(0, |s| s.skipped);
+        let lr = self.config.lr.lr_at_optimizer_step(taken + 1);
+        let (max_norm, adam, ema) = (self.config.max_grad_norm, &mut self.adam, self.ema.as_mut());
+        let (grad_norm, overflowed) = match &mut self.scaler {
+            Some(scaler) => {
+                match apply_scaled_update(&self.vars, grads, scaler, max_norm, adam, lr, ema) {
+                    Ok(Some(norm)) => (norm, false),
+                    Ok(None) => (f64::INFINITY, true),
+                    Err(e) => return Err(compute(e)),
+                }
+            }
+            None => {
+                (apply_update(&self.vars, grads, max_norm, adam, lr, ema).map_err(compute)?, false)
+            }
+        };
         self.step += 1;
         let line = LogLine {
             step: self.step,
             loss: losses.iter().sum::<f64>() / losses.len() as f64,
             lr,
             grad_norm,
+            skipped: overflowed,
             seconds: started.elapsed().as_secs_f64(),
         };
         self.log.push(line.clone());
@@ -444,6 +509,7 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
             prediction: self.config.prediction,
             snr_gamma: self.config.snr_gamma,
             accumulation: self.config.accumulation,
+            loss_scale: self.scaler.map_or(1.0, |s| s.scale),
             checkpointing: self.config.gradient_checkpointing,
         };
         let Some(text) = self.text_encoder else {
@@ -543,6 +609,7 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
                 .collect::<candle_core::Result<_>>()?,
             adam: self.adam.state.clone(),
             ema: self.ema.as_ref().map(|e| (e.optimization_step, e.shadow.clone())),
+            scaler: self.scaler,
             log: self.log.clone(),
         })
     }
@@ -556,6 +623,9 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
         }
         if snapshot.ema.is_some() != self.ema.is_some() {
             return Err(invalid("use_ema differs"));
+        }
+        if snapshot.scaler.is_some() != self.scaler.is_some() {
+            return Err(invalid("loss scaling (mixed_precision fp16) differs"));
         }
         if snapshot.log.len() as u64 != snapshot.step {
             return Err(invalid("the log does not have one line per step"));
@@ -572,8 +642,74 @@ impl<'m, D: Denoiser> Trainer<'m, D> {
             ema.optimization_step = count;
             ema.shadow = shadow;
         }
+        self.scaler = snapshot.scaler;
         self.step = snapshot.step;
         self.log = snapshot.log;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    const ADAM: AdamWConfig =
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
+
+    fn setup() -> (Vec<Var>, AdamW, Ema) {
+        let vars = vec![Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap()];
+        let ema = Ema::new(&vars).unwrap();
+        (vars, AdamW::new(1, ADAM), ema)
+    }
+
+    fn grads(values: &[f32]) -> Vec<Option<Tensor>> {
+        vec![Some(Tensor::new(values, &Device::Cpu).unwrap())]
+    }
+
+    fn weights(vars: &[Var]) -> Vec<f32> {
+        vars[0].as_tensor().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn a_scaled_update_equals_the_update_on_unscaled_gradients() {
+        let (vars, mut adam, mut ema) = setup();
+        let mut scaler = GradScaler::default();
+        let scaled = grads(&[0.5 * 65536.0, -0.25 * 65536.0]);
+        let norm =
+            apply_scaled_update(&vars, scaled, &mut scaler, 1.0, &mut adam, 1e-3, Some(&mut ema));
+        let (plain_vars, mut plain_adam, mut plain_ema) = setup();
+        let plain = apply_update(
+            &plain_vars,
+            grads(&[0.5, -0.25]),
+            1.0,
+            &mut plain_adam,
+            1e-3,
+            Some(&mut plain_ema),
+        );
+        assert_eq!(norm.unwrap(), Some(plain.unwrap()));
+        assert_eq!(weights(&vars), weights(&plain_vars));
+        assert_eq!(scaler, GradScaler { growth_tracker: 1, ..GradScaler::default() });
+    }
+
+    #[test]
+    fn an_overflowed_step_leaves_weights_and_adam_and_steps_the_ema_and_backs_off() {
+        let (vars, mut adam, mut ema) = setup();
+        let mut scaler = GradScaler::default();
+        let overflowed = grads(&[f32::INFINITY, 1.0]);
+        let norm = apply_scaled_update(
+            &vars,
+            overflowed,
+            &mut scaler,
+            1.0,
+            &mut adam,
+            1e-3,
+            Some(&mut ema),
+        );
+        assert_eq!(norm.unwrap(), None);
+        assert_eq!(weights(&vars), [1.0, 2.0]);
+        assert!(adam.state[0].is_none(), "AdamW took no step");
+        assert_eq!(ema.optimization_step, 1, "the EMA update runs, as in the script");
+        assert_eq!(scaler, GradScaler { scale: 32768.0, growth_tracker: 0, skipped: 1 });
     }
 }

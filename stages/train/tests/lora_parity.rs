@@ -118,6 +118,7 @@ fn loss_and_grads(
         prediction: Prediction::Epsilon,
         snr_gamma: None,
         accumulation: 1,
+        loss_scale: 1.0,
         checkpointing: step == 2,
     };
     let t = timesteps(&io[&format!("t_{step}")]);

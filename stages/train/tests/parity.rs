@@ -165,6 +165,7 @@ fn predictions_losses_and_gradients_of_two_steps_match_diffusers() {
         prediction: Prediction::Epsilon,
         snr_gamma: None,
         accumulation: 1,
+        loss_scale: 1.0,
         checkpointing: false,
     };
     let (loss, grads) = plain.loss_and_grads(&unet, x0, &io["noise_1"], &t1, ehs).unwrap();
@@ -224,6 +225,7 @@ fn the_v_prediction_loss_matches_diffusers() {
         prediction: Prediction::VPrediction,
         snr_gamma: None,
         accumulation: 1,
+        loss_scale: 1.0,
         checkpointing: false,
     };
     let t = timesteps(&io["t_1"]);

@@ -410,13 +410,13 @@ fn mixed_precision_saves_an_f32_unet_close_to_the_full_precision_one() {
     let full = run("no");
     let update = distance(&full, &saved_unet(&pipeline));
     // How far a half-precision run ends from the f32 one, relative to how far the f32 run moved
-    // from the base weights (two steps). Measured: fp16 0.020, bf16 0.044; the same f32 run
-    // with another seed ends 1.39 away. The frozen models' rounding changes the loss by about
-    // 1e-6 (fp16) and 2e-4 (bf16) relative, but AdamW's first steps are nearly
-    // lr·sign(gradient), so weights whose gradient is near zero can move the other way: a few
-    // percent of the update. The bounds are about five times the measurements and far below
-    // a different run; non-zero shows the setting changes the computation.
-    for (mixed_precision, bound) in [("fp16", 0.1), ("bf16", 0.2)] {
+    // from the base weights (two steps). Measured: fp16 0.119, bf16 0.137 (the UNet under
+    // autocast; 0.020 and 0.044 with the frozen models alone in half precision); the same f32
+    // run with another seed ends 1.39 away. AdamW's first steps are nearly lr·sign(gradient),
+    // so weights whose gradient is near zero can move the other way when rounding changes it:
+    // a tenth of the update. The bounds are about 2.5 times the measurements and far below a
+    // different run; non-zero shows the setting changes the computation.
+    for (mixed_precision, bound) in [("fp16", 0.3), ("bf16", 0.35)] {
         let half = run(mixed_precision);
         assert_eq!(half.len(), full.len());
         for (name, tensor) in &half {
