@@ -96,9 +96,11 @@ log "   stage logs: $devices"
 
 log "3. one training step, $MODEL, gradient checkpointing, sdpipe vs diffusers"
 train_rows=()
-for side in sdpipe diffusers diffusers-fp16; do
+for side in sdpipe diffusers sdpipe-fp16 diffusers-fp16; do
     case $side in
         sdpipe) cmd=("$BIN/examples/train_bench" "$MODEL" checkpointing "$TRAIN_STEPS" "$THREADS" "$DEVICE") ;;
+        sdpipe-fp16) [ "$DEVICE" = cpu ] && continue
+            cmd=("$BIN/examples/train_bench" "$MODEL" checkpointing "$TRAIN_STEPS" "$THREADS" "$DEVICE" fp16) ;;
         diffusers) cmd=(python3 bench/train_bench.py "$MODEL" checkpointing "$TRAIN_STEPS" "$THREADS" "$DEVICE" no) ;;
         diffusers-fp16) [ "$DEVICE" = cpu ] && continue
             cmd=(python3 bench/train_bench.py "$MODEL" checkpointing "$TRAIN_STEPS" "$THREADS" "$DEVICE" fp16) ;;
@@ -169,9 +171,10 @@ gpu=$([ "$DEVICE" = cpu ] && grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 |
     echo
     echo "Peak memory: $([ "$DEVICE" = cpu ] && echo "peak RSS (GNU time)" ||
         echo "the most nvidia-smi saw the process use, CUDA context included")."
-    echo "sdpipe's UNet computes in f32 (\`mixed_precision\` covers only the frozen VAE and text" \
-        "encoder, which this step leaves out); diffusers-fp16 is the recipe's" \
-        "\`--mixed_precision fp16\` (autocast and a GradScaler)."
+    echo "The -fp16 rows are the recipe's \`--mixed_precision fp16\` on each side: the UNet" \
+        "under autocast over f32 weights, with a GradScaler (not run on the CPU, where fp16 is" \
+        "slow). f16 sampling is \`torch_dtype=float16\` for diffusers, autocast over f32" \
+        "weights for sdpipe."
 } >"$OUT"
 cat "$OUT"
 [ "$tests_status" = passed ]

@@ -2,10 +2,12 @@
 //! test; see docs/bench/train.md). One configuration per process, so the peak RSS is its own.
 //!
 //! cargo run --release -p sdpipe-train --example train_bench -- <tiny|mid|sd15> \
-//!     <plain|checkpointing|lora-plain|lora-checkpointing> <steps> <threads> [device]
+//!     <plain|checkpointing|lora-plain|lora-checkpointing> <steps> <threads> [device] \
+//!     [no|fp16|bf16]
 //!
 //! The step is the real one (`Objective::loss_and_grads` + `apply_update`: MSE on ε, backward,
-//! clipping, AdamW, EMA) on random latents and text states; the frozen VAE and text encoder are
+//! clipping, AdamW, EMA; with `fp16` or `bf16` the UNet under autocast as `mixed_precision`
+//! runs it, fp16 with loss scaling and `apply_scaled_update`) on random latents and text states; the frozen VAE and text encoder are
 //! left out, as in bench/train_bench.py. The `lora-*` modes train rank-4 adapters on
 //! to_q/to_k/to_v/to_out.0 of a frozen random UNet, as train_text_to_image_lora.py does (lr 1e-4,
 //! no EMA: that script has none).
@@ -16,9 +18,10 @@ use candle_core::{Tensor, Var};
 use sdpipe_stages::api::DeviceChoice;
 use sdpipe_train::denoiser::Denoiser;
 use sdpipe_train::ema::Ema;
+use sdpipe_train::grad_scaler::GradScaler;
 use sdpipe_train::objective::{NoiseSchedule, Prediction, ScheduleConfig};
 use sdpipe_train::optim::{AdamW, AdamWConfig};
-use sdpipe_train::trainer::{apply_update, Objective};
+use sdpipe_train::trainer::{apply_scaled_update, apply_update, Objective};
 use sdpipe_unet::{BlockKind, LoraConfig, UNet, UNetConfig};
 
 /// `(config, latent side)`: the tiny test model at 16×16 latents, a mid-size SD-shaped model
@@ -99,12 +102,21 @@ fn main() {
     let threads: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(2);
     let device = args.get(5).map_or("cpu", String::as_str);
     let device = DeviceChoice::parse(device).unwrap().open().unwrap();
+    let mixed_precision = args.get(6).map_or("no", String::as_str);
+    let autocast = match mixed_precision {
+        "no" => None,
+        "fp16" => Some(candle_core::DType::F16),
+        "bf16" => Some(candle_core::DType::BF16),
+        other => panic!("mixed precision `{other}`: no, fp16 or bf16"),
+    };
+    let mut scaler = (mixed_precision == "fp16").then(GradScaler::default);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {
         let (config, side) = config(name);
         let context_dim = config.cross_attention_dim[0];
         let unet =
             if lora { lora_unet(name, &device) } else { UNet::random(config, 0, &device).unwrap() };
+        unet.set_autocast(autocast).unwrap();
         let vars: Vec<Var> = Denoiser::parameters(&unet).into_iter().map(|(_, v)| v).collect();
         let mut adam = AdamW::new(
             vars.len(),
@@ -113,12 +125,12 @@ fn main() {
         let mut ema = (!lora).then(|| Ema::new(&vars).unwrap());
         let lr = if lora { 1e-4 } else { 1e-5 };
         let schedule = NoiseSchedule::new(&ScheduleConfig::sd15()).unwrap();
-        let objective = Objective {
+        let objective = |scaler: Option<GradScaler>| Objective {
             schedule: &schedule,
             prediction: Prediction::Epsilon,
             snr_gamma: None,
             accumulation: 1,
-            loss_scale: 1.0,
+            loss_scale: scaler.map_or(1.0, |s| s.scale),
             checkpointing,
         };
         let latents = Tensor::randn(0f32, 1.0, (1, 4, side, side), &device).unwrap();
@@ -129,8 +141,16 @@ fn main() {
             let started = Instant::now();
             let t = [(step * 97 % 1000) as u32];
             let (_, grads) =
-                objective.loss_and_grads(&unet, &latents, &noise, &t, &context).unwrap();
-            apply_update(&vars, grads, 1.0, &mut adam, lr, ema.as_mut()).unwrap();
+                objective(scaler).loss_and_grads(&unet, &latents, &noise, &t, &context).unwrap();
+            match &mut scaler {
+                Some(scaler) => {
+                    apply_scaled_update(&vars, grads, scaler, 1.0, &mut adam, lr, ema.as_mut())
+                        .unwrap();
+                }
+                None => {
+                    apply_update(&vars, grads, 1.0, &mut adam, lr, ema.as_mut()).unwrap();
+                }
+            }
             device.synchronize().unwrap(); // a GPU queues its work: time the step, not its launch
             if step > 0 {
                 times.push(started.elapsed().as_secs_f64()); // the first step is warm-up
@@ -141,6 +161,7 @@ fn main() {
             "{{\"impl\": \"sdpipe\", \"config\": \"{name}\", \"params\": {}, \"latent\": {side}, \
              \"trained_params\": {}, \"checkpointing\": {checkpointing}, \"lora\": {lora}, \
              \"threads\": {threads}, \"steps\": {steps}, \
+             \"mixed_precision\": \"{mixed_precision}\", \
              \"device\": \"{}\", \
              \"median_s_per_step\": {:.4}, \"peak_rss_mib\": {:.1}}}",
             unet.parameter_count(),
