@@ -173,8 +173,8 @@ gpu=$([ "$DEVICE" = cpu ] && grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 |
         echo "the most nvidia-smi saw the process use, CUDA context included")."
     echo "The -fp16 rows are the recipe's \`--mixed_precision fp16\` on each side: the UNet" \
         "under autocast over f32 weights, with a GradScaler (not run on the CPU, where fp16 is" \
-        "slow). f16 sampling is \`torch_dtype=float16\` for diffusers, autocast over f32" \
-        "weights for sdpipe."
+        "slow). f16 sampling is \`torch_dtype=float16\` on each side: the models held in" \
+        "fp16 (sdpipe's UNet under autocast, its norms in f32)."
 } >"$OUT"
 cat "$OUT"
 [ "$tests_status" = passed ]

@@ -411,18 +411,16 @@ impl SdPipeline {
     }
 
     /// The UNet for sampling: sdpipe-unet's model (the one training runs) with detached
-    /// parameters. With `dtype` f16 or bf16 it computes under autocast in that type (see
-    /// `sdpipe_unet::UNet::set_autocast`; its prediction comes back in f32); its weights stay
-    /// f32 in memory, where diffusers' `torch_dtype` would hold them in the half type.
+    /// parameters, held in `dtype`. With f16 or bf16 it computes under autocast in that type
+    /// (`sdpipe_unet::UNet::for_inference`; its prediction comes back in f32).
     pub fn load_unet(
         &self,
         device: &Device,
         dtype: DType,
     ) -> Result<sdpipe_unet::UNet, PipelineError> {
         let files = self.weight_files("unet")?;
-        let unet = sdpipe_unet::UNet::for_inference(&self.root.join("unet"), &files, device)
-            .map_err(|e| PipelineError::UNet(e.to_string()))?;
-        autocast(unet, dtype)
+        sdpipe_unet::UNet::for_inference(&self.root.join("unet"), &files, dtype, device)
+            .map_err(|e| PipelineError::UNet(e.to_string()))
     }
 
     /// [`SdPipeline::load_unet`] with each LoRA file merged into the weights it targets at its
@@ -440,14 +438,14 @@ impl SdPipeline {
             return self.load_unet(device, dtype);
         }
         let files = self.weight_files("unet")?;
-        let unet = sdpipe_unet::UNet::for_inference_with_lora(
+        sdpipe_unet::UNet::for_inference_with_lora(
             &self.root.join("unet"),
             &files,
             loras,
+            dtype,
             device,
         )
-        .map_err(|e| PipelineError::UNet(e.to_string()))?;
-        autocast(unet, dtype)
+        .map_err(|e| PipelineError::UNet(e.to_string()))
     }
 
     /// The VAE in `dtype`; it computes in [`vae_compute_dtype`] (f32 for bf16 on the CPU), the
@@ -727,13 +725,6 @@ fn weights_backend(files: &[PathBuf]) -> Result<Box<dyn SimpleBackend>, Pipeline
                 .map_err(weights_error)?,
         )),
     }
-}
-
-/// `unet` computing under autocast in `dtype` when that is a half type.
-fn autocast(unet: sdpipe_unet::UNet, dtype: DType) -> Result<sdpipe_unet::UNet, PipelineError> {
-    let half = matches!(dtype, DType::F16 | DType::BF16).then_some(dtype);
-    unet.set_autocast(half).map_err(|e| PipelineError::UNet(e.to_string()))?;
-    Ok(unet)
 }
 
 /// The dtype a VAE loaded in `dtype` computes in on `device`: `dtype`, except bf16 on the CPU.

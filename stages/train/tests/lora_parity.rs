@@ -45,7 +45,7 @@ mod compare;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use sdpipe_train::denoiser::Denoiser;
 use sdpipe_train::objective::{NoiseSchedule, Prediction};
 use sdpipe_train::optim::{AdamW, AdamWConfig};
@@ -259,7 +259,7 @@ fn only_the_adapters_are_optimised_and_the_frozen_base_is_unchanged() {
             var.set(&var.as_tensor().zeros_like().unwrap()).unwrap();
         }
     }
-    let base = UNet::for_inference(&base_dir(), &base_weights(), &Device::Cpu).unwrap();
+    let base = UNet::for_inference(&base_dir(), &base_weights(), DType::F32, &Device::Cpu).unwrap();
     let t = Tensor::new(timesteps(&io["t_1"]).as_slice(), &Device::Cpu).unwrap();
     let forward = |m: &UNet| m.forward(&io["x0_1"], &t, &io["context_1"]).unwrap();
     assert_eq!(max_abs_diff(&forward(&unet), &forward(&base)), 0.0);

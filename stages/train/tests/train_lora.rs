@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::{synthetic_dataset, tiny_pipeline, SIZE};
 use sdpipe_diffusion::lora_base::{unet_digest, MODEL_KEY, UNET_DIGEST_KEY};
 use sdpipe_diffusion::SdPipeline;
@@ -70,7 +70,8 @@ impl World {
         let file = lora.map(|(path, _)| LoraFile::open(path).unwrap());
         let loras: Vec<(&LoraFile, f64)> =
             file.iter().map(|f| (f, lora.expect("given").1)).collect();
-        let unet = UNet::for_inference_with_lora(&dir, &weights, &loras, &Device::Cpu).unwrap();
+        let unet = UNet::for_inference_with_lora(&dir, &weights, &loras, DType::F32, &Device::Cpu)
+            .unwrap();
         let side = SIZE as usize / 2;
         let context_dim = unet.config().cross_attention_dim[0];
         let sample = Tensor::ones((1, 4, side, side), candle_core::DType::F32, &Device::Cpu);

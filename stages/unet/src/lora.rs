@@ -613,7 +613,7 @@ impl UNet {
         Self::load(dir, weights, device, |pb| pb.frozen().with_lora(lora))
     }
 
-    /// Loads a diffusers UNet for inference (as [`UNet::for_inference`]) with each LoRA file
+    /// Loads a diffusers UNet for inference (as [`UNet::for_inference`], held in `dtype`) with each LoRA file
     /// merged into the weights it targets at its `scale` (diffusers' `lora_scale`):
     /// `W + scale·(alpha/rank)·B·A`. Every LoRA layer is checked against the weight it targets
     /// before anything is read.
@@ -621,13 +621,18 @@ impl UNet {
         dir: &Path,
         weights: &[PathBuf],
         loras: &[(&LoraFile, f64)],
+        dtype: DType,
         device: &Device,
     ) -> Result<Self, UNetError> {
         if let Some((file, scale)) = loras.iter().find(|(_, s)| !s.is_finite()) {
             return Err(file.error(format!("LoRA scale {scale} is not a finite number")));
         }
+        let autocast = crate::unet::autocast_for_held(dtype)?;
         let lora = LoraBuild::merging(loras);
-        Self::load(dir, weights, device, |pb| pb.frozen().with_lora(lora))
+        let unet =
+            Self::load(dir, weights, device, |pb| pb.frozen().with_lora(lora).held_in(dtype))?;
+        unet.set_autocast(autocast)?;
+        Ok(unet)
     }
 
     fn lora_or_refuse(&self) -> Result<&LoraConfig, UNetError> {

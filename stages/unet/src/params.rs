@@ -78,6 +78,8 @@ pub(crate) struct ParamBuilder {
     lora: Option<LoraBuild>,
     /// The model's autocast setting, handed to each layer built.
     autocast: Autocast,
+    /// What the tensors handed out are held in (f32 unless [`ParamBuilder::held_in`]).
+    held_in: DType,
 }
 
 impl ParamBuilder {
@@ -107,6 +109,7 @@ impl ParamBuilder {
             model: "UNet",
             lora: None,
             autocast: Autocast::default(),
+            held_in: DType::F32,
         })
     }
 
@@ -122,7 +125,15 @@ impl ParamBuilder {
             model: "UNet",
             lora: None,
             autocast: Autocast::default(),
+            held_in: DType::F32,
         }
+    }
+
+    /// The parameters held in `dtype` (converted after any LoRA merge, which is done in f32):
+    /// a half type for an inference model, as diffusers' `torch_dtype` holds them.
+    pub(crate) fn held_in(mut self, dtype: DType) -> Self {
+        self.held_in = dtype;
+        self
     }
 
     /// The same parameters handed out detached, for a model that only runs inference.
@@ -189,6 +200,7 @@ impl ParamBuilder {
                 model: self.model,
                 lora: self.lora.as_ref().map(LoraBuild::for_dry_run),
                 autocast: Autocast::default(),
+                held_in: self.held_in,
             };
             build(dry)?;
         }
@@ -261,6 +273,7 @@ impl ParamBuilder {
         if let Some(lora) = &self.lora {
             value = lora.merge(name, value)?;
         }
+        let value = value.to_dtype(self.held_in)?;
         let var = Var::from_tensor(&value)?;
         let tensor = if self.tracked { var.as_tensor().clone() } else { var.as_tensor().detach() };
         self.vars.insert(name.to_string(), var);

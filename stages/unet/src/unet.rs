@@ -99,6 +99,17 @@ pub struct UNet {
     device: Device,
 }
 
+/// The autocast type of an inference model held in `dtype`: none for f32, the half type itself.
+pub(crate) fn autocast_for_held(dtype: DType) -> Result<Option<DType>, UNetError> {
+    match dtype {
+        DType::F32 => Ok(None),
+        DType::F16 | DType::BF16 => Ok(Some(dtype)),
+        other => Err(UNetError::Input(format!(
+            "an inference UNet is held in f32, f16 or bf16, not {other:?}"
+        ))),
+    }
+}
+
 impl std::fmt::Debug for UNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UNet")
@@ -199,14 +210,21 @@ impl UNet {
     }
 
     /// Loads a diffusers UNet for inference only (sampling): `config.json` from `dir` and the
-    /// weights from `weights` (one file, or the shards of a sharded checkpoint). The parameters
-    /// are not trainable: the forward records no graph, and [`UNet::loss_and_grads`] refuses.
+    /// weights from `weights` (one file, or the shards of a sharded checkpoint), held in
+    /// `dtype`: f32, or f16/bf16 as diffusers' `torch_dtype` holds them, and then computing
+    /// under autocast in that type ([`UNet::set_autocast`]: norms in f32, the prediction
+    /// returned in f32). The parameters are not trainable: the forward records no graph, and
+    /// [`UNet::loss_and_grads`] refuses.
     pub fn for_inference(
         dir: &Path,
         weights: &[PathBuf],
+        dtype: DType,
         device: &Device,
     ) -> Result<Self, UNetError> {
-        Self::load(dir, weights, device, ParamBuilder::frozen)
+        let autocast = autocast_for_held(dtype)?;
+        let unet = Self::load(dir, weights, device, |pb| pb.frozen().held_in(dtype))?;
+        unet.set_autocast(autocast)?;
+        Ok(unet)
     }
 
     /// A randomly initialised model (torch's default initialisation), reproducible from `seed`.

@@ -138,3 +138,26 @@ fn under_autocast_gradients_reach_the_f32_weights_close_to_the_f32_ones() {
         }
     }
 }
+
+#[test]
+fn an_inference_model_held_in_a_half_type_holds_its_weights_in_it_and_computes_under_autocast() {
+    let io = io();
+    let weights = [fixture().join("unet/diffusion_pytorch_model.safetensors")];
+    let dir = fixture().join("unet");
+    let full = forward(&load(None), &io);
+    for (dtype, bound) in [(DType::F16, 4e-3), (DType::BF16, 2.5e-2)] {
+        let unet = UNet::for_inference(&dir, &weights, dtype, &Device::Cpu).unwrap();
+        assert_eq!(unet.autocast(), Some(dtype));
+        for (name, var) in unet.vars() {
+            assert_eq!(var.dtype(), dtype, "`{name}` is held in {dtype:?}");
+        }
+        let out =
+            unet.predict(&io["sample"], &io["timesteps"], &io["encoder_hidden_states"]).unwrap();
+        assert_eq!(out.dtype(), DType::F32);
+        // The same products as autocast over f32 weights; the norms' weights are rounded too.
+        let error = relative(&out, &full);
+        assert!(error < bound, "{dtype:?}: {error:e} of the output away from f32");
+    }
+    let refused = UNet::for_inference(&dir, &weights, DType::F64, &Device::Cpu).unwrap_err();
+    assert!(refused.to_string().contains("f32, f16 or bf16"), "{refused}");
+}

@@ -56,8 +56,14 @@ fn trained() -> UNet {
 
 fn merged(scale: f64) -> UNet {
     let lora = diffusers_lora();
-    UNet::for_inference_with_lora(&base_dir(), &base_weights(), &[(&lora, scale)], &Device::Cpu)
-        .unwrap()
+    UNet::for_inference_with_lora(
+        &base_dir(),
+        &base_weights(),
+        &[(&lora, scale)],
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn forward(unet: &UNet, io: &HashMap<String, Tensor>) -> Tensor {
@@ -155,7 +161,7 @@ fn a_lora_training_unet_trains_its_adapters_alone_named_as_saved() {
 fn a_fresh_adapter_leaves_the_output_equal_to_the_base() {
     let io = io();
     let fresh = training(&config(), 3);
-    let base = UNet::for_inference(&base_dir(), &base_weights(), &Device::Cpu).unwrap();
+    let base = UNet::for_inference(&base_dir(), &base_weights(), DType::F32, &Device::Cpu).unwrap();
     // B = 0: the adapters add exact zeros.
     assert_eq!(max_abs_diff(&forward(&fresh, &io), &forward(&base, &io)), 0.0);
     for (name, var) in fresh.vars() {
@@ -294,9 +300,15 @@ fn open_refused(tensors: &[(&str, &[usize])], metadata: &[(&str, &str)]) -> Stri
 fn merge_refused(tensors: &[(&str, &[usize])]) -> String {
     let (_dir, path) = forge(tensors, &[]);
     let lora = LoraFile::open(&path).unwrap();
-    UNet::for_inference_with_lora(&base_dir(), &base_weights(), &[(&lora, 1.0)], &Device::Cpu)
-        .unwrap_err()
-        .to_string()
+    UNet::for_inference_with_lora(
+        &base_dir(),
+        &base_weights(),
+        &[(&lora, 1.0)],
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string()
 }
 
 #[test]
@@ -451,6 +463,7 @@ fn export_a_trained_lora_for_diffusers_to_check() {
             &base_dir(),
             &base_weights(),
             &[(&lora, scale)],
+            DType::F32,
             &Device::Cpu,
         )
         .unwrap();

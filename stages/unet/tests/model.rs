@@ -264,7 +264,7 @@ fn predict_equals_forward_without_a_graph() {
 
 fn for_inference() -> UNet {
     let weights = tiny_dir().join("diffusion_pytorch_model.safetensors");
-    UNet::for_inference(&tiny_dir(), &[weights], &Device::Cpu).unwrap()
+    UNet::for_inference(&tiny_dir(), &[weights], DType::F32, &Device::Cpu).unwrap()
 }
 
 #[test]
@@ -311,7 +311,7 @@ fn sharded_weights_load_as_one_state_dict() {
     let shards = [dir.path().join("a.safetensors"), dir.path().join("b.safetensors")];
     candle_core::safetensors::save(&a, &shards[0]).unwrap();
     candle_core::safetensors::save(&b, &shards[1]).unwrap();
-    let sharded = UNet::for_inference(&tiny_dir(), &shards, &Device::Cpu).unwrap();
+    let sharded = UNet::for_inference(&tiny_dir(), &shards, DType::F32, &Device::Cpu).unwrap();
     let (x, t, c) = inputs(1, 8);
     let diff: f32 = (sharded.forward(&x, &t, &c).unwrap()
         - for_inference().forward(&x, &t, &c).unwrap())
@@ -338,7 +338,9 @@ fn a_tensor_in_two_shards_is_an_error_naming_it() {
     candle_core::safetensors::save(&whole, &shards[0]).unwrap();
     let one: HashMap<String, Tensor> = [(name.clone(), whole[&name].clone())].into();
     candle_core::safetensors::save(&one, &shards[1]).unwrap();
-    let err = UNet::for_inference(&tiny_dir(), &shards, &Device::Cpu).unwrap_err().to_string();
+    let err = UNet::for_inference(&tiny_dir(), &shards, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains(&name) && err.contains("b.safetensors"), "{err}");
 }
 
