@@ -10,11 +10,6 @@
 /// attention's time): `x = n·ln2 + r` with `|r| ≤ ln2/2` (ln2 split in two for an exact
 /// reduction), Cephes' degree-6 polynomial for `e^r`, and `2^n` built in the exponent bits.
 /// Below −87.3 the true value is under f32's smallest normal: 0.
-///
-/// Written with fused multiply-adds (`mul_add`, one rounding each): the AVX2 and AVX-512 builds
-/// of the loops that call it ([`crate::vectorised`]) make each one instruction, which takes a
-/// third of the instructions per element away; a build without FMA hardware calls libm's
-/// correctly rounded `fmaf` instead (slow, but the same bits).
 #[inline(always)]
 pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -23,16 +18,16 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     // Adding 1.5·2^23 rounds to the nearest integer without a (non-vectorisable) floor call.
     const ROUND: f32 = 12_582_912.0;
     let clamped = x.max(-87.3);
-    let t = clamped.mul_add(LOG2E, ROUND);
+    let t = clamped * LOG2E + ROUND;
     let n = t - ROUND;
-    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, clamped));
-    let mut p: f32 = 1.987_569_1e-4;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 0.5);
-    let e_r = p.mul_add(r * r, r) + 1.0;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e_r = p * r * r + r + 1.0;
     // n is in [-126, 0]: its biased exponent fits the field.
     let two_n = f32::from_bits(((t.to_bits() as i32 - ROUND.to_bits() as i32 + 127) as u32) << 23);
     if x > -87.3 {

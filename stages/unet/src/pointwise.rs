@@ -222,9 +222,7 @@ mod tests {
         {
             type Loop = unsafe fn(&mut [f32], &[f32], &[f32], fn(f32, f32) -> f32);
             let mut versions: Vec<Loop> = Vec::new();
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if std::arch::is_x86_feature_detected!("avx2") {
                 versions.push(apply_avx2::<f32, fn(f32, f32) -> f32>);
             }
             if std::arch::is_x86_feature_detected!("avx512f") {
