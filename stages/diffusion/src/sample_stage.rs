@@ -181,8 +181,8 @@ struct Settings {
     /// What the models compute in, as diffusers' `torch_dtype` (`fp16`: float16, `bf16`:
     /// bfloat16): the text encoder, the VAE and the UNet are loaded in it, the UNet computing
     /// under autocast (products in the half type, norms in f32); the sampler's arithmetic and
-    /// the latents stay f32. On the CPU bf16 is emulated
-    /// (bf16-rounded values, f32 arithmetic) and fp16 is slower than f32.
+    /// the latents stay f32. On the CPU bf16 is emulated (bf16-rounded values, f32
+    /// arithmetic) and fp16 is slower than f32.
     #[param(default = "f32", one_of = Precision::NAMES)]
     precision: Precision,
     /// Not read here: the run uses the threads the scheduler granted (`ctx.threads`).

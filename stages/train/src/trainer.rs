@@ -8,8 +8,8 @@
 //! over the micro-batches. Then global-norm clipping, AdamW at the scheduled learning rate, and
 //! the EMA update. With fp16 loss scaling ([`GradScaler`]) the loss is multiplied by the scale
 //! before the backward and the summed gradients divided by it before clipping; a step whose
-//! gradients overflowed is skipped (only the EMA update runs, as in the script). Every step is a
-//! pure function of the state before it and the step number, so
+//! gradients overflowed is skipped (only the EMA update runs, as in the script). Every step is
+//! a pure function of the state before it (the scaler's included) and the step number, so
 //! [`Trainer::snapshot`] / [`Trainer::restore`] resume a run exactly.
 
 use std::collections::HashMap;

@@ -613,10 +613,10 @@ impl UNet {
         Self::load(dir, weights, device, |pb| pb.frozen().with_lora(lora))
     }
 
-    /// Loads a diffusers UNet for inference (as [`UNet::for_inference`], held in `dtype`) with each LoRA file
-    /// merged into the weights it targets at its `scale` (diffusers' `lora_scale`):
-    /// `W + scale·(alpha/rank)·B·A`. Every LoRA layer is checked against the weight it targets
-    /// before anything is read.
+    /// Loads a diffusers UNet for inference (as [`UNet::for_inference`], held in `dtype`) with
+    /// each LoRA file merged into the weights it targets at its `scale` (diffusers'
+    /// `lora_scale`): `W + scale·(alpha/rank)·B·A`, in f32 before the conversion. Every LoRA
+    /// layer is checked against the weight it targets before anything is read.
     pub fn for_inference_with_lora(
         dir: &Path,
         weights: &[PathBuf],
