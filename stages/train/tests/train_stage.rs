@@ -283,6 +283,18 @@ fn a_resumed_run_that_trains_the_text_encoder_ends_with_the_same_weights() {
 }
 
 #[test]
+fn a_resumed_fp16_run_ends_with_the_same_weights_and_log_as_an_uninterrupted_one() {
+    // The UNet under fp16 autocast with loss scaling; the scaler's state comes back from the
+    // checkpoint (a checkpoint without it is refused as not fitting the run).
+    let Resumed { whole, resumed, .. } =
+        whole_and_resumed(4, &[("max_train_steps", json!(4)), ("mixed_precision", json!("fp16"))]);
+    for file in ["model/unet/diffusion_pytorch_model.safetensors", "train_log.jsonl"] {
+        let (a, b) = (read(&whole.out_dir().join(file)), read(&resumed.out_dir().join(file)));
+        assert_eq!(a, b, "{file}");
+    }
+}
+
+#[test]
 fn with_every_caption_dropped_the_captions_do_not_matter() {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = tiny_pipeline(dir.path());
