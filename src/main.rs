@@ -9,5 +9,6 @@ fn main() {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
+    sdpipe_stages::cpu_threads::keep_candle_within_granted_threads();
     std::process::exit(sdpipe::cli::main());
 }

@@ -12,6 +12,7 @@
 extern crate self as sdpipe_stages;
 
 pub mod api;
+pub mod cpu_threads;
 pub mod device;
 #[cfg(feature = "candle")]
 pub mod device_path;

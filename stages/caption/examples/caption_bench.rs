@@ -31,6 +31,8 @@ const LARGE: &str = r#"{
 }"#;
 
 fn main() {
+    // As sdpipe runs the stage (src/main.rs).
+    sdpipe_stages::cpu_threads::keep_candle_within_granted_threads();
     let args: Vec<String> = std::env::args().collect();
     let which = args.get(1).map(String::as_str).unwrap_or("tiny");
     let arg =
