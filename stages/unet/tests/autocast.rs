@@ -9,11 +9,15 @@
 //! (fp16) and 1.0e-2 (bf16); gradients, worst tensor, 9.3e-3 and 4.6e-2; the bounds leave a
 //! factor of 2.5.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use sdpipe_unet::UNet;
+
+use common::{forward, max_abs, mse_loss_and_grads};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/unet/tiny")
@@ -29,27 +33,10 @@ fn load(autocast: Option<DType>) -> UNet {
     unet
 }
 
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 /// `max |a - b| / max |b|`.
 fn relative(a: &Tensor, b: &Tensor) -> f64 {
     let diff = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
     max_abs(&diff) / max_abs(b).max(1e-30)
-}
-
-fn forward(unet: &UNet, io: &HashMap<String, Tensor>) -> Tensor {
-    unet.forward(&io["sample"], &io["timesteps"], &io["encoder_hidden_states"]).unwrap()
 }
 
 /// The loss and every gradient, by parameter name.
@@ -58,16 +45,7 @@ fn gradients(
     io: &HashMap<String, Tensor>,
     checkpointing: bool,
 ) -> (f32, Vec<(String, Tensor)>) {
-    let target = &io["target"];
-    let (loss, mut grads) = unet
-        .loss_and_grads(
-            &io["sample"],
-            &io["timesteps"],
-            &io["encoder_hidden_states"],
-            checkpointing,
-            |pred| (pred - target)?.sqr()?.mean_all(),
-        )
-        .unwrap();
+    let (loss, mut grads) = mse_loss_and_grads(unet, io, checkpointing);
     let named = unet
         .vars()
         .iter()

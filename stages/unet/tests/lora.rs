@@ -11,12 +11,16 @@
 //!   tests/parity.rs (a gradient's rounding error scales with its size); measured worst 5.7e-6
 //!   relative, plain and checkpointed alike.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sdpipe_unet::lora::LORA_WEIGHTS_NAME;
 use sdpipe_unet::{LoraConfig, LoraFile, UNet};
+
+use common::{forward, max_abs, max_abs_diff, mse_loss_and_grads};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -66,19 +70,6 @@ fn merged(scale: f64) -> UNet {
     .unwrap()
 }
 
-fn forward(unet: &UNet, io: &HashMap<String, Tensor>) -> Tensor {
-    unet.forward(&io["sample"], &io["timesteps"], &io["encoder_hidden_states"]).unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    let t = t.to_dtype(DType::F64).unwrap().abs().unwrap();
-    t.flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
-}
-
 fn merged_output_matches_diffusers(scale: f64, key: &str) {
     let io = io();
     let diff = max_abs_diff(&forward(&merged(scale), &io), &io[key]);
@@ -104,16 +95,7 @@ fn the_training_models_unmerged_forward_equals_the_merged_one() {
 
 fn loss_and_gradients_match_torch(checkpointing: bool) {
     let (unet, io) = (trained(), io());
-    let target = &io["target"];
-    let (loss, grads) = unet
-        .loss_and_grads(
-            &io["sample"],
-            &io["timesteps"],
-            &io["encoder_hidden_states"],
-            checkpointing,
-            |pred| (pred - target)?.sqr()?.mean_all(),
-        )
-        .unwrap();
+    let (loss, grads) = mse_loss_and_grads(&unet, &io, checkpointing);
     let reference: f32 = io["loss"].to_vec1().unwrap()[0];
     let loss: f32 = loss.to_scalar().unwrap();
     assert!((loss - reference).abs() < 1e-5, "loss {loss} vs torch {reference}");

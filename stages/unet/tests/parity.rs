@@ -12,11 +12,15 @@
 //!   bias in the tiny model feeds a group norm with one channel per group, which removes it — and
 //!   are ~3e-9 of noise on both sides.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use sdpipe_unet::UNet;
+
+use common::{forward, max_abs, max_abs_diff, mse_loss_and_grads};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/unet").join(name)
@@ -30,45 +34,15 @@ fn load(name: &str) -> UNet {
     UNet::from_pretrained(&fixture(name).join("unet"), &Device::Cpu).unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
-}
-
-fn mse(target: &Tensor) -> impl Fn(&Tensor) -> candle_core::Result<Tensor> + '_ {
-    move |pred: &Tensor| (pred - target)?.sqr()?.mean_all()
-}
-
 fn forward_matches(name: &str) {
     let (unet, io) = (load(name), io(name));
-    let out = unet.forward(&io["sample"], &io["timesteps"], &io["encoder_hidden_states"]).unwrap();
-    let diff = max_abs_diff(&out, &io["out"]);
+    let diff = max_abs_diff(&forward(&unet, &io), &io["out"]);
     assert!(diff < 1e-4, "{name}: max |ours - diffusers| = {diff:e}");
 }
 
 fn gradients_match(name: &str, checkpointing: bool) {
     let (unet, io) = (load(name), io(name));
-    let (loss, grads) = unet
-        .loss_and_grads(
-            &io["sample"],
-            &io["timesteps"],
-            &io["encoder_hidden_states"],
-            checkpointing,
-            mse(&io["target"]),
-        )
-        .unwrap();
+    let (loss, grads) = mse_loss_and_grads(&unet, &io, checkpointing);
     let reference_loss: f32 = io["loss"].to_vec1().unwrap()[0];
     let loss: f32 = loss.to_scalar().unwrap();
     assert!(
@@ -129,16 +103,7 @@ fn checkpointed_gradients_match_diffusers() {
 #[test]
 fn checkpointed_gradients_equal_plain_gradients() {
     let (unet, io) = (load("tiny"), io("tiny"));
-    let run = |checkpointing| {
-        unet.loss_and_grads(
-            &io["sample"],
-            &io["timesteps"],
-            &io["encoder_hidden_states"],
-            checkpointing,
-            mse(&io["target"]),
-        )
-        .unwrap()
-    };
+    let run = |checkpointing| mse_loss_and_grads(&unet, &io, checkpointing);
     let ((plain_loss, plain), (ckpt_loss, ckpt)) = (run(false), run(true));
     // The recomputed forward runs the very same kernels on the very same values.
     assert_eq!(plain_loss.to_scalar::<f32>().unwrap(), ckpt_loss.to_scalar::<f32>().unwrap());
