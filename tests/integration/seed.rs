@@ -412,12 +412,42 @@ fn the_seed_pipeline_runs_on_the_fp16_variant_when_asked() {
     assert!(error.contains("diffusion_pytorch_model.safetensors"), "{error}");
 }
 
+#[test]
+fn the_seed_pipeline_trains_and_samples_in_half_precision_with_the_documented_sets() {
+    // What pipelines/unsplash.yaml's header tells a GPU user to add: the tutorial's
+    // --mixed_precision fp16 for the finetune and fp16 sampling.
+    let world = World::new();
+    world.install_models();
+    let half = ["--set", "vars.mixed_precision=fp16", "--set", "vars.precision=fp16"];
+    let mut args = vec!["sample_base", "sample_finetuned"];
+    args.extend(half);
+    let summary = world.run(&args);
+    for stage in ["finetune", "sample_base", "sample_finetuned"] {
+        assert!(in_state(&summary, "ran").contains(&stage.to_string()), "{summary:#}");
+    }
+    // The UNet trained under autocast is saved in f32, as diffusers saves it.
+    let unet = world.output("finetune/model/unet/diffusion_pytorch_model.safetensors");
+    let header = safetensors_header(&unet);
+    let tensors = header.as_object().unwrap().iter().filter(|(name, _)| *name != "__metadata__");
+    for (name, tensor) in tensors {
+        assert_eq!(tensor["dtype"], "F32", "`{name}` is saved in f32");
+    }
+    let log = jsonl(&world.output("finetune/train_log.jsonl"));
+    assert_eq!(log.len(), 2, "two optimiser steps");
+    assert!(log.iter().all(|line| line["grad_norm"].as_f64().is_some_and(f64::is_finite)));
+    assert_eq!(std::fs::read_dir(world.output("sample_finetuned/images")).unwrap().count(), 3);
+}
+
 /// The `__metadata__` of a safetensors file's header.
 fn safetensors_metadata(path: &Path) -> Value {
+    safetensors_header(path)["__metadata__"].clone()
+}
+
+/// A safetensors file's JSON header: each tensor's dtype, shape and offsets, and `__metadata__`.
+fn safetensors_header(path: &Path) -> Value {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
-    header["__metadata__"].clone()
+    serde_json::from_slice(&bytes[8..8 + len]).unwrap()
 }
 
 #[test]
