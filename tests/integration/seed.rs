@@ -216,6 +216,19 @@ impl World {
         summary
     }
 
+    /// Runs up to both samples with `sets` (each a `--set` value): the finetune and both
+    /// samples must run.
+    fn finetune_and_sample(&self, sets: &[&str]) {
+        let mut args = vec!["sample_base", "sample_finetuned"];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        let summary = self.run(&args);
+        for stage in ["finetune", "sample_base", "sample_finetuned"] {
+            assert!(in_state(&summary, "ran").contains(&stage.to_string()), "{summary:#}");
+        }
+    }
+
     fn output(&self, rel: &str) -> PathBuf {
         self.project.path().join("runs").join(self.pipeline).join(rel)
     }
@@ -387,13 +400,7 @@ fn the_seed_pipeline_downloads_its_models_from_the_hub_into_the_cache() {
 fn the_seed_pipeline_runs_on_the_fp16_variant_when_asked() {
     let world = World::new();
     world.install_models_with_sd("seed/sd-variants/fp16");
-    let variant = ["--set", "finetune.variant=fp16", "--set", "sample_base.variant=fp16"];
-    let mut args = vec!["sample_base", "sample_finetuned"];
-    args.extend(variant);
-    let summary = world.run(&args);
-    for stage in ["finetune", "sample_base", "sample_finetuned"] {
-        assert!(in_state(&summary, "ran").contains(&stage.to_string()), "{summary:#}");
-    }
+    world.finetune_and_sample(&["finetune.variant=fp16", "sample_base.variant=fp16"]);
     let model = world.output("finetune/model");
     for file in [
         "unet/diffusion_pytorch_model.safetensors",
@@ -418,13 +425,7 @@ fn the_seed_pipeline_trains_and_samples_in_half_precision_with_the_documented_se
     // --mixed_precision fp16 for the finetune and fp16 sampling.
     let world = World::new();
     world.install_models();
-    let half = ["--set", "vars.mixed_precision=fp16", "--set", "vars.precision=fp16"];
-    let mut args = vec!["sample_base", "sample_finetuned"];
-    args.extend(half);
-    let summary = world.run(&args);
-    for stage in ["finetune", "sample_base", "sample_finetuned"] {
-        assert!(in_state(&summary, "ran").contains(&stage.to_string()), "{summary:#}");
-    }
+    world.finetune_and_sample(&["vars.mixed_precision=fp16", "vars.precision=fp16"]);
     // The UNet trained under autocast is saved in f32, as diffusers saves it.
     let unet = world.output("finetune/model/unet/diffusion_pytorch_model.safetensors");
     let header = safetensors_header(&unet);
