@@ -485,7 +485,9 @@ mod tests {
             type Forward = unsafe fn(&mut [f32], usize);
             type Backward = unsafe fn(&mut [f32], &[f32], usize);
             let mut versions: Vec<(Forward, Backward)> = Vec::new();
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 versions.push((softmax_rows_avx2, softmax_backward_rows_avx2));
             }
             if std::arch::is_x86_feature_detected!("avx512f") {

@@ -5,11 +5,13 @@
 //! element-wise ops, each allocating a full-size temporary (the page faults of those fresh
 //! allocations were a tenth of a training step's time). Here the forward is one parallel pass
 //! and the backward another, reading the saved input and the incoming gradient. SiLU is
-//! candle's formula, `x / (1 + e^−x)`, so its outputs are unchanged. GELU is
-//! `x·(1 + erf(x/√2))/2` with, in f32, the vectorisable erf PyTorch's own CPU GELU uses
-//! ([`crate::fastmath::erf`], within 6e-7 of libm's); in f64 (gradient checks) libm's `erf`.
-//! The loops ([`crate::vectorised`]) are compiled for the baseline x86-64, AVX2 and AVX-512,
-//! chosen at run time; all give the same bits (same operations per element, no contraction).
+//! candle's formula, `x / (1 + e^−x)`, GELU `x·(1 + erf(x/√2))/2`; in f32 with vectorisable
+//! functions instead of libm's scalar calls: the exponential [`crate::fastmath::exp`] (within 2
+//! ulp of libm's, so SiLU stays within a few ulp of candle's) and the erf PyTorch's own CPU GELU
+//! uses ([`crate::fastmath::erf`], within 6e-7 of libm's); in f64 (gradient checks) libm's.
+//! The loops ([`crate::vectorised`]) are compiled for the baseline x86-64, AVX2 with FMA and
+//! AVX-512, chosen at run time; all give the same bits (the same operations per element, each
+//! fused multiply-add explicit).
 //! Other devices (and the CPU under [`crate::device_path::force_generic_path`]) and dtypes keep
 //! candle's ops.
 
@@ -39,15 +41,15 @@ trait Activations: WithDType + Send + Sync {
 }
 
 macro_rules! activations {
-    ($t:ty, $erf:path, $sqrt1_2:expr, $pdf_scale:expr) => {
+    ($t:ty, $exp:path, $erf:path, $sqrt1_2:expr, $pdf_scale:expr) => {
         impl Activations for $t {
             #[inline(always)]
             fn silu(x: $t) -> $t {
-                x / (1.0 + (-x).exp())
+                x / (1.0 + $exp(-x))
             }
             #[inline(always)]
             fn silu_backward(x: $t, g: $t) -> $t {
-                let s = 1.0 / (1.0 + (-x).exp());
+                let s = 1.0 / (1.0 + $exp(-x));
                 g * (s + x * s * (1.0 - s))
             }
             #[inline(always)]
@@ -57,7 +59,7 @@ macro_rules! activations {
             #[inline(always)]
             fn gelu_backward(x: $t, g: $t) -> $t {
                 let cdf = ($erf(x * $sqrt1_2) + 1.0) * 0.5;
-                let pdf = (x * x * -0.5).exp() * $pdf_scale;
+                let pdf = $exp(x * x * -0.5) * $pdf_scale;
                 g * (cdf + x * pdf)
             }
         }
@@ -66,11 +68,12 @@ macro_rules! activations {
 
 activations!(
     f32,
+    crate::fastmath::exp,
     crate::fastmath::erf,
     FRAC_1_SQRT_2 as f32,
     (FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5) as f32
 );
-activations!(f64, libm::erf, FRAC_1_SQRT_2, FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5);
+activations!(f64, f64::exp, libm::erf, FRAC_1_SQRT_2, FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5);
 
 /// `f` applied to every element of `x`, in parallel.
 fn map<T: Activations>(x: &Tensor, f: impl Fn(T) -> T + Sync) -> Result<Tensor> {
@@ -178,10 +181,11 @@ mod tests {
     }
 
     #[test]
-    fn silu_forward_equals_candles_silu() {
+    fn silu_forward_is_within_rounding_of_candles_silu() {
+        // The exponential is within 2 ulp of libm's; |silu(x)| ≤ 2 for the |x| ≤ 2 here.
         let x = sample(&[5, 9000], 32).to_dtype(DType::F32).unwrap();
         let tracked = Var::from_tensor(&x).unwrap();
-        assert_eq!(max_abs_diff(&silu(tracked.as_tensor()).unwrap(), &x.silu().unwrap()), 0.0);
+        assert!(max_abs_diff(&silu(tracked.as_tensor()).unwrap(), &x.silu().unwrap()) < 1e-6);
     }
 
     #[test]
@@ -222,7 +226,9 @@ mod tests {
         {
             type Loop = unsafe fn(&mut [f32], &[f32], &[f32], fn(f32, f32) -> f32);
             let mut versions: Vec<Loop> = Vec::new();
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 versions.push(apply_avx2::<f32, fn(f32, f32) -> f32>);
             }
             if std::arch::is_x86_feature_detected!("avx512f") {

@@ -4,11 +4,14 @@
 //! ([`crate::group_norm`]); [`multiversion!`] makes the same three builds of other loops (the
 //! attention's softmax, forward and backward).
 //!
-//! Every version performs the same operations per element in the same order (no contraction
-//! into FMA: Rust never fuses on its own), so they give the same bits.
+//! Every version performs the same operations per element in the same order, so they give the
+//! same bits: Rust never contracts a multiply and an add into an FMA on its own, and an explicit
+//! `mul_add` is one correctly rounded operation in every build (an instruction in the AVX2 and
+//! AVX-512 ones, which are built with FMA; libm's `fmaf` in the baseline one).
 
 /// Defines `$name`, which runs `$body` (an `#[inline(always)]` function of the same signature)
-/// compiled for AVX-512 where the CPU has it, else for AVX2, else for the baseline x86-64, and
+/// compiled for AVX-512 where the CPU has it, else for AVX2 with FMA, else for the baseline
+/// x86-64, and
 /// the two builds `$avx2` and `$avx512` it dispatches to (unsafe: for CPUs with the feature;
 /// tests call them to compare their bits with `$body`'s).
 macro_rules! multiversion {
@@ -25,15 +28,17 @@ macro_rules! multiversion {
                 return unsafe { $avx512($($arg),*) };
             }
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2 (checked just above).
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
                 return unsafe { $avx2($($arg),*) };
             }
             $body($($arg),*)
         }
 
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2")]
+        #[target_feature(enable = "avx2,fma")]
         $vis unsafe fn $avx2<$($generics)*>($($arg: $ty),*) $(-> $ret)? {
             $body($($arg),*)
         }
