@@ -73,12 +73,12 @@ pub(crate) fn exp(x: f32) -> f32 {
     // ln(f32::MAX), and ln of half the smallest subnormal (below it e^x rounds to 0).
     const MAX: f32 = 88.722_84;
     const MIN: f32 = -103.972_08;
-    let (t, e_r) = exp_reduced(x.max(MIN).min(MAX));
+    let (t, e_r) = exp_reduced(x.clamp(MIN, MAX));
     // n is in [-150, 128]: each half is in [-75, 64].
     let n = integer_of(t);
     let half = n >> 1;
     let value = e_r * power_of_two(half) * power_of_two(n - half);
-    if x <= MAX && x >= MIN {
+    if (MIN..=MAX).contains(&x) {
         value
     } else if x > MAX {
         f32::INFINITY

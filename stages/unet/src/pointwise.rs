@@ -23,7 +23,7 @@ use rayon::slice::{ParallelSlice, ParallelSliceMut};
 
 use crate::device_path::use_cpu_kernels;
 use crate::ops::attach1;
-use crate::vectorised::apply;
+use crate::vectorised::{apply_kernel, Kernel};
 use sdpipe_stages::host_slice::with_slice;
 
 /// Elements per parallel task: large enough to amortise the task, small enough to spread a
@@ -75,26 +75,41 @@ activations!(
 );
 activations!(f64, f64::exp, libm::erf, FRAC_1_SQRT_2, FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5);
 
-/// `f` applied to every element of `x`, in parallel.
-fn map<T: Activations>(x: &Tensor, f: impl Fn(T) -> T + Sync) -> Result<Tensor> {
-    let out = with_slice::<T, _>(x, |x| {
-        let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(out, x)| {
-            apply(out, x, x, |v, _| f(v));
-        });
-        out
-    })?;
-    Tensor::from_vec(out, x.dims(), x.device())
+/// The activations and their backward as [`Kernel`]s, `(x, g) → out`: zero-sized, so each
+/// build of the element loop inlines them (see [`Kernel`] for why not closures).
+macro_rules! kernels {
+    ($($name:ident: |$x:ident, $g:ident| $body:expr;)*) => {$(
+        #[derive(Clone, Copy)]
+        struct $name;
+        impl<T: Activations> Kernel<T> for $name {
+            #[inline(always)]
+            fn call(self, $x: T, $g: T) -> T {
+                $body
+            }
+        }
+    )*};
 }
 
-/// `f(x, g)` for every pair of elements, in parallel.
-fn map2<T: Activations>(x: &Tensor, g: &Tensor, f: impl Fn(T, T) -> T + Sync) -> Result<Tensor> {
+kernels! {
+    Silu: |x, _g| T::silu(x);
+    SiluBackward: |x, g| T::silu_backward(x, g);
+    Gelu: |x, _g| T::gelu(x);
+    GeluBackward: |x, g| T::gelu_backward(x, g);
+}
+
+/// `kernel(x, x)` for every element of `x` (a unary kernel), in parallel.
+fn map<T: Activations>(x: &Tensor, kernel: impl Kernel<T> + Sync) -> Result<Tensor> {
+    map2(x, x, kernel)
+}
+
+/// `kernel(x, g)` for every pair of elements, in parallel.
+fn map2<T: Activations>(x: &Tensor, g: &Tensor, kernel: impl Kernel<T> + Sync) -> Result<Tensor> {
     let out = with_slice::<T, _>(x, |x| {
         with_slice::<T, _>(g, |g| {
             let mut out = vec![T::zero(); x.len()];
             out.par_chunks_mut(CHUNK)
                 .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                .for_each(|(out, (x, g))| apply(out, x, g, &f));
+                .for_each(|(out, (x, g))| apply_kernel(out, x, g, kernel));
             out
         })
     })??;
@@ -118,14 +133,14 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     if !fast(x) {
         return x.silu();
     }
-    let value = by_dtype!(x, map(x, Activations::silu))?;
+    let value = by_dtype!(x, map(x, Silu))?;
     attach1(
         x,
         value,
         "sdpipe-silu",
         Box::new(|args, _, g, _| {
             let x = args[0];
-            Ok(vec![Some(by_dtype!(x, map2(x, &g.contiguous()?, Activations::silu_backward))?)])
+            Ok(vec![Some(by_dtype!(x, map2(x, &g.contiguous()?, SiluBackward))?)])
         }),
     )
 }
@@ -138,14 +153,14 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if !fast(x) {
         return gelu_composed(x);
     }
-    let value = by_dtype!(x, map(x, Activations::gelu))?;
+    let value = by_dtype!(x, map(x, Gelu))?;
     attach1(
         x,
         value,
         "sdpipe-gelu-erf",
         Box::new(|args, _, g, _| {
             let x = args[0];
-            Ok(vec![Some(by_dtype!(x, map2(x, &g.contiguous()?, Activations::gelu_backward))?)])
+            Ok(vec![Some(by_dtype!(x, map2(x, &g.contiguous()?, GeluBackward))?)])
         }),
     )
 }
@@ -172,7 +187,7 @@ fn gelu_composed(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::tests::{assert_paths_agree, check_gradients, max_abs_diff, sample};
-    use crate::vectorised::{apply_avx2, apply_avx512, apply_portable};
+    use crate::vectorised::{apply_kernel_avx2, apply_kernel_avx512, apply_kernel_portable};
     use candle_core::Var;
 
     #[test]
@@ -220,42 +235,44 @@ mod tests {
         assert!(max_abs_diff(&gradient(&x.to_dtype(DType::F32).unwrap()), &gradient(&x)) < 1e-6);
     }
 
-    #[test]
-    fn the_avx2_and_avx512_loops_give_the_portable_loops_bits() {
+    /// Every build of the element loop gives `kernel` the portable build's bits.
+    fn assert_builds_agree(kernel: impl Kernel<f32>) {
+        let x: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) / 97.0).collect();
+        let g: Vec<f32> = x.iter().map(|v| v.sin()).collect();
+        let mut portable = vec![0f32; x.len()];
+        apply_kernel_portable(&mut portable, &x, &g, kernel);
         #[cfg(target_arch = "x86_64")]
         {
-            type Loop = unsafe fn(&mut [f32], &[f32], &[f32], fn(f32, f32) -> f32);
-            let mut versions: Vec<Loop> = Vec::new();
+            let mut builds: Vec<(&str, Vec<f32>)> = Vec::new();
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
-                versions.push(apply_avx2::<f32, fn(f32, f32) -> f32>);
+                let mut out = vec![0f32; x.len()];
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                unsafe { apply_kernel_avx2(&mut out, &x, &g, kernel) };
+                builds.push(("avx2", out));
             }
             if std::arch::is_x86_feature_detected!("avx512f") {
-                versions.push(apply_avx512::<f32, fn(f32, f32) -> f32>);
+                let mut out = vec![0f32; x.len()];
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                unsafe { apply_kernel_avx512(&mut out, &x, &g, kernel) };
+                builds.push(("avx512", out));
             }
-            let x: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) / 97.0).collect();
-            let g: Vec<f32> = x.iter().map(|v| v.sin()).collect();
-            let functions: [fn(f32, f32) -> f32; 4] = [
-                |x, g| f32::gelu_backward(x, g),
-                |x, g| f32::silu_backward(x, g),
-                |x, _| f32::gelu(x),
-                |x, _| f32::silu(x),
-            ];
-            for f in functions {
-                let mut portable = vec![0f32; x.len()];
-                apply_portable(&mut portable, &x, &g, f);
-                for version in &versions {
-                    let mut vectorised = vec![0f32; x.len()];
-                    // SAFETY: only the versions whose features the CPU has (checked above).
-                    unsafe { version(&mut vectorised, &x, &g, f) };
-                    assert!(portable
-                        .iter()
-                        .zip(&vectorised)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()));
-                }
+            for (name, out) in builds {
+                assert!(
+                    portable.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name}"
+                );
             }
         }
+    }
+
+    #[test]
+    fn the_avx2_and_avx512_loops_give_the_portable_loops_bits() {
+        assert_builds_agree(Silu);
+        assert_builds_agree(SiluBackward);
+        assert_builds_agree(Gelu);
+        assert_builds_agree(GeluBackward);
     }
 
     #[test]

@@ -65,6 +65,36 @@ pub(crate) fn apply_portable<T: Copy, F: Fn(T, T) -> T>(out: &mut [T], x: &[T], 
     }
 }
 
+/// A stateless element function `(x, g) → out` for [`apply_kernel`]: a zero-sized type whose
+/// `call` is `#[inline(always)]`.
+///
+/// Why not a closure or a function item: passed as [`apply`]'s `F`, a large body (GELU's
+/// backward: an erf and two exponentials) was built as a function of its own for the baseline
+/// x86-64 and called once per element from the AVX-512 loop, unvectorised, each fused
+/// multiply-add a call into libm (a tenth of a mid-size training step). A static call of an
+/// `#[inline(always)]` method is always inlined into each build.
+pub(crate) trait Kernel<T>: Copy {
+    fn call(self, x: T, g: T) -> T;
+}
+
+multiversion! {
+    /// `out[i] = kernel.call(x[i], g[i])` (`g` ignored by a unary kernel), on this thread.
+    pub(crate) fn apply_kernel[T: Copy, K: Kernel<T>](out: &mut [T], x: &[T], g: &[T], kernel: K)
+        = apply_kernel_portable, built as apply_kernel_avx2, apply_kernel_avx512;
+}
+
+#[inline(always)]
+pub(crate) fn apply_kernel_portable<T: Copy, K: Kernel<T>>(
+    out: &mut [T],
+    x: &[T],
+    g: &[T],
+    kernel: K,
+) {
+    for ((o, &v), &d) in out.iter_mut().zip(x).zip(g) {
+        *o = kernel.call(v, d);
+    }
+}
+
 /// Lanes of the f64 accumulators: independent partial sums the compiler can keep in vector
 /// registers (and that bound the rounding error's growth).
 const LANES: usize = 8;
