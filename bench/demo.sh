@@ -8,19 +8,18 @@
 #   bench/demo.sh [heldout]     (default: 96 held-out captions)
 #
 # Builds sdpipe in release, copies `pipelines/` into an empty folder and runs the committed demo
-# there (nothing cached), then once more (a no-op), then a copy of the demo with five stages
-# appended: `heldout` captions (the synthetic kind's dusk grammar, seed 3, none of them in the
-# demo's data), each model sampled on them exactly as the demo samples its test captions, and
-# `scene-accuracy` on each. The appended file reuses every cached stage of the demo, so only the
-# new stages run and the models judged are the demo's own. Prints the machine, the load average,
-# wall/user/system seconds, the slowest stages, the report's metrics and both scene-accuracy
-# tables. Needs python3 (standard library only). Environment: CARGO_TARGET_DIR (default:
+# there (nothing cached), then once more (a no-op), then the demo with `bench/heldout.sh`'s five
+# stages appended (each model sampled on more held-out dusk captions and judged), which reuses
+# every cached stage of the demo, so only the new stages run and the models judged are its own.
+# Prints the machine, the load average, wall/user/system seconds, the slowest stages, the
+# report's metrics and both scene-accuracy tables. Needs python3 (standard library only). Environment: CARGO_TARGET_DIR (default:
 # target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HELDOUT=${1:-96}
 cargo build --release -q
-BIN="$(pwd)/${CARGO_TARGET_DIR:-target}/release/sdpipe"
+ROOT=$(pwd)
+BIN="$ROOT/${CARGO_TARGET_DIR:-target}/release/sdpipe"
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -29,7 +28,7 @@ rm -rf "$WORK/pipelines/cache" "$WORK/pipelines/runs"
 cd "$WORK"
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "commit: $(git -C "$OLDPWD" rev-parse --short HEAD)$(git -C "$OLDPWD" diff --quiet || echo ' (uncommitted changes)')"
+echo "commit: $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet || echo ' (uncommitted changes)')"
 echo "before the first run: $(uptime)"
 TIMEFORMAT='%R s wall, %U s user, %S s system'
 echo "first run (fresh folder): $( { time "$BIN" run pipelines/demo.yaml >first.out 2>first.err; } 2>&1 )"
@@ -38,32 +37,7 @@ grep -E '✓ .* ran in ' first.err | sed -E 's/.*✓ (.*) ran in ([0-9.]+)s.*/\2
     sed 's/^/  /'
 echo "second run (no-op): $( { time "$BIN" run pipelines/demo.yaml >/dev/null 2>&1; } 2>&1 )"
 
-# The held-out captions: an imagefolder whose train split holds all of them (the sample kind
-# reads one split; the test split must not be the only one).
-{
-    cat pipelines/demo.yaml
-    cat <<EOF
-
-  heldout_data:
-    uses: synthetic
-    with: {count: $HELDOUT, seed: 3, style: dusk, resolution: "\${vars.resolution}"}
-  heldout_set:
-    uses: imagefolder
-    with: {images: heldout_data.images, photos: heldout_data.photos}
-  heldout_base:
-    uses: sample
-    with: {pipeline: pretrain.model, prompts: heldout_set.dataset, split: train, scheduler: "\${vars.scheduler}", steps: "\${vars.sampling_steps}", guidance_scale: "\${vars.guidance}", seed: "\${vars.seed}"}
-  heldout_finetuned:
-    uses: sample
-    with: {pipeline: finetune.model, prompts: heldout_set.dataset, split: train, scheduler: "\${vars.scheduler}", steps: "\${vars.sampling_steps}", guidance_scale: "\${vars.guidance}", seed: "\${vars.seed}"}
-  heldout_scene_base:
-    uses: scene-accuracy
-    with: {samples: heldout_base.images, samples_jsonl: heldout_base.samples}
-  heldout_scene_finetuned:
-    uses: scene-accuracy
-    with: {samples: heldout_finetuned.images, samples_jsonl: heldout_finetuned.samples}
-EOF
-} >pipelines/demo-heldout.yaml
+"$ROOT/bench/heldout.sh" pipelines/demo.yaml "$HELDOUT" >pipelines/demo-heldout.yaml
 "$BIN" run pipelines/demo-heldout.yaml -q >/dev/null 2>heldout.err || { cat heldout.err >&2; exit 1; }
 
 python3 - <<'EOF'
