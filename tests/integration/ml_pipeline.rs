@@ -82,8 +82,8 @@ fn the_miniature_experiment_runs_end_to_end_and_then_comes_from_the_cache() {
 
 /// The demo's experiment at a smaller size: a VAE trained on both domains, a UNet pretrained on
 /// the flat one (the "original" model) and finetuned on the dusk one, both sampled on the dusk
-/// domain's held-out captions and scored against its images. Dusk differs from flat in
-/// whole-image brightness and hue, which a model this small can learn in a few dozen steps.
+/// domain's held-out captions and scored against its images (what holds at this size: the test
+/// below).
 /// GroupNorm uses 4 groups: with one group per channel the VAE's decoder normalises each image's
 /// mean colour away and ignores its latents, so no UNet could move the samples. The VAE trains
 /// on batches of 4: at 60 steps, batches of 8 left every sample one grey-blue field.
@@ -163,43 +163,53 @@ stages:
     with: {real: target_set.dataset, fake: sample_tuned.images, weights: random, seed: 0}
 "#;
 
+/// What finetuning provably does at this size: it learns the target domain (the denoising loss
+/// on it falls) and changes what the model draws; every metric stage scores both models.
+///
+/// Not asserted: that FID/KID/LPIPS improve. At this size they do for some seeds and not for
+/// others. Measured 2026-12-07 (Intel Xeon, release build, every seed of this pipeline set to
+/// 7, 8, 9, 10, 11): FID fell below 0.7 of the original's for 1 of the 5 seeds before the
+/// vectorised exponential (f2b3cf6; seed 7, the one this test used: 199.7 → 60.1) and for 2
+/// of 5 after it (seed 7 then went 1200.8 → 1551.3); with v-prediction, a 300-step VAE or other
+/// learning rates 2–3 of 5. The 60-step VAE decodes few colours faithfully and the samples'
+/// mean colour barely moves. The full-size demo's figures, and how they vary with the seed, are
+/// benchmarks (`bench/demo.sh`, `bench/demo-seeds.sh`). The loss fell to 0.29–0.57 of its
+/// first 20 steps' mean over those ten runs (both builds).
 #[test]
-fn finetuning_beats_the_original_model_on_the_target_domain() {
+fn finetuning_learns_the_target_domain_and_changes_the_samples() {
     let p = Project::new();
     p.write("improves.yaml", IMPROVES);
     p.run_ok("improves.yaml", &[]);
-    let metrics = |stage: &str| -> serde_json::Value {
-        serde_json::from_str(&p.read(&format!("runs/improves/{stage}/metrics.json"))).unwrap()
+    let runs = p.path().join("runs/improves");
+
+    let losses: Vec<f64> = p
+        .read("runs/improves/finetune/train_log.jsonl")
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["loss"].as_f64())
+        .map(Option::unwrap)
+        .collect();
+    assert_eq!(losses.len(), 80);
+    let mean = |window: &[f64]| window.iter().sum::<f64>() / window.len() as f64;
+    let (first, last) = (mean(&losses[..20]), mean(&losses[60..]));
+    assert!(last < 0.7 * first, "loss {first:.4} over the first 20 steps, {last:.4} over the last");
+
+    // Both draw the same test captions with the same seeds: only the weights differ.
+    let samples = |stage: &str| -> Vec<Vec<u8>> {
+        let mut paths: Vec<_> = std::fs::read_dir(runs.join(stage).join("images"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        paths.sort();
+        paths.iter().map(|path| std::fs::read(path).unwrap()).collect()
     };
-    let number = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap();
-    let (fid_base, fid_tuned) = (metrics("fid_base"), metrics("fid_tuned"));
-    let (lpips_base, lpips_tuned) = (metrics("lpips_base"), metrics("lpips_tuned"));
-    let summary = format!(
-        "LPIPS {:.4} → {:.4}, FID {:.2} → {:.2}, KID {:.5} → {:.5}",
-        number(&lpips_base, "lpips"),
-        number(&lpips_tuned, "lpips"),
-        number(&fid_base, "fid"),
-        number(&fid_tuned, "fid"),
-        number(&fid_base, "kid_mean"),
-        number(&fid_tuned, "kid_mean"),
-    );
-    eprintln!("original → finetuned: {summary}");
-    // "Visibly", with margin on FID: measured (2026-12-07, dusk grade of the synthetic
-    // kind's version 2) FID 1734 → 115, KID 52.0 → -3.7; with another sampling seed (8, 9) or 60
-    // finetuning steps the worst ratios were 0.16 and 0.04, so those bounds hold with room to
-    // spare, not by estimator noise at N = 4. Measured again later that day (at 2930c8a): FID
-    // 581.6 → 56.8, KID 15.0 → -1.3, LPIPS 0.163 → 0.144. The margin depends on the training
-    // seeds: with every seed 8 instead of 7 (data, VAE, UNet, sampling) FID went 87.6 → 67.0,
-    // a ratio of 0.76, over the bound. LPIPS compares each sample with its own test
-    // image and moves little at this size since dusk keeps more of each colour (0.158 → 0.157;
-    // 0.77, 0.76 and 0.85 of the original in those variants; at finetuning lr 2e-3 it got 6%
-    // worse): it must not get worse beyond that noise. The demo, at full size, shows LPIPS
-    // dropping significantly. The figures depend on the CPU's rounding as well as the seeds:
-    // on an Intel Xeon with AVX-512 (gemm's AVX-512 kernels sum in another order; 2026-12-07,
-    // at 5dcede2) FID 199.7 → 60.1, LPIPS 0.150 → 0.132, and KID −0.67 → −0.85: KID's unbiased
-    // estimate at N = 4 can be negative, so it is only required not to get worse.
-    assert!(number(&lpips_tuned, "lpips") < 1.05 * number(&lpips_base, "lpips"), "{summary}");
-    assert!(number(&fid_tuned, "fid") < 0.7 * number(&fid_base, "fid"), "{summary}");
-    let (kid_base, kid_tuned) = (number(&fid_base, "kid_mean"), number(&fid_tuned, "kid_mean"));
-    assert!(kid_tuned < kid_base, "{summary}");
+    let (original, finetuned) = (samples("sample_base"), samples("sample_tuned"));
+    assert_eq!(original.len(), 4);
+    assert!(original.iter().zip(&finetuned).all(|(a, b)| a != b), "a sample did not change");
+
+    for stage in ["fid_base", "fid_tuned", "lpips_base", "lpips_tuned"] {
+        let metrics: serde_json::Value =
+            serde_json::from_str(&p.read(&format!("runs/improves/{stage}/metrics.json"))).unwrap();
+        let key = if stage.starts_with("fid") { "fid" } else { "lpips" };
+        assert!(metrics[key].as_f64().is_some_and(f64::is_finite), "{stage}: {metrics:#}");
+    }
 }
