@@ -11,9 +11,8 @@
 
 /// Defines `$name`, which runs `$body` (an `#[inline(always)]` function of the same signature)
 /// compiled for AVX-512 where the CPU has it, else for AVX2 with FMA, else for the baseline
-/// x86-64, and
-/// the two builds `$avx2` and `$avx512` it dispatches to (unsafe: for CPUs with the feature;
-/// tests call them to compare their bits with `$body`'s).
+/// x86-64, and the two builds `$avx2` and `$avx512` it dispatches to (unsafe: for CPUs with the
+/// feature; tests call them to compare their bits with `$body`'s).
 macro_rules! multiversion {
     (
         $(#[$attr:meta])*
