@@ -12,8 +12,8 @@
 # stages appended (each model sampled on more held-out dusk captions and judged), which reuses
 # every cached stage of the demo, so only the new stages run and the models judged are its own.
 # Prints the machine, the load average, wall/user/system seconds, the slowest stages, the
-# report's metrics and both scene-accuracy tables. Needs python3 (standard library only). Environment: CARGO_TARGET_DIR (default:
-# target).
+# report's metrics and both scene-accuracy tables. Needs python3 (standard library only).
+# Environment: CARGO_TARGET_DIR (default: target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HELDOUT=${1:-96}
