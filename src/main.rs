@@ -10,5 +10,6 @@ fn main() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     sdpipe_stages::cpu_threads::keep_candle_within_granted_threads();
+    sdpipe_stages::heap::reuse_freed_memory();
     std::process::exit(sdpipe::cli::main());
 }

@@ -4,9 +4,9 @@
 //! harness for kinds ([`testing`]) and what several kinds share: the device choice, size caps
 //! for model files ([`limits`]), Pillow-exact resampling ([`pillow`]), hub fetching and what the
 //! toy-model kinds build their random-weight models from (`tiny_models`). [`exp_cells`] is how
-//! `exp show` prints a cell, shared with the report kind's copy of that table. With `candle`:
-//! which ops run hand-written CPU kernels ([`device_path`]) and the host slices they read
-//! ([`host_slice`]).
+//! `exp show` prints a cell, shared with the report kind's copy of that table; [`heap`], how
+//! freed memory is kept for reuse. With `candle`: which ops run hand-written CPU kernels
+//! ([`device_path`]) and the host slices they read ([`host_slice`]).
 
 // The derives in `params` name this crate by its path, also from inside it (its tests).
 extern crate self as sdpipe_stages;
@@ -17,6 +17,7 @@ pub mod device;
 #[cfg(feature = "candle")]
 pub mod device_path;
 pub mod exp_cells;
+pub mod heap;
 #[cfg(feature = "candle")]
 pub mod host_slice;
 pub mod limits;
