@@ -1,11 +1,12 @@
-//! The forward convolution: `act(conv(x, w) + b)`, tiles of output rows of every image in
-//! parallel, one `gemm` per tile writing `weight · columns` into the NCHW output in place, on
-//! top of the bias.
+//! The forward convolution: `act(conv(x, w) + b)` by the [`Algorithm`] that suits the shape.
+//! The unfolded one here: tiles of output rows of every image in parallel, one `gemm` per tile
+//! writing `weight · columns` into the NCHW output in place, on top of the bias.
 
 use rayon::iter::{IntoParallelIterator, ParallelIterator};
 
 use crate::shape::{ConvError, ConvShape, Geometry};
 use crate::unfold::Sources;
+use crate::winograd;
 use crate::Element;
 
 /// What follows the convolution on the same rows while they are still in cache.
@@ -15,12 +16,44 @@ pub enum Activation {
     Relu,
 }
 
+/// How a forward convolution computes its sums. Both give the convolution up to rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// im2col and one `gemm` per tile of output rows: any shape.
+    Unfolded,
+    /// Winograd's F(2×2, 3×3): 3×3 kernels at stride 1 only (`winograd.rs`).
+    Winograd,
+}
+
 impl ConvShape {
+    /// The algorithm [`ConvShape::forward`] uses on an `h × w` input: Winograd's where it was
+    /// measured faster (see `winograd::pays_off`), else the unfolded one.
+    pub fn algorithm(&self, h: usize, w: usize) -> Result<Algorithm, ConvError> {
+        let g = self.geometry(h, w)?;
+        Ok(if winograd::pays_off(self, g) { Algorithm::Winograd } else { Algorithm::Unfolded })
+    }
+
     /// `input` `[batch, c_in, h, w]`, `weight` `[c_out, c_in, kh, kw]`, `bias` `[c_out]` →
-    /// `[batch, c_out, H', W']`.
+    /// `[batch, c_out, H', W']`, by the algorithm [`ConvShape::algorithm`] picks.
     #[allow(clippy::too_many_arguments)]
     pub fn forward<T: Element>(
         &self,
+        batch: usize,
+        (h, w): (usize, usize),
+        input: &[T],
+        weight: &[T],
+        bias: Option<&[T]>,
+        activation: Activation,
+    ) -> Result<Vec<T>, ConvError> {
+        let algorithm = self.algorithm(h, w)?;
+        self.forward_with(algorithm, batch, (h, w), input, weight, bias, activation)
+    }
+
+    /// [`ConvShape::forward`] by the given algorithm; an error if it cannot compute this shape.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with<T: Element>(
+        &self,
+        algorithm: Algorithm,
         batch: usize,
         (h, w): (usize, usize),
         input: &[T],
@@ -33,6 +66,12 @@ impl ConvShape {
         Self::check_len("weight", weight.len(), self.c_out * self.depth())?;
         if let Some(bias) = bias {
             Self::check_len("bias", bias.len(), self.c_out)?;
+        }
+        if algorithm == Algorithm::Winograd {
+            if !winograd::computes(self) {
+                return Err(ConvError::Unsupported { algorithm, shape: *self });
+            }
+            return Ok(self.forward_winograd(batch, g, input, weight, bias, activation));
         }
         let out_len = self.c_out * g.out_h * g.out_w;
         let rows_per_tile = self.rows_per_tile(g);

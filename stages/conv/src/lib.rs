@@ -11,7 +11,10 @@
 //! - [`ConvShape`]: channels, kernel, stride and padding, and the output size they give;
 //! - [`ConvShape::forward`]: `act(conv(x, w) + b)` — each image unfolded (im2col) straight from
 //!   NCHW a tile of output rows at a time, one `gemm` per tile writing into the output in place
-//!   (`unfold.rs`, `forward.rs`);
+//!   (`unfold.rs`, `forward.rs`), or for wide 3×3 kernels at stride 1 on large maps by
+//!   Winograd's F(2×2, 3×3), 16 products of transformed tiles (`winograd.rs`): the
+//!   [`Algorithm`] that [`ConvShape::algorithm`] picks, or the caller names
+//!   ([`ConvShape::forward_with`]);
 //! - [`ConvShape::backward_input`], [`ConvShape::backward_weight`] and
 //!   [`ConvShape::backward_bias`]: the gradients of the input, the kernel and the bias
 //!   (`backward.rs`).
@@ -29,7 +32,8 @@ mod element;
 mod forward;
 mod shape;
 mod unfold;
+mod winograd;
 
 pub use element::Element;
-pub use forward::Activation;
+pub use forward::{Activation, Algorithm};
 pub use shape::{ConvError, ConvShape};

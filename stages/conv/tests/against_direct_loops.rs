@@ -1,7 +1,7 @@
 //! The convolution and both its gradients against their definitions written as direct loops,
 //! in f64, on the shapes SD's UNet and VAE and the metric trunks use, at several thread counts.
 
-use sdpipe_conv::{Activation, ConvShape};
+use sdpipe_conv::{Activation, Algorithm, ConvShape};
 
 /// Deterministic values spread over about [-1, 1].
 fn values(n: usize, seed: f64) -> Vec<f64> {
@@ -58,7 +58,10 @@ impl Case {
         }
     }
 
-    fn check(&self) {
+    /// The inputs (image, kernel, bias, output gradient) and, from the direct loops, the
+    /// output and the three gradients.
+    #[allow(clippy::type_complexity)]
+    fn expected(&self) -> ([Vec<f64>; 4], [Vec<f64>; 4]) {
         let shape = self.shape();
         let (h, w) = self.hw;
         let (oh, ow) = shape.output_size(h, w).unwrap();
@@ -81,19 +84,33 @@ impl Case {
             grad_x[i] += grad[o] * k[wi];
             grad_w[wi] += grad[o] * x[i];
         });
+        ([x, k, bias, grad], [out, grad_x, grad_w, grad_b])
+    }
 
+    /// The forward by `algorithm` (plain and through ReLU) and, by what `forward` picks, the
+    /// three gradients, against the direct loops, at 1 and 3 threads.
+    fn check_with(&self, algorithm: Algorithm) {
+        let shape = self.shape();
+        let ([x, k, bias, grad], [out, grad_x, grad_w, grad_b]) = self.expected();
         for threads in [1, 3] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| {
-                let got = shape
-                    .forward(self.batch, self.hw, &x, &k, Some(&bias), Activation::Identity)
-                    .unwrap();
-                assert_close("forward", &got, &out);
-                let relu = shape
-                    .forward(self.batch, self.hw, &x, &k, Some(&bias), Activation::Relu)
-                    .unwrap();
+                let forward = |activation| {
+                    shape
+                        .forward_with(
+                            algorithm,
+                            self.batch,
+                            self.hw,
+                            &x,
+                            &k,
+                            Some(&bias),
+                            activation,
+                        )
+                        .unwrap()
+                };
+                assert_close("forward", &forward(Activation::Identity), &out);
                 let want: Vec<f64> = out.iter().map(|v| v.max(0.0)).collect();
-                assert_close("forward + relu", &relu, &want);
+                assert_close("forward + relu", &forward(Activation::Relu), &want);
                 let got = shape.backward_input(self.batch, self.hw, &grad, &k).unwrap();
                 assert_close("input gradient", &got, &grad_x);
                 let got = shape.backward_weight(self.batch, self.hw, &x, &grad).unwrap();
@@ -102,6 +119,11 @@ impl Case {
                 assert_close("bias gradient", &got, &grad_b);
             });
         }
+    }
+
+    fn check(&self) {
+        let (h, w) = self.hw;
+        self.check_with(self.shape().algorithm(h, w).unwrap());
     }
 }
 
@@ -181,4 +203,93 @@ fn wrong_lengths_and_kernels_larger_than_the_padded_input_are_errors() {
     let err = shape.forward(1, (4, 4), &[0.0f32; 10], &[0.0; 54], None, Activation::Identity);
     assert!(err.unwrap_err().to_string().contains("input has 10 elements, expected 48"));
     assert!(ConvShape::new([2, 3, 3, 3], 0, (0, 0)).is_err());
+}
+
+#[test]
+fn winograd_computes_padded_3x3_convolutions_with_partial_tiles() {
+    // Odd output sides leave partial tiles on the bottom and right; padding 0 and 1 both occur
+    // (the VAE's and the UNet's convolutions).
+    Case { batch: 2, c_in: 5, c_out: 7, hw: (7, 9), kernel: (3, 3), stride: 1, padding: (1, 1) }
+        .check_with(Algorithm::Winograd);
+    Case { batch: 1, c_in: 3, c_out: 2, hw: (6, 5), kernel: (3, 3), stride: 1, padding: (0, 0) }
+        .check_with(Algorithm::Winograd);
+}
+
+#[test]
+fn winograd_computes_images_larger_than_one_block() {
+    // 16 · 64 channels · 100 tiles a tile row: the block budget splits each image into blocks
+    // of a few tile rows.
+    Case {
+        batch: 1,
+        c_in: 64,
+        c_out: 16,
+        hw: (12, 200),
+        kernel: (3, 3),
+        stride: 1,
+        padding: (1, 1),
+    }
+    .check_with(Algorithm::Winograd);
+}
+
+#[test]
+fn winograd_f32_results_equal_f64_results_within_rounding() {
+    let shape = ConvShape::new([32, 32, 3, 3], 1, (1, 1)).unwrap();
+    let x = values(2 * 32 * 8 * 8, 0.0);
+    let k = values(32 * 32 * 9, 1.0);
+    let forward = |x: &[f64], k: &[f64]| {
+        shape
+            .forward_with(Algorithm::Winograd, 2, (8, 8), x, k, None, Activation::Identity)
+            .unwrap()
+    };
+    let want = forward(&x, &k);
+    let f32s = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    let got = shape
+        .forward_with(
+            Algorithm::Winograd,
+            2,
+            (8, 8),
+            &f32s(&x),
+            &f32s(&k),
+            None,
+            Activation::Identity,
+        )
+        .unwrap();
+    // Each output sums 288 products of values in [−1, 1]: f32's rounding of such a sum is a
+    // few 1e-6.
+    for (g, w) in got.iter().zip(&want) {
+        assert!((*g as f64 - w).abs() < 2e-5, "{g} vs {w}");
+    }
+}
+
+#[test]
+fn forward_picks_winograd_for_wide_3x3_convolutions_on_large_maps_only() {
+    let conv = |c_in, c_out, kernel, stride| {
+        ConvShape::new([c_out, c_in, kernel, kernel], stride, (kernel / 2, kernel / 2)).unwrap()
+    };
+    assert_eq!(conv(128, 128, 3, 1).algorithm(32, 32), Ok(Algorithm::Winograd));
+    assert_eq!(conv(256, 128, 3, 1).algorithm(16, 16), Ok(Algorithm::Winograd));
+    assert_eq!(conv(64, 64, 3, 1).algorithm(64, 64), Ok(Algorithm::Winograd));
+    // Too few tiles, too few channels, or not a 3×3 kernel at stride 1.
+    assert_eq!(conv(256, 256, 3, 1).algorithm(8, 8), Ok(Algorithm::Unfolded));
+    assert_eq!(conv(64, 64, 3, 1).algorithm(32, 32), Ok(Algorithm::Unfolded));
+    assert_eq!(conv(32, 128, 3, 1).algorithm(64, 64), Ok(Algorithm::Unfolded));
+    assert_eq!(conv(128, 128, 3, 2).algorithm(64, 64), Ok(Algorithm::Unfolded));
+    assert_eq!(conv(128, 128, 1, 1).algorithm(64, 64), Ok(Algorithm::Unfolded));
+}
+
+#[test]
+fn winograd_refuses_kernels_it_cannot_compute() {
+    let shape = ConvShape::new([2, 2, 3, 3], 2, (1, 1)).unwrap();
+    let err = shape
+        .forward_with(
+            Algorithm::Winograd,
+            1,
+            (4, 4),
+            &[0.0f32; 32],
+            &[0.0; 36],
+            None,
+            Activation::Identity,
+        )
+        .unwrap_err();
+    assert_eq!(err.to_string(), "the Winograd algorithm cannot compute a 3×3 conv at stride 2");
 }
