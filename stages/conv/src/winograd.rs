@@ -101,13 +101,13 @@ fn split_parity<T: Element>(row: &[T], pad: usize, dst: &mut [T], parity: usize)
     }
 }
 
-/// `dst[t] = f(d0[t], d1[t], d2[t], d3[t])`: one loop per combination, which vectorises.
-#[inline(always)]
 /// Run `i` of `c_in` values in `runs`.
 fn run<T>(runs: &[T], i: usize, c_in: usize) -> &[T] {
     &runs[i * c_in..][..c_in]
 }
 
+/// `dst[t] = f(d0[t], d1[t], d2[t], d3[t])`: one loop per combination, which vectorises.
+#[inline(always)]
 fn combine_runs<T: Element>(
     dst: &mut [T],
     (d0, d1, d2, d3): (&[T], &[T], &[T], &[T]),
@@ -297,8 +297,7 @@ impl ConvShape {
                 let (c0, c1) = c01.split_at_mut(2 * half);
                 let (c2, c3) = c23.split_at_mut(2 * half);
                 for i in 0..2 * half {
-                    let [a, b, c, d] = input_transform([r0[i], r1[i], r2[i], r3[i]]);
-                    (c0[i], c1[i], c2[i], c3[i]) = (a, b, c, d);
+                    [c0[i], c1[i], c2[i], c3[i]] = input_transform([r0[i], r1[i], r2[i], r3[i]]);
                 }
                 // (Bᵀ d) B: the four columns of each tile.
                 let offset = ty * tiles_w;
@@ -307,12 +306,12 @@ impl ConvShape {
                     let (e0, e1) = (&even[..tiles_w], &even[1..][..tiles_w]);
                     let (o0, o1) = (&odd[..tiles_w], &odd[1..][..tiles_w]);
                     // One run of `V` per column combination b, as `input_transform` combines.
-                    let run = |b: usize| ((4 * a + b) * self.c_in + ci) * tiles + offset;
+                    let at = |b: usize| ((4 * a + b) * self.c_in + ci) * tiles + offset;
                     let d = (e0, o0, e1, o1);
-                    combine_runs(&mut v[run(0)..][..tiles_w], d, |d0, _, d2, _| d0 - d2);
-                    combine_runs(&mut v[run(1)..][..tiles_w], d, |_, d1, d2, _| d1 + d2);
-                    combine_runs(&mut v[run(2)..][..tiles_w], d, |_, d1, d2, _| d2 - d1);
-                    combine_runs(&mut v[run(3)..][..tiles_w], d, |_, d1, _, d3| d1 - d3);
+                    combine_runs(&mut v[at(0)..][..tiles_w], d, |d0, _, d2, _| d0 - d2);
+                    combine_runs(&mut v[at(1)..][..tiles_w], d, |_, d1, d2, _| d1 + d2);
+                    combine_runs(&mut v[at(2)..][..tiles_w], d, |_, d1, d2, _| d2 - d1);
+                    combine_runs(&mut v[at(3)..][..tiles_w], d, |_, d1, _, d3| d1 - d3);
                 }
             }
         }
@@ -343,10 +342,12 @@ impl ConvShape {
         for co in 0..self.c_out {
             let b = bias.map_or(T::ZERO, |b| b[co]);
             for ty in 0..rows {
-                let run =
+                // Product ξ's run of this channel and tile row.
+                let product =
                     |xi: usize| &m[(xi * self.c_out + co) * tiles + ty * tiles_w..][..tiles_w];
                 for col in 0..4 {
-                    let (m0, m1, m2, m3) = (run(col), run(4 + col), run(8 + col), run(12 + col));
+                    let (m0, m1, m2, m3) =
+                        (product(col), product(4 + col), product(8 + col), product(12 + col));
                     let (top, bottom) = partial.split_at_mut(4 * tiles_w);
                     let top = &mut top[col * tiles_w..][..tiles_w];
                     let bottom = &mut bottom[col * tiles_w..][..tiles_w];
