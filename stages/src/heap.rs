@@ -16,8 +16,9 @@
 //! grow: what is retained is what the step had in use at its peak anyway.
 //!
 //! The thresholds are fixed high enough for every per-step buffer of the networks sdpipe runs
-//! (the largest, SD1.5's weight gradients and attention tiles at 512 px, are tens of MiB), and
-//! low enough that a freed heap larger than [`TRIM_THRESHOLD`] still shrinks.
+//! (at SD1.5's size the largest are about 100 MiB: the Winograd-transformed kernels of its
+//! 1280-channel convolutions; their weight gradients are 59 MiB), and low enough that a freed
+//! heap larger than [`TRIM_THRESHOLD`] still shrinks.
 
 /// Requests at least this large still get their own `mmap`: model weights loaded whole.
 pub const MMAP_THRESHOLD: usize = 256 << 20;

@@ -217,13 +217,13 @@ fn winograd_computes_padded_3x3_convolutions_with_partial_tiles() {
 
 #[test]
 fn winograd_computes_images_larger_than_one_block() {
-    // 16 · 64 channels · 100 tiles a tile row: the block budget splits each image into blocks
-    // of a few tile rows.
+    // 16 · 256 channels · 128 tiles a tile row: the block budget (2^20 values) holds two tile
+    // rows, so the three of a 5-row image make a full block and a partial one.
     Case {
         batch: 1,
-        c_in: 64,
-        c_out: 16,
-        hw: (12, 200),
+        c_in: 256,
+        c_out: 4,
+        hw: (5, 256),
         kernel: (3, 3),
         stride: 1,
         padding: (1, 1),
