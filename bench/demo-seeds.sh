@@ -10,8 +10,9 @@
 #
 #   bench/demo-seeds.sh [seeds...]     (default: 7 8 9 10 11)
 #
-# About 5 minutes per seed on 2 cores (268-286 s on an AMD EPYC at 60ffbde). Needs python3
-# (standard library only). Environment: CARGO_TARGET_DIR (default: target).
+# About 5 minutes per seed on 2 cores (253-274 s on an AMD EPYC with the 300-step finetune,
+# nothing else running). Needs python3 (standard library only). Environment: CARGO_TARGET_DIR
+# (default: target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=("$@")
