@@ -9,7 +9,6 @@ fn main() {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
-    sdpipe_stages::cpu_threads::keep_candle_within_granted_threads();
-    sdpipe_stages::heap::reuse_freed_memory();
+    sdpipe_stages::process::set_up();
     std::process::exit(sdpipe::cli::main());
 }

@@ -21,8 +21,9 @@
 
 /// Turns candle's own CPU worker pool off (`CANDLE_NUM_THREADS=1`) and gives its products a
 /// thread count without reading `/proc/cpuinfo` (`RAYON_NUM_THREADS`, see the module docs),
-/// each unless the user set that variable. Call at the start of `main`, before any thread
-/// exists (it sets environment variables, which stage processes inherit).
+/// each unless the user set that variable. [`crate::process::set_up`] calls it at the start of
+/// `main`, before any thread exists (it sets environment variables, which stage processes
+/// inherit).
 pub fn keep_candle_within_granted_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");

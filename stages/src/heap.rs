@@ -32,8 +32,9 @@ const USER_SETTINGS: [&str; 3] =
     ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"];
 
 /// Fixes glibc's mmap and trim thresholds (see the module docs) unless the user set malloc
-/// parameters through the environment. Call at the start of `main`, before other threads
-/// allocate. Returns whether the thresholds were set; elsewhere than glibc it does nothing.
+/// parameters through the environment; [`crate::process::set_up`] calls it at the start of
+/// `main`, before other threads allocate. Returns whether the thresholds were set; elsewhere
+/// than glibc it does nothing.
 pub fn reuse_freed_memory() -> bool {
     if USER_SETTINGS.iter().any(|name| std::env::var_os(name).is_some()) {
         return false;

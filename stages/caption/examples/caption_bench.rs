@@ -32,8 +32,7 @@ const LARGE: &str = r#"{
 
 fn main() {
     // As sdpipe runs the stage (src/main.rs).
-    sdpipe_stages::cpu_threads::keep_candle_within_granted_threads();
-    sdpipe_stages::heap::reuse_freed_memory();
+    sdpipe_stages::process::set_up();
     let args: Vec<String> = std::env::args().collect();
     let which = args.get(1).map(String::as_str).unwrap_or("tiny");
     let arg =

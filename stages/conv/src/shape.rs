@@ -16,7 +16,12 @@ pub enum ConvError {
     InputTooSmall { h: usize, w: usize, ph: usize, pw: usize, kh: usize, kw: usize },
     #[error("conv {what} has {got} elements, expected {expected}")]
     Length { what: &'static str, expected: usize, got: usize },
-    #[error("the {algorithm:?} algorithm cannot compute a {}×{} conv at stride {}", shape.kernel.0, shape.kernel.1, shape.stride)]
+    #[error(
+        "the {algorithm:?} algorithm cannot compute a {}×{} conv at stride {}",
+        shape.kernel.0,
+        shape.kernel.1,
+        shape.stride
+    )]
     Unsupported { algorithm: crate::Algorithm, shape: ConvShape },
 }
 

@@ -201,8 +201,7 @@ fn ops() -> candle_core::Result<()> {
 
 fn main() -> ExitCode {
     // As sdpipe runs the stage (src/main.rs).
-    sdpipe_stages::cpu_threads::keep_candle_within_granted_threads();
-    sdpipe_stages::heap::reuse_freed_memory();
+    sdpipe_stages::process::set_up();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["write", dir, names @ ..] => write(&PathBuf::from(dir), names),

@@ -125,8 +125,7 @@ fn cpu_seconds() -> f64 {
 
 fn main() -> candle_core::Result<()> {
     // As sdpipe runs the stage (src/main.rs).
-    sdpipe_stages::cpu_threads::keep_candle_within_granted_threads();
-    sdpipe_stages::heap::reuse_freed_memory();
+    sdpipe_stages::process::set_up();
     let threads = arg(1, 2);
     let n_images = arg(2, 32);
     let n_pairs = arg(3, 32);

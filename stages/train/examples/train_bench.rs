@@ -89,8 +89,7 @@ fn peak_rss_mib() -> f64 {
 
 fn main() {
     // As sdpipe runs the stage (src/main.rs).
-    sdpipe_stages::cpu_threads::keep_candle_within_granted_threads();
-    sdpipe_stages::heap::reuse_freed_memory();
+    sdpipe_stages::process::set_up();
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--write") {
         let unet = UNet::random(config(&args[2]).0, 0, &candle_core::Device::Cpu).unwrap();
